@@ -1,0 +1,280 @@
+"""Per-chunk latency, peak GPU memory and KV bytes against frame index, for a list of genkv methods.
+
+Builds a ``SelfForcingPipeline`` with random weights at real shapes (``--model wan-1.3b``: Wan2.1-T2V-1.3B
+transformer and the Wan VAE; timings do not depend on learned values) or the tiny CPU model, renders one long
+video per method end to end (denoising, clean K/V pass, VAE decode, uint8 frames to the host, mp4 encoding in a
+writer thread) and records every chunk. Prints a table, writes JSON and, if matplotlib is installed, a PNG.
+
+    python eval/bench_rollout.py --methods full rolling:window_frames=21 --frames 2000 --out runs/bench.json
+    python eval/bench_rollout.py --plot-only runs/bench.json        # redraw the figure from the JSON
+
+A method spec is a name or preset, optionally with ``:key=value,key=value`` settings. ``full`` runs until it
+reaches ``--frames`` or runs out of GPU memory (recorded as ``oom_at_frame``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+WAN_1_3B = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=12,
+    attention_head_dim=128,
+    in_channels=16,
+    out_channels=16,
+    text_dim=4096,
+    freq_dim=256,
+    ffn_dim=8960,
+    num_layers=30,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+    rope_max_seq_len=1024,
+)
+
+
+def build_pipeline(model: str, device: torch.device, dtype: torch.dtype):
+    """A random-weight pipeline without a text encoder (the benchmark passes prompt embeddings)."""
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+
+    from genkv.pipelines import SelfForcingPipeline, SelfForcingScheduler
+
+    if model == "tiny":
+        from genkv.testing import tiny_wan_transformer, tiny_wan_vae
+
+        transformer, vae = tiny_wan_transformer(), tiny_wan_vae()
+        size, text = (64, 64), (64, 32)
+    elif model == "wan-1.3b":
+        torch.manual_seed(0)
+        with torch.device(device):
+            transformer = WanTransformer3DModel(**WAN_1_3B)
+            vae = AutoencoderKLWan()
+        size, text = (480, 832), (512, 4096)
+    else:
+        raise SystemExit(f"--model must be 'wan-1.3b' or 'tiny', got {model!r}")
+    pipe = SelfForcingPipeline(
+        tokenizer=None,
+        text_encoder=None,
+        transformer=transformer.to(device=device, dtype=dtype).eval(),
+        vae=vae.to(device=device, dtype=dtype).eval(),
+        scheduler=SelfForcingScheduler(),
+        default_height=size[0],
+        default_width=size[1],
+        max_sequence_length=text[0],
+    )
+    embeds = torch.randn(1, *text, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
+    return pipe, embeds
+
+
+def parse_spec(spec: str):
+    import genkv
+
+    name, _, settings = spec.partition(":")
+    overrides = dict(kv.split("=", 1) for kv in settings.split(",") if kv)
+    return genkv.get_method(name, **overrides)
+
+
+def flatness(chunk_seconds: list[float]) -> float | None:
+    """Median of the last 20 chunks over the median of chunks 20-40 (1.0 = perfectly flat)."""
+    if len(chunk_seconds) < 60:
+        return None
+    return statistics.median(chunk_seconds[-20:]) / statistics.median(chunk_seconds[20:40])
+
+
+def run_method(pipe, embeds, spec: str, frames: int, device, write_mp4: bool, compile_blocks: bool) -> dict:
+    import genkv
+    from genkv.video import Mp4Writer
+
+    method = parse_spec(spec)
+    genkv.apply_genkv(pipe, method)
+    if compile_blocks:
+        from genkv.compile import compile_transformer
+
+        compile_transformer(pipe.transformer)
+    chunk_frames = 4 * pipe.config.num_frames_per_chunk
+    rows: list[dict] = []
+    result: dict = {"spec": spec, "method": method.to_dict(), "compile": compile_blocks, "frames_requested": frames}
+    tmp = tempfile.TemporaryDirectory()
+    writer = Mp4Writer(Path(tmp.name) / "bench.mp4", fps=16) if write_mp4 else None
+    generator = torch.Generator(device=device).manual_seed(0)
+    cuda = device.type == "cuda"
+    done = 0
+    start = last = time.perf_counter()
+    try:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        for video in pipe.stream(prompt_embeds=embeds, num_frames=frames, generator=generator):
+            if writer is not None:
+                writer.append(video)
+            now = time.perf_counter()  # stream() returned host frames, so the GPU work of the chunk is done
+            done += len(video)
+            stats = genkv.cache_stats(pipe)
+            rows.append(
+                {
+                    "chunk": len(rows),
+                    "frames_done": done,
+                    "seconds": now - last,
+                    "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
+                    "kv_bytes": stats["bytes"],
+                    "kv_tokens": stats["tokens"],
+                }
+            )
+            if cuda:
+                torch.cuda.reset_peak_memory_stats(device)
+            last = now
+    except torch.OutOfMemoryError:
+        result["oom_at_frame"] = done
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.cleanup()
+    total = time.perf_counter() - start
+    secs = [r["seconds"] for r in rows]
+    # The first chunk carries warm-up (and compilation); steady state starts after it.
+    steady = rows[1:] if len(rows) > 1 else rows
+    steady_frames = sum(chunk_frames for _ in steady)
+    result.update(
+        frames=done,
+        seconds_total=total,
+        fps_total=done / total if total else 0.0,
+        fps_steady=steady_frames / sum(r["seconds"] for r in steady) if steady else 0.0,
+        chunk_median_s=statistics.median(secs) if secs else None,
+        flatness_last20_over_20to40=flatness(secs),
+        peak_memory_bytes=max((r["peak_memory_bytes"] or 0) for r in rows) if rows else None,
+        peak_memory_first_vs_last=(rows[min(40, len(rows) - 1)]["peak_memory_bytes"], rows[-1]["peak_memory_bytes"])
+        if rows and cuda
+        else None,
+        kv_bytes_final=rows[-1]["kv_bytes"] if rows else None,
+        chunks=rows,
+    )
+    genkv.remove_genkv(pipe)
+    if compile_blocks:
+        torch._dynamo.reset()
+    return result
+
+
+def plot(results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    for run in results["runs"]:
+        label = run["spec"] + (" +compile" if run["compile"] else "")
+        x = [r["frames_done"] for r in run["chunks"]]
+        axes[0].plot(x, [r["seconds"] * 1000 for r in run["chunks"]], label=label)
+        if run["chunks"] and run["chunks"][0]["peak_memory_bytes"] is not None:
+            axes[1].plot(x, [r["peak_memory_bytes"] / 2**30 for r in run["chunks"]], label=label)
+        axes[2].plot(x, [r["kv_bytes"] / 2**30 for r in run["chunks"]], label=label)
+    for ax, title in zip(axes, ("chunk latency (ms)", "peak GPU memory per chunk (GiB)", "KV cache (GiB)")):
+        ax.set_title(title)
+        ax.set_xlabel("video frame")
+        ax.grid(alpha=0.3)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    env = results["environment"]
+    fig.suptitle(f"genkv rollout, {results['model']} {results['height']}x{results['width']}, {env['device_name']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def print_table(results: dict) -> None:
+    header = f"{'method':34s} {'frames':>6s} {'fps(all)':>8s} {'fps(steady)':>11s} {'chunk ms':>9s} {'flat':>5s} " \
+             f"{'peak GiB':>8s} {'KV GiB':>7s}"
+    print(header)
+    print("-" * len(header))
+    for run in results["runs"]:
+        label = run["spec"] + (" +compile" if run["compile"] else "")
+        flat = run["flatness_last20_over_20to40"]
+        peak = run["peak_memory_bytes"]
+        print(
+            f"{label:34s} {run['frames']:6d} {run['fps_total']:8.2f} {run['fps_steady']:11.2f} "
+            f"{(run['chunk_median_s'] or 0) * 1000:9.1f} {('%.3f' % flat) if flat else '  -':>5s} "
+            f"{(peak or 0) / 2**30:8.2f} {(run['kv_bytes_final'] or 0) / 2**30:7.2f}"
+            + (f"  OOM at frame {run['oom_at_frame']}" if "oom_at_frame" in run else "")
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["full", "rolling:window_frames=21"])
+    parser.add_argument("--frames", type=int, default=2000)
+    parser.add_argument("--model", default="wan-1.3b", help="wan-1.3b (random weights, real shapes) or tiny")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="bf16 (default on CUDA) or fp32")
+    parser.add_argument("--attention-backend", default=None, help="diffusers backend, e.g. _native_cudnn")
+    parser.add_argument("--compile", action="store_true", help="also run each method with compiled blocks")
+    parser.add_argument("--compile-only", action="store_true", help="only the compiled runs")
+    parser.add_argument("--no-mp4", action="store_true", help="skip mp4 encoding")
+    parser.add_argument("--out", type=Path, default=Path("bench_rollout.json"))
+    parser.add_argument("--plot-only", type=Path, default=None)
+    args = parser.parse_args(argv)
+
+    if args.plot_only is not None:
+        results = json.loads(args.plot_only.read_text())
+        print_table(results)
+        png = args.plot_only.with_suffix(".png")
+        print(f"plot: {png}" if plot(results, png) else "matplotlib is not installed: no plot")
+        return 0
+
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, None: None}[args.dtype]
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    pipe, embeds = build_pipeline(args.model, device, dtype)
+    if args.attention_backend:
+        pipe.transformer.set_attention_backend(args.attention_backend)
+
+    import diffusers
+
+    results = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "model": args.model,
+        "height": pipe.config.default_height,
+        "width": pipe.config.default_width,
+        "dtype": str(dtype),
+        "attention_backend": args.attention_backend or "default",
+        "environment": {
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__,
+            "diffusers": diffusers.__version__,
+            "cuda": torch.version.cuda,
+        },
+        "runs": [],
+    }
+    variants = [True] if args.compile_only else ([False, True] if args.compile else [False])
+    for spec in args.methods:
+        for compiled in variants:
+            run = run_method(pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled)
+            results["runs"].append(run)
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(results, indent=1))
+            print_table({"runs": [run]})
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    print()
+    print_table(results)
+    png = args.out.with_suffix(".png")
+    print(f"json: {args.out}; " + (f"plot: {png}" if plot(results, png) else "no plot (matplotlib missing)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""The public method API: ``apply_genkv``, ``remove_genkv``, ``cache_stats``, ``get_store``.
+
+Follows diffusers' hook convention (a ``@dataclass`` config + ``apply_x(module, config)`` + a remove function),
+at the level of attention processors: patching swaps each Wan block's ``attn1`` / ``attn2`` processor for a
+genkv one and the model's RoPE module for a frame-offset subclass; removing puts the very same objects back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+from .cache import KVCacheStore
+from .methods.base import GenKVMethod
+from .processors import GenKVCrossAttnProcessor, GenKVSelfAttnProcessor
+from .registry import get_method
+from .rope import FrameOffsetRotaryPosEmbed
+
+_STATE_ATTR = "_genkv_state"
+P = TypeVar("P")
+
+
+@dataclass
+class GenKVState:
+    """What ``apply_genkv`` attaches to a transformer (and ``remove_genkv`` undoes)."""
+
+    method: GenKVMethod
+    store: KVCacheStore
+    original_processors: dict[str, Any]
+    patched_rope: bool
+
+
+def find_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
+    """The denoiser of a pipeline (``pipe.transformer``), or the module itself."""
+    module = getattr(pipe_or_transformer, "transformer", pipe_or_transformer)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"expected a diffusers pipeline or transformer, got {type(pipe_or_transformer).__name__}")
+    return module
+
+
+def _attention_layers(transformer: torch.nn.Module) -> list[tuple[int, str, Any]]:
+    blocks = getattr(transformer, "blocks", None)
+    layers = []
+    for i, block in enumerate(blocks or []):
+        for name in ("attn1", "attn2"):
+            attn = getattr(block, name, None)
+            if attn is not None and hasattr(attn, "set_processor"):
+                layers.append((i, name, attn))
+    if not layers:
+        raise TypeError(
+            f"genkv patches Wan-style transformers (blocks[i].attn1 / attn2 with diffusers processors); "
+            f"{type(transformer).__name__} has none"
+        )
+    return layers
+
+
+def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **overrides: Any) -> P:
+    """Patch the transformer's attention processors in place with a genkv method; returns the argument.
+
+    ``method`` is a registered name (``genkv.list_methods()``), a shipped preset name (``"longlive"``), a
+    YAML path, or a method config object; ``overrides`` set its fields. Applying again replaces the method.
+
+    Example:
+        >>> import genkv
+        >>> from genkv.testing import tiny_self_forcing_pipeline
+        >>> pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), "rolling", window_frames=6)
+        >>> frames = pipe(prompt="a red circle", num_frames=33, output_type="np").frames
+        >>> frames.shape[1], genkv.cache_stats(pipe)["method"]
+        (33, 'rolling')
+        >>> pipe = genkv.remove_genkv(pipe)
+    """
+    config = get_method(method, **overrides)
+    transformer = find_transformer(pipe_or_transformer)
+    layers = _attention_layers(transformer)
+    if hasattr(transformer, _STATE_ATTR):
+        remove_genkv(transformer)
+
+    rope = getattr(transformer, "rope", None)
+    patched_rope = isinstance(rope, WanRotaryPosEmbed) and not isinstance(rope, FrameOffsetRotaryPosEmbed)
+    if patched_rope:
+        FrameOffsetRotaryPosEmbed.from_module(rope)
+    keeper = config.build_keeper()
+    keeper.rope_table_frames = getattr(getattr(transformer, "config", None), "rope_max_seq_len", None)
+    num_layers = 1 + max(i for i, _, _ in layers)
+    store = KVCacheStore(keeper, num_layers, rope if isinstance(rope, FrameOffsetRotaryPosEmbed) else None)
+    self_reader, cross_reader = config.build_self_reader(), config.build_cross_reader()
+
+    originals: dict[str, Any] = {}
+    for i, name, attn in layers:
+        original = attn.processor
+        if attn.is_cross_attention:
+            processor = GenKVCrossAttnProcessor(store, i, cross_reader)
+        else:
+            processor = GenKVSelfAttnProcessor(store, i, self_reader)
+        # Keep whatever backend / context-parallel config diffusers wrote on the processor being replaced.
+        processor._attention_backend = getattr(original, "_attention_backend", None)
+        processor._parallel_config = getattr(original, "_parallel_config", None)
+        attn.set_processor(processor)
+        originals[f"blocks.{i}.{name}"] = original
+    setattr(transformer, _STATE_ATTR, GenKVState(config, store, originals, patched_rope))
+    return pipe_or_transformer
+
+
+def remove_genkv(pipe_or_transformer: P) -> P:
+    """Restore the exact processor objects (and RoPE module) that ``apply_genkv`` replaced.
+
+    Example:
+        >>> import genkv
+        >>> from genkv.testing import tiny_self_forcing_pipeline
+        >>> pipe = genkv.remove_genkv(genkv.apply_genkv(tiny_self_forcing_pipeline(), "full"))
+        >>> genkv.is_patched(pipe)
+        False
+    """
+    transformer = find_transformer(pipe_or_transformer)
+    state: GenKVState | None = getattr(transformer, _STATE_ATTR, None)
+    if state is None:
+        return pipe_or_transformer
+    state.store.close()
+    for i, name, attn in _attention_layers(transformer):
+        original = state.original_processors.get(f"blocks.{i}.{name}")
+        if original is not None:
+            # A backend set on the patched model while genkv was applied carries over.
+            original._attention_backend = attn.processor._attention_backend
+            attn.set_processor(original)
+    if state.patched_rope:
+        transformer.rope.to_plain()
+    delattr(transformer, _STATE_ATTR)
+    return pipe_or_transformer
+
+
+def is_patched(pipe_or_transformer: Any) -> bool:
+    """Whether ``apply_genkv`` has patched this pipeline / transformer."""
+    return hasattr(find_transformer(pipe_or_transformer), _STATE_ATTR)
+
+
+def get_state(pipe_or_transformer: Any) -> GenKVState:
+    state = getattr(find_transformer(pipe_or_transformer), _STATE_ATTR, None)
+    if state is None:
+        raise ValueError("this model is not patched by genkv; call genkv.apply_genkv(pipe, method) first")
+    return state
+
+
+def get_store(pipe_or_transformer: Any) -> KVCacheStore:
+    """The KV cache store a pipeline drives (see :class:`genkv.cache.KVCacheStore`)."""
+    return get_state(pipe_or_transformer).store
+
+
+def cache_stats(pipe_or_transformer: Any) -> dict[str, Any]:
+    """Tokens and bytes the KV cache holds, per layer and in total.
+
+    Returns a dict with ``method``, ``config``, ``frames_committed``, ``tokens`` (kept now, all layers and
+    branches), ``tokens_seen`` (committed so far, before eviction), ``bytes`` (allocated buffers),
+    ``cross_bytes`` (per-prompt cross-attention K/V) and ``layers`` (one row per layer and CFG branch).
+
+    Example:
+        >>> import genkv
+        >>> from genkv.testing import tiny_self_forcing_pipeline
+        >>> pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(), "full")
+        >>> genkv.cache_stats(pipe)["tokens"]
+        0
+    """
+    state = get_state(pipe_or_transformer)
+    stats = state.store.stats()
+    stats["config"] = state.method.to_dict()
+    return stats

@@ -1,0 +1,351 @@
+"""The KV cache the attention processors read and write.
+
+Layout (one :class:`LayerKVCache` per attention layer and CFG branch)::
+
+    k, v        (B, capacity, H, D)   post-norm, post-RoPE keys and raw values, in diffusers' layout
+    key_bias    (B, capacity, H)      float32 additive logit bias per key and head (None = all zero);
+                                      log(count) for merged keys, -inf for an empty slot
+    frame_index (capacity,)           latent frame each token came from (absolute, never re-based)
+    token_pos   (capacity,)           spatial index of the token inside its frame (h * W + w)
+
+Tokens ``[0, length)`` are committed history. Each forward of the current chunk *stages* its K/V at
+``[length, length + n)`` (overwriting the previous step's, as upstream Self-Forcing does) and attention reads
+the contiguous view ``[0, length + n)``: no concatenation, no copy of the history on the hot path. After the
+chunk's clean pass, :meth:`KVCacheStore.commit` hands every layer to the method's keeper, which decides what
+of the staged chunk becomes history (append, evict, merge). Compression therefore runs once per chunk, never
+per attention call.
+
+Order inside the buffer carries no meaning (attention is permutation-invariant over keys; positions are baked
+into the keys by RoPE), which lets keepers overwrite evicted slots in place instead of shifting the buffer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .keep.base import CacheKeeper
+    from .rope import FrameOffsetRotaryPosEmbed
+
+
+@dataclass
+class ChunkInfo:
+    """Where the chunk being generated sits in the video."""
+
+    frame_start: int  # absolute latent frame index of the chunk's first frame
+    num_frames: int
+    tokens_per_frame: int
+    position: int  # temporal RoPE position of the first frame (frame_start minus any re-basing)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_frames * self.tokens_per_frame
+
+
+class LayerKVCache:
+    """K/V buffers of one attention layer for one CFG branch (see the module docstring for the layout)."""
+
+    def __init__(self, max_tokens: int | None = None) -> None:
+        self.max_tokens = max_tokens  # history bound from the keeper; None = grows without bound
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+        self.key_bias: torch.Tensor | None = None
+        self.frame_index: torch.Tensor | None = None
+        self.token_pos: torch.Tensor | None = None
+        # Host mirror of frame_index: keepers plan evictions on the host without a device sync.
+        self.frame_host = np.empty(0, dtype=np.int64)
+        self.length = 0  # committed tokens
+        self.staged = 0  # tokens of the current chunk written after them
+        self.tokens_seen = 0  # tokens ever committed (before eviction or merging)
+
+    # -- storage -------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k is None else self.k.shape[1]
+
+    def _allocate(self, like: torch.Tensor, capacity: int) -> None:
+        b, _, h, d = like.shape
+        old = (self.k, self.v, self.key_bias, self.frame_index, self.token_pos)
+        self.k = like.new_empty(b, capacity, h, d)
+        self.v = like.new_empty(b, capacity, h, d)
+        self.frame_index = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
+        self.token_pos = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
+        self.key_bias = None
+        n = self.length
+        frame_host = np.full(capacity, -1, dtype=np.int64)
+        frame_host[:n] = self.frame_host[:n]
+        self.frame_host = frame_host
+        if old[0] is not None and n:
+            self.k[:, :n] = old[0][:, :n]
+            self.v[:, :n] = old[1][:, :n]
+            self.frame_index[:n] = old[3][:n]
+            self.token_pos[:n] = old[4][:n]
+            if old[2] is not None:
+                self.enable_bias()[:, :n] = old[2][:, :n]
+
+    def _reserve(self, like: torch.Tensor, needed: int) -> None:
+        if self.k is not None and (self.k.shape[0] != like.shape[0] or self.k.shape[2:] != like.shape[2:]):
+            raise ValueError(
+                f"KV cache holds batch/heads/dim {tuple(self.k.shape[::2])} but got {tuple(like.shape[::2])}; "
+                "reset the cache (a new video) before changing the batch size"
+            )
+        if needed <= self.capacity:
+            return
+        if self.max_tokens is not None:
+            # A bounded keeper: one allocation for the whole rollout (fixed shapes, CUDA-graph friendly).
+            capacity = max(needed, self.max_tokens + like.shape[1])
+        else:
+            capacity = max(needed, int(self.capacity * 1.5) + like.shape[1])
+        self._allocate(like, capacity)
+
+    def enable_bias(self) -> torch.Tensor:
+        """Allocate the per-key bias (zeros) on first use and return it."""
+        if self.key_bias is None:
+            assert self.k is not None
+            b, cap, h, _ = self.k.shape
+            self.key_bias = torch.zeros(b, cap, h, dtype=torch.float32, device=self.k.device)
+        return self.key_bias
+
+    # -- the hot path --------------------------------------------------------------------------------
+    def stage(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Write the current chunk's K/V after the history and return views over history + chunk."""
+        n = key.shape[1]
+        self._reserve(key, self.length + n)
+        end = self.length + n
+        assert self.k is not None and self.v is not None
+        self.k[:, self.length : end] = key
+        self.v[:, self.length : end] = value
+        self.staged = n
+        bias = None
+        if self.key_bias is not None:
+            self.key_bias[:, self.length : end] = 0.0
+            bias = self.key_bias[:, :end]
+        return self.k[:, :end], self.v[:, :end], bias
+
+    def history(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Views over the committed tokens only."""
+        if self.k is None:
+            raise RuntimeError("the cache is empty")
+        n = self.length
+        bias = None if self.key_bias is None else self.key_bias[:, :n]
+        return self.k[:, :n], self.v[:, :n], bias
+
+    def label_staged(self, chunk: ChunkInfo) -> None:
+        """Record frame index and spatial position of the staged tokens (done once, at commit)."""
+        assert self.frame_index is not None and self.token_pos is not None
+        idx = torch.arange(self.staged, device=self.frame_index.device)
+        sl = slice(self.length, self.length + self.staged)
+        self.frame_index[sl] = chunk.frame_start + torch.div(idx, chunk.tokens_per_frame, rounding_mode="floor")
+        self.token_pos[sl] = idx % chunk.tokens_per_frame
+        self.frame_host[sl] = chunk.frame_start + np.arange(self.staged) // chunk.tokens_per_frame
+
+    def move_tokens(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy tokens at slots ``src`` into slots ``dst`` (1-D host index arrays of equal length)."""
+        assert self.k is not None and self.v is not None
+        if len(src) == 0:
+            return
+        self.frame_host[dst] = self.frame_host[src]
+        src = torch.as_tensor(src, device=self.k.device)
+        dst = torch.as_tensor(dst, device=self.k.device)
+        self.k.index_copy_(1, dst, self.k.index_select(1, src))
+        self.v.index_copy_(1, dst, self.v.index_select(1, src))
+        self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
+        self.token_pos.index_copy_(0, dst, self.token_pos.index_select(0, src))
+        if self.key_bias is not None:
+            self.key_bias.index_copy_(1, dst, self.key_bias.index_select(1, src))
+
+    # -- accounting ----------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        """Bytes held by this layer's buffers (allocated capacity, not just the used part)."""
+        tensors = (self.k, self.v, self.key_bias, self.frame_index, self.token_pos)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def used_bytes(self) -> int:
+        """Bytes of K/V (+bias) for the committed tokens."""
+        if self.k is None:
+            return 0
+        per_token = 2 * self.k[:, :1].numel() * self.k.element_size()
+        if self.key_bias is not None:
+            per_token += self.key_bias[:, :1].numel() * 4
+        return per_token * self.length
+
+
+class KVCacheStore:
+    """All layer caches of one patched transformer, the chunk bookkeeping, and RoPE positions.
+
+    The pipeline drives it; processors only call :meth:`layer` (and :meth:`cross_kv`)::
+
+        store.reset()
+        for chunk in chunks:
+            store.begin_chunk(frame_start, num_frames, tokens_per_frame)   # sets the RoPE offset
+            ...denoising forwards (each stages the chunk's K/V)...
+            with store.committing():
+                transformer(clean_chunk, t=0, ...)                          # the clean K/V pass
+            store.commit()                                                  # keeper: append / evict / merge
+    """
+
+    def __init__(self, keeper: "CacheKeeper", num_layers: int, rope: "FrameOffsetRotaryPosEmbed | None") -> None:
+        self.keeper = keeper
+        self.num_layers = num_layers
+        self.rope = rope
+        self.active = False
+        self.branch = "cond"
+        self._committing = False
+        self.caches: dict[str, list[LayerKVCache]] = {}
+        self.cross: dict[tuple[str, int], tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.prompt_version = 0
+        self.chunk: ChunkInfo | None = None
+        self.position_shift = 0  # frames subtracted from absolute frame indices to get RoPE positions
+        self.frames_committed = 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Drop every cached token: the start of a new video."""
+        self.caches.clear()
+        self.cross.clear()
+        self.chunk = None
+        self.position_shift = 0
+        self.frames_committed = 0
+        self.prompt_version += 1
+        self.active = True
+        self.branch = "cond"
+        self._set_rope_offset(0)
+
+    def close(self) -> None:
+        """Free the buffers and return the transformer to plain (cache-free) attention."""
+        self.caches.clear()
+        self.cross.clear()
+        self.chunk = None
+        self.active = False
+        self._set_rope_offset(0)
+
+    def new_prompt(self) -> None:
+        """Invalidate the per-prompt cross-attention K/V."""
+        self.cross.clear()
+        self.prompt_version += 1
+
+    def _set_rope_offset(self, position: int) -> None:
+        if self.rope is not None:
+            self.rope.frame_offset = position
+
+    def begin_chunk(self, frame_start: int, num_frames: int, tokens_per_frame: int) -> ChunkInfo:
+        """Announce the next chunk: validates it against the keeper and sets the chunk's RoPE position."""
+        if not self.active:
+            self.reset()
+        self.keeper.check_chunk(num_frames)
+        position = frame_start - self.position_shift
+        limit = self.keeper.rebase_limit(self)
+        if limit is not None and position + num_frames > limit:
+            delta = self.keeper.rebase_delta(self, frame_start, num_frames)
+            if delta:
+                self._shift_positions(delta)
+                position = frame_start - self.position_shift
+        self.chunk = ChunkInfo(frame_start, num_frames, tokens_per_frame, position)
+        self._set_rope_offset(position)
+        return self.chunk
+
+    def _shift_positions(self, delta: int) -> None:
+        """Move every re-basable cached key ``delta`` frames earlier (keeper chooses which tokens)."""
+        if self.rope is None:
+            raise RuntimeError("re-basing positions needs the frame-offset RoPE installed by apply_genkv")
+        for layers in self.caches.values():
+            for cache in layers:
+                if cache.length == 0:
+                    continue
+                movable = self.keeper.rebasable_tokens(cache)
+                k = cache.k[:, : cache.length]
+                if movable is None:
+                    self.rope.shift_key_positions(k, -delta)
+                else:
+                    movable = torch.as_tensor(movable, device=k.device)
+                    sub = k.index_select(1, movable)
+                    self.rope.shift_key_positions(sub, -delta)
+                    k.index_copy_(1, movable, sub)
+        self.position_shift += delta
+
+    @contextlib.contextmanager
+    def committing(self) -> Iterator[None]:
+        """Mark the forward inside as the chunk's clean pass (its staged K/V are the ones committed)."""
+        self._committing = True
+        try:
+            yield
+        finally:
+            self._committing = False
+
+    @contextlib.contextmanager
+    def use_branch(self, name: str) -> Iterator[None]:
+        """Route the forwards inside to the caches of CFG branch ``name`` (e.g. ``"uncond"``)."""
+        previous, self.branch = self.branch, name
+        try:
+            yield
+        finally:
+            self.branch = previous
+
+    def commit(self) -> None:
+        """Make the staged chunk history in every layer of every branch, through the keeper."""
+        if self.chunk is None:
+            raise RuntimeError("commit() without begin_chunk()")
+        for layers in self.caches.values():
+            for cache in layers:
+                if cache.staged == 0:
+                    continue
+                cache.label_staged(self.chunk)
+                cache.tokens_seen += cache.staged
+                self.keeper.commit(cache, self.chunk)
+                cache.staged = 0
+        self.frames_committed = self.chunk.frame_start + self.chunk.num_frames
+
+    # -- what processors call ------------------------------------------------------------------------
+    def layer(self, index: int) -> LayerKVCache:
+        layers = self.caches.get(self.branch)
+        if layers is None:
+            limit = self.keeper.max_history_tokens(self.chunk) if self.chunk is not None else None
+            layers = [LayerKVCache(limit) for _ in range(self.num_layers)]
+            self.caches[self.branch] = layers
+        return layers[index]
+
+    def cross_kv(self, index: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        entry = self.cross.get((self.branch, index))
+        if entry is not None and entry[0] == self.prompt_version:
+            return entry[1], entry[2]
+        return None
+
+    def store_cross_kv(self, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        self.cross[(self.branch, index)] = (self.prompt_version, key, value)
+
+    # -- accounting ----------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Tokens and bytes held per layer and in total (see :func:`genkv.cache_stats`)."""
+        per_layer = []
+        total_bytes = total_tokens = total_seen = 0
+        for branch, layers in sorted(self.caches.items()):
+            for i, cache in enumerate(layers):
+                row = {
+                    "branch": branch,
+                    "layer": i,
+                    "tokens": cache.length,
+                    "tokens_seen": cache.tokens_seen,
+                    "capacity": cache.capacity,
+                    "bytes": cache.nbytes(),
+                    "used_bytes": cache.used_bytes(),
+                }
+                per_layer.append(row)
+                total_bytes += row["bytes"]
+                total_tokens += row["tokens"]
+                total_seen += row["tokens_seen"]
+        cross_bytes = sum(k.numel() * k.element_size() * 2 for _, k, _ in self.cross.values())
+        return {
+            "method": self.keeper.method_name,
+            "frames_committed": self.frames_committed,
+            "position_shift": self.position_shift,
+            "tokens": total_tokens,
+            "tokens_seen": total_seen,
+            "bytes": total_bytes,
+            "cross_bytes": cross_bytes,
+            "layers": per_layer,
+        }

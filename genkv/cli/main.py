@@ -1,0 +1,113 @@
+"""The ``genkv`` command line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import CLIError
+
+app = typer.Typer(
+    name="genkv",
+    help="KV-cache compression and sparse attention for autoregressive video generators.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+
+@app.command()
+def render(
+    prompt_file: Path = typer.Argument(..., help="Text file with one prompt per non-empty line ('#' lines skipped)."),
+    frames: int = typer.Option(81, "--frames", "-n", help="Video frames per prompt."),
+    model: str = typer.Option(
+        "tiny-random",
+        "--model",
+        "-m",
+        help="A diffusers model folder (SelfForcingPipeline, or Wan2.1 T2V with --checkpoint), or 'tiny-random' "
+        "for an untrained random-weight smoke model.",
+    ),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Self-Forcing .pt to load into the model."),
+    method: Optional[str] = typer.Option(None, "--method", help="Cache method (see `genkv methods`); default full."),
+    settings: List[str] = typer.Option([], "--set", help="Method setting key=value (repeatable)."),
+    config: Optional[str] = typer.Option(None, "--config", help="Preset name or YAML file (configs/NAME.yaml)."),
+    out: Path = typer.Option(Path("videos"), "--out", "-o", help="Output folder for the mp4 files."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (prompt i uses seed + i)."),
+    fps: float = typer.Option(16.0, "--fps", help="Frame rate written to the mp4."),
+    height: Optional[int] = typer.Option(None, "--height", help="Video height (default: the model's)."),
+    width: Optional[int] = typer.Option(None, "--width", help="Video width (default: the model's)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32."),
+    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="CFG scale (Self-Forcing samples without)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
+) -> None:
+    """Render one video per prompt line, streaming frames into mp4 files as chunks are decoded."""
+    from .render import RenderOptions, run_render
+
+    options = RenderOptions(
+        prompt_file=prompt_file,
+        frames=frames,
+        model=model,
+        checkpoint=checkpoint,
+        method=method,
+        settings=settings,
+        config=config,
+        out=out,
+        seed=seed,
+        fps=fps,
+        height=height,
+        width=width,
+        device=device,
+        dtype=dtype,
+        guidance_scale=guidance_scale,
+        overwrite=overwrite,
+    )
+    raise typer.Exit(run_render(options))
+
+
+@app.command()
+def methods() -> None:
+    """List the registered cache methods and the shipped presets."""
+    import genkv
+
+    for name in genkv.list_methods():
+        cfg = genkv.get_method(name)
+        fields = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if k != "method")
+        typer.echo(f"{name:12s} {fields}")
+    for name in genkv.list_presets():
+        cfg = genkv.load_preset(name)
+        fields = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
+        typer.echo(f"{name:12s} (preset) {fields}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``genkv`` console script: user errors are one line on stderr, exit code 2."""
+    try:
+        # Without standalone mode click returns (not raises) the exit code of typer.Exit.
+        result = app(args=argv, standalone_mode=False)
+        return result if isinstance(result, int) else 0
+    except CLIError as err:
+        print(f"genkv: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except typer.Exit as done:
+        return done.exit_code
+    except KeyboardInterrupt:
+        print("genkv: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # click usage errors and the like
+        import click
+
+        if isinstance(err, click.exceptions.ClickException):
+            err.show()
+            return err.exit_code
+        if isinstance(err, click.exceptions.Abort):
+            print("genkv: interrupted", file=sys.stderr)
+            return 130
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

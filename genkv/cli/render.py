@@ -1,0 +1,319 @@
+"""``genkv render``: validate everything first, then stream each prompt's video into an mp4."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CLIError
+
+
+@dataclass
+class RenderOptions:
+    prompt_file: Path
+    frames: int = 81
+    model: str = "tiny-random"
+    checkpoint: Path | None = None
+    method: str | None = None
+    settings: list[str] = field(default_factory=list)
+    config: str | None = None
+    out: Path = Path("videos")
+    seed: int = 0
+    fps: float = 16.0
+    height: int | None = None
+    width: int | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    guidance_scale: float = 1.0
+    overwrite: bool = False
+
+
+# -- validation (cheap, before any model is loaded) -----------------------------------------------------
+def read_prompts(path: Path) -> list[str]:
+    if not path.exists():
+        raise CLIError(f"prompt file {str(path)!r} not found; pass a text file with one prompt per line")
+    if path.is_dir():
+        raise CLIError(f"prompt file {str(path)!r} is a directory; pass a text file with one prompt per line")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
+        raise CLIError(f"cannot read prompt file {str(path)!r} ({reason}); check its permissions and encoding")
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [p for p in prompts if p and not p.startswith("#")]
+    if not prompts:
+        raise CLIError(f"prompt file {str(path)!r} has no prompts; write one prompt per non-empty line")
+    return prompts
+
+
+def parse_settings(pairs: list[str]) -> dict[str, str]:
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise CLIError(f"--set {pair!r} is not key=value; e.g. --set window_frames=21")
+        settings[key.strip()] = value.strip()
+    return settings
+
+
+def resolve_method(options: RenderOptions):
+    import genkv
+
+    settings = parse_settings(options.settings)
+    try:
+        if options.config is not None:
+            cfg = genkv.load_preset(options.config)
+            if options.method is not None and options.method != cfg.name:
+                raise CLIError(f"--method {options.method} conflicts with --config {options.config} ({cfg.name})")
+            return cfg.replace(**settings) if settings else cfg
+        return genkv.get_method(options.method or "full", **settings)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CLIError(f"--device {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CLIError(f"--device {name}: no CUDA device is visible; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s); use cuda:0")
+    elif device.type != "cpu":
+        raise CLIError(f"--device {name!r} is not supported; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+def resolve_dtype(name: str, device):
+    import torch
+
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+             "fp32": torch.float32, "float32": torch.float32}
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in table:
+        raise CLIError(f"--dtype {name!r} is not one of auto, bf16, fp16, fp32")
+    return table[name]
+
+
+def video_name(index: int, prompt: str) -> str:
+    """``007-a-corgi-surfing-a-wave``: no underscores (VBench groups clips by the text before ``_``)."""
+    slug = "-".join(re.findall(r"[a-z0-9]+", prompt.lower()))[:48].strip("-") or "video"
+    return f"{index:03d}-{slug}"
+
+
+def prepare_outputs(out: Path, names: list[str], overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {str(out)!r} is a file; pass a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".genkv-write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CLIError(f"cannot write to --out {str(out)!r} ({err.strerror or err}); choose a writable folder")
+    existing = [n + ".mp4" for n in names if (out / f"{n}.mp4").exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise CLIError(f"{out / existing[0]}{more} already exists; pass --overwrite to replace")
+
+
+def load_pipeline(options: RenderOptions, device, dtype):
+    import torch
+
+    from genkv.pipelines import CheckpointError, SelfForcingPipeline
+
+    if options.model == "tiny-random":
+        from genkv.testing import tiny_self_forcing_pipeline
+
+        if options.checkpoint is not None:
+            raise CLIError("--checkpoint needs a real --model folder; 'tiny-random' has random weights")
+        return tiny_self_forcing_pipeline(seed=0, device=device, dtype=dtype)
+    path = Path(options.model)
+    if not path.exists():
+        raise CLIError(f"--model {options.model!r} not found; pass a diffusers model folder or 'tiny-random'")
+    if not (path / "model_index.json").is_file():
+        raise CLIError(f"--model {options.model!r} has no model_index.json; pass a diffusers model folder")
+    if options.checkpoint is not None and not options.checkpoint.is_file():
+        raise CLIError(f"--checkpoint {str(options.checkpoint)!r} not found; pass Self-Forcing's .pt file")
+    try:
+        pipe = SelfForcingPipeline.from_pretrained(path, checkpoint=options.checkpoint, torch_dtype=dtype)
+    except CheckpointError as err:
+        raise CLIError(str(err)) from None
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CLIError(f"cannot load --model {options.model!r}: {first}") from None
+    with torch.no_grad():
+        return pipe.to(device)
+
+
+def _peak_memory(device) -> int:
+    import torch
+
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux reports KiB
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+# -- the render -----------------------------------------------------------------------------------------
+def run_render(options: RenderOptions) -> int:
+    """Validate, load, render; returns the process exit code."""
+    if options.frames <= 0:
+        raise CLIError(f"--frames must be a positive number of frames, got {options.frames}")
+    if options.fps <= 0:
+        raise CLIError(f"--fps must be positive, got {options.fps}")
+    prompts = read_prompts(options.prompt_file)
+    method = resolve_method(options)
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    names = [video_name(i, p) for i, p in enumerate(prompts)]
+    prepare_outputs(options.out, names, options.overwrite)
+
+    import torch
+    from rich.console import Console
+
+    import genkv
+
+    console = Console(stderr=True)
+    jobs = list(enumerate(zip(prompts, names)))
+    rank_label = ""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_DYNAMO_BACKEND") is not None:
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1:
+            rank_label = f"[rank {state.process_index}] "
+            if options.device == "auto":
+                device = state.device
+            with state.split_between_processes(jobs) as mine:
+                jobs = list(mine)
+
+    pipe = load_pipeline(options, device, dtype)
+    height = options.height or pipe.config.default_height
+    width = options.width or pipe.config.default_width
+    try:
+        pipe.check_inputs(options.frames, height, width)
+        method.build_keeper().check_chunk(pipe.config.num_frames_per_chunk)
+    except ValueError as err:
+        raise CLIError(str(err).replace("height", "--height").replace("width", "--width")) from None
+    genkv.apply_genkv(pipe, method)
+    if options.model == "tiny-random":
+        console.print("[yellow]note:[/] --model tiny-random has random, untrained weights: the videos are noise.")
+
+    summaries = []
+    for index, (prompt, name) in jobs:
+        summary = _render_one(pipe, options, method, prompt, name, index, height, width, device, console, rank_label)
+        summaries.append(summary)
+        if summary.get("interrupted") or summary.get("error"):
+            return 130 if summary.get("interrupted") else 1
+    return 0
+
+
+def _render_one(pipe, options, method, prompt, name, index, height, width, device, console, rank_label) -> dict:
+    import torch
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    import genkv
+    from genkv.video import Mp4Writer
+
+    path = options.out / f"{name}.mp4"
+    if path.exists():
+        path.unlink()
+    generator = torch.Generator(device=device).manual_seed(options.seed + index)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    summary: dict[str, Any] = {
+        "prompt": prompt,
+        "video": str(path),
+        "model": options.model,
+        "method": method.to_dict(),
+        "seed": options.seed + index,
+        "height": height,
+        "width": width,
+        "fps_video": options.fps,
+        "device": str(device),
+        "frames_requested": options.frames,
+    }
+    columns = (
+        TextColumn(f"{rank_label}{name[:32]}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} frames"),
+        TextColumn("{task.fields[rate]:.1f} frames/s"),
+        TextColumn("KV {task.fields[kv]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    start = time.perf_counter()
+    chunk_times: list[float] = []
+    writer = Mp4Writer(path, fps=options.fps)
+    status = "done"
+    try:
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("render", total=options.frames, rate=0.0, kv="0 B")
+            last = start
+            for frames in pipe.stream(
+                prompt, options.frames, height, width, generator=generator, guidance_scale=options.guidance_scale
+            ):
+                writer.append(frames)
+                now = time.perf_counter()
+                chunk_times.append(now - last)
+                last = now
+                kv = genkv.cache_stats(pipe)["bytes"]
+                progress.update(
+                    task, advance=len(frames), rate=writer.frames_queued / (now - start), kv=_human(kv)
+                )
+    except KeyboardInterrupt:
+        status = "interrupted"
+    except Exception as err:  # e.g. out of memory mid-render: keep what was produced
+        status = "error"
+        summary["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+    finally:
+        try:
+            writer.close()
+        except KeyboardInterrupt:  # a second Ctrl-C while flushing: finish the flush anyway
+            writer.close()
+    wall = time.perf_counter() - start
+    stats = genkv.cache_stats(pipe)
+    summary.update(
+        frames=writer.frames_written,
+        seconds=round(wall, 3),
+        fps=round(writer.frames_written / wall, 3) if wall > 0 else 0.0,
+        chunk_seconds=[round(t, 4) for t in chunk_times],
+        peak_memory_bytes=_peak_memory(device),
+        kv_bytes=stats["bytes"],
+        kv_tokens=stats["tokens"],
+        interrupted=status == "interrupted",
+    )
+    (options.out / f"{name}.json").write_text(json.dumps(summary, indent=2))
+    line = (
+        f"{rank_label}{path}: {summary['frames']} frames in {wall:.1f} s ({summary['fps']:.1f} frames/s), "
+        f"peak memory {_human(summary['peak_memory_bytes'])}, KV {_human(summary['kv_bytes'])}"
+    )
+    if status == "done":
+        console.print(line)
+    elif status == "interrupted":
+        console.print(f"[yellow]interrupted:[/] kept {summary['frames']} frames in {path}")
+    else:
+        print(f"genkv: error: {summary['error']} (kept {summary['frames']} frames in {path})", file=sys.stderr)
+    return summary

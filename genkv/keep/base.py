@@ -1,0 +1,47 @@
+"""What every keeper (the policy that decides which K/V stay in memory) implements."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cache import ChunkInfo, KVCacheStore, LayerKVCache
+
+
+class CacheKeeper:
+    """Base keeper: keeps every committed token (the exact, growing cache).
+
+    A keeper runs once per committed chunk, after the chunk's clean pass: :meth:`commit` turns the staged
+    tokens ``[length, length + staged)`` of one layer cache into history. Subclasses override the hooks they
+    change; the defaults describe an unbounded cache with absolute positions.
+    """
+
+    method_name = "full"
+    #: RoPE table length of the patched model, set by ``apply_genkv``; positions past it are re-based by
+    #: keepers that can do so without changing what attention sees.
+    rope_table_frames: int | None = None
+
+    def check_chunk(self, num_frames: int) -> None:
+        """Raise ``ValueError`` if a chunk of ``num_frames`` latent frames cannot be held."""
+
+    def max_history_tokens(self, chunk: "ChunkInfo") -> int | None:
+        """Bound on committed tokens per layer (None = unbounded); lets bounded caches allocate once."""
+        return None
+
+    def commit(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
+        cache.length += cache.staged
+
+    # -- RoPE re-basing --------------------------------------------------------------------------------
+    def rebase_limit(self, store: "KVCacheStore") -> int | None:
+        """Highest RoPE position (exclusive) a chunk may reach before :meth:`rebase_delta` is asked."""
+        return None
+
+    def rebase_delta(self, store: "KVCacheStore", frame_start: int, num_frames: int) -> int:
+        """Frames by which to move re-basable keys (and later positions) back; 0 = no re-basing."""
+        return 0
+
+    def rebasable_tokens(self, cache: "LayerKVCache") -> "np.ndarray | None":
+        """Slots whose keys move when re-basing (None = all)."""
+        return None

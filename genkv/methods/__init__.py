@@ -1,0 +1,7 @@
+"""Registered methods: one module per method; importing this package registers them all."""
+
+from .base import GenKVMethod
+from .full import Full
+from .rolling import Rolling
+
+__all__ = ["GenKVMethod", "Full", "Rolling"]

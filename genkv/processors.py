@@ -1,0 +1,148 @@
+"""diffusers attention processors that read and write the genkv cache.
+
+They are plain objects (not ``nn.Module``: nothing enters ``state_dict``) with the ``_attention_backend`` and
+``_parallel_config`` attributes diffusers writes through ``set_attention_backend`` / ``enable_parallelism``.
+Each owns nothing but its layer index, a reference to the store and the method's readers.
+
+Outside a rollout (``store.active`` false) they compute exactly what ``WanAttnProcessor`` computes, so a
+patched model is a drop-in replacement.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+if TYPE_CHECKING:  # pragma: no cover
+    from diffusers.models.transformers.transformer_wan import WanAttention
+
+    from .cache import KVCacheStore
+
+
+def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved-pair rotary embedding on ``(B, S, H, D)`` (same arithmetic as diffusers)."""
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
+class _GenKVProcessorBase:
+    _attention_backend: Any = None
+    _parallel_config: Any = None
+
+    def __init__(self, store: "KVCacheStore", layer_index: int, reader: Any) -> None:
+        self.store = store
+        self.layer_index = layer_index
+        self.reader = reader
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(layer={self.layer_index}, method={self.store.keeper.method_name!r})"
+
+
+class GenKVSelfAttnProcessor(_GenKVProcessorBase):
+    """Self-attention of a Wan block over ``cache history + current chunk``."""
+
+    def __call__(
+        self,
+        attn: "WanAttention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        if rotary_emb is not None:
+            query = apply_rotary_emb(query, *rotary_emb)
+            key = apply_rotary_emb(key, *rotary_emb)
+
+        if self.store.active:
+            if attention_mask is not None:
+                raise ValueError("genkv processors take no attention_mask during a cached rollout")
+            out = self._attend_cached(query, key, value)
+        else:
+            out = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                dropout_p=0.0,
+                is_causal=False,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    # Cache bookkeeping is Python state (lengths, dicts) that changes every chunk: keep it out of compiled
+    # regions so `torch.compile` of the blocks traces the projections / norms / FFN once and never recompiles.
+    @torch.compiler.disable
+    def _attend_cached(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        key, value, key_bias = self.store.layer(self.layer_index).stage(key, value)
+        return self.reader.attend(
+            query,
+            key,
+            value,
+            key_bias,
+            backend=self._attention_backend,
+            parallel_config=self._parallel_config,
+            layer_index=self.layer_index,
+        )
+
+
+class GenKVCrossAttnProcessor(_GenKVProcessorBase):
+    """Text cross-attention; during a rollout the prompt's K/V are projected once per prompt and reused."""
+
+    def __call__(
+        self,
+        attn: "WanAttention",
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        if attn.add_k_proj is not None:
+            raise NotImplementedError("genkv cross-attention does not handle image-conditioned (I2V) Wan yet")
+        if self.store.active and attention_mask is None:
+            query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # q is never fused with k/v
+            out = self._attend_prompt(attn, query, encoder_hidden_states)
+        else:
+            query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            value = value.unflatten(2, (attn.heads, -1))
+            out = dispatch_attention_fn(
+                query, key, value, attn_mask=attention_mask, backend=self._attention_backend, parallel_config=None
+            )
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))
+
+    @torch.compiler.disable
+    def _attend_prompt(
+        self, attn: "WanAttention", query: torch.Tensor, encoder_hidden_states: torch.Tensor
+    ) -> torch.Tensor:
+        key, value = self._prompt_kv(attn, encoder_hidden_states)
+        return self.reader.attend(query, key, value, backend=self._attention_backend, layer_index=self.layer_index)
+
+    def _prompt_kv(self, attn: "WanAttention", encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's K/V, projected on the first call of a prompt and reused for every later chunk/step."""
+        cached = self.store.cross_kv(self.layer_index)
+        if cached is not None:
+            return cached
+        if attn.fused_projections:
+            key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
+        else:
+            key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
+        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+        value = value.unflatten(2, (attn.heads, -1))
+        self.store.store_cross_kv(self.layer_index, key, value)
+        return key, value

@@ -1,0 +1,93 @@
+"""Rotary position embedding with a temporal frame offset.
+
+diffusers' ``WanRotaryPosEmbed`` always numbers a forward's latent frames from 0. A causal rollout needs the
+chunk's absolute (or re-based) frame position instead, and a rolling cache needs to move cached keys to new
+positions without recomputing them. Both are here:
+
+* :class:`FrameOffsetRotaryPosEmbed` is a drop-in subclass whose ``frame_offset`` attribute shifts the
+  temporal index. Positions inside the precomputed table are sliced from it (bit-identical to diffusers at
+  offset 0); positions past the table are computed on the fly in float64, so a long rollout never indexes out
+  of the table.
+* :meth:`FrameOffsetRotaryPosEmbed.shift_key_positions` rotates post-RoPE keys by ``delta`` frames. RoPE is a
+  rotation, so ``R(p + delta) = R(delta) R(p)``: shifting every key of a window by the same delta keeps all
+  relative positions, which is all attention sees.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers.models.embeddings import get_1d_rotary_pos_embed
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+
+class FrameOffsetRotaryPosEmbed(WanRotaryPosEmbed):
+    """``WanRotaryPosEmbed`` whose temporal positions start at ``frame_offset``.
+
+    Example:
+        >>> from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+        >>> rope = FrameOffsetRotaryPosEmbed.from_module(WanRotaryPosEmbed(12, (1, 2, 2), 32))
+        >>> rope.frame_offset = 40          # past the 32-frame table: computed, not indexed
+        >>> cos, sin = rope(torch.zeros(1, 16, 3, 4, 4))
+        >>> tuple(cos.shape)
+        (1, 12, 1, 12)
+    """
+
+    theta: float = 10000.0
+    frame_offset: int = 0
+
+    @classmethod
+    def from_module(cls, rope: WanRotaryPosEmbed) -> "FrameOffsetRotaryPosEmbed":
+        """Turn an existing rope module into this class in place (same buffers, same device)."""
+        rope.__class__ = cls
+        rope.frame_offset = 0
+        return rope  # type: ignore[return-value]
+
+    def to_plain(self) -> WanRotaryPosEmbed:
+        """Undo :meth:`from_module`."""
+        self.__dict__.pop("frame_offset", None)
+        self.__class__ = WanRotaryPosEmbed
+        return self
+
+    def _temporal_table(self, start: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cos_t = self.freqs_cos[:, : self.t_dim]
+        sin_t = self.freqs_sin[:, : self.t_dim]
+        if 0 <= start and start + count <= cos_t.shape[0]:
+            return cos_t[start : start + count], sin_t[start : start + count]
+        positions = torch.arange(start, start + count, dtype=torch.float64, device=cos_t.device)
+        cos, sin = get_1d_rotary_pos_embed(
+            self.t_dim, positions, self.theta, use_real=True, repeat_interleave_real=True, freqs_dtype=torch.float64
+        )
+        return cos.to(cos_t.dtype), sin.to(sin_t.dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        _, _, num_frames, height, width = hidden_states.shape
+        p_t, p_h, p_w = self.patch_size
+        ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
+        cos_f, sin_f = self._temporal_table(int(self.frame_offset), ppf)
+        hw = (self.t_dim, self.t_dim + self.h_dim)
+
+        def grid(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+            f = t.view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1)
+            h = table[:pph, hw[0] : hw[1]].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1)
+            w = table[:ppw, hw[1] :].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1)
+            return torch.cat([f, h, w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1)
+
+        return grid(cos_f, self.freqs_cos), grid(sin_f, self.freqs_sin)
+
+    def shift_key_positions(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Rotate post-RoPE ``keys`` (..., H, D) in place so their temporal positions move by ``delta`` frames.
+
+        Computed in float32 and cast back once, so a key re-based a handful of times over a long rollout
+        carries a handful of roundings, not one per chunk.
+        """
+        if delta == 0 or keys.numel() == 0:
+            return keys
+        half = self.t_dim // 2
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.t_dim, 2, dtype=torch.float64) / self.t_dim))
+        angle = (float(delta) * inv_freq).to(keys.device)
+        cos, sin = angle.cos().float(), angle.sin().float()
+        pairs = keys[..., : self.t_dim].unflatten(-1, (half, 2))
+        x1, x2 = pairs[..., 0].float(), pairs[..., 1].float()
+        rotated = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+        keys[..., : self.t_dim] = rotated.to(keys.dtype)
+        return keys

@@ -1,0 +1,17 @@
+"""Pipelines genkv drives (installed as ``genkv.pipelines``)."""
+
+from .self_forcing import (
+    CheckpointError,
+    SelfForcingPipeline,
+    SelfForcingScheduler,
+    StreamingVAEDecoder,
+    load_self_forcing_checkpoint,
+)
+
+__all__ = [
+    "CheckpointError",
+    "SelfForcingPipeline",
+    "SelfForcingScheduler",
+    "StreamingVAEDecoder",
+    "load_self_forcing_checkpoint",
+]

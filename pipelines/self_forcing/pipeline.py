@@ -1,0 +1,390 @@
+"""``SelfForcingPipeline``: chunk-causal Wan2.1 video generation with a KV cache, streamed chunk by chunk."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKLWan, DiffusionPipeline, WanTransformer3DModel
+from diffusers.utils import BaseOutput
+
+from genkv.api import apply_genkv, get_store, is_patched
+
+from .checkpoint import load_self_forcing_checkpoint
+from .numerics import apply_self_forcing_numerics
+from .scheduler import SelfForcingScheduler
+from .vae_stream import StreamingVAEDecoder, to_uint8_frames
+
+
+@dataclass
+class SelfForcingPipelineOutput(BaseOutput):
+    """``frames``: (B, T, H, W, 3) float in [0, 1] for ``"np"``, uint8 for ``"uint8"``, lists of PIL images for
+    ``"pil"``, a (B, T, 3, H, W) float tensor for ``"pt"``, latents (B, C, T, h, w) for ``"latent"``."""
+
+    frames: Any
+
+
+def _clean_prompt(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+class SelfForcingPipeline(DiffusionPipeline):
+    """Autoregressive Wan2.1 text-to-video as Self-Forcing / CausVid / LongLive sample it.
+
+    The video is generated in chunks of ``num_frames_per_chunk`` latent frames. Each chunk is denoised in the
+    scheduler's few steps (flow prediction → x0 → re-noise), every forward attending to the KV cache of earlier
+    chunks plus the chunk itself (no mask inside a chunk). Then one forward on the clean x0 at ``t = 0`` writes
+    the chunk's clean K/V into the cache. The cache is whatever genkv method is applied (``full`` if none);
+    the VAE decodes each chunk as soon as it is ready, its causal cache carried from chunk to chunk.
+
+    Example:
+        >>> import genkv
+        >>> from genkv.testing import tiny_self_forcing_pipeline
+        >>> pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), "rolling", window_frames=6)
+        >>> chunks = [f.shape for f in pipe.stream("a blue square falling", num_frames=33)]
+        >>> chunks[0], sum(s[0] for s in chunks)
+        ((9, 64, 64, 3), 33)
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder"]
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        text_encoder: Any,
+        transformer: WanTransformer3DModel,
+        vae: AutoencoderKLWan,
+        scheduler: SelfForcingScheduler,
+        num_frames_per_chunk: int = 3,
+        default_height: int = 480,
+        default_width: int = 832,
+        max_sequence_length: int = 512,
+    ) -> None:
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae, scheduler=scheduler
+        )
+        self.register_to_config(
+            num_frames_per_chunk=num_frames_per_chunk,
+            default_height=default_height,
+            default_width=default_width,
+            max_sequence_length=max_sequence_length,
+        )
+        apply_self_forcing_numerics(transformer)
+        self.vae_scale_factor_temporal = getattr(vae.config, "scale_factor_temporal", 4)
+        self.vae_scale_factor_spatial = getattr(vae.config, "scale_factor_spatial", 8)
+
+    # -- loading -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        checkpoint: str | Path | None = None,
+        *,
+        use_ema: bool = True,
+        torch_dtype: torch.dtype | None = None,
+        dtype: torch.dtype | None = None,
+        scheduler: SelfForcingScheduler | None = None,
+        **kwargs: Any,
+    ) -> "SelfForcingPipeline":
+        """Load from a saved ``SelfForcingPipeline`` or a Wan2.1 diffusers folder (+ a Self-Forcing checkpoint).
+
+        ``checkpoint`` is upstream's ``self_forcing_dmd.pt`` (``generator_ema`` by default, ``use_ema=False``
+        for ``generator``); its weights replace the folder's transformer weights after conversion.
+
+        Example::
+
+            pipe = SelfForcingPipeline.from_pretrained(
+                "Wan2.1-T2V-1.3B-Diffusers", checkpoint="self_forcing_dmd.pt", torch_dtype=torch.bfloat16
+            ).to("cuda")
+        """
+        dtype = dtype or torch_dtype  # diffusers 0.42 renamed torch_dtype to dtype; accept both
+        path = Path(pretrained_model_name_or_path)
+        index_file = path / "model_index.json"
+        if path.is_dir() and not index_file.is_file():
+            raise FileNotFoundError(f"{str(path)!r} has no model_index.json; pass a diffusers model folder")
+        class_name = json.loads(index_file.read_text()).get("_class_name") if index_file.is_file() else cls.__name__
+        if class_name == cls.__name__:
+            pipe = super().from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
+        else:
+            # A Wan2.1 T2V folder (WanPipeline layout): take its components, bring our scheduler.
+            from transformers import AutoTokenizer, UMT5EncoderModel
+
+            kwargs.pop("scheduler", None)
+            pipe = cls(
+                tokenizer=AutoTokenizer.from_pretrained(path, subfolder="tokenizer"),
+                text_encoder=UMT5EncoderModel.from_pretrained(path, subfolder="text_encoder", dtype=dtype),
+                transformer=WanTransformer3DModel.from_pretrained(path, subfolder="transformer", dtype=dtype),
+                vae=AutoencoderKLWan.from_pretrained(path, subfolder="vae", dtype=dtype),
+                scheduler=scheduler or SelfForcingScheduler(),
+                **kwargs,
+            )
+        if scheduler is not None:
+            pipe.scheduler = scheduler
+        if checkpoint is not None:
+            load_self_forcing_checkpoint(pipe.transformer, checkpoint, use_ema=use_ema)
+        return pipe
+
+    # -- text ----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_prompt(
+        self, prompt: str | list[str], device: torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
+        """UMT5 embeddings (B, max_sequence_length, text_dim), zero beyond each prompt's tokens (as WanPipeline)."""
+        if self.tokenizer is None or self.text_encoder is None:
+            raise ValueError("this pipeline has no text encoder; pass prompt_embeds instead of prompt")
+        device = device or self._execution_device
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [_clean_prompt(p) for p in prompts]
+        length = self.config.max_sequence_length
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+            add_special_tokens=True,
+            return_attention_mask=True,
+            return_tensors="pt",
+        )
+        mask = tokens.attention_mask
+        encoder_device = next(self.text_encoder.parameters()).device
+        hidden = self.text_encoder(tokens.input_ids.to(encoder_device), mask.to(encoder_device)).last_hidden_state
+        hidden = hidden.to(device=device, dtype=dtype or self.transformer.dtype)
+        keep = mask.to(device).unsqueeze(-1).to(hidden.dtype)
+        return hidden * keep
+
+    # -- geometry ------------------------------------------------------------------------------------
+    def latent_frames_for(self, num_frames: int) -> int:
+        """Latent frames needed for ``num_frames`` video frames, rounded up to whole chunks."""
+        latent = 1 + math.ceil((num_frames - 1) / self.vae_scale_factor_temporal)
+        chunk = self.config.num_frames_per_chunk
+        return chunk * math.ceil(latent / chunk)
+
+    def check_inputs(self, num_frames: int, height: int, width: int) -> None:
+        if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+            raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
+        multiple = self.vae_scale_factor_spatial * self.transformer.config.patch_size[1]
+        for name, value in (("height", height), ("width", width)):
+            if not isinstance(value, int) or value < multiple or value % multiple:
+                raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+
+    # -- generation ----------------------------------------------------------------------------------
+    def _flow(
+        self,
+        sample: torch.Tensor,
+        timestep: float,
+        embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        transformer = self.transformer
+        t = torch.full((sample.shape[0],), float(timestep), device=sample.device, dtype=torch.float32)
+        x = sample.to(transformer.dtype)
+        flow = transformer(x, t, embeds, return_dict=False)[0].float()
+        if negative_embeds is not None:
+            with get_store(transformer).use_branch("uncond"):
+                uncond = transformer(x, t, negative_embeds, return_dict=False)[0].float()
+            flow = uncond + guidance_scale * (flow - uncond)
+        return flow
+
+    @torch.no_grad()
+    def rollout(
+        self,
+        embeds: torch.Tensor,
+        num_latent_frames: int,
+        height: int,
+        width: int,
+        *,
+        negative_embeds: torch.Tensor | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        latents: torch.Tensor | None = None,
+    ) -> Iterator[torch.Tensor]:
+        """Yield each chunk's clean latents (B, C, F, h, w) float32, in order; the cache is driven here.
+
+        ``latents`` (B, C, T, h, w), if given, supplies the initial noise of every chunk (reproducibility
+        tests); fresh noise for the re-noising steps still comes from ``generator``.
+        """
+        transformer = self.transformer
+        if not is_patched(transformer):
+            apply_genkv(transformer, "full")
+        store = get_store(transformer)
+        device = self._execution_device
+        cfg = transformer.config
+        s = self.vae_scale_factor_spatial
+        lat_h, lat_w = height // s, width // s
+        tokens_per_frame = (lat_h // cfg.patch_size[1]) * (lat_w // cfg.patch_size[2])
+        chunk = self.config.num_frames_per_chunk
+        batch = embeds.shape[0]
+        sched = self.scheduler
+        sigmas = [float(x) for x in sched.sigmas]
+        timesteps = [float(x) for x in sched.timesteps]
+        use_cfg = guidance_scale > 1.0 and negative_embeds is not None
+
+        store.reset()
+        try:
+            for start in range(0, num_latent_frames, chunk):
+                frames = min(chunk, num_latent_frames - start)
+                store.begin_chunk(start, frames, tokens_per_frame)
+                shape = (batch, cfg.in_channels, frames, lat_h, lat_w)
+                if latents is not None:
+                    x = latents[:, :, start : start + frames].to(device=device, dtype=torch.float32)
+                else:
+                    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                x0 = x
+                for k, (t, sigma) in enumerate(zip(timesteps, sigmas)):
+                    flow = self._flow(x, t, embeds, negative_embeds if use_cfg else None, guidance_scale)
+                    x0 = sched.predict_x0(x, flow, sigma)
+                    if k + 1 < len(timesteps):
+                        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                        x = sched.add_noise(x0, noise, sigmas[k + 1])
+                # The clean pass: its only product is the chunk's clean K/V, which the keeper commits.
+                with store.committing():
+                    self._flow(x0, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale)
+                store.commit()
+                yield x0
+        finally:
+            store.active = False  # buffers stay for cache_stats(); the next rollout resets them
+
+    def _prepare_embeds(
+        self,
+        prompt: str | list[str] | None,
+        prompt_embeds: torch.Tensor | None,
+        negative_prompt: str | list[str] | None,
+        negative_prompt_embeds: torch.Tensor | None,
+        guidance_scale: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        device = self._execution_device
+        if prompt_embeds is None:
+            if prompt is None:
+                raise ValueError("pass prompt or prompt_embeds")
+            prompt_embeds = self.encode_prompt(prompt, device)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=self.transformer.dtype)
+        if guidance_scale <= 1.0:
+            return prompt_embeds, None
+        if negative_prompt_embeds is None:
+            negative = negative_prompt if negative_prompt is not None else ""
+            negative = [negative] * prompt_embeds.shape[0] if isinstance(negative, str) else negative
+            negative_prompt_embeds = self.encode_prompt(negative, device)
+        return prompt_embeds, negative_prompt_embeds.to(device=device, dtype=self.transformer.dtype)
+
+    def stream(
+        self,
+        prompt: str | list[str] | None = None,
+        num_frames: int = 81,
+        height: int | None = None,
+        width: int | None = None,
+        *,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        on_chunk: Callable[[dict], None] | None = None,
+    ) -> Iterator[Any]:
+        """Generate and decode chunk by chunk; yield each chunk's new frames as soon as they exist.
+
+        Yields uint8 frames ``[T, H, W, 3]`` per chunk (``[B, T, H, W, 3]`` for several prompts): a numpy array
+        for ``output_type="np"``, a torch tensor on the pipeline's device for ``"pt"``, or the chunk's clean
+        latents for ``"latent"``. Exactly ``num_frames`` frames come out in all. Memory stays flat with a
+        bounded method (``rolling``, ...): no latent or frame is kept once yielded.
+        ``on_chunk`` is called after each chunk with ``{"frames_done", "latent_frames_done"}``.
+        """
+        height = height or self.config.default_height
+        width = width or self.config.default_width
+        self.check_inputs(num_frames, height, width)
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent' for stream(), got {output_type!r}")
+        embeds, negative = self._prepare_embeds(
+            prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance_scale
+        )
+        single = embeds.shape[0] == 1
+        decoder = StreamingVAEDecoder(self.vae) if output_type != "latent" else None
+        remaining = num_frames
+        latent_done = 0
+        for x0 in self.rollout(
+            embeds,
+            self.latent_frames_for(num_frames),
+            height,
+            width,
+            negative_embeds=negative,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            latents=latents,
+        ):
+            latent_done += x0.shape[2]
+            if decoder is None:
+                out: Any = x0
+                produced = x0.shape[2]
+            else:
+                video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
+                produced = video.shape[1]
+                out = video.cpu().numpy() if output_type == "np" else video
+                if single:
+                    out = out[0]
+            remaining -= produced
+            if on_chunk is not None:
+                on_chunk({"frames_done": num_frames - max(remaining, 0), "latent_frames_done": latent_done})
+            yield out
+            if decoder is not None and remaining <= 0:
+                break
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        num_frames: int = 81,
+        height: int | None = None,
+        width: int | None = None,
+        *,
+        negative_prompt: str | list[str] | None = None,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "np",
+        return_dict: bool = True,
+    ) -> SelfForcingPipelineOutput | tuple:
+        """Generate whole videos (diffusers style). Use :meth:`stream` for long videos."""
+        if output_type not in ("np", "uint8", "pil", "pt", "latent"):
+            raise ValueError(f"output_type must be one of np, uint8, pil, pt, latent; got {output_type!r}")
+        kwargs = dict(
+            negative_prompt=negative_prompt,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds,
+            latents=latents,
+        )
+        stream_type = "latent" if output_type == "latent" else "pt"
+        parts = list(self.stream(prompt, num_frames, height, width, output_type=stream_type, **kwargs))
+        if output_type == "latent":
+            frames: Any = torch.cat(parts, dim=2)
+        else:
+            video = torch.cat([p if p.dim() == 5 else p.unsqueeze(0) for p in parts], dim=1)  # (B, T, H, W, 3)
+            if output_type == "uint8":
+                frames = video.cpu().numpy()
+            elif output_type == "pt":
+                frames = video.permute(0, 1, 4, 2, 3).float() / 255.0
+            else:
+                array = video.cpu().numpy()
+                if output_type == "np":
+                    frames = array.astype(np.float32) / 255.0
+                else:
+                    from PIL import Image
+
+                    frames = [[Image.fromarray(f) for f in v] for v in array]
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (frames,)
+        return SelfForcingPipelineOutput(frames=frames)

@@ -1,0 +1,78 @@
+"""Chunk-by-chunk decoding with the Wan VAE's causal cache carried across chunks.
+
+``AutoencoderKLWan.decode`` decodes one latent frame at a time, feeding each causal 3-D convolution the last
+frames it saw (``feat_cache``), and clears that cache at the end of every call. Decoding a long video chunk by
+chunk with it would either restart the cache at each chunk (seams) or re-decode old latents (quadratic work).
+:class:`StreamingVAEDecoder` keeps its own cache alive between calls, so decoding chunks one after another
+gives exactly what one ``decode`` over the concatenated latents gives, with memory independent of length.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import AutoencoderKLWan
+
+
+class StreamingVAEDecoder:
+    """Decode latent chunks of one (batch of) video(s) in order.
+
+    Example:
+        >>> import torch
+        >>> from genkv.testing import tiny_wan_vae
+        >>> vae = tiny_wan_vae()
+        >>> decoder = StreamingVAEDecoder(vae)
+        >>> z = torch.randn(1, 16, 6, 2, 2)
+        >>> parts = [decoder.decode(z[:, :, :3]), decoder.decode(z[:, :, 3:])]
+        >>> [p.shape[2] for p in parts]            # 1 + 4 + 4, then 4 + 4 + 4 frames
+        [9, 12]
+    """
+
+    def __init__(self, vae: AutoencoderKLWan) -> None:
+        self.vae = vae
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new video."""
+        self._feat_map: list = [None] * self.vae._cached_conv_counts["decoder"]
+        self.frames_decoded = 0  # latent frames
+
+    def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the latent normalisation the diffusion model works in (Wan's per-channel mean / std)."""
+        cfg = self.vae.config
+        mean = torch.tensor(cfg.latents_mean, device=latents.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        std = torch.tensor(cfg.latents_std, device=latents.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        return latents.float() * std + mean
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor, *, normalized: bool = True) -> torch.Tensor:
+        """Decode ``latents`` (B, C, T, h, w) → pixels (B, 3, T', H, W) in [-1, 1].
+
+        The first latent frame of a video gives 1 pixel frame, every later one 4 (Wan's temporal factor).
+        """
+        vae = self.vae
+        z = self.denormalize(latents) if normalized else latents
+        z = z.to(vae.dtype)
+        x = vae.post_quant_conv(z)
+        outputs = []
+        for i in range(x.shape[2]):
+            conv_idx = [0]
+            out = vae.decoder(
+                x[:, :, i : i + 1],
+                feat_cache=self._feat_map,
+                feat_idx=conv_idx,
+                first_chunk=self.frames_decoded == 0,
+            )
+            outputs.append(out)
+            self.frames_decoded += 1
+        out = torch.cat(outputs, dim=2)
+        if vae.config.patch_size is not None:
+            from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+            out = unpatchify(out, patch_size=vae.config.patch_size)
+        return out.clamp(-1.0, 1.0)
+
+
+def to_uint8_frames(pixels: torch.Tensor) -> torch.Tensor:
+    """(B, 3, T, H, W) in [-1, 1] → uint8 (B, T, H, W, 3) on the same device (one rounding, as diffusers)."""
+    video = (pixels.float() * 0.5 + 0.5).clamp(0, 1)
+    return (video * 255).round().to(torch.uint8).permute(0, 2, 3, 4, 1)

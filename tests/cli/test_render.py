@@ -1,0 +1,192 @@
+"""`genkv render`: outputs, every bad input's one-line error, and partial videos on interruption."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from genkv.cli.main import main
+from genkv.video import count_frames, read_frames
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle bouncing\n\n# a comment line\na blue square falling\n")
+    return path
+
+
+def run(argv, capsys):
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_render_writes_one_mp4_per_prompt_with_exactly_the_frames(tmp_path, prompts, capsys):
+    out = tmp_path / "videos"
+    code, _, err = run(["render", prompts, "--frames", 30, "--out", out, "--method", "rolling",
+                        "--set", "window_frames=6", "--set", "sink_frames=1"], capsys)
+    assert code == 0, err
+    videos = sorted(out.glob("*.mp4"))
+    assert [v.name for v in videos] == ["000-a-red-circle-bouncing.mp4", "001-a-blue-square-falling.mp4"]
+    assert all(count_frames(v) == 30 for v in videos)
+    assert all("_" not in v.stem for v in videos)
+    summary = json.loads((out / "000-a-red-circle-bouncing.json").read_text())
+    assert summary["frames"] == 30 and summary["method"]["window_frames"] == 6 and summary["kv_bytes"] > 0
+    assert "frames/s" in err and "KV" in err
+
+
+def test_render_with_a_preset_config_file(tmp_path, prompts, capsys):
+    repo = Path(__file__).resolve().parents[2]
+    code, _, err = run(["render", prompts, "--frames", 9, "--out", tmp_path / "o",
+                        "--config", repo / "configs" / "longlive.yaml"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "o" / "001-a-blue-square-falling.json").read_text())
+    assert summary["method"] == {"method": "rolling", "sink_frames": 3, "window_frames": 9,
+                                 "rebase_positions": True, "max_position": None}
+
+
+def _bad_inputs(tmp_path, prompts):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n  \n# only a comment\n")
+    unreadable = tmp_path / "binary.txt"
+    unreadable.write_bytes(b"\xff\xfe\xfa bad utf8")
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    bad_ckpt = tmp_path / "model"
+    bad_ckpt.mkdir()
+    (tmp_path / "file_out").write_text("x")
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "000-a-red-circle-bouncing.mp4").write_bytes(b"old")
+    return [
+        (["render", tmp_path / "missing.txt"], "not found"),
+        (["render", empty], "has no prompts"),
+        (["render", unreadable], "cannot read prompt file"),
+        (["render", tmp_path], "is a directory"),
+        (["render", prompts, "--frames", 0], "--frames must be a positive"),
+        (["render", prompts, "--frames", -5], "--frames must be a positive"),
+        (["render", prompts, "--method", "nope"], "valid methods: full, rolling"),
+        (["render", prompts, "--method", "rolling", "--set", "windows=3"], "unknown setting 'windows'"),
+        (["render", prompts, "--method", "rolling", "--set", "window_frames=abc"], "expects an integer"),
+        (["render", prompts, "--method", "rolling", "--set", "window_frames"], "is not key=value"),
+        (["render", prompts, "--method", "rolling", "--set", "window_frames=2", "--out", tmp_path / "w"],
+         "smaller than a chunk"),
+        (["render", prompts, "--config", tmp_path / "none.yaml"], "not found"),
+        (["render", prompts, "--model", tmp_path / "no_such_model"], "--model .* not found"),
+        (["render", prompts, "--model", not_a_model], "no model_index.json"),
+        (["render", prompts, "--checkpoint", tmp_path / "x.pt"], "--checkpoint needs a real --model"),
+        (["render", prompts, "--out", tmp_path / "file_out"], "is a file"),
+        (["render", prompts, "--out", existing], "already exists; pass --overwrite"),
+        (["render", prompts, "--height", 40, "--out", tmp_path / "h"], "--height must be a positive multiple"),
+        (["render", prompts, "--device", "quantum"], "is not a device"),
+    ]
+
+
+def test_every_bad_input_gets_one_line_and_exit_2(tmp_path, prompts, capsys):
+    for argv, message in _bad_inputs(tmp_path, prompts):
+        code, out, err = run(argv, capsys)
+        assert code == 2, (argv, err)
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("genkv: error:"), (argv, err)
+        import re
+
+        assert re.search(message, lines[0]), (argv, lines[0])
+        assert "Traceback" not in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message when no CUDA device exists")
+def test_cuda_without_cuda(prompts, capsys):
+    code, _, err = run(["render", prompts, "--device", "cuda"], capsys)
+    assert code == 2 and "no CUDA device is visible; use --device cpu" in err
+
+
+def test_unwritable_output_folder(tmp_path, prompts, capsys):
+    if os.geteuid() == 0:
+        # root writes anywhere: make the output folder's parent a file instead of changing permissions.
+        blocker = tmp_path / "blocker"
+        blocker.write_text("")
+        target = blocker / "videos"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        target = locked / "videos"
+    code, _, err = run(["render", prompts, "--out", target], capsys)
+    assert code == 2 and "cannot write to --out" in err
+
+
+def test_wrong_format_checkpoint(tmp_path, prompts, capsys):
+    from genkv.testing import tiny_self_forcing_pipeline
+
+    folder = tmp_path / "model"
+    tiny_self_forcing_pipeline().save_pretrained(folder)
+    bad = tmp_path / "model.pt"
+    bad.write_text("this is not a checkpoint")
+    code, _, err = run(["render", prompts, "--model", folder, "--checkpoint", bad, "--out", tmp_path / "o"], capsys)
+    last = err.strip().splitlines()[-1]  # model-loading progress bars may come first
+    assert code == 2 and "is not a PyTorch checkpoint" in last and last.startswith("genkv: error:")
+    assert "Traceback" not in err
+
+
+def test_saved_model_folder_renders(tmp_path, prompts, capsys):
+    from genkv.testing import tiny_self_forcing_pipeline
+
+    folder = tmp_path / "model"
+    tiny_self_forcing_pipeline().save_pretrained(folder)
+    code, _, err = run(["render", prompts, "--model", folder, "--frames", 13, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert count_frames(tmp_path / "o" / "001-a-blue-square-falling.mp4") == 13
+
+
+def test_an_error_mid_render_keeps_every_frame_produced(tmp_path, prompts, capsys, monkeypatch):
+    from genkv.pipelines import SelfForcingPipeline
+
+    original = SelfForcingPipeline.rollout
+
+    def failing_rollout(self, *args, **kwargs):
+        for i, chunk in enumerate(original(self, *args, **kwargs)):
+            if i == 4:
+                raise RuntimeError("CUDA out of memory (simulated)")
+            yield chunk
+
+    monkeypatch.setattr(SelfForcingPipeline, "rollout", failing_rollout)
+    out = tmp_path / "o"
+    code, _, err = run(["render", prompts, "--frames", 200, "--out", out], capsys)
+    assert code == 1
+    assert "CUDA out of memory (simulated)" in err and "kept 45 frames" in err and "Traceback" not in err
+    video = out / "000-a-red-circle-bouncing.mp4"
+    frames = read_frames(video)
+    assert frames.shape == (45, 64, 64, 3)  # 9 + 3 x 12 frames from the 4 chunks done
+
+
+def test_ctrl_c_leaves_a_playable_partial_video(tmp_path, prompts):
+    out = tmp_path / "o"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "genkv.cli.main", "render", str(prompts), "--frames", "4000", "--out", str(out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+    )
+    video = out / "000-a-red-circle-bouncing.mp4"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not video.exists() or video.stat().st_size < 20_000):
+        time.sleep(0.2)
+    assert video.exists(), proc.communicate(timeout=30)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    summary = json.loads((out / "000-a-red-circle-bouncing.json").read_text())
+    assert summary["interrupted"] and 0 < summary["frames"] < 4000
+    assert count_frames(video) == summary["frames"]
+    assert not (out / "001-a-blue-square-falling.mp4").exists()  # the render stops at the interruption
+
+
+def test_methods_command_lists_methods_and_presets(capsys):
+    code, out, _ = run(["methods"], capsys)
+    assert code == 0 and "rolling" in out and "longlive" in out and "window_frames=9" in out
