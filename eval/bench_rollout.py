@@ -92,7 +92,10 @@ def flatness(chunk_seconds: list[float]) -> float | None:
     return statistics.median(chunk_seconds[-20:]) / statistics.median(chunk_seconds[20:40])
 
 
-def run_method(pipe, embeds, spec: str, frames: int, device, write_mp4: bool, compile_blocks: bool) -> dict:
+def run_method(
+    pipe, embeds, spec: str, frames: int, device, write_mp4: bool, compile_blocks: bool, profile: bool = False,
+    overlap: bool | None = None,
+) -> dict:
     import genkv
     from genkv.video import Mp4Writer
 
@@ -104,17 +107,26 @@ def run_method(pipe, embeds, spec: str, frames: int, device, write_mp4: bool, co
         compile_transformer(pipe.transformer)
     chunk_frames = 4 * pipe.config.num_frames_per_chunk
     rows: list[dict] = []
-    result: dict = {"spec": spec, "method": method.to_dict(), "compile": compile_blocks, "frames_requested": frames}
+    result: dict = {"spec": spec, "method": method.to_dict(), "compile": compile_blocks, "frames_requested": frames,
+                    "overlap_decode": overlap if overlap is not None else (device.type == "cuda" and not profile)}
     tmp = tempfile.TemporaryDirectory()
     writer = Mp4Writer(Path(tmp.name) / "bench.mp4", fps=16) if write_mp4 else None
     generator = torch.Generator(device=device).manual_seed(0)
     cuda = device.type == "cuda"
     done = 0
+    phases: list[dict] = []
     start = last = time.perf_counter()
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        for video in pipe.stream(prompt_embeds=embeds, num_frames=frames, generator=generator):
+        for video in pipe.stream(
+            prompt_embeds=embeds,
+            num_frames=frames,
+            generator=generator,
+            profile=profile,
+            on_chunk=phases.append,
+            overlap_decode=overlap,
+        ):
             if writer is not None:
                 writer.append(video)
             now = time.perf_counter()  # stream() returned host frames, so the GPU work of the chunk is done
@@ -128,6 +140,7 @@ def run_method(pipe, embeds, spec: str, frames: int, device, write_mp4: bool, co
                     "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
                     "kv_bytes": stats["bytes"],
                     "kv_tokens": stats["tokens"],
+                    **{k: v for k, v in phases[-1].items() if k.endswith("_ms")},
                 }
             )
             if cuda:
@@ -156,6 +169,9 @@ def run_method(pipe, embeds, spec: str, frames: int, device, write_mp4: bool, co
         if rows and cuda
         else None,
         kv_bytes_final=rows[-1]["kv_bytes"] if rows else None,
+        profile_median_ms={
+            k: statistics.median(r[k] for r in steady) for k in (steady[0] if steady else {}) if k.endswith("_ms")
+        },
         chunks=rows,
     )
     genkv.remove_genkv(pipe)
@@ -208,6 +224,9 @@ def print_table(results: dict) -> None:
             f"{(peak or 0) / 2**30:8.2f} {(run['kv_bytes_final'] or 0) / 2**30:7.2f}"
             + (f"  OOM at frame {run['oom_at_frame']}" if "oom_at_frame" in run else "")
         )
+        if run.get("profile_median_ms"):
+            split = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in run["profile_median_ms"].items())
+            print(f"    median ms per chunk: {split}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -221,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also run each method with compiled blocks")
     parser.add_argument("--compile-only", action="store_true", help="only the compiled runs")
     parser.add_argument("--no-mp4", action="store_true", help="skip mp4 encoding")
+    parser.add_argument("--profile", action="store_true", help="time each chunk's phases (one sync per chunk)")
+    parser.add_argument("--no-overlap", action="store_true", help="decode on the main stream (no overlap)")
+    parser.add_argument("--vae-channels-last", action="store_true", help="channels-last 3-D VAE convolutions")
     parser.add_argument("--out", type=Path, default=Path("bench_rollout.json"))
     parser.add_argument("--plot-only", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -240,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe, embeds = build_pipeline(args.model, device, dtype)
     if args.attention_backend:
         pipe.transformer.set_attention_backend(args.attention_backend)
+    pipe.decode_channels_last = args.vae_channels_last
 
     import diffusers
 
@@ -251,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         "width": pipe.config.default_width,
         "dtype": str(dtype),
         "attention_backend": args.attention_backend or "default",
+        "vae_channels_last": args.vae_channels_last,
         "environment": {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,
@@ -262,7 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = [True] if args.compile_only else ([False, True] if args.compile else [False])
     for spec in args.methods:
         for compiled in variants:
-            run = run_method(pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled)
+            run = run_method(
+                pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled, args.profile,
+                False if args.no_overlap else None,
+            )
             results["runs"].append(run)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1))

@@ -33,6 +33,18 @@ if TYPE_CHECKING:  # pragma: no cover
     from .rope import FrameOffsetRotaryPosEmbed
 
 
+def to_device_index(index: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Host index array → device tensor without stalling the host (pinned, non-blocking copy).
+
+    A copy from pageable memory would wait for all queued GPU work, so the host could not run ahead of the GPU
+    (and launch the next chunk, or overlap the VAE decode) while a keeper plans evictions.
+    """
+    tensor = torch.from_numpy(np.ascontiguousarray(index, dtype=np.int64))
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 @dataclass
 class ChunkInfo:
     """Where the chunk being generated sits in the video."""
@@ -69,24 +81,27 @@ class LayerKVCache:
         return 0 if self.k is None else self.k.shape[1]
 
     def _allocate(self, like: torch.Tensor, capacity: int) -> None:
+        """Move to buffers of ``capacity`` tokens; atomic (an out-of-memory error leaves the cache as it was)."""
         b, _, h, d = like.shape
-        old = (self.k, self.v, self.key_bias, self.frame_index, self.token_pos)
-        self.k = like.new_empty(b, capacity, h, d)
-        self.v = like.new_empty(b, capacity, h, d)
-        self.frame_index = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
-        self.token_pos = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
-        self.key_bias = None
         n = self.length
+        k = like.new_empty(b, capacity, h, d)
+        v = like.new_empty(b, capacity, h, d)
+        frame_index = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
+        token_pos = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
+        key_bias = None
+        if self.key_bias is not None:
+            key_bias = torch.zeros(b, capacity, h, dtype=torch.float32, device=like.device)
+        if self.k is not None and n:
+            k[:, :n] = self.k[:, :n]
+            v[:, :n] = self.v[:, :n]
+            frame_index[:n] = self.frame_index[:n]
+            token_pos[:n] = self.token_pos[:n]
+            if key_bias is not None:
+                key_bias[:, :n] = self.key_bias[:, :n]
         frame_host = np.full(capacity, -1, dtype=np.int64)
         frame_host[:n] = self.frame_host[:n]
-        self.frame_host = frame_host
-        if old[0] is not None and n:
-            self.k[:, :n] = old[0][:, :n]
-            self.v[:, :n] = old[1][:, :n]
-            self.frame_index[:n] = old[3][:n]
-            self.token_pos[:n] = old[4][:n]
-            if old[2] is not None:
-                self.enable_bias()[:, :n] = old[2][:, :n]
+        self.k, self.v, self.key_bias = k, v, key_bias
+        self.frame_index, self.token_pos, self.frame_host = frame_index, token_pos, frame_host
 
     def _reserve(self, like: torch.Tensor, needed: int) -> None:
         if self.k is not None and (self.k.shape[0] != like.shape[0] or self.k.shape[2:] != like.shape[2:]):
@@ -98,10 +113,15 @@ class LayerKVCache:
             return
         if self.max_tokens is not None:
             # A bounded keeper: one allocation for the whole rollout (fixed shapes, CUDA-graph friendly).
-            capacity = max(needed, self.max_tokens + like.shape[1])
-        else:
-            capacity = max(needed, int(self.capacity * 1.5) + like.shape[1])
-        self._allocate(like, capacity)
+            self._allocate(like, max(needed, self.max_tokens + like.shape[1]))
+            return
+        # Unbounded: grow by 1.5x (amortised copies); when memory is too tight for that, fit exactly.
+        try:
+            self._allocate(like, max(needed, int(self.capacity * 1.5) + like.shape[1]))
+        except torch.OutOfMemoryError:
+            if like.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self._allocate(like, needed)
 
     def enable_bias(self) -> torch.Tensor:
         """Allocate the per-key bias (zeros) on first use and return it."""
@@ -150,8 +170,7 @@ class LayerKVCache:
         if len(src) == 0:
             return
         self.frame_host[dst] = self.frame_host[src]
-        src = torch.as_tensor(src, device=self.k.device)
-        dst = torch.as_tensor(dst, device=self.k.device)
+        src, dst = to_device_index(src, self.k.device), to_device_index(dst, self.k.device)
         self.k.index_copy_(1, dst, self.k.index_select(1, src))
         self.v.index_copy_(1, dst, self.v.index_select(1, src))
         self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
@@ -262,7 +281,7 @@ class KVCacheStore:
                 if movable is None:
                     self.rope.shift_key_positions(k, -delta)
                 else:
-                    movable = torch.as_tensor(movable, device=k.device)
+                    movable = to_device_index(movable, k.device)
                     sub = k.index_select(1, movable)
                     self.rope.shift_key_positions(sub, -delta)
                     k.index_copy_(1, movable, sub)

@@ -33,6 +33,7 @@ class RenderOptions:
     dtype: str = "auto"
     guidance_scale: float = 1.0
     overwrite: bool = False
+    compile: bool = False
 
 
 # -- validation (cheap, before any model is loaded) -----------------------------------------------------
@@ -218,6 +219,8 @@ def run_render(options: RenderOptions) -> int:
     except ValueError as err:
         raise CLIError(str(err).replace("height", "--height").replace("width", "--width")) from None
     genkv.apply_genkv(pipe, method)
+    if options.compile:
+        pipe.enable_compile()
     if options.model == "tiny-random":
         console.print("[yellow]note:[/] --model tiny-random has random, untrained weights: the videos are noise.")
 

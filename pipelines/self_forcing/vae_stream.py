@@ -27,8 +27,14 @@ class StreamingVAEDecoder:
         [9, 12]
     """
 
-    def __init__(self, vae: AutoencoderKLWan) -> None:
+    def __init__(self, vae: AutoencoderKLWan, channels_last: bool = False) -> None:
         self.vae = vae
+        self.channels_last = channels_last
+        if channels_last:
+            # cuDNN's tensor-core 3-D convolutions want channels-last (NDHWC) activations and weights.
+            for module in vae.decoder.modules():
+                if isinstance(module, torch.nn.Conv3d):
+                    module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
         self.reset()
 
     def reset(self) -> None:
@@ -52,6 +58,8 @@ class StreamingVAEDecoder:
         vae = self.vae
         z = self.denormalize(latents) if normalized else latents
         z = z.to(vae.dtype)
+        if self.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last_3d)
         x = vae.post_quant_conv(z)
         outputs = []
         for i in range(x.shape[2]):
