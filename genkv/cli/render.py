@@ -177,6 +177,21 @@ def _human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
+def process_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) under ``accelerate launch`` / ``torchrun`` / MPI; (0, 1, 0) otherwise."""
+    try:
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.num_processes > 1:
+            return state.process_index, state.num_processes, state.local_process_index
+    except (ImportError, RuntimeError, ValueError):
+        pass
+    # accelerate reports a single process for CPU runs started by torchrun; the launcher's variables still hold.
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
 # -- the render -----------------------------------------------------------------------------------------
 def run_render(options: RenderOptions) -> int:
     """Validate, load, render; returns the process exit code."""
@@ -198,17 +213,19 @@ def run_render(options: RenderOptions) -> int:
 
     console = Console(stderr=True)
     jobs = list(enumerate(zip(prompts, names)))
+    rank, world, local_rank = process_rank()
     rank_label = ""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_DYNAMO_BACKEND") is not None:
-        from accelerate import PartialState
-
-        state = PartialState()
-        if state.num_processes > 1:
-            rank_label = f"[rank {state.process_index}] "
-            if options.device == "auto":
-                device = state.device
-            with state.split_between_processes(jobs) as mine:
-                jobs = list(mine)
+    if world > 1:
+        # Each process takes a contiguous share of the prompts; names carry the global index, so no two
+        # processes ever write the same file.
+        per, extra = divmod(len(jobs), world)
+        first = rank * per + min(rank, extra)
+        jobs = jobs[first : first + per + (1 if rank < extra else 0)]
+        rank_label = f"rank {rank}: "
+        if options.device == "auto" and device.type == "cuda":
+            device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        if not jobs:
+            return 0
 
     pipe = load_pipeline(options, device, dtype)
     height = options.height or pipe.config.default_height

@@ -190,3 +190,19 @@ def test_ctrl_c_leaves_a_playable_partial_video(tmp_path, prompts):
 def test_methods_command_lists_methods_and_presets(capsys):
     code, out, _ = run(["methods"], capsys)
     assert code == 0 and "rolling" in out and "longlive" in out and "window_frames=9" in out
+
+
+def test_multi_process_launch_splits_prompts_without_collisions(tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(f"prompt number {i}" for i in range(3)))
+    out = tmp_path / "o"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "genkv.cli.main", "render",
+         str(prompts), "--frames", "9", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summaries = [json.loads(p.read_text()) for p in sorted(out.glob("*.json"))]
+    assert [s["prompt"] for s in summaries] == [f"prompt number {i}" for i in range(3)]
+    assert proc.stderr.count("rank 0:") >= 2 and proc.stderr.count("rank 1:") >= 1  # 2 prompts + 1 prompt
+    assert all(count_frames(Path(s["video"])) == 9 for s in summaries)
