@@ -7,6 +7,7 @@ Layout (one :class:`LayerKVCache` per attention layer and CFG branch)::
                                       log(count) for merged keys, -inf for an empty slot
     frame_index (capacity,)           latent frame each token came from (absolute, never re-based)
     token_pos   (capacity,)           spatial index of the token inside its frame (h * W + w)
+    token_count (capacity,)           original tokens a slot stands for (1; more once a keeper merges)
 
 Tokens ``[0, length)`` are committed history. Each forward of the current chunk *stages* its K/V at
 ``[length, length + n)`` (overwriting the previous step's, as upstream Self-Forcing does) and attention reads
@@ -53,6 +54,7 @@ class ChunkInfo:
     num_frames: int
     tokens_per_frame: int
     position: int  # temporal RoPE position of the first frame (frame_start minus any re-basing)
+    grid: tuple[int, int] | None = None  # (rows, cols) of tokens in a frame, when known
 
     @property
     def num_tokens(self) -> int:
@@ -69,6 +71,8 @@ class LayerKVCache:
         self.key_bias: torch.Tensor | None = None
         self.frame_index: torch.Tensor | None = None
         self.token_pos: torch.Tensor | None = None
+        self.token_count: torch.Tensor | None = None
+        self.info: dict[str, float] = {}  # keeper-reported statistics (merged groups, ...)
         # Host mirror of frame_index: keepers plan evictions on the host without a device sync.
         self.frame_host = np.empty(0, dtype=np.int64)
         self.length = 0  # committed tokens
@@ -88,6 +92,7 @@ class LayerKVCache:
         v = like.new_empty(b, capacity, h, d)
         frame_index = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
         token_pos = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
+        token_count = torch.ones(capacity, dtype=torch.float32, device=like.device)
         key_bias = None
         if self.key_bias is not None:
             key_bias = torch.zeros(b, capacity, h, dtype=torch.float32, device=like.device)
@@ -96,12 +101,14 @@ class LayerKVCache:
             v[:, :n] = self.v[:, :n]
             frame_index[:n] = self.frame_index[:n]
             token_pos[:n] = self.token_pos[:n]
+            token_count[:n] = self.token_count[:n]
             if key_bias is not None:
                 key_bias[:, :n] = self.key_bias[:, :n]
         frame_host = np.full(capacity, -1, dtype=np.int64)
         frame_host[:n] = self.frame_host[:n]
         self.k, self.v, self.key_bias = k, v, key_bias
         self.frame_index, self.token_pos, self.frame_host = frame_index, token_pos, frame_host
+        self.token_count = token_count
 
     def _reserve(self, like: torch.Tensor, needed: int) -> None:
         if self.k is not None and (self.k.shape[0] != like.shape[0] or self.k.shape[2:] != like.shape[2:]):
@@ -162,6 +169,7 @@ class LayerKVCache:
         sl = slice(self.length, self.length + self.staged)
         self.frame_index[sl] = chunk.frame_start + torch.div(idx, chunk.tokens_per_frame, rounding_mode="floor")
         self.token_pos[sl] = idx % chunk.tokens_per_frame
+        self.token_count[sl] = 1.0
         self.frame_host[sl] = chunk.frame_start + np.arange(self.staged) // chunk.tokens_per_frame
 
     def move_tokens(self, src: np.ndarray, dst: np.ndarray) -> None:
@@ -175,13 +183,14 @@ class LayerKVCache:
         self.v.index_copy_(1, dst, self.v.index_select(1, src))
         self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
         self.token_pos.index_copy_(0, dst, self.token_pos.index_select(0, src))
+        self.token_count.index_copy_(0, dst, self.token_count.index_select(0, src))
         if self.key_bias is not None:
             self.key_bias.index_copy_(1, dst, self.key_bias.index_select(1, src))
 
     # -- accounting ----------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by this layer's buffers (allocated capacity, not just the used part)."""
-        tensors = (self.k, self.v, self.key_bias, self.frame_index, self.token_pos)
+        tensors = (self.k, self.v, self.key_bias, self.frame_index, self.token_pos, self.token_count)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def used_bytes(self) -> int:
@@ -221,6 +230,9 @@ class KVCacheStore:
         self.chunk: ChunkInfo | None = None
         self.position_shift = 0  # frames subtracted from absolute frame indices to get RoPE positions
         self.frames_committed = 0
+        self.step_index = 0  # denoising step of the current chunk (set by the pipeline; readers may use it)
+        # Real (non-padding) prompt tokens per batch element, per CFG branch (Wan zero-pads prompts to 512).
+        self.prompt_lengths: dict[str, torch.Tensor] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -243,16 +255,19 @@ class KVCacheStore:
         self.active = False
         self._set_rope_offset(0)
 
-    def new_prompt(self) -> None:
-        """Invalidate the per-prompt cross-attention K/V."""
+    def new_prompt(self, prompt_lengths: dict[str, torch.Tensor] | None = None) -> None:
+        """Invalidate the per-prompt cross-attention K/V; record how many prompt tokens are real per branch."""
         self.cross.clear()
         self.prompt_version += 1
+        self.prompt_lengths = dict(prompt_lengths or {})
 
     def _set_rope_offset(self, position: int) -> None:
         if self.rope is not None:
             self.rope.frame_offset = position
 
-    def begin_chunk(self, frame_start: int, num_frames: int, tokens_per_frame: int) -> ChunkInfo:
+    def begin_chunk(
+        self, frame_start: int, num_frames: int, tokens_per_frame: int, grid: tuple[int, int] | None = None
+    ) -> ChunkInfo:
         """Announce the next chunk: validates it against the keeper and sets the chunk's RoPE position."""
         if not self.active:
             self.reset()
@@ -264,7 +279,8 @@ class KVCacheStore:
             if delta:
                 self._shift_positions(delta)
                 position = frame_start - self.position_shift
-        self.chunk = ChunkInfo(frame_start, num_frames, tokens_per_frame, position)
+        self.chunk = ChunkInfo(frame_start, num_frames, tokens_per_frame, position, grid)
+        self.step_index = 0
         self._set_rope_offset(position)
         return self.chunk
 
@@ -352,6 +368,7 @@ class KVCacheStore:
                     "capacity": cache.capacity,
                     "bytes": cache.nbytes(),
                     "used_bytes": cache.used_bytes(),
+                    **cache.info,
                 }
                 per_layer.append(row)
                 total_bytes += row["bytes"]

@@ -3,5 +3,6 @@
 from .base import GenKVMethod
 from .full import Full
 from .rolling import Rolling
+from .tempcache import TempCache
 
-__all__ = ["GenKVMethod", "Full", "Rolling"]
+__all__ = ["GenKVMethod", "Full", "Rolling", "TempCache"]

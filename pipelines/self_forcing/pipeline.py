@@ -30,6 +30,11 @@ class SelfForcingPipelineOutput(BaseOutput):
     frames: Any
 
 
+def prompt_lengths(embeds: torch.Tensor) -> torch.Tensor:
+    """Real tokens per prompt: Wan zero-pads prompt embeddings to the model's text length."""
+    return (embeds.abs().amax(dim=-1) > 0).sum(dim=-1)
+
+
 def _clean_prompt(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
@@ -245,12 +250,17 @@ class SelfForcingPipeline(DiffusionPipeline):
         timesteps = [float(x) for x in sched.timesteps]
         use_cfg = guidance_scale > 1.0 and negative_embeds is not None
 
+        grid = (lat_h // cfg.patch_size[1], lat_w // cfg.patch_size[2])
         store.reset()
+        lengths = {"cond": prompt_lengths(embeds)}
+        if use_cfg:
+            lengths["uncond"] = prompt_lengths(negative_embeds)
+        store.new_prompt(lengths)
         try:
             for start in range(0, num_latent_frames, chunk):
                 timer = timer_factory() if timer_factory is not None else None
                 frames = min(chunk, num_latent_frames - start)
-                store.begin_chunk(start, frames, tokens_per_frame)
+                store.begin_chunk(start, frames, tokens_per_frame, grid)
                 shape = (batch, cfg.in_channels, frames, lat_h, lat_w)
                 if latents is not None:
                     x = latents[:, :, start : start + frames].to(device=device, dtype=torch.float32)
@@ -258,6 +268,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 x0 = x
                 for k, (t, sigma) in enumerate(zip(timesteps, sigmas)):
+                    store.step_index = k
                     flow = self._flow(x, t, embeds, negative_embeds if use_cfg else None, guidance_scale)
                     x0 = sched.predict_x0(x, flow, sigma)
                     if k + 1 < len(timesteps):
@@ -266,6 +277,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                 if timer is not None:
                     timer.mark("denoise")
                 # The clean pass: its only product is the chunk's clean K/V, which the keeper commits.
+                store.step_index = len(timesteps)
                 with store.committing():
                     self._flow(x0, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale)
                 store.commit()

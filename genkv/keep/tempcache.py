@@ -1,0 +1,213 @@
+"""TempCache: merge near-duplicate keys along time, keep a hard token budget.
+
+For softmax attention, keys that are *identical* can be represented by one key whose logit gets ``+log(count)``
+and whose value is the mean of the group's values: ``sum_i exp(q.k) v_i = count * exp(q.k) * mean(v)``. So
+merging exact duplicates changes nothing, and merging near-duplicates (cosine similarity >= ``threshold``)
+approximates that.
+
+At each commit, frame by frame, every new token looks for its temporal correspondent among the previous
+frame's tokens (same spatial position and a ``radius`` neighbourhood, which lets a group follow slow motion).
+A match joins that group: the group takes the newest key (and its frame and position, so the next frame can
+match it again), the count-weighted mean value and count + 1; the new token's slot is freed. Matching is
+decided jointly over heads and batch (the minimum similarity must pass), so every slot means the same thing in
+every head and the buffer stays a plain ``(B, S, H, D)`` tensor.
+
+Budget: after merging, if a layer holds more than ``max_tokens``, the least recently seen slots go first
+(oldest ``frame_index``: a group refreshed by a match counts as recent), unmerged before merged among equals;
+sink frames are never merged or evicted.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from .base import CacheKeeper
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..cache import ChunkInfo, KVCacheStore, LayerKVCache
+
+_DEAD = -2  # frame_index of a slot freed by a merge (until compaction reuses it)
+
+
+def _neighbourhood(grid: tuple[int, int], radius: int, device: torch.device) -> torch.Tensor:
+    """(T, K) positions around each position of a (rows, cols) grid, clamped at the borders (K = (2r+1)^2)."""
+    rows, cols = grid
+    r = torch.arange(rows, device=device).view(-1, 1, 1)
+    c = torch.arange(cols, device=device).view(1, -1, 1)
+    offsets = torch.arange(-radius, radius + 1, device=device)
+    dr = offsets.repeat_interleave(len(offsets)).view(1, 1, -1)
+    dc = offsets.repeat(len(offsets)).view(1, 1, -1)
+    rr = (r + dr).clamp(0, rows - 1)
+    cc = (c + dc).clamp(0, cols - 1)
+    return (rr * cols + cc).reshape(rows * cols, -1)
+
+
+class TemporalMerge(CacheKeeper):
+    """The TempCache keeper (see the module docstring)."""
+
+    method_name = "tempcache"
+
+    def __init__(
+        self, threshold: float, radius: int, sink_frames: int, budget_frames: int, max_tokens: int | None
+    ) -> None:
+        self.threshold = threshold
+        self.radius = radius
+        self.sink_frames = sink_frames
+        self.budget_frames = budget_frames
+        self.max_tokens = max_tokens
+        self._neighbours: dict[tuple, torch.Tensor] = {}
+
+    def budget(self, chunk: "ChunkInfo") -> int:
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return self.budget_frames * chunk.tokens_per_frame
+
+    def max_history_tokens(self, chunk: "ChunkInfo") -> int:
+        return self.budget(chunk)
+
+    def check_chunk(self, num_frames: int) -> None:
+        pass
+
+    # -- merging -------------------------------------------------------------------------------------------
+    def _candidates(self, chunk: "ChunkInfo", device: torch.device) -> torch.Tensor:
+        grid = chunk.grid or (1, chunk.tokens_per_frame)
+        if grid[0] * grid[1] != chunk.tokens_per_frame:
+            grid = (1, chunk.tokens_per_frame)
+        key = (grid, self.radius, str(device))
+        if key not in self._neighbours:
+            self._neighbours[key] = _neighbourhood(grid, self.radius, device)
+        return self._neighbours[key]
+
+    @torch.no_grad()
+    def _merge_frame(self, cache: "LayerKVCache", frame: int, first_slot: int, chunk: "ChunkInfo") -> torch.Tensor:
+        """Merge the staged tokens of ``frame`` (slots ``first_slot + [0, T)``); returns their merged mask (T,)."""
+        tpf = chunk.tokens_per_frame
+        device = cache.k.device
+        end = cache.length + cache.staged
+        new_slots = torch.arange(first_slot, first_slot + tpf, device=device)
+        # Slot of each spatial position of the previous frame (-1 where it is gone); no host sync.
+        live = cache.frame_index[:end] == frame - 1
+        table = torch.full((tpf + 1,), -1, dtype=torch.int64, device=device)
+        table.scatter_(0, torch.where(live, cache.token_pos[:end], tpf), torch.arange(end, device=device))
+        table[tpf] = -1
+        cand = table[self._candidates(chunk, device)]  # (T, K)
+        valid = cand >= 0
+        safe = cand.clamp(min=0)
+
+        k_new = cache.k[:, new_slots].float()  # (B, T, H, D)
+        k_old = cache.k[:, safe.flatten()].float().unflatten(1, safe.shape)  # (B, T, K, H, D)
+        exact = (k_old == k_new.unsqueeze(2)).all(dim=-1)
+        cos = torch.nn.functional.cosine_similarity(k_old, k_new.unsqueeze(2), dim=-1, eps=1e-12)
+        cos = torch.where(exact, torch.ones_like(cos), cos)
+        score = cos.amin(dim=-1).amin(dim=0)  # (T, K): every head of every video must agree
+        score = torch.where(valid, score, torch.full_like(score, -float("inf")))
+        best, arg = score.max(dim=-1)
+        target = safe.gather(1, arg[:, None]).squeeze(1)
+        match = best >= self.threshold
+
+        if self.radius > 0:  # two tokens may pick one group: the better match wins (ties: lower position)
+            cap = cache.capacity
+            where_t = torch.where(match, target, cap)
+            top = torch.full((cap + 1,), -float("inf"), device=device).scatter_reduce(
+                0, where_t, torch.where(match, best, -float("inf")), "amax"
+            )
+            match = match & (best == top[target])
+            ids = torch.arange(tpf, device=device)
+            first = torch.full((cap + 1,), tpf, device=device, dtype=torch.int64).scatter_reduce(
+                0, torch.where(match, target, cap), torch.where(match, ids, tpf), "amin"
+            )
+            match = match & (ids == first[target])
+
+        # Update the groups in place. Unmatched tokens "update" their own slot with its own values, so every
+        # index below is unique and the writes need no host-side selection.
+        dest = torch.where(match, target, new_slots)
+        c_old = cache.token_count[dest]
+        c_new = torch.where(match, c_old + 1, c_old)
+        v_dest = cache.v[:, dest].float()
+        v_src = cache.v[:, new_slots].float()
+        w_old = (c_old / c_new).view(1, -1, 1, 1)
+        mean_v = torch.where(match.view(1, -1, 1, 1), v_dest * w_old + v_src * (1 - w_old), v_dest)
+        cache.v.index_copy_(1, dest, mean_v.to(cache.v.dtype))
+        cache.k.index_copy_(1, dest, cache.k[:, new_slots])
+        cache.token_count.index_copy_(0, dest, c_new)
+        cache.frame_index.index_copy_(0, dest, torch.full_like(dest, frame))
+        cache.token_pos.index_copy_(0, dest, cache.token_pos[new_slots])
+        bias = cache.enable_bias()
+        bias.index_copy_(1, dest, c_new.log().view(1, -1, 1).expand(bias.shape[0], -1, bias.shape[2]))
+        # The merged tokens' own slots are free now.
+        cache.frame_index[new_slots] = torch.where(match, _DEAD, cache.frame_index[new_slots])
+        return match
+
+    @torch.no_grad()
+    def commit(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
+        tpf = chunk.tokens_per_frame
+        cache.enable_bias()
+        merged = []
+        for j in range(chunk.num_frames):
+            frame = chunk.frame_start + j
+            if frame - 1 < self.sink_frames or self.threshold > 1.0:
+                continue  # nothing to merge into (sink frames stay as they are)
+            merged.append(self._merge_frame(cache, frame, cache.length + j * tpf, chunk))
+        end = cache.length + cache.staged
+        # One host sync per layer: which staged slots survived, to compact them after the history.
+        alive = (cache.frame_index[cache.length : end] != _DEAD).cpu().numpy()
+        keep = cache.length + np.flatnonzero(alive)
+        dest = np.arange(cache.length, cache.length + len(keep))
+        moving = keep != dest
+        cache.move_tokens(keep[moving], dest[moving])
+        cache.length += len(keep)
+        self._enforce_budget(cache, chunk)
+        cache.info["merged_groups"] = int((cache.token_count[: cache.length] > 1).sum())  # synced already
+        cache.info["tokens_represented"] = int(cache.token_count[: cache.length].sum())
+
+    def _enforce_budget(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
+        budget = self.budget(chunk)
+        excess = cache.length - budget
+        if excess <= 0:
+            return
+        n = cache.length
+        frames = cache.frame_index[:n]
+        sink = frames < self.sink_frames
+        if int(sink.sum()) > budget:
+            raise ValueError(
+                f"tempcache: the budget ({budget} tokens) cannot hold the {self.sink_frames} sink frames; "
+                "raise budget_frames / max_tokens or lower sink_frames"
+            )
+        # Oldest last-seen first; among equals, unmerged (count 1) before merged; sinks never.
+        order_key = frames.double() * 1e6 + cache.token_count[:n].double().clamp(max=1e6 - 1)
+        order_key = torch.where(sink, torch.full_like(order_key, float("inf")), order_key)
+        victims = torch.argsort(order_key, stable=True)[:excess]
+        evict = torch.zeros(n, dtype=torch.bool, device=frames.device)
+        evict[victims] = True
+        evict_host = evict.cpu().numpy()
+        new_len = n - excess
+        holes = np.flatnonzero(evict_host[:new_len])
+        movers = new_len + np.flatnonzero(~evict_host[new_len:])
+        cache.move_tokens(movers, holes)
+        cache.length = new_len
+
+    # -- RoPE re-basing ------------------------------------------------------------------------------------
+    def rebase_limit(self, store: "KVCacheStore") -> int | None:
+        return self.rope_table_frames
+
+    def rebase_delta(self, store: "KVCacheStore", frame_start: int, num_frames: int) -> int:
+        oldest = None
+        for layers in store.caches.values():
+            for cache in layers:
+                if cache.length:
+                    frames = cache.frame_index[: cache.length]
+                    frames = frames[frames >= self.sink_frames]
+                    if frames.numel():
+                        value = int(frames.min())
+                        oldest = value if oldest is None else min(oldest, value)
+        if oldest is None:
+            oldest = frame_start
+        return max(0, oldest - self.sink_frames - store.position_shift)
+
+    def rebasable_tokens(self, cache: "LayerKVCache") -> np.ndarray:
+        frames = cache.frame_index[: cache.length].cpu().numpy()
+        return np.flatnonzero(frames >= self.sink_frames)
+

@@ -1,0 +1,48 @@
+"""``tempcache``: merge temporally duplicated keys (log-count bias), hard token budget; dense attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..keep.tempcache import TemporalMerge
+from ..registry import register_method
+from .base import GenKVMethod
+
+
+@register_method
+@dataclass
+class TempCache(GenKVMethod):
+    """TempCache (FAST-AR): keys that repeat across frames collapse into one key + ``log(count)`` bias.
+
+    Args:
+        threshold: cosine similarity (minimum over heads) at which a new key joins its previous-frame
+            correspondent; 1.0 merges exact duplicates only (exact attention), above 1 never merges.
+        radius: spatial neighbourhood (in tokens) searched in the previous frame; 0 = same position only.
+        sink_frames: first latent frames kept verbatim forever (never merged, never evicted).
+        budget_frames: token budget per layer, in frames' worth of tokens (21 = Self-Forcing's window).
+        max_tokens: token budget per layer in tokens; overrides ``budget_frames`` when set.
+
+    Example:
+        >>> import genkv
+        >>> genkv.get_method("tempcache", threshold=0.9, budget_frames=12).budget_frames
+        12
+    """
+
+    name: ClassVar[str] = "tempcache"
+    threshold: float = 0.95
+    radius: int = 1
+    sink_frames: int = 0
+    budget_frames: int = 21
+    max_tokens: int | None = None
+
+    def validate(self) -> None:
+        self.require_float("threshold", -1.0, 2.0)
+        self.require_int("radius", minimum=0, maximum=8)
+        self.require_int("sink_frames", minimum=0)
+        self.require_int("budget_frames", minimum=self.sink_frames + 1)
+        if self.max_tokens is not None:
+            self.require_int("max_tokens", minimum=1)
+
+    def build_keeper(self) -> TemporalMerge:
+        return TemporalMerge(self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens)

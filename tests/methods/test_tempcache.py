@@ -1,0 +1,144 @@
+"""TempCache: the exact-merge lemma, never-merge equals full, budgets over long rollouts."""
+
+import pytest
+import torch
+
+import genkv
+from genkv.cache import ChunkInfo, LayerKVCache
+from genkv.keep.tempcache import TemporalMerge
+from genkv.read.dense import DenseSelfAttention
+from genkv.testing import tiny_self_forcing_pipeline
+from genkv.pipelines import SelfForcingScheduler
+
+
+def _attend(q, k, v, bias=None):
+    """float64 reference: softmax(q k^T / sqrt(d) + bias) v."""
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / q.shape[-1] ** 0.5
+    if bias is not None:
+        logits = logits + bias.double().permute(0, 2, 1)[:, :, None, :]
+    return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.double())
+
+
+def _commit(keeper, cache, k, v, frame_start, frames, grid):
+    tpf = grid[0] * grid[1]
+    cache.stage(k, v)
+    chunk = ChunkInfo(frame_start, frames, tpf, frame_start, grid)
+    cache.label_staged(chunk)
+    cache.tokens_seen += cache.staged
+    keeper.commit(cache, chunk)
+    cache.staged = 0
+
+
+def test_merging_exact_duplicates_is_exact_attention():
+    """Frames that repeat keys (values differ) merge into groups; attention with log(count) is unchanged."""
+    g = torch.Generator().manual_seed(0)
+    grid, heads, dim = (3, 4), 2, 8
+    tpf = grid[0] * grid[1]
+    base_k = torch.randn(1, tpf, heads, dim, generator=g)
+    frames_k, frames_v = [], []
+    for f in range(6):
+        k = base_k.clone()
+        k[:, f % tpf] = torch.randn(heads, dim, generator=g)  # one token per frame changes
+        frames_k.append(k)
+        frames_v.append(torch.randn(1, tpf, heads, dim, generator=g))  # values all differ
+    keeper = TemporalMerge(threshold=1.0, radius=1, sink_frames=0, budget_frames=100, max_tokens=None)
+    cache = LayerKVCache(keeper.budget(ChunkInfo(0, 3, tpf, 0, grid)))
+    for c in range(2):
+        _commit(keeper, cache, torch.cat(frames_k[3 * c : 3 * c + 3], 1), torch.cat(frames_v[3 * c : 3 * c + 3], 1),
+                3 * c, 3, grid)
+    all_k, all_v = torch.cat(frames_k, 1), torch.cat(frames_v, 1)
+    assert cache.length < all_k.shape[1]  # merging happened
+    assert cache.token_count[: cache.length].sum() == all_k.shape[1]  # every token is represented once
+    q = torch.randn(1, 5, heads, dim, generator=g)
+    k, v, bias = cache.history()
+    want = _attend(q, all_k, all_v)
+    torch.testing.assert_close(_attend(q, k, v, bias), want, rtol=1e-6, atol=1e-6)
+    got = DenseSelfAttention().attend(q, k, v, bias).double()  # the reader genkv runs
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_near_duplicates_merge_only_above_threshold():
+    g = torch.Generator().manual_seed(1)
+    grid = (2, 2)
+    k0 = torch.randn(1, 4, 1, 8, generator=g)
+    k1 = k0 + 0.05 * torch.randn(1, 4, 1, 8, generator=g)
+    cos = torch.nn.functional.cosine_similarity(k0, k1, dim=-1).min().item()
+    for threshold, merges in ((cos - 1e-3, True), (min(cos + 1e-3, 1.0), False)):
+        keeper = TemporalMerge(threshold=threshold, radius=0, sink_frames=0, budget_frames=10, max_tokens=None)
+        cache = LayerKVCache(40)
+        _commit(keeper, cache, torch.cat([k0, k1], 1), torch.randn(1, 8, 1, 8), 0, 2, grid)
+        assert (cache.length == 4) == merges
+
+
+def _static_scene_pipeline():
+    """Tiny pipeline on a static scene with no temporal RoPE: every frame's keys repeat exactly."""
+    pipe = tiny_self_forcing_pipeline(seed=3)
+    rope = pipe.transformer.rope
+    rope.freqs_cos[:, : rope.t_dim] = 1.0
+    rope.freqs_sin[:, : rope.t_dim] = 0.0
+    pipe.scheduler = SelfForcingScheduler(denoising_step_list=(1000,))  # no fresh noise between steps
+    frame = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    return pipe, frame.repeat(1, 1, 15, 1, 1)
+
+
+def _rollout(pipe, latents):
+    embeds = pipe.encode_prompt("a red circle")
+    return torch.cat(list(pipe.rollout(embeds, latents.shape[2], 32, 32, latents=latents)), 2)
+
+
+def test_tempcache_of_exact_duplicates_equals_full_on_a_model():
+    pipe, latents = _static_scene_pipeline()
+    genkv.apply_genkv(pipe, "full")
+    full = _rollout(pipe, latents)
+    genkv.apply_genkv(pipe, "tempcache", threshold=1.0, budget_frames=50)
+    merged = _rollout(pipe, latents)
+    stats = genkv.cache_stats(pipe)
+    # The 3 identical frames of each chunk collapse into one; chunks differ from each other (their denoising
+    # saw different histories), so groups do not span chunks.
+    assert 3 * stats["tokens"] == stats["tokens_seen"]
+    assert all(row["merged_groups"] == row["tokens"] for row in stats["layers"])
+    torch.testing.assert_close(merged, full, rtol=1e-4, atol=1e-5)
+
+
+def test_threshold_above_one_never_merges_and_equals_full():
+    pipe = tiny_self_forcing_pipeline(seed=4)
+    embeds = pipe.encode_prompt("a blue square")
+    noise = torch.randn(1, 16, 12, 4, 4, generator=torch.Generator().manual_seed(2))
+
+    def run():
+        gen = torch.Generator().manual_seed(5)
+        return torch.cat(list(pipe.rollout(embeds, 12, 32, 32, latents=noise, generator=gen)), 2)
+
+    genkv.apply_genkv(pipe, "full")
+    full = run()
+    genkv.apply_genkv(pipe, "tempcache", threshold=1.5, budget_frames=100)
+    never = run()
+    stats = genkv.cache_stats(pipe)
+    assert stats["tokens"] == stats["tokens_seen"]
+    torch.testing.assert_close(never, full, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["tempcache"])
+def test_long_rollout_stays_under_budget(method):
+    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=5), method, threshold=0.5, budget_frames=9,
+                             sink_frames=1)
+    gen = torch.Generator().manual_seed(0)
+    embeds = pipe.encode_prompt("a square")
+    sizes = []
+    for _ in pipe.rollout(embeds, 600, 32, 32, generator=gen):  # 200 chunks
+        stats = genkv.cache_stats(pipe)
+        sizes.append(stats["bytes"])
+        assert all(row["tokens"] <= 9 * 4 for row in stats["layers"])
+    assert len(set(sizes[3:])) == 1  # allocated memory is fixed once the first chunk is in
+    assert stats["tokens_seen"] == 600 * 4 * 2
+    # the sink frame survives: its 4 tokens are still there
+    cache = genkv.get_store(pipe).caches["cond"][0]
+    assert int((cache.frame_index[: cache.length] == 0).sum()) == 4
+
+
+def test_validation_names_the_field():
+    for overrides, field in (({"threshold": 3}, "threshold"), ({"radius": -1}, "radius"),
+                             ({"budget_frames": 0}, "budget_frames"), ({"max_tokens": 0}, "max_tokens"),
+                             ({"sink_frames": 3, "budget_frames": 2}, "budget_frames")):
+        with pytest.raises(ValueError, match=field):
+            genkv.get_method("tempcache", **overrides)
