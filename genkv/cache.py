@@ -231,6 +231,7 @@ class KVCacheStore:
         self.position_shift = 0  # frames subtracted from absolute frame indices to get RoPE positions
         self.frames_committed = 0
         self.step_index = 0  # denoising step of the current chunk (set by the pipeline; readers may use it)
+        self.read_stats: dict[tuple, object] = {}  # readers' last attended density per layer (see stats())
         # Real (non-padding) prompt tokens per batch element, per CFG branch (Wan zero-pads prompts to 512).
         self.prompt_lengths: dict[str, torch.Tensor] = {}
 
@@ -238,6 +239,7 @@ class KVCacheStore:
     def reset(self) -> None:
         """Drop every cached token: the start of a new video."""
         self.caches.clear()
+        self.read_stats.clear()
         self.cross.clear()
         self.chunk = None
         self.position_shift = 0
@@ -375,6 +377,9 @@ class KVCacheStore:
                 total_tokens += row["tokens"]
                 total_seen += row["tokens_seen"]
         cross_bytes = sum(k.numel() * k.element_size() * 2 for _, k, _ in self.cross.values())
+        densities = {}
+        for (kind, _layer), value in self.read_stats.items():
+            densities.setdefault(kind, []).append(_density(value, self))
         return {
             "method": self.keeper.method_name,
             "frames_committed": self.frames_committed,
@@ -383,5 +388,14 @@ class KVCacheStore:
             "tokens_seen": total_seen,
             "bytes": total_bytes,
             "cross_bytes": cross_bytes,
+            # Fraction of the keys (self) / prompt rows (cross) the last call of each layer attended, averaged.
+            **{f"{kind}": sum(v) / len(v) for kind, v in densities.items()},
             "layers": per_layer,
         }
+
+
+def _density(value: object, store: "KVCacheStore") -> float:
+    if isinstance(value, tuple):  # (block counts (B, H, nQ), key blocks) of a block-sparse call
+        counts, n_blocks = value
+        return min(1.0, float(counts.float().mean()) / max(1, n_blocks))
+    return float(value)

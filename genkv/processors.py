@@ -96,6 +96,7 @@ class GenKVSelfAttnProcessor(_GenKVProcessorBase):
             backend=self._attention_backend,
             parallel_config=self._parallel_config,
             layer_index=self.layer_index,
+            store=self.store,
         )
 
 
@@ -131,7 +132,9 @@ class GenKVCrossAttnProcessor(_GenKVProcessorBase):
         self, attn: "WanAttention", query: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
         key, value = self._prompt_kv(attn, encoder_hidden_states)
-        return self.reader.attend(query, key, value, backend=self._attention_backend, layer_index=self.layer_index)
+        return self.reader.attend(
+            query, key, value, backend=self._attention_backend, layer_index=self.layer_index, store=self.store
+        )
 
     def _prompt_kv(self, attn: "WanAttention", encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The prompt's K/V, projected on the first call of a prompt and reused for every later chunk/step."""

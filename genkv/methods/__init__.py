@@ -4,5 +4,8 @@ from .base import GenKVMethod
 from .full import Full
 from .rolling import Rolling
 from .tempcache import TempCache
+from .annca import AnnCA
+from .annsa import AnnSA
+from .fastar import FastAR
 
-__all__ = ["GenKVMethod", "Full", "Rolling", "TempCache"]
+__all__ = ["GenKVMethod", "Full", "Rolling", "TempCache", "AnnCA", "AnnSA", "FastAR"]

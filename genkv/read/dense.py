@@ -26,6 +26,7 @@ class DenseSelfAttention:
         backend: Any = None,
         parallel_config: Any = None,
         layer_index: int = 0,
+        store: Any = None,
     ) -> torch.Tensor:
         mask = None
         if key_bias is not None:
@@ -53,6 +54,7 @@ class DenseCrossAttention:
         *,
         backend: Any = None,
         layer_index: int = 0,
+        store: Any = None,
     ) -> torch.Tensor:
         return dispatch_attention_fn(
             query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, backend=backend, parallel_config=None

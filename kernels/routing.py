@@ -1,0 +1,87 @@
+"""Routing: choose, for every query block, the key blocks it attends to, from cheap block summaries.
+
+Queries and keys are mean-pooled over blocks (``block_m`` queries, ``block_n`` keys); the score of a key block
+for a query block is the scaled dot product of the two means (per head), and the selection keeps the
+``top_k`` best blocks, or the fewest blocks whose softmax mass reaches ``top_p``, plus the ``always`` blocks
+(sinks, the current chunk). Output follows FlexAttention's ``BlockMask.from_kv_blocks`` convention: int32
+``(B, H, n_q_blocks, max_blocks)`` indices, ascending, of which the first ``counts`` are used.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+
+def pool_blocks(x: torch.Tensor, block: int, length: int | None = None) -> torch.Tensor:
+    """Mean of each block of ``block`` rows of (B, S, H, D) → (B, H, n_blocks, D); a ragged last block averages
+    only its real rows."""
+    length = x.shape[1] if length is None else length
+    x = x[:, :length]
+    n = math.ceil(length / block)
+    pad = n * block - length
+    summed = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (n, block)).sum(2)
+    counts = torch.full((n,), float(block), device=x.device)
+    counts[-1] = block - pad
+    return (summed / counts.view(1, n, 1, 1)).permute(0, 2, 1, 3)
+
+
+def route_blocks(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    block_m: int = 128,
+    block_n: int = 128,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    always: Sequence[int] | torch.Tensor | None = None,
+    kv_length: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per (batch, head, query block): the key blocks to attend to.
+
+    ``always``: key block ids every query block keeps (e.g. sink blocks and the current chunk's blocks).
+    With ``top_k`` and ``top_p`` both None every block is kept (dense). Deterministic for a fixed input.
+
+    Example:
+        >>> import torch
+        >>> q, k = torch.randn(1, 64, 2, 16), torch.randn(1, 256, 2, 16)
+        >>> idx, cnt = route_blocks(q, k, block_m=32, block_n=32, top_k=3, always=[0])
+        >>> tuple(idx.shape), int(cnt.max())
+        ((1, 2, 2, 8), 4)
+    """
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    kv_length = k.shape[1] if kv_length is None else kv_length
+    qs = pool_blocks(q, block_m)  # (B, H, nQ, D)
+    ks = pool_blocks(k, block_n, kv_length)  # (B, H, nK, D)
+    n_kv = ks.shape[2]
+    scores = torch.einsum("bhqd,bhkd->bhqk", qs, ks) / math.sqrt(q.shape[-1])
+    forced = torch.zeros(n_kv, dtype=torch.bool, device=q.device)
+    if always is not None:
+        ids = torch.as_tensor(always, device=q.device, dtype=torch.long).flatten()
+        forced[ids[(ids >= 0) & (ids < n_kv)]] = True
+    if top_k is None and top_p is None:
+        keep = torch.ones_like(scores, dtype=torch.bool)
+    else:
+        # Rank by score; ties broken by block id (argsort is stable) so the selection is deterministic.
+        order = torch.argsort(-scores, dim=-1, stable=True)
+        keep = torch.zeros_like(scores, dtype=torch.bool)
+        if top_k is not None:
+            rank_ok = torch.arange(n_kv, device=q.device) < top_k
+            keep.scatter_(-1, order, rank_ok.expand_as(order))
+        if top_p is not None:
+            probs = scores.softmax(-1).gather(-1, order)
+            before = probs.cumsum(-1) - probs  # mass of the better blocks
+            mass_ok = before < top_p
+            by_mass = torch.zeros_like(keep).scatter_(-1, order, mass_ok)
+            keep = by_mass if top_k is None else keep & by_mass
+    keep = keep | forced
+    counts = keep.sum(-1).to(torch.int32)
+    # Ascending block ids first, unused slots after: sort (not-kept, id) keys. Full width, so no host sync.
+    key = (~keep).long() * n_kv + torch.arange(n_kv, device=q.device)
+    indices = torch.sort(key, dim=-1).values % n_kv
+    return indices.to(torch.int32).contiguous(), counts
