@@ -180,6 +180,57 @@ def run_method(
     return result
 
 
+class ShadowErrorReader:
+    """Wraps a self-attention reader: also attends over a shadow *full* cache and records the relative error.
+
+    The chunk's own K/V are the last ``S_q`` rows the store hands over; the shadow keeps every committed chunk
+    (committed lazily when the next chunk starts: the last staging of a chunk is its clean pass).
+    """
+
+    def __init__(self, inner, errors: dict) -> None:
+        from genkv.cache import LayerKVCache
+        from genkv.read.dense import DenseSelfAttention
+
+        self.inner, self.errors = inner, errors
+        self.dense = DenseSelfAttention()
+        self.caches: dict = {}
+        self.make = LayerKVCache
+
+    def attend(self, query, key, value, key_bias, *, layer_index=0, store=None, **kw):
+        out = self.inner.attend(query, key, value, key_bias, layer_index=layer_index, store=store, **kw)
+        n = query.shape[1]
+        slot = (store.branch, layer_index)
+        cache, frame = self.caches.get(slot, (None, None))
+        if cache is None:
+            cache = self.make()
+        if frame is not None and frame != store.chunk.frame_start:
+            cache.length += cache.staged  # the previous chunk's clean K/V become history
+        self.caches[slot] = (cache, store.chunk.frame_start)
+        k_full, v_full, _ = cache.stage(key[:, -n:], value[:, -n:])
+        ref = self.dense.attend(query, k_full, v_full, None)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm().clamp(min=1e-12)).item()
+        self.errors.setdefault(layer_index, []).append(err)
+        return out
+
+
+def measure_attention_error(pipe, embeds, spec: str, frames: int, device) -> dict:
+    """Relative error of every layer's self-attention output against the full cache, over a short rollout."""
+    import genkv
+
+    genkv.apply_genkv(pipe, parse_spec(spec))
+    errors: dict = {}
+    for proc in pipe.transformer.attn_processors.values():
+        if hasattr(proc, "_attend_cached"):
+            proc.reader = ShadowErrorReader(proc.reader, errors)
+    generator = torch.Generator(device=device).manual_seed(0)
+    for _ in pipe.stream(prompt_embeds=embeds, num_frames=frames, generator=generator, output_type="latent"):
+        pass
+    genkv.remove_genkv(pipe)
+    per_layer = {layer: statistics.mean(v[-20:]) for layer, v in sorted(errors.items())}
+    return {"frames": frames, "per_layer_last_calls": per_layer, "mean": statistics.mean(per_layer.values()),
+            "max": max(per_layer.values())}
+
+
 def plot(results: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -224,6 +275,9 @@ def print_table(results: dict) -> None:
             f"{(peak or 0) / 2**30:8.2f} {(run['kv_bytes_final'] or 0) / 2**30:7.2f}"
             + (f"  OOM at frame {run['oom_at_frame']}" if "oom_at_frame" in run else "")
         )
+        if run.get("attention_error"):
+            e = run["attention_error"]
+            print(f"    attention rel. error vs full cache at {e['frames']} frames: mean {e['mean']:.3e}, max {e['max']:.3e}")
         if run.get("profile_median_ms"):
             split = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in run["profile_median_ms"].items())
             print(f"    median ms per chunk: {split}")
@@ -243,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="time each chunk's phases (one sync per chunk)")
     parser.add_argument("--no-overlap", action="store_true", help="decode on the main stream (no overlap)")
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last 3-D VAE convolutions")
+    parser.add_argument("--error-frames", type=int, default=0,
+                        help="also measure each layer's attention error vs a shadow full cache over this many frames")
     parser.add_argument("--out", type=Path, default=Path("bench_rollout.json"))
     parser.add_argument("--plot-only", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -290,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
                 pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled, args.profile,
                 False if args.no_overlap else None,
             )
+            if args.error_frames and not compiled:
+                run["attention_error"] = measure_attention_error(pipe, embeds, spec, args.error_frames, device)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             results["runs"].append(run)
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=1))

@@ -11,7 +11,9 @@ import torch
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=False)
+    # Default dynamism: the first shape compiles static, a second one recompiles with symbolic lengths that
+    # then serve every later cache length (a growing or filling cache would otherwise recompile per chunk).
+    return torch.compile(flex_attention)
 
 
 def block_sparse_attention_flex(
