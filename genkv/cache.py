@@ -232,8 +232,9 @@ class KVCacheStore:
         self.frames_committed = 0
         self.step_index = 0  # denoising step of the current chunk (set by the pipeline; readers may use it)
         self.read_stats: dict[tuple, object] = {}  # readers' last attended density per layer (see stats())
-        # Real (non-padding) prompt tokens per batch element, per CFG branch (Wan zero-pads prompts to 512).
-        self.prompt_lengths: dict[str, torch.Tensor] = {}
+        # Real (non-padding) prompt tokens per batch element, per CFG branch (Wan zero-pads prompts to 512);
+        # host integers, so readers can decide without waiting on the GPU.
+        self.prompt_lengths: dict[str, list[int]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -257,11 +258,11 @@ class KVCacheStore:
         self.active = False
         self._set_rope_offset(0)
 
-    def new_prompt(self, prompt_lengths: dict[str, torch.Tensor] | None = None) -> None:
+    def new_prompt(self, prompt_lengths: dict[str, list[int]] | None = None) -> None:
         """Invalidate the per-prompt cross-attention K/V; record how many prompt tokens are real per branch."""
         self.cross.clear()
         self.prompt_version += 1
-        self.prompt_lengths = dict(prompt_lengths or {})
+        self.prompt_lengths = {k: [int(n) for n in v] for k, v in (prompt_lengths or {}).items()}
 
     def _set_rope_offset(self, position: int) -> None:
         if self.rope is not None:
@@ -327,14 +328,13 @@ class KVCacheStore:
         """Make the staged chunk history in every layer of every branch, through the keeper."""
         if self.chunk is None:
             raise RuntimeError("commit() without begin_chunk()")
-        for layers in self.caches.values():
-            for cache in layers:
-                if cache.staged == 0:
-                    continue
-                cache.label_staged(self.chunk)
-                cache.tokens_seen += cache.staged
-                self.keeper.commit(cache, self.chunk)
-                cache.staged = 0
+        caches = [c for layers in self.caches.values() for c in layers if c.staged]
+        for cache in caches:
+            cache.label_staged(self.chunk)
+            cache.tokens_seen += cache.staged
+        self.keeper.commit_layers(caches, self.chunk)
+        for cache in caches:
+            cache.staged = 0
         self.frames_committed = self.chunk.frame_start + self.chunk.num_frames
 
     # -- what processors call ------------------------------------------------------------------------
@@ -356,6 +356,10 @@ class KVCacheStore:
         self.cross[(self.branch, index)] = (self.prompt_version, key, value)
 
     # -- accounting ----------------------------------------------------------------------------------
+    def memory_bytes(self) -> int:
+        """Bytes held by every layer cache (cheap, no device sync: for progress displays)."""
+        return sum(c.nbytes() for layers in self.caches.values() for c in layers)
+
     def stats(self) -> dict:
         """Tokens and bytes held per layer and in total (see :func:`genkv.cache_stats`)."""
         per_layer = []

@@ -60,10 +60,15 @@ def route_blocks(
     ks = pool_blocks(k, block_n, kv_length)  # (B, H, nK, D)
     n_kv = ks.shape[2]
     scores = torch.einsum("bhqd,bhkd->bhqk", qs, ks) / math.sqrt(q.shape[-1])
-    forced = torch.zeros(n_kv, dtype=torch.bool, device=q.device)
+    forced = torch.zeros(n_kv + 1, dtype=torch.bool, device=q.device)  # the last entry absorbs invalid ids
     if always is not None:
-        ids = torch.as_tensor(always, device=q.device, dtype=torch.long).flatten()
-        forced[ids[(ids >= 0) & (ids < n_kv)]] = True
+        if isinstance(always, torch.Tensor):
+            ids = always.to(device=q.device, dtype=torch.long).flatten()
+        else:  # a host list: a pinned, non-blocking copy keeps the host from waiting on the GPU
+            ids = torch.tensor(list(always), dtype=torch.long)
+            ids = ids.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else ids
+        forced.scatter_(0, torch.where((ids >= 0) & (ids < n_kv), ids, n_kv), True)
+    forced = forced[:n_kv]
     if top_k is None and top_p is None:
         keep = torch.ones_like(scores, dtype=torch.bool)
     else:

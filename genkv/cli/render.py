@@ -299,7 +299,7 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
                 now = time.perf_counter()
                 chunk_times.append(now - last)
                 last = now
-                kv = genkv.cache_stats(pipe)["bytes"]
+                kv = genkv.get_store(pipe).memory_bytes()  # no device sync inside the render loop
                 progress.update(
                     task, advance=len(frames), rate=writer.frames_queued / (now - start), kv=_human(kv)
                 )

@@ -33,6 +33,11 @@ class CacheKeeper:
     def commit(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
         cache.length += cache.staged
 
+    def commit_layers(self, caches: "list[LayerKVCache]", chunk: "ChunkInfo") -> None:
+        """Commit the staged chunk of every layer; override to batch work (and host syncs) across layers."""
+        for cache in caches:
+            self.commit(cache, chunk)
+
     # -- RoPE re-basing --------------------------------------------------------------------------------
     def rebase_limit(self, store: "KVCacheStore") -> int | None:
         """Highest RoPE position (exclusive) a chunk may reach before :meth:`rebase_delta` is asked."""

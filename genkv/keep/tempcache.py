@@ -141,53 +141,70 @@ class TemporalMerge(CacheKeeper):
         cache.frame_index[new_slots] = torch.where(match, _DEAD, cache.frame_index[new_slots])
         return match
 
-    @torch.no_grad()
     def commit(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
-        tpf = chunk.tokens_per_frame
-        cache.enable_bias()
-        merged = []
-        for j in range(chunk.num_frames):
-            frame = chunk.frame_start + j
-            if frame - 1 < self.sink_frames or self.threshold > 1.0:
-                continue  # nothing to merge into (sink frames stay as they are)
-            merged.append(self._merge_frame(cache, frame, cache.length + j * tpf, chunk))
-        end = cache.length + cache.staged
-        # One host sync per layer: which staged slots survived, to compact them after the history.
-        alive = (cache.frame_index[cache.length : end] != _DEAD).cpu().numpy()
-        keep = cache.length + np.flatnonzero(alive)
-        dest = np.arange(cache.length, cache.length + len(keep))
-        moving = keep != dest
-        cache.move_tokens(keep[moving], dest[moving])
-        cache.length += len(keep)
-        self._enforce_budget(cache, chunk)
-        cache.info["merged_groups"] = int((cache.token_count[: cache.length] > 1).sum())  # synced already
-        cache.info["tokens_represented"] = int(cache.token_count[: cache.length].sum())
+        self.commit_layers([cache], chunk)
 
-    def _enforce_budget(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
-        budget = self.budget(chunk)
-        excess = cache.length - budget
-        if excess <= 0:
+    @torch.no_grad()
+    def commit_layers(self, caches: "list[LayerKVCache]", chunk: "ChunkInfo") -> None:
+        """Merge, compact and evict in every layer, with three host syncs per chunk in all (not per layer)."""
+        if not caches:
             return
+        tpf = chunk.tokens_per_frame
+        for cache in caches:  # 1. merges: device work only
+            cache.enable_bias()
+            for j in range(chunk.num_frames):
+                frame = chunk.frame_start + j
+                if frame - 1 >= self.sink_frames and self.threshold <= 1.0:
+                    self._merge_frame(cache, frame, cache.length + j * tpf, chunk)
+        # 2. which staged slots survived (one sync), compacted right after each layer's history
+        alive = torch.stack(
+            [c.frame_index[c.length : c.length + c.staged] != _DEAD for c in caches]
+        ).cpu().numpy()
+        for cache, alive_row in zip(caches, alive):
+            keep = cache.length + np.flatnonzero(alive_row)
+            dest = np.arange(cache.length, cache.length + len(keep))
+            moving = keep != dest
+            cache.move_tokens(keep[moving], dest[moving])
+            cache.length += len(keep)
+        # 3. the budget (one sync for the eviction plans of all layers)
+        budget = self.budget(chunk)
+        if self.sink_frames * tpf >= budget:
+            raise ValueError(
+                f"tempcache: the budget ({budget} tokens) cannot hold the {self.sink_frames} sink frames "
+                f"({self.sink_frames * tpf} tokens); raise max_tokens or lower sink_frames"
+            )
+        over = [c for c in caches if c.length > budget]
+        if over:
+            plans = [self._eviction_mask(c, budget) for c in over]
+            width = max(len(p) for p in plans)
+            masks = torch.stack([torch.nn.functional.pad(p, (0, width - len(p))) for p in plans]).cpu().numpy()
+            for cache, mask in zip(over, masks):
+                new_len = budget
+                holes = np.flatnonzero(mask[:new_len])
+                movers = new_len + np.flatnonzero(~mask[new_len : cache.length])
+                cache.move_tokens(movers, holes)
+                cache.length = new_len
+        # 4. statistics (one sync)
+        counts = torch.stack(
+            [torch.stack([(c.token_count[: c.length] > 1).sum().float(), c.token_count[: c.length].sum()])
+             for c in caches]
+        ).cpu().tolist()
+        for cache, (groups, represented) in zip(caches, counts):
+            cache.info["merged_groups"] = int(groups)
+            cache.info["tokens_represented"] = int(represented)
+
+    def _eviction_mask(self, cache: "LayerKVCache", budget: int) -> torch.Tensor:
+        """Boolean (length,) mask of the slots to evict: oldest last-seen first, unmerged before merged among
+        equals, sinks never."""
         n = cache.length
         frames = cache.frame_index[:n]
         sink = frames < self.sink_frames
-        if int(sink.sum()) > budget:
-            raise ValueError(
-                f"tempcache: the budget ({budget} tokens) cannot hold the {self.sink_frames} sink frames; "
-                "raise budget_frames / max_tokens or lower sink_frames"
-            )
-        # Oldest last-seen first; among equals, unmerged (count 1) before merged; sinks never.
         order_key = frames.double() * 1e6 + cache.token_count[:n].double().clamp(max=1e6 - 1)
         order_key = torch.where(sink, torch.full_like(order_key, float("inf")), order_key)
-        victims = torch.argsort(order_key, stable=True)[:excess]
+        victims = torch.argsort(order_key, stable=True)[: n - budget]
         evict = torch.zeros(n, dtype=torch.bool, device=frames.device)
         evict[victims] = True
-        evict_host = evict.cpu().numpy()
-        new_len = n - excess
-        holes = np.flatnonzero(evict_host[:new_len])
-        movers = new_len + np.flatnonzero(~evict_host[new_len:])
-        cache.move_tokens(movers, holes)
-        cache.length = new_len
+        return evict & ~sink
 
     # -- RoPE re-basing ------------------------------------------------------------------------------------
     def rebase_limit(self, store: "KVCacheStore") -> int | None:

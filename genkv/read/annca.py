@@ -44,14 +44,15 @@ class TopKPromptAttention:
         groups = 1
         if self.per == "frame" and chunk is not None and s % chunk.tokens_per_frame == 0:
             groups = s // chunk.tokens_per_frame
-        real = None if store is None else store.prompt_lengths.get(store.branch)
-        if real is None:
-            real = torch.full((b,), length, device=key.device, dtype=torch.long)
-        real = real.to(key.device)
-        if self.top_k >= length and bool((real >= length).all()):
+        # Real prompt lengths are host integers (recorded once per prompt), so no call here waits on the GPU.
+        lengths = None if store is None else store.prompt_lengths.get(store.branch)
+        lengths = [length] * b if lengths is None else [min(int(n), length) for n in lengths]
+        if self.top_k >= max(lengths) and min(lengths) >= length:  # nothing to drop, no padding: dense
             if store is not None:
                 store.read_stats[("cross_density", layer_index)] = 1.0
             return dispatch_attention_fn(query, key, value, backend=backend, parallel_config=None)
+        real = torch.tensor(lengths, dtype=torch.long).pin_memory().to(key.device, non_blocking=True) \
+            if key.is_cuda else torch.tensor(lengths, dtype=torch.long)
 
         q = query.unflatten(1, (groups, s // groups))  # (B, G, T, H, D)
         scores = torch.einsum("bghd,blhd->bghl", q.float().mean(2), key.float())  # (B, G, H, L)
@@ -67,12 +68,13 @@ class TopKPromptAttention:
 
         keys, values = gather(key), gather(value)
         bias = torch.zeros(top.shape, device=key.device, dtype=torch.float32).masked_fill(~picked_real, -float("inf"))
-        n_pad = (length - real).clamp(min=0)
-        if bool((n_pad > 0).any()):
-            # All padding rows share one key/value: fold them into one key with log(count) on its logit.
+        if max(lengths) < length:
+            # All padding rows share one key/value: fold them into one key with log(count) on its logit
+            # (-inf for a prompt without padding).
+            n_pad = (length - real).clamp(min=0)
             pad_row = real.clamp(max=length - 1)
-            pad_k = key[torch.arange(b), pad_row][:, None, :, None, :].expand(b, groups, h, 1, d)
-            pad_v = value[torch.arange(b), pad_row][:, None, :, None, :].expand(b, groups, h, 1, d)
+            pad_k = key[torch.arange(b, device=key.device), pad_row][:, None, :, None, :].expand(b, groups, h, 1, d)
+            pad_v = value[torch.arange(b, device=key.device), pad_row][:, None, :, None, :].expand(b, groups, h, 1, d)
             no_pad = torch.full((b,), -float("inf"), device=key.device)
             pad_bias = torch.where(n_pad > 0, n_pad.clamp(min=1).float().log(), no_pad)
             keys = torch.cat([keys, pad_k], dim=3)

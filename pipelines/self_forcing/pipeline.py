@@ -252,9 +252,9 @@ class SelfForcingPipeline(DiffusionPipeline):
 
         grid = (lat_h // cfg.patch_size[1], lat_w // cfg.patch_size[2])
         store.reset()
-        lengths = {"cond": prompt_lengths(embeds)}
+        lengths = {"cond": prompt_lengths(embeds).tolist()}  # one sync per video
         if use_cfg:
-            lengths["uncond"] = prompt_lengths(negative_embeds)
+            lengths["uncond"] = prompt_lengths(negative_embeds).tolist()
         store.new_prompt(lengths)
         try:
             for start in range(0, num_latent_frames, chunk):
