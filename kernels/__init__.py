@@ -1,7 +1,9 @@
 """genkv kernels (installed as ``genkv.kernels``): block-sparse attention over KV block lists and routing.
 
 ``block_sparse_attention`` dispatches by device: compiled FlexAttention on CUDA, the torch reference elsewhere;
-``GENKV_KERNEL_BACKEND=torch|flex|auto`` (or ``backend=``) forces one.
+``GENKV_KERNEL_BACKEND=torch|flex|triton|auto`` (or ``backend=``) forces one. The Triton kernel
+(``kernels/block_sparse.py``) is opt-in until it has been benchmarked on a GPU (issue 3); it runs under
+``TRITON_INTERPRET=1`` on CPU for tests.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import torch
 from .reference import block_mask_from_lists, block_sparse_attention_torch, merge_attention_partials
 from .routing import pool_blocks, route_blocks
 
-_BACKENDS = ("auto", "torch", "flex")
+_BACKENDS = ("auto", "torch", "flex", "triton")
 
 
 def block_sparse_attention(
@@ -28,8 +30,12 @@ def block_sparse_attention(
     block_m: int = 128,
     block_n: int = 128,
     backend: str | None = None,
-) -> torch.Tensor:
+    return_lse: bool = False,
+):
     """Attention of each query block over its listed key blocks; q/k/v (B, S, H, D), optional bias (B, S_kv, H).
+
+    With ``return_lse`` also returns the natural-log sum of exponentials (B, H, S_q) for merging partial results
+    (:func:`merge_attention_partials`); not available on the flex backend.
 
     Example:
         >>> import torch
@@ -47,7 +53,16 @@ def block_sparse_attention(
         raise TypeError("kv_block_indices and kv_block_counts must be int32 (FlexAttention's BlockMask convention)")
     if choice == "auto":
         choice = "flex" if q.is_cuda else "torch"
+    if choice == "triton":
+        from .block_sparse import block_sparse_attention_triton
+
+        return block_sparse_attention_triton(
+            q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m,
+            block_n=block_n, return_lse=return_lse,
+        )
     if choice == "flex":
+        if return_lse:
+            raise ValueError("return_lse is not available on the flex backend; use backend='torch' or 'triton'")
         if not q.is_cuda:
             raise ValueError("the flex backend needs CUDA tensors; use backend='torch' on CPU")
         from .flex import block_sparse_attention_flex
@@ -57,7 +72,8 @@ def block_sparse_attention(
             block_n=block_n,
         )
     return block_sparse_attention_torch(
-        q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m, block_n=block_n
+        q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m, block_n=block_n,
+        return_lse=return_lse,
     )
 
 

@@ -31,7 +31,7 @@ class FastAR(SparseReadFields, GenKVMethod):
     name: ClassVar[str] = "fastar"
     threshold: float = 0.95
     radius: int = 1
-    sink_frames: int = 3
+    sink_frames: int = 1
     budget_frames: int = 21
     max_tokens: int | None = None
     prompt_top_k: int = 32

@@ -1,0 +1,147 @@
+"""Block-sparse attention (Triton under TRITON_INTERPRET, and the torch reference) against float64 references.
+
+fp16/fp32 only: the Triton interpreter computes bf16 wrongly. Shapes are small so the interpreter stays fast.
+"""
+
+import math
+
+import pytest
+import torch
+
+from genkv.kernels import block_sparse_attention, merge_attention_partials, route_blocks
+from genkv.kernels.block_sparse import triton_available
+
+BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
+
+
+def dense_reference(q, k, v, allowed=None, bias=None):
+    """float64 softmax attention with an optional (B, H, Sq, Skv) boolean mask and (B, Skv, H) bias."""
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        logits = logits + bias.double().permute(0, 2, 1)[:, :, None, :]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, -float("inf"))
+    lse = torch.logsumexp(logits, -1)
+    weights = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", weights, v.double()), lse
+
+
+def random_lists(b, h, n_q, n_kv, max_blocks, generator):
+    counts = torch.randint(0, max_blocks + 1, (b, h, n_q), generator=generator, dtype=torch.int32)
+    idx = torch.stack([torch.randperm(n_kv, generator=generator)[:max_blocks].sort().values
+                       for _ in range(b * h * n_q)]).view(b, h, n_q, max_blocks).to(torch.int32)
+    return idx, counts
+
+
+def allowed_mask(idx, counts, s_q, s_kv, bm, bn):
+    b, h, n_q, _ = idx.shape
+    allowed = torch.zeros(b, h, s_q, s_kv, dtype=torch.bool)
+    for bi in range(b):
+        for hi in range(h):
+            for m in range(n_q):
+                for j in range(int(counts[bi, hi, m])):
+                    blk = int(idx[bi, hi, m, j])
+                    allowed[bi, hi, m * bm : (m + 1) * bm, blk * bn : (blk + 1) * bn] = True
+    return allowed
+
+
+def tolerance(dtype):
+    return dict(rtol=2e-3, atol=2e-3) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_random_block_lists_match_float64(backend, dtype, head_dim, with_bias):
+    g = torch.Generator().manual_seed(head_dim + with_bias)
+    b, h, s_q, s_kv, bm, bn = 2, 2, 45, 77, 16, 32  # ragged: neither length is a multiple of its block
+    # Slices of larger buffers, as the cache hands them over (non-contiguous along S).
+    q = torch.randn(b, s_q + 5, h, head_dim, generator=g).to(dtype)[:, :s_q]
+    kbuf = torch.randn(b, s_kv + 20, h, head_dim, generator=g).to(dtype)
+    vbuf = torch.randn(b, s_kv + 20, h, head_dim, generator=g).to(dtype)
+    k, v = kbuf[:, :s_kv], vbuf[:, :s_kv]
+    n_q, n_kv = math.ceil(s_q / bm), math.ceil(s_kv / bn)
+    idx, counts = random_lists(b, h, n_q, n_kv, 2, g)
+    bias = None
+    if with_bias:
+        bias = torch.randn(b, s_kv, h, generator=g)
+        bias[:, 3:9] = -float("inf")  # empty slots (TempCache holes)
+    out = block_sparse_attention(q, k, v, idx, counts, key_bias=bias, block_m=bm, block_n=bn, backend=backend,
+                                 return_lse=True)
+    got, lse = out
+    want, want_lse = dense_reference(q, k, v, allowed_mask(idx, counts, s_q, s_kv, bm, bn), bias)
+    empty = ~torch.isfinite(want_lse)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got.double(), torch.where(empty.permute(0, 2, 1)[..., None], 0.0, want), **tolerance(dtype))
+    torch.testing.assert_close(lse[~empty].double(), want_lse[~empty], rtol=1e-4, atol=1e-4)
+    assert torch.isneginf(lse[empty]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_block_listed_is_dense_attention(backend):
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 2, 64, generator=g) for n in (33, 70, 70))
+    idx, counts = route_blocks(q, k, block_m=16, block_n=16)  # no top_k / top_p: every block
+    got = block_sparse_attention(q, k, v, idx, counts, block_m=16, block_n=16, backend=backend)
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    torch.testing.assert_close(got, sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_and_single_block_lists(backend):
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, n, 1, 64, generator=g) for n in (32, 64, 64))
+    idx = torch.tensor([[[[1, 0], [0, 0]]]], dtype=torch.int32)
+    counts = torch.tensor([[[1, 0]]], dtype=torch.int32)  # block 0 reads key block 1 only; block 1 reads nothing
+    out = block_sparse_attention(q, k, v, idx, counts, block_m=16, block_n=32, backend=backend)
+    want, _ = dense_reference(q[:, :16], k[:, 32:], v[:, 32:])
+    torch.testing.assert_close(out[:, :16].double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[:, 16:], torch.zeros_like(out[:, 16:]))
+
+
+def test_merging_partials_equals_attention_over_the_union():
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, n, 2, 64, generator=g) for n in (20, 64, 64))
+    full = [torch.tensor([[[[0, 1]]] * 2]).view(1, 2, 1, 2).int(), torch.full((1, 2, 1), 2, dtype=torch.int32)]
+    first = [torch.zeros(1, 2, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32)]
+    second = [torch.ones(1, 2, 1, 1, dtype=torch.int32), torch.ones(1, 2, 1, dtype=torch.int32)]
+    kw = dict(block_m=32, block_n=32, backend="torch", return_lse=True)
+    (oa, la), (ob, lb) = block_sparse_attention(q, k, v, *first, **kw), block_sparse_attention(q, k, v, *second, **kw)
+    merged, _ = merge_attention_partials(oa, la, ob, lb)
+    want = block_sparse_attention(q, k, v, *full, block_m=32, block_n=32, backend="torch")
+    torch.testing.assert_close(merged, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_fail_clearly():
+    q = k = v = torch.randn(1, 32, 1, 64)
+    idx, counts = route_blocks(q, k, block_m=16, block_n=16)
+    with pytest.raises(TypeError, match="int32"):
+        block_sparse_attention(q, k, v, idx.long(), counts, block_m=16, block_n=16)
+    with pytest.raises(ValueError, match="backend"):
+        block_sparse_attention(q, k, v, idx, counts, block_m=16, block_n=16, backend="cuda-magic")
+    with pytest.raises(ValueError, match="flex backend needs CUDA"):
+        block_sparse_attention(q, k, v, idx, counts, block_m=16, block_n=16, backend="flex")
+    if triton_available():
+        with pytest.raises(TypeError, match="bf16 wrongly"):
+            block_sparse_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), idx, counts, block_m=16, block_n=16,
+                                   backend="triton")
+        with pytest.raises(ValueError, match="head_dim"):
+            x = torch.randn(1, 32, 1, 12)
+            block_sparse_attention(x, x, x, idx, counts, block_m=16, block_n=16, backend="triton")
+        with pytest.raises(ValueError, match="block lists"):
+            block_sparse_attention(q, k, v, idx[:, :, :1], counts[:, :, :1], block_m=16, block_n=16, backend="triton")
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+def test_triton_writes_every_output_element():
+    from genkv.kernels.block_sparse import block_sparse_attention_triton
+
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, n, 2, 64, generator=g) for n in (50, 90, 90))
+    idx, counts = random_lists(1, 2, 4, 3, 2, g)  # some rows list nothing: they must be written as zeros
+    poisoned = torch.full_like(q, float("nan"))
+    out = block_sparse_attention_triton(q, k, v, idx, counts, block_m=16, block_n=32, out=poisoned)
+    assert out is poisoned and not torch.isnan(out).any()
+    want, _ = dense_reference(q, k, v, allowed_mask(idx, counts, 50, 90, 16, 32))
+    torch.testing.assert_close(out.double(), torch.nan_to_num(want, nan=0.0), rtol=1e-5, atol=1e-5)

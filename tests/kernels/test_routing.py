@@ -1,0 +1,55 @@
+"""route_blocks: selection rules, determinism, and the dense limit."""
+
+import torch
+
+from genkv.kernels import block_sparse_attention, pool_blocks, route_blocks
+
+
+def test_pool_blocks_averages_real_rows_of_a_ragged_tail():
+    x = torch.arange(10, dtype=torch.float32).view(1, 10, 1, 1)
+    pooled = pool_blocks(x, 4)
+    assert pooled.flatten().tolist() == [1.5, 5.5, 8.5]
+
+
+def test_top_k_keeps_the_best_scoring_blocks_plus_always_blocks():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 32, 2, 16, generator=g), torch.randn(1, 128, 2, 16, generator=g)
+    idx, counts = route_blocks(q, k, block_m=16, block_n=16, top_k=2, always=[7])
+    scores = torch.einsum("bhqd,bhkd->bhqk", pool_blocks(q, 16), pool_blocks(k, 16))
+    for h in range(2):
+        for m in range(2):
+            chosen = set(idx[0, h, m, : counts[0, h, m]].tolist())
+            best = set(scores[0, h, m].topk(2).indices.tolist())
+            assert chosen == best | {7}
+            assert idx[0, h, m, : counts[0, h, m]].tolist() == sorted(chosen)  # ascending
+
+
+def test_selection_is_deterministic_and_top_p_one_selects_all():
+    g = torch.Generator().manual_seed(1)
+    q, k = torch.randn(1, 48, 3, 16, generator=g), torch.randn(1, 200, 3, 16, generator=g)
+    a = route_blocks(q, k, block_m=16, block_n=32, top_p=0.6)
+    b = route_blocks(q, k, block_m=16, block_n=32, top_p=0.6)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    _, counts = route_blocks(q, k, block_m=16, block_n=32, top_p=1.0)
+    assert (counts == 7).all()
+
+
+def test_top_k_of_all_blocks_is_dense_attention():
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g) for n in (40, 90, 90))
+    idx, counts = route_blocks(q, k, block_m=16, block_n=16, top_k=6)
+    out = block_sparse_attention(q, k, v, idx, counts, block_m=16, block_n=16, backend="torch")
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    torch.testing.assert_close(out, sdpa.transpose(1, 2), rtol=1e-5, atol=1e-5)
+
+
+def test_invalid_always_ids_are_ignored_and_bad_arguments_raise():
+    q, k = torch.randn(1, 16, 1, 16), torch.randn(1, 64, 1, 16)
+    _, counts = route_blocks(q, k, block_m=16, block_n=16, top_k=1, always=[-1, 99])
+    assert counts.item() == 1
+    import pytest
+
+    with pytest.raises(ValueError, match="top_k"):
+        route_blocks(q, k, top_k=0)
+    with pytest.raises(ValueError, match="top_p"):
+        route_blocks(q, k, top_p=1.5)
