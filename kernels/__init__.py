@@ -13,6 +13,7 @@ import os
 import torch
 
 from .reference import block_mask_from_lists, block_sparse_attention_torch, merge_attention_partials
+from .cross import select_prompt_tokens, sparse_cross_attention
 from .routing import pool_blocks, route_blocks
 
 _BACKENDS = ("auto", "torch", "flex", "triton")
@@ -84,4 +85,6 @@ __all__ = [
     "merge_attention_partials",
     "pool_blocks",
     "route_blocks",
+    "select_prompt_tokens",
+    "sparse_cross_attention",
 ]

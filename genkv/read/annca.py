@@ -13,12 +13,12 @@ frames as one SDPA call of ``B * F`` sequences.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+from genkv.kernels.cross import select_prompt_tokens, sparse_cross_attention
 
 
 class TopKPromptAttention:
@@ -51,41 +51,26 @@ class TopKPromptAttention:
             if store is not None:
                 store.read_stats[("cross_density", layer_index)] = 1.0
             return dispatch_attention_fn(query, key, value, backend=backend, parallel_config=None)
-        real = torch.tensor(lengths, dtype=torch.long).pin_memory().to(key.device, non_blocking=True) \
-            if key.is_cuda else torch.tensor(lengths, dtype=torch.long)
+        real = torch.tensor(lengths, dtype=torch.long)
+        if key.is_cuda:  # pinned and non-blocking: the host does not wait for the GPU
+            real = real.pin_memory().to(key.device, non_blocking=True)
 
-        q = query.unflatten(1, (groups, s // groups))  # (B, G, T, H, D)
-        scores = torch.einsum("bghd,blhd->bghl", q.float().mean(2), key.float())  # (B, G, H, L)
-        is_real = torch.arange(length, device=key.device)[None, :] < real[:, None]  # (B, L)
-        scores = scores.masked_fill(~is_real[:, None, None, :], -float("inf"))
-        k_sel = min(self.top_k, length)
-        top = scores.topk(k_sel, dim=-1).indices  # (B, G, H, k)
-        picked_real = is_real[:, None, None, :].expand_as(scores).gather(-1, top)
-
-        def gather(t: torch.Tensor) -> torch.Tensor:  # (B, L, H, D) -> (B, G, H, k, D)
-            src = t.permute(0, 2, 1, 3)[:, None].expand(b, groups, h, length, d)
-            return src.gather(3, top[..., None].expand(*top.shape, d))
-
-        keys, values = gather(key), gather(value)
-        bias = torch.zeros(top.shape, device=key.device, dtype=torch.float32).masked_fill(~picked_real, -float("inf"))
+        indices, valid = select_prompt_tokens(
+            query, key, tokens_per_group=s // groups, top_k=self.top_k, valid_length=real
+        )
+        extra = {}
         if max(lengths) < length:
             # All padding rows share one key/value: fold them into one key with log(count) on its logit
             # (-inf for a prompt without padding).
             n_pad = (length - real).clamp(min=0)
+            rows = torch.arange(b, device=key.device)
             pad_row = real.clamp(max=length - 1)
-            pad_k = key[torch.arange(b, device=key.device), pad_row][:, None, :, None, :].expand(b, groups, h, 1, d)
-            pad_v = value[torch.arange(b, device=key.device), pad_row][:, None, :, None, :].expand(b, groups, h, 1, d)
             no_pad = torch.full((b,), -float("inf"), device=key.device)
-            pad_bias = torch.where(n_pad > 0, n_pad.clamp(min=1).float().log(), no_pad)
-            keys = torch.cat([keys, pad_k], dim=3)
-            values = torch.cat([values, pad_v], dim=3)
-            bias = torch.cat([bias, pad_bias.view(b, 1, 1, 1).expand(b, groups, h, 1)], dim=3)
+            extra = dict(
+                extra_k=key[rows, pad_row],
+                extra_v=value[rows, pad_row],
+                extra_bias=torch.where(n_pad > 0, n_pad.clamp(min=1).float().log(), no_pad),
+            )
         if store is not None:
-            store.read_stats[("cross_density", layer_index)] = keys.shape[3] / length
-
-        qf = q.permute(0, 1, 3, 2, 4).reshape(b * groups, h, s // groups, d)
-        kf = keys.reshape(b * groups, h, keys.shape[3], d)
-        vf = values.reshape(b * groups, h, keys.shape[3], d)
-        mask = bias.reshape(b * groups, h, 1, keys.shape[3]).to(query.dtype)
-        out = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=mask, scale=1.0 / math.sqrt(d))
-        return out.reshape(b, groups, h, s // groups, d).permute(0, 1, 3, 2, 4).reshape(b, s, h, d)
+            store.read_stats[("cross_density", layer_index)] = (indices.shape[-1] + bool(extra)) / length
+        return sparse_cross_attention(query, key, value, indices, valid, **extra)
