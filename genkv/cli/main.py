@@ -88,6 +88,11 @@ def methods() -> None:
         typer.echo(f"{name:12s} (preset) {fields}")
 
 
+from .eval import eval_app  # noqa: E402
+
+app.add_typer(eval_app, name="eval")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``genkv`` console script: user errors are one line on stderr, exit code 2."""
     try:
