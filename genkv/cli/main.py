@@ -47,6 +47,10 @@ def render(
         False, "--compile", help="Compile the transformer blocks and decode channels-last (faster on CUDA; "
         "the first chunk pays ~15 s of compilation)."
     ),
+    profile: bool = typer.Option(
+        False, "--profile", help="Print where each chunk's time goes (denoise, KV commit, decode, host copy, write); "
+        "synchronises once per chunk and turns off the decode overlap."
+    ),
 ) -> None:
     """Render one video per prompt line, streaming frames into mp4 files as chunks are decoded."""
     from .render import RenderOptions, run_render
@@ -69,6 +73,7 @@ def render(
         guidance_scale=guidance_scale,
         overwrite=overwrite,
         compile=compile,
+        profile=profile,
     )
     raise typer.Exit(run_render(options))
 

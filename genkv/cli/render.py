@@ -34,6 +34,7 @@ class RenderOptions:
     guidance_scale: float = 1.0
     overwrite: bool = False
     compile: bool = False
+    profile: bool = False
 
 
 # -- validation (cheap, before any model is loaded) -----------------------------------------------------
@@ -161,6 +162,27 @@ def load_pipeline(options: RenderOptions, device, dtype):
         return pipe.to(device)
 
 
+def _profile_table(phases: list[dict], console) -> dict:
+    """Median milliseconds per chunk of each phase (chunk 0, which carries warm-up, left out); printed as a table."""
+    import statistics
+
+    from rich.table import Table
+
+    steady = phases[1:] or phases
+    keys = [k for k in steady[0] if k.endswith("_ms")]
+    medians = {k: statistics.median(p.get(k, 0.0) for p in steady) for k in keys}
+    table = Table(title=f"time per chunk, median of {len(steady)} chunks (ms)")
+    table.add_column("phase")
+    table.add_column("GPU")
+    table.add_column("host")
+    names = dict.fromkeys(k.rsplit("_", 2)[0] for k in keys)
+    for name in names:
+        gpu, host = medians.get(f"{name}_gpu_ms"), medians.get(f"{name}_host_ms")
+        table.add_row(name, "-" if gpu is None else f"{gpu:.1f}", "-" if host is None else f"{host:.1f}")
+    console.print(table)
+    return medians
+
+
 def _peak_memory(device) -> int:
     import torch
 
@@ -286,6 +308,7 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
     )
     start = time.perf_counter()
     chunk_times: list[float] = []
+    phases: list[dict] = []
     writer = Mp4Writer(path, fps=options.fps)
     status = "done"
     try:
@@ -293,10 +316,14 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
             task = progress.add_task("render", total=options.frames, rate=0.0, kv="0 B")
             last = start
             for frames in pipe.stream(
-                prompt, options.frames, height, width, generator=generator, guidance_scale=options.guidance_scale
+                prompt, options.frames, height, width, generator=generator, guidance_scale=options.guidance_scale,
+                profile=options.profile, on_chunk=phases.append,
             ):
+                before_write = time.perf_counter()
                 writer.append(frames)
                 now = time.perf_counter()
+                if options.profile and phases:
+                    phases[-1]["write_host_ms"] = 1000 * (now - before_write)
                 chunk_times.append(now - last)
                 last = now
                 kv = genkv.get_store(pipe).memory_bytes()  # no device sync inside the render loop
@@ -325,6 +352,8 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         kv_tokens=stats["tokens"],
         interrupted=status == "interrupted",
     )
+    if options.profile and phases:
+        summary["profile_ms"] = _profile_table(phases, console)
     (options.out / f"{name}.json").write_text(json.dumps(summary, indent=2))
     line = (
         f"{rank_label}{path}: {summary['frames']} frames in {wall:.1f} s ({summary['fps']:.1f} frames/s), "

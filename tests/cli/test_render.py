@@ -206,3 +206,14 @@ def test_multi_process_launch_splits_prompts_without_collisions(tmp_path):
     assert [s["prompt"] for s in summaries] == [f"prompt number {i}" for i in range(3)]
     assert proc.stderr.count("rank 0:") >= 2 and proc.stderr.count("rank 1:") >= 1  # 2 prompts + 1 prompt
     assert all(count_frames(Path(s["video"])) == 9 for s in summaries)
+
+
+def test_profile_prints_and_records_the_time_split(tmp_path, prompts, capsys):
+    code, _, err = run(["render", prompts, "--frames", 33, "--out", tmp_path / "o", "--profile"], capsys)
+    assert code == 0, err
+    summary = json.loads((tmp_path / "o" / "000-a-red-circle-bouncing.json").read_text())
+    phases = summary["profile_ms"]
+    for name in ("denoise", "kv_commit", "decode", "to_host"):
+        assert phases[f"{name}_gpu_ms"] >= 0 and phases[f"{name}_host_ms"] >= 0
+    assert phases["denoise_host_ms"] > 0 and "write_host_ms" in phases
+    assert "time per chunk" in err and "kv_commit" in err
