@@ -48,9 +48,28 @@ def random_block_lists(b, h, n_q, n_kv, per_row, generator, device):
     return idx.to(device), counts.to(device)
 
 
+TRITON_CONFIGS = [  # (tile_m, tile_n, num_warps, num_stages, warp_specialize): swept once, the fastest serves all
+    (128, 128, 8, 2, False), (128, 128, 8, 3, False), (128, 64, 4, 3, False), (128, 64, 8, 3, False),
+    (128, 64, 4, 4, False), (64, 64, 4, 3, False), (128, 128, 8, 3, True), (128, 64, 4, 3, True),
+    (128, 128, 4, 3, True),
+]
+
+
+def flex_with_mask(q, k, v, idx, counts, block):
+    """Compiled FlexAttention with the ``BlockMask`` built once (the strongest form of the baseline)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from genkv.kernels.flex import _compiled_flex
+
+    mask = BlockMask.from_kv_blocks(counts, idx, BLOCK_SIZE=(block, block), seq_lengths=(q.shape[1], k.shape[1]))
+    qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+    flex = _compiled_flex()
+    return lambda: flex(qt, kt, vt, block_mask=mask).transpose(1, 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import block_sparse_attention, route_blocks
-    from genkv.kernels.block_sparse import triton_available
+    from genkv.kernels.block_sparse import block_sparse_attention_triton, triton_available
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_kernels.json"))
@@ -63,11 +82,62 @@ def main(argv: list[str] | None = None) -> int:
     s_q = 4680 if not args.small else 150
     kv_sizes = (32760, 131040) if not args.small else (400,)
     g = torch.Generator().manual_seed(0)
-    rows = []
-    for s_kv in kv_sizes:
+    result = {
+        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
+        "torch": torch.__version__,
+        "triton": __import__("triton").__version__ if triton_available() else None,
+        "dtype": str(dtype),
+        "shape": {"s_q": s_q, "heads": heads, "head_dim": dim, "block": block},
+        "rows": [],
+    }
+
+    def save():
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=1))
+
+    def tensors(s_kv):
         q = torch.randn(1, s_q, heads, dim, generator=g).to(device, dtype)
         k = torch.randn(1, s_kv, heads, dim, generator=g).to(device, dtype)
         v = torch.randn(1, s_kv, heads, dim, generator=g).to(device, dtype)
+        return q, k, v
+
+    # 1. Pick the Triton launch shape on the largest KV at density 0.25 (outputs checked against Flex).
+    triton_kw = {}
+    if cuda and triton_available():
+        q, k, v = tensors(kv_sizes[-1])
+        n_q, n_kv = math.ceil(s_q / block), math.ceil(k.shape[1] / block)
+        idx, counts = random_block_lists(1, heads, n_q, n_kv, round(n_kv * 0.25), g, device)
+        want = flex_with_mask(q, k, v, idx, counts, block)().float()  # the dense torch reference would not fit
+        sweep = []
+        for tm, tn, warps, stages, ws in TRITON_CONFIGS:
+            kw = dict(block_m=block, block_n=block, tile_m=tm, tile_n=tn, num_warps=warps, num_stages=stages,
+                      warp_specialize=ws)
+            try:
+                fn = lambda kw=kw: block_sparse_attention_triton(q, k, v, idx, counts, **kw)  # noqa: E731
+                err = ((fn().float() - want).norm() / want.norm()).item()
+                ms = timer(fn, device)
+            except Exception as exc:  # a shape the compiler rejects (e.g. shared memory) is skipped, and said
+                print(f"triton config {kw} failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
+                continue
+            sweep.append({"tile_m": tm, "tile_n": tn, "num_warps": warps, "num_stages": stages,
+                          "warp_specialize": ws, "ms": ms, "rel_err": err})
+            print(f"triton tile {tm}x{tn} warps {warps} stages {stages} ws {ws}: {ms:.3f} ms (err {err:.1e})")
+        best = min((r for r in sweep if r["rel_err"] < 2e-2), key=lambda r: r["ms"])
+        triton_kw = {key: best[key] for key in ("tile_m", "tile_n", "num_warps", "num_stages", "warp_specialize")}
+        # The cost of masking a ragged KV length: the same lists over a KV padded to a multiple of the block.
+        k_even = torch.nn.functional.pad(k, (0, 0, 0, 0, 0, n_kv * block - k.shape[1]))
+        v_even = torch.nn.functional.pad(v, (0, 0, 0, 0, 0, n_kv * block - k.shape[1]))
+        ms_even = timer(lambda: block_sparse_attention_triton(q, k_even, v_even, idx, counts, block_m=block,
+                                                              block_n=block, **triton_kw), device)
+        result["triton_unmasked_ms"] = {"kv": k_even.shape[1], "ms": ms_even, "masked_ms": best["ms"]}
+        print(f"triton best config on an unragged KV of {k_even.shape[1]}: {ms_even:.3f} ms (ragged {best['ms']:.3f})")
+        del k_even, v_even
+        result["triton_sweep"], result["triton_config"] = sweep, triton_kw
+        save()
+        del q, k, v, want
+
+    for s_kv in kv_sizes:
+        q, k, v = tensors(s_kv)
         qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
         n_q, n_kv = math.ceil(s_q / block), math.ceil(s_kv / block)
         dense = {}
@@ -77,49 +147,80 @@ def main(argv: list[str] | None = None) -> int:
             for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)):
                 with sdpa_kernel(backend):
                     dense[name] = timer(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt), device)
+        dense_flops = 4 * heads * s_q * s_kv * dim
         for density in (0.1, 0.25, 0.5, 1.0):
             per_row = max(1, round(n_kv * density))
             idx, counts = random_block_lists(1, heads, n_q, n_kv, per_row, g, device)
             flops = 4 * heads * s_q * min(s_kv, per_row * block) * dim
-            row = {"s_kv": s_kv, "density": per_row / n_kv, "blocks_per_row": per_row}
-            backends = ["flex", "triton"] if cuda else ["torch"] + (["triton"] if triton_available() else [])
+            row = {"s_kv": s_kv, "density": per_row / n_kv, "blocks_per_row": per_row, "gflop": flops / 1e9}
+            runs = {}
+            if cuda:
+                runs["flex"] = flex_with_mask(q, k, v, idx, counts, block)
+                runs["flex_incl_mask"] = lambda: block_sparse_attention(  # noqa: E731
+                    q, k, v, idx, counts, block_m=block, block_n=block, backend="flex")
+            else:
+                runs["torch"] = lambda: block_sparse_attention(  # noqa: E731
+                    q, k, v, idx, counts, block_m=block, block_n=block, backend="torch")
+            if triton_available():
+                runs["triton"] = lambda: block_sparse_attention_triton(  # noqa: E731
+                    q, k, v, idx, counts, block_m=block, block_n=block, **triton_kw)
             reference = None
-            for backend in backends:
-                fn = lambda b=backend: block_sparse_attention(  # noqa: E731
-                    q, k, v, idx, counts, block_m=block, block_n=block, backend=b
-                )
+            for name, fn in runs.items():
                 out = fn()
                 if reference is None:
                     reference = out.float()
                 err = ((out.float() - reference).norm() / reference.norm()).item()
                 ms = timer(fn, device)
-                row[backend] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_first": err}
+                row[name] = {"ms": ms, "tflops": flops / ms / 1e9, "rel_err_vs_first": err}
             for name, ms in dense.items():
-                row[f"dense_{name}_ms"] = ms
-            rows.append(row)
-            parts = "  ".join(f"{b} {row[b]['ms']:.3f} ms ({row[b]['tflops']:.0f} TF/s, err {row[b]['rel_err_vs_first']:.1e})"
-                              for b in backends)
+                row[f"dense_{name}"] = {"ms": ms, "tflops": dense_flops / ms / 1e9}
+            if "triton" in row and "flex" in row:
+                row["triton_speedup_vs_flex"] = row["flex"]["ms"] / row["triton"]["ms"]
+            if "triton" in row and dense:
+                row["triton_speedup_vs_best_dense"] = min(dense.values()) / row["triton"]["ms"]
+            result["rows"].append(row)
+            save()
+            parts = "  ".join(f"{n} {row[n]['ms']:.3f} ms ({row[n]['tflops']:.0f} TF/s, err {row[n]['rel_err_vs_first']:.1e})"
+                              for n in runs)
             dense_part = "  ".join(f"{n} {ms:.3f} ms" for n, ms in dense.items())
             print(f"KV {s_kv:7d} density {row['density']:.2f}: {parts}  | dense {dense_part}")
-    # Routing cost at the largest KV, relative to the sparse attention it feeds (density ~0.1).
+    # 2. Routing cost at the largest KV, relative to the sparse attention it feeds (density ~0.1 and ~0.25).
     s_kv = kv_sizes[-1]
-    k = torch.randn(1, s_kv, heads, dim, generator=g).to(device, dtype)
-    per_row = max(1, round(math.ceil(s_kv / block) * 0.1))
-    route_ms = timer(lambda: route_blocks(q, k, block_m=block, block_n=block, top_k=per_row), device)
-    last = [r for r in rows if r["s_kv"] == s_kv and r["density"] <= 0.11]
-    sparse_ms = min(r[b]["ms"] for r in last for b in r if isinstance(r.get(b), dict)) if last else None
-    result = {
-        "device": torch.cuda.get_device_name(device) if cuda else "cpu",
-        "torch": torch.__version__,
-        "dtype": str(dtype),
-        "rows": rows,
-        "routing_ms": route_ms,
-        "routing_fraction_of_sparse_attention": route_ms / sparse_ms if sparse_ms else None,
-    }
-    print(f"routing (torch) at KV {s_kv}: {route_ms:.3f} ms"
-          + (f" = {result['routing_fraction_of_sparse_attention']:.1%} of the sparse attention" if sparse_ms else ""))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    q, k, _ = tensors(s_kv)
+    result["routing"] = []
+    from genkv.kernels import pool_blocks
+
+    summary = pool_blocks(k, block)
+    pool_ms = timer(lambda: pool_blocks(k, block), device)
+    for density in (0.1, 0.25):
+        per_row = max(1, round(math.ceil(s_kv / block) * density))
+        route_ms = timer(lambda: route_blocks(q, k, block_m=block, block_n=block, top_k=per_row), device)
+        cached_ms = timer(lambda: route_blocks(q, k, block_m=block, block_n=block, top_k=per_row,
+                                               key_summary=summary), device)
+        torch_ms = timer(lambda: route_blocks(q, k, block_m=block, block_n=block, top_k=per_row,
+                                              key_summary=summary, backend="torch"), device)
+        graph_ms = None
+        if cuda:  # device time alone: the launches replayed from a CUDA graph (no Python / launch overhead)
+            import triton.testing
+
+            graph_ms = triton.testing.do_bench_cudagraph(
+                lambda: route_blocks(q, k, block_m=block, block_n=block, top_k=per_row, key_summary=summary),
+                rep=100, return_mode="median")
+        same = [r for r in result["rows"] if r["s_kv"] == s_kv and abs(r["density"] - density) < 0.02]
+        sparse_ms = min(r[b]["ms"] for r in same for b in ("triton", "flex", "torch") if b in r) if same else None
+        entry = {"density": density, "top_k": per_row, "routing_ms": route_ms, "key_pooling_ms": pool_ms,
+                 "routing_with_cached_key_summary_ms": cached_ms, "torch_routing_with_cached_key_summary_ms": torch_ms,
+                 "routing_with_cached_key_summary_device_ms": graph_ms,
+                 "sparse_attention_ms": sparse_ms,
+                 "fraction": route_ms / sparse_ms if sparse_ms else None,
+                 "fraction_cached_summary": cached_ms / sparse_ms if sparse_ms else None}
+        result["routing"].append(entry)
+        print(f"routing at KV {s_kv}, top_k {per_row}: {route_ms:.3f} ms (key pooling {pool_ms:.3f}; "
+              f"with cached key summaries {cached_ms:.3f} ms, device time {graph_ms or float('nan'):.3f} ms; "
+              f"torch selection {torch_ms:.3f} ms)"
+              + (f" = {entry['fraction']:.1%} / {entry['fraction_cached_summary']:.1%} of the sparse attention"
+                 if sparse_ms else ""))
+    save()
     return 0
 
 

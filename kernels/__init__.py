@@ -1,9 +1,10 @@
 """genkv kernels (installed as ``genkv.kernels``): block-sparse attention over KV block lists and routing.
 
-``block_sparse_attention`` dispatches by device: compiled FlexAttention on CUDA, the torch reference elsewhere;
-``GENKV_KERNEL_BACKEND=torch|flex|triton|auto`` (or ``backend=``) forces one. The Triton kernel
-(``kernels/block_sparse.py``) is opt-in until it has been benchmarked on a GPU (issue 3); it runs under
-``TRITON_INTERPRET=1`` on CPU for tests.
+``block_sparse_attention`` dispatches by device: the Triton kernel (``kernels/block_sparse.py``) on CUDA, compiled
+FlexAttention on CUDA where the kernel does not apply (head dims other than 16/32/64/128), the torch reference
+elsewhere; ``GENKV_KERNEL_BACKEND=torch|flex|triton|auto`` (or ``backend=``) forces one. On an H100 the kernel is
+1.1x faster than compiled FlexAttention given a prebuilt ``BlockMask`` and needs no mask build or compilation per
+shape (docs/BENCHMARKS.md, issue 3). It runs under ``TRITON_INTERPRET=1`` on CPU for tests.
 """
 
 from __future__ import annotations
@@ -53,7 +54,10 @@ def block_sparse_attention(
     if kv_block_indices.dtype != torch.int32 or kv_block_counts.dtype != torch.int32:
         raise TypeError("kv_block_indices and kv_block_counts must be int32 (FlexAttention's BlockMask convention)")
     if choice == "auto":
-        choice = "flex" if q.is_cuda else "torch"
+        from .block_sparse import triton_available
+
+        triton_fits = triton_available() and q.shape[-1] in (16, 32, 64, 128) and q.dtype != torch.float32
+        choice = ("triton" if triton_fits else "flex") if q.is_cuda else "torch"
     if choice == "triton":
         from .block_sparse import block_sparse_attention_triton
 

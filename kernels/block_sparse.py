@@ -33,6 +33,31 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale, stride_bs,
+                     HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
+        """One key tile of the online softmax (logits in base 2): returns the updated (acc, m_i, l_i)."""
+        # Scale in fp32 (not folded into the bf16 q, which would round it twice); fuses into one FMA.
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        if HAS_BIAS:
+            if RAGGED:
+                bias = tl.load(bias_base + offs_n * stride_bs, mask=offs_n < kv_len, other=float("-inf"))
+            else:
+                bias = tl.load(bias_base + offs_n * stride_bs)
+            qk += bias[None, :] * 1.4426950408889634
+        elif RAGGED:
+            qk = tl.where((offs_n < kv_len)[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        # A row that has seen no finite logit yet (bias -inf holes) keeps m = -inf: subtract 0 there, not -inf.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return acc, m_new, l_i
+
+    # Lengths change every chunk: without do_not_specialize, Triton would compile a new variant whenever one
+    # crosses a multiple of 16 (seconds of JIT inside a rollout).
+    @triton.jit(do_not_specialize=["q_len", "kv_len"])
     def _block_sparse_fwd(
         Q, K, V, Bias, Out, Lse, Idx, Cnt,
         stride_qb, stride_qs, stride_qh,
@@ -46,49 +71,66 @@ if triton is not None:
         num_heads, q_len, kv_len, qk_scale,
         HAS_BIAS: tl.constexpr,
         STORE_LSE: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
+        MASK_BLOCK_M: tl.constexpr,
+        MASK_BLOCK_N: tl.constexpr,
+        TILE_M: tl.constexpr,
+        TILE_N: tl.constexpr,
         HEAD_DIM: tl.constexpr,
+        RAGGED: tl.constexpr,
+        WARP_SPECIALIZE: tl.constexpr,
+        USE_TMA: tl.constexpr,
     ):
+        # One program per (query tile, batch x head). The block lists are at the mask's granularity
+        # (MASK_BLOCK_M x MASK_BLOCK_N); tiles may be smaller, so the kernel's shape is tuned independently.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
         b = pid_bh // num_heads
         h = pid_bh % num_heads
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n0 = tl.arange(0, BLOCK_N)
+        offs_m = pid_m * TILE_M + tl.arange(0, TILE_M)
+        offs_n0 = tl.arange(0, TILE_N)
         offs_d = tl.arange(0, HEAD_DIM)
         row_ok = offs_m < q_len
 
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
         q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+        m_i = tl.full([TILE_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([TILE_M], dtype=tl.float32)
+        acc = tl.zeros([TILE_M, HEAD_DIM], dtype=tl.float32)
 
-        count = tl.load(Cnt + b * stride_cb + h * stride_ch + pid_m)
-        idx_row = Idx + b * stride_ib + h * stride_ih + pid_m * stride_iq
+        mask_row = (pid_m * TILE_M) // MASK_BLOCK_M
+        count = tl.load(Cnt + b * stride_cb + h * stride_ch + mask_row)
+        idx_row = Idx + b * stride_ib + h * stride_ih + mask_row * stride_iq
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
-        for i in range(0, count):
+        bias_base = Bias + b * stride_bb + h * stride_bh
+        # Branch-free loop body so Triton software-pipelines the K/V loads (control flow inside the loop would
+        # stop it): RAGGED (kv_len not a multiple of the tile) masks every tile, decided once at launch.
+        if USE_TMA:
+            # Hopper bulk copies: rows past kv_len read as zeros (their logits are masked to -inf below).
+            k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_ks, 1],
+                                               block_shape=[TILE_N, HEAD_DIM])
+            v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
+                                               block_shape=[TILE_N, HEAD_DIM])
+        for i in tl.range(0, count, warp_specialize=WARP_SPECIALIZE):
             block = tl.load(idx_row + i)
-            offs_n = block * BLOCK_N + offs_n0
-            col_ok = offs_n < kv_len
-            k = tl.load(k_base + offs_n[None, :] * stride_ks + offs_d[:, None], mask=col_ok[None, :], other=0.0)
-            qk = tl.dot(q, k) * qk_scale  # logits in base 2
-            if HAS_BIAS:
-                bias = tl.load(Bias + b * stride_bb + h * stride_bh + offs_n * stride_bs, mask=col_ok, other=0.0)
-                qk += bias[None, :] * 1.4426950408889634
-            qk = tl.where(col_ok[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            # A row with nothing visible so far keeps m = -inf; subtract 0 there instead of -inf (no NaN).
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                start_n = block * MASK_BLOCK_N + sub * TILE_N
+                offs_n = start_n + offs_n0
+                if USE_TMA:
+                    k = k_desc.load([start_n, 0])
+                    v = v_desc.load([start_n, 0])
+                elif RAGGED:
+                    col_ok = offs_n < kv_len
+                    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None],
+                                other=0.0)
+                    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None],
+                                other=0.0)
+                else:
+                    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :])
+                    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
+                acc, m_i, l_i = _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale,
+                                             stride_bs, HAS_BIAS, RAGGED)
 
         denom = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / denom[:, None]
@@ -97,6 +139,30 @@ if triton is not None:
         if STORE_LSE:
             lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(denom)) / 1.4426950408889634)
             tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
+
+
+def _tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Device-side tensor descriptors: Hopper or newer (or the interpreter), 16-byte aligned bases and rows."""
+    interpreting = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+    if not interpreting and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
+        return False
+    size = k.element_size()
+    aligned = all(t.data_ptr() % 16 == 0 and (t.stride(1) * size) % 16 == 0 and (t.stride(2) * size) % 16 == 0
+                  for t in (k, v))
+    if aligned and not interpreting:
+        _install_descriptor_allocator()
+    return aligned
+
+
+_ALLOCATOR_SET = False
+
+
+def _install_descriptor_allocator() -> None:
+    """Device-side descriptors need scratch memory; Triton asks for it through a process-wide allocator."""
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, alignment, stream: torch.empty(size, device="cuda", dtype=torch.int8))
+        _ALLOCATOR_SET = True
 
 
 def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n) -> None:
@@ -138,11 +204,18 @@ def block_sparse_attention_triton(
     return_lse: bool = False,
     num_warps: int | None = None,
     num_stages: int | None = None,
+    tile_m: int | None = None,
+    tile_n: int | None = None,
+    warp_specialize: bool = False,
+    tma: bool | None = None,
     out: torch.Tensor | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
-    ``out`` (optional) is written in place: tests pass a NaN-filled tensor to catch unwritten elements.
+    ``tile_m`` / ``tile_n`` / ``num_warps`` / ``num_stages`` shape the launch (tiles divide the mask's
+    ``block_m`` / ``block_n``; defaults are the block sizes, 8 warps at head_dim 128, 3 stages), tuned on an H100
+    by ``eval/bench_kernels.py``. ``out`` (optional) is written in place: tests pass a NaN-filled tensor to catch
+    unwritten elements.
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use backend='torch'")
@@ -155,9 +228,18 @@ def block_sparse_attention_triton(
         bias = key_bias.float()
     bias_strides = (bias.stride(0), bias.stride(1), bias.stride(2)) if key_bias is not None else (0, 0, 0)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    grid = (math.ceil(s_q / block_m), b * h)
-    idx = kv_block_indices
-    cnt = kv_block_counts
+    tile_m = min(tile_m or block_m, block_m)
+    tile_n = min(tile_n or block_n, block_n)
+    if block_m % tile_m or block_n % tile_n or tile_m < 16 or tile_n < 16:
+        raise ValueError(f"tiles ({tile_m}, {tile_n}) must be powers of two >= 16 dividing the blocks "
+                         f"({block_m}, {block_n})")
+    use_tma = _tma_usable(k, v) if tma is None else tma
+    if use_tma and not _tma_usable(k, v):
+        raise ValueError("tma=True needs a Hopper-class GPU (or the interpreter) and 16-byte aligned K/V rows")
+    grid = (math.ceil(s_q / tile_m), b * h)
+    # The kernel walks a row's list and the counts with unit stride (other strides may be 0: broadcast lists).
+    idx = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
+    cnt = kv_block_counts if kv_block_counts.stride(-1) == 1 else kv_block_counts.contiguous()
     _block_sparse_fwd[grid](
         q, k, v, bias, out, lse, idx, cnt,
         q.stride(0), q.stride(1), q.stride(2),
@@ -171,10 +253,15 @@ def block_sparse_attention_triton(
         h, s_q, k.shape[1], scale * LOG2E,
         HAS_BIAS=key_bias is not None,
         STORE_LSE=return_lse,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
+        MASK_BLOCK_M=block_m,
+        MASK_BLOCK_N=block_n,
+        TILE_M=tile_m,
+        TILE_N=tile_n,
         HEAD_DIM=d,
+        RAGGED=k.shape[1] % block_n != 0,  # also covers tiles of the last block that lie wholly past kv_len
+        WARP_SPECIALIZE=warp_specialize,
+        USE_TMA=use_tma,
         num_warps=num_warps or (8 if d >= 128 else 4),
-        num_stages=num_stages or 2,
+        num_stages=num_stages or 3,
     )
     return (out, lse) if return_lse else out

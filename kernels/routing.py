@@ -16,16 +16,21 @@ import torch
 
 
 def pool_blocks(x: torch.Tensor, block: int, length: int | None = None) -> torch.Tensor:
-    """Mean of each block of ``block`` rows of (B, S, H, D) → (B, H, n_blocks, D); a ragged last block averages
-    only its real rows."""
+    """Mean of each block of ``block`` rows of (B, S, H, D) → (B, H, n_blocks, D) in fp32; a ragged last block
+    averages only its real rows.
+
+    Sums in fp32 straight from the input's dtype (no fp32 copy of the keys: at 131k cached keys that copy alone
+    cost more than the sparse attention it routes).
+    """
     length = x.shape[1] if length is None else length
-    x = x[:, :length]
-    n = math.ceil(length / block)
-    pad = n * block - length
-    summed = torch.nn.functional.pad(x.float(), (0, 0, 0, 0, 0, pad)).unflatten(1, (n, block)).sum(2)
-    counts = torch.full((n,), float(block), device=x.device)
-    counts[-1] = block - pad
-    return (summed / counts.view(1, n, 1, 1)).permute(0, 2, 1, 3)
+    n_full, tail = divmod(length, block)
+    parts = []
+    if n_full:
+        parts.append(x[:, : n_full * block].unflatten(1, (n_full, block)).sum(2, dtype=torch.float32) / block)
+    if tail:
+        parts.append(x[:, n_full * block : length].sum(1, keepdim=True, dtype=torch.float32) / tail)
+    pooled = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    return pooled.permute(0, 2, 1, 3)
 
 
 def route_blocks(
@@ -38,11 +43,17 @@ def route_blocks(
     top_p: float | None = None,
     always: Sequence[int] | torch.Tensor | None = None,
     kv_length: int | None = None,
+    key_summary: torch.Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, head, query block): the key blocks to attend to.
 
     ``always``: key block ids every query block keeps (e.g. sink blocks and the current chunk's blocks).
     With ``top_k`` and ``top_p`` both None every block is kept (dense). Deterministic for a fixed input.
+    ``key_summary``: the keys' block means ``pool_blocks(k, block_n)`` (B, H, n_blocks, D) when the caller keeps
+    them (history keys do not change while a chunk is denoised), so routing does not re-read every cached key.
+    ``backend``: ``"triton"`` (fused scoring + top-k, the default on CUDA for top-k routing; ties go to the lower
+    block id), ``"torch"`` (anywhere; also the only one for ``top_p``), or None for that choice.
 
     Example:
         >>> import torch
@@ -57,9 +68,8 @@ def route_blocks(
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
     kv_length = k.shape[1] if kv_length is None else kv_length
     qs = pool_blocks(q, block_m)  # (B, H, nQ, D)
-    ks = pool_blocks(k, block_n, kv_length)  # (B, H, nK, D)
+    ks = pool_blocks(k, block_n, kv_length) if key_summary is None else key_summary  # (B, H, nK, D)
     n_kv = ks.shape[2]
-    scores = torch.einsum("bhqd,bhkd->bhqk", qs, ks) / math.sqrt(q.shape[-1])
     forced = torch.zeros(n_kv + 1, dtype=torch.bool, device=q.device)  # the last entry absorbs invalid ids
     if always is not None:
         if isinstance(always, torch.Tensor):
@@ -69,13 +79,27 @@ def route_blocks(
             ids = ids.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else ids
         forced.scatter_(0, torch.where((ids >= 0) & (ids < n_kv), ids, n_kv), True)
     forced = forced[:n_kv]
+    choice = backend or ("triton" if q.is_cuda else "torch")
+    if choice not in ("torch", "triton"):
+        raise ValueError(f"routing backend {choice!r} is not 'torch' or 'triton'")
+    if choice == "triton" and top_p is None and top_k is not None:
+        from .routing_triton import route_topk_triton
+
+        return route_topk_triton(qs, ks, top_k, forced, 1.0 / math.sqrt(q.shape[-1]))
+    scores = torch.einsum("bhqd,bhkd->bhqk", qs, ks) / math.sqrt(q.shape[-1])
     if top_k is None and top_p is None:
         keep = torch.ones_like(scores, dtype=torch.bool)
     else:
-        # Rank by score; ties broken by block id (argsort is stable) so the selection is deterministic.
-        order = torch.argsort(-scores, dim=-1, stable=True)
         keep = torch.zeros_like(scores, dtype=torch.bool)
-        if top_k is not None:
+        if top_p is None and top_k is not None and top_k < n_kv:
+            # top-k alone: a partial selection (deterministic for a fixed input), much cheaper than a full sort.
+            keep.scatter_(-1, scores.topk(top_k, dim=-1, sorted=False).indices, True)
+        elif top_p is None:
+            keep.fill_(True)
+        else:
+            # Rank by score; ties broken by block id (argsort is stable) so the selection is deterministic.
+            order = torch.argsort(-scores, dim=-1, stable=True)
+        if top_k is not None and top_p is not None:
             rank_ok = torch.arange(n_kv, device=q.device) < top_k
             keep.scatter_(-1, order, rank_ok.expand_as(order))
         if top_p is not None:

@@ -92,7 +92,7 @@ class TemporalMerge(CacheKeeper):
         live = cache.frame_index[:end] == frame - 1
         table = torch.full((tpf + 1,), -1, dtype=torch.int64, device=device)
         table.scatter_(0, torch.where(live, cache.token_pos[:end], tpf), torch.arange(end, device=device))
-        table[tpf] = -1
+        table.narrow(0, tpf, 1).fill_(-1)  # a fill kernel: `table[tpf] = -1` would copy a host scalar (a sync)
         cand = table[self._candidates(chunk, device)]  # (T, K)
         valid = cand >= 0
         safe = cand.clamp(min=0)

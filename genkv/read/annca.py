@@ -27,6 +27,39 @@ class TopKPromptAttention:
     def __init__(self, top_k: int, per: str = "frame") -> None:
         self.top_k = top_k
         self.per = per
+        self._constants: dict[tuple, tuple] = {}
+
+    def _prompt_constants(
+        self, key: torch.Tensor, value: torch.Tensor, lengths: list[int], layer_index: int, store: Any
+    ) -> tuple[torch.Tensor, dict]:
+        """Real lengths on the device and the folded padding key of this layer: constant for a prompt, so made
+        once per (prompt, branch, layer) rather than at every step (a dozen small launches each time)."""
+        version = getattr(store, "prompt_version", None)
+        cache_key = (version, getattr(store, "branch", None), layer_index, tuple(lengths), key.data_ptr())
+        if store is not None and cache_key in self._constants:
+            return self._constants[cache_key]
+        b, length = key.shape[0], key.shape[1]
+        real = torch.tensor(lengths, dtype=torch.long)
+        if key.is_cuda:  # pinned and non-blocking: the host does not wait for the GPU
+            real = real.pin_memory().to(key.device, non_blocking=True)
+        extra: dict = {}
+        if max(lengths) < length:
+            # All padding rows share one key/value: fold them into one key with log(count) on its logit
+            # (-inf for a prompt without padding).
+            n_pad = (length - real).clamp(min=0)
+            rows = torch.arange(b, device=key.device)
+            pad_row = real.clamp(max=length - 1)
+            no_pad = torch.full((b,), -float("inf"), device=key.device)
+            extra = dict(
+                extra_k=key[rows, pad_row],
+                extra_v=value[rows, pad_row],
+                extra_bias=torch.where(n_pad > 0, n_pad.clamp(min=1).float().log(), no_pad),
+            )
+        if store is not None:
+            if any(k[0] != version for k in self._constants):  # a new prompt: forget the old one's
+                self._constants = {k: v for k, v in self._constants.items() if k[0] == version}
+            self._constants[cache_key] = (real, extra)
+        return real, extra
 
     def attend(
         self,
@@ -51,26 +84,10 @@ class TopKPromptAttention:
             if store is not None:
                 store.read_stats[("cross_density", layer_index)] = 1.0
             return dispatch_attention_fn(query, key, value, backend=backend, parallel_config=None)
-        real = torch.tensor(lengths, dtype=torch.long)
-        if key.is_cuda:  # pinned and non-blocking: the host does not wait for the GPU
-            real = real.pin_memory().to(key.device, non_blocking=True)
-
+        real, extra = self._prompt_constants(key, value, lengths, layer_index, store)
         indices, valid = select_prompt_tokens(
             query, key, tokens_per_group=s // groups, top_k=self.top_k, valid_length=real
         )
-        extra = {}
-        if max(lengths) < length:
-            # All padding rows share one key/value: fold them into one key with log(count) on its logit
-            # (-inf for a prompt without padding).
-            n_pad = (length - real).clamp(min=0)
-            rows = torch.arange(b, device=key.device)
-            pad_row = real.clamp(max=length - 1)
-            no_pad = torch.full((b,), -float("inf"), device=key.device)
-            extra = dict(
-                extra_k=key[rows, pad_row],
-                extra_v=value[rows, pad_row],
-                extra_bias=torch.where(n_pad > 0, n_pad.clamp(min=1).float().log(), no_pad),
-            )
         if store is not None:
             store.read_stats[("cross_density", layer_index)] = (indices.shape[-1] + bool(extra)) / length
         return sparse_cross_attention(query, key, value, indices, valid, **extra)

@@ -30,6 +30,8 @@ class DenseSelfAttention:
     ) -> torch.Tensor:
         mask = None
         if key_bias is not None:
+            if _biased_dense_on_triton(query):
+                return _dense_with_bias_triton(query, key, value, key_bias)
             mask = key_bias.permute(0, 2, 1).unsqueeze(2).to(query.dtype)  # (B, H, 1, S_kv)
         return dispatch_attention_fn(
             query,
@@ -41,6 +43,27 @@ class DenseSelfAttention:
             backend=backend,
             parallel_config=parallel_config,
         )
+
+
+def _biased_dense_on_triton(query: torch.Tensor) -> bool:
+    """SDPA with a float mask falls back to slow kernels that materialise (B, H, S_q, S_kv) logits; the
+    block-sparse kernel takes the per-key bias natively, so on CUDA dense + bias runs there, every block listed."""
+    from genkv.kernels.block_sparse import triton_available
+
+    return (query.is_cuda and triton_available() and query.shape[-1] in (16, 32, 64, 128)
+            and query.dtype in (torch.float16, torch.bfloat16))
+
+
+def _dense_with_bias_triton(query, key, value, key_bias, block: int = 128) -> torch.Tensor:
+    from genkv.kernels import block_sparse_attention
+
+    b, s_q, h, _ = query.shape
+    n_q, n_kv = -(-s_q // block), -(-key.shape[1] // block)
+    # Every query block lists every key block: broadcast views (stride 0), nothing materialised.
+    indices = torch.arange(n_kv, device=query.device, dtype=torch.int32).expand(b, h, n_q, n_kv)
+    counts = torch.full((b, h, n_q), n_kv, device=query.device, dtype=torch.int32)
+    return block_sparse_attention(query, key, value, indices, counts, key_bias=key_bias, block_m=block,
+                                  block_n=block, backend="triton")
 
 
 class DenseCrossAttention:

@@ -30,6 +30,7 @@ class StreamingVAEDecoder:
     def __init__(self, vae: AutoencoderKLWan, channels_last: bool = False) -> None:
         self.vae = vae
         self.channels_last = channels_last
+        self._stats: dict = {}
         if channels_last:
             # cuDNN's tensor-core 3-D convolutions want channels-last (NDHWC) activations and weights.
             for module in vae.decoder.modules():
@@ -44,9 +45,13 @@ class StreamingVAEDecoder:
 
     def denormalize(self, latents: torch.Tensor) -> torch.Tensor:
         """Undo the latent normalisation the diffusion model works in (Wan's per-channel mean / std)."""
-        cfg = self.vae.config
-        mean = torch.tensor(cfg.latents_mean, device=latents.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
-        std = torch.tensor(cfg.latents_std, device=latents.device, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        cached = self._stats.get(latents.device)
+        if cached is None:  # made once per device: a host list copied to the GPU every chunk is a sync each time
+            cfg = self.vae.config
+            cached = tuple(torch.tensor(v, dtype=torch.float32).view(1, -1, 1, 1, 1).to(latents.device)
+                           for v in (cfg.latents_mean, cfg.latents_std))
+            self._stats[latents.device] = cached
+        mean, std = cached
         return latents.float() * std + mean
 
     @torch.no_grad()

@@ -1,5 +1,6 @@
 """route_blocks: selection rules, determinism, and the dense limit."""
 
+import pytest
 import torch
 
 from genkv.kernels import block_sparse_attention, pool_blocks, route_blocks
@@ -53,3 +54,36 @@ def test_invalid_always_ids_are_ignored_and_bad_arguments_raise():
         route_blocks(q, k, top_k=0)
     with pytest.raises(ValueError, match="top_p"):
         route_blocks(q, k, top_p=1.5)
+
+
+def _triton_available():
+    from genkv.kernels.block_sparse import triton_available
+
+    return triton_available()
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("n_kv_tokens,top_k", [(1000, 5), (5000, 40), (300, 50)])
+def test_fused_triton_routing_matches_an_exact_float64_top_k(n_kv_tokens, top_k):
+    """The fused kernel (scores + bisection top-k) selects exactly the k best blocks of a float64 ranking."""
+    g = torch.Generator().manual_seed(n_kv_tokens)
+    q, k = torch.randn(1, 40, 3, 32, generator=g), torch.randn(1, n_kv_tokens, 3, 32, generator=g)
+    always = [0, 3]
+    idx, counts = route_blocks(q, k, block_m=16, block_n=16, top_k=top_k, always=always, backend="triton")
+    scores = torch.einsum("bhqd,bhkd->bhqk", pool_blocks(q, 16).double(), pool_blocks(k, 16).double())
+    n_kv = scores.shape[-1]
+    for h in range(3):
+        for m in range(scores.shape[2]):
+            want = set(scores[0, h, m].topk(min(top_k, n_kv)).indices.tolist()) | set(always)
+            n = int(counts[0, h, m])
+            assert idx[0, h, m, :n].tolist() == sorted(want)
+            assert sorted(idx[0, h, m].tolist()) == list(range(n_kv))  # the rest follows: a permutation
+
+
+@pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
+def test_fused_triton_routing_breaks_ties_toward_lower_block_ids():
+    q = torch.ones(1, 16, 1, 16)
+    k = torch.ones(1, 16 * 6, 1, 16)  # six identical key blocks: all scores tie
+    k[:, 16:32] = -1.0  # block 1 scores lowest
+    idx, counts = route_blocks(q, k, block_m=16, block_n=16, top_k=3, backend="triton")
+    assert counts.item() == 3 and idx[0, 0, 0, :3].tolist() == [0, 2, 3]

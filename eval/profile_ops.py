@@ -1,0 +1,139 @@
+"""Where a method's chunk time goes, op by op: torch.profiler over a few steady-state chunks of a rollout.
+
+    python eval/profile_ops.py --methods fastar rolling:window_frames=21 --frames 96 --out runs/ops.json
+
+Builds the same random-weight pipeline as ``eval/bench_rollout.py`` (Wan2.1-1.3B shapes, 480x832), renders
+``--frames`` frames per method, profiles the last ``--chunks`` chunks and prints the top ops by self device
+time and by self host time. Writes the tables as JSON (and a Chrome trace per method with ``--trace``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rollout import build_pipeline, parse_spec  # noqa: E402
+
+
+def top_ops(prof, key: str, limit: int) -> list[dict]:
+    rows = []
+    for evt in prof.key_averages():
+        rows.append({
+            "name": evt.key[:90],
+            "calls": evt.count,
+            "self_device_ms": getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0)) / 1e3,
+            "self_host_ms": evt.self_cpu_time_total / 1e3,
+        })
+    rows.sort(key=lambda r: -r[key])
+    return rows[:limit]
+
+
+def sync_call_sites(fn) -> list[tuple[str, int]]:
+    """Call ``fn`` under ``torch.cuda.set_sync_debug_mode("warn")``; count the repo call sites that synchronize."""
+    import collections
+    import traceback
+    import warnings
+
+    counts: collections.Counter = collections.Counter()
+    original = warnings.showwarning
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if any(p in f.filename for p in ("/genkv/", "/kernels/", "/pipelines/", "/diffusers/"))]
+        site = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in reversed(frames[-3:]))
+        counts[site or f"{filename}:{lineno}"] += 1
+
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = original
+    return counts.most_common(25)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import genkv
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["fastar"])
+    parser.add_argument("--frames", type=int, default=96)
+    parser.add_argument("--chunks", type=int, default=2, help="profiled chunks at the end of the rollout")
+    parser.add_argument("--model", default="wan-1.3b")
+    parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--stacks", action="store_true",
+                        help="also print the Python call sites of host memcpys / syncs (profiler with_stack)")
+    parser.add_argument("--sync-debug", action="store_true",
+                        help="run one more chunk with torch.cuda.set_sync_debug_mode and list the syncing call sites")
+    parser.add_argument("--out", type=Path, default=Path("profile_ops.json"))
+    args = parser.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe, embeds = build_pipeline(args.model, device, dtype)
+    frames_per_chunk = 4 * pipe.config.num_frames_per_chunk
+    total_chunks = max(args.chunks + 1, args.frames // frames_per_chunk)
+    result = {}
+    activities = [torch.profiler.ProfilerActivity.CPU] + (
+        [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    for spec in args.methods:
+        genkv.apply_genkv(pipe, parse_spec(spec))
+        stream = pipe.stream(prompt_embeds=embeds, num_frames=(total_chunks + 1) * frames_per_chunk,
+                             generator=torch.Generator(device=device).manual_seed(0), overlap_decode=False)
+        for _ in range(total_chunks - args.chunks):
+            next(stream)
+        with torch.profiler.profile(activities=activities, with_stack=args.stacks) as prof:
+            for _ in range(args.chunks):
+                next(stream)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+        if args.sync_debug and device.type == "cuda":
+            result.setdefault(spec, {})
+            sync_sites = sync_call_sites(lambda: next(stream))
+            print(f"\n== {spec}: synchronizing calls in one chunk, by call site ==")
+            for site, n in sync_sites:
+                print(f"{n:6d}x  {site}")
+        stream.close()
+        genkv.remove_genkv(pipe)
+        key = "self_device_ms" if device.type == "cuda" else "self_host_ms"
+        result[spec] = {"sync_sites": sync_sites} if args.sync_debug and device.type == "cuda" else {}
+        result[spec] |= {"by_device": top_ops(prof, key, args.top), "by_host": top_ops(prof, "self_host_ms", args.top)}
+        if args.stacks:
+            sites = []
+            for evt in prof.key_averages(group_by_stack_n=12):
+                if evt.key in ("cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
+                               "aten::_local_scalar_dense", "cudaHostAlloc", "cudaEventSynchronize", "aten::_pin_memory",
+                               "cudaStreamWaitEvent", "cudaEventQuery"):
+                    frames = [f for f in evt.stack if ("genkv" in f or "kernels" in f or "pipelines" in f
+                                                       or "diffusers" in f)][:4]
+                    sites.append({"op": evt.key, "calls": evt.count, "host_ms": evt.self_cpu_time_total / 1e3,
+                                  "stack": frames})
+            sites.sort(key=lambda r: -r["host_ms"])
+            result[spec]["memcpy_sites"] = sites[:30]
+            print(f"\n== {spec}: host copies / syncs by call site ==")
+            for r in sites[:30]:
+                print(f"{r['host_ms']:8.1f} host ms {r['calls']:6d}x {r['op']}")
+                for f in r["stack"]:
+                    print(f"      {f}")
+        if args.trace:
+            prof.export_chrome_trace(str(args.out.with_name(f"{args.out.stem}_{spec.split(':')[0]}.trace.json")))
+        for title, rows in (("device", result[spec]["by_device"]), ("host", result[spec]["by_host"])):
+            print(f"\n== {spec}: top ops by self {title} time over {args.chunks} chunks ==")
+            for r in rows:
+                print(f"{r['self_device_ms']:9.1f} dev ms {r['self_host_ms']:9.1f} host ms {r['calls']:7d}x  {r['name']}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
