@@ -82,64 +82,98 @@ class TemporalMerge(CacheKeeper):
         return self._neighbours[key]
 
     @torch.no_grad()
-    def _merge_frame(self, cache: "LayerKVCache", frame: int, first_slot: int, chunk: "ChunkInfo") -> torch.Tensor:
-        """Merge the staged tokens of ``frame`` (slots ``first_slot + [0, T)``); returns their merged mask (T,)."""
+    def _similarities(self, cache: "LayerKVCache", chunk: "ChunkInfo", frames: list[int]) -> tuple:
+        """Candidate slots (F, T, K) and their similarity to each staged token (F, T, K), for all merging frames
+        of the chunk in one batched pass.
+
+        A group takes the newest key, so frame j's correspondents carry exactly frame j-1's *staged* keys
+        whether or not those merged: the similarities of every frame can be computed before any merge. Frame 0
+        of the chunk looks up the previous frame's live slots in the history; later frames point at the staged
+        slots of the frame before (redirected to their group's slot while merging, see :meth:`_merge_chunk`).
+        """
         tpf = chunk.tokens_per_frame
         device = cache.k.device
-        end = cache.length + cache.staged
-        new_slots = torch.arange(first_slot, first_slot + tpf, device=device)
-        # Slot of each spatial position of the previous frame (-1 where it is gone); no host sync.
-        live = cache.frame_index[:end] == frame - 1
-        table = torch.full((tpf + 1,), -1, dtype=torch.int64, device=device)
-        table.scatter_(0, torch.where(live, cache.token_pos[:end], tpf), torch.arange(end, device=device))
-        table.narrow(0, tpf, 1).fill_(-1)  # a fill kernel: `table[tpf] = -1` would copy a host scalar (a sync)
-        cand = table[self._candidates(chunk, device)]  # (T, K)
+        nbr = self._candidates(chunk, device)  # (T, K) positions
+        first = cache.length
+        cands = []
+        for j in frames:
+            if j == 0:
+                end = cache.length + cache.staged
+                # Slot of each spatial position of the previous frame (-1 where it is gone); no host sync.
+                live = cache.frame_index[:end] == chunk.frame_start - 1
+                table = torch.full((tpf + 1,), -1, dtype=torch.int64, device=device)
+                table.scatter_(0, torch.where(live, cache.token_pos[:end], tpf), torch.arange(end, device=device))
+                table.narrow(0, tpf, 1).fill_(-1)  # a fill kernel: `table[tpf] = -1` copies a host scalar (a sync)
+                cands.append(table[nbr])
+            else:
+                cands.append(first + (j - 1) * tpf + nbr)
+        cand = torch.stack(cands)  # (F, T, K)
         valid = cand >= 0
         safe = cand.clamp(min=0)
-
-        k_new = cache.k[:, new_slots].float()  # (B, T, H, D)
-        k_old = cache.k[:, safe.flatten()].float().unflatten(1, safe.shape)  # (B, T, K, H, D)
-        exact = (k_old == k_new.unsqueeze(2)).all(dim=-1)
-        cos = torch.nn.functional.cosine_similarity(k_old, k_new.unsqueeze(2), dim=-1, eps=1e-12)
+        new_slots = torch.cat([torch.arange(first + j * tpf, first + (j + 1) * tpf, device=device) for j in frames])
+        k_new = cache.k[:, new_slots].float().unflatten(1, (len(frames), tpf))  # (B, F, T, H, D)
+        k_old = cache.k[:, safe.flatten()].float().unflatten(1, safe.shape)  # (B, F, T, K, H, D)
+        k_new = k_new.unsqueeze(3)
+        exact = (k_old == k_new).all(dim=-1)
+        cos = torch.nn.functional.cosine_similarity(k_old, k_new, dim=-1, eps=1e-12)
         cos = torch.where(exact, torch.ones_like(cos), cos)
-        score = cos.amin(dim=-1).amin(dim=0)  # (T, K): every head of every video must agree
+        score = cos.amin(dim=-1).amin(dim=0)  # (F, T, K): every head of every video must agree
         score = torch.where(valid, score, torch.full_like(score, -float("inf")))
-        best, arg = score.max(dim=-1)
-        target = safe.gather(1, arg[:, None]).squeeze(1)
-        match = best >= self.threshold
+        return safe, score
 
-        if self.radius > 0:  # two tokens may pick one group: the better match wins (ties: lower position)
-            cap = cache.capacity
-            where_t = torch.where(match, target, cap)
-            top = torch.full((cap + 1,), -float("inf"), device=device).scatter_reduce(
-                0, where_t, torch.where(match, best, -float("inf")), "amax"
-            )
-            match = match & (best == top[target])
-            ids = torch.arange(tpf, device=device)
-            first = torch.full((cap + 1,), tpf, device=device, dtype=torch.int64).scatter_reduce(
-                0, torch.where(match, target, cap), torch.where(match, ids, tpf), "amin"
-            )
-            match = match & (ids == first[target])
-
-        # Update the groups in place. Unmatched tokens "update" their own slot with its own values, so every
-        # index below is unique and the writes need no host-side selection.
-        dest = torch.where(match, target, new_slots)
-        c_old = cache.token_count[dest]
-        c_new = torch.where(match, c_old + 1, c_old)
-        v_dest = cache.v[:, dest].float()
-        v_src = cache.v[:, new_slots].float()
-        w_old = (c_old / c_new).view(1, -1, 1, 1)
-        mean_v = torch.where(match.view(1, -1, 1, 1), v_dest * w_old + v_src * (1 - w_old), v_dest)
-        cache.v.index_copy_(1, dest, mean_v.to(cache.v.dtype))
-        cache.k.index_copy_(1, dest, cache.k[:, new_slots])
-        cache.token_count.index_copy_(0, dest, c_new)
-        cache.frame_index.index_copy_(0, dest, torch.full_like(dest, frame))
-        cache.token_pos.index_copy_(0, dest, cache.token_pos[new_slots])
+    @torch.no_grad()
+    def _merge_chunk(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
+        """Merge the staged frames of the chunk into their temporal correspondents, frame after frame."""
+        frames = [j for j in range(chunk.num_frames) if chunk.frame_start + j - 1 >= self.sink_frames]
+        if not frames or self.threshold > 1.0:
+            return
+        tpf = chunk.tokens_per_frame
+        device = cache.k.device
+        first = cache.length
+        safe, score = self._similarities(cache, chunk, frames)
+        best_all, arg_all = score.max(dim=-1)  # (F, T)
+        target_all = safe.gather(2, arg_all[..., None]).squeeze(2)  # (F, T) slots
+        # home[i]: the slot that holds staged token i's key after the merges so far (its own, or its group's).
+        home = torch.arange(first, first + cache.staged, device=device)
+        ids = torch.arange(tpf, device=device)
         bias = cache.enable_bias()
-        bias.index_copy_(1, dest, c_new.log().view(1, -1, 1).expand(bias.shape[0], -1, bias.shape[2]))
-        # The merged tokens' own slots are free now.
-        cache.frame_index[new_slots] = torch.where(match, _DEAD, cache.frame_index[new_slots])
-        return match
+        for n, j in enumerate(frames):
+            frame = chunk.frame_start + j
+            new_slots = torch.arange(first + j * tpf, first + (j + 1) * tpf, device=device)
+            best = best_all[n]
+            target = target_all[n]
+            if j > 0:  # staged slot of frame j-1 -> where that token lives now
+                target = home[target - first]
+            match = best >= self.threshold
+            if self.radius > 0:  # two tokens may pick one group: the better match wins (ties: lower position)
+                cap = cache.capacity
+                top = torch.full((cap + 1,), -float("inf"), device=device).scatter_reduce(
+                    0, torch.where(match, target, cap), torch.where(match, best, -float("inf")), "amax"
+                )
+                match = match & (best == top[target])
+                lowest = torch.full((cap + 1,), tpf, device=device, dtype=torch.int64).scatter_reduce(
+                    0, torch.where(match, target, cap), torch.where(match, ids, tpf), "amin"
+                )
+                match = match & (ids == lowest[target])
+
+            # Update the groups in place. Unmatched tokens "update" their own slot with its own values, so every
+            # index below is unique and the writes need no host-side selection.
+            dest = torch.where(match, target, new_slots)
+            c_old = cache.token_count[dest]
+            c_new = torch.where(match, c_old + 1, c_old)
+            v_dest = cache.v[:, dest].float()
+            v_src = cache.v[:, new_slots].float()
+            w_old = (c_old / c_new).view(1, -1, 1, 1)
+            mean_v = torch.where(match.view(1, -1, 1, 1), v_dest * w_old + v_src * (1 - w_old), v_dest)
+            cache.v.index_copy_(1, dest, mean_v.to(cache.v.dtype))
+            cache.k.index_copy_(1, dest, cache.k[:, new_slots])
+            cache.token_count.index_copy_(0, dest, c_new)
+            cache.frame_index.index_copy_(0, dest, torch.full_like(dest, frame))
+            cache.token_pos.index_copy_(0, dest, cache.token_pos[new_slots])
+            bias.index_copy_(1, dest, c_new.log().view(1, -1, 1).expand(bias.shape[0], -1, bias.shape[2]))
+            # The merged tokens' own slots are free now.
+            cache.frame_index[new_slots] = torch.where(match, _DEAD, cache.frame_index[new_slots])
+            home[j * tpf : (j + 1) * tpf] = dest
 
     def commit(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
         self.commit_layers([cache], chunk)
@@ -152,10 +186,7 @@ class TemporalMerge(CacheKeeper):
         tpf = chunk.tokens_per_frame
         for cache in caches:  # 1. merges: device work only
             cache.enable_bias()
-            for j in range(chunk.num_frames):
-                frame = chunk.frame_start + j
-                if frame - 1 >= self.sink_frames and self.threshold <= 1.0:
-                    self._merge_frame(cache, frame, cache.length + j * tpf, chunk)
+            self._merge_chunk(cache, chunk)
         # 2. which staged slots survived (one sync), compacted right after each layer's history
         alive = torch.stack(
             [c.frame_index[c.length : c.length + c.staged] != _DEAD for c in caches]

@@ -25,14 +25,14 @@ class FastAR(SparseReadFields, GenKVMethod):
     Example:
         >>> import genkv
         >>> genkv.get_method("fastar").budget_frames
-        21
+        18
     """
 
     name: ClassVar[str] = "fastar"
     threshold: float = 0.95
     radius: int = 1
     sink_frames: int = 1
-    budget_frames: int = 21
+    budget_frames: int = 18
     max_tokens: int | None = None
     prompt_top_k: int = 32
     per: str = "frame"

@@ -20,7 +20,8 @@ class TempCache(GenKVMethod):
             correspondent; 1.0 merges exact duplicates only (exact attention), above 1 never merges.
         radius: spatial neighbourhood (in tokens) searched in the previous frame; 0 = same position only.
         sink_frames: first latent frames kept verbatim forever (never merged, never evicted).
-        budget_frames: token budget per layer, in frames' worth of tokens (21 = Self-Forcing's window).
+        budget_frames: history token budget per layer, in frames' worth of tokens (18 history frames + the
+            3-frame chunk = the KV memory of Self-Forcing's 21-frame window, ``rolling``'s default).
         max_tokens: token budget per layer in tokens; overrides ``budget_frames`` when set.
 
     Example:
@@ -33,7 +34,7 @@ class TempCache(GenKVMethod):
     threshold: float = 0.95
     radius: int = 1
     sink_frames: int = 0
-    budget_frames: int = 21
+    budget_frames: int = 18
     max_tokens: int | None = None
 
     def validate(self) -> None:
