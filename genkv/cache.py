@@ -3,8 +3,10 @@
 Layout (one :class:`LayerKVCache` per attention layer and CFG branch)::
 
     k, v        (B, capacity, H, D)   post-norm, post-RoPE keys and raw values, in diffusers' layout
-    key_bias    (B, capacity, H)      float32 additive logit bias per key and head (None = all zero);
-                                      log(count) for merged keys, -inf for an empty slot
+    key_bias    (1, capacity, 1)      float32 additive logit bias per slot (None = all zero), handed to readers
+                                      as a (B, S, H) broadcast view: log(count) for merged keys, -inf for an
+                                      empty slot. One value per slot, because keepers decide merges jointly
+                                      over batch and heads (so every slot means the same in every head)
     frame_index (capacity,)           latent frame each token came from (absolute, never re-based)
     token_pos   (capacity,)           spatial index of the token inside its frame (h * W + w)
     token_count (capacity,)           original tokens a slot stands for (1; more once a keeper merges)
@@ -95,7 +97,7 @@ class LayerKVCache:
         token_count = torch.ones(capacity, dtype=torch.float32, device=like.device)
         key_bias = None
         if self.key_bias is not None:
-            key_bias = torch.zeros(b, capacity, h, dtype=torch.float32, device=like.device)
+            key_bias = torch.zeros(1, capacity, 1, dtype=torch.float32, device=like.device)
         if self.k is not None and n:
             k[:, :n] = self.k[:, :n]
             v[:, :n] = self.v[:, :n]
@@ -131,11 +133,10 @@ class LayerKVCache:
             self._allocate(like, needed)
 
     def enable_bias(self) -> torch.Tensor:
-        """Allocate the per-key bias (zeros) on first use and return it."""
+        """Allocate the per-slot bias (zeros, ``(1, capacity, 1)``) on first use and return it."""
         if self.key_bias is None:
             assert self.k is not None
-            b, cap, h, _ = self.k.shape
-            self.key_bias = torch.zeros(b, cap, h, dtype=torch.float32, device=self.k.device)
+            self.key_bias = torch.zeros(1, self.k.shape[1], 1, dtype=torch.float32, device=self.k.device)
         return self.key_bias
 
     # -- the hot path --------------------------------------------------------------------------------
@@ -151,7 +152,7 @@ class LayerKVCache:
         bias = None
         if self.key_bias is not None:
             self.key_bias[:, self.length : end] = 0.0
-            bias = self.key_bias[:, :end]
+            bias = self.key_bias[:, :end].expand(key.shape[0], end, key.shape[2])
         return self.k[:, :end], self.v[:, :end], bias
 
     def history(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -159,7 +160,7 @@ class LayerKVCache:
         if self.k is None:
             raise RuntimeError("the cache is empty")
         n = self.length
-        bias = None if self.key_bias is None else self.key_bias[:, :n]
+        bias = None if self.key_bias is None else self.key_bias[:, :n].expand(self.k.shape[0], n, self.k.shape[2])
         return self.k[:, :n], self.v[:, :n], bias
 
     def label_staged(self, chunk: ChunkInfo) -> None:
@@ -199,7 +200,7 @@ class LayerKVCache:
             return 0
         per_token = 2 * self.k[:, :1].numel() * self.k.element_size()
         if self.key_bias is not None:
-            per_token += self.key_bias[:, :1].numel() * 4
+            per_token += 4  # one float32 per slot
         return per_token * self.length
 
 

@@ -170,7 +170,7 @@ class TemporalMerge(CacheKeeper):
             cache.token_count.index_copy_(0, dest, c_new)
             cache.frame_index.index_copy_(0, dest, torch.full_like(dest, frame))
             cache.token_pos.index_copy_(0, dest, cache.token_pos[new_slots])
-            bias.index_copy_(1, dest, c_new.log().view(1, -1, 1).expand(bias.shape[0], -1, bias.shape[2]))
+            bias.index_copy_(1, dest, c_new.log().view(1, -1, 1))
             # The merged tokens' own slots are free now.
             cache.frame_index[new_slots] = torch.where(match, _DEAD, cache.frame_index[new_slots])
             home[j * tpf : (j + 1) * tpf] = dest
