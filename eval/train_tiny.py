@@ -1,0 +1,300 @@
+"""Train the tiny sprite model genkv ships: a Wan VAE, a UMT5 text encoder and a causal Wan transformer.
+
+    python eval/train_tiny.py --out runs/sprites-tiny --minutes 7          # one GPU (the shipped model)
+    python eval/train_tiny.py --out /tmp/smoke --smoke                     # seconds on a CPU (pipeline check)
+
+Data: procedural sprite videos (``genkv.data``), 64x64, a pool generated up front by all CPU cores.
+Phase 1 trains the VAE (``AutoencoderKLWan``, base_dim 32: 8x spatial / 4x temporal, 16 latent channels) as an
+autoencoder (L1 + MSE + a light KL). Phase 2 encodes the pool once (posterior means), normalises latents per
+channel (the statistics go into the VAE config, where ``SelfForcingPipeline`` reads them) and trains the text
+encoder and the transformer jointly by flow matching with teacher forcing, chunk by chunk: a sequence holds
+``n`` clean context chunks (timestep 0, as the cache's clean pass) and one noisy target chunk, under a
+block-causal mask (a chunk sees itself and the chunks before it), with RoPE positions continuing across chunks
+exactly as in the cached rollout. The loss is on the target chunk only. The noise levels are the sampler's four
+(1, 0.9375, 0.833, 0.625) half of the time and uniform otherwise; context latents get a little noise so the
+model tolerates its own imperfect past at sampling time.
+
+Everything is seeded. Writes the pipeline folder (fp16 safetensors), ``loss.json`` and ``loss.png``; with
+``--tar`` also one tar of the folder (what comes back from a GPU run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tarfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CHUNK = 3  # latent frames per chunk, as the pipeline
+AUTOCAST = torch.cuda.is_available() or os.environ.get("GENKV_TRAIN_AUTOCAST") == "1"  # bf16 autocast
+SIGMAS = (1.0, 0.9375, 0.8333333, 0.625)  # SelfForcingScheduler's warped steps
+
+
+def _clip(args: tuple[int, int]) -> tuple[np.ndarray, str]:
+    from genkv.data import make_video
+
+    seed, frames = args
+    video = make_video(seed, frames)
+    return video.frames, video.prompt
+
+
+def make_pool(n: int, frames: int, seed: int, workers: int) -> tuple[np.ndarray, list[str]]:
+    jobs = [(seed * 1_000_003 + i, frames) for i in range(n)]
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            out = list(pool.map(_clip, jobs, chunksize=32))
+    else:
+        out = [_clip(j) for j in jobs]
+    return np.stack([o[0] for o in out]), [o[1] for o in out]
+
+
+def build_tokenizer():
+    """A word-level tokenizer over the sprite grammar (saved with the pipeline; no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    from genkv.data import vocabulary
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>"] + vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def build_models(vocab_size: int, small: bool):
+    from diffusers import AutoencoderKLWan, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    text_dim = 64
+    vae = AutoencoderKLWan(base_dim=8 if small else 32, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                           temperal_downsample=[False, True, True])
+    text_encoder = UMT5EncoderModel(UMT5Config(
+        vocab_size=vocab_size, d_model=text_dim, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, dropout_rate=0.0))
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2 if small else 4, attention_head_dim=16 if small else 48,
+        in_channels=16, out_channels=16, text_dim=text_dim, freq_dim=256, ffn_dim=64 if small else 768,
+        num_layers=2 if small else 6, cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=1024)
+    return vae, text_encoder, transformer
+
+
+def to_video_tensor(frames: np.ndarray, device) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 → (B, 3, T, H, W) in [-1, 1]."""
+    x = torch.from_numpy(frames).to(device, non_blocking=True).permute(0, 4, 1, 2, 3).float()
+    return x / 127.5 - 1.0
+
+
+class BlockCausalSelfAttn:
+    """Wraps the stock Wan processor and hands it the block-causal mask of the current training sequence."""
+
+    def __init__(self, inner, holder: dict) -> None:
+        self.inner, self.holder = inner, holder
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.inner(attn, hidden_states, encoder_hidden_states, self.holder["mask"], rotary_emb)
+
+
+def train_vae(vae, pool: np.ndarray, args, device, log: list) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed)
+    deadline = time.time() + args.vae_minutes * 60
+    step = 0
+    vae.train()
+    while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
+        idx = rng.integers(0, len(pool), args.vae_batch)
+        start = int(rng.integers(0, pool.shape[1] - 17 + 1))
+        x = to_video_tensor(pool[idx, start : start + 17], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+            posterior = vae.encode(x).latent_dist
+            z = posterior.sample()
+            recon = vae.decode(z).sample
+        recon = recon.float()
+        kl = posterior.kl().mean() / x[0].numel()
+        loss = (recon - x).abs().mean() + F.mse_loss(recon, x) + 1e-4 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if step % 20 == 0:
+            psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach(), x).item(), 1e-12))
+            log.append({"phase": "vae", "step": step, "time": time.time(), "loss": loss.item(), "psnr": psnr})
+            print(f"vae step {step:5d} loss {loss.item():.4f} recon PSNR {psnr:.2f} dB", flush=True)
+        step += 1
+    vae.eval()
+
+
+@torch.no_grad()
+def encode_pool(vae, pool: np.ndarray, device, batch: int = 64) -> torch.Tensor:
+    latents = []
+    for i in range(0, len(pool), batch):
+        x = to_video_tensor(pool[i : i + batch], device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+            latents.append(vae.encode(x).latent_dist.mean.float())
+    return torch.cat(latents)
+
+
+def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, device, log: list) -> None:
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    holder: dict = {"mask": None}
+    for block in transformer.blocks:
+        block.attn1.set_processor(BlockCausalSelfAttn(WanAttnProcessor(), holder))
+    params = list(transformer.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.99))
+    tokens = tokenizer(prompts, padding="max_length", max_length=args.max_text, truncation=True,
+                       return_attention_mask=True, return_tensors="pt")
+    ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    n_chunks = latents.shape[2] // CHUNK
+    tpf = (latents.shape[3] // 2) * (latents.shape[4] // 2)
+    deadline = time.time() + args.minutes * 60
+    step = 0
+    transformer.train()
+    text_encoder.train()
+    while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
+        warm = min(1.0, (step + 1) / 200)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * warm
+        n_ctx = int(torch.randint(0, n_chunks, (1,), generator=g))
+        idx = torch.randint(0, len(latents), (args.batch,), generator=g)
+        x0 = latents[idx, :, : (n_ctx + 1) * CHUNK].to(device)
+        b = x0.shape[0]
+        sigma = torch.where(torch.rand(b, generator=g) < 0.5,
+                            torch.tensor(SIGMAS)[torch.randint(0, 4, (b,), generator=g)],
+                            torch.rand(b, generator=g).clamp(min=0.02)).to(device)
+        noise = torch.randn(x0[:, :, -CHUNK:].shape, generator=g).to(device)
+        target = x0[:, :, -CHUNK:]
+        s = sigma.view(b, 1, 1, 1, 1)
+        noisy = (1 - s) * target + s * noise
+        context = x0[:, :, :-CHUNK]
+        if n_ctx:
+            aug = torch.rand(b, 1, 1, 1, 1, generator=g).to(device) * args.context_noise
+            context = context + aug * torch.randn(context.shape, generator=g).to(device)
+        x = torch.cat([context, noisy], dim=2)
+        frames = x.shape[2]
+        chunk_of_token = torch.arange(frames, device=device).repeat_interleave(tpf) // CHUNK
+        holder["mask"] = (chunk_of_token[None, :] <= chunk_of_token[:, None])[None, None]
+        timestep = torch.zeros(b, frames * tpf, device=device)
+        timestep[:, n_ctx * CHUNK * tpf :] = sigma.view(b, 1) * 1000
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+            embeds = text_encoder(ids[idx.to(device)], mask[idx.to(device)]).last_hidden_state
+            embeds = embeds * mask[idx.to(device)].unsqueeze(-1).to(embeds.dtype)
+            flow = transformer(x, timestep, embeds, return_dict=False)[0]
+        loss = F.mse_loss(flow[:, :, -CHUNK:].float(), noise - target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0:
+            log.append({"phase": "transformer", "step": step, "time": time.time(), "loss": loss.item(),
+                        "context_chunks": n_ctx})
+            print(f"transformer step {step:6d} loss {loss.item():.4f} (context chunks {n_ctx})", flush=True)
+        step += 1
+    for block in transformer.blocks:
+        block.attn1.set_processor(WanAttnProcessor())
+    holder["mask"] = None
+    transformer.eval()
+    text_encoder.eval()
+
+
+def plot_loss(log: list, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, phase, key in ((axes[0], "vae", "psnr"), (axes[1], "transformer", "loss")):
+        rows = [r for r in log if r["phase"] == phase]
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows])
+        ax.set_title(f"{phase}: {'reconstruction PSNR (dB)' if key == 'psnr' else 'flow-matching loss'}")
+        ax.set_xlabel("step")
+        if key == "loss":
+            ax.set_yscale("log")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--minutes", type=float, default=4.0, help="transformer training time")
+    parser.add_argument("--vae-minutes", type=float, default=2.0)
+    parser.add_argument("--pool", type=int, default=3072, help="sprite clips generated up front")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--vae-batch", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--context-noise", type=float, default=0.1)
+    parser.add_argument("--max-text", type=int, default=32)
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--smoke", action="store_true", help="tiny models and pool, a few steps (CPU check)")
+    parser.add_argument("--tar", action="store_true", help="also write <out>.tar")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.pool, args.batch, args.vae_batch = 16, 4, 2
+        args.max_steps = args.max_steps or 3
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed)
+    t0 = time.time()
+    clip_frames = 1 + 4 * (4 * CHUNK - 1)  # 45 video frames = 12 latent frames = 4 chunks
+    # Forked workers first, before anything touches CUDA.
+    pool, prompts = make_pool(args.pool, clip_frames, args.seed, workers=min(16, os.cpu_count() or 1))
+    print(f"pool: {pool.shape} in {time.time() - t0:.1f} s", flush=True)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    from genkv.pipelines import SelfForcingPipeline, SelfForcingScheduler
+    from genkv.pipelines.self_forcing.numerics import apply_self_forcing_numerics
+
+    tokenizer = build_tokenizer()
+    vae, text_encoder, transformer = build_models(len(tokenizer), args.smoke)
+    apply_self_forcing_numerics(transformer)  # train with the numerics the pipeline samples with
+    vae.to(device)
+    log: list = []
+    train_vae(vae, pool, args, device, log)
+    latents = encode_pool(vae, pool, device)
+    mean = latents.mean(dim=(0, 2, 3, 4))
+    std = latents.std(dim=(0, 2, 3, 4)).clamp(min=1e-4)
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    latents = ((latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)).cpu()
+    print(f"latents: {tuple(latents.shape)}, {time.time() - t0:.1f} s", flush=True)
+    del pool
+    text_encoder.to(device)
+    transformer.to(device)
+    train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, device, log)
+
+    pipe = SelfForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
+                               scheduler=SelfForcingScheduler(), default_height=64, default_width=64,
+                               max_sequence_length=args.max_text)
+    pipe.to("cpu", torch.float16)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    summary = {"seconds": time.time() - t0, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               "torch": torch.__version__, "args": {k: str(v) for k, v in vars(args).items()}, "log": log}
+    (args.out / "training_log.json").write_text(json.dumps(summary, indent=1))
+    plot_loss(log, args.out / "loss.png")
+    if args.tar:
+        with tarfile.open(str(args.out) + ".tar", "w") as tar:
+            tar.add(args.out, arcname=args.out.name)
+    print(f"saved {args.out} in {time.time() - t0:.1f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
