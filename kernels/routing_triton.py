@@ -32,6 +32,18 @@ if triton is not None:
     def _row_key(row, offs, n_kv):
         return _order_key(tl.load(row + offs, mask=offs < n_kv, other=float("-inf"))).to(tl.int64)
 
+    @triton.jit
+    def _selected(row, Forced, offs, n_kv, threshold, ties_seen, ties_allowed):
+        """Which of this chunk's blocks are kept (above the threshold, the first ``ties_allowed`` ties in id
+        order, or forced), and how many ties the chunk holds."""
+        ok = offs < n_kv
+        key = _row_key(row, offs, n_kv)
+        tie = ok & (key == threshold)
+        tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0) - 1
+        forced = tl.load(Forced + offs, mask=ok, other=0) != 0
+        keep = ok & ((key > threshold) | (tie & (tie_rank < ties_allowed)) | forced)
+        return keep, tl.sum(tie.to(tl.int32), 0)
+
     @triton.jit(do_not_specialize=["n_kv", "top_k"])  # they change every chunk: no recompiles
     def _route_topk_fwd(
         Scores, Forced, Idx, Cnt,
@@ -82,32 +94,22 @@ if triton is not None:
         ties_seen = 0
         for start in range(0, n_kv, CHUNK):
             offs = start + offs_c
-            ok = offs < n_kv
-            key = _row_key(row, offs, n_kv)
-            tie = ok & (key == threshold)
-            tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0) - 1
-            forced = tl.load(Forced + offs, mask=ok, other=0) != 0
-            keep = ok & ((key > threshold) | (tie & (tie_rank < ties_allowed)) | forced)
+            keep, ties = _selected(row, Forced, offs, n_kv, threshold, ties_seen, ties_allowed)
             pos = kept + tl.cumsum(keep.to(tl.int32), 0) - 1
             tl.store(idx_row + pos, offs, mask=keep)
             kept += tl.sum(keep.to(tl.int32), 0)
-            ties_seen += tl.sum(tie.to(tl.int32), 0)
+            ties_seen += ties
         tl.store(Cnt + b * stride_cb + h * stride_ch + pid_m, kept)
         dropped = 0
         ties_seen = 0
         for start in range(0, n_kv, CHUNK):
             offs = start + offs_c
-            ok = offs < n_kv
-            key = _row_key(row, offs, n_kv)
-            tie = ok & (key == threshold)
-            tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0) - 1
-            forced = tl.load(Forced + offs, mask=ok, other=0) != 0
-            keep = (key > threshold) | (tie & (tie_rank < ties_allowed)) | forced
-            rest = ok & ~keep
+            keep, ties = _selected(row, Forced, offs, n_kv, threshold, ties_seen, ties_allowed)
+            rest = (offs < n_kv) & ~keep
             pos = kept + dropped + tl.cumsum(rest.to(tl.int32), 0) - 1
             tl.store(idx_row + pos, offs, mask=rest)
             dropped += tl.sum(rest.to(tl.int32), 0)
-            ties_seen += tl.sum(tie.to(tl.int32), 0)
+            ties_seen += ties
 
 
 def route_topk_triton(
