@@ -41,6 +41,20 @@ def find_transformer(pipe_or_transformer: Any) -> torch.nn.Module:
     return module
 
 
+def _is_scale_pipeline(obj: Any) -> bool:
+    """Next-scale (VAR-style) pipelines own a pluggable cache policy instead of diffusers processors."""
+    return hasattr(obj, "new_cache") and hasattr(obj, "kv_method")
+
+
+def _apply_to_scale_pipeline(pipe: Any, config: GenKVMethod) -> Any:
+    if config.name != "full" and not hasattr(config, "build_scale_cache"):
+        raise ValueError(f"{config.name!r} works on video (Wan) pipelines; next-scale (VAR) pipelines take "
+                         "'full' or 'scalekv'")
+    pipe.kv_method = None if config.name == "full" else config
+    pipe._genkv_method = config
+    return pipe
+
+
 def _attention_layers(transformer: torch.nn.Module) -> list[tuple[int, str, Any]]:
     blocks = getattr(transformer, "blocks", None)
     layers = []
@@ -73,6 +87,8 @@ def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **ov
         >>> pipe = genkv.remove_genkv(pipe)
     """
     config = get_method(method, **overrides)
+    if _is_scale_pipeline(pipe_or_transformer):
+        return _apply_to_scale_pipeline(pipe_or_transformer, config)
     transformer = find_transformer(pipe_or_transformer)
     layers = _attention_layers(transformer)
     if hasattr(transformer, _STATE_ATTR):
@@ -114,6 +130,10 @@ def remove_genkv(pipe_or_transformer: P) -> P:
         >>> genkv.is_patched(pipe)
         False
     """
+    if _is_scale_pipeline(pipe_or_transformer):
+        pipe_or_transformer.kv_method = None
+        pipe_or_transformer.__dict__.pop("_genkv_method", None)
+        return pipe_or_transformer
     transformer = find_transformer(pipe_or_transformer)
     state: GenKVState | None = getattr(transformer, _STATE_ATTR, None)
     if state is None:
@@ -133,6 +153,8 @@ def remove_genkv(pipe_or_transformer: P) -> P:
 
 def is_patched(pipe_or_transformer: Any) -> bool:
     """Whether ``apply_genkv`` has patched this pipeline / transformer."""
+    if _is_scale_pipeline(pipe_or_transformer):
+        return hasattr(pipe_or_transformer, "_genkv_method")
     return hasattr(find_transformer(pipe_or_transformer), _STATE_ATTR)
 
 
@@ -162,6 +184,14 @@ def cache_stats(pipe_or_transformer: Any) -> dict[str, Any]:
         >>> genkv.cache_stats(pipe)["tokens"]
         0
     """
+    if _is_scale_pipeline(pipe_or_transformer):
+        # Next-scale pipelines: tokens kept (per batch row and head) and bytes, per layer after each scale.
+        config = getattr(pipe_or_transformer, "_genkv_method", None)
+        cache = pipe_or_transformer.last_cache
+        stats = cache.stats() if cache is not None else {"scales": {}, "peak_bytes": 0}
+        stats["method"] = config.name if config is not None else "full"
+        stats["config"] = config.to_dict() if config is not None else {"method": "full"}
+        return stats
     state = get_state(pipe_or_transformer)
     stats = state.store.stats()
     stats["config"] = state.method.to_dict()

@@ -104,3 +104,18 @@ def tiny_self_forcing_pipeline(seed: int = 0, device: str | torch.device = "cpu"
     if dtype != torch.float32:
         pipe.to(dtype=dtype)
     return pipe
+
+
+def tiny_var_pipeline(seed: int = 0, depth: int = 3):
+    """A random-weight VAR (``depth`` blocks, 2 heads x 16, 10 classes, vocabulary 32, scales 1-2-3-4, 16x16
+    images) that samples in well under a second on a CPU."""
+    from genkv.pipelines.var import MultiScaleVQVAE, VARConfig, VARPipeline, VARTransformer
+
+    g = torch.Generator().manual_seed(seed)
+    config = VARConfig(depth=depth, num_classes=10, vocab_size=32, z_channels=8, patch_nums=(1, 2, 3, 4), width=32,
+                       head_dim=16)
+    transformer = VARTransformer(config).init_random(g, std=0.3)
+    torch.manual_seed(seed)
+    vqvae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1,
+                            patch_nums=config.patch_nums, share_quant_resi=2)
+    return VARPipeline(transformer.eval(), vqvae.eval())

@@ -7,11 +7,13 @@ from .self_forcing import (
     StreamingVAEDecoder,
     load_self_forcing_checkpoint,
 )
+from .var import VARPipeline
 
 __all__ = [
     "CheckpointError",
     "SelfForcingPipeline",
     "SelfForcingScheduler",
     "StreamingVAEDecoder",
+    "VARPipeline",
     "load_self_forcing_checkpoint",
 ]

@@ -12,7 +12,7 @@ from .errors import CLIError
 
 app = typer.Typer(
     name="genkv",
-    help="KV-cache compression and sparse attention for autoregressive video generators.",
+    help="KV-cache compression and sparse attention for autoregressive video and image generators.",
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -91,6 +91,25 @@ def methods() -> None:
         cfg = genkv.load_preset(name)
         fields = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
         typer.echo(f"{name:12s} (preset) {fields}")
+
+
+@app.command()
+def calibrate(
+    model: str = typer.Argument(..., help="VAR checkpoint (var_d16.pth ... var_d36.pth), or 'tiny-random'."),
+    vae: Optional[Path] = typer.Option(None, "--vae", help="The VQ-VAE checkpoint (vae_ch160v4096z32.pth)."),
+    out: Path = typer.Option(Path("budgets.json"), "--out", "-o", help="Budgets JSON to write."),
+    budget: float = typer.Option(0.1, "--budget", help="Fraction of the full KV cache to keep, in (0, 1]."),
+    classes: str = typer.Option("207,360,387,974,88,979,417,279", "--classes",
+                                help="Class ids sampled during calibration (comma separated)."),
+    drafter_fraction: float = typer.Option(0.1, "--drafter-fraction", help="Share of layers made drafters."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Calibrate ScaleKV budgets (drafter vs refiner layers per scale) for a VAR model; write them as JSON for
+    `apply_genkv(pipe, "scalekv", budgets="budgets.json")`."""
+    from .calibrate import run_calibrate
+
+    raise typer.Exit(run_calibrate(model, vae, out, budget, classes, device, drafter_fraction, seed))
 
 
 from .eval import eval_app  # noqa: E402

@@ -7,5 +7,6 @@ from .tempcache import TempCache
 from .annca import AnnCA
 from .annsa import AnnSA
 from .fastar import FastAR
+from .scalekv import ScaleKV
 
-__all__ = ["GenKVMethod", "Full", "Rolling", "TempCache", "AnnCA", "AnnSA", "FastAR"]
+__all__ = ["GenKVMethod", "Full", "Rolling", "TempCache", "AnnCA", "AnnSA", "FastAR", "ScaleKV"]
