@@ -49,7 +49,7 @@ def _is_scale_pipeline(obj: Any) -> bool:
 def _apply_to_scale_pipeline(pipe: Any, config: GenKVMethod) -> Any:
     if config.name != "full" and not hasattr(config, "build_scale_cache"):
         raise ValueError(f"{config.name!r} works on video (Wan) pipelines; next-scale (VAR) pipelines take "
-                         "'full' or 'scalekv'")
+                         "'full', 'scalekv' or 'hack'")
     pipe.kv_method = None if config.name == "full" else config
     pipe._genkv_method = config
     return pipe

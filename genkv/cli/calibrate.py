@@ -21,11 +21,18 @@ def parse_classes(text: str, num_classes: int) -> list[int]:
 
 
 def run_calibrate(model: str, vae: Path | None, out: Path, budget: float, classes: str, device: str,
-                  drafter_fraction: float, seed: int) -> int:
+                  drafter_fraction: float, seed: int, method: str = "scalekv", alpha: float = 0.5) -> int:
+    import json
+
     import torch
 
     from genkv.scales import calibrate
+    from genkv.scales.heads import classify_heads
 
+    if method not in ("scalekv", "hack"):
+        raise CLIError(f"--method must be scalekv or hack, got {method!r}")
+    if not 0.0 <= alpha <= 1.0:
+        raise CLIError(f"--alpha must be in [0, 1], got {alpha}")
     if not 0.0 < budget <= 1.0:
         raise CLIError(f"--budget must be in (0, 1], got {budget}")
     if not 0.0 <= drafter_fraction < 1.0:
@@ -50,8 +57,15 @@ def run_calibrate(model: str, vae: Path | None, out: Path, budget: float, classe
             device = "cuda" if torch.cuda.is_available() else "cpu"
         pipe.to(device, dtype=torch.bfloat16 if device.startswith("cuda") else None)
     labels = parse_classes(classes, pipe.transformer.config.num_classes)
-    budgets = calibrate(pipe, labels, budget=budget, drafter_fraction=drafter_fraction, seed=seed)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if method == "hack":
+        roles = classify_heads(pipe, labels, alpha=alpha, seed=seed)
+        out.write_text(json.dumps(roles, indent=1))
+        n = sum(map(sum, roles["contextual"]))
+        total = len(roles["contextual"]) * len(roles["contextual"][0])
+        print(f"wrote {out}: depth {roles['depth']}, {n} of {total} heads contextual")
+        return 0
+    budgets = calibrate(pipe, labels, budget=budget, drafter_fraction=drafter_fraction, seed=seed)
     budgets.save(out)
     drafters = ", ".join(f"scale {s}: {v}" for s, v in budgets.drafters.items())
     print(f"wrote {out}: depth {budgets.depth}, budget {budget}, drafter layers {drafters or 'none'}")

@@ -102,14 +102,16 @@ def calibrate(
     classes: str = typer.Option("207,360,387,974,88,979,417,279", "--classes",
                                 help="Class ids sampled during calibration (comma separated)."),
     drafter_fraction: float = typer.Option(0.1, "--drafter-fraction", help="Share of layers made drafters."),
+    method: str = typer.Option("scalekv", "--method", help="scalekv (layer budgets) or hack (head roles)."),
+    alpha: float = typer.Option(0.5, "--alpha", help="hack: fraction of heads classified contextual."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
-    """Calibrate ScaleKV budgets (drafter vs refiner layers per scale) for a VAR model; write them as JSON for
-    `apply_genkv(pipe, "scalekv", budgets="budgets.json")`."""
+    """Calibrate a VAR model offline and write JSON: ScaleKV budgets (drafter vs refiner layers per scale, for
+    `apply_genkv(pipe, "scalekv", budgets=FILE)`) or HACK head roles (`apply_genkv(pipe, "hack", roles=FILE)`)."""
     from .calibrate import run_calibrate
 
-    raise typer.Exit(run_calibrate(model, vae, out, budget, classes, device, drafter_fraction, seed))
+    raise typer.Exit(run_calibrate(model, vae, out, budget, classes, device, drafter_fraction, seed, method, alpha))
 
 
 from .eval import eval_app  # noqa: E402

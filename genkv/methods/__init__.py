@@ -8,5 +8,6 @@ from .annca import AnnCA
 from .annsa import AnnSA
 from .fastar import FastAR
 from .scalekv import ScaleKV
+from .hack import HACK
 
-__all__ = ["GenKVMethod", "Full", "Rolling", "TempCache", "AnnCA", "AnnSA", "FastAR", "ScaleKV"]
+__all__ = ["GenKVMethod", "Full", "Rolling", "TempCache", "AnnCA", "AnnSA", "FastAR", "ScaleKV", "HACK"]

@@ -193,3 +193,38 @@ def test_genkv_calibrate_writes_budgets_that_apply_genkv_reuses(tmp_path, capsys
         assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert main(["calibrate", str(tmp_path / "missing.pth"), "--vae", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_hack_with_budget_one_is_the_full_cache_and_keeps_within_budget_below():
+    pipe = tiny_var_pipeline()
+    full_images = sample(pipe)
+    full = genkv.cache_stats(pipe)["scales"]
+    genkv.apply_genkv(pipe, "hack", budget=1.0)
+    assert (sample(pipe) == full_images).all()
+    for budget in (0.3, 0.6):
+        genkv.apply_genkv(pipe, "hack", budget=budget)
+        images = sample(pipe)
+        assert not (images == full_images).all()
+        stats = genkv.cache_stats(pipe)
+        assert stats["method"] == "hack"
+        for scale, row in stats["scales"].items():
+            assert row["total_bytes"] <= budget * full[scale]["total_bytes"] + 1e-9
+
+
+def test_hack_head_roles_from_calibration_split_each_layer(tmp_path):
+    from genkv.cli.main import main
+    from genkv.scales.heads import HeadAwareScaleCache
+
+    path = tmp_path / "heads.json"
+    assert main(["calibrate", "tiny-random", "--method", "hack", "--alpha", "0.5", "--out", str(path),
+                 "--classes", "1,2", "--device", "cpu"]) == 0
+    roles = json.loads(path.read_text())["contextual"]
+    assert sum(map(sum, roles)) == 3  # half of 3 layers x 2 heads
+    pipe = genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=0.4, roles=str(path))
+    sample(pipe)
+    cache = pipe.last_cache
+    assert isinstance(cache, HeadAwareScaleCache)
+    for layer, mask in cache.contextual.items():
+        assert mask.tolist() == roles[layer]
+    with pytest.raises(ValueError, match="depth 3.*depth 4"):
+        sample(genkv.apply_genkv(tiny_var_pipeline(depth=4), "hack", budget=0.4, roles=str(path)))

@@ -1,0 +1,166 @@
+"""HACK: head-aware KV budgets for next-scale models.
+
+Heads come in two kinds. *Structural* heads attend along (multi-)diagonals, to the spatially corresponding
+tokens of earlier scales; *contextual* heads attend to a few semantic tokens that every query looks at
+(vertical stripes). Contextual heads survive heavy compression; structural ones need their layout tokens. So:
+
+- classification: per (layer, head), the column-wise variance of the attention at the last scale (how unevenly
+  the queries share each key), summed over keys, averaged over samples; the ``alpha`` fraction with the lowest
+  variance are contextual (:func:`classify_heads`, written as JSON by ``genkv calibrate --method hack``);
+  without a file, each layer's heads are classified once, at the first scale that has history, from the same
+  statistic over the observation queries.
+- budgets: contextual heads keep ``contextual_share`` of the average per-head budget, structural heads the rest
+  (never more than every token): ``alpha B_C + (1 - alpha) B_S = B``.
+- selection: structural heads keep the first two scales and the newest scale, then the history tokens the
+  observation queries attend to most; contextual heads keep the top tokens by attention from the observation
+  queries (``observations`` evenly spaced queries of the current scale).
+
+Heads of one kind are kept together in one tensor per layer (the paper's static re-ordering), so each kind's
+memory is really its budget. Evicted tokens are dropped (HACK's optional soft merge is not implemented).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .cache import FullScaleCache
+
+
+class HeadAwareScaleCache(FullScaleCache):
+    """Per layer, structural and contextual heads each keep their own budget (see the module docstring)."""
+
+    name = "hack"
+
+    def __init__(self, num_layers: int, patch_nums: tuple[int, ...], budget: float, alpha: float = 0.5,
+                 contextual_share: float = 0.3, observations: int = 32,
+                 contextual: list[list[bool]] | None = None) -> None:
+        self.budget, self.alpha, self.contextual_share = budget, alpha, contextual_share
+        self.observations, self.fixed_roles = observations, contextual
+        super().__init__(num_layers, patch_nums)
+
+    def reset(self) -> None:
+        super().reset()
+        self.groups: list[list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None] = [None] * self.num_layers
+        self.contextual: dict[int, torch.Tensor] = {}  # layer -> contextual mask (H,), once classified
+
+    def _caps(self, seen: int, heads: int, n_contextual: int) -> tuple[int, int]:
+        total = math.floor(self.budget * seen * heads + 1e-9)  # tokens x heads kept by the whole layer
+        if n_contextual in (0, heads):
+            return (total // heads,) * 2
+        per_head = total / heads
+        contextual = min(seen, math.floor(self.contextual_share * per_head))
+        structural = min(seen, (total - n_contextual * contextual) // (heads - n_contextual))
+        contextual = min(seen, (total - (heads - n_contextual) * structural) // n_contextual)
+        return structural, contextual
+
+    def _observe(self, q: torch.Tensor) -> torch.Tensor:
+        n = q.shape[2]
+        idx = torch.linspace(0, n - 1, min(self.observations, n), device=q.device).round().long().unique()
+        return q[:, :, idx]
+
+    def _roles(self, layer: int, probs: torch.Tensor) -> torch.Tensor:
+        """Contextual mask (H,) for this layer: from the calibration file, else the lowest column variance."""
+        heads = probs.shape[1]
+        if self.fixed_roles is not None:
+            return torch.tensor(self.fixed_roles[layer], device=probs.device)
+        variance = probs.float().var(dim=2, unbiased=False).sum(-1).mean(0)  # (H,)
+        n_contextual = int(round(self.alpha * heads))
+        mask = torch.zeros(heads, dtype=torch.bool, device=probs.device)
+        mask[torch.argsort(variance)[:n_contextual]] = True
+        return mask
+
+    def attend(self, layer, scale, q, k, v):
+        if self.budget >= 1.0:  # nothing is ever evicted: exactly the full cache
+            return super().attend(layer, scale, q, k, v)
+        out = torch.empty_like(q)
+        groups = self.groups[layer]
+        last = scale == len(self.patch_nums) - 1
+        if groups is None:  # the first scale: one group, every head
+            everything = torch.arange(q.shape[1], device=q.device)
+            groups = [(everything, k[:, :, :0], v[:, :, :0])]
+        seen = sum(p * p for p in self.patch_nums[: scale + 1])
+        new_groups, kept_tokens, kept_bytes = [], 0, 0
+        for heads, hk, hv in groups:
+            kk = torch.cat([hk, k[:, heads]], dim=2)
+            vv = torch.cat([hv, v[:, heads]], dim=2)
+            out[:, heads] = F.scaled_dot_product_attention(q[:, heads], kk, vv, scale=1.0)
+            if not last:
+                new_groups.append((heads, q[:, heads], kk, vv))
+        self.groups[layer] = None
+        if not last:
+            self.groups[layer] = self._regroup(layer, scale, seen, new_groups)
+            kept_tokens = max(g[1].shape[2] for g in self.groups[layer])
+            kept_bytes = sum(2 * g[1].numel() * g[1].element_size() for g in self.groups[layer])
+        self.rows.setdefault(scale, [(0, 0)] * self.num_layers)[layer] = (kept_tokens, kept_bytes)
+        return out
+
+    def _regroup(self, layer, scale, seen, groups):
+        """Split (on the first scale with history) and prune each kind of head to its budget."""
+        current = self.patch_nums[scale] ** 2
+        init = sum(p * p for p in self.patch_nums[:2])
+        if layer not in self.contextual and groups[0][2].shape[2] > current:  # first history: classify, split
+            heads, q, kk, vv = groups[0]
+            probs = torch.softmax(self._observe(q).float() @ kk.float().transpose(-1, -2), dim=-1)
+            self.contextual[layer] = mask = self._roles(layer, probs)
+            groups = [(heads[m], q[:, m], kk[:, m], vv[:, m]) for m in (~mask, mask) if m.any()]
+        contextual = self.contextual.get(layer)
+        n_contextual = int(contextual.sum()) if contextual is not None else 0
+        heads_total = sum(len(g[0]) for g in groups)
+        structural_cap, contextual_cap = self._caps(seen, heads_total, n_contextual)
+        pruned = []
+        for heads, q, kk, vv in groups:
+            is_contextual = contextual is not None and bool(contextual[heads[0]]) and n_contextual < heads_total
+            cap = contextual_cap if is_contextual else structural_cap
+            n = kk.shape[2]
+            if cap >= n:
+                pruned.append((heads, kk, vv))
+                continue
+            score = torch.softmax(self._observe(q).float() @ kk.float().transpose(-1, -2), dim=-1).sum(2)
+            if not is_contextual:  # layout tokens first: the newest scale, then the first two scales
+                score[..., n - current:] = 3e38
+                score[..., : min(init, n - current)] = 2e38
+            idx = score.topk(cap, dim=-1).indices.sort(dim=-1).values[..., None].expand(-1, -1, -1, kk.shape[-1])
+            pruned.append((heads, kk.gather(2, idx), vv.gather(2, idx)))
+        return pruned
+
+
+@torch.no_grad()
+def classify_heads(pipe, class_labels: list[int], alpha: float = 0.5, seed: int = 0,
+                   guidance_scale: float = 4.0) -> dict:
+    """Column-variance classification at the last scale (module docstring); returns a JSON-able dict."""
+    config = pipe.transformer.config
+    sums = torch.zeros(config.depth, config.num_heads, dtype=torch.float64)
+
+    class _Probe(FullScaleCache):
+        def attend(self, layer, scale, q, k, v):
+            if scale == len(self.patch_nums) - 1 and self.k[layer] is not None:
+                keys = torch.cat([self.k[layer], k], dim=2)
+                probs = torch.softmax(q.float() @ keys.float().transpose(-1, -2), dim=-1)
+                sums[layer] += probs.var(dim=2, unbiased=False).sum(-1).mean(0).double().cpu()
+            return super().attend(layer, scale, q, k, v)
+
+    probe = _Probe(config.depth, tuple(config.patch_nums))
+    pipe(class_labels=list(class_labels), guidance_scale=guidance_scale,
+         generator=torch.Generator().manual_seed(seed), output_type="np", kv_cache=probe)
+    order = torch.argsort(sums.flatten())
+    contextual = torch.zeros(sums.numel(), dtype=torch.bool)
+    contextual[order[: int(round(alpha * sums.numel()))]] = True
+    return {"method": "hack", "depth": config.depth, "alpha": alpha,
+            "contextual": contextual.view_as(sums).tolist(), "column_variance": sums.tolist()}
+
+
+def load_head_roles(path: str | Path, depth: int, heads: int) -> list[list[bool]]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"head roles file {str(path)!r} not found; write one with `genkv calibrate --method hack`")
+    data = json.loads(path.read_text())
+    roles = data.get("contextual")
+    if data.get("depth") != depth or not roles or len(roles[0]) != heads:
+        raise ValueError(f"head roles file {str(path)!r} is for depth {data.get('depth')}, this model has depth "
+                         f"{depth} with {heads} heads; calibrate this model with `genkv calibrate --method hack`")
+    return roles
