@@ -89,6 +89,9 @@ def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **ov
     config = get_method(method, **overrides)
     if _is_scale_pipeline(pipe_or_transformer):
         return _apply_to_scale_pipeline(pipe_or_transformer, config)
+    if hasattr(config, "build_scale_cache"):
+        raise ValueError(f"{config.name!r} budgets next-scale (VAR) pipelines; video pipelines take "
+                         "full, rolling, tempcache, annsa, annca or fastar")
     transformer = find_transformer(pipe_or_transformer)
     layers = _attention_layers(transformer)
     if hasattr(transformer, _STATE_ATTR):

@@ -74,10 +74,15 @@ def resolve_method(options: RenderOptions):
             cfg = genkv.load_preset(options.config)
             if options.method is not None and options.method != cfg.name:
                 raise CLIError(f"--method {options.method} conflicts with --config {options.config} ({cfg.name})")
-            return cfg.replace(**settings) if settings else cfg
-        return genkv.get_method(options.method or "full", **settings)
+            cfg = cfg.replace(**settings) if settings else cfg
+        else:
+            cfg = genkv.get_method(options.method or "full", **settings)
     except ValueError as err:
         raise CLIError(str(err)) from None
+    if hasattr(cfg, "build_scale_cache"):
+        raise CLIError(f"--method {cfg.name} is for next-scale (VAR) image models; genkv render takes the video "
+                       "methods (see `genkv methods`)")
+    return cfg
 
 
 def resolve_device(name: str):

@@ -228,3 +228,10 @@ def test_hack_head_roles_from_calibration_split_each_layer(tmp_path):
         assert mask.tolist() == roles[layer]
     with pytest.raises(ValueError, match="depth 3.*depth 4"):
         sample(genkv.apply_genkv(tiny_var_pipeline(depth=4), "hack", budget=0.4, roles=str(path)))
+
+
+def test_var_methods_refuse_video_pipelines():
+    from genkv.testing import tiny_self_forcing_pipeline
+
+    with pytest.raises(ValueError, match="next-scale"):
+        genkv.apply_genkv(tiny_self_forcing_pipeline(), "scalekv", budget=0.5)
