@@ -56,6 +56,7 @@ class VARPipeline:
         self.transformer, self.vqvae = transformer, vqvae
         self.kv_method = None  # set by genkv.apply_genkv; None = full cache
         self.last_cache = None
+        self.decode_batch = 8  # images decoded at once
 
     @classmethod
     def from_pretrained(cls, path: str | Path, vae: str | Path, *, torch_dtype: torch.dtype | None = None,
@@ -128,7 +129,8 @@ class VARPipeline:
                 x = model.word_embed(nxt.flatten(2).transpose(1, 2).to(dtype)) + positions[:, start:end]
                 x = x.repeat(2, 1, 1)
         self.last_cache = cache
-        images = (vae.decode_fhat(f_hat) + 1) / 2
+        # Decode in slices: at 512px the VQ-VAE decoder's activations, not the KV cache, would bound the batch.
+        images = torch.cat([(vae.decode_fhat(part) + 1) / 2 for part in f_hat.split(self.decode_batch)])
         if output_type == "pt":
             return VARPipelineOutput(images)
         array = images.permute(0, 2, 3, 1).float().cpu().numpy()

@@ -235,3 +235,22 @@ def test_var_methods_refuse_video_pipelines():
 
     with pytest.raises(ValueError, match="next-scale"):
         genkv.apply_genkv(tiny_self_forcing_pipeline(), "scalekv", budget=0.5)
+
+
+def test_bench_var_runs_on_the_tiny_model(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
+    try:
+        import bench_var
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "bench.json"
+    assert bench_var.main(["--tiny", "--repeats", "1", "--batches", "2", "--max-batch-limit", "4", "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    rows = {r["method"]: r for r in data["rows"]}
+    assert set(rows) == {"full", "scalekv-0.1", "hack-0.3"}
+    assert rows["scalekv-0.1"]["kv_bytes"] <= 0.1 * rows["full"]["kv_bytes"]
+    assert rows["hack-0.3"]["kv_bytes"] <= 0.3 * rows["full"]["kv_bytes"]
+    assert data["largest_batch"]["tiny/full"] == 4  # no OOM on a CPU: the search stops at the limit
