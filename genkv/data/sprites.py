@@ -8,8 +8,8 @@ model genkv ships (``eval/train_tiny.py``) and the ground truth of ``eval/qualit
 Example:
     >>> from genkv.data import make_video
     >>> video = make_video(seed=3, num_frames=8)
-    >>> video.frames.shape, video.tracks.shape[:2]
-    ((8, 64, 64, 3), (8, len(video.objects)))
+    >>> video.frames.shape, video.tracks.shape == (8, len(video.objects), 3)
+    ((8, 64, 64, 3), True)
     >>> video.prompt.startswith("a ")
     True
 """
