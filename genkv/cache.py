@@ -3,10 +3,11 @@
 Layout (one :class:`LayerKVCache` per attention layer and CFG branch)::
 
     k, v        (B, capacity, H, D)   post-norm, post-RoPE keys and raw values, in diffusers' layout
-    key_bias    (1, capacity, 1)      float32 additive logit bias per slot (None = all zero), handed to readers
-                                      as a (B, S, H) broadcast view: log(count) for merged keys, -inf for an
-                                      empty slot. One value per slot, because keepers decide merges jointly
-                                      over batch and heads (so every slot means the same in every head)
+    (key bias)  derived, not stored:  once a keeper merges (``uses_bias``), readers get ``log(token_count)`` as
+                                      a (B, S, H) broadcast view: ``log(n)`` for a key standing for n merged
+                                      ones, 0 for a plain key. One value per slot, because keepers decide merges
+                                      jointly over batch and heads; made from the counts, so merging costs no
+                                      memory beyond what every method keeps
     frame_index (capacity,)           latent frame each token came from (absolute, never re-based)
     token_pos   (capacity,)           spatial index of the token inside its frame (h * W + w)
     token_count (capacity,)           original tokens a slot stands for (1; more once a keeper merges)
@@ -70,7 +71,7 @@ class LayerKVCache:
         self.max_tokens = max_tokens  # history bound from the keeper; None = grows without bound
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.key_bias: torch.Tensor | None = None
+        self.uses_bias = False  # set by a merging keeper: readers then get log(token_count) as a key bias
         self.frame_index: torch.Tensor | None = None
         self.token_pos: torch.Tensor | None = None
         self.token_count: torch.Tensor | None = None
@@ -95,20 +96,15 @@ class LayerKVCache:
         frame_index = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
         token_pos = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
         token_count = torch.ones(capacity, dtype=torch.float32, device=like.device)
-        key_bias = None
-        if self.key_bias is not None:
-            key_bias = torch.zeros(1, capacity, 1, dtype=torch.float32, device=like.device)
         if self.k is not None and n:
             k[:, :n] = self.k[:, :n]
             v[:, :n] = self.v[:, :n]
             frame_index[:n] = self.frame_index[:n]
             token_pos[:n] = self.token_pos[:n]
             token_count[:n] = self.token_count[:n]
-            if key_bias is not None:
-                key_bias[:, :n] = self.key_bias[:, :n]
         frame_host = np.full(capacity, -1, dtype=np.int64)
         frame_host[:n] = self.frame_host[:n]
-        self.k, self.v, self.key_bias = k, v, key_bias
+        self.k, self.v = k, v
         self.frame_index, self.token_pos, self.frame_host = frame_index, token_pos, frame_host
         self.token_count = token_count
 
@@ -132,12 +128,13 @@ class LayerKVCache:
                 torch.cuda.empty_cache()
             self._allocate(like, needed)
 
-    def enable_bias(self) -> torch.Tensor:
-        """Allocate the per-slot bias (zeros, ``(1, capacity, 1)``) on first use and return it."""
-        if self.key_bias is None:
-            assert self.k is not None
-            self.key_bias = torch.zeros(1, self.k.shape[1], 1, dtype=torch.float32, device=self.k.device)
-        return self.key_bias
+    def enable_bias(self) -> None:
+        """Hand readers ``log(token_count)`` as a per-key bias from now on (a merging keeper calls this)."""
+        self.uses_bias = True
+
+    def _bias_view(self, end: int) -> torch.Tensor:
+        assert self.k is not None and self.token_count is not None
+        return self.token_count[:end].log().view(1, end, 1).expand(self.k.shape[0], end, self.k.shape[2])
 
     # -- the hot path --------------------------------------------------------------------------------
     def stage(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -150,9 +147,9 @@ class LayerKVCache:
         self.v[:, self.length : end] = value
         self.staged = n
         bias = None
-        if self.key_bias is not None:
-            self.key_bias[:, self.length : end] = 0.0
-            bias = self.key_bias[:, :end].expand(key.shape[0], end, key.shape[2])
+        if self.uses_bias:
+            self.token_count[self.length : end] = 1.0  # the staged tokens stand for themselves (a fill, no sync)
+            bias = self._bias_view(end)
         return self.k[:, :end], self.v[:, :end], bias
 
     def history(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -160,7 +157,7 @@ class LayerKVCache:
         if self.k is None:
             raise RuntimeError("the cache is empty")
         n = self.length
-        bias = None if self.key_bias is None else self.key_bias[:, :n].expand(self.k.shape[0], n, self.k.shape[2])
+        bias = self._bias_view(n) if self.uses_bias else None
         return self.k[:, :n], self.v[:, :n], bias
 
     def label_staged(self, chunk: ChunkInfo) -> None:
@@ -185,23 +182,18 @@ class LayerKVCache:
         self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
         self.token_pos.index_copy_(0, dst, self.token_pos.index_select(0, src))
         self.token_count.index_copy_(0, dst, self.token_count.index_select(0, src))
-        if self.key_bias is not None:
-            self.key_bias.index_copy_(1, dst, self.key_bias.index_select(1, src))
 
     # -- accounting ----------------------------------------------------------------------------------
     def nbytes(self) -> int:
         """Bytes held by this layer's buffers (allocated capacity, not just the used part)."""
-        tensors = (self.k, self.v, self.key_bias, self.frame_index, self.token_pos, self.token_count)
+        tensors = (self.k, self.v, self.frame_index, self.token_pos, self.token_count)
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     def used_bytes(self) -> int:
-        """Bytes of K/V (+bias) for the committed tokens."""
+        """Bytes of K/V for the committed tokens."""
         if self.k is None:
             return 0
-        per_token = 2 * self.k[:, :1].numel() * self.k.element_size()
-        if self.key_bias is not None:
-            per_token += 4  # one float32 per slot
-        return per_token * self.length
+        return 2 * self.k[:, :1].numel() * self.k.element_size() * self.length
 
 
 class KVCacheStore:

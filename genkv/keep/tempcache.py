@@ -136,7 +136,6 @@ class TemporalMerge(CacheKeeper):
         # home[i]: the slot that holds staged token i's key after the merges so far (its own, or its group's).
         home = torch.arange(first, first + cache.staged, device=device)
         ids = torch.arange(tpf, device=device)
-        bias = cache.enable_bias()
         for n, j in enumerate(frames):
             frame = chunk.frame_start + j
             new_slots = torch.arange(first + j * tpf, first + (j + 1) * tpf, device=device)
@@ -170,7 +169,6 @@ class TemporalMerge(CacheKeeper):
             cache.token_count.index_copy_(0, dest, c_new)
             cache.frame_index.index_copy_(0, dest, torch.full_like(dest, frame))
             cache.token_pos.index_copy_(0, dest, cache.token_pos[new_slots])
-            bias.index_copy_(1, dest, c_new.log().view(1, -1, 1))
             # The merged tokens' own slots are free now.
             cache.frame_index[new_slots] = torch.where(match, _DEAD, cache.frame_index[new_slots])
             home[j * tpf : (j + 1) * tpf] = dest

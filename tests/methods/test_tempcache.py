@@ -142,3 +142,15 @@ def test_validation_names_the_field():
                              ({"sink_frames": 3, "budget_frames": 2}, "budget_frames")):
         with pytest.raises(ValueError, match=field):
             genkv.get_method("tempcache", **overrides)
+
+
+def test_merging_methods_hold_exactly_the_memory_of_the_rolling_window_they_replace():
+    """The log(count) bias is derived from the per-slot counts every method keeps: no extra buffer."""
+    sizes = {}
+    for method, kw in (("rolling", dict(window_frames=9)), ("tempcache", dict(budget_frames=6)),
+                       ("fastar", dict(budget_frames=6, top_k=2, prompt_top_k=4))):
+        pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), method, **kw)
+        for _ in pipe.stream("a red circle", num_frames=45):
+            pass
+        sizes[method] = genkv.get_store(pipe).memory_bytes()
+    assert sizes["rolling"] == sizes["tempcache"] == sizes["fastar"] > 0
