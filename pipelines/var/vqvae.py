@@ -8,6 +8,7 @@ Only what sampling needs is computed here: codebook lookup, the residual accumul
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -161,10 +162,12 @@ class _SharedPhis(nn.Module):
         super().__init__()
         self.qresi_ls = nn.ModuleList([Phi(channels, ratio) for _ in range(count)])
         margin = 1 / 3 / count if count == 4 else 1 / 2 / count
-        self.register_buffer("_ticks", torch.linspace(margin, 1 - margin, count), persistent=False)
+        # float64 numpy, as the checkpoints were trained with: some scales sit exactly between two ticks, and the
+        # tie must break the same way (first minimum of the same rounded distances).
+        self._ticks = np.linspace(margin, 1 - margin, count)
 
     def at(self, position: float) -> Phi:
-        return self.qresi_ls[int(torch.argmin((self._ticks - position).abs()))]
+        return self.qresi_ls[int(np.argmin(np.abs(self._ticks - position)))]
 
 
 class Quantizer(nn.Module):

@@ -254,3 +254,14 @@ def test_bench_var_runs_on_the_tiny_model(tmp_path):
     assert rows["scalekv-0.1"]["kv_bytes"] <= 0.1 * rows["full"]["kv_bytes"]
     assert rows["hack-0.3"]["kv_bytes"] <= 0.3 * rows["full"]["kv_bytes"]
     assert data["largest_batch"]["tiny/full"] == 4  # no OOM on a CPU: the search stops at the limit
+
+
+def test_phi_refiner_choice_per_scale_matches_the_official_vqvae():
+    """Scales 2 and 7 of 10 sit exactly between two of the four Phi ticks; the official VQ-VAE (numpy float64
+    argmin) picks [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]. A float32 tick table picks differently there (a bug this
+    test pins: the whole pipeline then matches the official sampler to 4e-7 with greedy sampling)."""
+    from genkv.pipelines.var import MultiScaleVQVAE
+
+    vae = MultiScaleVQVAE(vocab_size=8, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, share_quant_resi=4)
+    phis = list(vae.quantize.quant_resi.qresi_ls)
+    assert [phis.index(vae.quantize.quant_resi.at(s / 9)) for s in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
