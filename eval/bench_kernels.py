@@ -180,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["triton_speedup_vs_best_dense"] = min(dense.values()) / row["triton"]["ms"]
             result["rows"].append(row)
             save()
-            parts = "  ".join(f"{n} {row[n]['ms']:.3f} ms ({row[n]['tflops']:.0f} TF/s, err {row[n]['rel_err_vs_first']:.1e})"
+            parts = "  ".join(f"{n} {row[n]['ms']:.3f} ms ({row[n]['tflops']:.0f} TF/s, "
+                              f"err {row[n]['rel_err_vs_first']:.1e})"
                               for n in runs)
             dense_part = "  ".join(f"{n} {ms:.3f} ms" for n, ms in dense.items())
             print(f"KV {s_kv:7d} density {row['density']:.2f}: {parts}  | dense {dense_part}")

@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             sites = []
             for evt in prof.key_averages(group_by_stack_n=12):
                 if evt.key in ("cudaMemcpyAsync", "cudaStreamSynchronize", "cudaDeviceSynchronize", "aten::item",
-                               "aten::_local_scalar_dense", "cudaHostAlloc", "cudaEventSynchronize", "aten::_pin_memory",
+                               "aten::_local_scalar_dense", "cudaHostAlloc", "cudaEventSynchronize",
+                               "aten::_pin_memory",
                                "cudaStreamWaitEvent", "cudaEventQuery"):
                     frames = [f for f in evt.stack if ("genkv" in f or "kernels" in f or "pipelines" in f
                                                        or "diffusers" in f)][:4]
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         for title, rows in (("device", result[spec]["by_device"]), ("host", result[spec]["by_host"])):
             print(f"\n== {spec}: top ops by self {title} time over {args.chunks} chunks ==")
             for r in rows:
-                print(f"{r['self_device_ms']:9.1f} dev ms {r['self_host_ms']:9.1f} host ms {r['calls']:7d}x  {r['name']}")
+                print(f"{r['self_device_ms']:9.1f} dev ms {r['self_host_ms']:9.1f} host ms "
+                      f"{r['calls']:7d}x  {r['name']}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     return 0

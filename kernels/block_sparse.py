@@ -170,10 +170,12 @@ def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_
     allowed = (torch.float16, torch.float32) if interpreting else (torch.float16, torch.bfloat16, torch.float32)
     if q.dtype not in allowed or k.dtype != q.dtype or v.dtype != q.dtype:
         hint = " (the Triton interpreter computes bf16 wrongly)" if interpreting else ""
-        raise TypeError(f"triton block-sparse attention takes {', '.join(map(str, allowed))} q/k/v{hint}; got {q.dtype}")
+        raise TypeError(f"triton block-sparse attention takes {', '.join(map(str, allowed))} q/k/v{hint}; "
+                        f"got {q.dtype}")
     d = q.shape[-1]
     if d not in (16, 32, 64, 128):
-        raise ValueError(f"triton block-sparse attention supports head_dim 16, 32, 64, 128; got {d} (use backend='torch')")
+        raise ValueError(f"triton block-sparse attention supports head_dim 16, 32, 64, 128; got {d} "
+                         "(use backend='torch')")
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {size}")

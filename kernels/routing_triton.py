@@ -9,7 +9,6 @@ current chunk) are kept on top of the top-k.
 
 from __future__ import annotations
 
-import math
 
 import torch
 

@@ -37,7 +37,8 @@ class ScaleBudgets:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path, depth: int | None = None, patch_nums: tuple[int, ...] | None = None) -> "ScaleBudgets":
+    def load(cls, path: str | Path, depth: int | None = None,
+             patch_nums: tuple[int, ...] | None = None) -> "ScaleBudgets":
         """Read a budgets file; with ``depth`` / ``patch_nums`` given, refuse one made for another model."""
         path = Path(path)
         if not path.is_file():

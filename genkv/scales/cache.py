@@ -51,7 +51,8 @@ class FullScaleCache:
         else:
             self.k[layer] = self.v[layer] = None
         kept = 0 if scale == len(self.patch_nums) - 1 else k.shape[2]
-        self.rows.setdefault(scale, [(0, 0)] * self.num_layers)[layer] = (kept, 2 * k[:, :, :kept].numel() * k.element_size())
+        kept_bytes = 2 * k[:, :, :kept].numel() * k.element_size()
+        self.rows.setdefault(scale, [(0, 0)] * self.num_layers)[layer] = (kept, kept_bytes)
         return out
 
     def keep(self, layer: int, scale: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -60,8 +61,8 @@ class FullScaleCache:
 
     def stats(self) -> dict:
         """Per scale and layer: tokens kept (per batch row and head) and bytes; the peak over scales."""
-        per_scale = {s: {"tokens": [r[0] for r in rows], "bytes": [r[1] for r in rows], "total_bytes": sum(r[1] for r in rows)}
-                     for s, rows in sorted(self.rows.items())}
+        per_scale = {s: {"tokens": [r[0] for r in rows], "bytes": [r[1] for r in rows],
+                         "total_bytes": sum(r[1] for r in rows)} for s, rows in sorted(self.rows.items())}
         peak = max((v["total_bytes"] for v in per_scale.values()), default=0)
         return {"method": self.name, "scales": per_scale, "peak_bytes": peak}
 

@@ -40,7 +40,8 @@ def config_from_state_dict(state: dict[str, torch.Tensor], source: str = "checkp
     blocks = {int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))}
     if not blocks or "word_embed.weight" not in state or "pos_1LC" not in state:
         hint = " (this looks like the VQ-VAE: pass it as vae=)" if any(k.startswith("quantize.") for k in state) else ""
-        raise VARCheckpointError(f"{source} is not a VAR transformer checkpoint: no blocks.* / word_embed / pos_1LC{hint}")
+        raise VARCheckpointError(
+            f"{source} is not a VAR transformer checkpoint: no blocks.* / word_embed / pos_1LC{hint}")
     width, z_channels = state["word_embed.weight"].shape
     tokens = state["pos_1LC"].shape[1]
     if tokens not in SCHEDULES:

@@ -22,7 +22,8 @@ class VARPipelineOutput:
     images: Any
 
 
-def sample_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
+def sample_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float,
+                       generator: torch.Generator | None) -> torch.Tensor:
     """One token per position from (B, l, V) logits, restricted to the top-k and the top-p nucleus."""
     logits = logits.clone()
     if top_k > 0:
@@ -99,7 +100,8 @@ class VARPipeline:
 
     @torch.no_grad()
     def __call__(self, class_labels, guidance_scale: float = 4.0, top_k: int = 900, top_p: float = 0.95,
-                 generator: torch.Generator | None = None, output_type: str = "pil", kv_cache=None) -> VARPipelineOutput:
+                 generator: torch.Generator | None = None, output_type: str = "pil",
+                 kv_cache=None) -> VARPipelineOutput:
         """Generate one image per class label. ``kv_cache`` overrides the cache policy for this call."""
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"output_type must be 'pil', 'np' or 'pt', got {output_type!r}")

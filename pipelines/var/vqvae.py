@@ -187,7 +187,8 @@ class MultiScaleVQVAE(nn.Module):
         >>> import torch
         >>> vae = MultiScaleVQVAE(vocab_size=16, z_channels=4, ch=8, ch_mult=(1, 2), patch_nums=(1, 2))
         >>> f_hat = torch.zeros(1, 4, 2, 2)
-        >>> f_hat, nxt = vae.add_scale(0, f_hat, vae.quantize.embedding(torch.tensor([[3]])).transpose(1, 2).view(1, 4, 1, 1))
+        >>> h = vae.quantize.embedding(torch.tensor([[3]])).transpose(1, 2).view(1, 4, 1, 1)
+        >>> f_hat, nxt = vae.add_scale(0, f_hat, h)
         >>> tuple(vae.decode_fhat(f_hat).shape)
         (1, 3, 4, 4)
     """

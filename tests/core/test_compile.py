@@ -1,7 +1,6 @@
 """The opt-in compiled path computes what the eager path computes (same method, same seed)."""
 
 import numpy as np
-import torch
 
 import genkv
 from genkv.testing import tiny_self_forcing_pipeline

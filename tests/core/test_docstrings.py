@@ -6,7 +6,6 @@ import pkgutil
 
 import pytest
 
-import genkv
 
 
 def _modules():

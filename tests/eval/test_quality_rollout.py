@@ -16,7 +16,8 @@ def test_full_against_itself_is_identical_and_a_sparse_method_is_not(tmp_path):
     finally:
         sys.path.remove(str(EVAL))
     out = tmp_path / "q.json"
-    quality_rollout.main(["--frames", "21", "--methods", "full", "full", "fastar:budget_frames=2,top_k=1,prompt_top_k=2",
+    quality_rollout.main(["--frames", "21", "--methods", "full", "full",
+                          "fastar:budget_frames=2,top_k=1,prompt_top_k=2",
                           "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     again = results["full"]  # the second `full` overwrote the key: same seed, same frames

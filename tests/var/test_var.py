@@ -247,7 +247,8 @@ def test_bench_var_runs_on_the_tiny_model(tmp_path):
     finally:
         sys.path.pop(0)
     out = tmp_path / "bench.json"
-    assert bench_var.main(["--tiny", "--repeats", "1", "--batches", "2", "--max-batch-limit", "4", "--out", str(out)]) == 0
+    args = ["--tiny", "--repeats", "1", "--batches", "2", "--max-batch-limit", "4", "--out", str(out)]
+    assert bench_var.main(args) == 0
     data = json.loads(out.read_text())
     rows = {r["method"]: r for r in data["rows"]}
     assert set(rows) == {"full", "scalekv-0.1", "hack-0.3"}
