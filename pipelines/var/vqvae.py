@@ -69,8 +69,16 @@ class _Level(nn.Module):
         super().__init__()
         self.block = nn.ModuleList(blocks)
         self.attn = nn.ModuleList(attns)
+        self.resample_name = name if resample is not None else None
         if resample is not None:
             setattr(self, name, resample)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        for i, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn):
+                h = self.attn[i](h)
+        return getattr(self, self.resample_name)(h) if self.resample_name else h
 
 
 def _mid(channels: int) -> nn.Module:
@@ -103,12 +111,7 @@ class Encoder(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(x)
         for level in self.down:
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -135,12 +138,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(self.conv_in(z))))
         for level in reversed(self.up):
-            for i, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn):
-                    h = level.attn[i](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
