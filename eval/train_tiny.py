@@ -209,6 +209,23 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
     text_encoder.eval()
 
 
+@torch.no_grad()
+def sample_check(pipe, device) -> dict:
+    """Does sampling work? Per prompt, the share of pixels near the asked colour over 48 frames (0 = gray mush)."""
+    from genkv.data import COLORS
+    from genkv.metrics.persistence import colour_tracks
+
+    pipe.to(device)
+    out = {}
+    for prompt, colour in (("a red circle moving left", "red"), ("a blue square moving down", "blue")):
+        video = pipe(prompt=prompt, num_frames=48, output_type="np",
+                     generator=torch.Generator(device=device).manual_seed(0)).frames[0]
+        frames = (np.asarray(video) * 255).round().clip(0, 255).astype(np.uint8)
+        area = colour_tracks(frames, {colour: COLORS[colour]})[colour]["area"]
+        out[f"{colour}_pixel_share"] = float(area.mean() / (frames.shape[1] * frames.shape[2]))
+    return out
+
+
 def plot_loss(log: list, path: Path) -> None:
     try:
         import matplotlib
@@ -243,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-text", type=int, default=32)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scheduler-steps", type=int, default=4,
+                        help="denoising steps of the saved scheduler (4 = Self-Forcing's warped list; an undistilled "
+                             "model may need more)")
     parser.add_argument("--smoke", action="store_true", help="tiny models and pool, a few steps (CPU check)")
     parser.add_argument("--tar", action="store_true", help="also write <out>.tar")
     args = parser.parse_args(argv)
@@ -281,9 +301,13 @@ def main(argv: list[str] | None = None) -> int:
     transformer.to(device)
     train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, device, log)
 
+    steps = args.scheduler_steps
+    step_list = (1000, 750, 500, 250) if steps == 4 else tuple(int(round(1000 - i * 1000 / steps)) for i in range(steps))
     pipe = SelfForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer, vae=vae,
-                               scheduler=SelfForcingScheduler(), default_height=64, default_width=64,
-                               max_sequence_length=args.max_text)
+                               scheduler=SelfForcingScheduler(denoising_step_list=step_list), default_height=64,
+                               default_width=64, max_sequence_length=args.max_text)
+    log.append({"phase": "check", **sample_check(pipe, device)})
+    print(f"sample check: {log[-1]}", flush=True)
     pipe.to("cpu", torch.float16)
     args.out.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(args.out, safe_serialization=True)
