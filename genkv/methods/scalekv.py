@@ -46,7 +46,8 @@ class ScaleKV(GenKVMethod):
         if self.pool_kernel % 2 == 0:
             self._fail("pool_kernel", "odd")
 
-    def build_scale_cache(self, depth: int, patch_nums: tuple[int, ...]) -> BudgetedScaleCache:
+    def build_scale_cache(self, depth: int, patch_nums: tuple[int, ...], num_heads: int | None = None
+                          ) -> BudgetedScaleCache:
         if self.budgets is not None:
             caps = ScaleBudgets.load(self.budgets, depth=depth, patch_nums=patch_nums).caps
         else:

@@ -84,9 +84,7 @@ class VARPipeline:
         config = self.transformer.config
         if self.kv_method is None:
             return FullScaleCache(config.depth, tuple(config.patch_nums))
-        if self.kv_method.name == "hack":
-            return self.kv_method.build_scale_cache(config.depth, tuple(config.patch_nums), config.num_heads)
-        return self.kv_method.build_scale_cache(config.depth, tuple(config.patch_nums))
+        return self.kv_method.build_scale_cache(config.depth, tuple(config.patch_nums), config.num_heads)
 
     def _check_labels(self, class_labels) -> torch.Tensor:
         n = self.transformer.config.num_classes
