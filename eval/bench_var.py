@@ -69,8 +69,9 @@ def fits(pipe, batch: int, device: torch.device, classes: int) -> bool:
             torch.cuda.empty_cache()
 
 
-def largest_batch(pipe, device, classes: int, start: int, limit: int) -> int:
-    """Doubling from ``start`` until out of memory (or ``limit``), then bisection."""
+def largest_batch(pipe, device, classes: int, start: int, limit: int, tolerance: float = 1 / 16) -> int:
+    """Doubling from ``start`` until out of memory (or ``limit``), then bisection to within ``tolerance``.
+    0 when ``start`` itself does not fit."""
     good, bad = 0, None
     batch = start
     while batch <= limit:
@@ -81,7 +82,7 @@ def largest_batch(pipe, device, classes: int, start: int, limit: int) -> int:
             break
     if bad is None:
         return good
-    while bad - good > max(1, good // 16):
+    while good and bad - good > max(1, int(good * tolerance)):
         mid = (good + bad) // 2
         if fits(pipe, mid, device, classes):
             good = mid
@@ -100,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--max-batch-limit", type=int, default=1024, help="stop the largest-batch search here")
     parser.add_argument("--no-max-batch", action="store_true")
+    parser.add_argument("--max-batch-only", action="store_true", help="only the largest-batch search")
+    parser.add_argument("--target-ratio", type=float, default=4.0,
+                        help="the compressed methods' largest-batch search starts at this multiple of full's (each "
+                             "try at thousands of images costs tens of seconds)")
     parser.add_argument("--tiny", action="store_true", help="the tiny random VAR (CPU plumbing check)")
     parser.add_argument("--out", type=Path, default=Path("bench_var.json"))
     args = parser.parse_args(argv)
@@ -114,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         for label in args.methods:
             method, overrides = METHODS[label]
             genkv.apply_genkv(pipe, method, **overrides)
-            for batch in args.batches:
+            for batch in [] if args.max_batch_only else args.batches:
                 row = {"model": name, "method": label, "batch": batch}
                 try:
                     run_once(pipe, batch, device, classes)  # warm-up (cuDNN autotuning, allocator)
@@ -131,7 +136,14 @@ def main(argv: list[str] | None = None) -> int:
                 args.out.write_text(json.dumps(result, indent=1))
                 print(json.dumps(row), flush=True)
             if not args.no_max_batch:
-                best = largest_batch(pipe, device, classes, max(args.batches), args.max_batch_limit)
+                start = max(args.batches)
+                full_best = result.get("largest_batch", {}).get(f"{name}/full")
+                if label != "full" and full_best:
+                    start = max(start, int(full_best * args.target_ratio))
+                limit = args.max_batch_limit if label == "full" else 2 * start  # enough to tell >= the target
+                best = largest_batch(pipe, device, classes, start, max(start, limit), tolerance=1 / 8)
+                if best == 0:  # below the target ratio: search up from the benchmark's batches instead
+                    best = largest_batch(pipe, device, classes, max(args.batches), start, tolerance=1 / 8)
                 result.setdefault("largest_batch", {})[f"{name}/{label}"] = best
                 args.out.write_text(json.dumps(result, indent=1))
                 print(f"{name} {label}: largest batch {best}", flush=True)

@@ -161,9 +161,10 @@ class VARTransformer(nn.Module):
                 + self.level_positions()[:, :first])
 
     def forward_scale(self, x: torch.Tensor, cond: torch.Tensor, block_cond: torch.Tensor, scale: int,
-                      cache) -> torch.Tensor:
+                      cache, hidden_only: bool = False) -> torch.Tensor:
         """Run one scale's tokens (B, l, C) through every block, reading and extending ``cache``; return logits
-        (B, l, V) in float32. ``cache.attend(layer, scale, q, k, v)`` gives the attention output (B, H, l, D)."""
+        (B, l, V) in float32, or with ``hidden_only`` the last block's output for :meth:`logits`.
+        ``cache.attend(layer, scale, q, k, v)`` gives the attention output (B, H, l, D)."""
         for i, block in enumerate(self.blocks):
             g1, g2, s1, s2, b1, b2 = block.modulation(block_cond)
             h = block.ln_wo_grad(x) * (s1 + 1) + b1
@@ -172,6 +173,10 @@ class VARTransformer(nn.Module):
             out = out.transpose(1, 2).reshape(x.shape)
             x = x + block.attn.proj(out) * g1
             x = x + block.ffn(block.ln_wo_grad(x) * (s2 + 1) + b2) * g2
+        return x if hidden_only else self.logits(x, cond)
+
+    def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """The output head: final adaptive norm and vocabulary projection, (B, l, C) → (B, l, V) float32."""
         scale_h, shift_h = self.head_nm.ada_lin(cond).view(-1, 1, 2, self.config.embed_dim).unbind(2)
         h = self.head_nm.ln_wo_grad(x.float()) * (scale_h.float() + 1) + shift_h.float()
         return self.head(h.to(self.head.weight.dtype)).float()

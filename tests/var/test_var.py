@@ -32,10 +32,10 @@ def test_cached_next_scale_logits_equal_a_masked_forward_over_all_scales():
     inputs, logits = [], []
     original = model.forward_scale
 
-    def record(x, cond, block_cond, scale, cache):
+    def record(x, cond, block_cond, scale, cache, hidden_only=False):
         inputs.append(x.clone())
-        out = original(x, cond, block_cond, scale, cache)
-        logits.append(out)
+        out = original(x, cond, block_cond, scale, cache, hidden_only=hidden_only)
+        logits.append(model.logits(out, cond) if hidden_only else out)
         return out
 
     model.forward_scale = record
@@ -266,3 +266,40 @@ def test_phi_refiner_choice_per_scale_matches_the_official_vqvae():
     vae = MultiScaleVQVAE(vocab_size=8, z_channels=4, ch=8, ch_mult=(1, 2), num_res_blocks=1, share_quant_resi=4)
     phis = list(vae.quantize.quant_resi.qresi_ls)
     assert [phis.index(vae.quantize.quant_resi.at(s / 9)) for s in range(10)] == [0, 0, 1, 1, 1, 2, 2, 3, 3, 3]
+
+
+def test_sampler_draws_from_the_top_k_top_p_restricted_softmax_and_never_a_masked_token():
+    from genkv.pipelines.var.pipeline import sample_top_k_top_p
+
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, 3.0, 0.5, 2.5])
+    # Reference in float64: keep the top 5, then the smallest prefix (by probability) whose mass reaches 0.9.
+    p = logits.double().softmax(-1)
+    keep = torch.zeros(7, dtype=torch.bool)
+    keep[p.topk(5).indices] = True
+    order = torch.where(keep, p, torch.zeros_like(p)).argsort(descending=True)
+    q = torch.where(keep, p, torch.zeros_like(p)) / p[keep].sum()
+    nucleus = torch.zeros(7, dtype=torch.bool)
+    mass = 0.0
+    for i in order.tolist():
+        if mass >= 0.9:
+            break
+        nucleus[i], mass = True, mass + q[i].item()
+    expected = torch.where(nucleus, q, torch.zeros_like(q))
+    expected /= expected.sum()
+    draws = sample_top_k_top_p(logits.expand(4, 50_000, 7), 5, 0.9, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws.flatten(), minlength=7).double() / draws.numel()
+    assert (freq[~nucleus] == 0).all()
+    assert torch.allclose(freq, expected, atol=4e-3)
+    again = sample_top_k_top_p(logits.expand(4, 50_000, 7), 5, 0.9, torch.Generator().manual_seed(0))
+    assert torch.equal(draws, again)
+
+
+def test_sampling_in_image_slices_gives_the_same_images():
+    pipe = tiny_var_pipeline(seed=1)
+    whole = pipe(class_labels=[1, 2, 3, 4, 5], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    pipe.sample_batch = 2
+    sliced = pipe(class_labels=[1, 2, 3, 4, 5], generator=torch.Generator().manual_seed(0), output_type="pt").images
+    assert torch.equal(whole, sliced)
+    pipe.sample_batch = 64
+    other_seed = pipe(class_labels=[1, 2, 3, 4, 5], generator=torch.Generator().manual_seed(1), output_type="pt")
+    assert not torch.equal(whole, other_seed.images)
