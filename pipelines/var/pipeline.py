@@ -35,7 +35,7 @@ def sample_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float,
         drop_sorted = mass_before >= top_p  # keep the fewest tokens whose mass reaches top_p (always the best one)
         logits.masked_fill_(torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted), -torch.inf)
     # Inverse-CDF sampling: one uniform per position, drawn by ``generator`` on its own device and moved to the
-    # logits' device. Same images for a seed whichever device the generator lives on, and no (B*l, V)
+    # logits' device. Same images for a seed whichever device the logits live on, and no (B*l, V)
     # probability table ever goes to the host: torch.multinomial with a CPU generator copied it there and sampled
     # on one core, which took most of VAR-d30's time per image at batch 32 on an H200.
     cdf = logits.softmax(-1).cumsum(-1)
