@@ -41,7 +41,8 @@ def render(
     width: Optional[int] = typer.Option(None, "--width", help="Video width (default: the model's)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N."),
     dtype: str = typer.Option("auto", "--dtype", help="auto (bf16 on CUDA, fp32 on CPU), bf16, fp16, fp32."),
-    guidance_scale: float = typer.Option(1.0, "--guidance-scale", help="CFG scale (Self-Forcing samples without)."),
+    guidance_scale: Optional[float] = typer.Option(
+        None, "--guidance-scale", help="CFG scale (default: the model's; Self-Forcing samples without)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     compile: bool = typer.Option(
         False, "--compile", help="Compile the transformer blocks and decode channels-last (faster on CUDA; "

@@ -31,7 +31,7 @@ class RenderOptions:
     width: int | None = None
     device: str = "auto"
     dtype: str = "auto"
-    guidance_scale: float = 1.0
+    guidance_scale: float | None = None  # None: the model's default
     overwrite: bool = False
     compile: bool = False
     profile: bool = False

@@ -74,8 +74,13 @@ class SpriteVideo:
     meta: dict = field(default_factory=dict)
 
 
-def sample_scene(seed: int, size: int = 64, max_objects: int = 3) -> tuple[list[SpriteObject], str, np.ndarray]:
-    """Objects (distinct colours), a background name and its base colour, all from ``seed``."""
+def sample_scene(seed: int, size: int = 64, max_objects: int = 3,
+                 backgrounds: tuple[str, ...] = BACKGROUNDS) -> tuple[list[SpriteObject], str, np.ndarray]:
+    """Objects (distinct colours), a background name (one of ``backgrounds``) and its base colour, all from
+    ``seed``."""
+    unknown = set(backgrounds) - set(BACKGROUNDS)
+    if not backgrounds or unknown:
+        raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {backgrounds!r}")
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, max_objects + 1))
     colors = rng.choice(list(COLORS), size=n, replace=False)
@@ -88,7 +93,7 @@ def sample_scene(seed: int, size: int = 64, max_objects: int = 3) -> tuple[list[
         dx, dy = DIRECTIONS[direction]
         x, y = (float(v) for v in rng.uniform(radius, size - radius, size=2))
         objects.append(SpriteObject(str(color), shape, direction, radius, x, y, dx * speed, dy * speed))
-    background = BACKGROUNDS[int(rng.integers(len(BACKGROUNDS)))]
+    background = tuple(backgrounds)[int(rng.integers(len(backgrounds)))]
     base = rng.integers(20, 80, size=3)  # dark, low-saturation: never mistaken for a sprite colour
     return objects, background, base
 
@@ -162,10 +167,11 @@ def render_frames(objects: list[SpriteObject], background: str, base: np.ndarray
     return frames, tracks
 
 
-def make_video(seed: int, num_frames: int = 45, size: int = 64, max_objects: int = 3, start: int = 0) -> SpriteVideo:
+def make_video(seed: int, num_frames: int = 45, size: int = 64, max_objects: int = 3, start: int = 0,
+               backgrounds: tuple[str, ...] = BACKGROUNDS) -> SpriteVideo:
     """A deterministic sprite video (see the module docstring). ``start`` skips that many frames first, so long
     videos can be produced piece by piece with the same result as in one go."""
-    objects, background, base = sample_scene(seed, size, max_objects)
+    objects, background, base = sample_scene(seed, size, max_objects, backgrounds)
     frames, tracks = render_frames(objects, background, base, num_frames, size, start)
     return SpriteVideo(frames, prompt_for(objects), objects, tracks, background, seed, size)
 

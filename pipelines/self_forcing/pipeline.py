@@ -71,6 +71,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         default_height: int = 480,
         default_width: int = 832,
         max_sequence_length: int = 512,
+        default_guidance_scale: float = 1.0,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -81,6 +82,7 @@ class SelfForcingPipeline(DiffusionPipeline):
             default_height=default_height,
             default_width=default_width,
             max_sequence_length=max_sequence_length,
+            default_guidance_scale=default_guidance_scale,
         )
         apply_self_forcing_numerics(transformer)
         #: Decode with channels-last 3-D convolutions (cuDNN tensor-core path): 259 vs 312 ms per chunk on an
@@ -222,7 +224,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         width: int,
         *,
         negative_embeds: torch.Tensor | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         timer_factory: Callable[[], Any] | None = None,
@@ -248,6 +250,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         sched = self.scheduler
         sigmas = [float(x) for x in sched.sigmas]
         timesteps = [float(x) for x in sched.timesteps]
+        if guidance_scale is None:
+            guidance_scale = getattr(self.config, "default_guidance_scale", 1.0)
         use_cfg = guidance_scale > 1.0 and negative_embeds is not None
 
         grid = (lat_h // cfg.patch_size[1], lat_w // cfg.patch_size[2])
@@ -272,8 +276,10 @@ class SelfForcingPipeline(DiffusionPipeline):
                     flow = self._flow(x, t, embeds, negative_embeds if use_cfg else None, guidance_scale)
                     x0 = sched.predict_x0(x, flow, sigma)
                     if k + 1 < len(timesteps):
-                        noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-                        x = sched.add_noise(x0, noise, sigmas[k + 1])
+                        noise = None
+                        if sched.config.sampler == "renoise":
+                            noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                        x = sched.next_sample(x, flow, x0, k, noise)
                 if timer is not None:
                     timer.mark("denoise")
                 # The clean pass: its only product is the chunk's clean K/V, which the keeper commits.
@@ -318,7 +324,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         width: int | None = None,
         *,
         negative_prompt: str | list[str] | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,
@@ -344,6 +350,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         """
         height = height or self.config.default_height
         width = width or self.config.default_width
+        if guidance_scale is None:  # the model's own default (1.0 = no guidance, as Self-Forcing samples)
+            guidance_scale = getattr(self.config, "default_guidance_scale", 1.0)
         self.check_inputs(num_frames, height, width)
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent' for stream(), got {output_type!r}")
@@ -453,7 +461,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         width: int | None = None,
         *,
         negative_prompt: str | list[str] | None = None,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | None = None,
         prompt_embeds: torch.Tensor | None = None,
         negative_prompt_embeds: torch.Tensor | None = None,

@@ -26,6 +26,37 @@ def test_scheduler_matches_upstream_warped_steps():
     assert s.timesteps.dtype == torch.float32
 
 
+def test_euler_sampler_is_exact_on_the_straight_paths_of_a_point_mass():
+    # For data that is one point x*, the flow along x = (1 - s) x* + s noise is the constant noise - x*
+    # = (x - x*) / s: Euler steps follow it exactly and land on x*, whatever the step list.
+    s = SelfForcingScheduler(denoising_step_list=(1000, 900, 620, 300, 45), shift=2.0, sampler="euler")
+    target = torch.randn(2, 16, 3, 4, 4, dtype=torch.float64)
+    x = torch.randn_like(target)
+    for k, sigma in enumerate(s.sigmas.tolist()):
+        flow = (x - target) / sigma
+        x0 = s.predict_x0(x, flow, sigma).double()
+        if k + 1 < len(s.sigmas):
+            x = s.next_sample(x, flow, x0, k, noise=None).double()
+    torch.testing.assert_close(x0, target, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="sampler must be"):
+        SelfForcingScheduler(sampler="ddim")
+
+
+def test_the_models_default_guidance_scale_is_used_when_none_is_passed():
+    pipe = tiny_self_forcing_pipeline()
+
+    def render(**kwargs):
+        out = pipe("a red circle", num_frames=9, output_type="latent", generator=torch.Generator().manual_seed(0),
+                   **kwargs)
+        return torch.as_tensor(np.asarray(out.frames))
+
+    plain = render()
+    pipe.register_to_config(default_guidance_scale=3.0)
+    assert torch.equal(render(), render(guidance_scale=3.0))
+    assert not torch.equal(render(), plain)
+    assert torch.equal(render(guidance_scale=1.0), plain)
+
+
 def test_upstream_numerics_rmsnorm_and_fp64_timesteps():
     from genkv.pipelines.self_forcing.numerics import Float64Timesteps, UpcastRMSNorm
 
