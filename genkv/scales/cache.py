@@ -87,6 +87,7 @@ class BudgetedScaleCache(FullScaleCache):
     def __init__(self, num_layers: int, patch_nums: tuple[int, ...], caps: list[list[int]], window: int = 16,
                  pool_kernel: int = 5) -> None:
         self.caps, self.window, self.pool_kernel = caps, window, pool_kernel
+        self._windows: dict[tuple[int, torch.device], torch.Tensor] = {}  # built once per scale, not per layer
         super().__init__(num_layers, patch_nums)
 
     def keep(self, layer: int, scale: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
@@ -96,14 +97,17 @@ class BudgetedScaleCache(FullScaleCache):
             return k, v
         side = self.patch_nums[scale]
         current = q.shape[2]
-        win = observation_window(side, self.window, q.device)
-        probs = torch.softmax(q[:, :, win].float() @ k.float().transpose(-1, -2), dim=-1)  # (B, H, w, n)
+        key = (scale, q.device)
+        if key not in self._windows:
+            self._windows[key] = observation_window(side, self.window, q.device)
+        win = self._windows[key]
+        probs = torch.softmax(q.index_select(2, win).float() @ k.float().transpose(-1, -2), dim=-1)  # (B, H, w, n)
         score = probs.sum(2)
         if self.pool_kernel > 1:
             score = F.max_pool1d(score.flatten(0, 1)[:, None], self.pool_kernel, stride=1,
                                  padding=self.pool_kernel // 2)[:, 0].view_as(score)
         # The window's own tokens first (they summarise the newest scale), then the best-scored rest.
-        score[:, :, n - current + win] = float("inf")
+        score.index_fill_(2, win + (n - current), float("inf"))
         idx = score.topk(cap, dim=-1).indices.sort(dim=-1).values
         gather = idx[..., None].expand(-1, -1, -1, k.shape[-1])
         return k.gather(2, gather), v.gather(2, gather)

@@ -225,7 +225,7 @@ def test_hack_head_roles_from_calibration_split_each_layer(tmp_path):
     cache = pipe.last_cache
     assert isinstance(cache, HeadAwareScaleCache)
     for layer, mask in cache.contextual.items():
-        assert mask.tolist() == roles[layer]
+        assert mask == [bool(x) for x in roles[layer]]
     with pytest.raises(ValueError, match="depth 3.*depth 4"):
         sample(genkv.apply_genkv(tiny_var_pipeline(depth=4), "hack", budget=0.4, roles=str(path)))
 
