@@ -110,8 +110,9 @@ class TemporalMerge(CacheKeeper):
         cand = torch.stack(cands)  # (F, T, K)
         valid = cand >= 0
         safe = cand.clamp(min=0)
-        new_slots = torch.cat([torch.arange(first + j * tpf, first + (j + 1) * tpf, device=device) for j in frames])
-        k_new = cache.k[:, new_slots].float().unflatten(1, (len(frames), tpf))  # (B, F, T, H, D)
+        # The merging frames are a suffix of the chunk: their staged slots are one contiguous range.
+        k_new = cache.k.narrow(1, first + frames[0] * tpf, len(frames) * tpf).float()
+        k_new = k_new.unflatten(1, (len(frames), tpf))  # (B, F, T, H, D)
         k_old = cache.k[:, safe.flatten()].float().unflatten(1, safe.shape)  # (B, F, T, K, H, D)
         k_new = k_new.unsqueeze(3)
         exact = (k_old == k_new).all(dim=-1)
@@ -133,45 +134,62 @@ class TemporalMerge(CacheKeeper):
         safe, score = self._similarities(cache, chunk, frames)
         best_all, arg_all = score.max(dim=-1)  # (F, T)
         target_all = safe.gather(2, arg_all[..., None]).squeeze(2)  # (F, T) slots
+        match_all = best_all >= self.threshold
+        ids = torch.arange(tpf, device=device)
+        if self.radius > 0:
+            match_all = self._resolve_conflicts(match_all, best_all, target_all, ids, cache.capacity)
         # home[i]: the slot that holds staged token i's key after the merges so far (its own, or its group's).
         home = torch.arange(first, first + cache.staged, device=device)
-        ids = torch.arange(tpf, device=device)
         for n, j in enumerate(frames):
             frame = chunk.frame_start + j
-            new_slots = torch.arange(first + j * tpf, first + (j + 1) * tpf, device=device)
-            best = best_all[n]
+            new_slots = home.narrow(0, j * tpf, tpf).clone()  # the frame's own staged slots (home is unchanged
+            # there yet: only frame j writes them)
+            match = match_all[n]
             target = target_all[n]
             if j > 0:  # staged slot of frame j-1 -> where that token lives now
                 target = home[target - first]
-            match = best >= self.threshold
-            if self.radius > 0:  # two tokens may pick one group: the better match wins (ties: lower position)
-                cap = cache.capacity
-                top = torch.full((cap + 1,), -float("inf"), device=device).scatter_reduce(
-                    0, torch.where(match, target, cap), torch.where(match, best, -float("inf")), "amax"
-                )
-                match = match & (best == top[target])
-                lowest = torch.full((cap + 1,), tpf, device=device, dtype=torch.int64).scatter_reduce(
-                    0, torch.where(match, target, cap), torch.where(match, ids, tpf), "amin"
-                )
-                match = match & (ids == lowest[target])
 
             # Update the groups in place. Unmatched tokens "update" their own slot with its own values, so every
             # index below is unique and the writes need no host-side selection.
             dest = torch.where(match, target, new_slots)
             c_old = cache.token_count[dest]
-            c_new = torch.where(match, c_old + 1, c_old)
+            c_new = c_old + match  # + 1 where merged
             v_dest = cache.v[:, dest].float()
-            v_src = cache.v[:, new_slots].float()
+            v_src = cache.v.narrow(1, first + j * tpf, tpf).float()
             w_old = (c_old / c_new).view(1, -1, 1, 1)
             mean_v = torch.where(match.view(1, -1, 1, 1), v_dest * w_old + v_src * (1 - w_old), v_dest)
             cache.v.index_copy_(1, dest, mean_v.to(cache.v.dtype))
-            cache.k.index_copy_(1, dest, cache.k[:, new_slots])
+            # (clones: an unmatched token's source and destination are the same slot)
+            cache.k.index_copy_(1, dest, cache.k.narrow(1, first + j * tpf, tpf).clone())
             cache.token_count.index_copy_(0, dest, c_new)
-            cache.frame_index.index_copy_(0, dest, torch.full_like(dest, frame))
-            cache.token_pos.index_copy_(0, dest, cache.token_pos[new_slots])
+            cache.frame_index.index_fill_(0, dest, frame)
+            cache.token_pos.index_copy_(0, dest, cache.token_pos.narrow(0, first + j * tpf, tpf).clone())
             # The merged tokens' own slots are free now.
-            cache.frame_index[new_slots] = torch.where(match, _DEAD, cache.frame_index[new_slots])
-            home[j * tpf : (j + 1) * tpf] = dest
+            cache.frame_index.narrow(0, first + j * tpf, tpf).masked_fill_(match, _DEAD)
+            home.narrow(0, j * tpf, tpf).copy_(dest)
+
+    @staticmethod
+    def _resolve_conflicts(match: torch.Tensor, best: torch.Tensor, target: torch.Tensor, ids: torch.Tensor,
+                           capacity: int) -> torch.Tensor:
+        """Two tokens of one frame may pick one group: the better match wins (ties: the lower position).
+
+        Done for every merging frame at once on the candidate slots as found (frame j's are frame j-1's staged
+        slots). The merge loop redirects those to their groups, but that map is one-to-one on a frame's tokens
+        (a group takes at most one token per frame), so the conflicts are the same ones.
+        """
+        frames = match.shape[0]
+        span = capacity + 1  # one scatter row per frame; the last column collects the tokens that do not merge
+        offset = (torch.arange(frames, device=match.device) * span).view(-1, 1)
+        slot = torch.where(match, target, capacity) + offset
+        top = torch.full((frames * span,), -float("inf"), device=best.device).scatter_reduce(
+            0, slot.flatten(), torch.where(match, best, -float("inf")).flatten(), "amax"
+        )
+        match = match & (best == top[slot])
+        slot = torch.where(match, target, capacity) + offset
+        lowest = torch.full((frames * span,), len(ids), device=ids.device, dtype=torch.int64).scatter_reduce(
+            0, slot.flatten(), torch.where(match, ids, len(ids)).expand_as(match).flatten(), "amin"
+        )
+        return match & (ids == lowest[slot])
 
     def commit(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
         self.commit_layers([cache], chunk)
