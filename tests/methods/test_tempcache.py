@@ -154,3 +154,22 @@ def test_merging_methods_hold_exactly_the_memory_of_the_rolling_window_they_repl
             pass
         sizes[method] = genkv.get_store(pipe).memory_bytes()
     assert sizes["rolling"] == sizes["tempcache"] == sizes["fastar"] > 0
+
+
+def test_conflicting_matches_keep_the_best_then_the_lowest_position_per_frame():
+    from genkv.keep.tempcache import TemporalMerge
+
+    g = torch.Generator().manual_seed(0)
+    frames, tokens, capacity = 3, 40, 12
+    for _ in range(20):
+        match = torch.rand(frames, tokens, generator=g) < 0.7
+        best = torch.randint(0, 4, (frames, tokens), generator=g).float()  # few values: many ties
+        target = torch.randint(0, capacity, (frames, tokens), generator=g)
+        got = TemporalMerge._resolve_conflicts(match, best, target, torch.arange(tokens), capacity)
+        want = torch.zeros_like(match)
+        for f in range(frames):  # brute force: per frame and target, the best score, then the lowest position
+            for slot in range(capacity):
+                rivals = [i for i in range(tokens) if match[f, i] and target[f, i] == slot]
+                if rivals:
+                    want[f, min(rivals, key=lambda i: (-best[f, i].item(), i))] = True
+        assert torch.equal(got, want)
