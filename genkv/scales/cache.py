@@ -67,6 +67,19 @@ class FullScaleCache:
         return {"method": self.name, "scales": per_scale, "peak_bytes": peak}
 
 
+def window_attention(q: torch.Tensor, k: torch.Tensor, reduce, slice_elements: int = 2**27) -> torch.Tensor:
+    """``reduce(softmax(q @ k^T))`` in float32 for observation queries ``q`` (B, H, w, D) over keys ``k``
+    (B, H, n, D), computed in slices of the batch and concatenated: the float32 copy of the keys stays under
+    ``slice_elements`` (at VAR-d30's second-to-last scale and 3000 image rows it would be 10 GB)."""
+    b, h, n, d = k.shape
+    rows = max(1, slice_elements // max(1, h * n * d))
+    parts = []
+    for i in range(0, b, rows):
+        probs = torch.softmax(q[i : i + rows].float() @ k[i : i + rows].float().transpose(-1, -2), dim=-1)
+        parts.append(reduce(probs))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def observation_window(scale_side: int, window: int, device: torch.device) -> torch.Tensor:
     """Indices (within the current scale) of a ``sqrt(window)``-square grid of patch-centre tokens, or every token
     when the scale is smaller than the grid."""
@@ -101,8 +114,7 @@ class BudgetedScaleCache(FullScaleCache):
         if key not in self._windows:
             self._windows[key] = observation_window(side, self.window, q.device)
         win = self._windows[key]
-        probs = torch.softmax(q.index_select(2, win).float() @ k.float().transpose(-1, -2), dim=-1)  # (B, H, w, n)
-        score = probs.sum(2)
+        score = window_attention(q.index_select(2, win), k, lambda probs: probs.sum(2))  # (B, H, n)
         if self.pool_kernel > 1:
             score = F.max_pool1d(score.flatten(0, 1)[:, None], self.pool_kernel, stride=1,
                                  padding=self.pool_kernel // 2)[:, 0].view_as(score)

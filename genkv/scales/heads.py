@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cache import FullScaleCache
+from .cache import FullScaleCache, window_attention
 
 
 class HeadAwareScaleCache(FullScaleCache):
@@ -72,13 +72,15 @@ class HeadAwareScaleCache(FullScaleCache):
             self._observed[key] = torch.tensor(idx, device=q.device)
         return q.index_select(2, self._observed[key])
 
-    def _roles(self, layer: int, probs: torch.Tensor) -> list[bool]:
+    def _roles(self, layer: int, q: torch.Tensor, kk: torch.Tensor) -> list[bool]:
         """Contextual flag per head for this layer: from the calibration file, else the lowest column variance
-        (one host sync per layer and image batch, at the first scale with history)."""
-        heads = probs.shape[1]
+        of the observation queries' attention (one host sync per layer and image batch, at the first scale with
+        history)."""
+        heads = q.shape[1]
         if self.fixed_roles is not None:
             return [bool(x) for x in self.fixed_roles[layer]]
-        variance = probs.float().var(dim=2, unbiased=False).sum(-1).mean(0)  # (H,)
+        column_variance = window_attention(self._observe(q), kk, lambda p: p.var(dim=2, unbiased=False).sum(-1))
+        variance = column_variance.mean(0)  # (H,)
         n_contextual = int(round(self.alpha * heads))
         lowest = set(torch.argsort(variance)[:n_contextual].tolist())
         return [h in lowest for h in range(heads)]
@@ -114,8 +116,7 @@ class HeadAwareScaleCache(FullScaleCache):
         init = sum(p * p for p in self.patch_nums[:2])
         if layer not in self.contextual and groups[0][2].shape[2] > current:  # first history: classify, split
             heads, q, kk, vv = groups[0]
-            probs = torch.softmax(self._observe(q).float() @ kk.float().transpose(-1, -2), dim=-1)
-            self.contextual[layer] = roles = self._roles(layer, probs)
+            self.contextual[layer] = roles = self._roles(layer, q, kk)
             split, kinds = [], []
             for kind in (False, True):  # structural heads first, then contextual
                 members = [h for h, r in enumerate(roles) if r == kind]
@@ -138,7 +139,7 @@ class HeadAwareScaleCache(FullScaleCache):
             if cap >= n:
                 pruned.append((heads, kk, vv))
                 continue
-            score = torch.softmax(self._observe(q).float() @ kk.float().transpose(-1, -2), dim=-1).sum(2)
+            score = window_attention(self._observe(q), kk, lambda probs: probs.sum(2))
             if not is_contextual:  # layout tokens first: the newest scale, then the first two scales
                 score[..., n - current:] = 3e38
                 score[..., : min(init, n - current)] = 2e38

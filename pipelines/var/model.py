@@ -172,8 +172,25 @@ class VARTransformer(nn.Module):
             out = cache.attend(i, scale, q, k, v)  # (B, H, l, D)
             out = out.transpose(1, 2).reshape(x.shape)
             x = x + block.attn.proj(out) * g1
-            x = x + block.ffn(block.ln_wo_grad(x) * (s2 + 1) + b2) * g2
+            x = x + self._ffn_in_slices(block, x, s2, b2) * g2
         return x if hidden_only else self.logits(x, cond)
+
+    #: Above this many hidden-layer elements the FFN runs in slices of rows: at the last scale of a large batch
+    #: its 4x-wide hidden layer (and GELU's copy of it) would otherwise outweigh a compressed KV cache.
+    ffn_slice_elements: int = 2**30
+
+    def _ffn_in_slices(self, block: AdaLNBlock, x: torch.Tensor, s2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+        hidden = block.ffn.fc1.out_features
+        rows = max(1, self.ffn_slice_elements // (x.shape[1] * hidden))
+        if rows >= x.shape[0]:
+            return block.ffn(block.ln_wo_grad(x) * (s2 + 1) + b2)
+        out = torch.empty_like(x)
+        for i in range(0, x.shape[0], rows):
+            j = min(i + rows, x.shape[0])
+            s2_i = s2[i:j] if s2.shape[0] > 1 else s2
+            b2_i = b2[i:j] if b2.shape[0] > 1 else b2
+            out[i:j] = block.ffn(block.ln_wo_grad(x[i:j]) * (s2_i + 1) + b2_i)
+        return out
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """The output head: final adaptive norm and vocabulary projection, (B, l, C) → (B, l, V) float32."""

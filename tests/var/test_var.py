@@ -294,12 +294,25 @@ def test_sampler_draws_from_the_top_k_top_p_restricted_softmax_and_never_a_maske
     assert torch.equal(draws, again)
 
 
-def test_sampling_in_image_slices_gives_the_same_images():
+def test_sampling_and_ffn_in_image_slices_give_the_same_images():
     pipe = tiny_var_pipeline(seed=1)
     whole = pipe(class_labels=[1, 2, 3, 4, 5], generator=torch.Generator().manual_seed(0), output_type="pt").images
     pipe.sample_batch = 2
     sliced = pipe(class_labels=[1, 2, 3, 4, 5], generator=torch.Generator().manual_seed(0), output_type="pt").images
     assert torch.equal(whole, sliced)
+    pipe.transformer.ffn_slice_elements = 64  # every FFN in slices of one image row
+    assert torch.equal(whole, pipe(class_labels=[1, 2, 3, 4, 5], generator=torch.Generator().manual_seed(0),
+                                   output_type="pt").images)
     pipe.sample_batch = 64
     other_seed = pipe(class_labels=[1, 2, 3, 4, 5], generator=torch.Generator().manual_seed(1), output_type="pt")
     assert not torch.equal(whole, other_seed.images)
+
+
+def test_window_attention_in_batch_slices_equals_one_float64_softmax():
+    from genkv.scales.cache import window_attention
+
+    q, k = torch.randn(5, 3, 4, 8), torch.randn(5, 3, 11, 8)
+    want = torch.softmax(q.double() @ k.double().transpose(-1, -2), dim=-1).sum(2)
+    for elements in (1, 3 * 11 * 8 * 2, 2**27):
+        got = window_attention(q, k, lambda p: p.sum(2), slice_elements=elements)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
