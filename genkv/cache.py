@@ -26,6 +26,7 @@ into the keys by RoPE), which lets keepers overwrite evicted slots in place inst
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterator
 
@@ -62,6 +63,13 @@ class ChunkInfo:
     @property
     def num_tokens(self) -> int:
         return self.num_frames * self.tokens_per_frame
+
+
+@functools.lru_cache(maxsize=32)
+def _staged_pattern(staged: int, tokens_per_frame: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Frame offset and spatial position of each staged token: the same every chunk, so made once."""
+    idx = torch.arange(staged, device=device)
+    return torch.div(idx, tokens_per_frame, rounding_mode="floor"), idx % tokens_per_frame
 
 
 class LayerKVCache:
@@ -163,10 +171,10 @@ class LayerKVCache:
     def label_staged(self, chunk: ChunkInfo) -> None:
         """Record frame index and spatial position of the staged tokens (done once, at commit)."""
         assert self.frame_index is not None and self.token_pos is not None
-        idx = torch.arange(self.staged, device=self.frame_index.device)
+        frame_offset, position = _staged_pattern(self.staged, chunk.tokens_per_frame, self.frame_index.device)
         sl = slice(self.length, self.length + self.staged)
-        self.frame_index[sl] = chunk.frame_start + torch.div(idx, chunk.tokens_per_frame, rounding_mode="floor")
-        self.token_pos[sl] = idx % chunk.tokens_per_frame
+        torch.add(frame_offset, chunk.frame_start, out=self.frame_index[sl])
+        self.token_pos[sl] = position
         self.token_count[sl] = 1.0
         self.frame_host[sl] = chunk.frame_start + np.arange(self.staged) // chunk.tokens_per_frame
 
