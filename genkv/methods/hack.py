@@ -23,6 +23,8 @@ class HACK(GenKVMethod):
         observations: current-scale queries whose attention scores the tokens.
         roles: a JSON file from ``genkv calibrate --method hack``; without it each layer's heads are classified
             at the first scale that has history.
+        merge: merge evicted tokens into their most similar kept key (mean value, ``log(count)`` logit bias)
+            instead of dropping them; the counts count against the budget.
 
     Example:
         >>> import genkv, torch
@@ -39,15 +41,18 @@ class HACK(GenKVMethod):
     contextual_share: float = 0.3
     observations: int = 32
     roles: str | None = None
+    merge: bool = False
 
     def validate(self) -> None:
         self.require_float("budget", 0.0, 1.0, low_open=True)
         self.require_float("alpha", 0.0, 1.0)
         self.require_float("contextual_share", 0.0, 1.0)
         self.require_int("observations", minimum=1)
+        if not isinstance(self.merge, bool):
+            self._fail("merge", "true or false")
 
     def build_scale_cache(self, depth: int, patch_nums: tuple[int, ...], num_heads: int | None = None):
         roles = load_head_roles(self.roles, depth, num_heads) if self.roles is not None else None
         return HeadAwareScaleCache(depth, patch_nums, self.budget, alpha=self.alpha,
                                    contextual_share=self.contextual_share, observations=self.observations,
-                                   contextual=roles)
+                                   contextual=roles, merge=self.merge)

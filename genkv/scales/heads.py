@@ -16,7 +16,10 @@ tokens of earlier scales; *contextual* heads attend to a few semantic tokens tha
   queries (``observations`` evenly spaced queries of the current scale).
 
 Heads of one kind are kept together in one tensor per layer (the paper's static re-ordering), so each kind's
-memory is really its budget. Evicted tokens are dropped (HACK's optional soft merge is not implemented).
+memory is really its budget. Evicted tokens are dropped, or with ``merge=True`` merged into the kept key they
+are most similar to (:func:`merge_into_kept`: the kept key stays, the value becomes the count-weighted mean and
+attention adds ``log(count)`` to that key's logit, exact when the evicted keys duplicate kept ones); the counts
+are stored too, and the caps shrink so that K, V and counts stay within the budget.
 """
 
 from __future__ import annotations
@@ -31,6 +34,38 @@ import torch.nn.functional as F
 from .cache import FullScaleCache, window_attention
 
 
+def merge_into_kept(keys: torch.Tensor, values: torch.Tensor, counts: torch.Tensor, keep: torch.Tensor,
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep the tokens at ``keep`` (B, H, k) of ``keys``/``values`` (B, H, n, D) with ``counts`` (B, H, n) and
+    merge every other token into the kept one whose key is most similar (dot product: VAR's keys are unit
+    length): the kept key stays, values are averaged with the counts as weights, counts add up. Attention over
+    the result with ``log(count)`` added to each logit equals attention over all ``n`` tokens whenever each
+    merged key equals the key it joins.
+
+    Example:
+        >>> import torch
+        >>> k = torch.nn.functional.normalize(torch.randn(1, 1, 3, 4), dim=-1)
+        >>> k = torch.cat([k, k[:, :, :1]], dim=2)                  # token 3 duplicates token 0
+        >>> v, c = torch.randn(1, 1, 4, 4), torch.ones(1, 1, 4)
+        >>> kk, vv, cc = merge_into_kept(k, v, c, torch.tensor([[[0, 1, 2]]]))
+        >>> cc.tolist(), torch.allclose(vv[0, 0, 0], (v[0, 0, 0] + v[0, 0, 3]) / 2)
+        ([[[2.0, 1.0, 1.0]]], True)
+    """
+    b, h, n, d = keys.shape
+    kept = torch.zeros(b, h, n, dtype=torch.bool, device=keys.device).scatter_(2, keep, True)
+    evicted = torch.argsort(kept.to(torch.int8), dim=-1, stable=True)[..., : n - keep.shape[-1]]  # the others
+    wide = torch.promote_types(values.dtype, torch.float32)  # average in float32 (or float64) at least
+    take = lambda x, idx: x.gather(2, idx[..., None].expand(-1, -1, -1, x.shape[-1]))  # noqa: E731
+    k_kept, v_kept, c_kept = take(keys, keep), take(values, keep).to(wide), counts.gather(2, keep)
+    if evicted.shape[-1] == 0 or keep.shape[-1] == 0:  # nothing to merge, or nothing to merge into
+        return k_kept, v_kept.to(values.dtype), c_kept
+    k_out, v_out, c_out = take(keys, evicted), take(values, evicted).to(wide), counts.gather(2, evicted)
+    join = (k_out.to(wide) @ k_kept.to(wide).transpose(-1, -2)).argmax(dim=-1)  # (B, H, evicted)
+    c_new = c_kept.scatter_add(2, join, c_out)
+    v_sum = (v_kept * c_kept[..., None]).scatter_add(2, join[..., None].expand(-1, -1, -1, d), v_out * c_out[..., None])
+    return k_kept, (v_sum / c_new[..., None]).to(values.dtype), c_new
+
+
 class HeadAwareScaleCache(FullScaleCache):
     """Per layer, structural and contextual heads each keep their own budget (see the module docstring)."""
 
@@ -38,8 +73,9 @@ class HeadAwareScaleCache(FullScaleCache):
 
     def __init__(self, num_layers: int, patch_nums: tuple[int, ...], budget: float, alpha: float = 0.5,
                  contextual_share: float = 0.3, observations: int = 32,
-                 contextual: list[list[bool]] | None = None) -> None:
+                 contextual: list[list[bool]] | None = None, merge: bool = False) -> None:
         self.budget, self.alpha, self.contextual_share = budget, alpha, contextual_share
+        self.merge = merge
         self.observations, self.fixed_roles = observations, contextual
         super().__init__(num_layers, patch_nums)
 
@@ -93,20 +129,26 @@ class HeadAwareScaleCache(FullScaleCache):
         last = scale == len(self.patch_nums) - 1
         if groups is None:  # the first scale: one group, every head
             everything = torch.arange(q.shape[1], device=q.device)
-            groups = [(everything, k[:, :, :0], v[:, :, :0])]
+            counts = q.new_zeros(q.shape[0], q.shape[1], 0, dtype=torch.float32) if self.merge else None
+            groups = [(everything, k[:, :, :0], v[:, :, :0], counts)]
         seen = sum(p * p for p in self.patch_nums[: scale + 1])
         new_groups, kept_tokens, kept_bytes = [], 0, 0
-        for heads, hk, hv in groups:
+        for heads, hk, hv, hc in groups:
             kk = torch.cat([hk, k[:, heads]], dim=2)
             vv = torch.cat([hv, v[:, heads]], dim=2)
-            out[:, heads] = F.scaled_dot_product_attention(q[:, heads], kk, vv, scale=1.0)
+            cc = mask = None
+            if hc is not None:  # merged keys: log(count) on their logits (the new scale's tokens count 1)
+                cc = torch.cat([hc, hc.new_ones(hc.shape[0], hc.shape[1], k.shape[2])], dim=2)
+                mask = cc.log()[:, :, None, :].to(q.dtype)
+            out[:, heads] = F.scaled_dot_product_attention(q[:, heads], kk, vv, attn_mask=mask, scale=1.0)
             if not last:
-                new_groups.append((heads, q[:, heads], kk, vv))
+                new_groups.append((heads, q[:, heads], kk, vv, cc))
         self.groups[layer] = None
         if not last:
             self.groups[layer] = self._regroup(layer, scale, seen, new_groups)
             kept_tokens = max(g[1].shape[2] for g in self.groups[layer])
-            kept_bytes = sum(2 * g[1].numel() * g[1].element_size() for g in self.groups[layer])
+            kept_bytes = sum(2 * g[1].numel() * g[1].element_size() + (0 if g[3] is None else g[3].numel() * 4)
+                             for g in self.groups[layer])
         self.rows.setdefault(scale, [(0, 0)] * self.num_layers)[layer] = (kept_tokens, kept_bytes)
         return out
 
@@ -115,7 +157,7 @@ class HeadAwareScaleCache(FullScaleCache):
         current = self.patch_nums[scale] ** 2
         init = sum(p * p for p in self.patch_nums[:2])
         if layer not in self.contextual and groups[0][2].shape[2] > current:  # first history: classify, split
-            heads, q, kk, vv = groups[0]
+            heads, q, kk, vv, cc = groups[0]
             self.contextual[layer] = roles = self._roles(layer, q, kk)
             split, kinds = [], []
             for kind in (False, True):  # structural heads first, then contextual
@@ -123,7 +165,7 @@ class HeadAwareScaleCache(FullScaleCache):
                 if members:
                     pick = torch.tensor(members, device=q.device)
                     split.append((heads.index_select(0, pick), q.index_select(1, pick), kk.index_select(1, pick),
-                                  vv.index_select(1, pick)))
+                                  vv.index_select(1, pick), None if cc is None else cc.index_select(1, pick)))
                     kinds.append(kind)
             groups, self.group_kinds[layer] = split, kinds
         roles = self.contextual.get(layer)
@@ -132,19 +174,26 @@ class HeadAwareScaleCache(FullScaleCache):
         kinds = self.group_kinds[layer] if roles is not None else [False] * len(groups)
         structural_cap, contextual_cap = self._caps(seen, heads_total, n_contextual)
         pruned = []
-        for (heads, q, kk, vv), kind in zip(groups, kinds):
+        for (heads, q, kk, vv, cc), kind in zip(groups, kinds):
             is_contextual = kind and n_contextual < heads_total
             cap = contextual_cap if is_contextual else structural_cap
+            if cc is not None:  # the float32 counts take their share of the budget
+                per_token = 2 * kk.shape[-1] * kk.element_size()
+                cap = cap * per_token // (per_token + 4)
             n = kk.shape[2]
             if cap >= n:
-                pruned.append((heads, kk, vv))
+                pruned.append((heads, kk, vv, cc))
                 continue
             score = window_attention(self._observe(q), kk, lambda probs: probs.sum(2))
             if not is_contextual:  # layout tokens first: the newest scale, then the first two scales
                 score[..., n - current:] = 3e38
                 score[..., : min(init, n - current)] = 2e38
-            idx = score.topk(cap, dim=-1).indices.sort(dim=-1).values[..., None].expand(-1, -1, -1, kk.shape[-1])
-            pruned.append((heads, kk.gather(2, idx), vv.gather(2, idx)))
+            keep = score.topk(cap, dim=-1).indices.sort(dim=-1).values
+            if cc is not None:
+                pruned.append((heads, *merge_into_kept(kk, vv, cc, keep)))
+                continue
+            idx = keep[..., None].expand(-1, -1, -1, kk.shape[-1])
+            pruned.append((heads, kk.gather(2, idx), vv.gather(2, idx), None))
         return pruned
 
 

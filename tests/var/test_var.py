@@ -316,3 +316,38 @@ def test_window_attention_in_batch_slices_equals_one_float64_softmax():
     for elements in (1, 3 * 11 * 8 * 2, 2**27):
         got = window_attention(q, k, lambda p: p.sum(2), slice_elements=elements)
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_merging_evicted_duplicate_keys_is_exact_attention():
+    from genkv.scales.heads import merge_into_kept
+
+    g = torch.Generator().manual_seed(0)
+    b, h, d, distinct = 2, 3, 8, 5
+    base = torch.nn.functional.normalize(torch.randn(b, h, distinct, d, generator=g, dtype=torch.float64), dim=-1)
+    copies = torch.randint(0, distinct, (b, h, 7), generator=g)
+    keys = torch.cat([base, base.gather(2, copies[..., None].expand(-1, -1, -1, d))], dim=2)  # 7 duplicates
+    values = torch.randn(b, h, keys.shape[2], d, generator=g, dtype=torch.float64)
+    counts = torch.ones(b, h, keys.shape[2], dtype=torch.float64)
+    query = torch.randn(b, h, 4, d, generator=g, dtype=torch.float64) * 3
+    keep = torch.arange(distinct).expand(b, h, -1)  # every distinct key kept once, every duplicate evicted
+    k, v, c = merge_into_kept(keys, values, counts, keep)
+    assert torch.equal(c.sum(-1), counts.sum(-1))
+    want = torch.softmax(query @ keys.transpose(-1, -2), dim=-1) @ values
+    got = torch.softmax(query @ k.transpose(-1, -2) + c.log()[:, :, None, :], dim=-1) @ v
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_hack_with_merge_keeps_k_v_and_counts_within_the_budget_and_budget_one_is_full():
+    full = tiny_var_pipeline()
+    reference = sample(full)
+    full_bytes = {s: v["total_bytes"] for s, v in genkv.cache_stats(full)["scales"].items()}
+    merged = genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=0.4, merge=True)
+    images = sample(merged)
+    stats = genkv.cache_stats(merged)
+    for scale, row in stats["scales"].items():
+        assert row["total_bytes"] <= 0.4 * full_bytes[scale] + 1e-9
+    assert images.shape == reference.shape
+    assert (sample(genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=1.0, merge=True)) == reference).all()
+    assert not (images == sample(genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=0.4))).all()  # merges
+    with pytest.raises(ValueError, match="merge must be true or false"):
+        genkv.apply_genkv(tiny_var_pipeline(), "hack", merge=2)
