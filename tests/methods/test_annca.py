@@ -58,19 +58,20 @@ def test_reader_against_a_float64_reference_and_padding_never_selected():
         class chunk:
             tokens_per_frame = tpf
 
-    got = TopKPromptAttention(k).attend(q, key, value, store=Store())
-    want = torch.empty_like(got, dtype=torch.float64)
-    for i in range(b):
-        for f in range(frames):
-            qf = q[i, f * tpf : (f + 1) * tpf].double()  # (T, H, D)
-            for hh in range(h):
-                score = qf[:, hh].mean(0) @ key[i, : real[i], hh].double().T
-                chosen = score.topk(k).indices
-                keys = torch.cat([key[i, chosen, hh], key[i, real[i]:, hh]]).double()
-                vals = torch.cat([value[i, chosen, hh], value[i, real[i]:, hh]]).double()
-                w = (qf[:, hh] @ keys.T / d**0.5).softmax(-1)
-                want[i, f * tpf : (f + 1) * tpf, hh] = w @ vals
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    for k in (4, 9, 12):  # 9: the first prompt has fewer real tokens than k, the second more; 12: all of both
+        got = TopKPromptAttention(k).attend(q, key, value, store=Store())
+        want = torch.empty_like(got, dtype=torch.float64)
+        for i in range(b):
+            for f in range(frames):
+                qf = q[i, f * tpf : (f + 1) * tpf].double()  # (T, H, D)
+                for hh in range(h):
+                    score = qf[:, hh].mean(0) @ key[i, : real[i], hh].double().T
+                    chosen = score.topk(min(k, int(real[i]))).indices
+                    keys = torch.cat([key[i, chosen, hh], key[i, real[i]:, hh]]).double()
+                    vals = torch.cat([value[i, chosen, hh], value[i, real[i]:, hh]]).double()
+                    w = (qf[:, hh] @ keys.T / d**0.5).softmax(-1)
+                    want[i, f * tpf : (f + 1) * tpf, hh] = w @ vals
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_validation_names_the_field():
