@@ -14,12 +14,22 @@ import torch.nn.functional as F
 
 
 def select_prompt_tokens(
-    q: torch.Tensor, k: torch.Tensor, *, tokens_per_group: int, top_k: int, valid_length: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    tokens_per_group: int,
+    top_k: int,
+    valid_length: torch.Tensor | None = None,
+    score_bias: torch.Tensor | None = None,
+    need_valid: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Top-k prompt tokens per (batch, group, head), never a padding token.
 
-    Returns ``indices`` (B, G, H, k) int64 and ``valid`` (B, G, H, k) bool (False where the prompt has fewer
-    than ``top_k`` real tokens; those picks must be masked).
+    Which tokens are real comes from ``valid_length`` (B,) or, made once per prompt by the caller, from
+    ``score_bias`` (B, L) float32: 0 for a real token, ``-inf`` for padding. Returns ``indices`` (B, G, H, k)
+    int64 and ``valid`` (B, G, H, k) bool (False where the prompt has fewer than ``top_k`` real tokens; those
+    picks must be masked), or ``None`` for ``valid`` with ``need_valid=False`` (every prompt has ``top_k`` real
+    tokens: the caller knows it from the host-side lengths).
 
     Example:
         >>> import torch
@@ -33,12 +43,17 @@ def select_prompt_tokens(
     if s % tokens_per_group:
         raise ValueError(f"query length {s} is not a multiple of tokens_per_group={tokens_per_group}")
     groups = s // tokens_per_group
-    mean_q = q.unflatten(1, (groups, tokens_per_group)).float().mean(2)  # (B, G, H, D)
-    scores = torch.einsum("bghd,blhd->bghl", mean_q, k.float())
-    is_real = torch.arange(length, device=k.device)[None, :] < valid_length.to(k.device)[:, None]
-    scores = scores.masked_fill(~is_real[:, None, None, :], -float("inf"))
+    if score_bias is None:
+        if valid_length is None:
+            raise ValueError("pass valid_length or score_bias")
+        is_real = torch.arange(length, device=k.device)[None, :] < valid_length.to(k.device)[:, None]
+        score_bias = torch.zeros(b, length, device=k.device).masked_fill(~is_real, -float("inf"))
+    mean_q = q.unflatten(1, (groups, tokens_per_group)).mean(2, dtype=torch.float32)  # (B, G, H, D)
+    scores = torch.einsum("bghd,blhd->bghl", mean_q, k.float()) + score_bias[:, None, None, :]
     indices = scores.topk(min(top_k, length), dim=-1).indices
-    valid = is_real[:, None, None, :].expand_as(scores).gather(-1, indices)
+    if not need_valid:
+        return indices, None
+    valid = (score_bias == 0)[:, None, None, :].expand_as(scores).gather(-1, indices)
     return indices, valid
 
 
@@ -47,18 +62,21 @@ def sparse_cross_attention(
     k: torch.Tensor,
     v: torch.Tensor,
     indices: torch.Tensor,
-    valid: torch.Tensor,
+    valid: torch.Tensor | None,
     *,
     extra_k: torch.Tensor | None = None,
     extra_v: torch.Tensor | None = None,
     extra_bias: torch.Tensor | None = None,
+    attn_bias: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
     """Attention of each query group over its gathered prompt tokens (and one optional extra key per batch).
 
     q (B, S, H, D) with S = G x tokens; k, v (B, L, H, D); ``indices``/``valid`` (B, G, H, k) from
-    :func:`select_prompt_tokens`; ``extra_k``/``extra_v`` (B, H, D) with logit bias ``extra_bias`` (B,)
-    (``log(n)`` for a key standing for n identical ones, ``-inf`` for none). Returns (B, S, H, D).
+    :func:`select_prompt_tokens` (``valid=None``: every pick is real); ``extra_k``/``extra_v`` (B, H, D) with
+    logit bias ``extra_bias`` (B,) (``log(n)`` for a key standing for n identical ones, ``-inf`` for none).
+    ``attn_bias`` (B, 1, 1, n), made once per prompt by a caller whose picks are all real, replaces the bias
+    built here from ``valid`` and ``extra_bias``. Returns (B, S, H, D).
     """
     b, s, h, d = q.shape
     groups = indices.shape[1]
@@ -69,16 +87,23 @@ def sparse_cross_attention(
         return src.gather(3, indices[..., None].expand(*indices.shape, d))
 
     keys, values = gather(k), gather(v)
-    bias = torch.zeros(indices.shape, device=q.device, dtype=torch.float32).masked_fill(~valid, -float("inf"))
     if extra_k is not None:
         keys = torch.cat([keys, extra_k[:, None, :, None, :].expand(b, groups, h, 1, d)], dim=3)
         values = torch.cat([values, extra_v[:, None, :, None, :].expand(b, groups, h, 1, d)], dim=3)
-        bias = torch.cat([bias, extra_bias.float().view(b, 1, 1, 1).expand(b, groups, h, 1)], dim=3)
     n = keys.shape[3]
-    qf = q.unflatten(1, (groups, s // groups)).permute(0, 1, 3, 2, 4).reshape(b * groups, h, s // groups, d)
-    mask = bias.reshape(b * groups, h, 1, n).to(q.dtype)
+    if attn_bias is not None:
+        mask = attn_bias.to(q.dtype)[:, None].expand(b, groups, 1, 1, n).reshape(b * groups, 1, 1, n)
+    else:
+        bias = torch.zeros(indices.shape, device=q.device, dtype=torch.float32)
+        if valid is not None:
+            bias = bias.masked_fill(~valid, -float("inf"))
+        if extra_k is not None:
+            bias = torch.cat([bias, extra_bias.float().view(b, 1, 1, 1).expand(b, groups, h, 1)], dim=3)
+        mask = bias.reshape(b * groups, h, 1, n).to(q.dtype)
+    # (B, S, H, D) -> (B*G, H, T, D) as a view: SDPA takes the strides, no copy of the queries.
+    qf = q.reshape(b * groups, s // groups, h, d).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         qf, keys.reshape(b * groups, h, n, d), values.reshape(b * groups, h, n, d), attn_mask=mask,
         scale=scale if scale is not None else 1.0 / math.sqrt(d),
     )
-    return out.reshape(b, groups, h, s // groups, d).permute(0, 1, 3, 2, 4).reshape(b, s, h, d)
+    return out.transpose(1, 2).reshape(b, s, h, d)
