@@ -69,8 +69,10 @@ def fits(pipe, batch: int, device: torch.device, classes: int) -> bool:
             torch.cuda.empty_cache()
 
 
-def largest_batch(pipe, device, classes: int, start: int, limit: int, tolerance: float = 1 / 16) -> int:
-    """Doubling from ``start`` until out of memory (or ``limit``), then bisection to within ``tolerance``.
+def largest_batch(pipe, device, classes: int, start: int, limit: int, tolerance: float = 1 / 16,
+                  known_bad: int | None = None) -> int:
+    """Doubling from ``start`` until out of memory (or ``limit``), then bisection to within ``tolerance``
+    (towards ``known_bad``, a batch already seen not to fit, when the doubling stopped at the limit).
     0 when ``start`` itself does not fit."""
     good, bad = 0, None
     batch = start
@@ -80,6 +82,8 @@ def largest_batch(pipe, device, classes: int, start: int, limit: int, tolerance:
         else:
             bad = batch
             break
+    if bad is None and known_bad is not None and good and known_bad > good:
+        bad = known_bad
     if bad is None:
         return good
     while good and bad - good > max(1, int(good * tolerance)):
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 limit = args.max_batch_limit if label == "full" else 2 * start  # enough to tell >= the target
                 best = largest_batch(pipe, device, classes, start, max(start, limit), tolerance=1 / 8)
                 if best == 0:  # below the target ratio: search up from the benchmark's batches instead
-                    best = largest_batch(pipe, device, classes, max(args.batches), start, tolerance=1 / 8)
+                    best = largest_batch(pipe, device, classes, max(args.batches), start, tolerance=1 / 8,
+                                         known_bad=start)
                 result.setdefault("largest_batch", {})[f"{name}/{label}"] = best
                 args.out.write_text(json.dumps(result, indent=1))
                 print(f"{name} {label}: largest batch {best}", flush=True)
