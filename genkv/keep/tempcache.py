@@ -108,7 +108,6 @@ class TemporalMerge(CacheKeeper):
             else:
                 cands.append(first + (j - 1) * tpf + nbr)
         cand = torch.stack(cands)  # (F, T, K)
-        valid = cand >= 0
         safe = cand.clamp(min=0)
         # The merging frames are a suffix of the chunk: their staged slots are one contiguous range.
         k_new = cache.k.narrow(1, first + frames[0] * tpf, len(frames) * tpf).float()
@@ -117,9 +116,9 @@ class TemporalMerge(CacheKeeper):
         k_new = k_new.unsqueeze(3)
         exact = (k_old == k_new).all(dim=-1)
         cos = torch.nn.functional.cosine_similarity(k_old, k_new, dim=-1, eps=1e-12)
-        cos = torch.where(exact, torch.ones_like(cos), cos)
+        cos = cos.masked_fill_(exact, 1.0)
         score = cos.amin(dim=-1).amin(dim=0)  # (F, T, K): every head of every video must agree
-        score = torch.where(valid, score, torch.full_like(score, -float("inf")))
+        score = score.masked_fill_(cand < 0, -float("inf"))  # gone from the previous frame
         return safe, score
 
     @torch.no_grad()
