@@ -149,9 +149,18 @@ def load_pipeline(options: RenderOptions, device, dtype):
         if options.checkpoint is not None:
             raise CLIError("--checkpoint needs a real --model folder; 'tiny-random' has random weights")
         return tiny_self_forcing_pipeline(seed=0, device=device, dtype=dtype)
+    from genkv.zoo import SHIPPED, shipped_model_path
+
     path = Path(options.model)
+    if options.model in SHIPPED and not path.exists():  # a bundled model by name (a folder of that name wins)
+        if options.checkpoint is not None:
+            raise CLIError(f"--checkpoint needs a Wan2.1 --model folder; {options.model!r} is a model bundled with genkv")
+        path = shipped_model_path(options.model)
+        if not (path / "model_index.json").is_file():
+            raise CLIError(f"the bundled model {options.model!r} is missing from this install; reinstall genkv")
     if not path.exists():
-        raise CLIError(f"--model {options.model!r} not found; pass a diffusers model folder or 'tiny-random'")
+        bundled = "".join(f", {name!r}" for name in SHIPPED)
+        raise CLIError(f"--model {options.model!r} not found; pass a diffusers model folder{bundled} or 'tiny-random'")
     if not (path / "model_index.json").is_file():
         raise CLIError(f"--model {options.model!r} has no model_index.json; pass a diffusers model folder")
     if options.checkpoint is not None and not options.checkpoint.is_file():

@@ -218,3 +218,21 @@ def test_profile_prints_and_records_the_time_split(tmp_path, prompts, capsys):
         assert phases[f"{name}_gpu_ms"] >= 0 and phases[f"{name}_host_ms"] >= 0
     assert phases["denoise_host_ms"] > 0 and "write_host_ms" in phases
     assert "time per chunk" in err and "kv_commit" in err
+
+
+def test_a_bundled_model_renders_by_name_and_a_checkpoint_is_refused_for_it(tmp_path, prompts, capsys, monkeypatch):
+    from genkv import zoo
+    from genkv.testing import tiny_self_forcing_pipeline
+
+    tiny_self_forcing_pipeline().save_pretrained(tmp_path / "assets" / "bundled-tiny")
+    monkeypatch.setattr(zoo, "ASSETS", tmp_path / "assets")
+    monkeypatch.setitem(zoo.SHIPPED, "bundled-tiny", "a test model")
+    monkeypatch.chdir(tmp_path)  # no folder named bundled-tiny here
+    code, _, err = run(["render", prompts, "--model", "bundled-tiny", "--frames", 9, "--out", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert count_frames(tmp_path / "o" / "001-a-blue-square-falling.mp4") == 9
+    code, _, err = run(["render", prompts, "--model", "bundled-tiny", "--checkpoint", tmp_path / "x.pt"], capsys)
+    assert code == 2 and "bundled with genkv" in err.strip().splitlines()[-1]
+    monkeypatch.setitem(zoo.SHIPPED, "missing-model", "not installed")
+    code, _, err = run(["render", prompts, "--model", "missing-model"], capsys)
+    assert code == 2 and "missing from this install" in err
