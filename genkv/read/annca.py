@@ -32,9 +32,9 @@ class TopKPromptAttention:
     def _prompt_constants(
         self, key: torch.Tensor, value: torch.Tensor, lengths: list[int], layer_index: int, store: Any
     ) -> tuple[torch.Tensor, dict]:
-        """Real lengths on the device, the selection's score bias (0 for real tokens, -inf for padding), the
-        folded padding key of this layer and, when every prompt has ``top_k`` real tokens, the attention bias of
-        the picks: constant for a prompt, so made once per (prompt, branch, layer) rather than at every step
+        """The selection's score bias (0 for real tokens, -inf for padding), the folded padding key of this
+        layer and, when every prompt has ``top_k`` real tokens, the attention bias of the picks (in the keys'
+        dtype, ready for SDPA): constant for a prompt, so made once per (prompt, branch, layer) rather than at every step
         (they were ~20 of the ~32 launches of a call)."""
         version = getattr(store, "prompt_version", None)
         cache_key = (version, getattr(store, "branch", None), layer_index, tuple(lengths), key.data_ptr())
@@ -63,7 +63,7 @@ class TopKPromptAttention:
             picks = torch.zeros(b, 1, 1, min(self.top_k, length), device=key.device)
             if extra:
                 picks = torch.cat([picks, extra["extra_bias"].float().view(b, 1, 1, 1)], dim=-1)
-            extra = {**extra, "attn_bias": picks}
+            extra = {**extra, "attn_bias": picks.to(key.dtype)}
         if store is not None:
             if any(k[0] != version for k in self._constants):  # a new prompt: forget the old one's
                 self._constants = {k: v for k, v in self._constants.items() if k[0] == version}
