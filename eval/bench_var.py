@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> int:
                 full_best = result.get("largest_batch", {}).get(f"{name}/full")
                 if label != "full" and full_best:
                     start = max(start, int(full_best * args.target_ratio))
-                limit = args.max_batch_limit if label == "full" else 2 * start  # enough to tell >= the target
+                # With full's largest batch known, twice the target is enough to tell whether it is met;
+                # without it (full not in this run), search up to the limit.
+                limit = 2 * start if label != "full" and full_best else args.max_batch_limit
                 best = largest_batch(pipe, device, classes, start, max(start, limit), tolerance=1 / 8)
                 if best == 0:  # below the target ratio: search up from the benchmark's batches instead
                     best = largest_batch(pipe, device, classes, max(args.batches), start, tolerance=1 / 8,
