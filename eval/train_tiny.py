@@ -5,6 +5,8 @@
     # in two GPU runs (each under a 10-minute limit): the VAE first, then the rest on top of it
     python eval/train_tiny.py --out /tmp/vae --vae-minutes 4 --stop-after-vae --tar $OUT/vae.tar
     python eval/train_tiny.py --out /tmp/m --vae-from vae.tar --vae-minutes 0 --minutes 7 --tar $OUT/m.tar
+    # more transformer steps on a saved model (its VAE and latent statistics kept)
+    python eval/train_tiny.py --out /tmp/m2 --resume-from m.tar --minutes 5 --lr 3e-4 --tar $OUT/m2.tar
 
 Data: procedural sprite videos (``genkv.data``), 64x64, by default one or two sprites on a plain background, a
 pool generated up front by all CPU cores. Phase 1 trains the VAE (``AutoencoderKLWan``, base_dim 32, 4x spatial
@@ -16,9 +18,10 @@ clean pass) and one noisy target chunk, under a block-causal mask (a chunk sees 
 it), with RoPE positions continuing across chunks exactly as in the cached rollout. The loss is on the target
 chunk only. Noise levels are uniform in s warped by the sampler's shift (as the sampler visits them); context
 latents get a little noise so the model tolerates its own imperfect past; a tenth of the prompts are dropped
-(empty) so classifier-free guidance has an unconditional model. Phase 3 tries Euler samplers (step counts) and
-guidance scales on four one-colour prompts and saves the best (see :func:`sample_check`) as the pipeline's
-scheduler and default guidance.
+(empty) so classifier-free guidance has an unconditional model. The learning rate warms up, then decays
+linearly to a tenth by the end of the time budget, and the weights sampled and saved are an exponential moving
+average (decay 0.999). Phase 3 tries Euler samplers (step counts) and guidance scales on four one-colour prompts
+(three seeds each) and saves the best (see :func:`sample_check`) as the pipeline's scheduler and default guidance.
 
 Everything is seeded. Writes the pipeline folder (fp16 safetensors), ``training_log.json``, ``loss.png`` and
 ``samples/``; ``--tar PATH`` also writes one tar of the folder (a GPU run returns a few files only: send the
@@ -175,16 +178,19 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
                       return_tensors="pt")
     empty_ids, empty_mask = empty.input_ids.to(device), empty.attention_mask.to(device)
     g = torch.Generator(device="cpu").manual_seed(args.seed)
+    # An exponential moving average of the weights is what gets sampled and saved: in a run of a few thousand
+    # steps the raw weights still carry the last steps' noise (murky backgrounds, sprites that come and go).
+    averaged = [p.detach().float().clone() for p in params] if args.ema else None
     n_chunks = latents.shape[2] // CHUNK
     tpf = (latents.shape[3] // 2) * (latents.shape[4] // 2)
     deadline = time.time() + args.minutes * 60
     step = 0
     transformer.train()
     text_encoder.train()
+    start_time = time.time()
     while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
-        warm = min(1.0, (step + 1) / 200)
         for group in opt.param_groups:
-            group["lr"] = args.lr * warm
+            group["lr"] = args.lr * learning_rate_factor(step, time.time() - start_time, args)
         n_ctx = int(torch.randint(0, n_chunks, (1,), generator=g))
         idx = torch.randint(0, len(latents), (args.batch,), generator=g)
         x0 = latents[idx, :, : (n_ctx + 1) * CHUNK].to(device)
@@ -218,11 +224,18 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
+        if averaged is not None:
+            decay = min(args.ema, (1 + step) / (10 + step))  # short memory at first: no pull to the init
+            torch._foreach_lerp_(averaged, [p.detach().float() for p in params], 1 - decay)
         if step % 50 == 0:
             log.append({"phase": "transformer", "step": step, "time": time.time(), "loss": loss.item(),
-                        "context_chunks": n_ctx})
+                        "context_chunks": n_ctx, "lr": opt.param_groups[0]["lr"]})
             print(f"transformer step {step:6d} loss {loss.item():.4f} (context chunks {n_ctx})", flush=True)
         step += 1
+    if averaged is not None:
+        with torch.no_grad():
+            for p, a in zip(params, averaged):
+                p.copy_(a.to(p.dtype))
     for block in transformer.blocks:
         block.attn1.set_processor(WanAttnProcessor())
     holder["mask"] = None
@@ -230,34 +243,52 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
     text_encoder.eval()
 
 
+def learning_rate_factor(step: int, elapsed: float, args) -> float:
+    """Linear warm-up over 200 steps, then a linear decay to ``args.lr_final`` of the peak at the end of the run
+    (the end is ``--max-steps`` when given, else the time budget: training is time-boxed)."""
+    warm = min(1.0, (step + 1) / 200)
+    if args.max_steps is not None:
+        progress = step / max(1, args.max_steps)
+    else:
+        progress = elapsed / max(1e-9, args.minutes * 60)
+    return warm * (1.0 - (1.0 - args.lr_final) * min(1.0, progress))
+
+
 CHECK_PROMPTS = (("a red circle moving left", "red"), ("a blue square moving down", "blue"),
                  ("a yellow triangle moving right", "yellow"), ("a green circle moving up", "green"))
 
 
 @torch.no_grad()
-def sample_check(pipe, device, guidance_scale: float, frames_out: Path | None = None) -> dict:
+def sample_check(pipe, device, guidance_scale: float, frames_out: Path | None = None, seeds: int = 3) -> dict:
     """Does sampling follow the prompt? For each check prompt (one colour each), the share of pixels near each
-    check colour over 48 frames. A sprite of radius 6-10 px covers 3-8% of a 64x64 frame. A prompt's margin is
-    the share of its colour minus the most that colour shows in a video that asked for another: gray mush scores
-    0, and so does noise full of every colour. The score is the mean margin (the second run's samplers all failed
-    on yellow, so the worst margin could not tell them apart); ``worst`` is the smallest."""
+    check colour over 48 frames, averaged over ``seeds`` seeds (one seed per prompt told two samplers apart by
+    luck). A sprite of radius 6-10 px covers 3-8% of a 64x64 frame. A prompt's margin is the share of its colour
+    minus the most that colour shows in a video that asked for another: gray mush scores 0, and so does noise full
+    of every colour. The score is the mean margin (the second run's samplers all failed on yellow, so the worst
+    margin could not tell them apart); ``worst`` is the smallest."""
     from genkv.data import COLORS
     from genkv.metrics.persistence import colour_tracks
 
     pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
     colours = [c for _, c in CHECK_PROMPTS]
     shares = {}
     for prompt, colour in CHECK_PROMPTS:
-        video = pipe(prompt=prompt, num_frames=48, output_type="np", guidance_scale=guidance_scale,
-                     generator=torch.Generator(device=device).manual_seed(0)).frames[0]
-        frames = (np.asarray(video) * 255).round().clip(0, 255).astype(np.uint8)
-        tracks = colour_tracks(frames, {c: COLORS[c] for c in colours})
-        shares[colour] = {c: float(tracks[c]["area"].mean() / (frames.shape[1] * frames.shape[2])) for c in colours}
-        if frames_out is not None:  # a strip of every 6th frame, for the model card
+        shares[colour] = dict.fromkeys(colours, 0.0)
+        strips = []
+        for seed in range(seeds):
+            video = pipe(prompt=prompt, num_frames=48, output_type="np", guidance_scale=guidance_scale,
+                         generator=torch.Generator(device=device).manual_seed(seed)).frames[0]
+            frames = (np.asarray(video) * 255).round().clip(0, 255).astype(np.uint8)
+            tracks = colour_tracks(frames, {c: COLORS[c] for c in colours})
+            for c in colours:
+                shares[colour][c] += float(tracks[c]["area"].mean() / (frames.shape[1] * frames.shape[2])) / seeds
+            strips.append(np.concatenate(list(frames[::6]), axis=1))  # every 6th frame
+        if frames_out is not None:  # one row per seed, for the model card
             frames_out.mkdir(parents=True, exist_ok=True)
             import imageio.v3 as iio
 
-            iio.imwrite(frames_out / f"{colour}.png", np.concatenate(list(frames[::6]), axis=1))
+            iio.imwrite(frames_out / f"{colour}.png", np.concatenate(strips, axis=0))
     margins = {c: shares[c][c] - max(shares[o][c] for o in colours if o != c) for c in colours}
     return {"shares": shares, "margins": margins, "score": sum(margins.values()) / len(margins),
             "worst": min(margins.values())}
@@ -292,14 +323,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--vae-batch", type=int, default=24)
     parser.add_argument("--lr", type=float, default=6e-4)
+    parser.add_argument("--lr-final", type=float, default=0.1, help="learning rate at the end, as a share of --lr")
+    parser.add_argument("--ema", type=float, default=0.999, help="weight averaging decay (0: none)")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--context-noise", type=float, default=0.1)
     parser.add_argument("--max-text", type=int, default=32)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--scheduler-steps", type=int, nargs="+", default=[16, 32],
+    parser.add_argument("--scheduler-steps", type=int, nargs="+", default=[32],
                         help="Euler step counts tried after training; the best (by the sample check) is saved")
-    parser.add_argument("--guidance", type=float, nargs="+", default=[1.0, 3.0],
+    parser.add_argument("--guidance", type=float, nargs="+", default=[2.0, 3.0, 4.5],
                         help="guidance scales tried after training; the best is saved as the model's default")
     parser.add_argument("--sample-shift", type=float, default=2.0,
                         help="noise-level warp shared by training and the saved sampler")
@@ -313,9 +346,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vae-from", type=Path, default=None,
                         help="start from this trained VAE (a folder or tar holding vae/); --vae-minutes 0 keeps it")
     parser.add_argument("--stop-after-vae", action="store_true", help="save the VAE (out/vae) and stop")
+    parser.add_argument("--resume-from", type=Path, default=None,
+                        help="continue training a model this script saved (folder or tar); its VAE is kept")
+    parser.add_argument("--check-seeds", type=int, default=3, help="seeds per prompt in the sample check")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.pool, args.batch, args.vae_batch = 16, 4, 2
+        args.pool, args.batch, args.vae_batch, args.check_seeds = 16, 4, 2, 1
         args.max_steps = args.max_steps or 3
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
@@ -333,8 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     from genkv.pipelines import SelfForcingPipeline, SelfForcingScheduler
     from genkv.pipelines.self_forcing.numerics import apply_self_forcing_numerics
 
-    tokenizer = build_tokenizer()
-    vae, text_encoder, transformer = build_models(len(tokenizer), args.smoke, args.spatial, args.layers)
+    if args.resume_from is not None:  # continue a saved model: its VAE and latent statistics stay as they are
+        tokenizer, text_encoder, transformer, vae = load_pipeline_parts(args.resume_from)
+        args.vae_minutes = 0
+    else:
+        tokenizer = build_tokenizer()
+        vae, text_encoder, transformer = build_models(len(tokenizer), args.smoke, args.spatial, args.layers)
     apply_self_forcing_numerics(transformer)  # train with the numerics the pipeline samples with
     if args.vae_from is not None:
         vae = load_vae(args.vae_from)
@@ -346,9 +386,12 @@ def main(argv: list[str] | None = None) -> int:
         finish(args, log, t0, device)
         return 0
     latents = encode_pool(vae, pool, device)
-    mean = latents.mean(dim=(0, 2, 3, 4))
-    std = latents.std(dim=(0, 2, 3, 4)).clamp(min=1e-4)
-    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    if args.resume_from is not None:
+        mean, std = (torch.tensor(vae.config[k], device=latents.device) for k in ("latents_mean", "latents_std"))
+    else:
+        mean = latents.mean(dim=(0, 2, 3, 4))
+        std = latents.std(dim=(0, 2, 3, 4)).clamp(min=1e-4)
+        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     latents = ((latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)).cpu()
     print(f"latents: {tuple(latents.shape)}, {time.time() - t0:.1f} s", flush=True)
     del pool
@@ -365,14 +408,14 @@ def main(argv: list[str] | None = None) -> int:
             pipe = SelfForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
                                        vae=vae, scheduler=scheduler, default_height=64, default_width=64,
                                        max_sequence_length=args.max_text, default_guidance_scale=guidance)
-            check = sample_check(pipe, device, guidance)
+            check = sample_check(pipe, device, guidance, seeds=args.check_seeds)
             log.append({"phase": "check", "steps": steps, "guidance": guidance, **check})
             print(f"sample check: {log[-1]}", flush=True)
             if best is None or check["score"] > best[0]:
                 best = (check["score"], pipe, steps, guidance)
     _, pipe, steps, guidance = best
     log.append({"phase": "chosen", "steps": steps, "guidance": guidance})
-    sample_check(pipe, device, guidance, frames_out=args.out / "samples")
+    sample_check(pipe, device, guidance, frames_out=args.out / "samples", seeds=args.check_seeds)
     pipe.to("cpu", torch.float16)
     pipe.text_encoder.to(torch.float32)  # tiny; float32 keeps CPU rendering exact and fast
     args.out.mkdir(parents=True, exist_ok=True)
@@ -381,24 +424,42 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def unpack(source: Path, marker: str, flag: str) -> Path:
+    """The folder holding ``marker`` inside ``source`` (a folder, or a tar that is extracted to a temporary
+    folder): how the device's single-archive outputs come back in."""
+    if source.is_file() and tarfile.is_tarfile(source):
+        import tempfile
+
+        target = Path(tempfile.mkdtemp(prefix="genkv-train-"))
+        with tarfile.open(source) as tar:
+            tar.extractall(target, filter="data")
+        found = sorted(target.rglob(marker), key=lambda p: len(p.parts))
+        if not found:
+            raise SystemExit(f"{flag} {source}: the tar holds no {marker}")
+        return found[0].parent.parent if "/" in marker else found[0].parent
+    return source
+
+
 def load_vae(source: Path):
     """A trained ``AutoencoderKLWan`` from a folder holding ``vae/`` (or the VAE folder itself), or a tar of one."""
     from diffusers import AutoencoderKLWan
 
-    if source.is_file() and tarfile.is_tarfile(source):
-        import tempfile
-
-        target = Path(tempfile.mkdtemp(prefix="genkv-vae-"))
-        with tarfile.open(source) as tar:
-            tar.extractall(target, filter="data")
-        found = sorted(target.rglob("vae/config.json"))
-        if not found:
-            raise SystemExit(f"--vae-from {source}: the tar holds no vae/config.json")
-        source = found[0].parent
+    source = unpack(source, "vae/config.json", "--vae-from")
     folder = source / "vae" if (source / "vae" / "config.json").is_file() else source
     if not (folder / "config.json").is_file():
         raise SystemExit(f"--vae-from {source}: no vae/config.json there; pass the output of --stop-after-vae")
     return AutoencoderKLWan.from_pretrained(folder, torch_dtype=torch.float32)
+
+
+def load_pipeline_parts(source: Path):
+    """Tokenizer, text encoder, transformer and VAE of a saved model (``--resume-from``), in float32."""
+    from genkv.pipelines import SelfForcingPipeline
+
+    folder = unpack(source, "model_index.json", "--resume-from")
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"--resume-from {source}: no model_index.json there; pass a folder this script saved")
+    pipe = SelfForcingPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    return pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.vae
 
 
 def finish(args, log: list, t0: float, device) -> None:

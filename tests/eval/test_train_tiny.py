@@ -25,3 +25,31 @@ def test_vae_run_then_model_run_gives_a_loadable_pipeline_that_keeps_the_vae(tmp
     for (name, a), b in zip(first.state_dict().items(), pipe.vae.state_dict().values()):
         assert torch.equal(a.half().float(), b), name  # the model run kept the VAE (saved in fp16)
     assert (tmp_path / "model" / "samples" / "red.png").is_file()
+
+
+def test_resume_continues_a_saved_model_with_its_vae_and_latent_statistics(tmp_path):
+    from genkv.pipelines import SelfForcingPipeline
+
+    common = ["--smoke", "--scheduler-steps", "2", "--guidance", "1"]
+    assert train_tiny.main(["--out", str(tmp_path / "a"), *common, "--tar", str(tmp_path / "a.tar")]) == 0
+    assert train_tiny.main(["--out", str(tmp_path / "b"), *common, "--resume-from", str(tmp_path / "a.tar")]) == 0
+    a = SelfForcingPipeline.from_pretrained(tmp_path / "a", torch_dtype=torch.float32)
+    b = SelfForcingPipeline.from_pretrained(tmp_path / "b", torch_dtype=torch.float32)
+    assert a.vae.config.latents_mean == b.vae.config.latents_mean
+    assert a.vae.config.latents_std == b.vae.config.latents_std
+    for (name, x), y in zip(a.vae.state_dict().items(), b.vae.state_dict().values()):
+        assert torch.equal(x, y), name  # the VAE was not trained again
+    moved = [n for (n, x), y in zip(a.transformer.state_dict().items(), b.transformer.state_dict().values())
+             if not torch.equal(x, y)]
+    assert moved  # the transformer did train on
+
+
+def test_learning_rate_warms_up_then_decays_to_the_final_share():
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(max_steps=1000, minutes=1.0, lr_final=0.1)
+    factors = [train_tiny.learning_rate_factor(step, 0.0, args) for step in (0, 99, 199, 500, 1000, 2000)]
+    assert factors[0] < factors[1] < factors[2] <= 1.0
+    assert abs(factors[3] - (1 - 0.9 * 0.5)) < 1e-9 and abs(factors[4] - 0.1) < 1e-9 and abs(factors[5] - 0.1) < 1e-9
+    timed = SimpleNamespace(max_steps=None, minutes=2.0, lr_final=0.25)
+    assert abs(train_tiny.learning_rate_factor(500, 60.0, timed) - (1 - 0.75 * 0.5)) < 1e-9
