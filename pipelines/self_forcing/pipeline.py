@@ -88,6 +88,9 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: Decode with channels-last 3-D convolutions (cuDNN tensor-core path): 259 vs 312 ms per chunk on an
         #: H100 at 480x832, same output up to bf16 rounding. Off by default so the default path is the reference.
         self.decode_channels_last = False
+        #: Latent frames per VAE decoder call (None: a chunk's frames in one call; 1: one at a time, as upstream).
+        #: Same pixels (exactly, in float64); 3x faster for the sprite model's VAE on a CPU.
+        self.decode_frames_per_call: int | None = None
         self.vae_scale_factor_temporal = getattr(vae.config, "scale_factor_temporal", 4)
         self.vae_scale_factor_spatial = getattr(vae.config, "scale_factor_spatial", 8)
 
@@ -361,7 +364,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         single = embeds.shape[0] == 1
         decoder = None
         if output_type != "latent":
-            decoder = StreamingVAEDecoder(self.vae, channels_last=self.decode_channels_last)
+            decoder = StreamingVAEDecoder(self.vae, channels_last=self.decode_channels_last,
+                                          frames_per_call=self.decode_frames_per_call)
         remaining = num_frames
         latent_done = 0
         timer_factory = None

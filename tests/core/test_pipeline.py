@@ -91,6 +91,26 @@ def test_streaming_decode_equals_one_decode_of_all_latents():
     torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("frames_per_call", [None, 2])
+def test_several_latent_frames_per_decoder_call_give_the_same_pixels_as_one_at_a_time(frames_per_call):
+    # float64: the causal convolutions read their previous frames from the cache, so the grouping is exact.
+    vae = tiny_wan_vae(seed=3).double()
+    z = torch.randn(1, 16, 11, 4, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    one = StreamingVAEDecoder(vae, frames_per_call=1)
+    grouped = StreamingVAEDecoder(vae, frames_per_call=frames_per_call)
+    for start, stop in ((0, 3), (3, 6), (6, 7), (7, 11)):  # uneven chunks, as the last chunk of a render
+        a = one.decode(z[:, :, start:stop])
+        b = grouped.decode(z[:, :, start:stop])
+        assert a.shape == b.shape
+        assert torch.equal(a, b), (start, stop)
+    assert one.frames_decoded == grouped.frames_decoded == 11
+
+
+def test_frames_per_call_must_be_positive():
+    with pytest.raises(ValueError, match="frames_per_call"):
+        StreamingVAEDecoder(tiny_wan_vae(), frames_per_call=0)
+
+
 def test_stream_yields_exactly_num_frames_and_is_deterministic_per_seed():
     pipe = tiny_self_forcing_pipeline()
     chunks = list(pipe.stream("a red circle", num_frames=50, generator=torch.Generator().manual_seed(1)))
