@@ -297,6 +297,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="time each chunk's phases (one sync per chunk)")
     parser.add_argument("--no-overlap", action="store_true", help="decode on the main stream (no overlap)")
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last 3-D VAE convolutions")
+    parser.add_argument("--vae-conv2d-taps", action="store_true", help="VAE 3-D convolutions as per-tap 2-D ones")
+    parser.add_argument("--vae-frames-per-call", type=int, default=None,
+                        help="latent frames per VAE decoder call (default: a chunk's; 1 as upstream)")
     parser.add_argument("--error-frames", type=int, default=0,
                         help="also measure each layer's attention error vs a shadow full cache over this many frames")
     parser.add_argument("--out", type=Path, default=Path("bench_rollout.json"))
@@ -319,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.attention_backend:
         pipe.transformer.set_attention_backend(args.attention_backend)
     pipe.decode_channels_last = args.vae_channels_last
+    pipe.decode_conv2d_taps = args.vae_conv2d_taps
+    pipe.decode_frames_per_call = args.vae_frames_per_call
 
     import diffusers
 
@@ -331,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype),
         "attention_backend": args.attention_backend or "default",
         "vae_channels_last": args.vae_channels_last,
+        "vae_conv2d_taps": args.vae_conv2d_taps,
+        "vae_frames_per_call": args.vae_frames_per_call,
         "environment": {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,

@@ -3,7 +3,7 @@
     python eval/bench_vae.py --out runs/bench_vae.json
 
 Variants: cuDNN autotuning off/on, channels-last 3-D convolutions, one latent frame per decoder call (upstream)
-or the whole chunk per call. Each decodes the same random latents
+or the whole chunk per call, and the causal 3-D convolutions computed as per-tap 2-D ones (``vae_conv``). Each decodes the same random latents
 (random weights: timings do not depend on learned values) through ``StreamingVAEDecoder`` with its causal
 cache carried (the steady state of a long render), and is checked against the default variant's output.
 """
@@ -48,17 +48,20 @@ def main(argv: list[str] | None = None) -> int:
         latents = torch.randn(1, 16, 6, 60, 104)
     rows = []
     reference = None
-    for name, benchmark, channels_last, frames_per_call in (
-        ("default (1 frame per call)", False, False, 1),
-        ("cudnn.benchmark", True, False, 1),
-        ("cudnn.benchmark + channels_last_3d", True, True, 1),
-        ("cudnn.benchmark + chunk per call", True, False, None),
-        ("cudnn.benchmark + channels_last_3d + chunk per call", True, True, None),
+    for name, benchmark, channels_last, frames_per_call, taps in (
+        ("default (1 frame per call)", False, False, 1, False),
+        ("cudnn.benchmark", True, False, 1, False),
+        ("cudnn.benchmark + channels_last_3d", True, True, 1, False),
+        ("cudnn.benchmark + chunk per call", True, False, None, False),
+        ("cudnn.benchmark + channels_last_3d + chunk per call", True, True, None, False),
+        ("benchmark + channels_last + 2-D taps", True, True, 1, True),
+        ("benchmark + channels_last + 2-D taps + chunk per call", True, True, None, True),
     ):
         torch.backends.cudnn.benchmark = benchmark
         torch.manual_seed(0)
         vae = AutoencoderKLWan().to(device=device, dtype=torch.bfloat16).eval()
-        decoder = StreamingVAEDecoder(vae, channels_last=channels_last, frames_per_call=frames_per_call)
+        decoder = StreamingVAEDecoder(vae, channels_last=channels_last, frames_per_call=frames_per_call,
+                                      conv2d_taps=taps)
         with torch.no_grad():
             times = time_decode(decoder, latents, args.repeats)
             decoder.reset()
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             reference = out
         err = ((out - reference).norm() / reference.norm()).item()
         rows.append({"variant": name, "median_ms": statistics.median(times), "min_ms": min(times), "rel_err": err})
-        print(f"{name:52s} {statistics.median(times):8.1f} ms  (min {min(times):.1f})  rel err vs default {err:.2e}")
+        print(f"{name:54s} {statistics.median(times):8.1f} ms  (min {min(times):.1f})  rel err vs default {err:.2e}")
         del vae, decoder
         torch.cuda.empty_cache()
     best = min(rows, key=lambda r: r["median_ms"])

@@ -91,6 +91,9 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: Latent frames per VAE decoder call (None: a chunk's frames in one call; 1: one at a time, as upstream).
         #: Same pixels (exactly, in float64); 3x faster for the sprite model's VAE on a CPU.
         self.decode_frames_per_call: int | None = None
+        #: Decode the causal 3-D convolutions as per-tap 2-D ones (``vae_conv.apply_conv2d_taps``); same output
+        #: up to the order of the sum. Off by default until measured on a GPU.
+        self.decode_conv2d_taps = False
         self.vae_scale_factor_temporal = getattr(vae.config, "scale_factor_temporal", 4)
         self.vae_scale_factor_spatial = getattr(vae.config, "scale_factor_spatial", 8)
 
@@ -365,7 +368,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         decoder = None
         if output_type != "latent":
             decoder = StreamingVAEDecoder(self.vae, channels_last=self.decode_channels_last,
-                                          frames_per_call=self.decode_frames_per_call)
+                                          frames_per_call=self.decode_frames_per_call,
+                                          conv2d_taps=self.decode_conv2d_taps)
         remaining = num_frames
         latent_done = 0
         timer_factory = None

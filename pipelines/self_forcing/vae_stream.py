@@ -27,7 +27,8 @@ class StreamingVAEDecoder:
         [9, 12]
     """
 
-    def __init__(self, vae: AutoencoderKLWan, channels_last: bool = False, frames_per_call: int | None = None) -> None:
+    def __init__(self, vae: AutoencoderKLWan, channels_last: bool = False, frames_per_call: int | None = None,
+                 conv2d_taps: bool = False) -> None:
         if frames_per_call is not None and (isinstance(frames_per_call, bool) or frames_per_call < 1):
             raise ValueError(f"frames_per_call must be a positive integer or None, got {frames_per_call!r}")
         self.vae = vae
@@ -37,6 +38,10 @@ class StreamingVAEDecoder:
         # float64) with a third of the launches and larger convolutions. None: the whole chunk in one call (the
         # video's very first latent frame is always alone: it decodes to 1 frame, not 4).
         self.frames_per_call = frames_per_call
+        if conv2d_taps:  # the decoder's causal 3-D convolutions as per-tap 2-D ones (stays on the VAE; same output)
+            from .vae_conv import apply_conv2d_taps
+
+            apply_conv2d_taps(vae.decoder)
         self._stats: dict = {}
         if channels_last:
             # cuDNN's tensor-core 3-D convolutions want channels-last (NDHWC) activations and weights.
