@@ -26,10 +26,12 @@ def test_scheduler_matches_upstream_warped_steps():
     assert s.timesteps.dtype == torch.float32
 
 
-def test_euler_sampler_is_exact_on_the_straight_paths_of_a_point_mass():
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_ode_samplers_are_exact_on_the_straight_paths_of_a_point_mass(sampler):
     # For data that is one point x*, the flow along x = (1 - s) x* + s noise is the constant noise - x*
-    # = (x - x*) / s: Euler steps follow it exactly and land on x*, whatever the step list.
-    s = SelfForcingScheduler(denoising_step_list=(1000, 900, 620, 300, 45), shift=2.0, sampler="euler")
+    # = (x - x*) / s: Euler steps follow it exactly and land on x*, whatever the step list; so does
+    # DPM-Solver++(2M), whose extrapolated clean chunk is x* when every prediction is x*.
+    s = SelfForcingScheduler(denoising_step_list=(1000, 900, 620, 300, 45), shift=2.0, sampler=sampler)
     target = torch.randn(2, 16, 3, 4, 4, dtype=torch.float64)
     x = torch.randn_like(target)
     for k, sigma in enumerate(s.sigmas.tolist()):
@@ -40,6 +42,34 @@ def test_euler_sampler_is_exact_on_the_straight_paths_of_a_point_mass():
     torch.testing.assert_close(x0, target, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="sampler must be"):
         SelfForcingScheduler(sampler="ddim")
+
+
+def _gaussian_sampling_error(sampler: str, steps: int) -> float:
+    """Sample data N(mu, sd^2) with the exact clean-chunk prediction from sigma(1000) to sigma(200); the exact
+    flow keeps the standardised coordinate, x_sigma = (1 - sigma) mu + sqrt((1 - sigma)^2 sd^2 + sigma^2) noise."""
+    mu, sd = 0.7, 0.5
+    s = SelfForcingScheduler(denoising_step_list=tuple(1000 - i * 800 // steps for i in range(steps + 1)),
+                             shift=2.0, sampler=sampler)
+    noise = torch.randn(4096, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = noise.clone()
+    sigmas = s.sigmas.double().tolist()
+    for k, sigma in enumerate(sigmas[:-1]):
+        alpha = 1 - sigma
+        x0 = mu + alpha * sd**2 / (alpha**2 * sd**2 + sigma**2) * (x - alpha * mu)  # E[x0 | x], exact
+        x = s.next_sample(x, (x - x0) / sigma, x0, k, noise=None).double()
+    alpha = 1 - sigmas[-1]
+    exact = alpha * mu + (alpha**2 * sd**2 + sigmas[-1] ** 2) ** 0.5 * noise
+    return float((x - exact).abs().max())
+
+
+def test_dpmpp_2m_converges_at_second_order_and_euler_at_first():
+    euler = [_gaussian_sampling_error("euler", n) for n in (8, 16, 32)]
+    dpm = [_gaussian_sampling_error("dpmpp_2m", n) for n in (8, 16, 32)]
+    for coarse, fine in zip(euler, euler[1:]):
+        assert 1.6 < coarse / fine < 2.5  # halving the step halves the error
+    for coarse, fine in zip(dpm, dpm[1:]):
+        assert coarse / fine > 3.5  # ... and quarters it
+    assert dpm[0] < euler[2]  # 8 second-order steps beat 32 Euler steps
 
 
 def test_the_models_default_guidance_scale_is_used_when_none_is_passed():
