@@ -177,7 +177,11 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
     empty = tokenizer([""], padding="max_length", max_length=args.max_text, return_attention_mask=True,
                       return_tensors="pt")
     empty_ids, empty_mask = empty.input_ids.to(device), empty.attention_mask.to(device)
-    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    g = torch.Generator(device="cpu").manual_seed(args.seed)  # small draws (chunk count, clip indices)
+    # Noise is drawn where it is used: on the host, 1.5-6M normals a step and the copy over took longer than
+    # the forward and backward of this small model (the first runs managed ~8 steps/s on an H200).
+    noise_gen = torch.Generator(device=device).manual_seed(args.seed)
+    latents = latents.to(device)
     # An exponential moving average of the weights is what gets sampled and saved: in a run of a few thousand
     # steps the raw weights still carry the last steps' noise (murky backgrounds, sprites that come and go).
     averaged = [p.detach().float().clone() for p in params] if args.ema else None
@@ -192,20 +196,20 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
         for group in opt.param_groups:
             group["lr"] = args.lr * learning_rate_factor(step, time.time() - start_time, args)
         n_ctx = int(torch.randint(0, n_chunks, (1,), generator=g))
-        idx = torch.randint(0, len(latents), (args.batch,), generator=g)
-        x0 = latents[idx, :, : (n_ctx + 1) * CHUNK].to(device)
+        idx = torch.randint(0, len(latents), (args.batch,), generator=g).to(device)
+        x0 = latents[idx, :, : (n_ctx + 1) * CHUNK]
         b = x0.shape[0]
         # Noise levels as the sampler visits them: uniform in s, warped by the sampling shift.
         u = torch.rand(b, generator=g).clamp(min=0.01)
         sigma = (args.sample_shift * u / (1 + (args.sample_shift - 1) * u)).to(device)
-        noise = torch.randn(x0[:, :, -CHUNK:].shape, generator=g).to(device)
+        noise = torch.randn(x0[:, :, -CHUNK:].shape, generator=noise_gen, device=device)
         target = x0[:, :, -CHUNK:]
         s = sigma.view(b, 1, 1, 1, 1)
         noisy = (1 - s) * target + s * noise
         context = x0[:, :, :-CHUNK]
         if n_ctx:
-            aug = torch.rand(b, 1, 1, 1, 1, generator=g).to(device) * args.context_noise
-            context = context + aug * torch.randn(context.shape, generator=g).to(device)
+            aug = torch.rand(b, 1, 1, 1, 1, generator=noise_gen, device=device) * args.context_noise
+            context = context + aug * torch.randn(context.shape, generator=noise_gen, device=device)
         x = torch.cat([context, noisy], dim=2)
         frames = x.shape[2]
         chunk_of_token = torch.arange(frames, device=device).repeat_interleave(tpf) // CHUNK
@@ -213,8 +217,8 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
         timestep = torch.zeros(b, frames * tpf, device=device)
         timestep[:, n_ctx * CHUNK * tpf :] = sigma.view(b, 1) * 1000
         drop = (torch.rand(b, generator=g) < args.prompt_dropout).to(device).view(b, 1)
-        batch_ids = torch.where(drop, empty_ids, ids[idx.to(device)])
-        batch_mask = torch.where(drop, empty_mask, mask[idx.to(device)])
+        batch_ids = torch.where(drop, empty_ids, ids[idx])
+        batch_mask = torch.where(drop, empty_mask, mask[idx])
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
             embeds = text_encoder(batch_ids, batch_mask).last_hidden_state
             embeds = embeds * batch_mask.unsqueeze(-1).to(embeds.dtype)
@@ -232,6 +236,11 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
                         "context_chunks": n_ctx, "lr": opt.param_groups[0]["lr"]})
             print(f"transformer step {step:6d} loss {loss.item():.4f} (context chunks {n_ctx})", flush=True)
         step += 1
+    seconds = time.time() - start_time
+    log.append({"phase": "transformer_done", "steps": step, "seconds": seconds,
+                "clips_per_second": step * args.batch / max(seconds, 1e-9)})
+    print(f"transformer: {step} steps in {seconds:.0f} s ({step * args.batch / max(seconds, 1e-9):.0f} clips/s)",
+          flush=True)
     if averaged is not None:
         with torch.no_grad():
             for p, a in zip(params, averaged):
@@ -392,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         mean = latents.mean(dim=(0, 2, 3, 4))
         std = latents.std(dim=(0, 2, 3, 4)).clamp(min=1e-4)
         vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    latents = ((latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)).cpu()
+    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # stays on the device
     print(f"latents: {tuple(latents.shape)}, {time.time() - t0:.1f} s", flush=True)
     del pool
     text_encoder.to(device)
