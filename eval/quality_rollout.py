@@ -103,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         video = render(pipe, spec, args.prompt, args.frames, args.seed, device)
         results[spec] = measure(video, reference, args.fps) | {"seconds": time.perf_counter() - start}
+        psnr = results[spec].get("psnr_mean")
+        print(f"{spec}: {len(video)} frames in {results[spec]['seconds']:.0f} s"
+              + (f", PSNR vs full {psnr:.2f} dB" if psnr is not None else " (the reference)"), flush=True)
         reference = video if reference is None else reference
     print(f"{'method':44s} {'PSNR':>7s} {'SSIM':>6s} {'kept':>5s} {'breaks':>6s} {'drift':>6s} {'flicker':>7s}")
     for spec, r in results.items():
