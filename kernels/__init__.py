@@ -1,8 +1,10 @@
 """genkv kernels (installed as ``genkv.kernels``): block-sparse attention over KV block lists and routing.
 
 ``block_sparse_attention`` dispatches by device: the Triton kernel (``kernels/block_sparse.py``) on CUDA, compiled
-FlexAttention on CUDA where the kernel does not apply (head dims other than 16/32/64/128), the torch reference
-elsewhere; ``GENKV_KERNEL_BACKEND=torch|flex|triton|auto`` (or ``backend=``) forces one. On an H100 the kernel is
+FlexAttention on CUDA where the kernel does not apply (head dims other than 16/32/64/128), and on other devices
+gathering each query block's listed key blocks (``kernels/gather.py``: work independent of the cache length);
+``GENKV_KERNEL_BACKEND=torch|gather|flex|triton|auto`` (or ``backend=``) forces one (``torch`` is the dense-mask
+reference the others are tested against). On an H100 the kernel is
 1.1x faster than compiled FlexAttention given a prebuilt ``BlockMask`` and needs no mask build or compilation per
 shape (docs/BENCHMARKS.md, issue 3). It runs under ``TRITON_INTERPRET=1`` on CPU for tests.
 """
@@ -13,11 +15,12 @@ import os
 
 import torch
 
+from .gather import block_sparse_attention_gather
 from .reference import block_mask_from_lists, block_sparse_attention_torch, merge_attention_partials
 from .cross import select_prompt_tokens, sparse_cross_attention
 from .routing import pool_blocks, route_blocks
 
-_BACKENDS = ("auto", "torch", "flex", "triton")
+_BACKENDS = ("auto", "torch", "gather", "flex", "triton")
 
 
 def block_sparse_attention(
@@ -57,7 +60,7 @@ def block_sparse_attention(
         from .block_sparse import triton_available
 
         triton_fits = triton_available() and q.shape[-1] in (16, 32, 64, 128) and q.dtype != torch.float32
-        choice = ("triton" if triton_fits else "flex") if q.is_cuda else "torch"
+        choice = ("triton" if triton_fits else "flex") if q.is_cuda else "gather"
     if choice == "triton":
         from .block_sparse import block_sparse_attention_triton
 
@@ -76,7 +79,8 @@ def block_sparse_attention(
             q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m,
             block_n=block_n,
         )
-    return block_sparse_attention_torch(
+    implementation = block_sparse_attention_gather if choice == "gather" else block_sparse_attention_torch
+    return implementation(
         q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m, block_n=block_n,
         return_lse=return_lse,
     )
@@ -84,6 +88,7 @@ def block_sparse_attention(
 
 __all__ = [
     "block_sparse_attention",
+    "block_sparse_attention_gather",
     "block_sparse_attention_torch",
     "block_mask_from_lists",
     "merge_attention_partials",

@@ -11,7 +11,7 @@ import torch
 from genkv.kernels import block_sparse_attention, merge_attention_partials, route_blocks
 from genkv.kernels.block_sparse import triton_available
 
-BACKENDS = ["torch"] + (["triton"] if triton_available() else [])
+BACKENDS = ["torch", "gather"] + (["triton"] if triton_available() else [])
 
 
 def dense_reference(q, k, v, allowed=None, bias=None):
@@ -180,3 +180,32 @@ def test_dense_reader_with_bias_through_triton_equals_float64():
     got = _dense_with_bias_triton(q, k, v, bias, block=32)
     want, _ = dense_reference(q, k, v, None, bias)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_gather_counts_a_block_listed_twice_once_and_skips_entries_past_the_count():
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g, dtype=torch.float64) for n in (40, 100, 100))
+    idx = torch.tensor([[0, 2, 0, 3], [1, 1, 1, 1], [3, 2, 1, 0]], dtype=torch.int32).expand(1, 2, 3, 4)
+    cnt = torch.tensor([3, 4, 2], dtype=torch.int32).expand(1, 2, 3)
+    bias = torch.randn(1, 100, 2, generator=g, dtype=torch.float64)
+    kw = dict(block_m=16, block_n=32, key_bias=bias, return_lse=True)
+    got, got_lse = block_sparse_attention(q, k, v, idx, cnt, backend="gather", **kw)
+    allowed = allowed_mask(idx, cnt, 40, 100, 16, 32)  # sets blocks: repeats are idempotent
+    want, want_lse = dense_reference(q, k, v, allowed, bias)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_lse, want_lse.float(), rtol=1e-6, atol=1e-6)
+
+
+def test_cpu_auto_backend_gathers():
+    import genkv.kernels as kernels
+
+    calls = []
+    original = kernels.block_sparse_attention_gather
+    kernels.block_sparse_attention_gather = lambda *a, **kw: calls.append(1) or original(*a, **kw)
+    try:
+        q = torch.randn(1, 16, 1, 16)
+        idx, cnt = torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32)
+        block_sparse_attention(q, q, q, idx, cnt, block_m=16, block_n=16, backend="auto")
+    finally:
+        kernels.block_sparse_attention_gather = original
+    assert calls == [1]
