@@ -45,6 +45,51 @@ def render(pipe, spec: str, prompt: str, frames: int, seed: int, device: torch.d
     return (np.asarray(video) * 255).round().clip(0, 255).astype(np.uint8)
 
 
+def teacher_forced_latents(pipe, spec: str, prompt: str, frames: int, seed: int, device: torch.device,
+                           history: list[torch.Tensor] | None) -> list[torch.Tensor]:
+    """Each chunk's clean latents under ``spec``, the cache fed ``history`` (the full cache's chunks) instead of
+    its own output; ``history=None`` feeds it its own output (how the full reference itself is made)."""
+    import genkv
+
+    genkv.apply_genkv(pipe, parse_spec(spec))
+    guidance = getattr(pipe.config, "default_guidance_scale", 1.0)
+    embeds, negative = pipe._prepare_embeds(prompt, None, None, None, guidance)
+    fed = None if history is None else torch.cat(history, dim=2)
+    commit = None if fed is None else (lambda start, x0: fed[:, :, start : start + x0.shape[2]])
+    out = list(pipe.rollout(embeds, pipe.latent_frames_for(frames), pipe.config.default_height,
+                            pipe.config.default_width, negative_embeds=negative, guidance_scale=guidance,
+                            generator=torch.Generator(device=device).manual_seed(seed), commit_latents=commit))
+    genkv.remove_genkv(pipe)
+    return out
+
+
+def psnr_of_mean_error(psnr: list[float]) -> float:
+    """PSNR of the mean squared error over frames (identical frames count as error 0; ``inf`` if all are)."""
+    mse = np.mean([0.0 if not np.isfinite(p) else 255.0**2 / 10 ** (p / 10) for p in psnr])
+    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+
+
+def teacher_forced_psnr(pipe, history: list[torch.Tensor], chunks: list[torch.Tensor]) -> list[float]:
+    """Per-frame PSNR of each chunk decoded after the full video's previous chunks (the VAE's causal cache is the
+    full video's) against the full video's own chunk: the error a method adds in one chunk, not compounded."""
+    import copy
+
+    from genkv.metrics.fidelity import psnr_per_frame
+    from genkv.pipelines import StreamingVAEDecoder
+    from genkv.pipelines.self_forcing.vae_stream import to_uint8_frames
+
+    decoder = StreamingVAEDecoder(pipe.vae, frames_per_call=pipe.decode_frames_per_call)
+    psnr: list[float] = []
+    with torch.no_grad():
+        for reference, candidate in zip(history, chunks):
+            fork = copy.copy(decoder)  # the cache entries are replaced, not written into: a list copy forks it
+            fork._feat_map = list(decoder._feat_map)
+            got = to_uint8_frames(fork.decode(candidate))[0].cpu().numpy()
+            want = to_uint8_frames(decoder.decode(reference))[0].cpu().numpy()
+            psnr.extend(float(x) for x in psnr_per_frame(want, got))
+    return psnr
+
+
 def measure(video: np.ndarray, reference: np.ndarray | None, fps: float) -> dict:
     from genkv.metrics.fidelity import finite_mean, psnr_per_frame, ssim_per_frame
     from genkv.metrics.persistence import flicker_per_frame, object_persistence
@@ -93,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fps", type=float, default=16.0)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("quality_rollout.json"))
+    parser.add_argument("--teacher-forced", action="store_true",
+                        help="also: each method's chunks with the full render's history in its cache, PSNR vs full "
+                             "per chunk (one chunk's error, not compounded by diverging trajectories)")
     args = parser.parse_args(argv)
     if parse_spec(args.methods[0]).name != "full":
         parser.error("the first --methods entry must be full (the reference)")
@@ -107,14 +155,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{spec}: {len(video)} frames in {results[spec]['seconds']:.0f} s"
               + (f", PSNR vs full {psnr:.2f} dB" if psnr is not None else " (the reference)"), flush=True)
         reference = video if reference is None else reference
-    print(f"{'method':44s} {'PSNR':>7s} {'SSIM':>6s} {'kept':>5s} {'breaks':>6s} {'drift':>6s} {'flicker':>7s}")
+    if args.teacher_forced:
+        history = teacher_forced_latents(pipe, args.methods[0], args.prompt, args.frames, args.seed, device, None)
+        for spec in args.methods[1:]:
+            start = time.perf_counter()
+            chunks = teacher_forced_latents(pipe, spec, args.prompt, args.frames, args.seed, device, history)
+            psnr = teacher_forced_psnr(pipe, history, chunks)[: args.frames]
+            results[spec]["teacher_forced_psnr"] = psnr
+            results[spec]["teacher_forced_psnr_mean"] = psnr_of_mean_error(psnr)
+            print(f"{spec}: teacher-forced PSNR vs full {results[spec]['teacher_forced_psnr_mean']:.2f} dB "
+                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    print(f"{'method':44s} {'PSNR':>7s} {'SSIM':>6s} {'kept':>5s} {'breaks':>6s} {'drift':>6s} {'flicker':>7s}"
+          + (f" {'TF PSNR':>8s}" if args.teacher_forced else ""))
     for spec, r in results.items():
         p = r["persistence"]
         psnr = f"{r['psnr_mean']:.2f}" if r.get("psnr_mean") is not None else "ref"
         ssim = f"{r['ssim_mean']:.3f}" if r.get("ssim_mean") is not None else "-"
         drift = f"{p['colour_drift_l1']:.1f}" if p["colour_drift_l1"] is not None else "-"
         print(f"{spec:44s} {psnr:>7s} {ssim:>6s} {p['objects_kept']:>2d}/{p['objects_first_second']:<2d} "
-              f"{p['track_breaks']:>6d} {drift:>6s} {np.mean(r['flicker']):7.2f}")
+              f"{p['track_breaks']:>6d} {drift:>6s} {np.mean(r['flicker']):7.2f}"
+              + (f" {r['teacher_forced_psnr_mean']:8.2f}" if r.get("teacher_forced_psnr_mean") is not None else ""))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {"model": args.model, "prompt": args.prompt, "frames": args.frames, "seed": args.seed,
                "device": str(device), "results": results}

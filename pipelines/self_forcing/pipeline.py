@@ -234,13 +234,17 @@ class SelfForcingPipeline(DiffusionPipeline):
         generator: torch.Generator | None = None,
         latents: torch.Tensor | None = None,
         timer_factory: Callable[[], Any] | None = None,
+        commit_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield each chunk's clean latents (B, C, F, h, w) float32, in order; the cache is driven here.
 
         ``latents`` (B, C, T, h, w), if given, supplies the initial noise of every chunk (reproducibility
         tests); fresh noise for the re-noising steps still comes from ``generator``. ``timer_factory`` makes a
         :class:`genkv.profiling.ChunkTimer` per chunk, marked after denoising and after the clean K/V pass;
-        the timer is yielded with the chunk's latents as ``self.last_chunk_timer``.
+        the timer is yielded with the chunk's latents as ``self.last_chunk_timer``. ``commit_latents(start,
+        x0)``, if given, returns the clean latents whose K/V the cache commits for the chunk starting at latent
+        frame ``start`` instead of the generated ``x0`` (teacher forcing: feed every method the same history, as
+        ``eval/quality_rollout.py --teacher-forced`` does); the generated ``x0`` is still what is yielded.
         """
         transformer = self.transformer
         if not is_patched(transformer):
@@ -290,8 +294,9 @@ class SelfForcingPipeline(DiffusionPipeline):
                     timer.mark("denoise")
                 # The clean pass: its only product is the chunk's clean K/V, which the keeper commits.
                 store.step_index = len(timesteps)
+                clean = x0 if commit_latents is None else commit_latents(start, x0).to(x0)
                 with store.committing():
-                    self._flow(x0, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale)
+                    self._flow(clean, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale)
                 store.commit()
                 if timer is not None:
                     timer.mark("kv_commit")

@@ -26,3 +26,45 @@ def test_full_against_itself_is_identical_and_a_sparse_method_is_not(tmp_path):
     sparse = results["fastar:budget_frames=2,top_k=1,prompt_top_k=2"]
     assert len(sparse["psnr"]) == 21 and sparse["ssim_mean"] < 1.0
     assert len(sparse["flicker"]) == 20 and "objects_kept" in sparse["persistence"]
+
+
+def test_teacher_forcing_gives_each_chunk_the_full_history():
+    sys.path.insert(0, str(EVAL))
+    try:
+        import quality_rollout
+    finally:
+        sys.path.remove(str(EVAL))
+    import torch
+
+    from genkv.testing import tiny_self_forcing_pipeline
+
+    pipe = tiny_self_forcing_pipeline(seed=0)
+    device = torch.device("cpu")
+    history = quality_rollout.teacher_forced_latents(pipe, "full", "a red circle", 33, 0, device, None)
+    # full fed its own history reproduces itself; a window that holds every frame is full, exactly
+    same = quality_rollout.teacher_forced_latents(pipe, "full", "a red circle", 33, 0, device, history)
+    wide = quality_rollout.teacher_forced_latents(pipe, "rolling:window_frames=30", "a red circle", 33, 0, device,
+                                                  history)
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(history, same, wide))
+    assert math.isinf(quality_rollout.psnr_of_mean_error(quality_rollout.teacher_forced_psnr(pipe, history, same)))
+    # a 3-frame window forgets: chunks 2+ differ, chunk 1 (nothing forgotten yet) is identical
+    narrow = quality_rollout.teacher_forced_latents(pipe, "rolling:window_frames=3", "a red circle", 33, 0, device,
+                                                    history)
+    assert torch.equal(narrow[0], history[0]) and not torch.equal(narrow[-1], history[-1])
+    psnr = quality_rollout.teacher_forced_psnr(pipe, history, narrow)
+    assert len(psnr) == 33 and all(math.isinf(p) for p in psnr[:9]) and math.isfinite(min(psnr[9:]))
+    # the decode of a teacher-forced chunk continues the full video's VAE cache: equal latents, equal pixels
+    assert quality_rollout.psnr_of_mean_error([float("inf"), 48.13080360867909]) > 48.1
+
+
+def test_teacher_forced_table_column(tmp_path):
+    sys.path.insert(0, str(EVAL))
+    try:
+        import quality_rollout
+    finally:
+        sys.path.remove(str(EVAL))
+    out = tmp_path / "q.json"
+    quality_rollout.main(["--frames", "21", "--methods", "full", "rolling:window_frames=3", "--teacher-forced",
+                          "--out", str(out)])
+    results = json.loads(out.read_text())["results"]
+    assert len(results["rolling:window_frames=3"]["teacher_forced_psnr"]) == 21
