@@ -38,6 +38,7 @@ class Mp4Writer:
         self.frames_queued = 0
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending_chunks)  # bounded: flat host memory
         self._thread: threading.Thread | None = None
+        self._stop_queued = False
         self._error: BaseException | None = None
         self._size: tuple[int, int] | None = None
 
@@ -92,7 +93,9 @@ class Mp4Writer:
         """Write every queued frame and finalise the file."""
         if self._thread is None:
             return
-        self._queue.put(_STOP)
+        if not self._stop_queued:  # a close interrupted after queueing the stop must not queue another
+            self._queue.put(_STOP)
+            self._stop_queued = True
         self._thread.join()
         self._thread = None
         self._gen.close()

@@ -352,7 +352,8 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
     finally:
         try:
             writer.close()
-        except KeyboardInterrupt:  # a second Ctrl-C while flushing: finish the flush anyway
+        except KeyboardInterrupt:  # Ctrl-C while flushing: finish the flush anyway, then stop
+            status = "interrupted"
             writer.close()
     wall = time.perf_counter() - start
     stats = genkv.cache_stats(pipe)

@@ -172,6 +172,9 @@ def test_ctrl_c_leaves_a_playable_partial_video(tmp_path, prompts):
     proc = subprocess.Popen(
         [sys.executable, "-m", "genkv.cli.main", "render", str(prompts), "--frames", "4000", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
+        # A shell starts background jobs with SIGINT ignored and children inherit that: give the render the
+        # default disposition, as an interactive terminal does, whatever launched the tests.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     video = out / "000-a-red-circle-bouncing.mp4"
     deadline = time.time() + 120

@@ -212,3 +212,25 @@ def test_lpips_runs_only_when_the_backbone_file_is_local(tmp_path, monkeypatch):
     assert seen == [(-1.0, -1.0)]
     r = compare_frames(a, b, scorers={"lpips": score})
     assert r["lpips"] == [2.0, 2.0] and r["lpips_mean"] == 2.0 and r["drift"]["lpips"]["delta"] == 0.0
+
+
+def test_a_close_interrupted_after_queueing_the_stop_can_be_repeated(tmp_path):
+    path = tmp_path / "v.mp4"
+    writer = Mp4Writer(path, fps=8.0)
+    writer.append(_smooth(0))
+    joins = []
+    thread = writer._thread
+    original_join = thread.join
+
+    def interrupted_join(*args, **kwargs):  # Ctrl-C lands while waiting for the encoder thread
+        if not joins:
+            joins.append(1)
+            raise KeyboardInterrupt
+        return original_join(*args, **kwargs)
+
+    thread.join = interrupted_join
+    with pytest.raises(KeyboardInterrupt):
+        writer.close()
+    writer.close()  # the render's flush-anyway path: must not queue a second stop (with a full queue: a hang)
+    assert writer._queue.empty()
+    assert read_frames(path).shape[0] == 12
