@@ -9,12 +9,17 @@ from pathlib import Path
 EVAL = Path(__file__).resolve().parents[2] / "eval"
 
 
-def test_full_against_itself_is_identical_and_a_sparse_method_is_not(tmp_path):
+def _quality_rollout():
     sys.path.insert(0, str(EVAL))
     try:
         import quality_rollout
     finally:
         sys.path.remove(str(EVAL))
+    return quality_rollout
+
+
+def test_full_against_itself_is_identical_and_a_sparse_method_is_not(tmp_path):
+    quality_rollout = _quality_rollout()
     out = tmp_path / "q.json"
     quality_rollout.main(["--frames", "21", "--methods", "full", "full",
                           "fastar:budget_frames=2,top_k=1,prompt_top_k=2",
@@ -29,11 +34,7 @@ def test_full_against_itself_is_identical_and_a_sparse_method_is_not(tmp_path):
 
 
 def test_teacher_forcing_gives_each_chunk_the_full_history():
-    sys.path.insert(0, str(EVAL))
-    try:
-        import quality_rollout
-    finally:
-        sys.path.remove(str(EVAL))
+    quality_rollout = _quality_rollout()
     import torch
 
     from genkv.testing import tiny_self_forcing_pipeline
@@ -58,11 +59,7 @@ def test_teacher_forcing_gives_each_chunk_the_full_history():
 
 
 def test_teacher_forced_table_column(tmp_path):
-    sys.path.insert(0, str(EVAL))
-    try:
-        import quality_rollout
-    finally:
-        sys.path.remove(str(EVAL))
+    quality_rollout = _quality_rollout()
     out = tmp_path / "q.json"
     quality_rollout.main(["--frames", "21", "--methods", "full", "rolling:window_frames=3", "--teacher-forced",
                           "--out", str(out)])
