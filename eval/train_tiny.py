@@ -49,17 +49,18 @@ AUTOCAST = torch.cuda.is_available() or os.environ.get("GENKV_TRAIN_AUTOCAST") =
 SIGMAS = (1.0, 0.9375, 0.8333333, 0.625)  # SelfForcingScheduler's warped steps
 
 
-def _clip(args: tuple[int, int, int, tuple[str, ...]]) -> tuple[np.ndarray, str]:
+def _clip(args: tuple[int, int, int, tuple[str, ...], tuple[float, float]]) -> tuple[np.ndarray, str]:
     from genkv.data import make_video
 
-    seed, frames, max_objects, backgrounds = args
-    video = make_video(seed, frames, max_objects=max_objects, backgrounds=backgrounds)
+    seed, frames, max_objects, backgrounds, radius = args
+    video = make_video(seed, frames, max_objects=max_objects, backgrounds=backgrounds, radius=radius)
     return video.frames, video.prompt
 
 
 def make_pool(n: int, frames: int, seed: int, workers: int, max_objects: int = 3,
-              backgrounds: tuple[str, ...] = ("plain", "checker", "stripes")) -> tuple[np.ndarray, list[str]]:
-    jobs = [(seed * 1_000_003 + i, frames, max_objects, tuple(backgrounds)) for i in range(n)]
+              backgrounds: tuple[str, ...] = ("plain", "checker", "stripes"),
+              radius: tuple[float, float] = (0.09, 0.16)) -> tuple[np.ndarray, list[str]]:
+    jobs = [(seed * 1_000_003 + i, frames, max_objects, tuple(backgrounds), tuple(radius)) for i in range(n)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
             out = list(pool.map(_clip, jobs, chunksize=32))
@@ -350,6 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=8, help="transformer blocks")
     parser.add_argument("--max-objects", type=int, default=2)
     parser.add_argument("--backgrounds", nargs="+", default=["plain"], help="plain, checker, stripes")
+    # Larger sprites than genkv.data's default (0.09-0.16): a sprite's colour is what the prompt decides, and at
+    # 3-8% of the pixels it weighed too little in the loss (runs 3-4 drew the asked colour in few samples).
+    parser.add_argument("--radius", type=float, nargs=2, default=[0.13, 0.21], metavar=("LOW", "HIGH"),
+                        help="sprite radius range as fractions of the frame")
     parser.add_argument("--smoke", action="store_true", help="tiny models and pool, a few steps (CPU check)")
     parser.add_argument("--tar", type=Path, default=None, help="also write the folder as one tar here")
     parser.add_argument("--vae-from", type=Path, default=None,
@@ -368,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
     clip_frames = 1 + 4 * (4 * CHUNK - 1)  # 45 video frames = 12 latent frames = 4 chunks
     # Forked workers first, before anything touches CUDA.
     pool, prompts = make_pool(args.pool, clip_frames, args.seed, workers=min(16, os.cpu_count() or 1),
-                              max_objects=args.max_objects, backgrounds=tuple(args.backgrounds))
+                              max_objects=args.max_objects, backgrounds=tuple(args.backgrounds),
+                              radius=tuple(args.radius))
     print(f"pool: {pool.shape} in {time.time() - t0:.1f} s", flush=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
@@ -408,29 +414,44 @@ def main(argv: list[str] | None = None) -> int:
     transformer.to(device)
     train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, device, log)
 
+    # Save first (the default sampler: the first --scheduler-steps and the middle --guidance), so that a run cut
+    # short by a device's time limit during the sample check still returns the weights (run 4 lost its model).
+    def make_pipe(steps: int, guidance: float):
+        step_list = tuple(round(1000 - i * 1000 / steps) for i in range(steps))
+        scheduler = SelfForcingScheduler(denoising_step_list=step_list, shift=args.sample_shift, sampler="euler")
+        return SelfForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
+                                   vae=vae, scheduler=scheduler, default_height=64, default_width=64,
+                                   max_sequence_length=args.max_text, default_guidance_scale=guidance)
+
+    chosen = (args.scheduler_steps[0], args.guidance[len(args.guidance) // 2])
+    save_pipeline(make_pipe(*chosen), args)
+    finish(args, log, t0, device)
     # Pick the sampler by the sample check: Euler steps x guidance scale, the best mean colour margin.
     best = None
     for steps in args.scheduler_steps:
-        step_list = tuple(round(1000 - i * 1000 / steps) for i in range(steps))
-        scheduler = SelfForcingScheduler(denoising_step_list=step_list, shift=args.sample_shift, sampler="euler")
         for guidance in args.guidance:
-            pipe = SelfForcingPipeline(tokenizer=tokenizer, text_encoder=text_encoder, transformer=transformer,
-                                       vae=vae, scheduler=scheduler, default_height=64, default_width=64,
-                                       max_sequence_length=args.max_text, default_guidance_scale=guidance)
-            check = sample_check(pipe, device, guidance, seeds=args.check_seeds)
+            pipe = make_pipe(steps, guidance)
+            check = sample_check(pipe, device, guidance, seeds=args.check_seeds,
+                                 frames_out=args.out / "samples" / f"steps{steps}-guidance{guidance:g}")
             log.append({"phase": "check", "steps": steps, "guidance": guidance, **check})
             print(f"sample check: {log[-1]}", flush=True)
             if best is None or check["score"] > best[0]:
-                best = (check["score"], pipe, steps, guidance)
-    _, pipe, steps, guidance = best
-    log.append({"phase": "chosen", "steps": steps, "guidance": guidance})
-    sample_check(pipe, device, guidance, frames_out=args.out / "samples", seeds=args.check_seeds)
-    pipe.to("cpu", torch.float16)
-    pipe.text_encoder.to(torch.float32)  # tiny; float32 keeps CPU rendering exact and fast
-    args.out.mkdir(parents=True, exist_ok=True)
-    pipe.save_pretrained(args.out, safe_serialization=True)
+                best = (check["score"], steps, guidance)
+    chosen = best[1:]
+    log.append({"phase": "chosen", "steps": chosen[0], "guidance": chosen[1]})
+    save_pipeline(make_pipe(*chosen), args)
     finish(args, log, t0, device)
     return 0
+
+
+def save_pipeline(pipe, args) -> None:
+    """The pipeline folder: fp16 weights on the CPU (the text encoder stays float32: tiny, and exact on a CPU)."""
+    device = pipe.transformer.device
+    pipe.to("cpu", torch.float16)
+    pipe.text_encoder.to(torch.float32)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pipe.save_pretrained(args.out, safe_serialization=True)
+    pipe.to(device, torch.float32)  # the sample check goes on in float32 under autocast, as before
 
 
 def unpack(source: Path, marker: str, flag: str) -> Path:

@@ -39,6 +39,7 @@ DIRECTIONS: dict[str, tuple[float, float]] = {
     "diagonally": (0.7071, 0.7071),
 }
 BACKGROUNDS = ("plain", "checker", "stripes")
+RADIUS = (0.09, 0.16)  # sprite radius range, as fractions of the frame size (6-10 px at 64x64)
 
 
 @dataclass
@@ -75,12 +76,15 @@ class SpriteVideo:
 
 
 def sample_scene(seed: int, size: int = 64, max_objects: int = 3,
-                 backgrounds: tuple[str, ...] = BACKGROUNDS) -> tuple[list[SpriteObject], str, np.ndarray]:
+                 backgrounds: tuple[str, ...] = BACKGROUNDS,
+                 radius: tuple[float, float] = RADIUS) -> tuple[list[SpriteObject], str, np.ndarray]:
     """Objects (distinct colours), a background name (one of ``backgrounds``) and its base colour, all from
-    ``seed``."""
+    ``seed``. Sprite radii are drawn from ``radius`` (fractions of ``size``)."""
     unknown = set(backgrounds) - set(BACKGROUNDS)
     if not backgrounds or unknown:
         raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {backgrounds!r}")
+    if not 0 < radius[0] <= radius[1] < 0.5:
+        raise ValueError(f"radius must be (low, high) fractions of the frame, 0 < low <= high < 0.5; got {radius!r}")
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, max_objects + 1))
     colors = rng.choice(list(COLORS), size=n, replace=False)
@@ -88,11 +92,11 @@ def sample_scene(seed: int, size: int = 64, max_objects: int = 3,
     for color in colors:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         direction = list(DIRECTIONS)[int(rng.integers(len(DIRECTIONS)))]
-        radius = float(rng.uniform(0.09, 0.16) * size)
+        radius_px = float(rng.uniform(*radius) * size)
         speed = float(rng.uniform(0.8, 2.0) * size / 64)
         dx, dy = DIRECTIONS[direction]
-        x, y = (float(v) for v in rng.uniform(radius, size - radius, size=2))
-        objects.append(SpriteObject(str(color), shape, direction, radius, x, y, dx * speed, dy * speed))
+        x, y = (float(v) for v in rng.uniform(radius_px, size - radius_px, size=2))
+        objects.append(SpriteObject(str(color), shape, direction, radius_px, x, y, dx * speed, dy * speed))
     background = tuple(backgrounds)[int(rng.integers(len(backgrounds)))]
     base = rng.integers(20, 80, size=3)  # dark, low-saturation: never mistaken for a sprite colour
     return objects, background, base
@@ -168,10 +172,10 @@ def render_frames(objects: list[SpriteObject], background: str, base: np.ndarray
 
 
 def make_video(seed: int, num_frames: int = 45, size: int = 64, max_objects: int = 3, start: int = 0,
-               backgrounds: tuple[str, ...] = BACKGROUNDS) -> SpriteVideo:
+               backgrounds: tuple[str, ...] = BACKGROUNDS, radius: tuple[float, float] = RADIUS) -> SpriteVideo:
     """A deterministic sprite video (see the module docstring). ``start`` skips that many frames first, so long
     videos can be produced piece by piece with the same result as in one go."""
-    objects, background, base = sample_scene(seed, size, max_objects, backgrounds)
+    objects, background, base = sample_scene(seed, size, max_objects, backgrounds, radius)
     frames, tracks = render_frames(objects, background, base, num_frames, size, start)
     return SpriteVideo(frames, prompt_for(objects), objects, tracks, background, seed, size)
 

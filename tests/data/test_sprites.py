@@ -45,3 +45,16 @@ def test_prompt_follows_the_grammar():
         words = video.prompt.split()
         assert set(words) <= set(vocabulary())
         assert video.prompt == " and ".join(f"a {o.color} {o.shape} moving {o.direction}" for o in video.objects)
+
+
+def test_radius_range_sets_the_sprite_sizes_and_a_bad_range_is_refused():
+    import pytest
+
+    radii = [o.radius for seed in range(30) for o in make_video(seed, 1, radius=(0.2, 0.25)).objects]
+    assert min(radii) >= 0.2 * 64 and max(radii) <= 0.25 * 64
+    big = make_video(7, 1, max_objects=1, radius=(0.24, 0.24))
+    colour = np.array(COLORS[big.objects[0].color], dtype=np.uint8)
+    area = int((big.frames[0] == colour).all(-1).sum())
+    assert area > 0.4 * np.pi * (0.24 * 64) ** 2  # a large sprite covers a large area (triangles: ~41% of the disc)
+    with pytest.raises(ValueError, match="radius must be"):
+        make_video(0, 1, radius=(0.3, 0.1))

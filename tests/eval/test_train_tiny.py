@@ -24,7 +24,28 @@ def test_vae_run_then_model_run_gives_a_loadable_pipeline_that_keeps_the_vae(tmp
     first = AutoencoderKLWan.from_pretrained(tmp_path / "vae" / "vae")
     for (name, a), b in zip(first.state_dict().items(), pipe.vae.state_dict().values()):
         assert torch.equal(a.half().float(), b), name  # the model run kept the VAE (saved in fp16)
-    assert (tmp_path / "model" / "samples" / "red.png").is_file()
+    assert (tmp_path / "model" / "samples" / "steps3-guidance2" / "red.png").is_file()
+
+
+def test_weights_and_tar_are_saved_before_the_sample_check(tmp_path, monkeypatch):
+    """A device's time limit may stop the run during the sample check: the trained weights must be out by then."""
+    from genkv.pipelines import SelfForcingPipeline
+
+    def cut_short(*args, **kwargs):
+        raise KeyboardInterrupt("time limit")
+
+    monkeypatch.setattr(train_tiny, "sample_check", cut_short)
+    try:
+        train_tiny.main(["--out", str(tmp_path / "m"), "--smoke", "--scheduler-steps", "4", "--guidance", "1", "3",
+                         "5", "--tar", str(tmp_path / "m.tar")])
+    except KeyboardInterrupt:
+        pass
+    pipe = SelfForcingPipeline.from_pretrained(tmp_path / "m", torch_dtype=torch.float32)
+    assert len(pipe.scheduler.timesteps) == 4 and pipe.config.default_guidance_scale == 3.0  # the middle one
+    import tarfile
+
+    with tarfile.open(tmp_path / "m.tar") as tar:
+        assert "m/transformer/diffusion_pytorch_model.safetensors" in tar.getnames()
 
 
 def test_resume_continues_a_saved_model_with_its_vae_and_latent_statistics(tmp_path):
