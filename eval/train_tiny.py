@@ -10,7 +10,10 @@
 
 Data: procedural sprite videos (``genkv.data``), 64x64, by default one or two sprites on a plain background, a
 pool generated up front by all CPU cores. Phase 1 trains the VAE (``AutoencoderKLWan``, base_dim 32, 4x spatial
-/ 4x temporal, 16 latent channels) as an autoencoder (L1 + MSE + a light KL). Phase 2 encodes the pool once
+/ 4x temporal, 16 latent channels) as an autoencoder (L1 + MSE + a light KL), on short clips and whole ones in
+turn (a causal VAE must also learn to run from a warm temporal cache, as it does streaming a long video);
+``--decoder-minutes`` then trains the decoder alone on whole clips (the repair of a model whose VAE saw short
+clips only). Phase 2 encodes the pool once
 (posterior means), normalises latents per channel (the statistics go into the VAE config, where
 ``SelfForcingPipeline`` reads them) and trains the text encoder and the transformer jointly by flow matching
 with teacher forcing, chunk by chunk: a sequence holds ``n`` clean context chunks (timestep 0, as the cache's
@@ -130,10 +133,14 @@ def train_vae(vae, pool: np.ndarray, args, device, log: list) -> None:
     vae.train()
     while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
         idx = rng.integers(0, len(pool), args.vae_batch)
-        # 9-frame clips (3 latent frames): the first run's 17-frame clips took 0.4 s a step and reached only
-        # 16-18 dB in 2 minutes; shorter clips give 2x the steps for the same time.
-        start = int(rng.integers(0, pool.shape[1] - 9 + 1))
-        x = to_video_tensor(pool[idx, start : start + 9], device)
+        # Short clips train fast (the first run's 17-frame clips took 0.4 s a step), but a causal VAE trained
+        # only on 9-frame clips never decodes from a warm temporal cache and drifts on long videos (runs 3-5:
+        # 13 dB by frame 45). Every other step takes a whole clip, from its first frame, as the stream runs.
+        if step % 2 and args.vae_clip_frames < pool.shape[1]:
+            start = int(rng.integers(0, pool.shape[1] - args.vae_clip_frames + 1))
+            x = to_video_tensor(pool[idx, start : start + args.vae_clip_frames], device)
+        else:
+            x = to_video_tensor(pool[idx[: max(1, args.vae_batch // 3)]], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
             posterior = vae.encode(x).latent_dist
             z = posterior.sample()
@@ -149,6 +156,44 @@ def train_vae(vae, pool: np.ndarray, args, device, log: list) -> None:
             psnr = 10 * math.log10(4.0 / max(F.mse_loss(recon.detach(), x).item(), 1e-12))
             log.append({"phase": "vae", "step": step, "time": time.time(), "loss": loss.item(), "psnr": psnr})
             print(f"vae step {step:5d} loss {loss.item():.4f} recon PSNR {psnr:.2f} dB", flush=True)
+        step += 1
+    vae.eval()
+
+
+def finetune_decoder(vae, pool: np.ndarray, args, device, log: list) -> None:
+    """Train the decoder alone on whole clips, the encoder frozen.
+
+    Why: until run 5 the VAE phase trained on 9-frame clips only, so the causal decoder only ever decoded from a
+    cold temporal cache; streaming a long video it runs warm, and it drifted (reconstruction of a 45-frame clip
+    fell from 25 dB over the first 9 frames to 13 dB at frame 45: a blue cast, washed colours). The encoder is
+    left as it is, so the latents a transformer was trained on keep their meaning and a trained model can be
+    repaired in minutes.
+    """
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    opt = torch.optim.AdamW(params, lr=args.decoder_lr, weight_decay=0.0)
+    rng = np.random.default_rng(args.seed + 1)
+    deadline = time.time() + args.decoder_minutes * 60
+    step = 0
+    vae.train()
+    while time.time() < deadline and (args.max_steps is None or step < args.max_steps):
+        x = to_video_tensor(pool[rng.integers(0, len(pool), args.vae_batch)], device)  # whole clips
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
+            with torch.no_grad():
+                z = vae.encode(x).latent_dist.sample()  # sampled, as in the VAE phase: some slack for generated latents
+            recon = vae.decode(z).sample
+        recon = recon.float()
+        loss = (recon - x).abs().mean() + F.mse_loss(recon, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 20 == 0:
+            err = (recon.detach() - x).pow(2).mean(dim=(0, 1, 3, 4))  # per frame
+            psnr = [10 * math.log10(4.0 / max(e, 1e-12)) for e in err.tolist()]
+            log.append({"phase": "decoder", "step": step, "time": time.time(), "loss": loss.item(),
+                        "psnr_first9": sum(psnr[:9]) / 9, "psnr_last9": sum(psnr[-9:]) / 9})
+            print(f"decoder step {step:5d} loss {loss.item():.4f} PSNR frames 0-8 {log[-1]['psnr_first9']:.2f} dB, "
+                  f"last 9 {log[-1]['psnr_last9']:.2f} dB", flush=True)
         step += 1
     vae.eval()
 
@@ -336,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr-final", type=float, default=0.1, help="learning rate at the end, as a share of --lr")
     parser.add_argument("--ema", type=float, default=0.999, help="weight averaging decay (0: none)")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
+    parser.add_argument("--vae-clip-frames", type=int, default=9, help="short VAE clips (every other step)")
+    parser.add_argument("--decoder-minutes", type=float, default=0.0,
+                        help="then train the VAE decoder alone on whole clips (encoder frozen; see finetune_decoder)")
+    parser.add_argument("--decoder-lr", type=float, default=3e-4)
     parser.add_argument("--context-noise", type=float, default=0.1)
     parser.add_argument("--max-text", type=int, default=32)
     parser.add_argument("--max-steps", type=int, default=None)
@@ -396,23 +445,30 @@ def main(argv: list[str] | None = None) -> int:
     vae.to(device)
     log: list = []
     train_vae(vae, pool, args, device, log)
+    if args.decoder_minutes > 0:
+        finetune_decoder(vae, pool, args, device, log)
     if args.stop_after_vae:
         vae.to("cpu").save_pretrained(args.out / "vae", safe_serialization=True)
         finish(args, log, t0, device)
         return 0
-    latents = encode_pool(vae, pool, device)
-    if args.resume_from is not None:
-        mean, std = (torch.tensor(vae.config[k], device=latents.device) for k in ("latents_mean", "latents_std"))
+    if args.resume_from is not None and args.minutes == 0:  # a VAE-only repair of a saved model
+        del pool
+        text_encoder.to(device)
+        transformer.to(device)
     else:
-        mean = latents.mean(dim=(0, 2, 3, 4))
-        std = latents.std(dim=(0, 2, 3, 4)).clamp(min=1e-4)
-        vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
-    latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # stays on the device
-    print(f"latents: {tuple(latents.shape)}, {time.time() - t0:.1f} s", flush=True)
-    del pool
-    text_encoder.to(device)
-    transformer.to(device)
-    train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, device, log)
+        latents = encode_pool(vae, pool, device)
+        if args.resume_from is not None:
+            mean, std = (torch.tensor(vae.config[k], device=latents.device) for k in ("latents_mean", "latents_std"))
+        else:
+            mean = latents.mean(dim=(0, 2, 3, 4))
+            std = latents.std(dim=(0, 2, 3, 4)).clamp(min=1e-4)
+            vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+        latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # stays on the device
+        print(f"latents: {tuple(latents.shape)}, {time.time() - t0:.1f} s", flush=True)
+        del pool
+        text_encoder.to(device)
+        transformer.to(device)
+        train_transformer(transformer, text_encoder, tokenizer, latents, prompts, args, device, log)
 
     # Save first (the default sampler: the first --scheduler-steps and the middle --guidance), so that a run cut
     # short by a device's time limit during the sample check still returns the weights (run 4 lost its model).

@@ -74,3 +74,23 @@ def test_learning_rate_warms_up_then_decays_to_the_final_share():
     assert abs(factors[3] - (1 - 0.9 * 0.5)) < 1e-9 and abs(factors[4] - 0.1) < 1e-9 and abs(factors[5] - 0.1) < 1e-9
     timed = SimpleNamespace(max_steps=None, minutes=2.0, lr_final=0.25)
     assert abs(train_tiny.learning_rate_factor(500, 60.0, timed) - (1 - 0.75 * 0.5)) < 1e-9
+
+
+def test_decoder_repair_trains_the_decoder_only(tmp_path):
+    """`--resume-from M --minutes 0 --decoder-minutes N`: the encoder, the latent statistics, the text encoder and
+    the transformer stay bit for bit (the transformer's latents keep their meaning); the decoder trains."""
+    from genkv.pipelines import SelfForcingPipeline
+
+    common = ["--smoke", "--scheduler-steps", "2", "--guidance", "1"]
+    assert train_tiny.main(["--out", str(tmp_path / "a"), *common]) == 0
+    assert train_tiny.main(["--out", str(tmp_path / "b"), *common, "--resume-from", str(tmp_path / "a"),
+                            "--minutes", "0", "--decoder-minutes", "1", "--max-steps", "2"]) == 0
+    a = SelfForcingPipeline.from_pretrained(tmp_path / "a", torch_dtype=torch.float32)
+    b = SelfForcingPipeline.from_pretrained(tmp_path / "b", torch_dtype=torch.float32)
+    assert a.vae.config.latents_mean == b.vae.config.latents_mean
+    for part in ("transformer", "text_encoder"):
+        for (name, x), y in zip(getattr(a, part).state_dict().items(), getattr(b, part).state_dict().values()):
+            assert torch.equal(x, y), (part, name)
+    va, vb = a.vae.state_dict(), b.vae.state_dict()
+    assert all(torch.equal(va[n], vb[n]) for n in va if n.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(va[n], vb[n]) for n in va if n.startswith("decoder."))
