@@ -1,13 +1,13 @@
 """Long-rollout quality of each method against the `full` cache, with measures that need no downloaded network.
 
-    python eval/quality_rollout.py --model path/to/sprite-model --methods full rolling tempcache fastar \
+    python eval/quality_rollout.py --methods full rolling tempcache fastar --teacher-forced \
         --frames 1000 --prompt "a red circle moving left and a blue square moving down" --out runs/quality.json
 
 Renders one video per method from the same prompt and seed (the same initial noise), then per frame: PSNR and
 SSIM against the `full` render, sprite persistence by colour (objects present, track breaks, colour drift; see
 ``genkv.metrics.persistence``) and temporal flicker. Prints a table, writes JSON and (with matplotlib) a plot of
-each measure against frame index. ``--model tiny-random`` runs anywhere in seconds (its videos are noise, so
-only the plumbing is checked); the measures mean something on a trained sprite model (``eval/train_tiny.py``).
+each measure against frame index. The default model is the bundled, trained ``sprites-tiny``; ``--model
+tiny-random`` runs in seconds (its videos are noise, so only the plumbing is checked).
 """
 
 from __future__ import annotations
@@ -26,6 +26,10 @@ from bench_rollout import parse_spec  # noqa: E402
 
 
 def load_pipeline(model: str, device: torch.device):
+    from genkv.zoo import SHIPPED, load_shipped
+
+    if model in SHIPPED and not Path(model).exists():
+        return load_shipped(model, device=str(device), dtype=torch.float32)
     if model == "tiny-random":
         from genkv.testing import tiny_self_forcing_pipeline
 
@@ -129,7 +133,8 @@ def plot(results: dict, path: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny-random", help="a SelfForcingPipeline folder or tiny-random")
+    parser.add_argument("--model", default="sprites-tiny",
+                        help="a bundled model (sprites-tiny), a SelfForcingPipeline folder, or tiny-random (plumbing)")
     parser.add_argument("--methods", nargs="+", default=["full", "rolling:window_frames=6", "tempcache:budget_frames=3",
                                                          "fastar:budget_frames=3,top_k=2,prompt_top_k=4"])
     parser.add_argument("--frames", type=int, default=96)

@@ -1,12 +1,12 @@
 """Models bundled inside genkv (no download), by name: what ``genkv render --model NAME`` accepts besides a folder.
 
 A bundled model is a saved ``SelfForcingPipeline`` folder under ``genkv/assets/NAME`` (package data), listed in
-:data:`SHIPPED`. The tiny sprite model (``eval/train_tiny.py``, ``docs/MODEL_CARD.md``) goes here once its weights
-are trained; until then nothing is listed and ``genkv render`` defaults to ``tiny-random``.
+:data:`SHIPPED`. ``sprites-tiny`` is the tiny sprite model genkv trains itself (``eval/train_tiny.py``,
+``docs/MODEL_CARD.md``): what ``genkv render`` uses without ``--model``.
 
 Example:
-    >>> from genkv.zoo import SHIPPED, shipped_model_path
-    >>> isinstance(SHIPPED, dict)
+    >>> from genkv.zoo import DEFAULT_MODEL, SHIPPED, shipped_model_path
+    >>> DEFAULT_MODEL in SHIPPED and shipped_model_path(DEFAULT_MODEL).name == DEFAULT_MODEL
     True
 """
 
@@ -16,7 +16,12 @@ from pathlib import Path
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 #: name -> one line on what it is
-SHIPPED: dict[str, str] = {}
+SHIPPED: dict[str, str] = {
+    "sprites-tiny": "64x64 coloured sprites from prompts like 'a red circle moving left' (5 M-parameter Wan "
+    "transformer, 16 MB; trained by eval/train_tiny.py; docs/MODEL_CARD.md)",
+}
+#: what ``genkv render`` loads without ``--model``
+DEFAULT_MODEL = "sprites-tiny"
 
 
 def shipped_model_path(name: str) -> Path:

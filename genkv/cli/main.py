@@ -8,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from ..zoo import DEFAULT_MODEL
 from .errors import CLIError
 
 app = typer.Typer(
@@ -24,11 +25,12 @@ def render(
     prompt_file: Path = typer.Argument(..., help="Text file with one prompt per non-empty line ('#' lines skipped)."),
     frames: int = typer.Option(81, "--frames", "-n", help="Video frames per prompt."),
     model: str = typer.Option(
-        "tiny-random",
+        DEFAULT_MODEL,
         "--model",
         "-m",
-        help="A diffusers model folder (SelfForcingPipeline, or Wan2.1 T2V with --checkpoint), or 'tiny-random' "
-        "for an untrained random-weight smoke model.",
+        help="A diffusers model folder (SelfForcingPipeline, or Wan2.1 T2V with --checkpoint); 'sprites-tiny', the "
+        "bundled 64x64 sprite model (prompts like 'a red circle moving left'); or 'tiny-random', an untrained "
+        "random-weight smoke model.",
     ),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Self-Forcing .pt to load into the model."),
     method: Optional[str] = typer.Option(None, "--method", help="Cache method (see `genkv methods`); default full."),

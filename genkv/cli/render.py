@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..zoo import DEFAULT_MODEL
 from .errors import CLIError
 
 
@@ -19,7 +20,7 @@ from .errors import CLIError
 class RenderOptions:
     prompt_file: Path
     frames: int = 81
-    model: str = "tiny-random"
+    model: str = DEFAULT_MODEL
     checkpoint: Path | None = None
     method: str | None = None
     settings: list[str] = field(default_factory=list)
@@ -176,6 +177,17 @@ def load_pipeline(options: RenderOptions, device, dtype):
         return pipe.to(device)
 
 
+def unknown_words(pipe, prompt: str) -> list[str]:
+    """The prompt's words that the pipeline's tokenizer maps to its unknown token (none for a subword tokenizer
+    such as UMT5's, which spells any word; many for the sprite model's word-level one)."""
+    tokenizer = getattr(pipe, "tokenizer", None)
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if tokenizer is None or unk is None:
+        return []
+    words = dict.fromkeys(re.findall(r"[\w']+", prompt.lower()))
+    return [w for w in words if unk in tokenizer(w, add_special_tokens=False).input_ids]
+
+
 def _profile_table(phases: list[dict], console) -> dict:
     """Median milliseconds per chunk of each phase (chunk 0, which carries warm-up, left out); printed as a table."""
     import statistics
@@ -279,6 +291,10 @@ def run_render(options: RenderOptions) -> int:
 
     summaries = []
     for index, (prompt, name) in jobs:
+        unknown = unknown_words(pipe, prompt)
+        if unknown:  # the sprite model's word-level tokenizer reads them as <unk>: say so rather than ignore them
+            console.print(f"[yellow]note:[/] {rank_label}the model does not know {', '.join(map(repr, unknown))} "
+                          f"(read as unknown) in {prompt!r}")
         summary = _render_one(pipe, options, method, prompt, name, index, height, width, device, console, rank_label)
         summaries.append(summary)
         if summary.get("interrupted") or summary.get("error"):

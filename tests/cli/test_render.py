@@ -22,8 +22,16 @@ def prompts(tmp_path):
     return path
 
 
+# The CLI's mechanics (outputs, errors, interruption, launchers) are checked on the random-weight model, which
+# renders a chunk in milliseconds; the shipped default model has its own tests (tests/core/test_shipped_models.py).
+FAST_MODEL = ["--model", "tiny-random"]
+
+
 def run(argv, capsys):
-    code = main([str(a) for a in argv])
+    argv = [str(a) for a in argv]
+    if argv[:1] == ["render"] and "--model" not in argv:
+        argv += FAST_MODEL
+    code = main(argv)
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -170,7 +178,8 @@ def test_ctrl_c_leaves_a_playable_partial_video(tmp_path, prompts):
     out = tmp_path / "o"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "genkv.cli.main", "render", str(prompts), "--frames", "4000", "--out", str(out)],
+        [sys.executable, "-m", "genkv.cli.main", "render", str(prompts), "--frames", "4000", "--out", str(out),
+         *FAST_MODEL],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True,
         # A shell starts background jobs with SIGINT ignored and children inherit that: give the render the
         # default disposition, as an interactive terminal does, whatever launched the tests.
@@ -202,7 +211,7 @@ def test_multi_process_launch_splits_prompts_without_collisions(tmp_path):
     out = tmp_path / "o"
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "genkv.cli.main", "render",
-         str(prompts), "--frames", "9", "--out", str(out)],
+         str(prompts), "--frames", "9", "--out", str(out), *FAST_MODEL],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr

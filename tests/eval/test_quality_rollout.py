@@ -21,7 +21,7 @@ def _quality_rollout():
 def test_full_against_itself_is_identical_and_a_sparse_method_is_not(tmp_path):
     quality_rollout = _quality_rollout()
     out = tmp_path / "q.json"
-    quality_rollout.main(["--frames", "21", "--methods", "full", "full",
+    quality_rollout.main(["--model", "tiny-random", "--frames", "21", "--methods", "full", "full",
                           "fastar:budget_frames=2,top_k=1,prompt_top_k=2",
                           "--out", str(out)])
     results = json.loads(out.read_text())["results"]
@@ -61,7 +61,7 @@ def test_teacher_forcing_gives_each_chunk_the_full_history():
 def test_teacher_forced_table_column(tmp_path):
     quality_rollout = _quality_rollout()
     out = tmp_path / "q.json"
-    quality_rollout.main(["--frames", "21", "--methods", "full", "rolling:window_frames=3", "--teacher-forced",
+    quality_rollout.main(["--model", "tiny-random", "--frames", "21", "--methods", "full", "rolling:window_frames=3", "--teacher-forced",
                           "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     assert len(results["rolling:window_frames=3"]["teacher_forced_psnr"]) == 21

@@ -1,0 +1,75 @@
+"""The model bundled with genkv (``genkv.zoo``): it is installed, fits the size budget, is what ``genkv render``
+uses without ``--model``, renders deterministically on a CPU, and draws the colour a prompt asks for."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from genkv.data import COLORS
+from genkv.metrics.persistence import colour_tracks
+from genkv.zoo import ASSETS, SHIPPED, load_shipped
+
+MODEL = "sprites-tiny"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_shipped(MODEL)
+
+
+def render(pipe, prompt: str, seed: int, frames: int = 16) -> np.ndarray:
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(prompt=prompt, num_frames=frames, output_type="uint8", generator=generator).frames[0]
+
+
+def colour_share(frames: np.ndarray, colour: str) -> float:
+    """Mean share of a frame's pixels near ``colour`` (the persistence measure's colour match)."""
+    area = colour_tracks(frames, {colour: COLORS[colour]})[colour]["area"]
+    return float(area.mean() / (frames.shape[1] * frames.shape[2]))
+
+
+def test_the_sprite_model_ships_within_the_size_budget():
+    assert MODEL in SHIPPED
+    files = [f for f in (ASSETS / MODEL).rglob("*") if f.is_file()]
+    assert any(f.suffix == ".safetensors" for f in files)
+    assert sum(f.stat().st_size for f in files) <= 20 * 2**20
+
+
+def test_a_render_is_deterministic_for_a_seed_and_differs_between_prompts(pipe):
+    a = render(pipe, "a red circle moving left", seed=0)
+    b = render(pipe, "a red circle moving left", seed=0)
+    c = render(pipe, "a blue square moving down", seed=0)
+    assert a.shape == (16, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).mean() > 2.0  # another prompt, same noise: another video
+
+
+@pytest.mark.parametrize("colour,prompt,other", [
+    ("red", "a red circle moving left", "a blue square moving down"),
+    ("blue", "a blue square moving down", "a red circle moving left"),
+])
+def test_the_colour_asked_for_appears(pipe, colour, prompt, other):
+    asked = np.mean([colour_share(render(pipe, prompt, seed), colour) for seed in (0, 1)])
+    not_asked = np.mean([colour_share(render(pipe, other, seed), colour) for seed in (0, 1)])
+    assert asked > 0.01  # a sprite of that colour covers at least 1% of the frame on average
+    assert asked > 3 * not_asked
+
+
+def test_render_without_model_uses_the_shipped_model(tmp_path):
+    from genkv.cli.main import main
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle moving left\n")
+    assert main(["render", str(prompts), "--frames", "9", "--out", str(tmp_path / "o")]) == 0
+    summary = json.loads((tmp_path / "o" / "000-a-red-circle-moving-left.json").read_text())
+    assert summary["model"] == MODEL and summary["frames"] == 9
+
+
+def test_words_outside_the_grammar_are_named(pipe):
+    from genkv.cli.render import unknown_words
+    from genkv.data import vocabulary
+
+    assert unknown_words(pipe, "a red circle bouncing left, Falling") == ["bouncing", "falling"]
+    assert unknown_words(pipe, " ".join(vocabulary())) == []
