@@ -155,7 +155,8 @@ def load_pipeline(options: RenderOptions, device, dtype):
     path = Path(options.model)
     if options.model in SHIPPED and not path.exists():  # a bundled model by name (a folder of that name wins)
         if options.checkpoint is not None:
-            raise CLIError(f"--checkpoint needs a Wan2.1 --model folder; {options.model!r} is a model bundled with genkv")
+            raise CLIError(
+                f"--checkpoint needs a Wan2.1 --model folder; {options.model!r} is a model bundled with genkv")
         path = shipped_model_path(options.model)
         if not (path / "model_index.json").is_file():
             raise CLIError(f"the bundled model {options.model!r} is missing from this install; reinstall genkv")
