@@ -39,14 +39,15 @@ def load_pipeline(model: str, device: torch.device):
     return SelfForcingPipeline.from_pretrained(model, torch_dtype=torch.float32).to(device)
 
 
-def render(pipe, spec: str, prompt: str, frames: int, seed: int, device: torch.device) -> np.ndarray:
-    import genkv
+def decode_chunks(pipe, chunks: list[torch.Tensor], frames: int) -> np.ndarray:
+    """uint8 (T, H, W, 3) frames of a rollout's chunk latents, streamed through the VAE as ``pipe.stream`` does."""
+    from genkv.pipelines import StreamingVAEDecoder
+    from genkv.pipelines.self_forcing.vae_stream import to_uint8_frames
 
-    genkv.apply_genkv(pipe, parse_spec(spec))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    video = pipe(prompt=prompt, num_frames=frames, output_type="np", generator=generator).frames[0]
-    genkv.remove_genkv(pipe)
-    return (np.asarray(video) * 255).round().clip(0, 255).astype(np.uint8)
+    decoder = StreamingVAEDecoder(pipe.vae, frames_per_call=pipe.decode_frames_per_call)
+    with torch.no_grad():
+        video = np.concatenate([to_uint8_frames(decoder.decode(c))[0].cpu().numpy() for c in chunks])
+    return video[:frames]
 
 
 def teacher_forced_latents(pipe, spec: str, prompt: str, frames: int, seed: int, device: torch.device,
@@ -151,17 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the first --methods entry must be full (the reference)")
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device)
-    results, reference = {}, None
+    results, reference, history = {}, None, None
     for spec in args.methods:
+        # Each method's free-running render as chunk latents (the same rollout `pipe(...)` runs, same seed and
+        # noise), decoded as the pipeline streams them; full's latents are also the teacher-forced history, so
+        # the longest render is done once.
         start = time.perf_counter()
-        video = render(pipe, spec, args.prompt, args.frames, args.seed, device)
+        chunks = teacher_forced_latents(pipe, spec, args.prompt, args.frames, args.seed, device, None)
+        video = decode_chunks(pipe, chunks, args.frames)
         results[spec] = measure(video, reference, args.fps) | {"seconds": time.perf_counter() - start}
         psnr = results[spec].get("psnr_mean")
         print(f"{spec}: {len(video)} frames in {results[spec]['seconds']:.0f} s"
               + (f", PSNR vs full {psnr:.2f} dB" if psnr is not None else " (the reference)"), flush=True)
-        reference = video if reference is None else reference
+        if reference is None:
+            reference, history = video, chunks
     if args.teacher_forced:
-        history = teacher_forced_latents(pipe, args.methods[0], args.prompt, args.frames, args.seed, device, None)
         for spec in args.methods[1:]:
             start = time.perf_counter()
             chunks = teacher_forced_latents(pipe, spec, args.prompt, args.frames, args.seed, device, history)

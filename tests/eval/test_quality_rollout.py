@@ -65,3 +65,23 @@ def test_teacher_forced_table_column(tmp_path):
                           "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     assert len(results["rolling:window_frames=3"]["teacher_forced_psnr"]) == 21
+
+
+def test_the_renders_are_the_pipelines_own_output():
+    """Methods are rendered as chunk latents (so full's can serve as the teacher-forced history) and decoded as
+    `pipe.stream` decodes them: the frames are the pipeline's own for the same seed."""
+    import numpy as np
+    import torch
+
+    quality_rollout = _quality_rollout()
+    from genkv.testing import tiny_self_forcing_pipeline
+
+    pipe = tiny_self_forcing_pipeline(seed=0)
+    chunks = quality_rollout.teacher_forced_latents(pipe, "rolling:window_frames=3", "a red circle", 21, 4,
+                                                    torch.device("cpu"), None)
+    got = quality_rollout.decode_chunks(pipe, chunks, 21)
+    import genkv
+
+    genkv.apply_genkv(pipe, "rolling", window_frames=3)
+    want = np.concatenate(list(pipe.stream("a red circle", num_frames=21, generator=torch.Generator().manual_seed(4))))
+    assert got.shape == want.shape == (21, 64, 64, 3) and np.array_equal(got, want)
