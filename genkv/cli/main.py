@@ -47,8 +47,8 @@ def render(
         None, "--guidance-scale", help="CFG scale (default: the model's; Self-Forcing samples without)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     compile: bool = typer.Option(
-        False, "--compile", help="Compile the transformer blocks and decode channels-last (faster on CUDA; "
-        "the first chunk pays ~15 s of compilation)."
+        False, "--compile", help="The fast path: compiled transformer blocks, channels-last VAE decode with per-tap "
+        "2-D convolutions (CUDA; the first chunk pays ~15 s of compilation)."
     ),
     profile: bool = typer.Option(
         False, "--profile", help="Print where each chunk's time goes (denoise, KV commit, decode, host copy, write); "
