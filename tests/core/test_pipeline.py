@@ -66,9 +66,12 @@ def test_dpmpp_2m_converges_at_second_order_and_euler_at_first():
     euler = [_gaussian_sampling_error("euler", n) for n in (8, 16, 32)]
     dpm = [_gaussian_sampling_error("dpmpp_2m", n) for n in (8, 16, 32)]
     # halving the step (8 -> 16 -> 32) halves Euler's error ...
-    assert 1.6 < euler[0] / euler[1] < 2.5 and 1.6 < euler[1] / euler[2] < 2.5
+    first_halving, second_halving = euler[0] / euler[1], euler[1] / euler[2]
+    assert 1.6 < first_halving < 2.5, euler
+    assert 1.6 < second_halving < 2.5, euler
     # ... and quarters DPM-Solver++(2M)'s
-    assert dpm[0] / dpm[1] > 3.5 and dpm[1] / dpm[2] > 3.5
+    assert dpm[0] / dpm[1] > 3.5, dpm
+    assert dpm[1] / dpm[2] > 3.5, dpm
     assert dpm[0] < euler[2]  # 8 second-order steps beat 32 Euler steps
 
 
