@@ -1,6 +1,12 @@
 """Where a method's chunk time goes, op by op: torch.profiler over a few steady-state chunks of a rollout.
 
     python eval/profile_ops.py --methods fastar rolling:window_frames=21 --frames 96 --out runs/ops.json
+    python eval/profile_ops.py --compile --methods fastar --frames 120 --chunks 3   # compiled blocks
+
+Also prints each chunk phase's host (wall) time next to the device time of the kernels it launched (the
+pipeline names its phases with ``record_function``: ``genkv.denoise``, ``genkv.kv_commit.forward``,
+``genkv.kv_commit.keeper``, ``genkv.decode``): a phase whose kernels take far less than its wall time leaves
+the GPU idle (launch- or sync-bound); one whose kernels fill it is compute-bound.
 
 Builds the same random-weight pipeline as ``eval/bench_rollout.py`` (Wan2.1-1.3B shapes, 480x832), renders
 ``--frames`` frames per method, profiles the last ``--chunks`` chunks and prints the top ops by self device
@@ -12,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,6 +38,23 @@ def top_ops(prof, key: str, limit: int) -> list[dict]:
         })
     rows.sort(key=lambda r: -r[key])
     return rows[:limit]
+
+
+def phase_split(prof, chunks: int) -> list[dict]:
+    """Per chunk: wall (host) ms of each ``genkv.*`` phase and the device ms of the kernels launched inside it."""
+    rows = []
+    for evt in prof.key_averages():
+        if evt.key.startswith("genkv."):
+            rows.append({
+                "phase": evt.key,
+                "calls": evt.count,
+                "host_ms_per_chunk": evt.cpu_time_total / 1e3 / chunks,
+                "device_ms_per_chunk": getattr(evt, "device_time_total", getattr(evt, "cuda_time_total", 0)) / 1e3
+                / chunks,
+            })
+    order = ["genkv.denoise", "genkv.kv_commit.forward", "genkv.kv_commit.keeper", "genkv.decode"]
+    rows.sort(key=lambda r: order.index(r["phase"]) if r["phase"] in order else len(order))
+    return rows
 
 
 def sync_call_sites(fn) -> list[tuple[str, int]]:
@@ -75,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also print the Python call sites of host memcpys / syncs (profiler with_stack)")
     parser.add_argument("--sync-debug", action="store_true",
                         help="run one more chunk with torch.cuda.set_sync_debug_mode and list the syncing call sites")
+    parser.add_argument("--compile", action="store_true", help="compiled transformer blocks (as render --compile)")
     parser.add_argument("--out", type=Path, default=Path("profile_ops.json"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,15 +112,23 @@ def main(argv: list[str] | None = None) -> int:
         [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
     for spec in args.methods:
         genkv.apply_genkv(pipe, parse_spec(spec))
+        if args.compile:
+            from genkv.compile import compile_transformer
+
+            compile_transformer(pipe.transformer)
         stream = pipe.stream(prompt_embeds=embeds, num_frames=(total_chunks + 1) * frames_per_chunk,
                              generator=torch.Generator(device=device).manual_seed(0), overlap_decode=False)
         for _ in range(total_chunks - args.chunks):
             next(stream)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter()
         with torch.profiler.profile(activities=activities, with_stack=args.stacks) as prof:
             for _ in range(args.chunks):
                 next(stream)
             if device.type == "cuda":
                 torch.cuda.synchronize()
+        wall = (time.perf_counter() - wall) * 1e3 / args.chunks
         if args.sync_debug and device.type == "cuda":
             result.setdefault(spec, {})
             sync_sites = sync_call_sites(lambda: next(stream))
@@ -107,6 +140,13 @@ def main(argv: list[str] | None = None) -> int:
         key = "self_device_ms" if device.type == "cuda" else "self_host_ms"
         result[spec] = {"sync_sites": sync_sites} if args.sync_debug and device.type == "cuda" else {}
         result[spec] |= {"by_device": top_ops(prof, key, args.top), "by_host": top_ops(prof, "self_host_ms", args.top)}
+        kernels_ms = sum(r["self_device_ms"] for r in top_ops(prof, "self_device_ms", 10**9)) / args.chunks
+        result[spec] |= {"compile": args.compile, "wall_ms_per_chunk": wall, "kernel_ms_per_chunk": kernels_ms,
+                         "phases": phase_split(prof, args.chunks)}
+        print(f"\n== {spec}{' (compiled blocks)' if args.compile else ''}: per chunk, profiled: wall {wall:.1f} ms, "
+              f"kernels {kernels_ms:.1f} ms ({100 * kernels_ms / wall:.0f}% busy) ==")
+        for r in result[spec]["phases"]:
+            print(f"{r['phase']:28s} host {r['host_ms_per_chunk']:8.1f} ms   kernels {r['device_ms_per_chunk']:8.1f} ms")
         if args.stacks:
             sites = []
             for evt in prof.key_averages(group_by_stack_n=12):

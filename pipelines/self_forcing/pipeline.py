@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKLWan, DiffusionPipeline, WanTransformer3DModel
 from diffusers.utils import BaseOutput
+from torch.profiler import record_function
 
 from genkv.api import apply_genkv, get_store, is_patched
 
@@ -284,23 +285,26 @@ class SelfForcingPipeline(DiffusionPipeline):
                 else:
                     x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
                 x0 = x
-                for k, (t, sigma) in enumerate(zip(timesteps, sigmas)):
-                    store.step_index = k
-                    flow = self._flow(x, t, embeds, negative_embeds if use_cfg else None, guidance_scale)
-                    x0 = sched.predict_x0(x, flow, sigma)
-                    if k + 1 < len(timesteps):
-                        noise = None
-                        if sched.config.sampler == "renoise":
-                            noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-                        x = sched.next_sample(x, flow, x0, k, noise)
+                # (record_function ranges name the phases in torch.profiler traces, e.g. eval/profile_ops.py)
+                with record_function("genkv.denoise"):
+                    for k, (t, sigma) in enumerate(zip(timesteps, sigmas)):
+                        store.step_index = k
+                        flow = self._flow(x, t, embeds, negative_embeds if use_cfg else None, guidance_scale)
+                        x0 = sched.predict_x0(x, flow, sigma)
+                        if k + 1 < len(timesteps):
+                            noise = None
+                            if sched.config.sampler == "renoise":
+                                noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
+                            x = sched.next_sample(x, flow, x0, k, noise)
                 if timer is not None:
                     timer.mark("denoise")
                 # The clean pass: its only product is the chunk's clean K/V, which the keeper commits.
                 store.step_index = len(timesteps)
                 clean = x0 if commit_latents is None else commit_latents(start, x0).to(x0)
-                with store.committing():
+                with store.committing(), record_function("genkv.kv_commit.forward"):
                     self._flow(clean, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale)
-                store.commit()
+                with record_function("genkv.kv_commit.keeper"):
+                    store.commit()
                 if timer is not None:
                     timer.mark("kv_commit")
                 self.last_chunk_timer = timer
@@ -430,7 +434,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                 if side is not None:
                     side.wait_stream(torch.cuda.current_stream(device))
                     x0.record_stream(side)  # x0 was made on the main stream; keep it alive for the side stream
-                    with torch.cuda.stream(side):
+                    with torch.cuda.stream(side), record_function("genkv.decode"):
                         video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
                         frames = video
                         if output_type == "np":
@@ -439,7 +443,8 @@ class SelfForcingPipeline(DiffusionPipeline):
                         event = torch.cuda.Event()
                         event.record(side)
                 else:
-                    video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
+                    with record_function("genkv.decode"):
+                        video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
                     if timer is not None:
                         timer.mark("decode")
                     frames = video.cpu() if output_type == "np" else video
