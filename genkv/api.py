@@ -105,6 +105,7 @@ def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **ov
     keeper.rope_table_frames = getattr(getattr(transformer, "config", None), "rope_max_seq_len", None)
     num_layers = 1 + max(i for i, _, _ in layers)
     store = KVCacheStore(keeper, num_layers, rope if isinstance(rope, FrameOffsetRotaryPosEmbed) else None)
+    keeper.rope = store.rope
     self_reader, cross_reader = config.build_self_reader(), config.build_cross_reader()
 
     originals: dict[str, Any] = {}

@@ -16,21 +16,12 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
+from .rope import apply_rotary_emb
+
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers.models.transformers.transformer_wan import WanAttention
 
     from .cache import KVCacheStore
-
-
-def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
-    """Wan's interleaved-pair rotary embedding on ``(B, S, H, D)`` (same arithmetic as diffusers)."""
-    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos = freqs_cos[..., 0::2]
-    sin = freqs_sin[..., 1::2]
-    out = torch.empty_like(x)
-    out[..., 0::2] = x1 * cos - x2 * sin
-    out[..., 1::2] = x1 * sin + x2 * cos
-    return out.type_as(x)
 
 
 class _GenKVProcessorBase:

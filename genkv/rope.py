@@ -20,6 +20,23 @@ from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
 
+def apply_rotary_emb(x: torch.Tensor, freqs_cos: torch.Tensor, freqs_sin: torch.Tensor) -> torch.Tensor:
+    """Wan's interleaved-pair rotary embedding on ``(..., D)`` with ``(..., D)`` tables (diffusers' arithmetic).
+
+    Example:
+        >>> x = torch.randn(1, 4, 2, 6)
+        >>> torch.equal(apply_rotary_emb(x, torch.ones(6), torch.zeros(6)), x)
+        True
+    """
+    x1, x2 = x.unflatten(-1, (-1, 2)).unbind(-1)
+    cos = freqs_cos[..., 0::2]
+    sin = freqs_sin[..., 1::2]
+    out = torch.empty_like(x)
+    out[..., 0::2] = x1 * cos - x2 * sin
+    out[..., 1::2] = x1 * sin + x2 * cos
+    return out.type_as(x)
+
+
 class FrameOffsetRotaryPosEmbed(WanRotaryPosEmbed):
     """``WanRotaryPosEmbed`` whose temporal positions start at ``frame_offset``.
 
@@ -73,6 +90,33 @@ class FrameOffsetRotaryPosEmbed(WanRotaryPosEmbed):
             return torch.cat([f, h, w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1)
 
         return grid(cos_f, self.freqs_cos), grid(sin_f, self.freqs_sin)
+
+    def relative_rotation(
+        self, dt: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` tables, shape ``(*dt.shape, D)``, of the rotation that moves a post-RoPE key by
+        ``(dt, dh, dw)`` positions (integer tensors of one shape): ``R(p + d) = R(d) R(p)``, so two keys at
+        positions ``p`` and ``p + d`` compare *as content* (as before RoPE) once the first is moved by ``d``.
+
+        Taken from the module's own tables (a negative offset is the transposed rotation), so a model whose
+        tables were edited gets the rotation it really applies.
+
+        Example:
+            >>> rope = FrameOffsetRotaryPosEmbed.from_module(WanRotaryPosEmbed(12, (1, 2, 2), 32))
+            >>> zero = torch.zeros(1, dtype=torch.long)
+            >>> cos, sin = rope.relative_rotation(zero, zero, zero)   # no move: the identity
+            >>> bool((cos == 1).all() and (sin == 0).all())
+            True
+        """
+        cols = [(dt, 0, self.t_dim), (dh, self.t_dim, self.t_dim + self.h_dim),
+                (dw, self.t_dim + self.h_dim, self.t_dim + self.h_dim + self.w_dim)]
+        cos_parts, sin_parts = [], []
+        for offset, lo, hi in cols:
+            step = offset.abs().to(self.freqs_cos.device)
+            sign = offset.sign().to(self.freqs_sin.device, self.freqs_sin.dtype).unsqueeze(-1)
+            cos_parts.append(self.freqs_cos[step, lo:hi])
+            sin_parts.append(self.freqs_sin[step, lo:hi] * sign)
+        return torch.cat(cos_parts, dim=-1), torch.cat(sin_parts, dim=-1)
 
     def shift_key_positions(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
         """Rotate post-RoPE ``keys`` (..., H, D) in place so their temporal positions move by ``delta`` frames.

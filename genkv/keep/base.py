@@ -8,6 +8,7 @@ import numpy as np
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache import ChunkInfo, KVCacheStore, LayerKVCache
+    from ..rope import FrameOffsetRotaryPosEmbed
 
 
 class CacheKeeper:
@@ -22,6 +23,9 @@ class CacheKeeper:
     #: RoPE table length of the patched model, set by ``apply_genkv``; positions past it are re-based by
     #: keepers that can do so without changing what attention sees.
     rope_table_frames: int | None = None
+    #: the patched model's rotary embedding (``FrameOffsetRotaryPosEmbed``), set by ``apply_genkv``; None for a
+    #: model without one (keepers that compare keys then compare them as stored)
+    rope: "FrameOffsetRotaryPosEmbed | None" = None
 
     def check_chunk(self, num_frames: int) -> None:
         """Raise ``ValueError`` if a chunk of ``num_frames`` latent frames cannot be held."""

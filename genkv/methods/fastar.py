@@ -18,7 +18,7 @@ from .base import GenKVMethod
 class FastAR(SparseReadFields, GenKVMethod):
     """The three FAST-AR parts together: merged, budgeted keys; routed self-attention; top-k prompt tokens.
 
-    Fields are those of ``tempcache`` (threshold, radius, sink_frames, budget_frames, max_tokens), ``annsa``
+    Fields are those of ``tempcache`` (threshold, radius, sink_frames, budget_frames, max_tokens, match), ``annsa``
     (top_k, top_p, block sizes, dense_steps, refresh, sparse_clean_pass) and ``annca`` (prompt_top_k, per).
     Presets: ``configs/fastar.yaml`` (default), ``fastar_fast.yaml``, ``fastar_fidelity.yaml``.
 
@@ -34,6 +34,7 @@ class FastAR(SparseReadFields, GenKVMethod):
     sink_frames: int = 1
     budget_frames: int = 18
     max_tokens: int | None = None
+    match: str = "content"
     prompt_top_k: int = 32
     per: str = "frame"
 
@@ -44,13 +45,17 @@ class FastAR(SparseReadFields, GenKVMethod):
         self.require_int("budget_frames", minimum=self.sink_frames + 1)
         if self.max_tokens is not None:
             self.require_int("max_tokens", minimum=1)
+        if self.match not in ("content", "stored"):
+            self._fail("match", "'content' or 'stored'")
         validate_sparse_read(self)
         self.require_int("prompt_top_k", minimum=1)
         if self.per not in ("frame", "chunk"):
             self._fail("per", "'frame' or 'chunk'")
 
     def build_keeper(self) -> TemporalMerge:
-        keeper = TemporalMerge(self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens)
+        keeper = TemporalMerge(
+            self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens, self.match
+        )
         keeper.method_name = "fastar"
         return keeper
 

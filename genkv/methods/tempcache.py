@@ -17,7 +17,10 @@ class TempCache(GenKVMethod):
 
     Args:
         threshold: cosine similarity (minimum over heads) at which a new key joins its previous-frame
-            correspondent; 1.0 merges exact duplicates only (exact attention), above 1 never merges.
+            correspondent; above 1 never merges. With ``match="stored"``, 1.0 merges exact duplicates only
+            (exact attention).
+        match: ``"content"`` compares keys with RoPE's relative rotation undone (a key that repeats one frame
+            later matches although RoPE turned it); ``"stored"`` compares them as attention sees them.
         radius: spatial neighbourhood (in tokens) searched in the previous frame; 0 = same position only.
         sink_frames: first latent frames kept verbatim forever (never merged, never evicted).
         budget_frames: history token budget per layer, in frames' worth of tokens (18 history frames + the
@@ -36,6 +39,7 @@ class TempCache(GenKVMethod):
     sink_frames: int = 0
     budget_frames: int = 18
     max_tokens: int | None = None
+    match: str = "content"
 
     def validate(self) -> None:
         self.require_float("threshold", -1.0, 2.0)
@@ -44,6 +48,10 @@ class TempCache(GenKVMethod):
         self.require_int("budget_frames", minimum=self.sink_frames + 1)
         if self.max_tokens is not None:
             self.require_int("max_tokens", minimum=1)
+        if self.match not in ("content", "stored"):
+            self._fail("match", "'content' or 'stored'")
 
     def build_keeper(self) -> TemporalMerge:
-        return TemporalMerge(self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens)
+        return TemporalMerge(
+            self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens, self.match
+        )

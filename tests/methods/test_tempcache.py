@@ -173,3 +173,62 @@ def test_conflicting_matches_keep_the_best_then_the_lowest_position_per_frame():
                 if rivals:
                     want[f, min(rivals, key=lambda i: (-best[f, i].item(), i))] = True
         assert torch.equal(got, want)
+
+
+def _rope(head_dim: int = 24):
+    from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+    from genkv.rope import FrameOffsetRotaryPosEmbed
+
+    return FrameOffsetRotaryPosEmbed.from_module(WanRotaryPosEmbed(head_dim, (1, 2, 2), 1024))
+
+
+def _rotated(rope, content: torch.Tensor, grid: tuple[int, int], frame_start: int) -> torch.Tensor:
+    """Post-RoPE keys of (1, F*T, H, D) content for frames starting at ``frame_start`` (the model's own RoPE)."""
+    frames = content.shape[1] // (grid[0] * grid[1])
+    rope.frame_offset = frame_start
+    cos, sin = rope(torch.zeros(1, 1, frames, 2 * grid[0], 2 * grid[1]))
+    return genkv.rope.apply_rotary_emb(content.double(), cos.double(), sin.double())
+
+
+def test_relative_rotation_moves_a_key_to_another_position():
+    """R(p_c - p_n) applied to a key roped at p_n equals the same content roped at p_c (float64)."""
+    rope = _rope()
+    grid = (3, 4)
+    g = torch.Generator().manual_seed(0)
+    content = torch.randn(1, 12, 2, 24, generator=g, dtype=torch.float64)
+    at_5 = _rotated(rope, content, grid, 5)  # frame 5, every position of the grid
+    at_4 = _rotated(rope, content.flip(1), grid, 4)  # frame 4, the positions in reverse order
+    pos = torch.arange(12)
+    src, dst = pos, pos.flip(0)  # token i (frame 5, position i) moves to frame 4, position 11 - i
+    cos, sin = rope.relative_rotation(torch.full_like(src, -1), dst // 4 - src // 4, dst % 4 - src % 4)
+    moved = genkv.rope.apply_rotary_emb(at_5, cos.double()[None, :, None], sin.double()[None, :, None])
+    torch.testing.assert_close(moved.flip(1), at_4, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("match, merges", [("content", True), ("stored", False)])
+def test_content_matching_merges_keys_that_repeat_under_rope(match, merges):
+    """A frame that repeats the previous frame's key content: RoPE turns the stored keys (cosine < 0.999 for
+    random keys), so only content matching merges them, and the merged keys are the newest frame's."""
+    rope = _rope()
+    grid, tpf = (2, 3), 6
+    g = torch.Generator().manual_seed(1)
+    content = torch.randn(1, tpf, 2, 24, generator=g, dtype=torch.float64)
+    keys = _rotated(rope, content.repeat(1, 2, 1, 1), grid, 0).float()
+    # what the keeper scores as stored: the minimum over heads, at the same position
+    stored_cos = torch.nn.functional.cosine_similarity(keys[:, :tpf], keys[:, tpf:], dim=-1).amin(-1).max()
+    assert stored_cos < 0.999  # the repeat is not a duplicate as stored
+    keeper = TemporalMerge(threshold=0.999, radius=1, sink_frames=0, budget_frames=10, max_tokens=None, match=match)
+    keeper.rope = rope
+    cache = LayerKVCache(60)
+    _commit(keeper, cache, keys, torch.randn(1, 2 * tpf, 2, 24, generator=g), 0, 2, grid)
+    assert (cache.length == tpf) == merges
+    if merges:  # every group holds two tokens and the frame-1 key
+        torch.testing.assert_close(cache.token_count[:tpf], torch.full((tpf,), 2.0))
+        torch.testing.assert_close(cache.k[:, :tpf], keys[:, tpf:])
+
+
+def test_match_is_validated():
+    for name in ("tempcache", "fastar"):
+        with pytest.raises(ValueError, match="match"):
+            genkv.get_method(name, match="rope")
