@@ -83,7 +83,8 @@ class LayerKVCache:
         self.frame_index: torch.Tensor | None = None
         self.token_pos: torch.Tensor | None = None
         self.token_count: torch.Tensor | None = None
-        self.info: dict[str, float] = {}  # keeper-reported statistics (merged groups, ...)
+        # keeper-reported statistics (merged groups, ...): numbers, or 0-d device tensors read only when asked
+        self.info: dict[str, float | torch.Tensor] = {}
         # Host mirror of frame_index: keepers plan evictions on the host without a device sync.
         self.frame_host = np.empty(0, dtype=np.int64)
         self.length = 0  # committed tokens
@@ -375,7 +376,7 @@ class KVCacheStore:
                     "capacity": cache.capacity,
                     "bytes": cache.nbytes(),
                     "used_bytes": cache.used_bytes(),
-                    **cache.info,
+                    **{k: int(v) if isinstance(v, torch.Tensor) else v for k, v in cache.info.items()},
                 }
                 per_layer.append(row)
                 total_bytes += row["bytes"]

@@ -231,7 +231,7 @@ class TemporalMerge(CacheKeeper):
 
     @torch.no_grad()
     def commit_layers(self, caches: "list[LayerKVCache]", chunk: "ChunkInfo") -> None:
-        """Merge, compact and evict in every layer, with three host syncs per chunk in all (not per layer)."""
+        """Merge, compact and evict in every layer, with two host syncs per chunk in all (not per layer)."""
         if not caches:
             return
         tpf = chunk.tokens_per_frame
@@ -266,14 +266,11 @@ class TemporalMerge(CacheKeeper):
                 movers = new_len + np.flatnonzero(~mask[new_len : cache.length])
                 cache.move_tokens(movers, holes)
                 cache.length = new_len
-        # 4. statistics (one sync)
-        counts = torch.stack(
-            [torch.stack([(c.token_count[: c.length] > 1).sum().float(), c.token_count[: c.length].sum()])
-             for c in caches]
-        ).cpu().tolist()
-        for cache, (groups, represented) in zip(caches, counts):
-            cache.info["merged_groups"] = int(groups)
-            cache.info["tokens_represented"] = int(represented)
+        # 4. statistics: left on the device (``cache_stats`` reads them; no sync in the chunk loop)
+        for cache in caches:
+            counts = cache.token_count[: cache.length]
+            cache.info["merged_groups"] = (counts > 1).sum()
+            cache.info["tokens_represented"] = counts.sum()
 
     def _eviction_mask(self, cache: "LayerKVCache", budget: int) -> torch.Tensor:
         """Boolean (length,) mask of the slots to evict: oldest last-seen first, unmerged before merged among
@@ -284,8 +281,8 @@ class TemporalMerge(CacheKeeper):
         order_key = frames.double() * 1e6 + cache.token_count[:n].double().clamp(max=1e6 - 1)
         order_key = torch.where(sink, torch.full_like(order_key, float("inf")), order_key)
         victims = torch.argsort(order_key, stable=True)[: n - budget]
-        evict = torch.zeros(n, dtype=torch.bool, device=frames.device)
-        evict[victims] = True
+        # index_fill_, not `evict[victims] = True`: assigning a Python scalar copies it from the host (a sync)
+        evict = torch.zeros(n, dtype=torch.bool, device=frames.device).index_fill_(0, victims, True)
         return evict & ~sink
 
     # -- RoPE re-basing ------------------------------------------------------------------------------------
