@@ -33,7 +33,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..rope import apply_rotary_emb
 from .base import CacheKeeper
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -53,6 +52,68 @@ def _neighbourhood(grid: tuple[int, int], radius: int, device: torch.device) -> 
     rr = (r + dr).clamp(0, rows - 1)
     cc = (c + dc).clamp(0, cols - 1)
     return (rr * cols + cc).reshape(rows * cols, -1)
+
+
+def pair_scores(
+    k: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor] | None
+) -> torch.Tensor:
+    """Merge score of every (staged token, candidate slot) pair: the cosine similarity of the candidate's key
+    ``k[:, slots[f, t, c]]`` and the staged key ``k_new[:, f, t]`` (moved by ``rotation[t, c]`` first, when
+    given), minimum over batch and heads; 1.0 where the two are equal element for element (so ``threshold=1``
+    merges exact duplicates whatever the rounding of the norms).
+
+    Shapes: ``k`` (B, S, H, D), ``slots`` (F, T, K), ``k_new`` (B, F, T, H, D), rotation tables (T, K, D) in
+    the interleaved-pair layout of :func:`genkv.rope.apply_rotary_emb`; returns float32 (F, T, K). Written as
+    plain elementwise + reductions so that ``torch.compile`` fuses it into a few kernels with no (B, F, T, K,
+    H, D) intermediate (on a GPU this is most of a commit's time when run eagerly).
+
+    Example:
+        >>> k = torch.randn(1, 8, 2, 4)
+        >>> slots = torch.arange(4).view(1, 4, 1)            # token t of the new frame vs slot t
+        >>> pair_scores(k, slots, k[:, :4].unsqueeze(1), None).flatten().tolist()
+        [1.0, 1.0, 1.0, 1.0]
+    """
+    old = k[:, slots.flatten()].unflatten(1, slots.shape).float()  # (B, F, T, K, H, D)
+    new = k_new.float().unsqueeze(3)  # (B, F, T, 1, H, D)
+    new_even, new_odd = new[..., 0::2], new[..., 1::2]
+    if rotation is not None:
+        cos, sin = rotation
+        shape = (1, 1, *cos.shape[:2], 1, cos.shape[-1] // 2)
+        cos, sin = cos[..., 0::2].reshape(shape), sin[..., 1::2].reshape(shape)
+        new_even, new_odd = new_even * cos - new_odd * sin, new_even * sin + new_odd * cos
+    old_even, old_odd = old[..., 0::2], old[..., 1::2]
+    dot = (old_even * new_even + old_odd * new_odd).sum(-1)
+    norms = (old * old).sum(-1) * (new * new).sum(-1)  # a rotation keeps the new key's norm
+    cosine = dot / norms.clamp_min(1e-24).sqrt()
+    exact = ((old_even == new_even) & (old_odd == new_odd)).all(-1)
+    cosine = torch.where(exact, torch.ones_like(cosine), cosine)
+    return cosine.amin(dim=-1).amin(dim=0)
+
+
+_COMPILED_SCORES: dict[str, object] = {}
+
+
+def _score_function(device: torch.device):
+    """:func:`pair_scores`, compiled on CUDA (fused: ~one pass over the candidates instead of ~15 eager
+    kernels with 6-D intermediates); eager elsewhere, or when compiling fails (said once, as a warning)."""
+    if device.type != "cuda" or _COMPILED_SCORES.get("failed"):
+        return pair_scores
+    compiled = _COMPILED_SCORES.get("fn")
+    if compiled is None:
+        compiled = _COMPILED_SCORES["fn"] = torch.compile(pair_scores, dynamic=True)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: the eager function computes the same
+            import warnings
+
+            warnings.warn(f"tempcache: compiling the merge scores failed ({error!r:.200}); running them eagerly",
+                          stacklevel=2)
+            _COMPILED_SCORES["failed"] = True
+            return pair_scores(*args)
+
+    return run
 
 
 class TemporalMerge(CacheKeeper):
@@ -142,18 +203,8 @@ class TemporalMerge(CacheKeeper):
         cand = torch.stack(cands)  # (F, T, K)
         safe = cand.clamp(min=0)
         # The merging frames are a suffix of the chunk: their staged slots are one contiguous range.
-        k_new = cache.k.narrow(1, first + frames[0] * tpf, len(frames) * tpf).float()
-        k_new = k_new.unflatten(1, (len(frames), tpf))  # (B, F, T, H, D)
-        k_old = cache.k[:, safe.flatten()].float().unflatten(1, safe.shape)  # (B, F, T, K, H, D)
-        k_new = k_new.unsqueeze(3)
-        rotation = self._rotation(chunk, device)
-        if rotation is not None:  # compare content: move the new key to the candidate's position
-            cos, sin = (t.view(1, 1, *t.shape[:2], 1, t.shape[-1]) for t in rotation)
-            k_new = apply_rotary_emb(k_new.expand(*k_old.shape), cos, sin)
-        exact = (k_old == k_new).all(dim=-1)
-        cos = torch.nn.functional.cosine_similarity(k_old, k_new, dim=-1, eps=1e-12)
-        cos = cos.masked_fill_(exact, 1.0)
-        score = cos.amin(dim=-1).amin(dim=0)  # (F, T, K): every head of every video must agree
+        k_new = cache.k.narrow(1, first + frames[0] * tpf, len(frames) * tpf).unflatten(1, (len(frames), tpf))
+        score = _score_function(device)(cache.k, safe, k_new, self._rotation(chunk, device))
         score = score.masked_fill_(cand < 0, -float("inf"))  # gone from the previous frame
         return safe, score
 

@@ -232,3 +232,47 @@ def test_match_is_validated():
     for name in ("tempcache", "fastar"):
         with pytest.raises(ValueError, match="match"):
             genkv.get_method(name, match="rope")
+
+
+def _scores_reference(k, slots, k_new, rotation):
+    """float64: gather, rotate the new key with genkv's RoPE arithmetic, cosine, minimum over batch and heads."""
+    old = k.double()[:, slots.flatten()].unflatten(1, slots.shape)
+    new = k_new.double().unsqueeze(3).expand_as(old)
+    if rotation is not None:
+        cos, sin = (t.double()[None, None, :, :, None] for t in rotation)
+        new = genkv.rope.apply_rotary_emb(new, cos, sin)
+    return torch.nn.functional.cosine_similarity(old, new, dim=-1).amin(-1).amin(0)
+
+
+def _score_inputs():
+    from genkv.keep.tempcache import _neighbourhood
+
+    g = torch.Generator().manual_seed(3)
+    grid, frames = (3, 4), 2
+    nbr = _neighbourhood(grid, 1, torch.device("cpu"))  # (12, 9)
+    k = torch.randn(2, 40, 3, 24, generator=g)
+    slots = torch.randint(0, 40, (frames, *nbr.shape), generator=g)
+    k_new = torch.randn(2, frames, 12, 3, 24, generator=g)
+    own = torch.arange(12).view(-1, 1)
+    rotation = _rope().relative_rotation(torch.full_like(nbr, -1), nbr // 4 - own // 4, nbr % 4 - own % 4)
+    return k, slots, k_new, tuple(t.float() for t in rotation)
+
+
+@pytest.mark.parametrize("rotated", [True, False])
+def test_pair_scores_match_a_float64_reference(rotated):
+    from genkv.keep.tempcache import pair_scores
+
+    k, slots, k_new, rotation = _score_inputs()
+    rotation = rotation if rotated else None
+    torch.testing.assert_close(pair_scores(k, slots, k_new, rotation).double(),
+                               _scores_reference(k, slots, k_new, rotation), rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_pair_scores_equal_the_eager_ones():
+    """The GPU path compiles the scores; the compiled function must compute what the eager one does."""
+    from genkv.keep.tempcache import pair_scores
+
+    k, slots, k_new, rotation = _score_inputs()
+    compiled = torch.compile(pair_scores, dynamic=True)
+    torch.testing.assert_close(compiled(k, slots, k_new, rotation), pair_scores(k, slots, k_new, rotation),
+                               rtol=1e-5, atol=1e-6)
