@@ -33,6 +33,31 @@ def time_decode(decoder, latents, repeats: int) -> list[float]:
     return times
 
 
+def profile_decode(decoder, latents, top: int = 30) -> list[dict]:
+    """Device time of one steady-state chunk decode per op and input shape (which layers the time goes to)."""
+    decoder.reset()
+    with torch.no_grad():
+        decoder.decode(latents[:, :, :3])
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                torch.profiler.ProfilerActivity.CUDA],
+                                    record_shapes=True) as prof:
+            decoder.decode(latents[:, :, 3:6])
+            torch.cuda.synchronize()
+    rows = []
+    for evt in prof.key_averages(group_by_input_shape=True):
+        if evt.device_type == torch.autograd.DeviceType.CPU and evt.key.startswith("aten::"):
+            rows.append({"op": evt.key, "shapes": str(evt.input_shapes)[:120], "calls": evt.count,
+                         "device_ms": getattr(evt, "device_time_total", 0) / 1e3})
+    rows.sort(key=lambda r: -r["device_ms"])
+    total = sum(getattr(e, "self_device_time_total", 0) for e in prof.key_averages()
+                if e.device_type != torch.autograd.DeviceType.CPU) / 1e3
+    print(f"\nprofiled decode: {total:.1f} ms of device work; top ops (inclusive device ms) by input shape:")
+    for r in rows[:top]:
+        print(f"{r['device_ms']:8.2f} ms {r['calls']:4d}x {r['op']:32s} {r['shapes']}")
+    return rows[:top]
+
+
 def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKLWan
 
@@ -40,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one decode of the fastest variant: device time per op and input shape")
+    parser.add_argument("--only-best", action="store_true", help="time only the last (fastest) variant")
     parser.add_argument("--out", type=Path, default=Path("bench_vae.json"))
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -48,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         latents = torch.randn(1, 16, 6, 60, 104)
     rows = []
     reference = None
-    for name, benchmark, channels_last, frames_per_call, taps in (
+    variants = (
         ("default (1 frame per call)", False, False, 1, False),
         ("cudnn.benchmark", True, False, 1, False),
         ("cudnn.benchmark + channels_last_3d", True, True, 1, False),
@@ -56,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         ("cudnn.benchmark + channels_last_3d + chunk per call", True, True, None, False),
         ("benchmark + channels_last + 2-D taps", True, True, 1, True),
         ("benchmark + channels_last + 2-D taps + chunk per call", True, True, None, True),
-    ):
+    )
+    for name, benchmark, channels_last, frames_per_call, taps in variants[-1:] if args.only_best else variants:
         torch.backends.cudnn.benchmark = benchmark
         torch.manual_seed(0)
         vae = AutoencoderKLWan().to(device=device, dtype=torch.bfloat16).eval()
@@ -72,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
         err = ((out - reference).norm() / reference.norm()).item()
         rows.append({"variant": name, "median_ms": statistics.median(times), "min_ms": min(times), "rel_err": err})
         print(f"{name:54s} {statistics.median(times):8.1f} ms  (min {min(times):.1f})  rel err vs default {err:.2e}")
+        if args.profile and name == variants[-1][0]:
+            rows[-1]["profile"] = profile_decode(decoder, latents)
         del vae, decoder
         torch.cuda.empty_cache()
     best = min(rows, key=lambda r: r["median_ms"])
