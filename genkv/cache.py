@@ -179,13 +179,22 @@ class LayerKVCache:
         self.token_count[sl] = 1.0
         self.frame_host[sl] = chunk.frame_start + np.arange(self.staged) // chunk.tokens_per_frame
 
-    def move_tokens(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """Copy tokens at slots ``src`` into slots ``dst`` (1-D host index arrays of equal length)."""
+    def move_tokens(
+        self, src: np.ndarray, dst: np.ndarray, on_device: tuple[torch.Tensor, torch.Tensor] | None = None
+    ) -> None:
+        """Copy tokens at slots ``src`` into slots ``dst`` (1-D host index arrays of equal length).
+
+        ``on_device``: the same two indices already on the device (see :func:`move_tokens_in_layers`, which
+        sends the moves of every layer in one copy).
+        """
         assert self.k is not None and self.v is not None
         if len(src) == 0:
             return
         self.frame_host[dst] = self.frame_host[src]
-        src, dst = to_device_index(src, self.k.device), to_device_index(dst, self.k.device)
+        if on_device is None:
+            src, dst = to_device_index(src, self.k.device), to_device_index(dst, self.k.device)
+        else:
+            src, dst = on_device
         self.k.index_copy_(1, dst, self.k.index_select(1, src))
         self.v.index_copy_(1, dst, self.v.index_select(1, src))
         self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
@@ -203,6 +212,21 @@ class LayerKVCache:
         if self.k is None:
             return 0
         return 2 * self.k[:, :1].numel() * self.k.element_size() * self.length
+
+
+def move_tokens_in_layers(moves: "list[tuple[LayerKVCache, np.ndarray, np.ndarray]]") -> None:
+    """:meth:`LayerKVCache.move_tokens` for many layers, with all their indices sent to the device in one copy
+    (one pinned staging buffer per call instead of two per layer: a commit plans moves for every layer)."""
+    moves = [m for m in moves if len(m[1])]
+    if not moves:
+        return
+    device = moves[0][0].k.device
+    index = to_device_index(np.concatenate([part for _, src, dst in moves for part in (src, dst)]), device)
+    offset = 0
+    for cache, src, dst in moves:
+        n = len(src)
+        cache.move_tokens(src, dst, (index.narrow(0, offset, n), index.narrow(0, offset + n, n)))
+        offset += 2 * n
 
 
 class KVCacheStore:

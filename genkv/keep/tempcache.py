@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..cache import move_tokens_in_layers
 from .base import CacheKeeper
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -293,12 +294,14 @@ class TemporalMerge(CacheKeeper):
         alive = torch.stack(
             [c.frame_index[c.length : c.length + c.staged] != _DEAD for c in caches]
         ).cpu().numpy()
+        moves = []
         for cache, alive_row in zip(caches, alive):
             keep = cache.length + np.flatnonzero(alive_row)
             dest = np.arange(cache.length, cache.length + len(keep))
             moving = keep != dest
-            cache.move_tokens(keep[moving], dest[moving])
+            moves.append((cache, keep[moving], dest[moving]))
             cache.length += len(keep)
+        move_tokens_in_layers(moves)
         # 3. the budget (one sync for the eviction plans of all layers)
         budget = self.budget(chunk)
         if self.sink_frames * tpf >= budget:
@@ -311,12 +314,13 @@ class TemporalMerge(CacheKeeper):
             plans = [self._eviction_mask(c, budget) for c in over]
             width = max(len(p) for p in plans)
             masks = torch.stack([torch.nn.functional.pad(p, (0, width - len(p))) for p in plans]).cpu().numpy()
+            moves = []
             for cache, mask in zip(over, masks):
-                new_len = budget
-                holes = np.flatnonzero(mask[:new_len])
-                movers = new_len + np.flatnonzero(~mask[new_len : cache.length])
-                cache.move_tokens(movers, holes)
-                cache.length = new_len
+                holes = np.flatnonzero(mask[:budget])
+                movers = budget + np.flatnonzero(~mask[budget : cache.length])
+                moves.append((cache, movers, holes))
+                cache.length = budget
+            move_tokens_in_layers(moves)
         # 4. statistics: left on the device (``cache_stats`` reads them; no sync in the chunk loop)
         for cache in caches:
             counts = cache.token_count[: cache.length]
