@@ -298,6 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-overlap", action="store_true", help="decode on the main stream (no overlap)")
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last 3-D VAE convolutions")
     parser.add_argument("--vae-conv2d-taps", action="store_true", help="VAE 3-D convolutions as per-tap 2-D ones")
+    parser.add_argument("--vae-fused-norms", action="store_true", help="VAE RMS norms fused (compiled on CUDA)")
     parser.add_argument("--vae-frames-per-call", type=int, default=None,
                         help="latent frames per VAE decoder call (default: a chunk's; 1 as upstream)")
     parser.add_argument("--error-frames", type=int, default=0,
@@ -323,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
         pipe.transformer.set_attention_backend(args.attention_backend)
     pipe.decode_channels_last = args.vae_channels_last
     pipe.decode_conv2d_taps = args.vae_conv2d_taps
+    pipe.decode_fused_norms = args.vae_fused_norms
     pipe.decode_frames_per_call = args.vae_frames_per_call
 
     import diffusers
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         "attention_backend": args.attention_backend or "default",
         "vae_channels_last": args.vae_channels_last,
         "vae_conv2d_taps": args.vae_conv2d_taps,
+        "vae_fused_norms": args.vae_fused_norms,
         "vae_frames_per_call": args.vae_frames_per_call,
         "environment": {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),

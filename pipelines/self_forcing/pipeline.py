@@ -95,6 +95,9 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: Decode the causal 3-D convolutions as per-tap 2-D ones (``vae_conv.apply_conv2d_taps``); same output
         #: up to the order of the sum. Off by default until measured on a GPU.
         self.decode_conv2d_taps = False
+        #: The decoder's RMS norms as one fused pass each (``vae_norm.apply_fused_norms``, compiled on CUDA);
+        #: float32 inside with one rounding, so equal to the plain path up to bf16 rounding.
+        self.decode_fused_norms = False
         self.vae_scale_factor_temporal = getattr(vae.config, "scale_factor_temporal", 4)
         self.vae_scale_factor_spatial = getattr(vae.config, "scale_factor_spatial", 8)
 
@@ -187,7 +190,7 @@ class SelfForcingPipeline(DiffusionPipeline):
     def enable_compile(self, mode: str | None = None) -> "SelfForcingPipeline":
         """The opt-in fast path: compiled transformer blocks; VAE decoding channels-last, a chunk per decoder call,
         causal 3-D convolutions as per-tap 2-D ones (206 ms against 272 ms a chunk for the Wan VAE at 480x832 on
-        an H200, bf16; each exact in float64, docs/BENCHMARKS.md "Real time").
+        an H200, bf16; each exact in float64, docs/BENCHMARKS.md "Real time"), and its RMS norms fused.
 
         The first chunk after this pays the compilation (about 15 s for Wan2.1-1.3B on an H100).
         """
@@ -196,6 +199,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         compile_transformer(self.transformer, mode=mode)
         self.decode_channels_last = True
         self.decode_conv2d_taps = True
+        self.decode_fused_norms = True
         return self
 
     def check_inputs(self, num_frames: int, height: int, width: int) -> None:
@@ -381,7 +385,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         if output_type != "latent":
             decoder = StreamingVAEDecoder(self.vae, channels_last=self.decode_channels_last,
                                           frames_per_call=self.decode_frames_per_call,
-                                          conv2d_taps=self.decode_conv2d_taps)
+                                          conv2d_taps=self.decode_conv2d_taps,
+                                          fused_norms=self.decode_fused_norms)
         remaining = num_frames
         latent_done = 0
         timer_factory = None

@@ -28,7 +28,7 @@ class StreamingVAEDecoder:
     """
 
     def __init__(self, vae: AutoencoderKLWan, channels_last: bool = False, frames_per_call: int | None = None,
-                 conv2d_taps: bool = False) -> None:
+                 conv2d_taps: bool = False, fused_norms: bool = False) -> None:
         if frames_per_call is not None and (isinstance(frames_per_call, bool) or frames_per_call < 1):
             raise ValueError(f"frames_per_call must be a positive integer or None, got {frames_per_call!r}")
         self.vae = vae
@@ -42,6 +42,10 @@ class StreamingVAEDecoder:
             from .vae_conv import apply_conv2d_taps
 
             apply_conv2d_taps(vae.decoder)
+        if fused_norms:  # the decoder's RMS norms as one fused pass each (stays on the VAE; bf16-rounding close)
+            from .vae_norm import apply_fused_norms
+
+            apply_fused_norms(vae.decoder)
         self._stats: dict = {}
         if channels_last:
             # cuDNN's tensor-core 3-D convolutions want channels-last (NDHWC) activations and weights.
