@@ -51,6 +51,11 @@ def _norm_function(device: torch.device):
     if device.type != "cuda" or _COMPILED.get("failed"):
         return rms_norm
     if "fn" not in _COMPILED:
+        # One graph per (resolution, layout) the decoder feeds it: channels-first and channels-last activations
+        # at four resolutions, first and later chunks; dynamo's default limit (8) would fall back to eager.
+        config = torch._dynamo.config
+        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+        setattr(config, name, max(getattr(config, name), 64))
         _COMPILED["fn"] = torch.compile(rms_norm, dynamic=True)
     return _COMPILED["fn"]
 
