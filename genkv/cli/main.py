@@ -48,7 +48,7 @@ def render(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     compile: bool = typer.Option(
         False, "--compile", help="The fast path: compiled transformer blocks, channels-last VAE decode with per-tap "
-        "2-D convolutions (CUDA; the first chunk pays ~15 s of compilation)."
+        "2-D convolutions and fused norms (CUDA; the first chunk pays ~15 s of compilation)."
     ),
     profile: bool = typer.Option(
         False, "--profile", help="Print where each chunk's time goes (denoise, KV commit, decode, host copy, write); "
