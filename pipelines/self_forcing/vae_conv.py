@@ -24,11 +24,11 @@ Example:
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
+
+from .forward_patch import patch_forward, unpatch_forward
 
 
 def _causal_conv_by_taps(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
@@ -65,20 +65,9 @@ def apply_conv2d_taps(module: torch.nn.Module) -> int:
 
     Weights are untouched (they stay the checkpoint's); :func:`remove_conv2d_taps` restores the original forward.
     """
-    count = 0
-    for child in module.modules():
-        if _convertible(child) and "forward" not in child.__dict__:
-            child.forward = types.MethodType(_causal_conv_by_taps, child)
-            count += 1
-    return count
+    return patch_forward(module, _convertible, _causal_conv_by_taps)
 
 
 def remove_conv2d_taps(module: torch.nn.Module) -> int:
     """Undo :func:`apply_conv2d_taps` under ``module``; returns how many convolutions were restored."""
-    count = 0
-    for child in module.modules():
-        bound = child.__dict__.get("forward")
-        if isinstance(bound, types.MethodType) and bound.__func__ is _causal_conv_by_taps:
-            del child.forward
-            count += 1
-    return count
+    return unpatch_forward(module, _causal_conv_by_taps)

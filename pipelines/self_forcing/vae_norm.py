@@ -22,11 +22,12 @@ Example:
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+from .forward_patch import patch_forward, unpatch_forward
 
 
 def rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float, dim: int) -> torch.Tensor:
@@ -78,20 +79,9 @@ def apply_fused_norms(module: torch.nn.Module) -> int:
 
     Parameters are untouched; :func:`remove_fused_norms` restores the original forward.
     """
-    count = 0
-    for child in module.modules():
-        if isinstance(child, WanRMS_norm) and "forward" not in child.__dict__:
-            child.forward = types.MethodType(_fused_forward, child)
-            count += 1
-    return count
+    return patch_forward(module, lambda child: isinstance(child, WanRMS_norm), _fused_forward)
 
 
 def remove_fused_norms(module: torch.nn.Module) -> int:
     """Undo :func:`apply_fused_norms` under ``module``; returns how many norms were restored."""
-    count = 0
-    for child in module.modules():
-        bound = child.__dict__.get("forward")
-        if isinstance(bound, types.MethodType) and bound.__func__ is _fused_forward:
-            del child.forward
-            count += 1
-    return count
+    return unpatch_forward(module, _fused_forward)
