@@ -27,3 +27,44 @@ def compile_transformer(transformer: torch.nn.Module, mode: str | None = None) -
     for block in blocks:
         block.compile(dynamic=False, mode=mode)
     return transformer
+
+
+class CompiledOnCuda:
+    """A pure tensor function that runs ``torch.compile``-d on CUDA inputs and eagerly elsewhere.
+
+    For small hot functions whose eager form is many elementwise kernels over large intermediates (TempCache's
+    merge scores, the VAE's RMS norms): compiled, they fuse into a few kernels. The compiled function is built
+    on first CUDA use; if compiling fails, a warning says so once and the eager function (same arithmetic)
+    runs from then on. ``recompile_limit`` raises dynamo's limit for functions fed many shapes or layouts
+    (past it dynamo would quietly run eagerly).
+
+    Example:
+        >>> double = CompiledOnCuda(lambda x: 2 * x, "doubling")
+        >>> double(torch.ones(2)).tolist()                 # a CPU tensor: the eager function
+        [2.0, 2.0]
+    """
+
+    def __init__(self, fn, name: str, recompile_limit: int | None = None) -> None:
+        self.fn = fn
+        self.name = name
+        self.recompile_limit = recompile_limit
+        self._compiled = None
+        self._failed = False
+
+    def __call__(self, first: torch.Tensor, *args):
+        if first.device.type != "cuda" or self._failed:
+            return self.fn(first, *args)
+        if self._compiled is None:
+            if self.recompile_limit is not None:
+                config = torch._dynamo.config
+                name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+                setattr(config, name, max(getattr(config, name), self.recompile_limit))
+            self._compiled = torch.compile(self.fn, dynamic=True)
+        try:
+            return self._compiled(first, *args)
+        except Exception as error:  # noqa: BLE001 - any compiler failure: the eager function computes the same
+            import warnings
+
+            warnings.warn(f"{self.name}: compiling failed ({error!r:.200}); running eagerly", stacklevel=2)
+            self._failed = True
+            return self.fn(first, *args)

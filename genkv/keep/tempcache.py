@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..cache import move_tokens_in_layers
+from ..compile import CompiledOnCuda
 from .base import CacheKeeper
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -91,30 +92,10 @@ def pair_scores(
     return cosine.amin(dim=-1).amin(dim=0)
 
 
-_COMPILED_SCORES: dict[str, object] = {}
+_pair_scores_fused = CompiledOnCuda(pair_scores, "tempcache merge scores")
 
-
-def _score_function(device: torch.device):
-    """:func:`pair_scores`, compiled on CUDA (fused: ~one pass over the candidates instead of ~15 eager
-    kernels with 6-D intermediates); eager elsewhere, or when compiling fails (said once, as a warning)."""
-    if device.type != "cuda" or _COMPILED_SCORES.get("failed"):
-        return pair_scores
-    compiled = _COMPILED_SCORES.get("fn")
-    if compiled is None:
-        compiled = _COMPILED_SCORES["fn"] = torch.compile(pair_scores, dynamic=True)
-
-    def run(*args):
-        try:
-            return compiled(*args)
-        except Exception as error:  # noqa: BLE001 - any compiler failure: the eager function computes the same
-            import warnings
-
-            warnings.warn(f"tempcache: compiling the merge scores failed ({error!r:.200}); running them eagerly",
-                          stacklevel=2)
-            _COMPILED_SCORES["failed"] = True
-            return pair_scores(*args)
-
-    return run
+#: how keys are compared (see the module docstring)
+MATCH_MODES = ("content", "stored")
 
 
 class TemporalMerge(CacheKeeper):
@@ -126,7 +107,7 @@ class TemporalMerge(CacheKeeper):
         self, threshold: float, radius: int, sink_frames: int, budget_frames: int, max_tokens: int | None,
         match: str = "content",
     ) -> None:
-        if match not in ("content", "stored"):
+        if match not in MATCH_MODES:
             raise ValueError(f"tempcache: match must be 'content' or 'stored', got {match!r}")
         self.match = match
         self.threshold = threshold
@@ -134,7 +115,7 @@ class TemporalMerge(CacheKeeper):
         self.sink_frames = sink_frames
         self.budget_frames = budget_frames
         self.max_tokens = max_tokens
-        self._neighbours: dict[tuple, torch.Tensor] = {}
+        self._tables: dict[tuple, object] = {}  # neighbourhoods and rotations per (grid, radius, device)
 
     def budget(self, chunk: "ChunkInfo") -> int:
         if self.max_tokens is not None:
@@ -148,32 +129,34 @@ class TemporalMerge(CacheKeeper):
         pass
 
     # -- merging -------------------------------------------------------------------------------------------
-    def _candidates(self, chunk: "ChunkInfo", device: torch.device) -> torch.Tensor:
+    @staticmethod
+    def _grid(chunk: "ChunkInfo") -> tuple[int, int]:
+        """(rows, cols) of a frame's tokens; one row when the chunk does not say (or says inconsistently)."""
         grid = chunk.grid or (1, chunk.tokens_per_frame)
-        if grid[0] * grid[1] != chunk.tokens_per_frame:
-            grid = (1, chunk.tokens_per_frame)
+        return grid if grid[0] * grid[1] == chunk.tokens_per_frame else (1, chunk.tokens_per_frame)
+
+    def _candidates(self, chunk: "ChunkInfo", device: torch.device) -> torch.Tensor:
+        grid = self._grid(chunk)
         key = (grid, self.radius, str(device))
-        if key not in self._neighbours:
-            self._neighbours[key] = _neighbourhood(grid, self.radius, device)
-        return self._neighbours[key]
+        if key not in self._tables:
+            self._tables[key] = _neighbourhood(grid, self.radius, device)
+        return self._tables[key]
 
     def _rotation(self, chunk: "ChunkInfo", device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(cos, sin) tables (T, K, D) moving each staged token's key to each candidate's position (one frame
         earlier, the candidate's row and column), or None when keys are compared as stored."""
         if self.match == "stored" or self.rope is None:
             return None
-        grid = chunk.grid or (1, chunk.tokens_per_frame)
-        if grid[0] * grid[1] != chunk.tokens_per_frame:
-            grid = (1, chunk.tokens_per_frame)
+        grid = self._grid(chunk)
         key = (grid, self.radius, str(device), "rotation")
-        if key not in self._neighbours:
+        if key not in self._tables:
             nbr = self._candidates(chunk, device)
             own = torch.arange(nbr.shape[0], device=device).view(-1, 1)
             cols = grid[1]
             dt = torch.full_like(nbr, -1)
             cos, sin = self.rope.relative_rotation(dt, nbr // cols - own // cols, nbr % cols - own % cols)
-            self._neighbours[key] = (cos.float().to(device), sin.float().to(device))
-        return self._neighbours[key]
+            self._tables[key] = (cos.float().to(device), sin.float().to(device))
+        return self._tables[key]
 
     @torch.no_grad()
     def _similarities(self, cache: "LayerKVCache", chunk: "ChunkInfo", frames: list[int]) -> tuple:
@@ -205,7 +188,7 @@ class TemporalMerge(CacheKeeper):
         safe = cand.clamp(min=0)
         # The merging frames are a suffix of the chunk: their staged slots are one contiguous range.
         k_new = cache.k.narrow(1, first + frames[0] * tpf, len(frames) * tpf).unflatten(1, (len(frames), tpf))
-        score = _score_function(device)(cache.k, safe, k_new, self._rotation(chunk, device))
+        score = _pair_scores_fused(cache.k, safe, k_new, self._rotation(chunk, device))
         score = score.masked_fill_(cand < 0, -float("inf"))  # gone from the previous frame
         return safe, score
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..keep.tempcache import TemporalMerge
+from ..keep.tempcache import MATCH_MODES, TemporalMerge
 from ..read.annca import TopKPromptAttention
 from ..read.annsa import RoutedSelfAttention
 from ..registry import register_method
@@ -45,7 +45,7 @@ class FastAR(SparseReadFields, GenKVMethod):
         self.require_int("budget_frames", minimum=self.sink_frames + 1)
         if self.max_tokens is not None:
             self.require_int("max_tokens", minimum=1)
-        if self.match not in ("content", "stored"):
+        if self.match not in MATCH_MODES:
             self._fail("match", "'content' or 'stored'")
         validate_sparse_read(self)
         self.require_int("prompt_top_k", minimum=1)

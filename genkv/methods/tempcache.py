@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..keep.tempcache import TemporalMerge
+from ..keep.tempcache import MATCH_MODES, TemporalMerge
 from ..registry import register_method
 from .base import GenKVMethod
 
@@ -48,7 +48,7 @@ class TempCache(GenKVMethod):
         self.require_int("budget_frames", minimum=self.sink_frames + 1)
         if self.max_tokens is not None:
             self.require_int("max_tokens", minimum=1)
-        if self.match not in ("content", "stored"):
+        if self.match not in MATCH_MODES:
             self._fail("match", "'content' or 'stored'")
 
     def build_keeper(self) -> TemporalMerge:

@@ -22,10 +22,10 @@ Example:
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
+
+from genkv.compile import CompiledOnCuda
 
 from .forward_patch import patch_forward, unpatch_forward
 
@@ -44,34 +44,13 @@ def rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, s
     return out.to(x.dtype)
 
 
-_COMPILED: dict[str, object] = {}
-
-
-def _norm_function(device: torch.device):
-    """:func:`rms_norm`, compiled on CUDA (one fused kernel per shape); eager elsewhere or if compiling fails."""
-    if device.type != "cuda" or _COMPILED.get("failed"):
-        return rms_norm
-    if "fn" not in _COMPILED:
-        # One graph per (resolution, layout) the decoder feeds it: channels-first and channels-last activations
-        # at four resolutions, first and later chunks; dynamo's default limit (8) would fall back to eager.
-        config = torch._dynamo.config
-        name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-        setattr(config, name, max(getattr(config, name), 64))
-        _COMPILED["fn"] = torch.compile(rms_norm, dynamic=True)
-    return _COMPILED["fn"]
+# One graph per (resolution, layout) the decoder feeds it: channels-first and channels-last activations at four
+# resolutions, first and later chunks; dynamo's default limit (8) would quietly fall back to eager.
+_rms_norm_fused = CompiledOnCuda(rms_norm, "VAE fused norms", recompile_limit=64)
 
 
 def _fused_forward(self: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
-    dim = 1 if self.channel_first else -1
-    fn = _norm_function(x.device)
-    if fn is rms_norm:
-        return rms_norm(x, self.gamma, self.bias, self.scale, dim)
-    try:
-        return fn(x, self.gamma, self.bias, self.scale, dim)
-    except Exception as error:  # noqa: BLE001 - any compiler failure: the eager function computes the same
-        warnings.warn(f"VAE fused norms: compiling failed ({error!r:.200}); running them eagerly", stacklevel=2)
-        _COMPILED["failed"] = True
-        return rms_norm(x, self.gamma, self.bias, self.scale, dim)
+    return _rms_norm_fused(x, self.gamma, self.bias, self.scale, 1 if self.channel_first else -1)
 
 
 def apply_fused_norms(module: torch.nn.Module) -> int:
