@@ -94,7 +94,7 @@ def flatness(chunk_seconds: list[float]) -> float | None:
 
 def run_method(
     pipe, embeds, spec: str, frames: int, device, write_mp4: bool, compile_blocks: bool, profile: bool = False,
-    overlap: bool | None = None,
+    overlap: bool | None = None, cuda_graphs: bool = False,
 ) -> dict:
     import genkv
     from genkv.video import Mp4Writer
@@ -108,7 +108,9 @@ def run_method(
     chunk_frames = 4 * pipe.config.num_frames_per_chunk
     rows: list[dict] = []
     result: dict = {"spec": spec, "method": method.to_dict(), "compile": compile_blocks, "frames_requested": frames,
-                    "overlap_decode": overlap if overlap is not None else (device.type == "cuda" and not profile)}
+                    "overlap_decode": overlap if overlap is not None else (device.type == "cuda" and not profile),
+                    "cuda_graphs": cuda_graphs}
+    pipe.cuda_graphs = cuda_graphs
     tmp = tempfile.TemporaryDirectory()
     writer = Mp4Writer(Path(tmp.name) / "bench.mp4", fps=16) if write_mp4 else None
     generator = torch.Generator(device=device).manual_seed(0)
@@ -174,6 +176,10 @@ def run_method(
         },
         chunks=rows,
     )
+    graphs = pipe.last_graphs
+    if graphs is not None:
+        result["graph_stats"] = {"captures": graphs.captures, "replays": graphs.replays, "off_reason": graphs.reason}
+    pipe.cuda_graphs = False
     genkv.remove_genkv(pipe)
     if compile_blocks:
         torch._dynamo.reset()
@@ -241,7 +247,7 @@ def plot(results: dict, path: Path) -> bool:
         return False
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for run in results["runs"]:
-        label = run["spec"] + (" +compile" if run["compile"] else "")
+        label = run["spec"] + (" +compile" if run["compile"] else "") + (" +graphs" if run.get("cuda_graphs") else "")
         x = [r["frames_done"] for r in run["chunks"]]
         axes[0].plot(x, [r["seconds"] * 1000 for r in run["chunks"]], label=label)
         if run["chunks"] and run["chunks"][0]["peak_memory_bytes"] is not None:
@@ -266,7 +272,7 @@ def print_table(results: dict) -> None:
     print(header)
     print("-" * len(header))
     for run in results["runs"]:
-        label = run["spec"] + (" +compile" if run["compile"] else "")
+        label = run["spec"] + (" +compile" if run["compile"] else "") + (" +graphs" if run.get("cuda_graphs") else "")
         flat = run["flatness_last20_over_20to40"]
         peak = run["peak_memory_bytes"]
         print(
@@ -278,6 +284,14 @@ def print_table(results: dict) -> None:
         if run.get("attention_error"):
             e = run["attention_error"]
             print(f"    attention rel. error vs full cache at {e['frames']} frames: mean {e['mean']:.3e}, max {e['max']:.3e}")
+        if run.get("graph_stats"):
+            g = run["graph_stats"]
+            print(f"    CUDA graphs: {g['captures']} recorded, {g['replays']} replays"
+                  + (f"; off: {g['off_reason']}" if g["off_reason"] else ""))
+        secs = sorted(r["seconds"] for r in run["chunks"][5:])
+        if secs:
+            print(f"    chunks after the 5th: median {1000 * secs[len(secs) // 2]:.1f} ms, "
+                  f"10th percentile {1000 * secs[len(secs) // 10]:.1f} ms, fastest {1000 * secs[0]:.1f} ms")
         if run.get("profile_median_ms"):
             split = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in run["profile_median_ms"].items())
             print(f"    median ms per chunk: {split}")
@@ -295,6 +309,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-only", action="store_true", help="only the compiled runs")
     parser.add_argument("--no-mp4", action="store_true", help="skip mp4 encoding")
     parser.add_argument("--profile", action="store_true", help="time each chunk's phases (one sync per chunk)")
+    parser.add_argument("--cuda-graphs", choices=("off", "on", "both"), default="off",
+                        help="replay each chunk's later forwards from a CUDA graph; 'both' runs each with and without")
     parser.add_argument("--no-overlap", action="store_true", help="decode on the main stream (no overlap)")
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last 3-D VAE convolutions")
     parser.add_argument("--vae-conv2d-taps", action="store_true", help="VAE 3-D convolutions as per-tap 2-D ones")
@@ -351,10 +367,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     variants = [True] if args.compile_only else ([False, True] if args.compile else [False])
     for spec in args.methods:
-        for compiled in variants:
+        graph_variants = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]
+        for compiled, graphs in [(c, g) for c in variants for g in graph_variants]:
             run = run_method(
                 pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled, args.profile,
-                False if args.no_overlap else None,
+                False if args.no_overlap else None, graphs,
             )
             if args.error_frames and not compiled:
                 run["attention_error"] = measure_attention_error(pipe, embeds, spec, args.error_frames, device)

@@ -107,6 +107,7 @@ def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **ov
     store = KVCacheStore(keeper, num_layers, rope if isinstance(rope, FrameOffsetRotaryPosEmbed) else None)
     keeper.rope = store.rope
     self_reader, cross_reader = config.build_self_reader(), config.build_cross_reader()
+    store.readers = (self_reader, cross_reader)
 
     originals: dict[str, Any] = {}
     for i, name, attn in layers:

@@ -261,6 +261,7 @@ class KVCacheStore:
         # Real (non-padding) prompt tokens per batch element, per CFG branch (Wan zero-pads prompts to 512);
         # host integers, so readers can decide without waiting on the GPU.
         self.prompt_lengths: dict[str, list[int]] = {}
+        self.readers: tuple = ()  # the method's readers (set by apply_genkv), asked by graph_signature()
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -362,6 +363,34 @@ class KVCacheStore:
         for cache in caches:
             cache.staged = 0
         self.frames_committed = self.chunk.frame_start + self.chunk.num_frames
+
+    # -- CUDA graphs ---------------------------------------------------------------------------------
+    def graph_blocker(self) -> str | None:
+        """Why no forward of this method can be recorded as a CUDA graph, or None if some can."""
+        for reader in self.readers:
+            if not callable(getattr(reader, "graph_signature", None)):
+                return (f"reader {type(reader).__name__} does not say which forwards a graph may replay "
+                        "(give it a graph_signature(store) method)")
+        return None
+
+    def graph_signature(self) -> tuple | None:
+        """What the next forward does, as far as replaying a recorded one goes, or None if it must run eagerly.
+
+        Two forwards with equal signatures launch the same kernels on the same buffers: same chunk (so the
+        same cache lengths and staging slots) and the same path through every reader. Readers return None
+        for a forward that does host work a graph cannot hold (routing, building per-prompt constants).
+        The chunk's first forward is never recorded (it stages into possibly new buffers); the pipeline
+        only asks from the second on.
+        """
+        if self.chunk is None or self.graph_blocker() is not None:
+            return None
+        parts = []
+        for reader in self.readers:
+            part = reader.graph_signature(self)
+            if part is None:
+                return None
+            parts.append(part)
+        return (self.chunk.frame_start, self.position_shift, len(self.cross), *parts)
 
     # -- what processors call ------------------------------------------------------------------------
     def layer(self, index: int) -> LayerKVCache:

@@ -70,6 +70,15 @@ class TopKPromptAttention:
             self._constants[cache_key] = (score_bias, extra)
         return score_bias, extra
 
+    def graph_signature(self, store: Any) -> tuple | None:
+        """Replayable once this prompt's constants exist (the first forward of a prompt builds them), or always
+        when every prompt is short enough for the dense call."""
+        lengths = [n for per_branch in store.prompt_lengths.values() for n in per_branch]
+        if lengths and self.top_k >= max(lengths):
+            return ("dense",)
+        version = getattr(store, "prompt_version", None)
+        return ("top_k",) if any(k[0] == version for k in self._constants) else None
+
     def attend(
         self,
         query: torch.Tensor,

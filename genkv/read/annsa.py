@@ -45,6 +45,24 @@ class RoutedSelfAttention:
         self.dense = DenseSelfAttention()
         self._routes: dict[tuple, tuple] = {}
 
+    def _dense_now(self, store: Any) -> bool:
+        step = getattr(store, "step_index", 0)
+        committing = getattr(store, "_committing", False)
+        return step < self.dense_steps or (committing and not self.sparse_clean_pass)
+
+    def graph_signature(self, store: Any) -> tuple | None:
+        """``("dense",)`` or ``("routed",)`` once this chunk's routes exist; None while routing is still to do
+        (it copies host block lists) or when routes are refreshed every forward."""
+        if store.chunk is None:
+            return None
+        if self._dense_now(store):
+            return ("dense",)
+        if self.refresh != "chunk":
+            return None
+        frame_start = store.chunk.frame_start
+        routed = any(key[2] == frame_start for key in self._routes)
+        return ("routed",) if routed else None
+
     def attend(
         self,
         query: torch.Tensor,
@@ -60,10 +78,8 @@ class RoutedSelfAttention:
         from genkv.kernels import block_sparse_attention, route_blocks
 
         chunk = getattr(store, "chunk", None)
-        step = getattr(store, "step_index", 0)
-        committing = getattr(store, "_committing", False)
         n_kv_blocks = math.ceil(key.shape[1] / self.block_n)
-        if chunk is None or step < self.dense_steps or (committing and not self.sparse_clean_pass):
+        if chunk is None or self._dense_now(store):
             self._record(store, layer_index, 1.0, n_kv_blocks)
             return self.dense.attend(query, key, value, key_bias, backend=backend, parallel_config=parallel_config)
 

@@ -16,6 +16,10 @@ class DenseSelfAttention:
     (merged keys' ``log(count)``, ``-inf`` holes) becomes an additive mask broadcast over the queries.
     """
 
+    def graph_signature(self, store: Any) -> tuple:
+        """Every forward takes the same path (no host work): any two of a chunk may share a CUDA graph."""
+        return ("dense",)
+
     def attend(
         self,
         query: torch.Tensor,
@@ -68,6 +72,9 @@ def _dense_with_bias_triton(query, key, value, key_bias, block: int = 128) -> to
 
 class DenseCrossAttention:
     """Every query attends to every prompt token (Wan: all 512 rows, padding included, as upstream)."""
+
+    def graph_signature(self, store: Any) -> tuple:
+        return ("dense",)
 
     def attend(
         self,

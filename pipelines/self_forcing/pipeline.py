@@ -98,6 +98,11 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: The decoder's RMS norms as one fused pass each (``vae_norm.apply_fused_norms``, compiled on CUDA);
         #: float32 inside with one rounding, so equal to the plain path up to bf16 rounding.
         self.decode_fused_norms = False
+        #: Record each chunk's second transformer forward as a CUDA graph and replay it for the chunk's later
+        #: forwards (``step_graph.ChunkGraphs``): same kernels, without launching them from Python again.
+        self.cuda_graphs = False
+        #: The last rollout's graph recorder (captures, replays, and why graphs were off, if they were).
+        self.last_graphs = None
         self.vae_scale_factor_temporal = getattr(vae.config, "scale_factor_temporal", 4)
         self.vae_scale_factor_spatial = getattr(vae.config, "scale_factor_spatial", 8)
 
@@ -187,10 +192,11 @@ class SelfForcingPipeline(DiffusionPipeline):
         chunk = self.config.num_frames_per_chunk
         return chunk * math.ceil(latent / chunk)
 
-    def enable_compile(self, mode: str | None = None) -> "SelfForcingPipeline":
+    def enable_compile(self, mode: str | None = None, cuda_graphs: bool = False) -> "SelfForcingPipeline":
         """The opt-in fast path: compiled transformer blocks; VAE decoding channels-last, a chunk per decoder call,
         causal 3-D convolutions as per-tap 2-D ones (206 ms against 272 ms a chunk for the Wan VAE at 480x832 on
         an H200, bf16; each exact in float64, docs/BENCHMARKS.md "Real time"), and its RMS norms fused.
+        ``cuda_graphs``: also replay each chunk's later forwards from a CUDA graph (:attr:`cuda_graphs`).
 
         The first chunk after this pays the compilation (about 15 s for Wan2.1-1.3B on an H100).
         """
@@ -200,6 +206,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         self.decode_channels_last = True
         self.decode_conv2d_taps = True
         self.decode_fused_norms = True
+        self.cuda_graphs = cuda_graphs
         return self
 
     def check_inputs(self, num_frames: int, height: int, width: int) -> None:
@@ -218,9 +225,26 @@ class SelfForcingPipeline(DiffusionPipeline):
         embeds: torch.Tensor,
         negative_embeds: torch.Tensor | None,
         guidance_scale: float,
+        graphs: Any = None,
+        graph_key: Any = None,
+    ) -> torch.Tensor:
+        t = torch.full((sample.shape[0],), float(timestep), device=sample.device, dtype=torch.float32)
+        if graphs is None:
+            return self._flow_at(sample, t, embeds, negative_embeds, guidance_scale)
+        # Latents and timestep are the graph's inputs; the prompt embeddings stay put for the whole video.
+        return graphs.run(
+            graph_key, lambda x, t: self._flow_at(x, t, embeds, negative_embeds, guidance_scale), sample, t
+        )
+
+    def _flow_at(
+        self,
+        sample: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        negative_embeds: torch.Tensor | None,
+        guidance_scale: float,
     ) -> torch.Tensor:
         transformer = self.transformer
-        t = torch.full((sample.shape[0],), float(timestep), device=sample.device, dtype=torch.float32)
         x = sample.to(transformer.dtype)
         flow = transformer(x, t, embeds, return_dict=False)[0].float()
         if negative_embeds is not None:
@@ -243,6 +267,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         timer_factory: Callable[[], Any] | None = None,
         commit_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        on_denoised: Callable[[torch.Tensor], None] | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield each chunk's clean latents (B, C, F, h, w) float32, in order; the cache is driven here.
 
@@ -253,6 +278,9 @@ class SelfForcingPipeline(DiffusionPipeline):
         x0)``, if given, returns the clean latents whose K/V the cache commits for the chunk starting at latent
         frame ``start`` instead of the generated ``x0`` (teacher forcing: feed every method the same history, as
         ``eval/quality_rollout.py --teacher-forced`` does); the generated ``x0`` is still what is yielded.
+        ``on_denoised(x0)``, if given, is called as soon as a chunk's latents are final, before its clean K/V
+        pass and commit: :meth:`stream` launches the chunk's decode there, so a side stream has GPU work queued
+        while the host waits on the commit's syncs.
         """
         transformer = self.transformer
         if not is_patched(transformer):
@@ -278,6 +306,23 @@ class SelfForcingPipeline(DiffusionPipeline):
         if use_cfg:
             lengths["uncond"] = prompt_lengths(negative_embeds).tolist()
         store.new_prompt(lengths)
+        graphs = None
+        if self.cuda_graphs:
+            from .step_graph import ChunkGraphs
+
+            graphs = ChunkGraphs(device)
+            blocker = store.graph_blocker()
+            if blocker is not None:
+                graphs.disable(blocker)
+        self.last_graphs = graphs
+
+        def graph_key(step: int) -> Any:
+            # The chunk's first forward stages into buffers that may be new and makes its routes: never recorded.
+            if graphs is None or step == 0:
+                return None
+            signature = store.graph_signature()
+            return None if signature is None else (use_cfg, signature)
+
         try:
             for start in range(0, num_latent_frames, chunk):
                 timer = timer_factory() if timer_factory is not None else None
@@ -293,7 +338,8 @@ class SelfForcingPipeline(DiffusionPipeline):
                 with record_function("genkv.denoise"):
                     for k, (t, sigma) in enumerate(zip(timesteps, sigmas)):
                         store.step_index = k
-                        flow = self._flow(x, t, embeds, negative_embeds if use_cfg else None, guidance_scale)
+                        flow = self._flow(x, t, embeds, negative_embeds if use_cfg else None, guidance_scale,
+                                          graphs, graph_key(k))
                         x0 = sched.predict_x0(x, flow, sigma)
                         if k + 1 < len(timesteps):
                             noise = None
@@ -302,11 +348,14 @@ class SelfForcingPipeline(DiffusionPipeline):
                             x = sched.next_sample(x, flow, x0, k, noise)
                 if timer is not None:
                     timer.mark("denoise")
+                if on_denoised is not None:
+                    on_denoised(x0)
                 # The clean pass: its only product is the chunk's clean K/V, which the keeper commits.
                 store.step_index = len(timesteps)
                 clean = x0 if commit_latents is None else commit_latents(start, x0).to(x0)
                 with store.committing(), record_function("genkv.kv_commit.forward"):
-                    self._flow(clean, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale)
+                    self._flow(clean, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale,
+                               graphs, graph_key(len(timesteps)))
                 with record_function("genkv.kv_commit.keeper"):
                     store.commit()
                 if timer is not None:
@@ -315,6 +364,8 @@ class SelfForcingPipeline(DiffusionPipeline):
                 yield x0
         finally:
             store.active = False  # buffers stay for cache_stats(); the next rollout resets them
+            if graphs is not None:
+                graphs.release()
 
     def _prepare_embeds(
         self,
@@ -399,6 +450,22 @@ class SelfForcingPipeline(DiffusionPipeline):
             overlap_decode = device.type == "cuda" and not profile and decoder is not None
         side = torch.cuda.Stream(device) if overlap_decode and device.type == "cuda" else None
         pending: tuple[Any, Any, dict] | None = None  # (frames, ready event, on_chunk info) of the last chunk
+        launched: list[tuple[torch.Tensor, Any, Any]] = []  # decodes queued on the side stream, oldest first
+
+        def decode_on_side(x0: torch.Tensor) -> None:
+            # Called by rollout() as soon as the chunk's latents are final, before its clean pass and commit:
+            # the side stream then has the decode queued while the host waits on the commit's syncs.
+            side.wait_stream(torch.cuda.current_stream(device))
+            x0.record_stream(side)  # x0 was made on the main stream; keep it alive for the side stream
+            with torch.cuda.stream(side), record_function("genkv.decode"):
+                video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
+                frames = video
+                if output_type == "np":
+                    frames = torch.empty(video.shape, dtype=video.dtype, pin_memory=True)
+                    frames.copy_(video, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(side)
+            launched.append((video, frames, event))
 
         def finish(item: tuple[Any, Any, dict]) -> Any:
             frames, event, info = item
@@ -422,6 +489,7 @@ class SelfForcingPipeline(DiffusionPipeline):
             generator=generator,
             latents=latents,
             timer_factory=timer_factory,
+            on_denoised=decode_on_side if side is not None and decoder is not None else None,
         )
         try:
             for x0 in chunks:
@@ -437,16 +505,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                     continue
                 event = None
                 if side is not None:
-                    side.wait_stream(torch.cuda.current_stream(device))
-                    x0.record_stream(side)  # x0 was made on the main stream; keep it alive for the side stream
-                    with torch.cuda.stream(side), record_function("genkv.decode"):
-                        video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
-                        frames = video
-                        if output_type == "np":
-                            frames = torch.empty(video.shape, dtype=video.dtype, pin_memory=True)
-                            frames.copy_(video, non_blocking=True)
-                        event = torch.cuda.Event()
-                        event.record(side)
+                    video, frames, event = launched.pop(0)
                 else:
                     with record_function("genkv.decode"):
                         video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
