@@ -69,9 +69,11 @@ class ChunkGraphs:
         self.release()
 
     def release(self) -> None:
-        """Free the recorded graph and its buffers."""
+        """Free the recorded graph and its buffers (a later recording starts a new pool)."""
         if self._graph is not None:
             self._graph.reset()
+            if self.reason is None:
+                self._pool = torch.cuda.graph_pool_handle()
         self._graph, self._key, self._inputs, self._output = None, None, (), None
 
     def run(self, key: Hashable | None, fn: Forward, *inputs: torch.Tensor) -> torch.Tensor:
@@ -86,7 +88,18 @@ class ChunkGraphs:
         return self._record(key, fn, inputs)
 
     def _record(self, key: Hashable, fn: Forward, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        self.release()
+        # The last chunk's graph is reset only once the new one is recorded into the shared pool: a pool whose
+        # last graph is gone is released, and recording into it again trips the caching allocator. Sharing is
+        # safe because only the newest graph is ever replayed.
+        previous = self._graph
+        self._graph, self._key, self._inputs, self._output = None, None, (), None
+        try:
+            return self._record_new(key, fn, inputs)
+        finally:
+            if previous is not None:
+                previous.reset()
+
+    def _record_new(self, key: Hashable, fn: Forward, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         main = torch.cuda.current_stream(self.device)
         static = tuple(x.clone() for x in inputs)
         side = self._capture_stream

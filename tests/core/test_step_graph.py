@@ -87,7 +87,10 @@ def _render_cuda(pipe, frames: int = 45) -> np.ndarray:
 @cuda
 @pytest.mark.parametrize("method", ["rolling", "fastar"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_graph_replay_gives_the_frames_of_the_eager_forwards(method, compiled):
+def test_graph_replay_gives_the_frames_of_the_eager_forwards(method, compiled, monkeypatch):
+    # The tiny model's head dim (12) is below what the Triton kernel and FlexAttention take: the dense-mask
+    # backend (no host syncs) stands in for them here.
+    monkeypatch.setenv("GENKV_KERNEL_BACKEND", "torch")
     settings = dict(window_frames=6) if method == "rolling" else dict(top_k=2, prompt_top_k=2, **BLOCKS)
     pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=5, device="cuda", dtype=torch.float16), method,
                              **settings)
