@@ -50,6 +50,10 @@ def render(
         False, "--compile", help="The fast path: compiled transformer blocks, channels-last VAE decode with per-tap "
         "2-D convolutions and fused norms (CUDA; the first chunk pays ~15 s of compilation)."
     ),
+    cuda_graphs: bool = typer.Option(
+        False, "--cuda-graphs", help="Record each chunk's second transformer forward as a CUDA graph and replay it "
+        "for the chunk's later forwards (CUDA; says why and renders without graphs if recording fails)."
+    ),
     profile: bool = typer.Option(
         False, "--profile", help="Print where each chunk's time goes (denoise, KV commit, decode, host copy, write); "
         "synchronises once per chunk and turns off the decode overlap."
@@ -76,6 +80,7 @@ def render(
         guidance_scale=guidance_scale,
         overwrite=overwrite,
         compile=compile,
+        cuda_graphs=cuda_graphs,
         profile=profile,
     )
     raise typer.Exit(run_render(options))

@@ -8,6 +8,7 @@ import re
 import resource
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ class RenderOptions:
     guidance_scale: float | None = None  # None: the model's default
     overwrite: bool = False
     compile: bool = False
+    cuda_graphs: bool = False
     profile: bool = False
 
 
@@ -287,6 +289,9 @@ def run_render(options: RenderOptions) -> int:
     genkv.apply_genkv(pipe, method)
     if options.compile:
         pipe.enable_compile()
+    pipe.cuda_graphs = options.cuda_graphs
+    if options.cuda_graphs:  # a fallback is reported once per video in the summary line, not as a Python warning
+        warnings.filterwarnings("ignore", message="genkv: running without CUDA graphs", category=RuntimeWarning)
     if options.model == "tiny-random":
         console.print("[yellow]note:[/] --model tiny-random has random, untrained weights: the videos are noise.")
 
@@ -386,6 +391,11 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
     )
     if options.profile and phases:
         summary["profile_ms"] = _profile_table(phases, console)
+    graphs = getattr(pipe, "last_graphs", None)
+    if graphs is not None:
+        summary["cuda_graphs"] = {"recorded": graphs.captures, "replays": graphs.replays, "off_reason": graphs.reason}
+        if graphs.reason is not None:  # never a silent fallback: the render says why it ran without graphs
+            console.print(f"[yellow]note:[/] {rank_label}rendered without CUDA graphs: {graphs.reason}")
     (options.out / f"{name}.json").write_text(json.dumps(summary, indent=2))
     line = (
         f"{rank_label}{path}: {summary['frames']} frames in {wall:.1f} s ({summary['fps']:.1f} frames/s), "

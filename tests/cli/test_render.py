@@ -248,3 +248,18 @@ def test_a_bundled_model_renders_by_name_and_a_checkpoint_is_refused_for_it(tmp_
     monkeypatch.setitem(zoo.SHIPPED, "missing-model", "not installed")
     code, _, err = run(["render", prompts, "--model", "missing-model"], capsys)
     assert code == 2 and "missing from this install" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback when no CUDA device exists")
+def test_cuda_graphs_without_cuda_say_why_and_render_the_same_video(tmp_path, prompts, capsys):
+    args = ["render", prompts, "--frames", 21, "--method", "rolling", "--set", "window_frames=6"]
+    code, _, err = run([*args, "--out", tmp_path / "plain"], capsys)
+    assert code == 0, err
+    code, _, err = run([*args, "--out", tmp_path / "graphs", "--cuda-graphs"], capsys)
+    assert code == 0, err
+    assert "rendered without CUDA graphs: CUDA graphs need a CUDA device" in err and "Traceback" not in err
+    name = "000-a-red-circle-bouncing"
+    summary = json.loads((tmp_path / "graphs" / f"{name}.json").read_text())
+    assert summary["cuda_graphs"]["recorded"] == 0 and "CUDA device" in summary["cuda_graphs"]["off_reason"]
+    plain, graphed = read_frames(tmp_path / "plain" / f"{name}.mp4"), read_frames(tmp_path / "graphs" / f"{name}.mp4")
+    assert graphed.shape == plain.shape and (graphed == plain).all()
