@@ -311,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="time each chunk's phases (one sync per chunk)")
     parser.add_argument("--cuda-graphs", choices=("off", "on", "both"), default="off",
                         help="replay each chunk's later forwards from a CUDA graph; 'both' runs each with and without")
+    parser.add_argument("--decode-launch", choices=("auto", "early", "late"), default="auto",
+                        help="overlapped decode queued before the clean pass (early) or after the commit (late)")
     parser.add_argument("--no-overlap", action="store_true", help="decode on the main stream (no overlap)")
     parser.add_argument("--vae-channels-last", action="store_true", help="channels-last 3-D VAE convolutions")
     parser.add_argument("--vae-conv2d-taps", action="store_true", help="VAE 3-D convolutions as per-tap 2-D ones")
@@ -342,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe.decode_conv2d_taps = args.vae_conv2d_taps
     pipe.decode_fused_norms = args.vae_fused_norms
     pipe.decode_frames_per_call = args.vae_frames_per_call
+    pipe.decode_early = {"auto": None, "early": True, "late": False}[args.decode_launch]
 
     import diffusers
 
@@ -357,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         "vae_conv2d_taps": args.vae_conv2d_taps,
         "vae_fused_norms": args.vae_fused_norms,
         "vae_frames_per_call": args.vae_frames_per_call,
+        "decode_launch": args.decode_launch,
         "environment": {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,

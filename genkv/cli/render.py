@@ -36,7 +36,7 @@ class RenderOptions:
     guidance_scale: float | None = None  # None: the model's default
     overwrite: bool = False
     compile: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool | None = None  # None: what --compile chooses (on for CUDA)
     profile: bool = False
 
 
@@ -289,8 +289,9 @@ def run_render(options: RenderOptions) -> int:
     genkv.apply_genkv(pipe, method)
     if options.compile:
         pipe.enable_compile()
-    pipe.cuda_graphs = options.cuda_graphs
-    if options.cuda_graphs:  # a fallback is reported once per video in the summary line, not as a Python warning
+    if options.cuda_graphs is not None:
+        pipe.cuda_graphs = options.cuda_graphs
+    if pipe.cuda_graphs:  # a fallback is reported once per video in the summary line, not as a Python warning
         warnings.filterwarnings("ignore", message="genkv: running without CUDA graphs", category=RuntimeWarning)
     if options.model == "tiny-random":
         console.print("[yellow]note:[/] --model tiny-random has random, untrained weights: the videos are noise.")

@@ -101,6 +101,10 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: Record each chunk's second transformer forward as a CUDA graph and replay it for the chunk's later
         #: forwards (``step_graph.ChunkGraphs``): same kernels, without launching them from Python again.
         self.cuda_graphs = False
+        #: With the decode overlapped: queue a chunk's decode as soon as its latents are final (True: it fills the
+        #: GPU while the host waits on the commit) or after its commit (False: it runs under the next chunk's
+        #: first, launch-bound forward and its graph recording). None: early unless ``cuda_graphs``.
+        self.decode_early: bool | None = None
         #: The last rollout's graph recorder (captures, replays, and why graphs were off, if they were).
         self.last_graphs = None
         self.vae_scale_factor_temporal = getattr(vae.config, "scale_factor_temporal", 4)
@@ -192,11 +196,13 @@ class SelfForcingPipeline(DiffusionPipeline):
         chunk = self.config.num_frames_per_chunk
         return chunk * math.ceil(latent / chunk)
 
-    def enable_compile(self, mode: str | None = None, cuda_graphs: bool = False) -> "SelfForcingPipeline":
+    def enable_compile(self, mode: str | None = None, cuda_graphs: bool | None = None) -> "SelfForcingPipeline":
         """The opt-in fast path: compiled transformer blocks; VAE decoding channels-last, a chunk per decoder call,
         causal 3-D convolutions as per-tap 2-D ones (206 ms against 272 ms a chunk for the Wan VAE at 480x832 on
         an H200, bf16; each exact in float64, docs/BENCHMARKS.md "Real time"), and its RMS norms fused.
-        ``cuda_graphs``: also replay each chunk's later forwards from a CUDA graph (:attr:`cuda_graphs`).
+        ``cuda_graphs``: also replay each chunk's later forwards from a CUDA graph (:attr:`cuda_graphs`; None: on
+        when the transformer is on a CUDA device). With the decode queued after each commit, that took a
+        ``fastar`` chunk from 538 to 500 ms (median) on an H200.
 
         The first chunk after this pays the compilation (about 15 s for Wan2.1-1.3B on an H100).
         """
@@ -206,6 +212,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         self.decode_channels_last = True
         self.decode_conv2d_taps = True
         self.decode_fused_norms = True
+        if cuda_graphs is None:
+            cuda_graphs = self.transformer.device.type == "cuda"
         self.cuda_graphs = cuda_graphs
         return self
 
@@ -451,6 +459,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         side = torch.cuda.Stream(device) if overlap_decode and device.type == "cuda" else None
         pending: tuple[Any, Any, dict] | None = None  # (frames, ready event, on_chunk info) of the last chunk
         launched: list[tuple[torch.Tensor, Any, Any]] = []  # decodes queued on the side stream, oldest first
+        early_decode = self.decode_early if self.decode_early is not None else not self.cuda_graphs
 
         def decode_on_side(x0: torch.Tensor) -> None:
             # Called by rollout() as soon as the chunk's latents are final, before its clean pass and commit:
@@ -489,7 +498,7 @@ class SelfForcingPipeline(DiffusionPipeline):
             generator=generator,
             latents=latents,
             timer_factory=timer_factory,
-            on_denoised=decode_on_side if side is not None and decoder is not None else None,
+            on_denoised=decode_on_side if side is not None and early_decode else None,
         )
         try:
             for x0 in chunks:
@@ -505,6 +514,8 @@ class SelfForcingPipeline(DiffusionPipeline):
                     continue
                 event = None
                 if side is not None:
+                    if not launched:  # launched after the commit (see decode_early)
+                        decode_on_side(x0)
                     video, frames, event = launched.pop(0)
                 else:
                     with record_function("genkv.decode"):

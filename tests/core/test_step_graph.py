@@ -79,6 +79,13 @@ def test_graphs_requested_off_cuda_say_why_and_render_the_plain_path():
     assert pipe.last_graphs.captures == 0 and "CUDA device" in pipe.last_graphs.reason
 
 
+def test_compile_turns_graphs_on_only_for_a_cuda_model():
+    pipe = tiny_self_forcing_pipeline(seed=4)
+    assert not pipe.enable_compile().cuda_graphs  # CPU: nothing to record, and nothing was asked for
+    assert pipe.enable_compile(cuda_graphs=True).cuda_graphs
+    torch._dynamo.reset()
+
+
 def _render_cuda(pipe, frames: int = 45) -> np.ndarray:
     gen = torch.Generator(device="cuda").manual_seed(0)
     return np.concatenate(list(pipe.stream("a red circle", num_frames=frames, generator=gen)))
@@ -96,7 +103,7 @@ def test_graph_replay_gives_the_frames_of_the_eager_forwards(method, compiled, m
                              **settings)
     if compiled:
         torch._dynamo.reset()
-        pipe.enable_compile()
+        pipe.enable_compile(cuda_graphs=False)
     eager = _render_cuda(pipe)
     pipe.cuda_graphs = True
     graphed = _render_cuda(pipe)
