@@ -6,6 +6,7 @@ video per method end to end (denoising, clean K/V pass, VAE decode, uint8 frames
 writer thread) and records every chunk. Prints a table, writes JSON and, if matplotlib is installed, a PNG.
 
     python eval/bench_rollout.py --methods full rolling:window_frames=21 --frames 2000 --out runs/bench.json
+    python eval/bench_rollout.py --fast --methods fastar --frames 2000 --no-mp4   # plain vs fast path, one run
     python eval/bench_rollout.py --plot-only runs/bench.json        # redraw the figure from the JSON
 
 A method spec is a name or preset, optionally with ``:key=value,key=value`` settings. ``full`` runs until it
@@ -94,11 +95,16 @@ def flatness(chunk_seconds: list[float]) -> float | None:
 
 def run_method(
     pipe, embeds, spec: str, frames: int, device, write_mp4: bool, compile_blocks: bool, profile: bool = False,
-    overlap: bool | None = None, cuda_graphs: bool = False,
+    overlap: bool | None = None, cuda_graphs: bool = False, fast_vae: bool | None = None,
 ) -> dict:
     import genkv
     from genkv.video import Mp4Writer
 
+    vae_flags = ("decode_channels_last", "decode_conv2d_taps", "decode_fused_norms")
+    saved_vae = {name: getattr(pipe, name) for name in vae_flags}
+    if fast_vae is not None:  # the plain path's VAE (all off) or the fast path's (all on, as enable_compile)
+        for name in vae_flags:
+            setattr(pipe, name, fast_vae)
     method = parse_spec(spec)
     genkv.apply_genkv(pipe, method)
     if compile_blocks:
@@ -109,7 +115,7 @@ def run_method(
     rows: list[dict] = []
     result: dict = {"spec": spec, "method": method.to_dict(), "compile": compile_blocks, "frames_requested": frames,
                     "overlap_decode": overlap if overlap is not None else (device.type == "cuda" and not profile),
-                    "cuda_graphs": cuda_graphs}
+                    "cuda_graphs": cuda_graphs, "vae": {name: getattr(pipe, name) for name in vae_flags}}
     pipe.cuda_graphs = cuda_graphs
     tmp = tempfile.TemporaryDirectory()
     writer = Mp4Writer(Path(tmp.name) / "bench.mp4", fps=16) if write_mp4 else None
@@ -180,6 +186,8 @@ def run_method(
     if graphs is not None:
         result["graph_stats"] = {"captures": graphs.captures, "replays": graphs.replays, "off_reason": graphs.reason}
     pipe.cuda_graphs = False
+    for name, value in saved_vae.items():
+        setattr(pipe, name, value)
     genkv.remove_genkv(pipe)
     if compile_blocks:
         torch._dynamo.reset()
@@ -267,16 +275,17 @@ def plot(results: dict, path: Path) -> bool:
 
 
 def print_table(results: dict) -> None:
-    header = f"{'method':34s} {'frames':>6s} {'fps(all)':>8s} {'fps(steady)':>11s} {'chunk ms':>9s} {'flat':>5s} " \
+    header = f"{'method':44s} {'frames':>6s} {'fps(all)':>8s} {'fps(steady)':>11s} {'chunk ms':>9s} {'flat':>5s} " \
              f"{'peak GiB':>8s} {'KV GiB':>7s}"
     print(header)
     print("-" * len(header))
     for run in results["runs"]:
         label = run["spec"] + (" +compile" if run["compile"] else "") + (" +graphs" if run.get("cuda_graphs") else "")
+        label += " +fast VAE" if run.get("vae") and all(run["vae"].values()) else ""
         flat = run["flatness_last20_over_20to40"]
         peak = run["peak_memory_bytes"]
         print(
-            f"{label:34s} {run['frames']:6d} {run['fps_total']:8.2f} {run['fps_steady']:11.2f} "
+            f"{label:44s} {run['frames']:6d} {run['fps_total']:8.2f} {run['fps_steady']:11.2f} "
             f"{(run['chunk_median_s'] or 0) * 1000:9.1f} {('%.3f' % flat) if flat else '  -':>5s} "
             f"{(peak or 0) / 2**30:8.2f} {(run['kv_bytes_final'] or 0) / 2**30:7.2f}"
             + (f"  OOM at frame {run['oom_at_frame']}" if "oom_at_frame" in run else "")
@@ -305,12 +314,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bf16 (default on CUDA) or fp32")
     parser.add_argument("--attention-backend", default=None, help="diffusers backend, e.g. _native_cudnn")
+    parser.add_argument("--fast", action="store_true",
+                        help="run each method on the plain path and on the fast path of `genkv render --compile` "
+                        "(compiled blocks, CUDA graphs on CUDA, channels-last + 2-D-tap + fused-norm VAE), same run")
     parser.add_argument("--compile", action="store_true", help="also run each method with compiled blocks")
     parser.add_argument("--compile-only", action="store_true", help="only the compiled runs")
     parser.add_argument("--no-mp4", action="store_true", help="skip mp4 encoding")
     parser.add_argument("--profile", action="store_true", help="time each chunk's phases (one sync per chunk)")
-    parser.add_argument("--cuda-graphs", choices=("off", "on", "both"), default="off",
-                        help="replay each chunk's later forwards from a CUDA graph; 'both' runs each with and without")
+    parser.add_argument("--cuda-graphs", choices=("auto", "off", "on", "both"), default="auto",
+                        help="replay each chunk's later forwards from a CUDA graph; 'both' runs each with and without; "
+                        "auto: on for the fast path of --fast (CUDA), off otherwise")
     parser.add_argument("--decode-launch", choices=("auto", "early", "late"), default="auto",
                         help="overlapped decode queued before the clean pass (early) or after the commit (late)")
     parser.add_argument("--no-overlap", action="store_true", help="decode on the main stream (no overlap)")
@@ -369,13 +382,20 @@ def main(argv: list[str] | None = None) -> int:
         },
         "runs": [],
     }
-    variants = [True] if args.compile_only else ([False, True] if args.compile else [False])
+    # (compiled blocks, CUDA graphs, VAE: None = the --vae-* flags, False = plain, True = fast)
+    if args.fast:
+        if args.cuda_graphs == "both":
+            raise SystemExit("--fast compares the plain path with the fast one; pick --cuda-graphs on or off for it")
+        variants = [(False, False, False), (True, device.type == "cuda" and args.cuda_graphs != "off", True)]
+    else:
+        compiled_variants = [True] if args.compile_only else ([False, True] if args.compile else [False])
+        graph_variants = {"auto": [False], "off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]
+        variants = [(c, g, None) for c in compiled_variants for g in graph_variants]
     for spec in args.methods:
-        graph_variants = {"off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]
-        for compiled, graphs in [(c, g) for c in variants for g in graph_variants]:
+        for compiled, graphs, fast_vae in variants:
             run = run_method(
                 pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled, args.profile,
-                False if args.no_overlap else None, graphs,
+                False if args.no_overlap else None, graphs, fast_vae,
             )
             if args.error_frames and not compiled:
                 run["attention_error"] = measure_attention_error(pipe, embeds, spec, args.error_frames, device)
