@@ -79,13 +79,14 @@ class ChunkGraphs:
     def run(self, key: Hashable | None, fn: Forward, *inputs: torch.Tensor) -> torch.Tensor:
         if self.reason is not None or key is None:
             return fn(*inputs)
-        if key == self._key and self._graph is not None:
-            for buffer, value in zip(self._inputs, inputs):
-                buffer.copy_(value)
-            self._graph.replay()
-            self.replays += 1
-            return self._output.clone()  # the buffer is overwritten by the next replay
-        return self._record(key, fn, inputs)
+        with torch.cuda.device(self.device):  # the model's GPU, whichever one is current
+            if key == self._key and self._graph is not None:
+                for buffer, value in zip(self._inputs, inputs):
+                    buffer.copy_(value)
+                self._graph.replay()
+                self.replays += 1
+                return self._output.clone()  # the buffer is overwritten by the next replay
+            return self._record(key, fn, inputs)
 
     def _record(self, key: Hashable, fn: Forward, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         # The last chunk's graph is reset only once the new one is recorded into the shared pool: a pool whose

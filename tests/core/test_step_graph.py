@@ -56,6 +56,26 @@ def test_dense_steps_and_routing_step_get_their_own_signatures():
     assert routed is not None and routed != dense and rows[4][2] == routed
 
 
+def test_with_guidance_both_branches_are_ready_after_the_chunks_first_forward():
+    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=3), "fastar", top_k=2, prompt_top_k=2, **BLOCKS)
+    store = genkv.get_store(pipe)
+    seen = []
+    flow_at = pipe._flow_at
+
+    def recording(*args, **kwargs):
+        seen.append(store.graph_signature())
+        out = flow_at(*args, **kwargs)
+        seen[-1] = (seen[-1], sorted(store.caches))  # the branches whose caches this forward wrote
+        return out
+
+    pipe._flow_at = recording
+    list(pipe.stream("a red circle", num_frames=21, guidance_scale=3.0, generator=torch.Generator().manual_seed(0)))
+    assert all(branches == ["cond", "uncond"] for _, branches in seen)
+    for chunk in range(2):
+        rows = [signature for signature, _ in seen[5 * chunk : 5 * chunk + 5]]
+        assert rows[0] is None and rows[1] is not None and len(set(rows[1:])) == 1
+
+
 def test_a_reader_that_does_not_declare_its_forwards_blocks_graphs_with_a_reason():
     pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=3), "rolling", window_frames=6)
     store = genkv.get_store(pipe)
