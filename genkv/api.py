@@ -113,9 +113,9 @@ def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **ov
     for i, name, attn in layers:
         original = attn.processor
         if attn.is_cross_attention:
-            processor = GenKVCrossAttnProcessor(store, i, cross_reader)
+            processor = GenKVCrossAttnProcessor(store, i, cross_reader, attn)
         else:
-            processor = GenKVSelfAttnProcessor(store, i, self_reader)
+            processor = GenKVSelfAttnProcessor(store, i, self_reader, attn)
         # Keep whatever backend / context-parallel config diffusers wrote on the processor being replaced.
         processor._attention_backend = getattr(original, "_attention_backend", None)
         processor._parallel_config = getattr(original, "_parallel_config", None)

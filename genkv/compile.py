@@ -1,9 +1,9 @@
 """Opt-in ``torch.compile`` of a patched Wan transformer (regional: one compiled block, reused 30 times).
 
-The genkv processors keep their cache bookkeeping behind ``torch.compiler.disable``, so each block compiles
-into graphs for the projections, norms, modulation, RoPE and FFN around two eager islands (cached
-self-attention, cached prompt attention). Shapes inside the blocks are fixed by the chunk size, so nothing
-recompiles as the cache grows or rolls.
+The genkv processors reach the cache through two opaque custom ops (``genkv::cached_self_attention``,
+``genkv::cached_prompt_attention``; see ``genkv.processors``), so each block compiles into one graph for the
+projections, norms, modulation, RoPE and FFN around those two calls, shared by all blocks. Shapes inside the
+blocks are fixed by the chunk size, so nothing recompiles as the cache grows or rolls.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def compile_transformer(transformer: torch.nn.Module, mode: str | None = None) -
     blocks = getattr(transformer, "blocks", None)
     if blocks is None:
         raise TypeError(f"{type(transformer).__name__} has no `blocks` to compile")
-    # Graph breaks around the eager islands add a few compiled frames per block; allow them all.
+    # Room for a few variants per block (attention backends, a layout change) before dynamo would run eagerly.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
     for block in blocks:
         block.compile(dynamic=False, mode=mode)

@@ -10,6 +10,8 @@ patched model is a drop-in replacement.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -24,14 +26,59 @@ if TYPE_CHECKING:  # pragma: no cover
     from .cache import KVCacheStore
 
 
+# -- the cache-reading islands as opaque ops --------------------------------------------------------------
+# Cache bookkeeping is Python state (lengths, dicts) that changes every chunk, so `torch.compile` must not trace
+# it. As graph breaks, the two islands split a Wan block into seven compiled regions, each with its own guards
+# and wrapper (more host time per block than the eager block takes at negligible compute). As custom ops they
+# are opaque calls inside *one* compiled graph per block. Which processor a call belongs to travels as a small
+# CPU tensor (``ident``), an input of the graph rather than a constant baked into it, so the 30 blocks still
+# share one compiled graph.
+_PROCESSORS: dict[int, "weakref.ref[_GenKVProcessorBase]"] = {}
+_IDENTS = itertools.count()
+
+
+def _processor(ident: torch.Tensor) -> "_GenKVProcessorBase":
+    processor = _PROCESSORS[int(ident[0])]()
+    if processor is None:  # pragma: no cover - a graph outliving its model
+        raise RuntimeError("genkv: the attention processor of this compiled graph no longer exists")
+    return processor
+
+
+@torch.library.custom_op("genkv::cached_self_attention", mutates_args=())
+def _cached_self_attention_op(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ident: torch.Tensor
+                              ) -> torch.Tensor:
+    return _processor(ident)._attend_cached(query, key, value).contiguous()
+
+
+@_cached_self_attention_op.register_fake
+def _(query, key, value, ident):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("genkv::cached_prompt_attention", mutates_args=())
+def _cached_prompt_attention_op(query: torch.Tensor, encoder_hidden_states: torch.Tensor, ident: torch.Tensor
+                                ) -> torch.Tensor:
+    processor = _processor(ident)
+    return processor._attend_prompt(processor.attn(), query, encoder_hidden_states).contiguous()
+
+
+@_cached_prompt_attention_op.register_fake
+def _(query, encoder_hidden_states, ident):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
 class _GenKVProcessorBase:
     _attention_backend: Any = None
     _parallel_config: Any = None
 
-    def __init__(self, store: "KVCacheStore", layer_index: int, reader: Any) -> None:
+    def __init__(self, store: "KVCacheStore", layer_index: int, reader: Any, attn: Any = None) -> None:
         self.store = store
         self.layer_index = layer_index
         self.reader = reader
+        self.attn = weakref.ref(attn) if attn is not None else (lambda: None)  # the module it is installed on
+        number = next(_IDENTS)
+        _PROCESSORS[number] = weakref.ref(self, lambda _, number=number: _PROCESSORS.pop(number, None))
+        self.ident = torch.tensor([number], dtype=torch.int64)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(layer={self.layer_index}, method={self.store.keeper.method_name!r})"
@@ -59,7 +106,7 @@ class GenKVSelfAttnProcessor(_GenKVProcessorBase):
         if self.store.active:
             if attention_mask is not None:
                 raise ValueError("genkv processors take no attention_mask during a cached rollout")
-            out = self._attend_cached(query, key, value)
+            out = torch.ops.genkv.cached_self_attention(query, key, value, self.ident)
         else:
             out = dispatch_attention_fn(
                 query,
@@ -74,9 +121,6 @@ class GenKVSelfAttnProcessor(_GenKVProcessorBase):
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    # Cache bookkeeping is Python state (lengths, dicts) that changes every chunk: keep it out of compiled
-    # regions so `torch.compile` of the blocks traces the projections / norms / FFN once and never recompiles.
-    @torch.compiler.disable
     def _attend_cached(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         key, value, key_bias = self.store.layer(self.layer_index).stage(key, value)
         return self.reader.attend(
@@ -106,7 +150,7 @@ class GenKVCrossAttnProcessor(_GenKVProcessorBase):
             raise NotImplementedError("genkv cross-attention does not handle image-conditioned (I2V) Wan yet")
         if self.store.active and attention_mask is None:
             query = attn.norm_q(attn.to_q(hidden_states)).unflatten(2, (attn.heads, -1))  # q is never fused with k/v
-            out = self._attend_prompt(attn, query, encoder_hidden_states)
+            out = torch.ops.genkv.cached_prompt_attention(query, encoder_hidden_states, self.ident)
         else:
             query, key, value = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
             query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
@@ -118,7 +162,6 @@ class GenKVCrossAttnProcessor(_GenKVProcessorBase):
         out = out.flatten(2, 3).type_as(query)
         return attn.to_out[1](attn.to_out[0](out))
 
-    @torch.compiler.disable
     def _attend_prompt(
         self, attn: "WanAttention", query: torch.Tensor, encoder_hidden_states: torch.Tensor
     ) -> torch.Tensor:
