@@ -8,11 +8,20 @@ blocks are fixed by the chunk size, so nothing recompiles as the cache grows or 
 
 from __future__ import annotations
 
+import types
+import warnings
+from typing import Any
+
 import torch
 
 
-def compile_transformer(transformer: torch.nn.Module, mode: str | None = None) -> torch.nn.Module:
+def compile_transformer(transformer: torch.nn.Module, mode: str | None = None, backend: Any = "inductor"
+                        ) -> torch.nn.Module:
     """Compile each transformer block in place with ``torch.compile(dynamic=False)``; returns the model.
+
+    Compilation happens at the first forward. If it fails there (a compiler error, not an error of the model),
+    a warning names the error, the blocks go back to eager and the forward runs eagerly: the same numbers,
+    slower, rather than a render that stops.
 
     Example::
 
@@ -25,8 +34,47 @@ def compile_transformer(transformer: torch.nn.Module, mode: str | None = None) -
     # Room for a few variants per block (attention backends, a layout change) before dynamo would run eagerly.
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 4 * len(blocks))
     for block in blocks:
-        block.compile(dynamic=False, mode=mode)
+        block.compile(dynamic=False, mode=mode, backend=backend)
+    if "forward" not in transformer.__dict__:
+        transformer.forward = types.MethodType(_forward_or_uncompile, transformer)
     return transformer
+
+
+def uncompile_transformer(transformer: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`compile_transformer`: the blocks run eagerly again."""
+    for block in getattr(transformer, "blocks", ()):
+        block._compiled_call_impl = None
+    if isinstance(transformer.__dict__.get("forward"), types.MethodType):
+        if transformer.__dict__["forward"].__func__ is _forward_or_uncompile:
+            del transformer.forward
+    return transformer
+
+
+def _compiler_errors() -> tuple[type[BaseException], ...]:
+    kinds: list[type[BaseException]] = [torch._dynamo.exc.TorchDynamoException]
+    try:
+        from torch._inductor.exc import InductorError
+
+        kinds.append(InductorError)
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    return tuple(kinds)
+
+
+def _forward_or_uncompile(self: torch.nn.Module, *args, **kwargs):
+    forward = type(self).forward
+    try:
+        return forward(self, *args, **kwargs)
+    except _compiler_errors() as error:
+        # Compiling happens inside the first forward, before any block's work is final (the cache staging it
+        # did is redone by the eager forward), so running the whole forward again eagerly is safe.
+        root = getattr(error, "inner_exception", None) or error.__cause__ or error  # what the compiler raised
+        text = str(root).strip()
+        message = text.splitlines()[0][:300] if text else ""
+        warnings.warn(f"genkv: compiling the transformer blocks failed ({type(root).__name__}: {message}); "
+                      "running them eagerly", RuntimeWarning, stacklevel=2)
+        uncompile_transformer(self)
+        return forward(self, *args, **kwargs)
 
 
 class CompiledOnCuda:
@@ -63,8 +111,6 @@ class CompiledOnCuda:
         try:
             return self._compiled(first, *args)
         except Exception as error:  # noqa: BLE001 - any compiler failure: the eager function computes the same
-            import warnings
-
             warnings.warn(f"{self.name}: compiling failed ({error!r:.200}); running eagerly", stacklevel=2)
             self._failed = True
             return self.fn(first, *args)

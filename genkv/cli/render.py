@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -297,16 +298,37 @@ def run_render(options: RenderOptions) -> int:
         console.print("[yellow]note:[/] --model tiny-random has random, untrained weights: the videos are noise.")
 
     summaries = []
-    for index, (prompt, name) in jobs:
-        unknown = unknown_words(pipe, prompt)
-        if unknown:  # the sprite model's word-level tokenizer reads them as <unk>: say so rather than ignore them
-            console.print(f"[yellow]note:[/] {rank_label}the model does not know {', '.join(map(repr, unknown))} "
-                          f"(read as unknown) in {prompt!r}")
-        summary = _render_one(pipe, options, method, prompt, name, index, height, width, device, console, rank_label)
-        summaries.append(summary)
-        if summary.get("interrupted") or summary.get("error"):
-            return 130 if summary.get("interrupted") else 1
+    with _genkv_warnings_as_notes(console, rank_label):
+        for index, (prompt, name) in jobs:
+            unknown = unknown_words(pipe, prompt)
+            if unknown:  # the sprite model's word-level tokenizer reads them as <unk>: say so, not ignore them
+                console.print(f"[yellow]note:[/] {rank_label}the model does not know "
+                              f"{', '.join(map(repr, unknown))} (read as unknown) in {prompt!r}")
+            summary = _render_one(pipe, options, method, prompt, name, index, height, width, device, console,
+                                  rank_label)
+            summaries.append(summary)
+            if summary.get("interrupted") or summary.get("error"):
+                return 130 if summary.get("interrupted") else 1
     return 0
+
+
+@contextlib.contextmanager
+def _genkv_warnings_as_notes(console, rank_label: str):
+    """genkv's own warnings (a fast path falling back, ...) print as one-line notes, not Python warning text."""
+    shown = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        text = str(message)
+        if text.startswith("genkv: "):
+            console.print(f"[yellow]note:[/] {rank_label}{text[len('genkv: '):]}")
+        else:
+            shown(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = shown
 
 
 def _render_one(pipe, options, method, prompt, name, index, height, width, device, console, rank_label) -> dict:

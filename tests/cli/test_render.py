@@ -263,3 +263,22 @@ def test_cuda_graphs_without_cuda_say_why_and_render_the_same_video(tmp_path, pr
     assert summary["cuda_graphs"]["recorded"] == 0 and "CUDA device" in summary["cuda_graphs"]["off_reason"]
     plain, graphed = read_frames(tmp_path / "plain" / f"{name}.mp4"), read_frames(tmp_path / "graphs" / f"{name}.mp4")
     assert graphed.shape == plain.shape and (graphed == plain).all()
+
+
+def test_compile_failure_is_a_note_and_the_render_finishes(tmp_path, prompts, capsys, monkeypatch):
+    import torch._dynamo
+    import torch._inductor.compile_fx
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch._inductor.compile_fx, "compile_fx", no_compiler)
+    torch._dynamo.reset()
+    out = tmp_path / "videos"
+    code, _, err = run(["render", prompts, "--frames", 21, "--out", out, "--compile"], capsys)
+    torch._dynamo.reset()
+    assert code == 0, err
+    assert "note: compiling the transformer blocks failed (RuntimeError: no C++ compiler found); running them " \
+           "eagerly" in " ".join(err.split())
+    assert "Traceback" not in err and "RuntimeWarning" not in err
+    assert all(count_frames(v) == 21 for v in out.glob("*.mp4")) and len(list(out.glob("*.mp4"))) == 2

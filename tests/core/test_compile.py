@@ -21,3 +21,25 @@ def test_compiled_blocks_match_eager_and_do_not_recompile_as_the_cache_rolls():
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1  # float32: at most one uint8 rounding step
     # The cache islands are opaque ops, not graph breaks: one graph, shared by every block and every chunk.
     assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+
+
+def test_a_compiler_failure_says_why_and_the_blocks_run_eagerly():
+    import pytest
+    import torch._dynamo
+
+    from genkv.compile import compile_transformer
+
+    def broken_backend(graph_module, example_inputs):
+        raise RuntimeError("no compiler on this machine")
+
+    torch._dynamo.reset()
+    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=2), "rolling", sink_frames=1, window_frames=6)
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    eager = np.concatenate(list(pipe.stream("a red circle", num_frames=21, generator=gen())))
+    compile_transformer(pipe.transformer, backend=broken_backend)
+    with pytest.warns(RuntimeWarning, match="compiling the transformer blocks failed.*no compiler on this machine"):
+        frames = np.concatenate(list(pipe.stream("a red circle", num_frames=21, generator=gen())))
+    np.testing.assert_array_equal(frames, eager)
+    assert all(block._compiled_call_impl is None for block in pipe.transformer.blocks)
+    assert "forward" not in pipe.transformer.__dict__
+    torch._dynamo.reset()
