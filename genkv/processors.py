@@ -38,7 +38,7 @@ _IDENTS = itertools.count()
 
 
 def _processor(ident: torch.Tensor) -> "_GenKVProcessorBase":
-    processor = _PROCESSORS[int(ident[0])]()
+    processor = _PROCESSORS[ident.item()]()
     if processor is None:  # pragma: no cover - a graph outliving its model
         raise RuntimeError("genkv: the attention processor of this compiled graph no longer exists")
     return processor
