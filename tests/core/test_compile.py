@@ -1,18 +1,27 @@
 """The opt-in compiled path computes what the eager path computes (same method, same seed)."""
 
 import numpy as np
+import pytest
 
 import genkv
 from genkv.testing import tiny_self_forcing_pipeline
 
 
-def test_compiled_blocks_match_eager_and_do_not_recompile_as_the_cache_rolls():
+METHODS = {
+    "rolling": dict(sink_frames=1, window_frames=6),
+    # merged keys (a key bias), routed block-sparse reads and top-k prompt tokens: every island's path
+    "fastar": dict(budget_frames=6, top_k=2, prompt_top_k=2, block_m=16, block_n=16),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_compiled_blocks_match_eager_and_do_not_recompile_as_the_cache_rolls(method):
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()  # graph counts are process-wide: other tests' compiled functions must not count here
-    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=2), "rolling", sink_frames=1, window_frames=6)
+    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=2), method, **METHODS[method])
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     eager = np.concatenate(list(pipe.stream("a red circle", num_frames=61, generator=gen())))
     pipe.enable_compile()
@@ -24,7 +33,6 @@ def test_compiled_blocks_match_eager_and_do_not_recompile_as_the_cache_rolls():
 
 
 def test_a_compiler_failure_says_why_and_the_blocks_run_eagerly():
-    import pytest
     import torch._dynamo
 
     from genkv.compile import compile_transformer
