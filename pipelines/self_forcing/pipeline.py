@@ -431,7 +431,8 @@ class SelfForcingPipeline(DiffusionPipeline):
 
         ``overlap_decode`` (default: on for CUDA, unless profiling) decodes each chunk on a side CUDA stream
         while the next chunk is denoised, and copies its frames into pinned host memory there; a chunk's frames
-        are then yielded one chunk later, with the same values.
+        are then yielded one chunk later, with the same values. When the decode is queued is
+        :attr:`decode_early`'s choice; with :attr:`cuda_graphs` the chunk's later forwards replay a graph.
         """
         height = height or self.config.default_height
         width = width or self.config.default_width
@@ -466,8 +467,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         early_decode = self.decode_early if self.decode_early is not None else not self.cuda_graphs
 
         def decode_on_side(x0: torch.Tensor) -> None:
-            # Called by rollout() as soon as the chunk's latents are final, before its clean pass and commit:
-            # the side stream then has the decode queued while the host waits on the commit's syncs.
+            # Queues the chunk's decode, uint8 conversion and copy to pinned memory on the side stream. Called
+            # by rollout() as soon as the latents are final (early_decode), else after the chunk's commit.
             side.wait_stream(torch.cuda.current_stream(device))
             x0.record_stream(side)  # x0 was made on the main stream; keep it alive for the side stream
             with torch.cuda.stream(side), record_function("genkv.decode"):
