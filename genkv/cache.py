@@ -382,11 +382,12 @@ class KVCacheStore:
         The chunk's first forward is never recorded (it stages into possibly new buffers); the pipeline
         only asks from the second on.
         """
-        if self.chunk is None or self.graph_blocker() is not None:
+        if self.chunk is None:
             return None
         parts = []
         for reader in self.readers:
-            part = reader.graph_signature(self)
+            signature = getattr(reader, "graph_signature", None)  # none: see graph_blocker()
+            part = signature(self) if callable(signature) else None
             if part is None:
                 return None
             parts.append(part)
