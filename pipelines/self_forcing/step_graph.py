@@ -1,7 +1,7 @@
 """CUDA graphs of a chunk's transformer forwards: launch the chunk's kernels once, replay them for its later steps.
 
 A compiled Wan2.1-1.3B forward at 480x832 costs the host about as long to *launch* as the GPU takes to run it
-(~60 ms on an H200: dynamo guards, the eager attention islands between compiled regions, Triton launchers), so
+(~60-80 ms on an H200: dynamo guards, the cache bookkeeping in Python, Triton launchers), so
 the GPU waits on Python. Within a chunk every forward after the first has the same shapes and touches the same
 buffers: the cache stages the chunk at fixed slots, routes and prompt constants are made by the chunk's first
 forward, and the inputs differ only in values (latents, timestep). So the second forward is recorded as a CUDA
@@ -29,8 +29,8 @@ class ChunkGraphs:
     """Record one forward per chunk as a CUDA graph and replay it for the chunk's later forwards.
 
     ``run(key, fn, *inputs)`` returns ``fn(*inputs)``: eagerly when ``key`` is None or graphs are off, by
-    replaying the graph recorded for ``key`` when there is one, else by recording a new graph (the previous one
-    is released first: one graph, in one memory pool, lives at a time). ``fn`` must read only ``inputs`` and
+    replaying the graph recorded for ``key`` when there is one, else by recording a new graph into the same
+    memory pool (the previous one is released once the new one is recorded; only the newest is replayed). ``fn`` must read only ``inputs`` and
     state that stays put until the key changes.
 
     Example::
@@ -56,10 +56,6 @@ class ChunkGraphs:
             return
         self._pool = torch.cuda.graph_pool_handle()
         self._capture_stream = torch.cuda.Stream(device)
-
-    @property
-    def enabled(self) -> bool:
-        return self.reason is None
 
     def disable(self, reason: str) -> None:
         """Turn graphs off for good, saying why (once)."""
