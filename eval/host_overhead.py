@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 
-def build(layers: int, method: str, settings: dict, device: str, compiled: bool):
+def build(layers: int, method: str, settings: dict, device: str, compiled: bool, dtype: torch.dtype,
+          graphs: bool = False):
     import genkv
     from genkv.pipelines.self_forcing.numerics import apply_self_forcing_numerics
     from genkv.testing import tiny_self_forcing_pipeline, tiny_wan_transformer
@@ -33,11 +34,13 @@ def build(layers: int, method: str, settings: dict, device: str, compiled: bool)
     apply_self_forcing_numerics(transformer)
     pipe.register_modules(transformer=transformer)
     pipe.to(device)
+    pipe.transformer.to(dtype)
     genkv.apply_genkv(pipe, method, **settings)
     if compiled:
         from genkv.compile import compile_transformer
 
         compile_transformer(pipe.transformer)
+    pipe.cuda_graphs = graphs
     return pipe
 
 
@@ -69,17 +72,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--chunks", type=int, default=10)
+    parser.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), default=None,
+                        help="transformer dtype (default fp16 on CUDA: the Triton kernels' path; fp32 on CPU)")
     parser.add_argument("--out", type=Path, default=Path("host_overhead.json"))
     args = parser.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[
+        args.dtype or ("fp16" if cuda else "fp32")]
     settings = {"top_k": 2, "prompt_top_k": 2, "block_m": 16, "block_n": 16} if args.method in ("fastar", "annsa") \
         else {}
     rows = []
-    for compiled in (False, True):
+    # CUDA graphs replay recorded forwards: their host time is the copy of the inputs and one launch
+    variants = [(False, False), (True, False)] + ([(True, True)] if cuda else [])
+    for compiled, graphs in variants:
         torch._dynamo.reset()
-        pipe = build(args.layers, args.method, settings, args.device, compiled)
+        pipe = build(args.layers, args.method, settings, args.device, compiled, dtype, graphs)
         ms = time_forwards(pipe, args.warmup, args.chunks)
-        rows.append({"compiled": compiled, "ms_per_forward": ms, "ms_per_block": ms / args.layers})
-        print(f"{'compiled' if compiled else 'eager':9s} {ms:8.2f} ms a forward, {ms / args.layers:6.3f} ms a block")
+        name = ("compiled" if compiled else "eager") + (" + CUDA graphs" if graphs else "")
+        rows.append({"compiled": compiled, "cuda_graphs": graphs, "ms_per_forward": ms,
+                     "ms_per_block": ms / args.layers})
+        print(f"{name:24s} {ms:8.2f} ms a forward, {ms / args.layers:6.3f} ms a block")
     result = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
@@ -87,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "layers": args.layers,
         "method": args.method,
+        "dtype": str(dtype),
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

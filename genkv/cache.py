@@ -12,7 +12,9 @@ Layout (one :class:`LayerKVCache` per attention layer and CFG branch)::
     token_pos   (capacity,)           spatial index of the token inside its frame (h * W + w)
     token_count (capacity,)           original tokens a slot stands for (1; more once a keeper merges)
 
-Tokens ``[0, length)`` are committed history. Each forward of the current chunk *stages* its K/V at
+Tokens ``[0, length)`` are committed history (in a *fixed layout*, the keeper's choice, ``length`` never changes:
+the history region holds its live tokens first and empty slots, count 0, after them; see
+:attr:`genkv.keep.base.CacheKeeper.fixed_layout`). Each forward of the current chunk *stages* its K/V at
 ``[length, length + n)`` (overwriting the previous step's, as upstream Self-Forcing does) and attention reads
 the contiguous view ``[0, length + n)``: no concatenation, no copy of the history on the hot path. After the
 chunk's clean pass, :meth:`KVCacheStore.commit` hands every layer to the method's keeper, which decides what
@@ -36,6 +38,10 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from .keep.base import CacheKeeper
     from .rope import FrameOffsetRotaryPosEmbed
+
+
+#: frame_index of an empty slot in a fixed-layout cache (and of a slot a merge freed)
+EMPTY_FRAME = -2
 
 
 def to_device_index(index: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -75,8 +81,13 @@ def _staged_pattern(staged: int, tokens_per_frame: int, device: torch.device) ->
 class LayerKVCache:
     """K/V buffers of one attention layer for one CFG branch (see the module docstring for the layout)."""
 
-    def __init__(self, max_tokens: int | None = None) -> None:
+    def __init__(self, max_tokens: int | None = None, fixed: bool = False) -> None:
+        if fixed and max_tokens is None:
+            raise ValueError("a fixed-layout cache needs max_tokens (its history region's size)")
         self.max_tokens = max_tokens  # history bound from the keeper; None = grows without bound
+        # Fixed layout (see CacheKeeper.fixed_layout): the history is always the region [0, max_tokens), live
+        # slots first; an empty slot has count 0, so its key bias log(0) = -inf hides it from attention.
+        self.fixed = fixed
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
         self.uses_bias = False  # set by a merging keeper: readers then get log(token_count) as a key bias
@@ -87,9 +98,11 @@ class LayerKVCache:
         self.info: dict[str, float | torch.Tensor] = {}
         # Host mirror of frame_index: keepers plan evictions on the host without a device sync.
         self.frame_host = np.empty(0, dtype=np.int64)
-        self.length = 0  # committed tokens
+        self.length = max_tokens if fixed else 0  # committed tokens (fixed layout: the history region's size)
         self.staged = 0  # tokens of the current chunk written after them
         self.tokens_seen = 0  # tokens ever committed (before eviction or merging)
+        if fixed:
+            self.uses_bias = True
 
     # -- storage -------------------------------------------------------------------------------------
     @property
@@ -102,9 +115,12 @@ class LayerKVCache:
         n = self.length
         k = like.new_empty(b, capacity, h, d)
         v = like.new_empty(b, capacity, h, d)
-        frame_index = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
+        frame_index = torch.full((capacity,), EMPTY_FRAME if self.fixed else -1, dtype=torch.int64, device=like.device)
         token_pos = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
-        token_count = torch.ones(capacity, dtype=torch.float32, device=like.device)
+        token_count = torch.full((capacity,), 0.0 if self.fixed else 1.0, dtype=torch.float32, device=like.device)
+        if self.fixed:  # zeros, not garbage: routing pools the keys of whole blocks, empty slots included
+            k.zero_()
+            v.zero_()
         if self.k is not None and n:
             k[:, :n] = self.k[:, :n]
             v[:, :n] = self.v[:, :n]
@@ -112,7 +128,8 @@ class LayerKVCache:
             token_pos[:n] = self.token_pos[:n]
             token_count[:n] = self.token_count[:n]
         frame_host = np.full(capacity, -1, dtype=np.int64)
-        frame_host[:n] = self.frame_host[:n]
+        kept = min(n, len(self.frame_host))  # a new fixed-layout cache has a history region but no mirror yet
+        frame_host[:kept] = self.frame_host[:kept]
         self.k, self.v = k, v
         self.frame_index, self.token_pos, self.frame_host = frame_index, token_pos, frame_host
         self.token_count = token_count
@@ -202,6 +219,14 @@ class LayerKVCache:
         self.token_count.index_copy_(0, dst, self.token_count.index_select(0, src))
 
     # -- accounting ----------------------------------------------------------------------------------
+    def live_tokens(self) -> int:
+        """Tokens the history holds now (a fixed layout counts its live slots on the device: one sync)."""
+        if not self.fixed:
+            return self.length
+        if self.token_count is None:
+            return 0
+        return int((self.token_count[: self.length] > 0).sum())
+
     def nbytes(self) -> int:
         """Bytes held by this layer's buffers (allocated capacity, not just the used part)."""
         tensors = (self.k, self.v, self.frame_index, self.token_pos, self.token_count)
@@ -211,7 +236,7 @@ class LayerKVCache:
         """Bytes of K/V for the committed tokens."""
         if self.k is None:
             return 0
-        return 2 * self.k[:, :1].numel() * self.k.element_size() * self.length
+        return 2 * self.k[:, :1].numel() * self.k.element_size() * self.live_tokens()
 
 
 def move_tokens_in_layers(moves: "list[tuple[LayerKVCache, np.ndarray, np.ndarray]]") -> None:
@@ -312,6 +337,9 @@ class KVCacheStore:
         self.chunk = ChunkInfo(frame_start, num_frames, tokens_per_frame, position, grid)
         self.step_index = 0
         self._set_rope_offset(position)
+        if self.rope is not None and grid is not None and num_frames % self.rope.patch_size[0] == 0:
+            # the chunk's rotary tables, in the buffers every forward of every chunk reads (CUDA graphs)
+            self.rope.hold((num_frames // self.rope.patch_size[0], *grid), self.rope.freqs_cos.device)
         return self.chunk
 
     def _shift_positions(self, delta: int) -> None:
@@ -373,17 +401,30 @@ class KVCacheStore:
                         "(give it a graph_signature(store) method)")
         return None
 
+    def layout_signature(self) -> tuple:
+        """The buffers forwards read and write, and the shapes they see: (branch, layer, history length,
+        capacity, key buffer address) of every layer cache. Constant over a video for a fixed-layout keeper;
+        for the others it changes with every chunk until their bound is reached."""
+        return tuple(
+            (branch, i, c.length, c.capacity, 0 if c.k is None else c.k.data_ptr())
+            for branch, layers in sorted(self.caches.items())
+            for i, c in enumerate(layers)
+        )
+
     def graph_signature(self) -> tuple | None:
         """What the next forward does, as far as replaying a recorded one goes, or None if it must run eagerly.
 
-        Two forwards with equal signatures launch the same kernels on the same buffers: same chunk (so the
-        same cache lengths and staging slots) and the same path through every reader. Readers return None
-        for a forward that does host work a graph cannot hold (routing, building per-prompt constants).
-        The chunk's first forward is never recorded (it stages into possibly new buffers); the pipeline
-        only asks from the second on.
+        Two forwards with equal signatures launch the same kernels on the same buffers: the same cache layout
+        (:meth:`layout_signature`, the first element), the same prompt, and the same path through every
+        reader. The forward that allocates the caches or projects a prompt's K/V is never recorded; readers
+        return None for a forward whose host work a graph cannot hold. A signature does not name the chunk:
+        what differs between chunks lives in buffers (latents, timestep, rotary tables held by
+        :meth:`begin_chunk`, the cache, routes), so with a fixed layout one graph serves every chunk.
         """
-        if self.chunk is None:
+        if self.chunk is None or not self.caches:  # the video's first forward allocates the caches
             return None
+        if any(c.length + self.chunk.num_tokens > c.capacity for layers in self.caches.values() for c in layers):
+            return None  # this forward grows a cache: new buffers, with the history copied from the old ones
         parts = []
         for reader in self.readers:
             signature = getattr(reader, "graph_signature", None)  # none: see graph_blocker()
@@ -391,14 +432,22 @@ class KVCacheStore:
             if part is None:
                 return None
             parts.append(part)
-        return (self.chunk.frame_start, self.position_shift, len(self.cross), *parts)
+        return (self.layout_signature(), self.prompt_version, len(self.cross), self.chunk.num_tokens, *parts)
+
+    def replayed(self) -> None:
+        """A recorded forward was replayed: redo its host-side effect, the staged chunk in every layer cache."""
+        if self.chunk is not None:
+            for layers in self.caches.values():
+                for cache in layers:
+                    cache.staged = self.chunk.num_tokens
 
     # -- what processors call ------------------------------------------------------------------------
     def layer(self, index: int) -> LayerKVCache:
         layers = self.caches.get(self.branch)
         if layers is None:
             limit = self.keeper.max_history_tokens(self.chunk) if self.chunk is not None else None
-            layers = [LayerKVCache(limit) for _ in range(self.num_layers)]
+            fixed = self.keeper.fixed_layout and limit is not None
+            layers = [LayerKVCache(limit, fixed) for _ in range(self.num_layers)]
             self.caches[self.branch] = layers
         return layers[index]
 
@@ -425,7 +474,7 @@ class KVCacheStore:
                 row = {
                     "branch": branch,
                     "layer": i,
-                    "tokens": cache.length,
+                    "tokens": cache.live_tokens(),
                     "tokens_seen": cache.tokens_seen,
                     "capacity": cache.capacity,
                     "bytes": cache.nbytes(),

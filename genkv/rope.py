@@ -62,6 +62,7 @@ class FrameOffsetRotaryPosEmbed(WanRotaryPosEmbed):
     def to_plain(self) -> WanRotaryPosEmbed:
         """Undo :meth:`from_module`."""
         self.__dict__.pop("frame_offset", None)
+        self.__dict__.pop("_held", None)
         self.__class__ = WanRotaryPosEmbed
         return self
 
@@ -79,17 +80,44 @@ class FrameOffsetRotaryPosEmbed(WanRotaryPosEmbed):
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _, _, num_frames, height, width = hidden_states.shape
         p_t, p_h, p_w = self.patch_size
-        ppf, pph, ppw = num_frames // p_t, height // p_h, width // p_w
+        grid = (num_frames // p_t, height // p_h, width // p_w)
+        held = self.__dict__.get("_held")
+        if held is not None and held[0] == (grid, int(self.frame_offset), hidden_states.device):
+            return held[1]
+        if hidden_states.is_cuda and torch.cuda.is_current_stream_capturing():
+            # Tables computed inside a CUDA graph would be baked in at this offset; hold() them before recording.
+            raise RuntimeError(f"rotary tables for frame offset {self.frame_offset} were not held before a CUDA "
+                               "graph recording (call hold() when the chunk begins)")
+        return self._tables(grid, hidden_states.device)
+
+    def hold(self, grid: tuple[int, int, int], device: torch.device) -> None:
+        """Compute the tables of a ``(frames, rows, cols)`` token grid at the current ``frame_offset`` into
+        buffers that every later forward at that grid and offset returns as they are. The buffers are the same
+        tensors chunk after chunk (refilled in place), so a CUDA graph recorded over one chunk's forward reads
+        the next chunk's positions when replayed: call this at the start of each chunk, outside the graph."""
+        device = torch.device(device)
+        cos, sin = self._tables(grid, device)
+        held = self.__dict__.get("_held")
+        if held is not None and held[0][0] == grid and held[0][2] == device:
+            held[1][0].copy_(cos)
+            held[1][1].copy_(sin)
+            buffers = held[1]
+        else:
+            buffers = (cos, sin)
+        self._held = ((grid, int(self.frame_offset), device), buffers)
+
+    def _tables(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        ppf, pph, ppw = grid
         cos_f, sin_f = self._temporal_table(int(self.frame_offset), ppf)
         hw = (self.t_dim, self.t_dim + self.h_dim)
 
-        def grid(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        def expand(t: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
             f = t.view(ppf, 1, 1, -1).expand(ppf, pph, ppw, -1)
             h = table[:pph, hw[0] : hw[1]].view(1, pph, 1, -1).expand(ppf, pph, ppw, -1)
             w = table[:ppw, hw[1] :].view(1, 1, ppw, -1).expand(ppf, pph, ppw, -1)
             return torch.cat([f, h, w], dim=-1).reshape(1, ppf * pph * ppw, 1, -1)
 
-        return grid(cos_f, self.freqs_cos), grid(sin_f, self.freqs_sin)
+        return expand(cos_f, self.freqs_cos), expand(sin_f, self.freqs_sin)
 
     def relative_rotation(
         self, dt: torch.Tensor, dh: torch.Tensor, dw: torch.Tensor

@@ -44,6 +44,7 @@ def route_blocks(
     always: Sequence[int] | torch.Tensor | None = None,
     kv_length: int | None = None,
     key_summary: torch.Tensor | None = None,
+    empty_blocks: torch.Tensor | None = None,
     backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per (batch, head, query block): the key blocks to attend to.
@@ -52,6 +53,8 @@ def route_blocks(
     With ``top_k`` and ``top_p`` both None every block is kept (dense). Deterministic for a fixed input.
     ``key_summary``: the keys' block means ``pool_blocks(k, block_n)`` (B, H, n_blocks, D) when the caller keeps
     them (history keys do not change while a chunk is denoised), so routing does not re-read every cached key.
+    ``empty_blocks``: (n_kv_blocks,) bool, key blocks holding no live key (a fixed-layout cache's empty slots):
+    never chosen, unless ``always`` lists them.
     ``backend``: ``"triton"`` (fused scoring + top-k, the default on CUDA for top-k routing; ties go to the lower
     block id), ``"torch"`` (anywhere; also the only one for ``top_p``), or None for that choice.
 
@@ -79,14 +82,18 @@ def route_blocks(
             ids = ids.pin_memory().to(q.device, non_blocking=True) if q.is_cuda else ids
         forced.scatter_(0, torch.where((ids >= 0) & (ids < n_kv), ids, n_kv), True)
     forced = forced[:n_kv]
+    if empty_blocks is not None and empty_blocks.shape != (n_kv,):
+        raise ValueError(f"empty_blocks must be ({n_kv},) bool, one per key block; got {tuple(empty_blocks.shape)}")
     choice = backend or ("triton" if q.is_cuda else "torch")
     if choice not in ("torch", "triton"):
         raise ValueError(f"routing backend {choice!r} is not 'torch' or 'triton'")
     if choice == "triton" and top_p is None and top_k is not None:
         from .routing_triton import route_topk_triton
 
-        return route_topk_triton(qs, ks, top_k, forced, 1.0 / math.sqrt(q.shape[-1]))
+        return route_topk_triton(qs, ks, top_k, forced, 1.0 / math.sqrt(q.shape[-1]), empty_blocks)
     scores = torch.einsum("bhqd,bhkd->bhqk", qs, ks) / math.sqrt(q.shape[-1])
+    if empty_blocks is not None:  # an empty block scores -inf: ranked last, and dropped below
+        scores = scores.masked_fill(empty_blocks, -float("inf"))
     if top_k is None and top_p is None:
         keep = torch.ones_like(scores, dtype=torch.bool)
     else:
@@ -108,6 +115,8 @@ def route_blocks(
             mass_ok = before < top_p
             by_mass = torch.zeros_like(keep).scatter_(-1, order, mass_ok)
             keep = by_mass if top_k is None else keep & by_mass
+    if empty_blocks is not None:
+        keep = keep & ~empty_blocks
     keep = keep | forced
     counts = keep.sum(-1).to(torch.int32)
     # Ascending block ids first, unused slots after: sort (not-kept, id) keys. Full width, so no host sync.

@@ -27,6 +27,9 @@ if triton is not None:
         bits = score.to(tl.int32, bitcast=True)
         return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
 
+    #: ``_order_key(-inf)``: the bits of -inf (0xFF800000, as int32 -8388608) with the magnitude bits flipped
+    _NEG_INF_KEY = tl.constexpr(-8388608 ^ 0x7FFFFFFF)
+
     @triton.jit
     def _row_key(row, offs, n_kv):
         return _order_key(tl.load(row + offs, mask=offs < n_kv, other=float("-inf"))).to(tl.int64)
@@ -40,7 +43,9 @@ if triton is not None:
         tie = ok & (key == threshold)
         tie_rank = ties_seen + tl.cumsum(tie.to(tl.int32), 0) - 1
         forced = tl.load(Forced + offs, mask=ok, other=0) != 0
-        keep = ok & ((key > threshold) | (tie & (tie_rank < ties_allowed)) | forced)
+        # a -inf score marks an empty block (no dot product of finite summaries gives one): never kept unless forced
+        scored = key > _NEG_INF_KEY
+        keep = ok & ((((key > threshold) | (tie & (tie_rank < ties_allowed))) & scored) | forced)
         return keep, tl.sum(tie.to(tl.int32), 0)
 
     @triton.jit(do_not_specialize=["n_kv", "top_k"])  # they change every chunk: no recompiles
@@ -112,12 +117,14 @@ if triton is not None:
 
 
 def route_topk_triton(
-    query_summary: torch.Tensor, key_summary: torch.Tensor, top_k: int, forced: torch.Tensor, scale: float
+    query_summary: torch.Tensor, key_summary: torch.Tensor, top_k: int, forced: torch.Tensor, scale: float,
+    empty_blocks: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k selection from block summaries (B, H, n_q, D) and (B, H, n_kv, D): one batched GEMM for the scores
     (fp32), one Triton kernel for the selection.
 
-    ``forced``: (n_kv,) bool, blocks always kept. Returns int32 ``(B, H, n_q, n_kv)`` ids (kept ones first,
+    ``forced``: (n_kv,) bool, blocks always kept; ``empty_blocks``: (n_kv,) bool, blocks never kept unless
+    forced. Returns int32 ``(B, H, n_q, n_kv)`` ids (kept ones first,
     ascending) and ``(B, H, n_q)`` counts, like :func:`genkv.kernels.route_blocks`.
     """
     if triton is None:
@@ -125,6 +132,8 @@ def route_topk_triton(
     b, h, n_q, _ = query_summary.shape
     n_kv = key_summary.shape[2]
     scores = torch.matmul(query_summary.float(), key_summary.float().transpose(-1, -2)).mul_(scale)
+    if empty_blocks is not None:
+        scores.masked_fill_(empty_blocks, float("-inf"))
     idx = torch.empty(b, h, n_q, n_kv, device=scores.device, dtype=torch.int32)
     cnt = torch.empty(b, h, n_q, device=scores.device, dtype=torch.int32)
     forced_i8 = forced.to(device=scores.device, dtype=torch.int8).contiguous()

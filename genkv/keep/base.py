@@ -26,6 +26,11 @@ class CacheKeeper:
     #: the patched model's rotary embedding (``FrameOffsetRotaryPosEmbed``), set by ``apply_genkv``; None for a
     #: model without one (keepers that compare keys then compare them as stored)
     rope: "FrameOffsetRotaryPosEmbed | None" = None
+    #: True for a keeper whose caches keep one layout for the whole video: the history is a fixed region of
+    #: ``max_history_tokens`` slots (live ones first, empty ones with count 0 after them) and the chunk is
+    #: staged right after it. Every forward then reads the same buffers with the same shapes, so one CUDA
+    #: graph can serve every chunk, and the keeper plans on the device (no host sync per commit).
+    fixed_layout: bool = False
 
     def check_chunk(self, num_frames: int) -> None:
         """Raise ``ValueError`` if a chunk of ``num_frames`` latent frames cannot be held."""

@@ -33,14 +33,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..cache import move_tokens_in_layers
+from ..cache import EMPTY_FRAME
 from ..compile import CompiledOnCuda
 from .base import CacheKeeper
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache import ChunkInfo, KVCacheStore, LayerKVCache
 
-_DEAD = -2  # frame_index of a slot freed by a merge (until compaction reuses it)
+_DEAD = EMPTY_FRAME  # frame_index of an empty slot, or of one a merge freed (until compaction)
 
 
 def _neighbourhood(grid: tuple[int, int], radius: int, device: torch.device) -> torch.Tensor:
@@ -121,6 +121,8 @@ class TemporalMerge(CacheKeeper):
         if self.max_tokens is not None:
             return self.max_tokens
         return self.budget_frames * chunk.tokens_per_frame
+
+    fixed_layout = True  # see CacheKeeper.fixed_layout
 
     def max_history_tokens(self, chunk: "ChunkInfo") -> int:
         return self.budget(chunk)
@@ -266,62 +268,61 @@ class TemporalMerge(CacheKeeper):
 
     @torch.no_grad()
     def commit_layers(self, caches: "list[LayerKVCache]", chunk: "ChunkInfo") -> None:
-        """Merge, compact and evict in every layer, with two host syncs per chunk in all (not per layer)."""
+        """Merge, evict and compact in every layer, planned on the device: no host sync, so the host goes on
+        launching (the decode, the next chunk) while the GPU commits."""
         if not caches:
             return
-        tpf = chunk.tokens_per_frame
-        for cache in caches:  # 1. merges: device work only
-            cache.enable_bias()
-            self._merge_chunk(cache, chunk)
-        # 2. which staged slots survived (one sync), compacted right after each layer's history
-        alive = torch.stack(
-            [c.frame_index[c.length : c.length + c.staged] != _DEAD for c in caches]
-        ).cpu().numpy()
-        moves = []
-        for cache, alive_row in zip(caches, alive):
-            keep = cache.length + np.flatnonzero(alive_row)
-            dest = np.arange(cache.length, cache.length + len(keep))
-            moving = keep != dest
-            moves.append((cache, keep[moving], dest[moving]))
-            cache.length += len(keep)
-        move_tokens_in_layers(moves)
-        # 3. the budget (one sync for the eviction plans of all layers)
         budget = self.budget(chunk)
-        if self.sink_frames * tpf >= budget:
+        if self.sink_frames * chunk.tokens_per_frame >= budget:
             raise ValueError(
                 f"tempcache: the budget ({budget} tokens) cannot hold the {self.sink_frames} sink frames "
-                f"({self.sink_frames * tpf} tokens); raise max_tokens or lower sink_frames"
+                f"({self.sink_frames * chunk.tokens_per_frame} tokens); raise max_tokens or lower sink_frames"
             )
-        over = [c for c in caches if c.length > budget]
-        if over:
-            plans = [self._eviction_mask(c, budget) for c in over]
-            width = max(len(p) for p in plans)
-            masks = torch.stack([torch.nn.functional.pad(p, (0, width - len(p))) for p in plans]).cpu().numpy()
-            moves = []
-            for cache, mask in zip(over, masks):
-                holes = np.flatnonzero(mask[:budget])
-                movers = budget + np.flatnonzero(~mask[budget : cache.length])
-                moves.append((cache, movers, holes))
-                cache.length = budget
-            move_tokens_in_layers(moves)
-        # 4. statistics: left on the device (``cache_stats`` reads them; no sync in the chunk loop)
         for cache in caches:
+            if not cache.fixed or cache.length != budget:
+                raise RuntimeError(
+                    f"tempcache keeps a fixed-layout cache of {budget} history slots; got "
+                    f"{'a growing cache' if not cache.fixed else f'{cache.length} slots'} (make it with "
+                    "LayerKVCache(max_tokens, fixed=True), as KVCacheStore does)"
+                )
+            self._merge_chunk(cache, chunk)
+            self._evict_and_compact(cache, budget)
+            # statistics: left on the device (``cache_stats`` reads them; no sync in the chunk loop)
             counts = cache.token_count[: cache.length]
             cache.info["merged_groups"] = (counts > 1).sum()
             cache.info["tokens_represented"] = counts.sum()
 
-    def _eviction_mask(self, cache: "LayerKVCache", budget: int) -> torch.Tensor:
-        """Boolean (length,) mask of the slots to evict: oldest last-seen first, unmerged before merged among
-        equals, sinks never."""
-        n = cache.length
-        frames = cache.frame_index[:n]
-        sink = frames < self.sink_frames
-        order_key = frames.double() * 1e6 + cache.token_count[:n].double().clamp(max=1e6 - 1)
-        order_key = torch.where(sink, torch.full_like(order_key, float("inf")), order_key)
-        victims = torch.argsort(order_key, stable=True)[: n - budget]
-        # index_fill_, not `evict[victims] = True`: assigning a Python scalar copies it from the host (a sync)
-        evict = torch.zeros(n, dtype=torch.bool, device=frames.device).index_fill_(0, victims, True)
-        return evict & ~sink
+    def _evict_and_compact(self, cache: "LayerKVCache", budget: int) -> None:
+        """Keep at most ``budget`` live slots (evicting the oldest last-seen first, unmerged before merged among
+        equals, then the lower position; sinks never) and move them, in slot order, to the front of the buffer:
+        the history region ``[0, budget)``; every slot after them is empty (count 0)."""
+        end = cache.length + cache.staged
+        frames = cache.frame_index[:end]
+        counts = cache.token_count[:end]
+        positions = cache.token_pos[:end]
+        live = frames != _DEAD
+        evictable = live & (frames >= self.sink_frames)
+        # A total order on the live slots that does not depend on where they sit in the buffer (a live slot's
+        # frame and position are unique: they are its newest member's), so any layout evicts the same tokens.
+        field = (1 << 20) - 1
+        order_key = ((frames.clamp(min=0) << 40) | (counts.long().clamp(max=field) << 20)
+                     | positions.clamp(0, field))
+        order_key = order_key.masked_fill(~evictable, torch.iinfo(torch.int64).max)
+        order = torch.argsort(order_key, stable=True)
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(end, device=order.device))
+        excess = live.sum() - budget  # a device scalar: <= 0 evicts nothing
+        keep = live & ~(evictable & (rank < excess))
+        # The kept slots first, in slot order: a full-width stable sort, so the plan never leaves the device.
+        perm = torch.argsort((~keep).to(torch.int32), stable=True)
+        kept = keep.index_select(0, perm)
+        for buffer in (cache.k, cache.v):
+            part = buffer.narrow(1, 0, end)
+            # empty slots are zeroed: routing pools whole key blocks, and a stale value times a zero weight
+            # could still be a NaN
+            torch.mul(part.index_select(1, perm), kept.view(1, -1, 1, 1).to(part.dtype), out=part)
+        frames.copy_(frames.index_select(0, perm).masked_fill_(~kept, _DEAD))
+        counts.copy_(counts.index_select(0, perm).masked_fill_(~kept, 0.0))
+        positions.copy_(positions.index_select(0, perm).masked_fill_(~kept, -1))
 
     # -- RoPE re-basing ------------------------------------------------------------------------------------
     def rebase_limit(self, store: "KVCacheStore") -> int | None:

@@ -43,25 +43,50 @@ class RoutedSelfAttention:
         self.refresh = refresh
         self.sparse_clean_pass = sparse_clean_pass
         self.dense = DenseSelfAttention()
-        self._routes: dict[tuple, tuple] = {}
+        self._routes: dict[tuple, tuple] = {}  # (branch, layer) -> (block ids, counts), reused buffers
+        self._always_ids: dict[tuple, torch.Tensor] = {}
 
     def _dense_now(self, store: Any) -> bool:
         step = getattr(store, "step_index", 0)
         committing = getattr(store, "_committing", False)
         return step < self.dense_steps or (committing and not self.sparse_clean_pass)
 
+    def _routing_now(self, store: Any) -> bool:
+        """Whether this sparse forward computes routes (else it reuses the chunk's): every one with
+        ``refresh="step"``; with ``"chunk"`` the chunk's first sparse forward, which is a function of the step
+        alone (not of what ran before), so a replayed CUDA graph and an eager forward agree on it."""
+        if self.refresh != "chunk":
+            return True
+        step = getattr(store, "step_index", 0)
+        if getattr(store, "_committing", False):  # the clean pass routes if no denoising step was sparse
+            return self.dense_steps >= step
+        return step == self.dense_steps
+
     def graph_signature(self, store: Any) -> tuple | None:
-        """``("dense",)`` or ``("routed",)`` once this chunk's routes exist; None while routing is still to do
-        (it copies host block lists) or when routes are refreshed every forward."""
+        """``("dense",)``, ``("route",)`` (this forward computes routes: device work only) or ``("routed",)``
+        (it reads the routes of the chunk's routing forward, kept in the same buffers every chunk)."""
         if store.chunk is None:
             return None
         if self._dense_now(store):
             return ("dense",)
-        if self.refresh != "chunk":
+        return ("route",) if self._routing_now(store) else ("routed",)
+
+    def _always(self, n_hist: int, n_kv_blocks: int, sink_tokens: int, device: torch.device) -> torch.Tensor:
+        """Key blocks every query block attends: the sinks' and the chunk's own (and the one it starts in). A
+        device tensor made once per layout, so routing copies nothing from the host (a CUDA graph can hold it)."""
+        key = (n_hist, n_kv_blocks, sink_tokens, str(device))
+        if key not in self._always_ids:
+            ids = list(range(math.ceil(sink_tokens / self.block_n))) + list(range(n_hist // self.block_n, n_kv_blocks))
+            self._always_ids[key] = torch.tensor(ids, dtype=torch.long, device=device)
+        return self._always_ids[key]
+
+    def _empty_blocks(self, key_bias: torch.Tensor | None, n_kv_blocks: int) -> torch.Tensor | None:
+        """Key blocks whose every slot has bias -inf (a fixed-layout cache's empty region): never routed to."""
+        if key_bias is None:
             return None
-        frame_start = store.chunk.frame_start
-        routed = any(key[2] == frame_start for key in self._routes)
-        return ("routed",) if routed else None
+        live = key_bias[0, :, 0] > -float("inf")  # one value per slot (keepers merge jointly over batch, heads)
+        live = torch.nn.functional.pad(live, (0, n_kv_blocks * self.block_n - live.shape[0]))
+        return ~live.view(n_kv_blocks, self.block_n).any(-1)
 
     def attend(
         self,
@@ -86,20 +111,22 @@ class RoutedSelfAttention:
         n_cur = query.shape[1]
         n_hist = key.shape[1] - n_cur
         sink_tokens = min(self.sink_frames * chunk.tokens_per_frame, n_hist)
-        always = list(range(math.ceil(sink_tokens / self.block_n)))
-        always += list(range(n_hist // self.block_n, n_kv_blocks))  # the chunk's own blocks (and the one it starts in)
-        route_key = (store.branch, layer_index, chunk.frame_start, key.shape[1])
-        cached = self._routes.get(route_key) if self.refresh == "chunk" else None
-        if cached is None:
-            cached = route_blocks(
+        slot = (store.branch, layer_index)
+        routes = self._routes.get(slot)
+        shape = (query.shape[0], query.shape[2], math.ceil(n_cur / self.block_m), n_kv_blocks)
+        if self._routing_now(store) or routes is None or tuple(routes[0].shape) != shape:
+            fresh = route_blocks(
                 query, key, block_m=self.block_m, block_n=self.block_n, top_k=self.top_k, top_p=self.top_p,
-                always=always,
+                always=self._always(n_hist, n_kv_blocks, sink_tokens, query.device),
+                empty_blocks=self._empty_blocks(key_bias, n_kv_blocks),
             )
-            if self.refresh == "chunk":
-                # Only this chunk's routes are ever reused: drop the previous chunk's for this layer.
-                self._routes = {k: v for k, v in self._routes.items() if k[:2] != route_key[:2]}
-                self._routes[route_key] = cached
-        indices, counts = cached
+            if routes is not None and tuple(routes[0].shape) == shape:
+                # Into the same buffers every time: the chunk's later forwards (or their CUDA graph) read them.
+                routes[0].copy_(fresh[0])
+                routes[1].copy_(fresh[1])
+            else:
+                routes = self._routes[slot] = fresh
+        indices, counts = routes
         self._record(store, layer_index, counts, n_kv_blocks)
         return block_sparse_attention(
             query, key, value, indices, counts, key_bias=key_bias, block_m=self.block_m, block_n=self.block_n

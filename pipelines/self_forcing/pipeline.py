@@ -98,8 +98,9 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: The decoder's RMS norms as one fused pass each (``vae_norm.apply_fused_norms``, compiled on CUDA);
         #: float32 inside with one rounding, so equal to the plain path up to bf16 rounding.
         self.decode_fused_norms = False
-        #: Record each chunk's second transformer forward as a CUDA graph and replay it for the chunk's later
-        #: forwards (``step_graph.ChunkGraphs``): same kernels, without launching them from Python again.
+        #: Record each distinct transformer forward as a CUDA graph and replay it for every later forward that
+        #: does the same (``step_graph.ChunkGraphs``): same kernels, without launching them from Python again.
+        #: With a fixed-layout method (``fastar``, ``tempcache``) a video runs on two or three graphs.
         self.cuda_graphs = False
         #: With the decode overlapped: queue a chunk's decode as soon as its latents are final (True: it fills the
         #: GPU while the host waits on the commit) or after its commit (False: it runs under the next chunk's
@@ -321,18 +322,18 @@ class SelfForcingPipeline(DiffusionPipeline):
         if self.cuda_graphs:
             from .step_graph import ChunkGraphs
 
-            graphs = ChunkGraphs(device)
+            graphs = ChunkGraphs(device, on_replay=store.replayed)
             blocker = store.graph_blocker()
             if blocker is not None:
                 graphs.disable(blocker)
         self.last_graphs = graphs
 
         def graph_key(step: int) -> Any:
-            # The chunk's first forward stages into buffers that may be new and makes its routes: never recorded.
-            if graphs is None or step == 0:
+            # None for the video's first forward (it allocates the caches) and for host-bound reader paths.
+            if graphs is None:
                 return None
             signature = store.graph_signature()
-            return None if signature is None else (use_cfg, signature)
+            return None if signature is None else (signature[0], use_cfg, signature[1:])
 
         try:
             for start in range(0, num_latent_frames, chunk):

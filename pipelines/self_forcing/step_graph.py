@@ -1,18 +1,19 @@
-"""CUDA graphs of a chunk's transformer forwards: launch the chunk's kernels once, replay them for its later steps.
+"""CUDA graphs of the transformer forwards: launch a forward's kernels once, replay them for every later forward
+that does the same thing, chunk after chunk.
 
 A compiled Wan2.1-1.3B forward at 480x832 costs the host about as long to *launch* as the GPU takes to run it
-(~60-80 ms on an H200: dynamo guards, the cache bookkeeping in Python, Triton launchers), so
-the GPU waits on Python. Within a chunk every forward after the first has the same shapes and touches the same
-buffers: the cache stages the chunk at fixed slots, routes and prompt constants are made by the chunk's first
-forward, and the inputs differ only in values (latents, timestep). So the second forward is recorded as a CUDA
-graph and the chunk's later forwards (the remaining denoising steps and the clean K/V pass) replay it, with the
-new latents and timestep copied into the graph's input buffers.
+(~60-80 ms on an H200: dynamo guards, the cache bookkeeping in Python, Triton launchers), so the GPU waits on
+Python. Forwards that read and write the same buffers with the same shapes differ only in values (latents,
+timestep, and what sits in the buffers), so each distinct forward is recorded once as a CUDA graph and
+replayed after that, with the new latents and timestep copied into the graph's input buffers.
 
 Whether two forwards may share a graph is decided by :meth:`genkv.cache.KVCacheStore.graph_signature`: the
-chunk plus what each reader will do (``None``: this forward does host work that a graph cannot hold, such as
-computing routes, and runs eagerly). Nothing falls back silently: if the device cannot take graphs, a reader
-does not say what it does, or a capture fails, a warning says why and every later forward runs eagerly, which
-computes the same thing.
+cache layout plus what each reader will do. With a fixed-layout keeper (TempCache, ``fastar``) the layout never
+changes, so a whole video runs on a few graphs (the chunk's routing forward, the routed ones) recorded in its
+first two chunks. A growing or filling cache changes its layout every chunk: its graphs serve one chunk's
+later forwards, and are released when the layout moves on. Nothing falls back silently: if the device cannot
+take graphs, a reader does not say what it does, or a recording fails, a warning says why and every later
+forward runs eagerly, which computes the same thing.
 """
 
 from __future__ import annotations
@@ -25,37 +26,49 @@ import torch
 Forward = Callable[..., torch.Tensor]
 
 
+class _Recorded:
+    """One recorded forward: the graph, its input buffers and its output buffer."""
+
+    def __init__(self, graph: "torch.cuda.CUDAGraph", inputs: tuple[torch.Tensor, ...], output: torch.Tensor):
+        self.graph, self.inputs, self.output = graph, inputs, output
+
+
 class ChunkGraphs:
-    """Record one forward per chunk as a CUDA graph and replay it for the chunk's later forwards.
+    """Record each distinct forward once as a CUDA graph and replay it for every later forward with its key.
 
     ``run(key, fn, *inputs)`` returns ``fn(*inputs)``: eagerly when ``key`` is None or graphs are off, by
-    replaying the graph recorded for ``key`` when there is one, else by recording a new graph into the same
-    memory pool (the previous one is released once the new one is recorded; only the newest is replayed). ``fn`` must read only ``inputs`` and
-    state that stays put until the key changes.
+    replaying the graph recorded for ``key`` (and the inputs' shapes) when there is one, else by recording one.
+    ``key[0]`` is the *layout* (the buffers ``fn`` reads and writes): recording a key with a new layout releases
+    the graphs of the old ones, whose buffers may be gone. ``fn`` must read only ``inputs`` and state that stays
+    put (same tensors) for as long as its key comes back. ``on_replay`` is called after each replay, to redo the
+    host-side bookkeeping a replay skips.
 
     Example::
 
-        graphs = ChunkGraphs(torch.device("cuda"))
+        graphs = ChunkGraphs(torch.device("cuda"), on_replay=store.replayed)
         for step, t in enumerate(timesteps):
-            key = None if step == 0 else (chunk_index, store.graph_signature())
-            flow = graphs.run(key, forward, x, t)
+            signature = store.graph_signature()
+            flow = graphs.run(signature, forward, x, t)
     """
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, on_replay: Callable[[], None] | None = None) -> None:
         self.device = device
+        self.on_replay = on_replay
         self.reason: str | None = None  # why graphs are off, once known
         self.captures = 0
         self.replays = 0
-        self._key: Hashable | None = None
-        self._graph = None
-        self._inputs: tuple[torch.Tensor, ...] = ()
-        self._output: torch.Tensor | None = None
+        self._graphs: dict[Hashable, _Recorded] = {}
         self._warmed = False
         if device.type != "cuda":
             self.disable(f"CUDA graphs need a CUDA device, not {device.type}")
             return
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle()  # shared: graphs replay one at a time, never concurrently
         self._capture_stream = torch.cuda.Stream(device)
+
+    @property
+    def recorded(self) -> int:
+        """Graphs held now."""
+        return len(self._graphs)
 
     def disable(self, reason: str) -> None:
         """Turn graphs off for good, saying why (once)."""
@@ -65,38 +78,41 @@ class ChunkGraphs:
         self.release()
 
     def release(self) -> None:
-        """Free the recorded graph and its buffers (a later recording starts a new pool)."""
-        if self._graph is not None:
-            self._graph.reset()
-            if self.reason is None:
-                self._pool = torch.cuda.graph_pool_handle()
-        self._graph, self._key, self._inputs, self._output = None, None, (), None
+        """Free every recorded graph and its buffers."""
+        for recorded in self._graphs.values():
+            recorded.graph.reset()
+        self._graphs.clear()
 
     def run(self, key: Hashable | None, fn: Forward, *inputs: torch.Tensor) -> torch.Tensor:
         if self.reason is not None or key is None:
             return fn(*inputs)
+        full_key = (key, tuple((tuple(x.shape), x.dtype) for x in inputs))
         with torch.cuda.device(self.device):  # the model's GPU, whichever one is current
-            if key == self._key and self._graph is not None:
-                for buffer, value in zip(self._inputs, inputs):
+            recorded = self._graphs.get(full_key)
+            if recorded is not None:
+                for buffer, value in zip(recorded.inputs, inputs):
                     buffer.copy_(value)
-                self._graph.replay()
+                recorded.graph.replay()
                 self.replays += 1
-                return self._output.clone()  # the buffer is overwritten by the next replay
-            return self._record(key, fn, inputs)
+                if self.on_replay is not None:
+                    self.on_replay()
+                return recorded.output.clone()  # the buffer is overwritten by the next replay
+            return self._record(full_key, fn, inputs)
 
-    def _record(self, key: Hashable, fn: Forward, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        # The last chunk's graph is reset only once the new one is recorded into the shared pool: a pool whose
-        # last graph is gone is released, and recording into it again trips the caching allocator. Sharing is
-        # safe because only the newest graph is ever replayed.
-        previous = self._graph
-        self._graph, self._key, self._inputs, self._output = None, None, (), None
+    def _record(self, full_key: Hashable, fn: Forward, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        # Graphs of another layout are reset only once the new one is recorded into the shared pool: a pool
+        # whose last graph is gone is released, and recording into it again trips the caching allocator.
+        layout = full_key[0][0] if isinstance(full_key[0], tuple) and full_key[0] else None
+        stale = [k for k in self._graphs if (k[0][0] if isinstance(k[0], tuple) and k[0] else None) != layout]
         try:
-            return self._record_new(key, fn, inputs)
+            return self._record_new(full_key, fn, inputs)
         finally:
-            if previous is not None:
-                previous.reset()
+            for k in stale:
+                recorded = self._graphs.pop(k, None)
+                if recorded is not None:
+                    recorded.graph.reset()
 
-    def _record_new(self, key: Hashable, fn: Forward, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _record_new(self, full_key: Hashable, fn: Forward, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         main = torch.cuda.current_stream(self.device)
         static = tuple(x.clone() for x in inputs)
         side = self._capture_stream
@@ -129,9 +145,9 @@ class ChunkGraphs:
         main.wait_stream(side)
         if error is not None or not isinstance(output, torch.Tensor):
             what = f"{type(error).__name__}: {str(error)[:300]}" if error is not None else "no tensor came out"
-            self.disable(f"recording the chunk's forward failed ({what})")
+            self.disable(f"recording a forward failed ({what})")
             return result if result is not None else fn(*inputs)
-        self._graph, self._key, self._inputs, self._output = graph, key, static, output
+        self._graphs[full_key] = _Recorded(graph, static, output)
         self.captures += 1
         if result is None:
             graph.replay()

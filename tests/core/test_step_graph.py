@@ -32,31 +32,34 @@ def _signatures(pipe, prompt: str, num_frames: int) -> list[tuple]:
     return seen
 
 
-def test_routed_forwards_share_a_signature_once_the_chunk_is_routed():
+def test_a_fixed_layout_method_runs_a_whole_video_on_two_signatures():
+    """fastar keeps one cache layout for the whole video: past the video's first forward (it allocates the
+    caches and projects the prompt), every chunk's routing forward shares one signature and every routed
+    forward (steps 2-4 and the clean pass) another, so two graphs serve every chunk."""
     pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=3), "fastar", top_k=2, prompt_top_k=2, **BLOCKS)
-    seen = _signatures(pipe, "a red circle", 33)  # 3 chunks x (4 steps + clean pass)
-    assert len(seen) == 15
-    for chunk in range(3):
-        rows = seen[5 * chunk : 5 * chunk + 5]
-        assert rows[0][2] is None  # the chunk's first forward routes (host block lists): never recorded
-        assert len({row[2] for row in rows[1:]}) == 1 and rows[1][2] is not None  # steps 1-3 and the clean pass
-    later = [seen[5 * c + 1][2] for c in range(3)]
-    assert len(set(later)) == 3  # a new chunk (new cache lengths, new routes) never replays the last one's graph
+    seen = _signatures(pipe, "a red circle", 45)  # 4 chunks x (4 steps + clean pass)
+    assert len(seen) == 20
+    assert seen[0][2] is None
+    routing = {row[2] for row in seen[5::5]}
+    routed = {row[2] for i, row in enumerate(seen) if i % 5}
+    assert len(routing) == 1 and len(routed) == 1 and None not in routing | routed
+    assert ("route",) in next(iter(routing)) and ("routed",) in next(iter(routed))
 
 
-def test_dense_steps_and_routing_step_get_their_own_signatures():
+def test_a_growing_cache_gets_new_signatures_every_chunk_and_dense_steps_their_own():
     pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=3), "annsa", top_k=2, dense_steps=2, **BLOCKS)
-    seen = _signatures(pipe, "a red circle", 21)
-    # The video's first forward also projects the prompt's K/V: a path of its own.
-    assert seen[0][2] != seen[1][2]
-    rows = seen[5:10]  # the second chunk: dense, dense, routing, routed, routed clean pass
+    seen = _signatures(pipe, "a red circle", 33)
+    assert seen[0][2] is None  # the video's first forward allocates the caches and projects the prompt
+    rows = seen[5:10]  # the second chunk: dense (grows the cache), dense, routing, routed, routed clean pass
     dense, routing, routed = rows[1][2], rows[2][2], rows[3][2]
-    assert rows[0][2] == dense and dense is not None
-    assert routing is None
-    assert routed is not None and routed != dense and rows[4][2] == routed
+    assert rows[0][2] is None and dense is not None
+    assert routing is not None and len({dense, routing, routed}) == 3 and rows[4][2] == routed
+    # the full cache grew by a chunk: its layout (first element) and so every signature of chunk 3 is new
+    assert seen[10][2] is None and seen[11][2][0] != dense[0]
+    assert not {row[2] for row in seen[11:15]} & {row[2] for row in rows}
 
 
-def test_with_guidance_both_branches_are_ready_after_the_chunks_first_forward():
+def test_with_guidance_both_branches_are_ready_after_the_videos_first_forward():
     pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=3), "fastar", top_k=2, prompt_top_k=2, **BLOCKS)
     store = genkv.get_store(pipe)
     seen = []
@@ -69,11 +72,24 @@ def test_with_guidance_both_branches_are_ready_after_the_chunks_first_forward():
         return out
 
     pipe._flow_at = recording
-    list(pipe.stream("a red circle", num_frames=21, guidance_scale=3.0, generator=torch.Generator().manual_seed(0)))
+    list(pipe.stream("a red circle", num_frames=33, guidance_scale=3.0, generator=torch.Generator().manual_seed(0)))
     assert all(branches == ["cond", "uncond"] for _, branches in seen)
-    for chunk in range(2):
-        rows = [signature for signature, _ in seen[5 * chunk : 5 * chunk + 5]]
-        assert rows[0] is None and rows[1] is not None and len(set(rows[1:])) == 1
+    signatures = [signature for signature, _ in seen]
+    assert signatures[0] is None and None not in signatures[1:] and len(set(signatures[1:])) == 2
+    assert {branch for branch, *_ in signatures[1][0]} == {"cond", "uncond"}  # both branches' layouts
+
+
+def test_replayed_redoes_the_staging_bookkeeping():
+    """A replayed forward runs no Python: the store marks the chunk staged in every layer, as stage() does."""
+    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=3), "fastar", top_k=2, prompt_top_k=2, **BLOCKS)
+    store = genkv.get_store(pipe)
+    rollout = pipe.rollout(pipe.encode_prompt("a red circle"), 6, 32, 32, generator=torch.Generator().manual_seed(0))
+    next(rollout)  # chunk 0 committed: nothing staged
+    layers = [c for layers in store.caches.values() for c in layers]
+    assert layers and all(c.staged == 0 for c in layers)
+    store.replayed()
+    assert all(c.staged == store.chunk.num_tokens for c in layers)
+    rollout.close()
 
 
 def test_a_reader_that_does_not_declare_its_forwards_blocks_graphs_with_a_reason():
@@ -129,8 +145,11 @@ def test_graph_replay_gives_the_frames_of_the_eager_forwards(method, compiled, m
     graphed = _render_cuda(pipe)
     graphs = pipe.last_graphs
     assert graphs.reason is None
-    chunks = 4  # 45 frames
-    assert graphs.captures == chunks and graphs.replays >= 3 * chunks  # steps 2-3 and the clean pass replay
+    # Two graphs for the whole video, every forward but the video's first replays: 3 + (1 + 4) + 5 + 5. fastar
+    # (fixed layout): the routed forward (recorded at chunk 0's step 2, after a warm-up run) and the routing
+    # forward (chunk 1's step 1, replayed once to give its output). rolling: chunk 0's later forwards (empty
+    # history), then, with the window full from chunk 1 on, one graph for every forward (all dense).
+    assert graphs.captures == 2 and graphs.replays == 18
     assert np.abs(graphed.astype(int) - eager.astype(int)).max() <= 1
 
 
@@ -148,7 +167,7 @@ def test_a_forward_that_cannot_be_recorded_says_why_and_renders_the_plain_path()
 
     reader.attend = syncing_attend
     pipe.cuda_graphs = True
-    with pytest.warns(RuntimeWarning, match="recording the chunk's forward failed"):
+    with pytest.warns(RuntimeWarning, match="recording a forward failed"):
         graphed = _render_cuda(pipe, 21)
     assert pipe.last_graphs.captures == 0
     np.testing.assert_array_equal(graphed, eager)

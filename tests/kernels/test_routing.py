@@ -1,5 +1,7 @@
 """route_blocks: selection rules, determinism, and the dense limit."""
 
+import os
+
 import pytest
 import torch
 
@@ -62,6 +64,16 @@ def _triton_available():
     return triton_available()
 
 
+def _triton_device(backend: str = "triton") -> str:
+    """Where a Triton kernel runs: the CPU under the interpreter (``TRITON_INTERPRET=1``, as conftest sets),
+    else the GPU (``TRITON_INTERPRET=0 pytest`` on the GPU machine)."""
+    if backend != "triton" or os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("Triton without its interpreter needs a CUDA device")
+    return "cuda"
+
+
 @pytest.mark.skipif(not _triton_available(), reason="triton is not installed")
 @pytest.mark.parametrize("n_kv_tokens,top_k", [(1000, 5), (5000, 40), (300, 50)])
 def test_fused_triton_routing_matches_an_exact_float64_top_k(n_kv_tokens, top_k):
@@ -69,7 +81,10 @@ def test_fused_triton_routing_matches_an_exact_float64_top_k(n_kv_tokens, top_k)
     g = torch.Generator().manual_seed(n_kv_tokens)
     q, k = torch.randn(1, 40, 3, 32, generator=g), torch.randn(1, n_kv_tokens, 3, 32, generator=g)
     always = [0, 3]
-    idx, counts = route_blocks(q, k, block_m=16, block_n=16, top_k=top_k, always=always, backend="triton")
+    dev = _triton_device()
+    idx, counts = route_blocks(q.to(dev), k.to(dev), block_m=16, block_n=16, top_k=top_k, always=always,
+                               backend="triton")
+    idx, counts = idx.cpu(), counts.cpu()
     scores = torch.einsum("bhqd,bhkd->bhqk", pool_blocks(q, 16).double(), pool_blocks(k, 16).double())
     n_kv = scores.shape[-1]
     for h in range(3):
@@ -85,5 +100,31 @@ def test_fused_triton_routing_breaks_ties_toward_lower_block_ids():
     q = torch.ones(1, 16, 1, 16)
     k = torch.ones(1, 16 * 6, 1, 16)  # six identical key blocks: all scores tie
     k[:, 16:32] = -1.0  # block 1 scores lowest
-    idx, counts = route_blocks(q, k, block_m=16, block_n=16, top_k=3, backend="triton")
+    dev = _triton_device()
+    idx, counts = route_blocks(q.to(dev), k.to(dev), block_m=16, block_n=16, top_k=3, backend="triton")
+    idx, counts = idx.cpu(), counts.cpu()
     assert counts.item() == 3 and idx[0, 0, 0, :3].tolist() == [0, 2, 3]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("top_k", [2, 6])
+def test_empty_blocks_are_never_chosen_unless_forced(backend, top_k):
+    """A fixed-layout cache's empty blocks: the choice equals top-k over the other blocks (float64 scores), plus
+    the forced ones, whichever the backend; with fewer live blocks than top_k, only live ones are added."""
+    g = torch.Generator().manual_seed(5)
+    q, k = torch.randn(1, 32, 2, 16, generator=g), torch.randn(1, 128, 2, 16, generator=g)
+    empty = torch.zeros(8, dtype=torch.bool)
+    empty[[1, 2, 3, 5, 6]] = True  # live: 0, 4, 7; block 6 is empty but forced
+    dev = _triton_device(backend)
+    idx, counts = route_blocks(q.to(dev), k.to(dev), block_m=16, block_n=16, top_k=top_k, always=[6],
+                               empty_blocks=empty.to(dev), backend=backend)
+    idx, counts = idx.cpu(), counts.cpu()
+    scores = torch.einsum("bhqd,bhkd->bhqk", pool_blocks(q, 16).double(), pool_blocks(k, 16).double())
+    scores = scores.masked_fill(empty, -float("inf"))
+    for h in range(2):
+        for m in range(2):
+            chosen = set(idx[0, h, m, : counts[0, h, m]].tolist())
+            best = set(scores[0, h, m].topk(min(top_k, 3)).indices.tolist())
+            assert chosen == best | {6}
+    with pytest.raises(ValueError, match="empty_blocks"):
+        route_blocks(q, k, block_m=16, block_n=16, top_k=2, empty_blocks=empty[:4])

@@ -42,12 +42,12 @@ def test_merging_exact_duplicates_is_exact_attention():
         frames_k.append(k)
         frames_v.append(torch.randn(1, tpf, heads, dim, generator=g))  # values all differ
     keeper = TemporalMerge(threshold=1.0, radius=1, sink_frames=0, budget_frames=100, max_tokens=None)
-    cache = LayerKVCache(keeper.budget(ChunkInfo(0, 3, tpf, 0, grid)))
+    cache = LayerKVCache(keeper.budget(ChunkInfo(0, 3, tpf, 0, grid)), fixed=True)
     for c in range(2):
         _commit(keeper, cache, torch.cat(frames_k[3 * c : 3 * c + 3], 1), torch.cat(frames_v[3 * c : 3 * c + 3], 1),
                 3 * c, 3, grid)
     all_k, all_v = torch.cat(frames_k, 1), torch.cat(frames_v, 1)
-    assert cache.length < all_k.shape[1]  # merging happened
+    assert cache.live_tokens() < all_k.shape[1]  # merging happened
     assert cache.token_count[: cache.length].sum() == all_k.shape[1]  # every token is represented once
     q = torch.randn(1, 5, heads, dim, generator=g)
     k, v, bias = cache.history()
@@ -65,9 +65,9 @@ def test_near_duplicates_merge_only_above_threshold():
     cos = torch.nn.functional.cosine_similarity(k0, k1, dim=-1).min().item()
     for threshold, merges in ((cos - 1e-3, True), (min(cos + 1e-3, 1.0), False)):
         keeper = TemporalMerge(threshold=threshold, radius=0, sink_frames=0, budget_frames=10, max_tokens=None)
-        cache = LayerKVCache(40)
+        cache = LayerKVCache(40, fixed=True)
         _commit(keeper, cache, torch.cat([k0, k1], 1), torch.randn(1, 8, 1, 8), 0, 2, grid)
-        assert (cache.length == 4) == merges
+        assert (cache.live_tokens() == 4) == merges
 
 
 def _static_scene_pipeline():
@@ -115,7 +115,8 @@ def test_threshold_above_one_never_merges_and_equals_full():
     never = run()
     stats = genkv.cache_stats(pipe)
     assert stats["tokens"] == stats["tokens_seen"]
-    torch.testing.assert_close(never, full, rtol=1e-5, atol=1e-6)
+    # (float32: the fixed layout reads through a -inf-masked bias, which reorders the rounding)
+    torch.testing.assert_close(never, full, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("method", ["tempcache"])
@@ -220,9 +221,9 @@ def test_content_matching_merges_keys_that_repeat_under_rope(match, merges):
     assert stored_cos < 0.999  # the repeat is not a duplicate as stored
     keeper = TemporalMerge(threshold=0.999, radius=1, sink_frames=0, budget_frames=10, max_tokens=None, match=match)
     keeper.rope = rope
-    cache = LayerKVCache(60)
+    cache = LayerKVCache(60, fixed=True)
     _commit(keeper, cache, keys, torch.randn(1, 2 * tpf, 2, 24, generator=g), 0, 2, grid)
-    assert (cache.length == tpf) == merges
+    assert (cache.live_tokens() == tpf) == merges
     if merges:  # every group holds two tokens and the frame-1 key
         torch.testing.assert_close(cache.token_count[:tpf], torch.full((tpf,), 2.0))
         torch.testing.assert_close(cache.k[:, :tpf], keys[:, tpf:])
