@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
               f"streams, device busy {busy_ms / args.chunks:.1f} ms ({100 * busy_ms / max(span_ms, 1e-9):.0f}% of "
               f"the {span_ms:.0f} ms from first to last kernel) ==")
         for r in result[spec]["phases"]:
-            print(f"{r['phase']:28s} host {r['host_ms_per_chunk']:8.1f} ms   kernels {r['device_ms_per_chunk']:8.1f} ms")
+            print(f"{r['phase']:28s} host {r['host_ms_per_chunk']:8.1f} ms   "
+                  f"kernels {r['device_ms_per_chunk']:8.1f} ms")
         if args.stacks:
             sites = []
             for evt in prof.key_averages(group_by_stack_n=12):

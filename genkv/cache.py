@@ -13,7 +13,7 @@ Layout (one :class:`LayerKVCache` per attention layer and CFG branch)::
     token_count (capacity,)           original tokens a slot stands for (1; more once a keeper merges)
 
 Tokens ``[0, length)`` are committed history (in a *fixed layout*, the keeper's choice, ``length`` never changes:
-the history region holds its live tokens first and empty slots, count 0, after them; see
+the history region holds live slots and empty ones, count 0, which attention never sees; see
 :attr:`genkv.keep.base.CacheKeeper.fixed_layout`). Each forward of the current chunk *stages* its K/V at
 ``[length, length + n)`` (overwriting the previous step's, as upstream Self-Forcing does) and attention reads
 the contiguous view ``[0, length + n)``: no concatenation, no copy of the history on the hot path. After the

@@ -27,7 +27,7 @@ class CacheKeeper:
     #: model without one (keepers that compare keys then compare them as stored)
     rope: "FrameOffsetRotaryPosEmbed | None" = None
     #: True for a keeper whose caches keep one layout for the whole video: the history is a fixed region of
-    #: ``max_history_tokens`` slots (live ones first, empty ones with count 0 after them) and the chunk is
+    #: ``max_history_tokens`` slots (live ones, and empty ones with count 0: a key bias of -inf) and the chunk is
     #: staged right after it. Every forward then reads the same buffers with the same shapes, so one CUDA
     #: graph can serve every chunk, and the keeper plans on the device (no host sync per commit).
     fixed_layout: bool = False

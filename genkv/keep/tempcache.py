@@ -19,8 +19,13 @@ decided jointly over heads and batch (the minimum similarity must pass), so ever
 every head and the buffer stays a plain ``(B, S, H, D)`` tensor.
 
 Budget: after merging, if a layer holds more than ``max_tokens``, the least recently seen slots go first
-(oldest ``frame_index``: a group refreshed by a match counts as recent), unmerged before merged among equals;
-sink frames are never merged or evicted.
+(oldest ``frame_index``: a group refreshed by a match counts as recent), unmerged before merged among equals,
+then the lower position; sink frames are never merged or evicted.
+
+Layout: the cache is *fixed* (:attr:`genkv.keep.base.CacheKeeper.fixed_layout`): a history region of
+``max_tokens`` slots for the whole video, empty slots with count 0 (key bias ``-inf``), the chunk staged after
+it. A commit plans everything on the device (no host sync) and moves only the chunk's surviving tokens, into the
+history's empty slots, so every forward of every chunk sees the same buffers and shapes (one CUDA graph each).
 
 A group keeps its newest key, position included: in ``content`` mode its older members are then attended as
 if they sat at the newest frame, the approximation FAST-AR's TempCache makes.
@@ -286,17 +291,20 @@ class TemporalMerge(CacheKeeper):
                     "LayerKVCache(max_tokens, fixed=True), as KVCacheStore does)"
                 )
             self._merge_chunk(cache, chunk)
-            self._evict_and_compact(cache, budget)
+            self._evict_and_fill(cache, budget)
             # statistics: left on the device (``cache_stats`` reads them; no sync in the chunk loop)
             counts = cache.token_count[: cache.length]
             cache.info["merged_groups"] = (counts > 1).sum()
             cache.info["tokens_represented"] = counts.sum()
 
-    def _evict_and_compact(self, cache: "LayerKVCache", budget: int) -> None:
+    def _evict_and_fill(self, cache: "LayerKVCache", budget: int) -> None:
         """Keep at most ``budget`` live slots (evicting the oldest last-seen first, unmerged before merged among
-        equals, then the lower position; sinks never) and move them, in slot order, to the front of the buffer:
-        the history region ``[0, budget)``; every slot after them is empty (count 0)."""
-        end = cache.length + cache.staged
+        equals, then the lower position; sinks never) and move the chunk's surviving staged tokens into the
+        history region's empty slots, lowest first. Only the survivors move (the history stays where it is), and
+        whenever eviction runs it leaves exactly as many empty slots as there are survivors, so the history
+        region never holds stale empty slots: it fills from the front, then stays full."""
+        hist, staged = cache.length, cache.staged
+        end = hist + staged
         frames = cache.frame_index[:end]
         counts = cache.token_count[:end]
         positions = cache.token_pos[:end]
@@ -312,17 +320,23 @@ class TemporalMerge(CacheKeeper):
         rank = torch.empty_like(order).scatter_(0, order, torch.arange(end, device=order.device))
         excess = live.sum() - budget  # a device scalar: <= 0 evicts nothing
         keep = live & ~(evictable & (rank < excess))
-        # The kept slots first, in slot order: a full-width stable sort, so the plan never leaves the device.
-        perm = torch.argsort((~keep).to(torch.int32), stable=True)
-        kept = keep.index_select(0, perm)
+        # Empty history slots in ascending order (a full-width stable sort: the plan never leaves the device);
+        # the i-th surviving staged token goes to the i-th of them, the others stay where they are (a no-op).
+        holes = torch.argsort(keep[:hist].to(torch.int32), stable=True)
+        survives = keep[hist:]
+        nth = (torch.cumsum(survives, 0) - 1).clamp(min=0)
+        dest = torch.where(survives, holes.index_select(0, nth.clamp(max=max(hist - 1, 0))),
+                           torch.arange(hist, end, device=holes.device))
+        frames.narrow(0, 0, hist).masked_fill_(~keep[:hist], _DEAD)  # evicted: empty
+        counts.narrow(0, 0, hist).masked_fill_(~keep[:hist], 0.0)
         for buffer in (cache.k, cache.v):
-            part = buffer.narrow(1, 0, end)
-            # empty slots are zeroed: routing pools whole key blocks, and a stale value times a zero weight
-            # could still be a NaN
-            torch.mul(part.index_select(1, perm), kept.view(1, -1, 1, 1).to(part.dtype), out=part)
-        frames.copy_(frames.index_select(0, perm).masked_fill_(~kept, _DEAD))
-        counts.copy_(counts.index_select(0, perm).masked_fill_(~kept, 0.0))
-        positions.copy_(positions.index_select(0, perm).masked_fill_(~kept, -1))
+            buffer.index_copy_(1, dest, buffer.narrow(1, hist, staged).clone())
+        for buffer in (frames, counts, positions):
+            buffer.index_copy_(0, dest, buffer.narrow(0, hist, staged).clone())
+        # the staging region is empty until the next chunk stages into it
+        frames.narrow(0, hist, staged).fill_(_DEAD)
+        counts.narrow(0, hist, staged).fill_(0.0)
+        positions.narrow(0, hist, staged).fill_(-1)
 
     # -- RoPE re-basing ------------------------------------------------------------------------------------
     def rebase_limit(self, store: "KVCacheStore") -> int | None:

@@ -277,3 +277,34 @@ def test_compiled_pair_scores_equal_the_eager_ones():
     compiled = torch.compile(pair_scores, dynamic=True)
     torch.testing.assert_close(compiled(k, slots, k_new, rotation), pair_scores(k, slots, k_new, rotation),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_eviction_keeps_the_sinks_and_the_newest_frames_in_place():
+    """No merges (threshold > 1): a budget of 4 frames with 1 sink holds frame 0 and the 3 newest frames, each
+    slot with its own token's key and value; every other slot, the staging region included, is empty (count 0,
+    so attention never sees it). Only staged survivors move: the history's slots stay where they are."""
+    g = torch.Generator().manual_seed(3)
+    grid, heads, dim = (2, 2), 2, 8
+    tpf = grid[0] * grid[1]
+    keeper = TemporalMerge(threshold=1.5, radius=1, sink_frames=1, budget_frames=4, max_tokens=None)
+    cache = LayerKVCache(4 * tpf, fixed=True)
+    keys = torch.randn(1, 15 * tpf, heads, dim, generator=g)
+    values = torch.randn(1, 15 * tpf, heads, dim, generator=g)
+    before = None
+    for c in range(5):
+        chunk = slice(3 * c * tpf, (3 * c + 3) * tpf)
+        _commit(keeper, cache, keys[:, chunk], values[:, chunk], 3 * c, 3, grid)
+        if c == 3:
+            before = {(int(f), int(p)): s for s, (f, p) in enumerate(zip(cache.frame_index, cache.token_pos))}
+    live = cache.token_count > 0
+    assert live[cache.length :].sum() == 0 and (cache.token_count[live] == 1).all()
+    frames = cache.frame_index[live].tolist()
+    assert sorted(frames) == sorted([0] * tpf + [f for f in (12, 13, 14) for _ in range(tpf)])
+    for slot in torch.nonzero(live).flatten().tolist():
+        token = int(cache.frame_index[slot]) * tpf + int(cache.token_pos[slot])
+        torch.testing.assert_close(cache.k[:, slot], keys[:, token], rtol=0, atol=0)
+        torch.testing.assert_close(cache.v[:, slot], values[:, token], rtol=0, atol=0)
+    now = {(int(f), int(p)): s for s, (f, p) in enumerate(zip(cache.frame_index, cache.token_pos)) if live[s]}
+    # the sink frame, the only history that survives the last chunk, kept its slots
+    assert [now[(0, p)] for p in range(tpf)] == [before[(0, p)] for p in range(tpf)]
+    assert (cache.frame_index[~live] == -2).all()

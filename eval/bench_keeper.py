@@ -1,0 +1,93 @@
+"""Time of TempCache's commit (merge, evict, place) per chunk, at Wan2.1-1.3B cache shapes, without the model.
+
+Fills ``--layers`` fixed-layout layer caches with synthetic chunks (3 latent frames of 30x52 tokens, 12 heads x
+128 dims; each frame a noisy copy of one base frame, so keys merge at the default 0.95 threshold) and times
+``commit_layers`` for every chunk, synchronising the GPU around it. The steady chunks (budget full, evicting)
+are the ones a long render pays for. Prints a table and writes JSON.
+
+    python eval/bench_keeper.py --device cuda --layers 30 --out runs/keeper.json
+    python eval/bench_keeper.py --device cpu --layers 1 --chunks 8 --dtype fp32      # a CPU probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def commit_times(layers: int, chunks: int, device: torch.device, dtype: torch.dtype, budget_frames: int,
+                 grid: tuple[int, int], heads: int, dim: int) -> list[float]:
+    from genkv.cache import ChunkInfo, LayerKVCache
+    from genkv.keep.tempcache import TemporalMerge
+
+    tpf = grid[0] * grid[1]
+    keeper = TemporalMerge(threshold=0.95, radius=1, sink_frames=1, budget_frames=budget_frames, max_tokens=None)
+    caches = [LayerKVCache(budget_frames * tpf, fixed=True) for _ in range(layers)]
+    gen = torch.Generator(device=device).manual_seed(0)
+    seconds = []
+    for c in range(chunks):
+        base = torch.randn(1, tpf, heads, dim, generator=gen, device=device, dtype=dtype)
+        keys = torch.cat([base + 0.1 * torch.randn(base.shape, generator=gen, device=device, dtype=dtype)
+                          for _ in range(3)], 1)
+        values = torch.randn(keys.shape, generator=gen, device=device, dtype=dtype)
+        chunk = ChunkInfo(3 * c, 3, tpf, 3 * c, grid)
+        for cache in caches:
+            cache.stage(keys, values)
+            cache.label_staged(chunk)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        keeper.commit_layers(caches, chunk)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - start)
+        for cache in caches:
+            cache.staged = 0
+    return seconds
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default bf16 on CUDA")
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--chunks", type=int, default=12)
+    parser.add_argument("--budget-frames", type=int, default=18)
+    parser.add_argument("--out", type=Path, default=Path("bench_keeper.json"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
+        args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
+    seconds = commit_times(args.layers, args.chunks, device, dtype, args.budget_frames, (30, 52), 12, 128)
+    steady = sorted(seconds[args.budget_frames // 3 + 1 :]) or sorted(seconds)
+    median_ms = 1000 * steady[len(steady) // 2]
+    print(f"{'chunk':>5s} {'commit ms':>10s}")
+    for i, s in enumerate(seconds):
+        print(f"{i:5d} {1000 * s:10.1f}")
+    print(f"steady (budget full) median: {median_ms:.1f} ms a chunk for {args.layers} layers")
+    result = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "dtype": str(dtype),
+        "layers": args.layers,
+        "budget_frames": args.budget_frames,
+        "commit_ms": [1000 * s for s in seconds],
+        "steady_median_ms": median_ms,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"json: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
