@@ -12,14 +12,14 @@ are the ones a long render pays for. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import write_result  # noqa: E402
 
 
 def commit_times(layers: int, chunks: int, device: torch.device, dtype: torch.dtype, budget_frames: int,
@@ -72,20 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, s in enumerate(seconds):
         print(f"{i:5d} {1000 * s:10.1f}")
     print(f"steady (budget full) median: {median_ms:.1f} ms a chunk for {args.layers} layers")
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__,
-        "dtype": str(dtype),
-        "layers": args.layers,
-        "budget_frames": args.budget_frames,
-        "commit_ms": [1000 * s for s in seconds],
-        "steady_median_ms": median_ms,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"json: {args.out}")
+    write_result(args.out, device, dtype=str(dtype), layers=args.layers, budget_frames=args.budget_frames,
+                 commit_ms=[1000 * s for s in seconds], steady_median_ms=median_ms)
     return 0
 
 

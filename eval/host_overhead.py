@@ -13,14 +13,14 @@ top of, or instead of, its GPU time). Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import write_result  # noqa: E402
 
 
 def build(layers: int, method: str, settings: dict, device: str, compiled: bool, dtype: torch.dtype,
@@ -92,19 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({"compiled": compiled, "cuda_graphs": graphs, "ms_per_forward": ms,
                      "ms_per_block": ms / args.layers})
         print(f"{name:24s} {ms:8.2f} ms a forward, {ms / args.layers:6.3f} ms a block")
-    result = {
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-        "torch": torch.__version__,
-        "layers": args.layers,
-        "method": args.method,
-        "dtype": str(dtype),
-        "rows": rows,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
-    print(f"json: {args.out}")
+    write_result(args.out, args.device, layers=args.layers, method=args.method, dtype=str(dtype), rows=rows)
     return 0
 
 
