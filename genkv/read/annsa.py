@@ -76,6 +76,8 @@ class RoutedSelfAttention:
         device tensor made once per layout, so routing copies nothing from the host (a CUDA graph can hold it)."""
         key = (n_hist, n_kv_blocks, sink_tokens, str(device))
         if key not in self._always_ids:
+            if len(self._always_ids) >= 8:  # a growing cache makes a new layout every chunk: keep the recent ones
+                self._always_ids.pop(next(iter(self._always_ids)))
             ids = list(range(math.ceil(sink_tokens / self.block_n))) + list(range(n_hist // self.block_n, n_kv_blocks))
             self._always_ids[key] = torch.tensor(ids, dtype=torch.long, device=device)
         return self._always_ids[key]

@@ -51,7 +51,8 @@ class DenseSelfAttention:
 
 def _biased_dense_on_triton(query: torch.Tensor) -> bool:
     """SDPA with a float mask falls back to slow kernels that materialise (B, H, S_q, S_kv) logits; the
-    block-sparse kernel takes the per-key bias natively, so on CUDA dense + bias runs there, every block listed."""
+    block-sparse kernel takes the per-key bias natively, so on CUDA dense + bias runs there, every block with a
+    visible key listed."""
     from genkv.kernels.block_sparse import triton_available
 
     return (query.is_cuda and triton_available() and query.shape[-1] in (16, 32, 64, 128)
@@ -63,9 +64,15 @@ def _dense_with_bias_triton(query, key, value, key_bias, block: int = 128) -> to
 
     b, s_q, h, _ = query.shape
     n_q, n_kv = -(-s_q // block), -(-key.shape[1] // block)
-    # Every query block lists every key block: broadcast views (stride 0), nothing materialised.
-    indices = torch.arange(n_kv, device=query.device, dtype=torch.int32).expand(b, h, n_q, n_kv)
-    counts = torch.full((b, h, n_q), n_kv, device=query.device, dtype=torch.int32)
+    # Every query block lists every key block that holds a visible key, in ascending order: a fixed-layout
+    # cache's empty blocks (bias -inf throughout) would add exactly nothing, so they are not read. Decided on
+    # the device (no sync); broadcast views of one row, nothing (B, H, n_q, n_kv)-sized materialised.
+    visible = (key_bias > -float("inf")).any(-1).any(0)  # (S_kv,): visible to some batch element and head
+    visible = torch.nn.functional.pad(visible, (0, n_kv * block - key.shape[1]))
+    visible = visible.view(n_kv, block).any(-1)
+    order = torch.argsort((~visible).to(torch.int32), stable=True).to(torch.int32)
+    indices = order.expand(b, h, n_q, n_kv)
+    counts = visible.sum().to(torch.int32).expand(b, h, n_q).contiguous()
     return block_sparse_attention(query, key, value, indices, counts, key_bias=key_bias, block_m=block,
                                   block_n=block, backend="triton")
 

@@ -180,6 +180,13 @@ def test_dense_reader_with_bias_through_triton_equals_float64():
     got = _dense_with_bias_triton(q, k, v, bias, block=32)
     want, _ = dense_reference(q, k, v, None, bias)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # a fixed-layout cache: whole empty blocks between live ones (not read at all), one head seeing a slot
+    # the other does not
+    bias[:, 60:170] = -float("inf")
+    bias[0, 100, 1] = 0.0
+    got = _dense_with_bias_triton(q, k, v, bias, block=32)
+    want, _ = dense_reference(q, k, v, None, bias)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
 
 
 def test_gather_counts_a_block_listed_twice_once_and_skips_entries_past_the_count():
