@@ -111,7 +111,6 @@ def run_method(
         from genkv.compile import compile_transformer
 
         compile_transformer(pipe.transformer)
-    chunk_frames = 4 * pipe.config.num_frames_per_chunk
     rows: list[dict] = []
     result: dict = {"spec": spec, "method": method.to_dict(), "compile": compile_blocks, "frames_requested": frames,
                     "overlap_decode": overlap if overlap is not None else (device.type == "cuda" and not profile),
@@ -161,9 +160,10 @@ def run_method(
         tmp.cleanup()
     total = time.perf_counter() - start
     secs = [r["seconds"] for r in rows]
-    # The first chunk carries warm-up (and compilation); steady state starts after it.
-    steady = rows[1:] if len(rows) > 1 else rows
-    steady_frames = sum(chunk_frames for _ in steady)
+    # The first chunk carries warm-up (and compilation); steady state starts after it. The last one is left out
+    # too: it may be partial, and with the overlapped decode it is only the flush of frames already made.
+    steady = rows[1:-1] if len(rows) > 2 else rows[1:] if len(rows) > 1 else rows
+    steady_frames = sum(r["frames_done"] - (rows[r["chunk"] - 1]["frames_done"] if r["chunk"] else 0) for r in steady)
     result.update(
         frames=done,
         seconds_total=total,
@@ -297,7 +297,7 @@ def print_table(results: dict) -> None:
             g = run["graph_stats"]
             print(f"    CUDA graphs: {g['captures']} recorded, {g['replays']} replays"
                   + (f"; off: {g['off_reason']}" if g["off_reason"] else ""))
-        secs = sorted(r["seconds"] for r in run["chunks"][5:])
+        secs = sorted(r["seconds"] for r in run["chunks"][5:-1])  # the last chunk: partial, or a flush
         if secs:
             print(f"    chunks after the 5th: median {1000 * secs[len(secs) // 2]:.1f} ms, "
                   f"10th percentile {1000 * secs[len(secs) // 10]:.1f} ms, fastest {1000 * secs[0]:.1f} ms")

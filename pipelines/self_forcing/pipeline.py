@@ -204,7 +204,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         an H200, bf16; each exact in float64, docs/BENCHMARKS.md "Real time"), and its RMS norms fused.
         ``cuda_graphs``: also replay recorded forwards from CUDA graphs (:attr:`cuda_graphs`; None: on when the
         transformer is on a CUDA device); a fixed-layout method (``fastar``) then runs a whole video on two graphs.
-        Over 2000 frames of ``fastar`` on an H200 the fast path made 25.5 frames/s against 15.7 for the plain one
+        Over 2000 frames of ``fastar`` on an H200 the fast path made 25.3 frames/s against 15.6 for the plain one
         (median chunk 472 against 729 ms).
 
         The first chunk after this pays the compilation (about 15 s for Wan2.1-1.3B on an H100).
