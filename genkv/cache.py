@@ -3,9 +3,10 @@
 Layout (one :class:`LayerKVCache` per attention layer and CFG branch)::
 
     k, v        (B, capacity, H, D)   post-norm, post-RoPE keys and raw values, in diffusers' layout
-    (key bias)  derived, not stored:  once a keeper merges (``uses_bias``), readers get ``log(token_count)`` as
-                                      a (B, S, H) broadcast view: ``log(n)`` for a key standing for n merged
-                                      ones, 0 for a plain key. One value per slot, because keepers decide merges
+    (key bias)  derived, not stored:  in a fixed layout (the merging keepers'), readers get ``log(token_count)``
+                                      as a (B, S, H) broadcast view: ``log(n)`` for a key standing for n merged
+                                      ones, 0 for a plain key, -inf for an empty slot. One value per slot, because
+                                      keepers decide merges
                                       jointly over batch and heads; made from the counts, so merging costs no
                                       memory beyond what every method keeps
     frame_index (capacity,)           latent frame each token came from (absolute, never re-based)
@@ -85,12 +86,11 @@ class LayerKVCache:
         if fixed and max_tokens is None:
             raise ValueError("a fixed-layout cache needs max_tokens (its history region's size)")
         self.max_tokens = max_tokens  # history bound from the keeper; None = grows without bound
-        # Fixed layout (see CacheKeeper.fixed_layout): the history is always the region [0, max_tokens), live
-        # slots first; an empty slot has count 0, so its key bias log(0) = -inf hides it from attention.
+        # Fixed layout (see CacheKeeper.fixed_layout): the history is always the region [0, max_tokens), live and
+        # empty slots; an empty slot has count 0, so its key bias log(0) = -inf hides it from attention.
         self.fixed = fixed
         self.k: torch.Tensor | None = None
         self.v: torch.Tensor | None = None
-        self.uses_bias = False  # set by a merging keeper: readers then get log(token_count) as a key bias
         self.frame_index: torch.Tensor | None = None
         self.token_pos: torch.Tensor | None = None
         self.token_count: torch.Tensor | None = None
@@ -101,8 +101,6 @@ class LayerKVCache:
         self.length = max_tokens if fixed else 0  # committed tokens (fixed layout: the history region's size)
         self.staged = 0  # tokens of the current chunk written after them
         self.tokens_seen = 0  # tokens ever committed (before eviction or merging)
-        if fixed:
-            self.uses_bias = True
 
     # -- storage -------------------------------------------------------------------------------------
     @property
@@ -154,10 +152,6 @@ class LayerKVCache:
                 torch.cuda.empty_cache()
             self._allocate(like, needed)
 
-    def enable_bias(self) -> None:
-        """Hand readers ``log(token_count)`` as a per-key bias from now on (a merging keeper calls this)."""
-        self.uses_bias = True
-
     def _bias_view(self, end: int) -> torch.Tensor:
         assert self.k is not None and self.token_count is not None
         return self.token_count[:end].log().view(1, end, 1).expand(self.k.shape[0], end, self.k.shape[2])
@@ -173,7 +167,7 @@ class LayerKVCache:
         self.v[:, self.length : end] = value
         self.staged = n
         bias = None
-        if self.uses_bias:
+        if self.fixed:
             self.token_count[self.length : end] = 1.0  # the staged tokens stand for themselves (a fill, no sync)
             bias = self._bias_view(end)
         return self.k[:, :end], self.v[:, :end], bias
@@ -183,7 +177,7 @@ class LayerKVCache:
         if self.k is None:
             raise RuntimeError("the cache is empty")
         n = self.length
-        bias = self._bias_view(n) if self.uses_bias else None
+        bias = self._bias_view(n) if self.fixed else None
         return self.k[:, :n], self.v[:, :n], bias
 
     def label_staged(self, chunk: ChunkInfo) -> None:
@@ -196,22 +190,13 @@ class LayerKVCache:
         self.token_count[sl] = 1.0
         self.frame_host[sl] = chunk.frame_start + np.arange(self.staged) // chunk.tokens_per_frame
 
-    def move_tokens(
-        self, src: np.ndarray, dst: np.ndarray, on_device: tuple[torch.Tensor, torch.Tensor] | None = None
-    ) -> None:
-        """Copy tokens at slots ``src`` into slots ``dst`` (1-D host index arrays of equal length).
-
-        ``on_device``: the same two indices already on the device (see :func:`move_tokens_in_layers`, which
-        sends the moves of every layer in one copy).
-        """
+    def move_tokens(self, src: np.ndarray, dst: np.ndarray) -> None:
+        """Copy tokens at slots ``src`` into slots ``dst`` (1-D host index arrays of equal length)."""
         assert self.k is not None and self.v is not None
         if len(src) == 0:
             return
         self.frame_host[dst] = self.frame_host[src]
-        if on_device is None:
-            src, dst = to_device_index(src, self.k.device), to_device_index(dst, self.k.device)
-        else:
-            src, dst = on_device
+        src, dst = to_device_index(src, self.k.device), to_device_index(dst, self.k.device)
         self.k.index_copy_(1, dst, self.k.index_select(1, src))
         self.v.index_copy_(1, dst, self.v.index_select(1, src))
         self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
@@ -237,21 +222,6 @@ class LayerKVCache:
         if self.k is None:
             return 0
         return 2 * self.k[:, :1].numel() * self.k.element_size() * self.live_tokens()
-
-
-def move_tokens_in_layers(moves: "list[tuple[LayerKVCache, np.ndarray, np.ndarray]]") -> None:
-    """:meth:`LayerKVCache.move_tokens` for many layers, with all their indices sent to the device in one copy
-    (one pinned staging buffer per call instead of two per layer: a commit plans moves for every layer)."""
-    moves = [m for m in moves if len(m[1])]
-    if not moves:
-        return
-    device = moves[0][0].k.device
-    index = to_device_index(np.concatenate([part for _, src, dst in moves for part in (src, dst)]), device)
-    offset = 0
-    for cache, src, dst in moves:
-        n = len(src)
-        cache.move_tokens(src, dst, (index.narrow(0, offset, n), index.narrow(0, offset + n, n)))
-        offset += 2 * n
 
 
 class KVCacheStore:

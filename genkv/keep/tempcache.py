@@ -45,8 +45,6 @@ from .base import CacheKeeper
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache import ChunkInfo, KVCacheStore, LayerKVCache
 
-_DEAD = EMPTY_FRAME  # frame_index of an empty slot, or of one a merge freed (until compaction)
-
 
 def _neighbourhood(grid: tuple[int, int], radius: int, device: torch.device) -> torch.Tensor:
     """(T, K) positions around each position of a (rows, cols) grid, clamped at the borders (K = (2r+1)^2)."""
@@ -107,6 +105,7 @@ class TemporalMerge(CacheKeeper):
     """The TempCache keeper (see the module docstring)."""
 
     method_name = "tempcache"
+    fixed_layout = True  # see CacheKeeper.fixed_layout
 
     def __init__(
         self, threshold: float, radius: int, sink_frames: int, budget_frames: int, max_tokens: int | None,
@@ -126,8 +125,6 @@ class TemporalMerge(CacheKeeper):
         if self.max_tokens is not None:
             return self.max_tokens
         return self.budget_frames * chunk.tokens_per_frame
-
-    fixed_layout = True  # see CacheKeeper.fixed_layout
 
     def max_history_tokens(self, chunk: "ChunkInfo") -> int:
         return self.budget(chunk)
@@ -242,7 +239,7 @@ class TemporalMerge(CacheKeeper):
             cache.frame_index.index_fill_(0, dest, frame)
             cache.token_pos.index_copy_(0, dest, cache.token_pos.narrow(0, first + j * tpf, tpf).clone())
             # The merged tokens' own slots are free now.
-            cache.frame_index.narrow(0, first + j * tpf, tpf).masked_fill_(match, _DEAD)
+            cache.frame_index.narrow(0, first + j * tpf, tpf).masked_fill_(match, EMPTY_FRAME)
             home.narrow(0, j * tpf, tpf).copy_(dest)
 
     @staticmethod
@@ -273,8 +270,8 @@ class TemporalMerge(CacheKeeper):
 
     @torch.no_grad()
     def commit_layers(self, caches: "list[LayerKVCache]", chunk: "ChunkInfo") -> None:
-        """Merge, evict and compact in every layer, planned on the device: no host sync, so the host goes on
-        launching (the decode, the next chunk) while the GPU commits."""
+        """Merge, evict and place the survivors in every layer, planned on the device: no host sync, so the host
+        goes on launching (the decode, the next chunk) while the GPU commits."""
         if not caches:
             return
         budget = self.budget(chunk)
@@ -308,7 +305,7 @@ class TemporalMerge(CacheKeeper):
         frames = cache.frame_index[:end]
         counts = cache.token_count[:end]
         positions = cache.token_pos[:end]
-        live = frames != _DEAD
+        live = frames != EMPTY_FRAME
         evictable = live & (frames >= self.sink_frames)
         # A total order on the live slots that does not depend on where they sit in the buffer (a live slot's
         # frame and position are unique: they are its newest member's), so any layout evicts the same tokens.
@@ -327,14 +324,14 @@ class TemporalMerge(CacheKeeper):
         nth = (torch.cumsum(survives, 0) - 1).clamp(min=0)
         dest = torch.where(survives, holes.index_select(0, nth.clamp(max=max(hist - 1, 0))),
                            torch.arange(hist, end, device=holes.device))
-        frames.narrow(0, 0, hist).masked_fill_(~keep[:hist], _DEAD)  # evicted: empty
+        frames.narrow(0, 0, hist).masked_fill_(~keep[:hist], EMPTY_FRAME)  # evicted: empty
         counts.narrow(0, 0, hist).masked_fill_(~keep[:hist], 0.0)
         for buffer in (cache.k, cache.v):
             buffer.index_copy_(1, dest, buffer.narrow(1, hist, staged).clone())
         for buffer in (frames, counts, positions):
             buffer.index_copy_(0, dest, buffer.narrow(0, hist, staged).clone())
         # the staging region is empty until the next chunk stages into it
-        frames.narrow(0, hist, staged).fill_(_DEAD)
+        frames.narrow(0, hist, staged).fill_(EMPTY_FRAME)
         counts.narrow(0, hist, staged).fill_(0.0)
         positions.narrow(0, hist, staged).fill_(-1)
 

@@ -100,7 +100,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         self.decode_fused_norms = False
         #: Record each distinct transformer forward as a CUDA graph and replay it for every later forward that
         #: does the same (``step_graph.ChunkGraphs``): same kernels, without launching them from Python again.
-        #: With a fixed-layout method (``fastar``, ``tempcache``) a video runs on two or three graphs.
+        #: With a fixed-layout method (``fastar``, ``tempcache``) a whole video runs on one or two graphs.
         self.cuda_graphs = False
         #: With the decode overlapped: queue a chunk's decode as soon as its latents are final (True: it fills the
         #: GPU while the host waits on the commit) or after its commit (False: it runs under the next chunk's
@@ -329,7 +329,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                 graphs.disable(blocker)
         self.last_graphs = graphs
 
-        def graph_key(step: int) -> Any:
+        def graph_key() -> Any:
             # None for the video's first forward (it allocates the caches) and for host-bound reader paths.
             if graphs is None:
                 return None
@@ -352,7 +352,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                     for k, (t, sigma) in enumerate(zip(timesteps, sigmas)):
                         store.step_index = k
                         flow = self._flow(x, t, embeds, negative_embeds if use_cfg else None, guidance_scale,
-                                          graphs, graph_key(k))
+                                          graphs, graph_key())
                         x0 = sched.predict_x0(x, flow, sigma)
                         if k + 1 < len(timesteps):
                             noise = None
@@ -368,7 +368,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                 clean = x0 if commit_latents is None else commit_latents(start, x0).to(x0)
                 with store.committing(), record_function("genkv.kv_commit.forward"):
                     self._flow(clean, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale,
-                               graphs, graph_key(len(timesteps)))
+                               graphs, graph_key())
                 with record_function("genkv.kv_commit.keeper"):
                     store.commit()
                 if timer is not None:
