@@ -321,8 +321,8 @@ class TemporalMerge(CacheKeeper):
         # the i-th surviving staged token goes to the i-th of them, the others stay where they are (a no-op).
         holes = torch.argsort(keep[:hist].to(torch.int32), stable=True)
         survives = keep[hist:]
-        nth = (torch.cumsum(survives, 0) - 1).clamp(min=0)
-        dest = torch.where(survives, holes.index_select(0, nth.clamp(max=max(hist - 1, 0))),
+        nth = (torch.cumsum(survives, 0) - 1).clamp(0, max(hist - 1, 0))  # (clamped where nothing survives)
+        dest = torch.where(survives, holes.index_select(0, nth),
                            torch.arange(hist, end, device=holes.device))
         frames.narrow(0, 0, hist).masked_fill_(~keep[:hist], EMPTY_FRAME)  # evicted: empty
         counts.narrow(0, 0, hist).masked_fill_(~keep[:hist], 0.0)

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .dense import DenseSelfAttention
+from .dense import DenseSelfAttention, empty_key_blocks
 
 
 class RoutedSelfAttention:
@@ -82,14 +82,6 @@ class RoutedSelfAttention:
             self._always_ids[key] = torch.tensor(ids, dtype=torch.long, device=device)
         return self._always_ids[key]
 
-    def _empty_blocks(self, key_bias: torch.Tensor | None, n_kv_blocks: int) -> torch.Tensor | None:
-        """Key blocks whose every slot has bias -inf (a fixed-layout cache's empty region): never routed to."""
-        if key_bias is None:
-            return None
-        live = key_bias[0, :, 0] > -float("inf")  # one value per slot (keepers merge jointly over batch, heads)
-        live = torch.nn.functional.pad(live, (0, n_kv_blocks * self.block_n - live.shape[0]))
-        return ~live.view(n_kv_blocks, self.block_n).any(-1)
-
     def attend(
         self,
         query: torch.Tensor,
@@ -120,7 +112,7 @@ class RoutedSelfAttention:
             fresh = route_blocks(
                 query, key, block_m=self.block_m, block_n=self.block_n, top_k=self.top_k, top_p=self.top_p,
                 always=self._always(n_hist, n_kv_blocks, sink_tokens, query.device),
-                empty_blocks=self._empty_blocks(key_bias, n_kv_blocks),
+                empty_blocks=None if key_bias is None else empty_key_blocks(key_bias, self.block_n),
             )
             if routes is not None and tuple(routes[0].shape) == shape:
                 # Into the same buffers every time: the chunk's later forwards (or their CUDA graph) read them.

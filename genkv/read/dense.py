@@ -59,6 +59,22 @@ def _biased_dense_on_triton(query: torch.Tensor) -> bool:
             and query.dtype in (torch.float16, torch.bfloat16))
 
 
+def empty_key_blocks(key_bias: torch.Tensor, block: int) -> torch.Tensor:
+    """(n_blocks,) bool: the key blocks of ``block`` slots in which no batch element or head sees any key (bias
+    -inf throughout, e.g. a fixed-layout cache's empty region). Decided on the device, no sync.
+
+    Example:
+        >>> bias = torch.zeros(1, 6, 2)
+        >>> bias[:, 2:4] = -float("inf")
+        >>> empty_key_blocks(bias, 2).tolist()
+        [False, True, False]
+    """
+    visible = (key_bias > -float("inf")).any(-1).any(0)
+    n_blocks = -(-visible.shape[0] // block)
+    visible = torch.nn.functional.pad(visible, (0, n_blocks * block - visible.shape[0]))
+    return ~visible.view(n_blocks, block).any(-1)
+
+
 def _dense_with_bias_triton(query, key, value, key_bias, block: int = 128) -> torch.Tensor:
     from genkv.kernels import block_sparse_attention
 
@@ -67,12 +83,10 @@ def _dense_with_bias_triton(query, key, value, key_bias, block: int = 128) -> to
     # Every query block lists every key block that holds a visible key, in ascending order: a fixed-layout
     # cache's empty blocks (bias -inf throughout) would add exactly nothing, so they are not read. Decided on
     # the device (no sync); broadcast views of one row, nothing (B, H, n_q, n_kv)-sized materialised.
-    visible = (key_bias > -float("inf")).any(-1).any(0)  # (S_kv,): visible to some batch element and head
-    visible = torch.nn.functional.pad(visible, (0, n_kv * block - key.shape[1]))
-    visible = visible.view(n_kv, block).any(-1)
-    order = torch.argsort((~visible).to(torch.int32), stable=True).to(torch.int32)
+    empty = empty_key_blocks(key_bias, block)
+    order = torch.argsort(empty.to(torch.int32), stable=True).to(torch.int32)
     indices = order.expand(b, h, n_q, n_kv)
-    counts = visible.sum().to(torch.int32).expand(b, h, n_q).contiguous()
+    counts = (~empty).sum().to(torch.int32).expand(b, h, n_q).contiguous()
     return block_sparse_attention(query, key, value, indices, counts, key_bias=key_bias, block_m=block,
                                   block_n=block, backend="triton")
 
