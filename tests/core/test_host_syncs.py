@@ -8,6 +8,7 @@ CPU so compiled graphs can take them as inputs), the scheduler's sigmas, and the
 """
 
 import collections
+import os
 import traceback
 
 import pytest
@@ -25,21 +26,40 @@ _ALLOWED = {
 }
 
 
+def _package_roots() -> dict[str, str]:
+    """Where genkv's three rooms live on disk, wherever the checkout or install is (a checkout folder named
+    ``genkv`` holds ``genkv/genkv/...`` and ``genkv/pipelines/...``; an install holds ``genkv/pipelines/...``)."""
+    import genkv.kernels
+    import genkv.pipelines
+
+    def folder(module) -> str:
+        return os.path.dirname(os.path.abspath(module.__file__)) + os.sep
+
+    return {folder(genkv.pipelines): "pipelines/", folder(genkv.kernels): "kernels/", folder(genkv): "genkv/"}
+
+
+def _ours(filename: str, roots: dict[str, str]) -> str | None:
+    """``filename`` as a room-relative name (``pipelines/self_forcing/scheduler.py``), None outside genkv.
+    The longest matching root wins: an install nests ``pipelines/`` inside ``genkv/``."""
+    path = os.path.abspath(filename)
+    for root in sorted(roots, key=len, reverse=True):
+        if path.startswith(root):
+            return roots[root] + path[len(root):].replace(os.sep, "/")
+    return None
+
+
 def _host_reads(fn) -> collections.Counter:
     sites: collections.Counter = collections.Counter()
     originals = {name: getattr(torch.Tensor, name) for name in _READS}
+    roots = _package_roots()
 
     def recording(name, original):
         def read(self, *args, **kwargs):
-            ours = [f for f in traceback.extract_stack()[:-1]
-                    if any(part in f.filename.replace("\\", "/") for part in ("/genkv/", "/pipelines/", "/kernels/"))]
+            ours = [(path, f.name) for f in traceback.extract_stack()[:-1]
+                    if (path := _ours(f.filename, roots)) is not None]
             if ours:
-                path = ours[-1].filename.replace("\\", "/")
-                for root in ("genkv/", "pipelines/", "kernels/"):
-                    if f"/{root}" in path:
-                        path = root + path.rsplit(f"/{root}", 1)[1]
-                        break
-                sites[(path, ours[-1].name, name)] += 1
+                path, function = ours[-1]
+                sites[(path, function, name)] += 1
             return original(self, *args, **kwargs)
 
         return read
