@@ -9,91 +9,25 @@ reference the others are tested against). On an H100 the kernel is
 shape (docs/BENCHMARKS.md, issue 3). It runs under ``TRITON_INTERPRET=1`` on CPU for tests.
 """
 
-from __future__ import annotations
-
 import os
+import sys
 
-import torch
+if __name__ == "kernels":
+    # This folder is genkv.kernels. It is imported as a top-level ``kernels`` only when a checkout's root is on
+    # sys.path (``python -c`` / ``python -m`` run from the checkout) and diffusers imports Hugging Face's
+    # ``kernels`` package (transformers installs it): hand that import over to the real package. The import
+    # statement returns sys.modules["kernels"], so the caller gets the real package, not this file.
+    import importlib.machinery
+    import importlib.util
 
-from .gather import block_sparse_attention_gather
-from .reference import block_mask_from_lists, block_sparse_attention_torch, merge_attention_partials
-from .cross import select_prompt_tokens, sparse_cross_attention
-from .routing import pool_blocks, route_blocks
-
-_BACKENDS = ("auto", "torch", "gather", "flex", "triton")
-
-
-def block_sparse_attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kv_block_indices: torch.Tensor,
-    kv_block_counts: torch.Tensor,
-    *,
-    key_bias: torch.Tensor | None = None,
-    scale: float | None = None,
-    block_m: int = 128,
-    block_n: int = 128,
-    backend: str | None = None,
-    return_lse: bool = False,
-):
-    """Attention of each query block over its listed key blocks; q/k/v (B, S, H, D), optional bias (B, S_kv, H).
-
-    With ``return_lse`` also returns the natural-log sum of exponentials (B, H, S_q) for merging partial results
-    (:func:`merge_attention_partials`); not available on the flex backend.
-
-    Example:
-        >>> import torch
-        >>> q, k, v = torch.randn(1, 40, 2, 16), torch.randn(1, 96, 2, 16), torch.randn(1, 96, 2, 16)
-        >>> idx, cnt = route_blocks(q, k, block_m=16, block_n=32, top_k=2)
-        >>> block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=32).shape
-        torch.Size([1, 40, 2, 16])
-    """
-    choice = (backend or os.environ.get("GENKV_KERNEL_BACKEND", "auto")).lower()
-    if choice not in _BACKENDS:
-        raise ValueError(f"kernel backend {choice!r} is not one of {', '.join(_BACKENDS)}")
-    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
-        raise ValueError(f"q, k, v must be (B, S, H, D) with matching B, H, D; got {tuple(q.shape)}, {tuple(k.shape)}")
-    if kv_block_indices.dtype != torch.int32 or kv_block_counts.dtype != torch.int32:
-        raise TypeError("kv_block_indices and kv_block_counts must be int32 (FlexAttention's BlockMask convention)")
-    if choice == "auto":
-        from .block_sparse import triton_available
-
-        triton_fits = triton_available() and q.shape[-1] in (16, 32, 64, 128) and q.dtype != torch.float32
-        choice = ("triton" if triton_fits else "flex") if q.is_cuda else "gather"
-    if choice == "triton":
-        from .block_sparse import block_sparse_attention_triton
-
-        return block_sparse_attention_triton(
-            q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m,
-            block_n=block_n, return_lse=return_lse,
-        )
-    if choice == "flex":
-        if return_lse:
-            raise ValueError("return_lse is not available on the flex backend; use backend='torch' or 'triton'")
-        if not q.is_cuda:
-            raise ValueError("the flex backend needs CUDA tensors; use backend='torch' on CPU")
-        from .flex import block_sparse_attention_flex
-
-        return block_sparse_attention_flex(
-            q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m,
-            block_n=block_n,
-        )
-    implementation = block_sparse_attention_gather if choice == "gather" else block_sparse_attention_torch
-    return implementation(
-        q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m, block_n=block_n,
-        return_lse=return_lse,
-    )
-
-
-__all__ = [
-    "block_sparse_attention",
-    "block_sparse_attention_gather",
-    "block_sparse_attention_torch",
-    "block_mask_from_lists",
-    "merge_attention_partials",
-    "pool_blocks",
-    "route_blocks",
-    "select_prompt_tokens",
-    "sparse_cross_attention",
-]
+    _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ImportError("no 'kernels' package outside this genkv checkout (genkv's own kernels are genkv.kernels)")
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules["kernels"] = _real
+    _spec.loader.exec_module(_real)
+else:
+    from .dispatch import *  # noqa: F401,F403
+    from .dispatch import __all__  # noqa: F401
