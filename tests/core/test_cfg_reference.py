@@ -51,11 +51,11 @@ def test_cfg_rollout_equals_two_single_branch_block_causal_references():
     got = torch.cat(list(pipe.rollout(embeds, noise.shape[2], 32, 32, negative_embeds=negative,
                                       guidance_scale=guidance, generator=gen, latents=noise)), dim=2)
     stats = genkv.cache_stats(pipe)
+    want = reference_cfg_rollout(pipe, embeds, negative, noise, 5, guidance)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # both branches hold every committed frame (4 tokens per 32x32 frame, 2 layers)
     assert {row["branch"] for row in stats["layers"]} == {"cond", "uncond"}
     assert all(row["tokens"] == noise.shape[2] * 4 for row in stats["layers"])
-    want = reference_cfg_rollout(pipe, embeds, negative, noise, 5, guidance)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     # the guidance really mattered: an unguided rollout is far from both
     gen = torch.Generator().manual_seed(5)
     plain = torch.cat(list(pipe.rollout(embeds, noise.shape[2], 32, 32, generator=gen, latents=noise)), dim=2)

@@ -1,0 +1,125 @@
+"""Sparse readers on their *sparse* paths against independent float64 references.
+
+The pipeline-level "equals full" tests of these methods (top_k=1000, k >= prompt length) take the readers' dense
+shortcuts; here the selecting code runs:
+
+* AnnSA / fastar's self-attention reader with a small ``top_k``: the test pools query and key blocks itself (in
+  float64), takes the top-k key blocks per (batch, head, query block), adds the blocks every query must read (the
+  sink frames' blocks and the blocks of the chunk itself, including the one it starts in) and attends in float64
+  with that block mask (and fastar's per-key log-count bias, empty slots never chosen).
+* AnnCA through the pipeline: a batch of two prompts with ``top_k`` equal to the shorter one's length (so that
+  prompt runs the sparse path yet must equal dense attention), against a block-causal rollout whose
+  cross-attention is a float64 top-k-per-frame reference.
+"""
+
+import math
+
+import pytest
+import torch
+
+import genkv
+from genkv.read.annsa import RoutedSelfAttention
+from genkv.testing import tiny_self_forcing_pipeline
+
+# -- AnnSA reader ------------------------------------------------------------------------------------------
+
+
+class _Chunk:
+    def __init__(self, tokens_per_frame):
+        self.tokens_per_frame = tokens_per_frame
+
+
+class _Store:
+    """What RoutedSelfAttention reads of a KVCacheStore: the chunk, the branch, the step."""
+
+    def __init__(self, tokens_per_frame, step=0, committing=False):
+        self.chunk = _Chunk(tokens_per_frame)
+        self.branch = "cond"
+        self.step_index = step
+        self._committing = committing
+        self.read_stats = {}
+
+
+def _pool(x, block, length):
+    """(B, S, H, D) -> (B, H, n_blocks, D) float64 block means; a ragged last block averages its real rows."""
+    rows = [x[:, i : min(i + block, length)].double().mean(1) for i in range(0, length, block)]
+    return torch.stack(rows, 2)
+
+
+def reference_routed_attention(q, k, v, bias, *, block_m, block_n, top_k, sink_tokens):
+    """float64 attention of each query block over: the top-k key blocks by pooled score (blocks with no visible
+    key excluded), the sink blocks and the chunk's own blocks. Returns (output, chosen block mask)."""
+    b, n_q, h, d = q.shape
+    n_kv = k.shape[1]
+    n_hist = n_kv - n_q
+    qs, ks = _pool(q, block_m, n_q), _pool(k, block_n, n_kv)
+    scores = torch.einsum("bhqd,bhkd->bhqk", qs, ks) / math.sqrt(d)
+    n_blocks = ks.shape[2]
+    block_of_key = torch.arange(n_kv) // block_n
+    if bias is not None:
+        visible = torch.zeros(n_blocks, dtype=torch.bool)
+        visible.index_put_((block_of_key,), (bias > -math.inf).any(-1).any(0), accumulate=True)
+        scores = scores.masked_fill(~visible, -math.inf)
+    ranked = scores.sort(-1, descending=True).values
+    # the selection must not hinge on a near tie (the reader scores in float32)
+    assert (ranked[..., top_k - 1] - ranked[..., top_k]).abs().min() > 1e-4
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, scores.topk(top_k, -1).indices, True)
+    chosen &= scores > -math.inf
+    forced = torch.zeros(n_blocks, dtype=torch.bool)
+    forced[: math.ceil(sink_tokens / block_n)] = True  # the sink frames' blocks
+    forced[n_hist // block_n :] = True  # the chunk's blocks, from the one it starts in
+    chosen |= forced
+    query_block = torch.arange(n_q) // block_m
+    allowed = chosen[:, :, query_block][..., block_of_key]  # (B, H, n_q, n_kv)
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(d)
+    if bias is not None:
+        logits = logits + bias.double().permute(0, 2, 1)[:, :, None, :]
+    logits = logits.masked_fill(~allowed, -math.inf)
+    out = torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1), v.double())
+    return out, chosen
+
+
+def _inputs(seed, b=2, n_hist=200, n_cur=40, h=2, d=16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, n_cur, h, d, generator=g)
+    k = torch.randn(b, n_hist + n_cur, h, d, generator=g)
+    v = torch.randn(b, n_hist + n_cur, h, d, generator=g)
+    # give the queries a direction so that pooled scores spread out (block means of pure noise are tiny)
+    direction = torch.randn(1, 1, h, d, generator=g)
+    q = q + 2 * direction
+    k = k + torch.randn(1, n_hist + n_cur, 1, 1, generator=g).sign() * direction * 1.5
+    return q, k, v
+
+
+@pytest.mark.parametrize("top_k", [1, 2])
+@pytest.mark.parametrize("sink_frames", [0, 2, 3])
+def test_annsa_small_top_k_equals_a_float64_reference_with_the_forced_blocks(top_k, sink_frames):
+    tpf, blocks = 8, dict(block_m=16, block_n=16)
+    q, k, v = _inputs(seed=10 * top_k + sink_frames)
+    reader = RoutedSelfAttention(top_k=top_k, sink_frames=sink_frames, **blocks)
+    got = reader.attend(q, k, v, None, store=_Store(tpf))
+    want, chosen = reference_routed_attention(q, k, v, None, top_k=top_k, sink_tokens=sink_frames * tpf, **blocks)
+    assert chosen.float().mean() < 0.6  # sparse for real
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # the routes are reused by the chunk's later steps and its clean pass (refresh="chunk"): same output
+    again = reader.attend(q, k, v, None, store=_Store(tpf, step=3, committing=True))
+    torch.testing.assert_close(again.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fastar_reader_with_log_count_bias_and_empty_slots_equals_a_float64_reference():
+    """fastar's reader sees a fixed-layout cache: merged keys carry log(count), empty slots -inf (never chosen
+    unless a forced block)."""
+    tpf, blocks = 8, dict(block_m=16, block_n=16)
+    q, k, v = _inputs(seed=5)
+    count = torch.ones(k.shape[1])
+    count[40:64] = 0  # empty slots: the whole block 3 and half of block 2
+    count[100:130] = 3  # merged keys
+    count[20] = 2
+    k[:, count == 0] = 0  # the cache zeroes empty slots
+    bias = count.log().view(1, -1, 1).expand(k.shape[0], -1, k.shape[2])
+    for top_k in (1, 3):
+        reader = RoutedSelfAttention(top_k=top_k, sink_frames=1, **blocks)
+        got = reader.attend(q, k, v, bias, store=_Store(tpf))
+        want, chosen = reference_routed_attention(q, k, v, bias, top_k=top_k, sink_tokens=tpf, **blocks)
+        assert not chosen[..., 3].any()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
