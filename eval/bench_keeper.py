@@ -12,6 +12,7 @@ are the ones a long render pays for. Prints a table and writes JSON.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from bench_json import write_result  # noqa: E402
 
 
 def commit_times(layers: int, chunks: int, device: torch.device, dtype: torch.dtype, budget_frames: int,
-                 grid: tuple[int, int], heads: int, dim: int) -> list[float]:
+                 grid: tuple[int, int], heads: int, dim: int, profile_chunk: int | None = None) -> list[float]:
     from genkv.cache import ChunkInfo, LayerKVCache
     from genkv.keep.tempcache import TemporalMerge
 
@@ -44,13 +45,34 @@ def commit_times(layers: int, chunks: int, device: torch.device, dtype: torch.dt
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        keeper.commit_layers(caches, chunk)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        with _profiled(c == profile_chunk, device):
+            keeper.commit_layers(caches, chunk)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
         for cache in caches:
             cache.staged = 0
     return seconds
+
+
+@contextlib.contextmanager
+def _profiled(enabled: bool, device: torch.device):
+    """Profile one commit: the ops with the most device time, and the kernels' summed time (the GPU work a
+    commit costs when nothing else runs; the wall time above adds the host's launches)."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=60))
+    if device.type == "cuda":
+        kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
+        busy = sum(e.device_time for e in kernels) / 1000
+        print(f"profiled commit: {len(kernels)} kernels, {busy:.1f} ms of kernel time")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,11 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunks", type=int, default=12)
     parser.add_argument("--budget-frames", type=int, default=18)
     parser.add_argument("--out", type=Path, default=Path("bench_keeper.json"))
+    parser.add_argument("--profile", action="store_true", help="profile the last chunk's commit (op table)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
-    seconds = commit_times(args.layers, args.chunks, device, dtype, args.budget_frames, (30, 52), 12, 128)
+    seconds = commit_times(args.layers, args.chunks, device, dtype, args.budget_frames, (30, 52), 12, 128,
+                           profile_chunk=args.chunks - 1 if args.profile else None)
     steady = sorted(seconds[args.budget_frames // 3 + 1 :]) or sorted(seconds)
     median_ms = 1000 * steady[len(steady) // 2]
     print(f"{'chunk':>5s} {'commit ms':>10s}")
