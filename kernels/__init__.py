@@ -12,22 +12,33 @@ shape (docs/BENCHMARKS.md, issue 3). It runs under ``TRITON_INTERPRET=1`` on CPU
 import os
 import sys
 
-if __name__ == "kernels":
-    # This folder is genkv.kernels. It is imported as a top-level ``kernels`` only when a checkout's root is on
-    # sys.path (``python -c`` / ``python -m`` run from the checkout) and diffusers imports Hugging Face's
-    # ``kernels`` package (transformers installs it): hand that import over to the real package. The import
-    # statement returns sys.modules["kernels"], so the caller gets the real package, not this file.
+
+def _real_kernels_package(search_path: list[str]):
+    """What ``import kernels`` should give instead of this folder: Hugging Face's package if it is on
+    ``search_path``, else an empty stand-in with no ``__file__`` and no version, which transformers and diffusers
+    read as "not installed" (their test for a folder that merely shadows a package name)."""
     import importlib.machinery
     import importlib.util
+    import types
 
+    spec = importlib.machinery.PathFinder.find_spec("kernels", search_path)
+    if spec is None or spec.loader is None:
+        stand_in = types.ModuleType("kernels", "not installed: genkv's kernels/ folder is genkv.kernels")
+        stand_in.__file__ = None
+        stand_in.__path__ = []
+        return stand_in, None
+    return importlib.util.module_from_spec(spec), spec
+
+
+if __name__ == "kernels":
+    # This folder is genkv.kernels. It is imported as a top-level ``kernels`` only when a checkout's root is on
+    # sys.path (``python -c`` / ``python -m`` run from the checkout) and transformers or diffusers look for Hugging
+    # Face's ``kernels`` package. Hand that import over: the import statement returns sys.modules["kernels"].
     _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _checkout]
-    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is None or _spec.loader is None:
-        raise ImportError("no 'kernels' package outside this genkv checkout (genkv's own kernels are genkv.kernels)")
-    _real = importlib.util.module_from_spec(_spec)
-    sys.modules["kernels"] = _real
-    _spec.loader.exec_module(_real)
+    _module, _spec = _real_kernels_package([p for p in sys.path if os.path.abspath(p or os.getcwd()) != _checkout])
+    sys.modules["kernels"] = _module
+    if _spec is not None:
+        _spec.loader.exec_module(_module)
 else:
     from .dispatch import *  # noqa: F401,F403
     from .dispatch import __all__  # noqa: F401

@@ -39,3 +39,14 @@ def test_import_kernels_from_a_checkout_root_gets_the_real_package():
         assert "IMPORTERROR" in lines and "genkv.kernels" in lines["IMPORTERROR"]
     else:
         assert "FILE" in lines and not Path(lines["FILE"]).resolve().is_relative_to(CHECKOUT / "kernels")
+
+
+def test_without_the_real_package_the_stand_in_reads_as_not_installed(tmp_path):
+    from genkv.kernels import _real_kernels_package
+
+    module, spec = _real_kernels_package([str(tmp_path)])  # a search path with no 'kernels' on it
+    assert spec is None
+    # transformers' rule for a name that a folder merely shadows: no version and no __file__
+    assert getattr(module, "__version__", "N/A") == "N/A" and getattr(module, "__file__", None) is None
+    with pytest.raises(AttributeError):
+        module.CUDAProperties  # what diffusers' and transformers' hub-kernel integrations import first
