@@ -16,6 +16,7 @@ import math
 
 import pytest
 import torch
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 import genkv
 from genkv.read.annsa import RoutedSelfAttention
@@ -123,3 +124,93 @@ def test_fastar_reader_with_log_count_bias_and_empty_slots_equals_a_float64_refe
         want, chosen = reference_routed_attention(q, k, v, bias, top_k=top_k, sink_tokens=tpf, **blocks)
         assert not chosen[..., 3].any()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+# -- AnnCA through the pipeline ----------------------------------------------------------------------------
+
+CHUNK = 3
+
+
+class _BlockCausalTopKCross(WanAttnProcessor):
+    """Self-attention: diffusers' own, with a block-causal mask. Cross-attention: float64, each frame's queries
+    over the top-k real prompt tokens by the frame's mean-query score, plus every padding row (Wan's padding rows
+    are equal, so this is exactly what dense attention gives them)."""
+
+    def __init__(self, mask, tokens_per_frame, real, top_k):
+        super().__init__()
+        self.mask, self.tpf, self.real, self.top_k = mask, tokens_per_frame, real, top_k
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if encoder_hidden_states is None:
+            return super().__call__(attn, hidden_states, None, self.mask, rotary_emb)
+        q, k, v = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+        q = attn.norm_q(q).unflatten(2, (attn.heads, -1)).double()
+        k = attn.norm_k(k).unflatten(2, (attn.heads, -1)).double()
+        v = v.unflatten(2, (attn.heads, -1)).double()
+        out = torch.empty_like(q)
+        d = q.shape[-1]
+        for b in range(q.shape[0]):
+            real = int(self.real[b])
+            for f in range(q.shape[1] // self.tpf):
+                rows = slice(f * self.tpf, (f + 1) * self.tpf)
+                for h in range(q.shape[2]):
+                    qf = q[b, rows, h]
+                    score = qf.mean(0) @ k[b, :real, h].T
+                    chosen = torch.cat([score.topk(min(self.top_k, real)).indices, torch.arange(real, k.shape[1])])
+                    w = (qf @ k[b, chosen, h].T / d**0.5).softmax(-1)
+                    out[b, rows, h] = w @ v[b, chosen, h]
+        out = out.flatten(2, 3).to(hidden_states.dtype)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def reference_annca_rollout(pipe, embeds, init_noise, seed, top_k):
+    transformer, sched = pipe.transformer, pipe.scheduler
+    tpf = (init_noise.shape[3] // 2) * (init_noise.shape[4] // 2)
+    real = (embeds.abs().amax(-1) > 0).sum(-1)
+    gen = torch.Generator().manual_seed(seed)
+    saved = dict(transformer.attn_processors)
+    clean = []
+    try:
+        for start in range(0, init_noise.shape[2], CHUNK):
+            x = init_noise[:, :, start : start + CHUNK]
+            n = start + CHUNK
+            frame = torch.arange(n).repeat_interleave(tpf)
+            mask = frame[None, :] // CHUNK <= frame[:, None] // CHUNK
+            transformer.set_attn_processor(_BlockCausalTopKCross(mask, tpf, real, top_k))
+            for k, (t, sigma) in enumerate(zip(sched.timesteps, sched.sigmas)):
+                seq = torch.cat(clean + [x], dim=2)
+                ts = torch.cat([torch.zeros(start), torch.full((CHUNK,), float(t))]).repeat_interleave(tpf)
+                flow = transformer(seq, ts[None].expand(seq.shape[0], -1), embeds, return_dict=False)[0]
+                x0 = sched.predict_x0(x, flow[:, :, start:], float(sigma))
+                if k + 1 < len(sched):
+                    x = sched.add_noise(x0, torch.randn(x.shape, generator=gen), float(sched.sigmas[k + 1]))
+            clean.append(x0)
+    finally:
+        transformer.set_attn_processor(saved)
+    return torch.cat(clean, dim=2)
+
+
+def _rollout(pipe, embeds, noise, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.cat(list(pipe.rollout(embeds, noise.shape[2], 32, 32, latents=noise, generator=gen)), 2)
+
+
+def test_annca_top_k_through_the_sparse_path_equals_dense_for_a_short_prompt_and_a_float64_reference():
+    pipe = tiny_self_forcing_pipeline(seed=7)
+    embeds = torch.cat([pipe.encode_prompt("a dog"), pipe.encode_prompt("a red circle bouncing left")])
+    real = (embeds.abs().amax(-1) > 0).sum(-1)
+    short, long = int(real[0]), int(real[1])
+    assert short < long < embeds.shape[1]  # both padded, one longer than top_k: the sparse path runs
+    noise = torch.randn(2, 16, 3 * CHUNK, 4, 4, generator=torch.Generator().manual_seed(3))
+    genkv.apply_genkv(pipe, "full")
+    full = _rollout(pipe, embeds, noise, seed=1)
+    genkv.apply_genkv(pipe, "annca", top_k=short)
+    sparse = _rollout(pipe, embeds, noise, seed=1)
+    assert genkv.cache_stats(pipe)["cross_density"] < 1.0
+    # every real token of the short prompt is kept: exactly dense attention for it, through select + gather
+    torch.testing.assert_close(sparse[0], full[0], rtol=1e-5, atol=1e-5)
+    assert (sparse[1] - full[1]).abs().max() > 1e-3
+    torch.testing.assert_close(sparse, reference_annca_rollout(pipe, embeds, noise, 1, short), rtol=1e-4, atol=1e-5)
+    genkv.apply_genkv(pipe, "annca", top_k=4)
+    torch.testing.assert_close(_rollout(pipe, embeds, noise, seed=1), reference_annca_rollout(pipe, embeds, noise, 1, 4),
+                               rtol=1e-4, atol=1e-5)
