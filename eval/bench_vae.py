@@ -58,6 +58,26 @@ def profile_decode(decoder, latents, top: int = 30) -> list[dict]:
     return rows[:top]
 
 
+def time_taehv(latents: torch.Tensor, repeats: int) -> list[dict]:
+    """The TAEHV decoder's steady chunk decode (its MemBlock state carried), in a few layouts and dtypes."""
+    from genkv.pipelines.self_forcing.taehv import StreamingTAEHVDecoder, TAEHVDecoder
+
+    rows = []
+    torch.backends.cudnn.benchmark = True
+    for dtype, channels_last in ((torch.bfloat16, False), (torch.float16, False), (torch.float16, True)):
+        torch.manual_seed(0)
+        model = TAEHVDecoder().to(device=latents.device, dtype=dtype).eval()
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        decoder = StreamingTAEHVDecoder(model)
+        with torch.no_grad():
+            times = time_decode(decoder, latents.to(dtype), repeats)
+        name = f"taehv {str(dtype)[6:]}" + (" channels_last" if channels_last else "")
+        rows.append({"variant": name, "median_ms": statistics.median(times), "min_ms": min(times)})
+        print(f"{name:54s} {statistics.median(times):8.1f} ms  (min {min(times):.1f})")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from diffusers import AutoencoderKLWan
 
@@ -68,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="also profile one decode of the fastest variant: device time per op and input shape")
     parser.add_argument("--only-best", action="store_true", help="time only the last two (fastest) variants")
+    parser.add_argument("--taehv", action="store_true",
+                        help="also time genkv's TAEHV tiny decoder (random weights at the taew2_1 shapes) on the same "
+                        "latents: bf16 / fp16, channels-last")
     parser.add_argument("--out", type=Path, default=Path("bench_vae.json"))
     args = parser.parse_args(argv)
     device = torch.device("cuda")
@@ -106,7 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             rows[-1]["profile"] = profile_decode(decoder, latents)
         del vae, decoder
         torch.cuda.empty_cache()
-    best = min(rows, key=lambda r: r["median_ms"])
+    if args.taehv:
+        rows += time_taehv(latents, args.repeats)
+    best = min((r for r in rows if "taehv" not in r["variant"]), key=lambda r: r["median_ms"])
     result = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "rows": rows,
               "best": best["variant"], "channels_last_best": "channels_last" in best["variant"]}
     args.out.write_text(json.dumps(result, indent=1))
