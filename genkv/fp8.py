@@ -1,0 +1,275 @@
+"""Opt-in FP8 (e4m3) linear layers for a Wan transformer: ``enable_fp8`` / ``disable_fp8`` (issue 20).
+
+Each selected ``nn.Linear`` becomes an :class:`FP8Linear`: its weight is quantized once, per output channel, to
+``float8_e4m3fn`` with float32 scales (the high-precision weight leaves the device, so memory falls), and every
+forward quantizes the activation per token (per row: amax -> scale -> clamp -> cast) and runs
+``torch._scaled_mm`` with the row scales ``(M, 1)`` and the channel scales ``(1, N)``, output in the input's
+dtype. The quantization is plain torch ops on purpose: under ``torch.compile`` (the pipeline's fast path,
+:func:`genkv.compile.compile_transformer`) Inductor fuses it into the kernel that produces the activation (the
+norm / modulation before q/k/v, the GELU before the second FFN linear). Eagerly it is three extra passes over
+the activation; measured on an H200 at Wan2.1-1.3B shapes that unfused quantization (0.71 ms a block) costs
+more than the FP8 GEMMs save (0.54 -> 0.40 ms), so FP8 is meant for the compiled path.
+
+What stays in high precision (the default selection takes only the ``nn.Linear`` layers inside
+``transformer.blocks``): the patch embedding (a conv, and the first thing every token passes through), the
+time and text embedders (tiny GEMMs, and their output modulates every block: an error there is an error
+everywhere), the final ``proj_out`` (it writes the predicted flow directly, 16 channels: nothing to gain, and
+its error goes straight into the latents), every norm and the blocks' modulation tables. On CUDA a layer whose
+in/out features are not multiples of 16 (a ``_scaled_mm`` requirement there) also stays as it is; such layers
+are counted in :func:`fp8_summary` and warned about. The CPU kernel has no such rule, so on a CPU the tiny test
+models (24-wide) are converted whole; pass ``align=16`` to apply the CUDA rule anywhere.
+
+Support: CUDA compute capability 8.9+ (Ada, Hopper and later; per-row ``_scaled_mm`` there outputs bf16, so an
+fp16/fp32 model's GEMMs return bf16 that is cast back) and the CPU (slow, for tests). ``enable_fp8`` on
+anything else raises a one-line ``RuntimeError`` saying why (:func:`fp8_supported`).
+
+Memory: by default the original layers are kept on the CPU (``keep_originals="cpu"``) so that
+:func:`disable_fp8` restores them bit for bit; for Wan2.1-1.3B in bf16 that is ~2.8 GB of host memory, and the
+device holds ~1.4 GB of FP8 weights instead of ~2.8 GB of bf16 ones. ``keep_originals="device"`` keeps them
+where they were (no saving, instant restore); ``None`` drops them (then ``disable_fp8`` raises).
+
+Apply it before compiling (:func:`genkv.compile.compile_transformer` / ``pipe.enable_compile()``): replacing
+modules of an already compiled block only makes dynamo recompile it at the next forward, but doing it first
+avoids compiling twice.
+
+Example (CPU, a tiny model; ``include`` defaults to every linear when the module has no ``blocks``):
+    >>> import torch
+    >>> from genkv.fp8 import FP8Linear, enable_fp8, disable_fp8
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    >>> x = torch.randn(8, 32)
+    >>> before = model(x)
+    >>> enable_fp8(model)
+    2
+    >>> isinstance(model[0], FP8Linear), model[0].weight_fp8.dtype
+    (True, torch.float8_e4m3fn)
+    >>> bool(((model(x) - before).norm() / before.norm()) < 0.06)
+    True
+    >>> disable_fp8(model)
+    2
+    >>> torch.equal(model(x), before)
+    True
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import warnings
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+__all__ = ["FP8Linear", "enable_fp8", "disable_fp8", "fp8_supported", "fp8_summary", "quantize_rows"]
+
+FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
+E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max; e4m3fn has no inf: values past it must be clamped
+AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero (it quantizes to zeros)
+
+Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantization of a 2-D tensor: ``(q, scale)`` with ``x ~= q.float() * scale``.
+
+    ``scale = max(amax of the row, 1e-12) / 448`` in float32, shape ``(rows, 1)``; ``q = clamp(x / scale,
+    -448, 448)`` cast (round to nearest even) to ``float8_e4m3fn``. The same rule quantizes the weight (its rows
+    are the output channels) once and the activations (their rows are the tokens) at every forward.
+    """
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / E4M3_MAX
+    q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+class FP8Linear(nn.Module):
+    """An ``nn.Linear`` whose weight is stored in FP8 (e4m3, one float32 scale per output channel) and whose
+    forward quantizes the activation per token and multiplies with ``torch._scaled_mm``.
+
+    Buffers: ``weight_fp8`` (out, in) ``float8_e4m3fn`` and ``weight_scale`` (1, out) float32; ``bias`` stays a
+    high-precision parameter and follows the model's dtype. A model-wide ``.to(dtype)`` moves the buffers but
+    keeps their dtypes. ``fast_accum``: ``_scaled_mm``'s faster, less exact accumulation on Hopper.
+    """
+
+    def __init__(self, linear: nn.Linear, *, fast_accum: bool = False, keep_original: str | None = "cpu") -> None:
+        super().__init__()
+        if FP8_DTYPE is None or not hasattr(torch, "_scaled_mm"):
+            raise RuntimeError(f"FP8 needs torch with float8_e4m3fn and torch._scaled_mm; torch {torch.__version__} "
+                               "lacks them: run without --fp8")
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.fast_accum = fast_accum
+        with torch.no_grad():
+            q, scale = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight_fp8", q)
+        self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())
+        if linear.bias is not None:
+            self.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        if keep_original not in ("cpu", "device", None):
+            raise ValueError(f"keep_original must be 'cpu', 'device' or None, got {keep_original!r}")
+        if keep_original == "cpu":
+            linear = linear.to("cpu")
+        # Not a submodule (object.__setattr__): .to(), state_dict() and named_modules() never see the original.
+        object.__setattr__(self, "_original", linear if keep_original is not None else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "FP8Linear":
+        return cls(linear, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
+               f"e4m3 per-channel weight, per-token activation"
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) casts every floating tensor, float8 included: put the storage dtypes back (fp8 -> bf16
+        # -> fp8 is exact; the scales are restored from the float32 originals, moved like the rest).
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        if self.weight_fp8.dtype != FP8_DTYPE:
+            self.weight_fp8 = self.weight_fp8.to(FP8_DTYPE)
+        if self.weight_scale.dtype != torch.float32:
+            self.weight_scale = scale.to(device=self.weight_scale.device)
+        return self
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the GEMM actually uses, in float32: ``weight_fp8 * weight_scale.T``."""
+        return self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        xq, x_scale = quantize_rows(x2)
+        # CUDA's per-row kernel (f8f8bf16_rowwise) writes bf16 only; the CPU kernel writes any float dtype.
+        gemm_dtype = x.dtype if (x.device.type != "cuda" or x.dtype == torch.bfloat16) else torch.bfloat16
+        bias = self.bias
+        fuse_bias = bias is not None and bias.dtype == gemm_dtype
+        y = torch._scaled_mm(
+            xq,
+            self.weight_fp8.t(),  # (in, out), column-major, as the CUDA kernel wants
+            scale_a=x_scale,
+            scale_b=self.weight_scale,
+            bias=bias if fuse_bias else None,
+            out_dtype=gemm_dtype,
+            use_fast_accum=self.fast_accum,
+        )
+        if bias is not None and not fuse_bias:
+            y = y + bias
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+
+def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
+    """Whether FP8 linears run on ``device``; the reason is one line fit for an error message."""
+    device = torch.device(device)
+    if FP8_DTYPE is None or not hasattr(torch, "_scaled_mm"):
+        return False, (f"FP8 needs torch with float8_e4m3fn and torch._scaled_mm; torch {torch.__version__} lacks "
+                       "them: run without --fp8")
+    if device.type == "cpu":
+        return True, "CPU: FP8 GEMMs run (slowly; for tests)"
+    if device.type != "cuda":
+        return False, f"FP8 runs on CUDA (compute capability 8.9+) or the CPU, not on {device.type}: run without --fp8"
+    if getattr(torch.version, "hip", None):
+        return False, "FP8 in genkv uses float8_e4m3fn, which ROCm GPUs do not multiply: run without --fp8"
+    if not torch.cuda.is_available():
+        return False, "FP8 on CUDA asked for, but torch sees no CUDA device: run without --fp8"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < (8, 9):
+        return False, (f"FP8 needs compute capability 8.9+ (Ada/Hopper); this GPU is sm_{major}{minor}: "
+                       "run without --fp8")
+    return True, f"sm_{major}{minor}: FP8 e4m3 GEMMs supported"
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _matcher(selector: Selector, default: bool) -> Callable[[str, nn.Module], bool]:
+    if selector is None:
+        return lambda name, mod: default
+    if callable(selector):
+        return selector
+    patterns = [selector] if isinstance(selector, str) else list(selector)
+    return lambda name, mod: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _default_include(module: nn.Module) -> Selector:
+    # A Wan transformer (anything with `blocks`): only the linears inside the blocks (attention q/k/v/out, the
+    # cross-attention's, the FFN's); see the module docstring for why the rest stays in high precision.
+    return "blocks.*" if isinstance(getattr(module, "blocks", None), nn.ModuleList) else None
+
+
+def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector = None, fast_accum: bool = False,
+               keep_originals: str | None = "cpu", align: int | None = None) -> int:
+    """Replace the selected ``nn.Linear`` layers of ``module`` by :class:`FP8Linear` in place; returns how many.
+
+    ``include`` / ``exclude``: fnmatch patterns on qualified module names (``"blocks.*.ffn.*"``), a list of
+    them, or a ``(name, module) -> bool`` callable. Default include: ``"blocks.*"`` for a module with a
+    ``blocks`` list (the Wan transformer), every linear otherwise. Only exact ``nn.Linear`` layers are taken
+    (not subclasses, e.g. LoRA wrappers). ``align``: in/out features must be multiples of it (default 16 on
+    CUDA, as ``_scaled_mm`` requires, 1 elsewhere); layers that are not stay in high precision, are counted in
+    :func:`fp8_summary` and warned about. Raises ``RuntimeError`` (one line) where FP8 is not supported.
+    """
+    device = _device_of(module)
+    ok, reason = fp8_supported(device)
+    if not ok:
+        raise RuntimeError(reason)
+    if align is None:
+        align = 16 if device.type == "cuda" else 1
+    selected = _matcher(include if include is not None else _default_include(module), True)
+    excluded = _matcher(exclude, False)
+    replaced: list[str] = []
+    skipped: list[str] = []
+    for name, child in list(module.named_modules()):
+        if type(child) is not nn.Linear:
+            continue
+        plain = name.replace("_orig_mod.", "")  # names as in the uncompiled model
+        if not selected(plain, child) or excluded(plain, child):
+            continue
+        if child.in_features % align or child.out_features % align:
+            skipped.append(plain)
+            continue
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, FP8Linear(child, fast_accum=fast_accum, keep_original=keep_originals))
+        replaced.append(plain)
+    summary = getattr(module, "_genkv_fp8", {"replaced": [], "skipped_dims": []})
+    summary["replaced"] = sorted(set(summary["replaced"]) | set(replaced))
+    summary["skipped_dims"] = sorted(set(summary["skipped_dims"]) | set(skipped))
+    object.__setattr__(module, "_genkv_fp8", summary)
+    if skipped:
+        some = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        warnings.warn(f"genkv FP8: {len(skipped)} linear layer(s) kept in high precision because their features are "
+                      f"not multiples of {align}: {some}", RuntimeWarning, stacklevel=2)
+    return len(replaced)
+
+
+def disable_fp8(module: nn.Module) -> int:
+    """Put every :class:`FP8Linear` in ``module`` back to the ``nn.Linear`` it was built from (its weights bit for
+    bit, moved to the device the FP8 layer is on); returns how many. Raises if an original was dropped."""
+    restored = 0
+    for name, child in list(module.named_modules()):
+        if not isinstance(child, FP8Linear):
+            continue
+        original = child._original
+        if original is None:
+            raise RuntimeError(f"{name}: enable_fp8(keep_originals=None) dropped the original layer; reload the model")
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, original.to(child.weight_fp8.device))
+        restored += 1
+    if hasattr(module, "_genkv_fp8"):
+        object.__delattr__(module, "_genkv_fp8")
+    return restored
+
+
+def fp8_summary(module: nn.Module) -> dict:
+    """``{"replaced": [...], "skipped_dims": [...]}``: the layer names :func:`enable_fp8` converted and those it
+    left in high precision for their dimensions (empty lists when FP8 is off)."""
+    summary = getattr(module, "_genkv_fp8", None) or {"replaced": [], "skipped_dims": []}
+    return {key: list(value) for key, value in summary.items()}
