@@ -1,5 +1,8 @@
 """genkv: training-free KV-cache compression and sparse attention for autoregressive video/image generators.
 
+``import genkv`` is cheap: the public names below load their modules (and torch, diffusers) on first use, so the
+command line can check its arguments before paying for them.
+
 Example:
     >>> import genkv
     >>> from genkv.testing import tiny_self_forcing_pipeline
@@ -10,11 +13,30 @@ Example:
     6
 """
 
-from .api import apply_genkv, cache_stats, get_store, is_patched, remove_genkv
-from .methods.base import GenKVMethod
-from .registry import get_method, list_methods, list_presets, load_preset, register_method
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+#: public name -> the submodule that defines it (imported on first access, PEP 562)
+_LAZY: dict[str, str] = {
+    "apply_genkv": "api",
+    "remove_genkv": "api",
+    "cache_stats": "api",
+    "get_store": "api",
+    "is_patched": "api",
+    "list_methods": "registry",
+    "list_presets": "registry",
+    "load_preset": "registry",
+    "get_method": "registry",
+    "register_method": "registry",
+    "GenKVMethod": "methods.base",
+    # diffusers' pipeline loader resolves saved components as `getattr(importlib.import_module("genkv"), cls)`.
+    "SelfForcingPipeline": "pipelines",
+    "SelfForcingScheduler": "pipelines",
+}
 
 __all__ = [
     "apply_genkv",
@@ -30,11 +52,26 @@ __all__ = [
     "GenKVMethod",
 ]
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .api import apply_genkv, cache_stats, get_store, is_patched, remove_genkv
+    from .methods.base import GenKVMethod
+    from .registry import get_method, list_methods, list_presets, load_preset, register_method
 
-def __getattr__(name: str):
-    # diffusers' pipeline loader resolves saved components as `getattr(importlib.import_module("genkv"), cls)`.
-    if name in ("SelfForcingPipeline", "SelfForcingScheduler"):
-        from . import pipelines
 
-        return getattr(pipelines, name)
+def __getattr__(name: str) -> Any:
+    """Import a public name's module on first use (and genkv's submodules, as ``genkv.cache``)."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":
+                raise
     raise AttributeError(f"module 'genkv' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

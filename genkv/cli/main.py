@@ -9,7 +9,11 @@ from typing import List, Optional
 import typer
 
 from ..zoo import DEFAULT_MODEL
-from .errors import CLIError
+from .errors import CLIError, Terminated
+from .render import METHOD_HELP
+
+# Nothing here imports torch or diffusers: each command imports them after checking its arguments and files, so
+# a usage error or a missing file is reported in well under a second.
 
 app = typer.Typer(
     name="genkv",
@@ -18,6 +22,32 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+def _version() -> str:
+    """The installed distribution's version (the source tree's when it is not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("genkv")
+    except PackageNotFoundError:
+        from genkv import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"genkv {_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _options(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """KV-cache compression and sparse attention for autoregressive video and image generators."""
 
 
 @app.command()
@@ -33,7 +63,7 @@ def render(
         "random-weight smoke model.",
     ),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Self-Forcing .pt to load into the model."),
-    method: Optional[str] = typer.Option(None, "--method", help="Cache method (see `genkv methods`); default full."),
+    method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
     settings: List[str] = typer.Option([], "--set", help="Method setting key=value (repeatable)."),
     config: Optional[str] = typer.Option(None, "--config", help="Preset name or YAML file (configs/NAME.yaml)."),
     out: Path = typer.Option(Path("videos"), "--out", "-o", help="Output folder for the mp4 files."),
@@ -59,9 +89,13 @@ def render(
         False, "--profile", help="Print where each chunk's time goes (denoise, KV commit, decode, host copy, write); "
         "synchronises once per chunk and turns off the decode overlap."
     ),
+    progress_every: int = typer.Option(
+        10, "--progress-every", help="When the output is not a terminal (a log file), print a progress line after "
+        "the first chunk and then every N chunks."
+    ),
 ) -> None:
     """Render one video per prompt line, streaming frames into mp4 files as chunks are decoded."""
-    from .render import RenderOptions, run_render
+    from .render import RenderOptions, run_render  # light: torch is imported after the arguments are checked
 
     options = RenderOptions(
         prompt_file=prompt_file,
@@ -83,23 +117,19 @@ def render(
         compile=compile,
         cuda_graphs=cuda_graphs,
         profile=profile,
+        progress_every=progress_every,
     )
     raise typer.Exit(run_render(options))
 
 
 @app.command()
 def methods() -> None:
-    """List the registered cache methods and the shipped presets."""
-    import genkv
+    """List the cache methods with their settings (defaults and meaning), video and image methods apart, then
+    the shipped presets."""
+    from .methods import describe_methods
 
-    for name in genkv.list_methods():
-        cfg = genkv.get_method(name)
-        fields = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items() if k != "method")
-        typer.echo(f"{name:12s} {fields}")
-    for name in genkv.list_presets():
-        cfg = genkv.load_preset(name)
-        fields = ", ".join(f"{k}={v}" for k, v in cfg.to_dict().items())
-        typer.echo(f"{name:12s} (preset) {fields}")
+    for line in describe_methods():
+        typer.echo(line)
 
 
 @app.command()
@@ -128,29 +158,54 @@ from .eval import eval_app  # noqa: E402
 app.add_typer(eval_app, name="eval")
 
 
+def _click_types(name: str) -> tuple[type, ...]:
+    """``name`` from typer's bundled click and from click itself (typer 0.29 raises its own copies)."""
+    import importlib
+
+    found = []
+    for module in ("typer._click.exceptions", "typer.exceptions", "click.exceptions"):
+        try:
+            found.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
+
+
+def _usage_line(err: Exception) -> str:
+    """A click/typer usage error as one line: what is wrong, and where the usage is."""
+    message = " ".join(str(err.format_message()).split())
+    ctx = getattr(err, "ctx", None)
+    command = ctx.command_path if ctx is not None else "genkv"
+    if type(err).__name__ == "NoArgsIsHelpError" or not message:
+        return f"no command given; pick one of the commands listed above (`{command} --help`)"
+    return f"{message.rstrip('.')}; see `{command} --help`"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``genkv`` console script: user errors are one line on stderr, exit code 2."""
+    """Entry point of the ``genkv`` console script: every user error is one line on stderr, exit code 2; an
+    interruption (Ctrl-C: 130, SIGTERM: 143) keeps what was rendered."""
     try:
         # Without standalone mode click returns (not raises) the exit code of typer.Exit.
-        result = app(args=argv, standalone_mode=False)
+        result = app(args=argv, prog_name="genkv", standalone_mode=False)
         return result if isinstance(result, int) else 0
     except CLIError as err:
         print(f"genkv: error: {err}", file=sys.stderr)
         return err.exit_code
-    except typer.Exit as done:
-        return done.exit_code
+    except Terminated:
+        print("genkv: terminated", file=sys.stderr)
+        return Terminated.exit_code
     except KeyboardInterrupt:
         print("genkv: interrupted", file=sys.stderr)
         return 130
-    except Exception as err:  # click usage errors and the like
-        import click
-
-        if isinstance(err, click.exceptions.ClickException):
-            err.show()
-            return err.exit_code
-        if isinstance(err, click.exceptions.Abort):
+    except Exception as err:
+        if isinstance(err, _click_types("Exit")):
+            return int(getattr(err, "exit_code", 0) or 0)
+        if isinstance(err, _click_types("Abort")):
             print("genkv: interrupted", file=sys.stderr)
             return 130
+        if isinstance(err, _click_types("ClickException")):  # usage errors: bad option, missing value, ...
+            print(f"genkv: error: {_usage_line(err)}", file=sys.stderr)
+            return int(getattr(err, "exit_code", 2) or 2)
         raise
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import resource
+import signal
 import sys
 import time
 import warnings
@@ -15,7 +16,24 @@ from pathlib import Path
 from typing import Any
 
 from ..zoo import DEFAULT_MODEL
-from .errors import CLIError
+from .errors import CLIError, Terminated
+
+#: ``genkv render`` without --method/--config: a bounded cache. ``full`` grows with every chunk (out of memory at
+#: frame ~900-1350 at Wan2.1-1.3B shapes); rolling keeps Self-Forcing's trained context (21 latent frames, its own
+#: chunk included: upstream's local attention) plus the first frame as an attention sink (LongLive, StreamingLLM):
+#: flat memory at any length, and up to 21 latent frames (81 video frames) nothing is evicted, so it renders what
+#: ``full`` renders.
+DEFAULT_METHOD = "rolling"
+DEFAULT_SETTINGS = {"sink_frames": "1", "window_frames": "21"}
+METHOD_HELP = (
+    "Cache method (see `genkv methods`). Default: rolling with sink_frames=1, window_frames=21 (Self-Forcing's "
+    "trained 21-latent-frame context plus the first frame as a sink): memory stays flat at any length and videos "
+    "up to 81 frames keep every frame, as full does; full's memory grows without bound."
+)
+#: the longest video ``genkv render`` accepts (~1.7 h at 16 frames/s)
+MAX_FRAMES = 100_000
+#: a note longer than this shows the prompt shortened
+PROMPT_NOTE_CHARS = 80
 
 
 @dataclass
@@ -39,9 +57,28 @@ class RenderOptions:
     compile: bool = False
     cuda_graphs: bool | None = None  # None: what --compile chooses (on for CUDA)
     profile: bool = False
+    progress_every: int = 10  # chunks between progress lines when stderr is not a terminal
 
 
 # -- validation (cheap, before any model is loaded) -----------------------------------------------------
+def check_numbers(options: RenderOptions) -> None:
+    """Frame count, frame size, frame rate and progress interval: checked before torch is imported."""
+    if options.frames <= 0:
+        raise CLIError(f"--frames must be a positive number of frames, got {options.frames}")
+    if options.frames > MAX_FRAMES:
+        hours = MAX_FRAMES / max(options.fps, 1e-9) / 3600
+        raise CLIError(f"--frames {options.frames} is over the limit of {MAX_FRAMES} frames per video "
+                       f"({hours:.1f} h at --fps {options.fps:g}); ask for at most {MAX_FRAMES} and join the videos")
+    if options.fps <= 0:
+        raise CLIError(f"--fps must be positive, got {options.fps}")
+    for name, value in (("--height", options.height), ("--width", options.width)):
+        if value is not None and value <= 0:
+            raise CLIError(f"{name} must be a positive number of pixels, got {value}; or leave it out for the "
+                           "model's size")
+    if options.progress_every <= 0:
+        raise CLIError(f"--progress-every must be a positive number of chunks, got {options.progress_every}")
+
+
 def read_prompts(path: Path) -> list[str]:
     if not path.exists():
         raise CLIError(f"prompt file {str(path)!r} not found; pass a text file with one prompt per line")
@@ -73,6 +110,8 @@ def resolve_method(options: RenderOptions):
     import genkv
 
     settings = parse_settings(options.settings)
+    if options.method is None and options.config is None:
+        settings = {**DEFAULT_SETTINGS, **settings}
     try:
         if options.config is not None:
             cfg = genkv.load_preset(options.config)
@@ -80,7 +119,7 @@ def resolve_method(options: RenderOptions):
                 raise CLIError(f"--method {options.method} conflicts with --config {options.config} ({cfg.name})")
             cfg = cfg.replace(**settings) if settings else cfg
         else:
-            cfg = genkv.get_method(options.method or "full", **settings)
+            cfg = genkv.get_method(options.method or DEFAULT_METHOD, **settings)
     except ValueError as err:
         raise CLIError(str(err)) from None
     if hasattr(cfg, "build_scale_cache"):
@@ -246,17 +285,47 @@ def process_rank() -> tuple[int, int, int]:
 
 # -- the render -----------------------------------------------------------------------------------------
 def run_render(options: RenderOptions) -> int:
-    """Validate, load, render; returns the process exit code."""
-    if options.frames <= 0:
-        raise CLIError(f"--frames must be a positive number of frames, got {options.frames}")
-    if options.fps <= 0:
-        raise CLIError(f"--fps must be positive, got {options.fps}")
+    """Validate, load, render; returns the process exit code (SIGTERM stops it as Ctrl-C does, exit 143)."""
+    check_numbers(options)
     prompts = read_prompts(options.prompt_file)
-    method = resolve_method(options)
+    parse_settings(options.settings)
+    names = [video_name(i, p) for i, p in enumerate(prompts)]
+    method = resolve_method(options)  # the first torch import (the method registry builds torch modules)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    names = [video_name(i, p) for i, p in enumerate(prompts)]
     prepare_outputs(options.out, names, options.overwrite)
+    with _sigterm_as_interrupt():
+        return _run_loaded(options, prompts, names, method, device, dtype)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) in the main thread while rendering."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _short(text: str, limit: int = PROMPT_NOTE_CHARS) -> str:
+    """``text`` quoted, cut to ``limit`` characters with its length said when longer."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -> int:
+    """Load the model and render every prompt given to this process."""
 
     import torch
     from rich.console import Console
@@ -280,8 +349,8 @@ def run_render(options: RenderOptions) -> int:
             return 0
 
     pipe = load_pipeline(options, device, dtype)
-    height = options.height or pipe.config.default_height
-    width = options.width or pipe.config.default_width
+    height = options.height if options.height is not None else pipe.config.default_height
+    width = options.width if options.width is not None else pipe.config.default_width
     try:
         pipe.check_inputs(options.frames, height, width)
         method.build_keeper().check_chunk(pipe.config.num_frames_per_chunk)
@@ -300,14 +369,23 @@ def run_render(options: RenderOptions) -> int:
         for index, (prompt, name) in jobs:
             unknown = unknown_words(pipe, prompt)
             if unknown:  # the sprite model's word-level tokenizer reads them as <unk>: say so, not ignore them
-                console.print(f"[yellow]note:[/] {rank_label}the model does not know "
-                              f"{', '.join(map(repr, unknown))} (read as unknown) in {prompt!r}")
+                words = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+                console.print(f"[yellow]note:[/] {rank_label}the model does not know {_escape(words)} (read as "
+                              f"unknown) in {_escape(_short(prompt))}")
             summary = _render_one(pipe, options, method, prompt, name, index, height, width, device, console,
                                   rank_label)
             summaries.append(summary)
+            if summary.get("terminated"):
+                return Terminated.exit_code
             if summary.get("interrupted") or summary.get("error"):
                 return 130 if summary.get("interrupted") else 1
     return 0
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 @contextlib.contextmanager
@@ -333,14 +411,13 @@ def _genkv_warnings_as_notes(console, rank_label: str):
 
 def _render_one(pipe, options, method, prompt, name, index, height, width, device, console, rank_label) -> dict:
     import torch
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     import genkv
     from genkv.video import Mp4Writer
 
     path = options.out / f"{name}.mp4"
-    if path.exists():
-        path.unlink()
+    for old in (path, path.with_suffix(".json")):  # --overwrite: no stale summary outlives its video
+        if old.exists():
+            old.unlink()
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -356,23 +433,13 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         "device": str(device),
         "frames_requested": options.frames,
     }
-    columns = (
-        TextColumn(f"{rank_label}{name[:32]}"),
-        BarColumn(),
-        TextColumn("{task.completed}/{task.total} frames"),
-        TextColumn("{task.fields[rate]:.1f} frames/s"),
-        TextColumn("KV {task.fields[kv]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
     start = time.perf_counter()
     chunk_times: list[float] = []
     phases: list[dict] = []
     writer = Mp4Writer(path, fps=options.fps)
     status = "done"
     try:
-        with Progress(*columns, console=console, transient=False) as progress:
-            task = progress.add_task("render", total=options.frames, rate=0.0, kv="0 B")
+        with _progress(console, f"{rank_label}{name[:32]}", options, writer, start) as report:
             last = start
             for frames in pipe.stream(
                 prompt, options.frames, height, width, generator=generator, guidance_scale=options.guidance_scale,
@@ -385,20 +452,17 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
                     phases[-1]["write_host_ms"] = 1000 * (now - before_write)
                 chunk_times.append(now - last)
                 last = now
-                kv = genkv.get_store(pipe).memory_bytes()  # no device sync inside the render loop
-                progress.update(
-                    task, advance=len(frames), rate=writer.frames_queued / (now - start), kv=_human(kv)
-                )
-    except KeyboardInterrupt:
-        status = "interrupted"
+                report(len(frames), genkv.get_store(pipe).memory_bytes())  # no device sync in the render loop
+    except KeyboardInterrupt as stop:  # Ctrl-C, or SIGTERM (Terminated)
+        status = "terminated" if isinstance(stop, Terminated) else "interrupted"
     except Exception as err:  # e.g. out of memory mid-render: keep what was produced
         status = "error"
         summary["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
     finally:
         try:
             writer.close()
-        except KeyboardInterrupt:  # Ctrl-C while flushing: finish the flush anyway, then stop
-            status = "interrupted"
+        except KeyboardInterrupt as stop:  # a second signal while flushing: finish the flush anyway, then stop
+            status = "terminated" if isinstance(stop, Terminated) else "interrupted"
             writer.close()
     wall = time.perf_counter() - start
     stats = genkv.cache_stats(pipe)
@@ -410,7 +474,8 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         peak_memory_bytes=_peak_memory(device),
         kv_bytes=stats["bytes"],
         kv_tokens=stats["tokens"],
-        interrupted=status == "interrupted",
+        interrupted=status in ("interrupted", "terminated"),
+        terminated=status == "terminated",
     )
     if options.profile and phases:
         summary["profile_ms"] = _profile_table(phases, console)
@@ -419,15 +484,64 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         summary["cuda_graphs"] = {"recorded": graphs.captures, "replays": graphs.replays, "off_reason": graphs.reason}
         if graphs.reason is not None:  # never a silent fallback: the render says why it ran without graphs
             console.print(f"[yellow]note:[/] {rank_label}rendered without CUDA graphs: {graphs.reason}")
-    (options.out / f"{name}.json").write_text(json.dumps(summary, indent=2))
-    line = (
-        f"{rank_label}{path}: {summary['frames']} frames in {wall:.1f} s ({summary['fps']:.1f} frames/s), "
-        f"peak memory {_human(summary['peak_memory_bytes'])}, KV {_human(summary['kv_bytes'])}"
-    )
-    if status == "done":
-        console.print(line)
-    elif status == "interrupted":
-        console.print(f"[yellow]interrupted:[/] kept {summary['frames']} frames in {path}")
-    else:
-        print(f"genkv: error: {summary['error']} (kept {summary['frames']} frames in {path})", file=sys.stderr)
+    _report_end(summary, status, path, wall, console, rank_label)
     return summary
+
+
+def _report_end(summary: dict, status: str, path: Path, wall: float, console, rank_label: str) -> None:
+    """Write the JSON summary next to the video and say how the video ended (nothing is claimed that is not on
+    disk: stopped before the first chunk, there is neither a video nor a summary)."""
+    kept = summary["frames"]
+    if kept:
+        path.with_suffix(".json").write_text(json.dumps(summary, indent=2))
+        where = f"kept {kept} frames in {path}"
+    else:
+        where = f"nothing was written for {path.name} (stopped before its first chunk)"
+    if status == "done":
+        console.print(
+            f"{rank_label}{path}: {kept} frames in {wall:.1f} s ({summary['fps']:.1f} frames/s), peak memory "
+            f"{_human(summary['peak_memory_bytes'])}, KV {_human(summary['kv_bytes'])}"
+        )
+    elif status in ("interrupted", "terminated"):
+        console.print(f"[yellow]{status}:[/] {rank_label}{where}")
+    else:
+        print(f"genkv: error: {summary['error']} ({where})", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _progress(console, label: str, options: RenderOptions, writer, start: float):
+    """Yield ``report(frames, kv_bytes)``, called after each chunk: a live bar on a terminal; otherwise (a log
+    file, a pipe) one line after the first chunk and then every ``options.progress_every`` chunks."""
+    if console.is_terminal:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (
+            TextColumn(_escape(label)),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} frames"),
+            TextColumn("{task.fields[rate]:.1f} frames/s"),
+            TextColumn("KV {task.fields[kv]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        with Progress(*columns, console=console, transient=False) as progress:
+            task = progress.add_task("render", total=options.frames, rate=0.0, kv="0 B")
+
+            def bar(frames: int, kv: int) -> None:
+                rate = writer.frames_queued / max(time.perf_counter() - start, 1e-9)
+                progress.update(task, advance=frames, rate=rate, kv=_human(kv))
+
+            yield bar
+        return
+    chunks = 0
+
+    def line(frames: int, kv: int) -> None:
+        nonlocal chunks
+        chunks += 1
+        if chunks == 1 or chunks % options.progress_every == 0:
+            elapsed = time.perf_counter() - start
+            print(f"{label}: {writer.frames_queued}/{options.frames} frames ({writer.frames_written} in the mp4), "
+                  f"{writer.frames_queued / max(elapsed, 1e-9):.1f} frames/s, KV {_human(kv)}, {elapsed:.0f} s",
+                  file=console.file, flush=True)
+
+    yield line
