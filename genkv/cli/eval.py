@@ -35,18 +35,22 @@ def fidelity(
     lpips_net: str = typer.Option("alex", "--lpips-net", help="LPIPS backbone: alex, vgg or squeeze."),
 ) -> None:
     """PSNR and SSIM per frame and per video (plus LPIPS when available offline), and start-to-end drift."""
-    from genkv.metrics import LpipsScorer, LpipsUnavailable, compare_video_files, pair_videos
-
     if drift_seconds <= 0:
         raise CLIError(f"--drift-seconds must be > 0, got {drift_seconds}")
     if fps is not None and fps <= 0:
         raise CLIError(f"--fps must be > 0, got {fps}")
+    if out.suffix.lower() != ".json":
+        raise CLIError(f"--out {str(out)!r} should be a .json file")
+    for folder in (reference, test):  # checked again by pair_videos; here before torch is imported
+        if not folder.is_dir():
+            raise CLIError(f"{str(folder)!r} is not a folder; pass a folder of mp4 files (genkv render --out)")
+
+    from genkv.metrics import LpipsScorer, LpipsUnavailable, compare_video_files, pair_videos
+
     try:
         matched = pair_videos(reference, test)
     except ValueError as err:
         raise CLIError(str(err)) from None
-    if out.suffix.lower() != ".json":
-        raise CLIError(f"--out {str(out)!r} should be a .json file")
 
     notes: list[str] = []
     scorers = {}
@@ -208,10 +212,9 @@ def report(
     out: Path = typer.Option(..., "--out", "-o", help="Markdown file to write."),
 ) -> None:
     """One Markdown report: per run speed, memory, fidelity and VBench Quality; benchmark runs apart."""
-    from genkv.metrics.report import build_report, collect_runs
-
     if not runs.is_dir():
         raise CLIError(f"{str(runs)!r} is not a folder; pass the folder holding the runs (render --out folders)")
+    from genkv.metrics.report import build_report, collect_runs
     index = collect_runs(runs)
     if index.empty:
         raise CLIError(
