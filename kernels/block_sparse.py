@@ -167,6 +167,9 @@ def _install_descriptor_allocator() -> None:
 
 def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n) -> None:
     interpreting = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+    if not interpreting and not all(t.is_cuda for t in (q, k, v, kv_block_indices, kv_block_counts)):
+        raise ValueError("triton block-sparse attention needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernel "
+                         "on the CPU); use backend='gather' for CPU tensors")
     allowed = (torch.float16, torch.float32) if interpreting else (torch.float16, torch.bfloat16, torch.float32)
     if q.dtype not in allowed or k.dtype != q.dtype or v.dtype != q.dtype:
         hint = " (the Triton interpreter computes bf16 wrongly)" if interpreting else ""
