@@ -371,7 +371,7 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
             if unknown:  # the sprite model's word-level tokenizer reads them as <unk>: say so, not ignore them
                 words = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
                 console.print(f"[yellow]note:[/] {rank_label}the model does not know {_escape(words)} (read as "
-                              f"unknown) in {_escape(_short(prompt))}")
+                              f"unknown) in {_escape(_short(prompt))}", soft_wrap=True)
             summary = _render_one(pipe, options, method, prompt, name, index, height, width, device, console,
                                   rank_label)
             summaries.append(summary)
