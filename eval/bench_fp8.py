@@ -133,8 +133,8 @@ def chunk_latent_errors(model: str, device: torch.device, fast_accum: bool) -> d
 
     def latents(embeds):
         genkv.apply_genkv(pipe, "full")
-        out = next(iter(pipe.rollout(embeds, chunk, height, width, generator=torch.Generator(device=device)
-                                     .manual_seed(2), latents=noise)))
+        out, = pipe.rollout(embeds, chunk, height, width, generator=torch.Generator(device=device).manual_seed(2),
+                            latents=noise)  # one chunk, the generator run to its end
         genkv.remove_genkv(pipe)
         return out.double()
 
