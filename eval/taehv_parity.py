@@ -126,11 +126,11 @@ def main() -> int:
             torch.save({k: v.clone() for k, v in state_dict.items()}, path)
             ours = TAEHVDecoder.from_file(path, device=device, dtype=torch.float32)
         theirs.float()
+        ntchw = latents.transpose(1, 2)  # TAEHV's layout
         with torch.no_grad():
-            ref_parallel = to_genkv(theirs.decode_video(latents.transpose(1, 2), parallel=True, show_progress_bar=False))
-            ref_sequential = to_genkv(theirs.decode_video(latents.transpose(1, 2), parallel=False,
-                                                          show_progress_bar=False))
-            ref_streaming = to_genkv(their_streaming(taehv_module, theirs, latents.transpose(1, 2)))
+            ref_parallel = to_genkv(theirs.decode_video(ntchw, parallel=True, show_progress_bar=False))
+            ref_sequential = to_genkv(theirs.decode_video(ntchw, parallel=False, show_progress_bar=False))
+            ref_streaming = to_genkv(their_streaming(taehv_module, theirs, ntchw))
         whole = ours.decode_video(latents)
         streamed, counts = ours_streamed(ours, latents, args.chunk)
         diffs = {
