@@ -37,6 +37,8 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
+    from genkv.pipelines.self_forcing.step_graph import ChunkGraphs
+
     from .keep.base import CacheKeeper
     from .rope import FrameOffsetRotaryPosEmbed
 
@@ -257,6 +259,7 @@ class KVCacheStore:
         # host integers, so readers can decide without waiting on the GPU.
         self.prompt_lengths: dict[str, list[int]] = {}
         self.readers: tuple = ()  # the method's readers (set by apply_genkv), asked by graph_signature()
+        self._commits_run: set = set()  # commit graph keys already run eagerly once this video (see commit())
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -264,6 +267,7 @@ class KVCacheStore:
         self.caches.clear()
         self.read_stats.clear()
         self.cross.clear()
+        self._commits_run.clear()
         self.chunk = None
         self.position_shift = 0
         self.frames_committed = 0
@@ -349,15 +353,37 @@ class KVCacheStore:
         finally:
             self.branch = previous
 
-    def commit(self) -> None:
-        """Make the staged chunk history in every layer of every branch, through the keeper."""
+    def commit(self, graphs: "ChunkGraphs | None" = None) -> None:
+        """Make the staged chunk history in every layer of every branch, through the keeper.
+
+        With ``graphs`` (the rollout's :class:`~genkv.pipelines.self_forcing.step_graph.ChunkGraphs`) and a keeper
+        whose commit launches the same kernels chunk after chunk (``commit_graph_key``), the commit is recorded
+        as a CUDA graph the second time its key comes back (the first run is eager, so compiled pieces compile
+        outside a capture) and replayed after that: a TempCache commit is ~200 small kernels a layer, which
+        the host takes longer to launch than the GPU to run.
+        """
         if self.chunk is None:
             raise RuntimeError("commit() without begin_chunk()")
         caches = [c for layers in self.caches.values() for c in layers if c.staged]
         for cache in caches:
             cache.label_staged(self.chunk)
             cache.tokens_seen += cache.staged
-        self.keeper.commit_layers(caches, self.chunk)
+        key = None
+        commit_graph_key = getattr(self.keeper, "commit_graph_key", None)
+        if graphs is not None and caches and callable(commit_graph_key):
+            key = (self.layout_signature(), "commit", commit_graph_key(self.chunk))
+        if key is not None and key in self._commits_run:
+            chunk, device = self.chunk, caches[0].k.device
+
+            def recordable_commit(frame_start: torch.Tensor) -> torch.Tensor:
+                self.keeper.commit_layers(caches, chunk, frame_start)
+                return frame_start + 0  # ChunkGraphs records a function with a tensor result
+
+            graphs.run(key, recordable_commit, torch.full((), chunk.frame_start, dtype=torch.int64, device=device))
+        else:
+            self.keeper.commit_layers(caches, self.chunk)
+            if key is not None:
+                self._commits_run.add(key)
         for cache in caches:
             cache.staged = 0
         self.frames_committed = self.chunk.frame_start + self.chunk.num_frames

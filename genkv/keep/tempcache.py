@@ -163,7 +163,8 @@ class TemporalMerge(CacheKeeper):
         return self._tables[key]
 
     @torch.no_grad()
-    def _similarities(self, cache: "LayerKVCache", chunk: "ChunkInfo", frames: list[int]) -> tuple:
+    def _similarities(self, cache: "LayerKVCache", chunk: "ChunkInfo", frames: list[int],
+                      frame_start: torch.Tensor) -> tuple:
         """Candidate slots (F, T, K) and their similarity to each staged token (F, T, K), for all merging frames
         of the chunk in one batched pass.
 
@@ -181,7 +182,7 @@ class TemporalMerge(CacheKeeper):
             if j == 0:
                 end = cache.length + cache.staged
                 # Slot of each spatial position of the previous frame (-1 where it is gone); no host sync.
-                live = cache.frame_index[:end] == chunk.frame_start - 1
+                live = cache.frame_index[:end] == frame_start - 1
                 table = torch.full((tpf + 1,), -1, dtype=torch.int64, device=device)
                 table.scatter_(0, torch.where(live, cache.token_pos[:end], tpf), torch.arange(end, device=device))
                 table.narrow(0, tpf, 1).fill_(-1)  # a fill kernel: `table[tpf] = -1` copies a host scalar (a sync)
@@ -196,16 +197,20 @@ class TemporalMerge(CacheKeeper):
         score = score.masked_fill_(cand < 0, -float("inf"))  # gone from the previous frame
         return safe, score
 
+    def _merging_frames(self, chunk: "ChunkInfo") -> list[int]:
+        """The chunk's frames that may merge into the frame before them (neither they nor it a sink)."""
+        return [j for j in range(chunk.num_frames) if chunk.frame_start + j - 1 >= self.sink_frames]
+
     @torch.no_grad()
-    def _merge_chunk(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
+    def _merge_chunk(self, cache: "LayerKVCache", chunk: "ChunkInfo", frame_start: torch.Tensor) -> None:
         """Merge the staged frames of the chunk into their temporal correspondents, frame after frame."""
-        frames = [j for j in range(chunk.num_frames) if chunk.frame_start + j - 1 >= self.sink_frames]
+        frames = self._merging_frames(chunk)
         if not frames or self.threshold > 1.0:
             return
         tpf = chunk.tokens_per_frame
         device = cache.k.device
         first = cache.length
-        safe, score = self._similarities(cache, chunk, frames)
+        safe, score = self._similarities(cache, chunk, frames, frame_start)
         best_all, arg_all = score.max(dim=-1)  # (F, T)
         target_all = safe.gather(2, arg_all[..., None]).squeeze(2)  # (F, T) slots
         match_all = best_all >= self.threshold
@@ -215,7 +220,7 @@ class TemporalMerge(CacheKeeper):
         # home[i]: the slot that holds staged token i's key after the merges so far (its own, or its group's).
         home = torch.arange(first, first + cache.staged, device=device)
         for n, j in enumerate(frames):
-            frame = chunk.frame_start + j
+            frame = (frame_start + j).expand(tpf)  # a device value: a recorded commit replays for any chunk
             new_slots = home.narrow(0, j * tpf, tpf).clone()  # the frame's own staged slots (home is unchanged
             # there yet: only frame j writes them)
             match = match_all[n]
@@ -236,7 +241,7 @@ class TemporalMerge(CacheKeeper):
             # (clones: an unmatched token's source and destination are the same slot)
             cache.k.index_copy_(1, dest, cache.k.narrow(1, first + j * tpf, tpf).clone())
             cache.token_count.index_copy_(0, dest, c_new)
-            cache.frame_index.index_fill_(0, dest, frame)
+            cache.frame_index.index_copy_(0, dest, frame)
             cache.token_pos.index_copy_(0, dest, cache.token_pos.narrow(0, first + j * tpf, tpf).clone())
             # The merged tokens' own slots are free now.
             cache.frame_index.narrow(0, first + j * tpf, tpf).masked_fill_(match, EMPTY_FRAME)
@@ -268,12 +273,25 @@ class TemporalMerge(CacheKeeper):
     def commit(self, cache: "LayerKVCache", chunk: "ChunkInfo") -> None:
         self.commit_layers([cache], chunk)
 
+    def commit_graph_key(self, chunk: "ChunkInfo") -> tuple:
+        """What a commit launches besides the buffers it works on: two commits with equal keys (on the same
+        layout) launch the same kernels, the chunk's first frame being an input (``frame_start``), so a recorded
+        commit can be replayed for every later chunk (see :meth:`KVCacheStore.commit`)."""
+        return (tuple(self._merging_frames(chunk)), chunk.num_frames, chunk.tokens_per_frame, self._grid(chunk),
+                self.budget(chunk))
+
     @torch.no_grad()
-    def commit_layers(self, caches: "list[LayerKVCache]", chunk: "ChunkInfo") -> None:
+    def commit_layers(self, caches: "list[LayerKVCache]", chunk: "ChunkInfo",
+                      frame_start: torch.Tensor | None = None) -> None:
         """Merge, evict and place the survivors in every layer, planned on the device: no host sync, so the host
-        goes on launching (the decode, the next chunk) while the GPU commits."""
+        goes on launching (the decode, the next chunk) while the GPU commits. ``frame_start``, a 0-d int64
+        tensor on the caches' device holding ``chunk.frame_start``, is the only per-chunk value the kernels read
+        (made here when not given), so the whole commit can be recorded as a CUDA graph."""
         if not caches:
             return
+        if frame_start is None:
+            # a fill kernel (a host tensor copied over would wait for the device)
+            frame_start = torch.full((), chunk.frame_start, dtype=torch.int64, device=caches[0].k.device)
         budget = self.budget(chunk)
         if self.sink_frames * chunk.tokens_per_frame >= budget:
             raise ValueError(
@@ -287,7 +305,7 @@ class TemporalMerge(CacheKeeper):
                     f"{'a growing cache' if not cache.fixed else f'{cache.length} slots'} (make it with "
                     "LayerKVCache(max_tokens, fixed=True), as KVCacheStore does)"
                 )
-            self._merge_chunk(cache, chunk)
+            self._merge_chunk(cache, chunk, frame_start)
             self._evict_and_fill(cache, budget)
             # statistics: left on the device (``cache_stats`` reads them; no sync in the chunk loop)
             counts = cache.token_count[: cache.length]

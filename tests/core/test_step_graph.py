@@ -105,12 +105,18 @@ def test_a_reader_that_does_not_declare_its_forwards_blocks_graphs_with_a_reason
     assert "Opaque" in store.graph_blocker() and "graph_signature" in store.graph_blocker()
 
 
-def test_graphs_requested_off_cuda_say_why_and_render_the_plain_path():
-    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=4), "rolling", window_frames=6)
-    plain = np.concatenate(list(pipe.stream("a blue square", num_frames=21, generator=torch.Generator().manual_seed(0))))
+@pytest.mark.parametrize("method, settings, frames", [
+    ("rolling", dict(window_frames=6), 21),
+    # 4 chunks: from chunk 2 on the TempCache commit goes the recordable way (frame_start a device value)
+    ("fastar", dict(top_k=2, prompt_top_k=2, **BLOCKS), 45),
+])
+def test_graphs_requested_off_cuda_say_why_and_render_the_plain_path(method, settings, frames):
+    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=4), method, **settings)
+    plain = np.concatenate(list(pipe.stream("a blue square", num_frames=frames,
+                                            generator=torch.Generator().manual_seed(0))))
     pipe.cuda_graphs = True
     with pytest.warns(RuntimeWarning, match="without CUDA graphs: CUDA graphs need a CUDA device"):
-        frames = list(pipe.stream("a blue square", num_frames=21, generator=torch.Generator().manual_seed(0)))
+        frames = list(pipe.stream("a blue square", num_frames=frames, generator=torch.Generator().manual_seed(0)))
     np.testing.assert_array_equal(np.concatenate(frames), plain)
     assert pipe.last_graphs.captures == 0 and "CUDA device" in pipe.last_graphs.reason
 
@@ -145,11 +151,14 @@ def test_graph_replay_gives_the_frames_of_the_eager_forwards(method, compiled, m
     graphed = _render_cuda(pipe)
     graphs = pipe.last_graphs
     assert graphs.reason is None
-    # Two graphs for the whole video, every forward but the video's first replays: 3 + (1 + 4) + 5 + 5. fastar
-    # (fixed layout): the routed forward (recorded at chunk 0's step 2, after a warm-up run) and the routing
-    # forward (chunk 1's step 1, replayed once to give its output). rolling: chunk 0's later forwards (empty
-    # history), then, with the window full from chunk 1 on, one graph for every forward (all dense).
-    assert graphs.captures == 2 and graphs.replays == 18
+    # Two graphs of forwards for the whole video, every forward but the video's first replays: 3 + (1 + 4) + 5 +
+    # 5. fastar (fixed layout): the routed forward (recorded at chunk 0's step 2, after a warm-up run) and the
+    # routing forward (chunk 1's step 1, replayed once to give its output); and its TempCache commit, eager at
+    # chunks 0 (sink frames: other merging frames) and 1, recorded at chunk 2 and replayed at chunks 2 and 3.
+    # rolling: chunk 0's later forwards (empty history), then, with the window full from chunk 1 on, one graph
+    # for every forward (all dense); its commit is not recorded.
+    captures, replays = (2, 18) if method == "rolling" else (3, 20)
+    assert (graphs.captures, graphs.replays) == (captures, replays)
     assert np.abs(graphed.astype(int) - eager.astype(int)).max() <= 1
 
 
@@ -171,3 +180,51 @@ def test_a_forward_that_cannot_be_recorded_says_why_and_renders_the_plain_path()
         graphed = _render_cuda(pipe, 21)
     assert pipe.last_graphs.captures == 0
     np.testing.assert_array_equal(graphed, eager)
+
+
+class _RunEagerly:
+    """Stands in for ChunkGraphs: runs what would be recorded, and counts it (graphs replay the same kernels)."""
+
+    def __init__(self):
+        self.keys = []
+
+    def run(self, key, fn, *inputs):
+        self.keys.append(key)
+        return fn(*inputs)
+
+
+def test_a_recordable_tempcache_commit_keeps_each_group_at_its_newest_frame():
+    """A static scene (every position's key repeats in every frame) with exact merging: each position ends as one
+    group of every frame, stamped with the newest frame. From its second chunk of the same shape on, the commit
+    goes the recordable way (frame_start a device value, the same kernels for every chunk), and must agree."""
+    from genkv.cache import KVCacheStore
+    from genkv.keep.tempcache import TemporalMerge
+
+    grid, heads, dim, chunks = (2, 3), 2, 8, 4
+    tpf = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, tpf, heads, dim, generator=g).repeat(1, 3, 1, 1)  # a chunk: 3 frames of one scene
+    keeper = TemporalMerge(threshold=1.0, radius=1, sink_frames=0, budget_frames=100, max_tokens=None,
+                           match="stored")
+    store = KVCacheStore(keeper, num_layers=2, rope=None)
+    graphs = _RunEagerly()
+    values = []
+    for c in range(chunks):
+        store.begin_chunk(3 * c, 3, tpf, grid)
+        v = torch.randn(1, 3 * tpf, heads, dim, generator=g)
+        values.append(v)
+        for layer in range(2):
+            store.layer(layer).stage(keys, v)
+        store.commit(graphs)
+    # chunk 0 has one merging frame fewer (its first frame has no frame before it): chunks 1, 2, 3 share a key,
+    # run eagerly at chunk 1 and the recordable way at chunks 2 and 3
+    assert len(graphs.keys) == 2 and graphs.keys[0] == graphs.keys[1]
+    all_v = torch.cat(values, 1).view(1, 3 * chunks, tpf, heads, dim)
+    for layer in range(2):
+        cache = store.layer(layer)
+        live = cache.frame_index[: cache.length] >= 0
+        assert int(live.sum()) == tpf  # one group per position
+        assert (cache.frame_index[: cache.length][live] == 3 * chunks - 1).all()  # stamped with the newest frame
+        assert (cache.token_count[: cache.length][live] == 3 * chunks).all()
+        positions = cache.token_pos[: cache.length][live]
+        torch.testing.assert_close(cache.v[0, : cache.length][live], all_v[0].mean(0)[positions])
