@@ -147,18 +147,20 @@ class _BlockCausalTopKCross(WanAttnProcessor):
         q = attn.norm_q(q).unflatten(2, (attn.heads, -1)).double()
         k = attn.norm_k(k).unflatten(2, (attn.heads, -1)).double()
         v = v.unflatten(2, (attn.heads, -1)).double()
-        out = torch.empty_like(q)
-        d = q.shape[-1]
-        for b in range(q.shape[0]):
-            real = int(self.real[b])
-            for f in range(q.shape[1] // self.tpf):
-                rows = slice(f * self.tpf, (f + 1) * self.tpf)
-                for h in range(q.shape[2]):
-                    qf = q[b, rows, h]
-                    score = qf.mean(0) @ k[b, :real, h].T
-                    chosen = torch.cat([score.topk(min(self.top_k, real)).indices, torch.arange(real, k.shape[1])])
-                    w = (qf @ k[b, chosen, h].T / d**0.5).softmax(-1)
-                    out[b, rows, h] = w @ v[b, chosen, h]
+        b, s, h, d = q.shape
+        frames = s // self.tpf
+        qf = q.unflatten(1, (frames, self.tpf))  # (B, F, T, H, D)
+        out = torch.empty_like(qf)
+        for i in range(b):
+            real = int(self.real[i])
+            score = torch.einsum("fhd,lhd->fhl", qf[i].mean(1), k[i, :real])  # each frame's mean query
+            allowed = torch.zeros(frames, h, k.shape[1], dtype=torch.bool)
+            allowed.scatter_(-1, score.topk(min(self.top_k, real), -1).indices, True)
+            allowed[..., real:] = True  # every padding row
+            logits = torch.einsum("fthd,lhd->fhtl", qf[i], k[i]) / d**0.5
+            w = logits.masked_fill(~allowed[:, :, None], -math.inf).softmax(-1)
+            out[i] = torch.einsum("fhtl,lhd->fthd", w, v[i])
+        out = out.flatten(1, 2)
         out = out.flatten(2, 3).to(hidden_states.dtype)
         return attn.to_out[1](attn.to_out[0](out))
 
