@@ -24,7 +24,8 @@ from bench_json import write_result  # noqa: E402
 
 
 def commit_times(layers: int, chunks: int, device: torch.device, dtype: torch.dtype, budget_frames: int,
-                 grid: tuple[int, int], heads: int, dim: int, profile_chunk: int | None = None) -> list[float]:
+                 grid: tuple[int, int], heads: int, dim: int, profile_chunk: int | None = None,
+                 cuda_graph: bool = False) -> list[float]:
     from genkv.cache import ChunkInfo, LayerKVCache
     from genkv.keep.tempcache import TemporalMerge
 
@@ -32,6 +33,12 @@ def commit_times(layers: int, chunks: int, device: torch.device, dtype: torch.dt
     keeper = TemporalMerge(threshold=0.95, radius=1, sink_frames=1, budget_frames=budget_frames, max_tokens=None)
     caches = [LayerKVCache(budget_frames * tpf, fixed=True) for _ in range(layers)]
     gen = torch.Generator(device=device).manual_seed(0)
+    graphs = None
+    if cuda_graph:  # as KVCacheStore.commit(graphs) does: eager the first time a key comes, then record/replay
+        from genkv.pipelines.self_forcing.step_graph import ChunkGraphs
+
+        graphs = ChunkGraphs(device)
+    seen = set()
     seconds = []
     for c in range(chunks):
         base = torch.randn(1, tpf, heads, dim, generator=gen, device=device, dtype=dtype)
@@ -46,7 +53,16 @@ def commit_times(layers: int, chunks: int, device: torch.device, dtype: torch.dt
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         with _profiled(c == profile_chunk, device):
-            keeper.commit_layers(caches, chunk)
+            key = keeper.commit_graph_key(chunk)
+            if graphs is not None and key in seen:
+                def recordable(frame_start, chunk=chunk):
+                    keeper.commit_layers(caches, chunk, frame_start)
+                    return frame_start + 0
+
+                graphs.run(("bench", key), recordable, torch.full((), chunk.frame_start, device=device))
+            else:
+                keeper.commit_layers(caches, chunk)
+                seen.add(key)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
         seconds.append(time.perf_counter() - start)
@@ -84,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-frames", type=int, default=18)
     parser.add_argument("--out", type=Path, default=Path("bench_keeper.json"))
     parser.add_argument("--profile", action="store_true", help="profile the last chunk's commit (op table)")
+    parser.add_argument("--cuda-graph", action="store_true",
+                        help="record the commit as a CUDA graph and replay it (what a render with graphs does)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     seconds = commit_times(args.layers, args.chunks, device, dtype, args.budget_frames, (30, 52), 12, 128,
-                           profile_chunk=args.chunks - 1 if args.profile else None)
+                           profile_chunk=args.chunks - 1 if args.profile else None, cuda_graph=args.cuda_graph)
     steady = sorted(seconds[args.budget_frames // 3 + 1 :]) or sorted(seconds)
     median_ms = 1000 * steady[len(steady) // 2]
     print(f"{'chunk':>5s} {'commit ms':>10s}")
@@ -97,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{i:5d} {1000 * s:10.1f}")
     print(f"steady (budget full) median: {median_ms:.1f} ms a chunk for {args.layers} layers")
     write_result(args.out, device, dtype=str(dtype), layers=args.layers, budget_frames=args.budget_frames,
+                 cuda_graph=args.cuda_graph,
                  commit_ms=[1000 * s for s in seconds], steady_median_ms=median_ms)
     return 0
 
