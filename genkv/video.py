@@ -11,10 +11,9 @@ manager) writes every frame handed to :meth:`Mp4Writer.append`.
 
 from __future__ import annotations
 
-import os
 import queue
 import struct
-import tempfile
+import subprocess
 import threading
 from pathlib import Path
 from types import TracebackType
@@ -131,23 +130,30 @@ class Mp4Writer:
 
 
 def _encode(frames: np.ndarray, fps: float, quality: float) -> bytes:
-    """The bytes of a fragmented H.264 mp4 holding ``frames`` (ffmpeg run to completion: nothing buffered)."""
+    """The bytes of a fragmented H.264 mp4 holding ``frames`` (one ffmpeg run, to completion: nothing buffered).
+
+    ffmpeg is started here, not through ``imageio_ffmpeg.write_frames``: that one passes ``preexec_fn`` to
+    ``subprocess``, which can deadlock a fork from this thread while torch's threads hold locks; a new session
+    (done by ``subprocess`` in C) keeps Ctrl-C from killing a segment half-written, as imageio's does.
+    """
+    from fractions import Fraction
+
     import imageio_ffmpeg
 
-    handle, name = tempfile.mkstemp(prefix="genkv-", suffix=".mp4")
-    os.close(handle)
-    try:
-        gen = imageio_ffmpeg.write_frames(
-            name, size=(frames.shape[2], frames.shape[1]), fps=fps, codec="libx264", quality=quality,
-            macro_block_size=1, ffmpeg_log_level="error", output_params=["-movflags", _FRAGMENTED],
-        )
-        gen.send(None)
-        for frame in frames:
-            gen.send(np.ascontiguousarray(frame))
-        gen.close()
-        return Path(name).read_bytes()
-    finally:
-        os.unlink(name)
+    height, width = frames.shape[1:3]
+    crf = int((1 - quality / 10.0) * 51)  # imageio-ffmpeg's mapping of quality (0-10) to libx264's CRF
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
+        "-pix_fmt", "rgb24", "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an",
+        "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-v", "error",
+        "-movflags", _FRAGMENTED, "-f", "mp4", "pipe:1",
+    ]
+    done = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True,
+                          start_new_session=True, check=False)
+    if done.returncode != 0:
+        reason = done.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(f"ffmpeg exited with {done.returncode}: {reason[-1] if reason else 'no message'}")
+    return done.stdout
 
 
 def _boxes(data: bytes | bytearray, start: int = 0, end: int | None = None):
