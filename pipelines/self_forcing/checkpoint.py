@@ -69,8 +69,38 @@ def convert_self_forcing_state_dict(state_dict: Mapping[str, torch.Tensor]) -> d
     return converted
 
 
+_GENERATOR_KEYS = ("generator_ema", "generator")
+
+
+def _select_generator(raw: Mapping, path: Path, use_ema: bool) -> Mapping:
+    """The state dict a checkpoint holds under ``generator_ema`` (``use_ema``) or ``generator``; a bare state dict
+    (tensors at the top level) as it is. Asking for one of the two when the file has only the other is an error
+    naming what the file holds and the option to use, as upstream's ``load_state_dict(sd[key])`` fails there."""
+    wanted = "generator_ema" if use_ema else "generator"
+    present = [k for k in _GENERATOR_KEYS if isinstance(raw.get(k), Mapping)]
+    if wanted in present:
+        return raw[wanted]
+    if present:
+        other = present[0]
+        option = "use_ema=True" if other == "generator_ema" else "use_ema=False"
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no {wanted!r} weights (it holds {', '.join(map(repr, present))}); "
+            f"pass {option} to load {other!r}"
+        )
+    if not any(isinstance(v, torch.Tensor) for v in raw.values()):
+        raise CheckpointError(
+            f"checkpoint {str(path)!r} has no 'generator_ema' / 'generator' state dict "
+            f"(top-level keys: {', '.join(list(raw)[:8])})"
+        )
+    return raw
+
+
 def read_self_forcing_checkpoint(path: str | Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """Read an upstream ``.pt`` (or a ``.safetensors`` of the same names) and return converted weights."""
+    """Read an upstream ``.pt`` (or a ``.safetensors`` of the same names) and return converted weights.
+
+    ``use_ema`` picks ``generator_ema`` (True) or ``generator`` (False); the other one is never used instead
+    (a :class:`CheckpointError` names the keys the file has). A file holding a bare state dict loads as it is.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} not found; pass the path of self_forcing_dmd.pt")
@@ -98,17 +128,7 @@ def read_self_forcing_checkpoint(path: str | Path, use_ema: bool = True) -> dict
             ) from None
     if not isinstance(raw, Mapping):
         raise CheckpointError(f"checkpoint {str(path)!r} holds a {type(raw).__name__}, not a state dict")
-    keys = ("generator_ema", "generator") if use_ema else ("generator", "generator_ema")
-    for key in keys:
-        if key in raw and isinstance(raw[key], Mapping):
-            raw = raw[key]
-            break
-    else:
-        if not any(isinstance(v, torch.Tensor) for v in raw.values()):
-            raise CheckpointError(
-                f"checkpoint {str(path)!r} has no 'generator_ema' / 'generator' state dict "
-                f"(top-level keys: {', '.join(list(raw)[:8])})"
-            )
+    raw = _select_generator(raw, path, use_ema)
     tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     return convert_self_forcing_state_dict(tensors)
 

@@ -19,6 +19,7 @@ from genkv.api import apply_genkv, get_store, is_patched
 
 from .checkpoint import load_self_forcing_checkpoint
 from .numerics import apply_self_forcing_numerics
+from .noise import NOISE_MODES, RolloutNoise
 from .scheduler import SelfForcingScheduler
 from .vae_stream import StreamingVAEDecoder, to_uint8_frames
 
@@ -49,6 +50,11 @@ class SelfForcingPipeline(DiffusionPipeline):
     the chunk's clean K/V into the cache. The cache is whatever genkv method is applied (``full`` if none);
     the VAE decodes each chunk as soon as it is ready, its causal cache carried from chunk to chunk.
 
+    ``noise`` (constructor default, overridable per call): ``"chunk"`` draws each chunk's noise when the chunk
+    starts, in genkv's (B, C, F, h, w) layout; ``"upstream"`` draws in upstream Self-Forcing's order, shapes and
+    dtype (the whole video's (B, T, C, h, w) noise first, then each re-noise), so upstream's seed reproduces
+    upstream's video (see :mod:`genkv.pipelines.self_forcing.noise` and :func:`to_upstream_layout`).
+
     Example:
         >>> import genkv
         >>> from genkv.testing import tiny_self_forcing_pipeline
@@ -73,6 +79,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         default_width: int = 832,
         max_sequence_length: int = 512,
         default_guidance_scale: float = 1.0,
+        noise: str = "chunk",
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -84,7 +91,10 @@ class SelfForcingPipeline(DiffusionPipeline):
             default_width=default_width,
             max_sequence_length=max_sequence_length,
             default_guidance_scale=default_guidance_scale,
+            noise=noise,
         )
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise must be one of {', '.join(map(repr, NOISE_MODES))}, got {noise!r}")
         apply_self_forcing_numerics(transformer)
         #: Decode with channels-last 3-D convolutions (cuDNN tensor-core path): 259 vs 312 ms per chunk on an
         #: H100 at 480x832, same output up to bf16 rounding. Off by default so the default path is the reference.
@@ -128,7 +138,10 @@ class SelfForcingPipeline(DiffusionPipeline):
         """Load from a saved ``SelfForcingPipeline`` or a Wan2.1 diffusers folder (+ a Self-Forcing checkpoint).
 
         ``checkpoint`` is upstream's ``self_forcing_dmd.pt`` (``generator_ema`` by default, ``use_ema=False``
-        for ``generator``); its weights replace the folder's transformer weights after conversion.
+        for ``generator``; a file without the one asked for is an error, never the other one silently); its
+        weights replace the folder's transformer weights after conversion. ``scheduler``, if given, is used
+        as it is and the folder's scheduler is not loaded (so a folder saved with a custom scheduler class
+        loads where that class cannot be imported).
 
         Example::
 
@@ -143,7 +156,13 @@ class SelfForcingPipeline(DiffusionPipeline):
             raise FileNotFoundError(f"{str(path)!r} has no model_index.json; pass a diffusers model folder")
         class_name = json.loads(index_file.read_text()).get("_class_name") if index_file.is_file() else cls.__name__
         if class_name == cls.__name__:
+            if scheduler is not None:
+                # None skips the folder's scheduler entirely: diffusers would otherwise still import the class it
+                # names to check the given one against it. The given scheduler is set just below.
+                kwargs["scheduler"] = None
             pipe = super().from_pretrained(pretrained_model_name_or_path, dtype=dtype, **kwargs)
+            if scheduler is not None:
+                pipe.scheduler = scheduler
         else:
             # A Wan2.1 T2V folder (WanPipeline layout): take its components, bring our scheduler.
             from transformers import AutoTokenizer, UMT5EncoderModel
@@ -157,8 +176,6 @@ class SelfForcingPipeline(DiffusionPipeline):
                 scheduler=scheduler or SelfForcingScheduler(),
                 **kwargs,
             )
-        if scheduler is not None:
-            pipe.scheduler = scheduler
         if checkpoint is not None:
             load_self_forcing_checkpoint(pipe.transformer, checkpoint, use_ema=use_ema)
         return pipe
@@ -279,11 +296,14 @@ class SelfForcingPipeline(DiffusionPipeline):
         timer_factory: Callable[[], Any] | None = None,
         commit_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         on_denoised: Callable[[torch.Tensor], None] | None = None,
+        noise: str | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield each chunk's clean latents (B, C, F, h, w) float32, in order; the cache is driven here.
 
         ``latents`` (B, C, T, h, w), if given, supplies the initial noise of every chunk (reproducibility
-        tests); fresh noise for the re-noising steps still comes from ``generator``. ``timer_factory`` makes a
+        tests); fresh noise for the re-noising steps still comes from ``generator``. ``noise`` (default: the
+        pipeline's ``noise`` config) is the order and layout of the draws: ``"chunk"`` (genkv's) or
+        ``"upstream"`` (Self-Forcing's own, so its seed gives its video; see :mod:`.noise`). ``timer_factory`` makes a
         :class:`genkv.profiling.ChunkTimer` per chunk, marked after denoising and after the clean K/V pass;
         the timer is yielded with the chunk's latents as ``self.last_chunk_timer``. ``commit_latents(start,
         x0)``, if given, returns the clean latents whose K/V the cache commits for the chunk starting at latent
@@ -319,6 +339,10 @@ class SelfForcingPipeline(DiffusionPipeline):
         if use_cfg:
             lengths["uncond"] = prompt_lengths(negative_embeds).tolist()
         store.new_prompt(lengths)
+        noise_source = RolloutNoise(
+            noise or getattr(self.config, "noise", "chunk"), (batch, cfg.in_channels, num_latent_frames, lat_h, lat_w),
+            self._model_dtype, device, generator, latents,
+        )
         graphs = None
         if self.cuda_graphs:
             from .step_graph import ChunkGraphs
@@ -341,12 +365,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                 timer = timer_factory() if timer_factory is not None else None
                 frames = min(chunk, num_latent_frames - start)
                 store.begin_chunk(start, frames, tokens_per_frame, grid)
-                shape = (batch, cfg.in_channels, frames, lat_h, lat_w)
-                if latents is not None:
-                    x = latents[:, :, start : start + frames].to(device=device, dtype=torch.float32)
-                else:
-                    x = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-                x0 = x
+                x = x0 = noise_source.initial(start, frames)
                 # (record_function ranges name the phases in torch.profiler traces, e.g. eval/profile_ops.py)
                 with record_function("genkv.denoise"):
                     for k, (t, sigma) in enumerate(zip(timesteps, sigmas)):
@@ -355,10 +374,8 @@ class SelfForcingPipeline(DiffusionPipeline):
                                           graphs, graph_key())
                         x0 = sched.predict_x0(x, flow, sigma)
                         if k + 1 < len(timesteps):
-                            noise = None
-                            if sched.config.sampler == "renoise":
-                                noise = torch.randn(shape, generator=generator, device=device, dtype=torch.float32)
-                            x = sched.next_sample(x, flow, x0, k, noise)
+                            fresh = noise_source.renoise(frames) if sched.config.sampler == "renoise" else None
+                            x = sched.next_sample(x, flow, x0, k, fresh)
                 if timer is not None:
                     timer.mark("denoise")
                 if on_denoised is not None:
@@ -394,14 +411,37 @@ class SelfForcingPipeline(DiffusionPipeline):
             if prompt is None:
                 raise ValueError("pass prompt or prompt_embeds")
             prompt_embeds = self.encode_prompt(prompt, device)
-        prompt_embeds = prompt_embeds.to(device=device, dtype=self.transformer.dtype)
+        prompt_embeds = self.pad_prompt_embeds(prompt_embeds).to(device=device, dtype=self.transformer.dtype)
         if guidance_scale <= 1.0:
             return prompt_embeds, None
         if negative_prompt_embeds is None:
             negative = negative_prompt if negative_prompt is not None else ""
             negative = [negative] * prompt_embeds.shape[0] if isinstance(negative, str) else negative
             negative_prompt_embeds = self.encode_prompt(negative, device)
+        negative_prompt_embeds = self.pad_prompt_embeds(negative_prompt_embeds, "negative_prompt_embeds")
         return prompt_embeds, negative_prompt_embeds.to(device=device, dtype=self.transformer.dtype)
+
+    def pad_prompt_embeds(self, embeds: torch.Tensor, name: str = "prompt_embeds") -> torch.Tensor:
+        """Zero-pad (B, L, text_dim) embeddings to the text length (``max_sequence_length``, 512 for Wan), as
+        :meth:`encode_prompt` returns them and upstream's model pads them: the padding rows are attended too, so
+        an unpadded tensor would give another video. More rows than the text length is an error.
+
+        Example:
+            >>> from genkv.testing import tiny_self_forcing_pipeline
+            >>> pipe = tiny_self_forcing_pipeline()
+            >>> pipe.pad_prompt_embeds(torch.ones(1, 5, 32)).shape
+            torch.Size([1, 64, 32])
+        """
+        length = self.config.max_sequence_length
+        if embeds.dim() != 3:
+            raise ValueError(f"{name} must be (batch, tokens, text_dim), got shape {tuple(embeds.shape)}")
+        rows = embeds.shape[1]
+        if rows > length:
+            raise ValueError(f"{name} has {rows} rows, more than the text length {length}; pass at most {length} "
+                             "(encode_prompt's output) or raise max_sequence_length")
+        if rows == length:
+            return embeds
+        return torch.nn.functional.pad(embeds, (0, 0, 0, length - rows))
 
     def stream(
         self,
@@ -420,6 +460,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         on_chunk: Callable[[dict], None] | None = None,
         profile: bool = False,
         overlap_decode: bool | None = None,
+        noise: str | None = None,
     ) -> Iterator[Any]:
         """Generate and decode chunk by chunk; yield each chunk's new frames as soon as they exist.
 
@@ -506,6 +547,7 @@ class SelfForcingPipeline(DiffusionPipeline):
             latents=latents,
             timer_factory=timer_factory,
             on_denoised=decode_on_side if side is not None and early_decode else None,
+            noise=noise,
         )
         try:
             for x0 in chunks:
@@ -571,8 +613,14 @@ class SelfForcingPipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "np",
         return_dict: bool = True,
+        noise: str | None = None,
     ) -> SelfForcingPipelineOutput | tuple:
-        """Generate whole videos (diffusers style). Use :meth:`stream` for long videos."""
+        """Generate whole videos (diffusers style). Use :meth:`stream` for long videos.
+
+        ``noise="upstream"`` draws the noise as upstream Self-Forcing does (whole-video (B, T, C, h, w) noise
+        first, then (B * F, C, h, w) re-noise per step, in the model's dtype; the global RNG when ``generator`` is
+        None), so ``torch.manual_seed(seed)`` + upstream's dtype and device give upstream's video for ``seed``.
+        """
         if output_type not in ("np", "uint8", "pil", "pt", "latent"):
             raise ValueError(f"output_type must be one of np, uint8, pil, pt, latent; got {output_type!r}")
         kwargs = dict(
@@ -582,6 +630,7 @@ class SelfForcingPipeline(DiffusionPipeline):
             prompt_embeds=prompt_embeds,
             negative_prompt_embeds=negative_prompt_embeds,
             latents=latents,
+            noise=noise,
         )
         stream_type = "latent" if output_type == "latent" else "pt"
         parts = list(self.stream(prompt, num_frames, height, width, output_type=stream_type, **kwargs))

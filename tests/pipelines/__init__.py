@@ -1,0 +1,1 @@
+"""Tests of pipelines/self_forcing: upstream reproducibility, loading, thread-count invariance."""
