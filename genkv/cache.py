@@ -500,7 +500,16 @@ class KVCacheStore:
 
 
 def _density(value: object, store: "KVCacheStore") -> float:
-    if isinstance(value, tuple):  # (block counts (B, H, nQ), key blocks) of a block-sparse call
-        counts, n_blocks = value
+    """Fraction of the occupied keys a reader attended: a float as recorded, or for a block-sparse call
+    ``(counts (B, H, nQ), key blocks, indices (B, H, nQ, W), empty (n_blocks,) bool or None)``: per query block,
+    the listed blocks that hold a live key over the blocks that do (a fixed-layout cache's empty budget slots are
+    neither read nor unread), averaged."""
+    if not isinstance(value, tuple):
+        return float(value)
+    counts, n_blocks, indices, empty = (*value, None, None)[:4]
+    if indices is None or empty is None:
         return min(1.0, float(counts.float().mean()) / max(1, n_blocks))
-    return float(value)
+    occupied = ~empty.bool()
+    listed = torch.arange(indices.shape[-1], device=indices.device) < counts[..., None].long()
+    read = (listed & occupied[indices.long().clamp(0, occupied.numel() - 1)]).sum(-1)
+    return min(1.0, float(read.float().mean()) / max(1, int(occupied.sum())))

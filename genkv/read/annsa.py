@@ -45,6 +45,7 @@ class RoutedSelfAttention:
         self.dense = DenseSelfAttention()
         self._routes: dict[tuple, tuple] = {}  # (branch, layer) -> (block ids, counts), reused buffers
         self._always_ids: dict[tuple, torch.Tensor] = {}
+        self._empty: dict[tuple, torch.Tensor | None] = {}  # (branch, layer) -> empty key blocks of the last routing
 
     def _dense_now(self, store: Any) -> bool:
         step = getattr(store, "step_index", 0)
@@ -109,10 +110,11 @@ class RoutedSelfAttention:
         routes = self._routes.get(slot)
         shape = (query.shape[0], query.shape[2], math.ceil(n_cur / self.block_m), n_kv_blocks)
         if self._routing_now(store) or routes is None or tuple(routes[0].shape) != shape:
+            empty = None if key_bias is None else empty_key_blocks(key_bias, self.block_n)
+            self._empty[slot] = empty  # for cache_stats' density (history is constant over the chunk)
             fresh = route_blocks(
                 query, key, block_m=self.block_m, block_n=self.block_n, top_k=self.top_k, top_p=self.top_p,
-                always=self._always(n_hist, n_kv_blocks, sink_tokens, query.device),
-                empty_blocks=None if key_bias is None else empty_key_blocks(key_bias, self.block_n),
+                always=self._always(n_hist, n_kv_blocks, sink_tokens, query.device), empty_blocks=empty,
             )
             if routes is not None and tuple(routes[0].shape) == shape:
                 # Into the same buffers every time: the chunk's later forwards (or their CUDA graph) read them.
@@ -121,13 +123,15 @@ class RoutedSelfAttention:
             else:
                 routes = self._routes[slot] = fresh
         indices, counts = routes
-        self._record(store, layer_index, counts, n_kv_blocks)
+        self._record(store, layer_index, counts, n_kv_blocks, indices, self._empty.get(slot))
         return block_sparse_attention(
             query, key, value, indices, counts, key_bias=key_bias, block_m=self.block_m, block_n=self.block_n
         )
 
-    def _record(self, store: Any, layer_index: int, counts: Any, n_kv_blocks: int) -> None:
-        """Keep the attended density for cache_stats (a device tensor: no sync until someone asks)."""
+    def _record(self, store: Any, layer_index: int, counts: Any, n_kv_blocks: int, indices: Any = None,
+                empty: Any = None) -> None:
+        """Keep what cache_stats needs for the attended density (device tensors, references only: no sync and no
+        work until someone asks): the block lists and which key blocks are empty slots (never counted)."""
         if store is not None:
-            value = (counts, n_kv_blocks) if isinstance(counts, torch.Tensor) else float(counts)
+            value = (counts, n_kv_blocks, indices, empty) if isinstance(counts, torch.Tensor) else float(counts)
             store.read_stats[("self_density", layer_index)] = value
