@@ -95,10 +95,20 @@ def flatness(chunk_seconds: list[float]) -> float | None:
 
 def run_method(
     pipe, embeds, spec: str, frames: int, device, write_mp4: bool, compile_blocks: bool, profile: bool = False,
-    overlap: bool | None = None, cuda_graphs: bool = False, fast_vae: bool | None = None,
+    overlap: bool | None = None, cuda_graphs: bool = False, fast_vae: bool | None = None, decoder: str = "wan",
+    fp8: bool = False,
 ) -> dict:
     import genkv
     from genkv.video import Mp4Writer
+
+    if decoder == "taehv":  # TAEHV's architecture at random weights in fp16, as genkv runs the published file
+        from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
+
+        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=torch.float16).eval())
+    if fp8:  # before compiling: Inductor then fuses the activation quantization into the producing kernels
+        from genkv.fp8 import enable_fp8
+
+        enable_fp8(pipe.transformer)
 
     vae_flags = ("decode_channels_last", "decode_conv2d_taps", "decode_fused_norms")
     saved_vae = {name: getattr(pipe, name) for name in vae_flags}
@@ -113,6 +123,7 @@ def run_method(
         compile_transformer(pipe.transformer)
     rows: list[dict] = []
     result: dict = {"spec": spec, "method": method.to_dict(), "compile": compile_blocks, "frames_requested": frames,
+                    "decoder": decoder, "fp8": fp8,
                     "overlap_decode": overlap if overlap is not None else (device.type == "cuda" and not profile),
                     "cuda_graphs": cuda_graphs, "vae": {name: getattr(pipe, name) for name in vae_flags}}
     pipe.cuda_graphs = cuda_graphs
@@ -189,6 +200,12 @@ def run_method(
     for name, value in saved_vae.items():
         setattr(pipe, name, value)
     genkv.remove_genkv(pipe)
+    if fp8:
+        from genkv.fp8 import disable_fp8
+
+        disable_fp8(pipe.transformer)
+    if decoder != "wan":
+        pipe.set_decoder("wan")
     if compile_blocks:
         torch._dynamo.reset()
     return result
@@ -281,7 +298,9 @@ def print_table(results: dict) -> None:
     print("-" * len(header))
     for run in results["runs"]:
         label = run["spec"] + (" +compile" if run["compile"] else "") + (" +graphs" if run.get("cuda_graphs") else "")
-        label += " +fast VAE" if run.get("vae") and all(run["vae"].values()) else ""
+        label += " +fast VAE" if run.get("vae") and all(run["vae"].values()) and run.get("decoder", "wan") == "wan" else ""
+        label += " +TAEHV" if run.get("decoder") == "taehv" else ""
+        label += " +FP8" if run.get("fp8") else ""
         flat = run["flatness_last20_over_20to40"]
         peak = run["peak_memory_bytes"]
         print(
@@ -317,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true",
                         help="run each method on the plain path and on the fast path of `genkv render --compile` "
                         "(compiled blocks, CUDA graphs on CUDA, channels-last + 2-D-tap + fused-norm VAE), same run")
+    parser.add_argument("--extras", nargs="*", default=[], choices=("taehv", "fp8", "taehv+fp8"),
+                        help="with --fast: also the fast path with the TAEHV decoder (random weights), FP8 linears, "
+                        "or both (opt-in paths whose output differs from the plain path's)")
     parser.add_argument("--compile", action="store_true", help="also run each method with compiled blocks")
     parser.add_argument("--compile-only", action="store_true", help="only the compiled runs")
     parser.add_argument("--no-mp4", action="store_true", help="skip mp4 encoding")
@@ -386,16 +408,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.fast:
         if args.cuda_graphs == "both":
             raise SystemExit("--fast compares the plain path with the fast one; pick --cuda-graphs on or off for it")
-        variants = [(False, False, False), (True, device.type == "cuda" and args.cuda_graphs != "off", True)]
+        fast_graphs = device.type == "cuda" and args.cuda_graphs != "off"
+        variants = [(False, False, False), (True, fast_graphs, True)]
+        # the opt-in fast paths (output changes): the tiny decoder, FP8 linears, both
+        variants += [(True, fast_graphs, True, extra) for extra in args.extras]
     else:
         compiled_variants = [True] if args.compile_only else ([False, True] if args.compile else [False])
         graph_variants = {"auto": [False], "off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]
         variants = [(c, g, None) for c in compiled_variants for g in graph_variants]
     for spec in args.methods:
-        for compiled, graphs, fast_vae in variants:
+        for compiled, graphs, fast_vae, *extra in variants:
+            extra = extra[0] if extra else ""
             run = run_method(
                 pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled, args.profile,
                 False if args.no_overlap else None, graphs, fast_vae,
+                decoder="taehv" if "taehv" in extra else "wan", fp8="fp8" in extra,
             )
             if args.error_frames and not compiled:
                 run["attention_error"] = measure_attention_error(pipe, embeds, spec, args.error_frames, device)

@@ -117,6 +117,10 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: first, launch-bound forward and its graph recording). None: early unless ``cuda_graphs``.
         self.decode_early: bool | None = None
         self._model_dtype: torch.dtype | None = None  # the transformer's dtype, cached by rollout()
+        #: The decoder of frames from latents: None for the model's own VAE, or a TAEHV tiny decoder
+        #: (:meth:`set_decoder`).
+        self.taehv = None
+        self.fp8_layers = 0  # linear layers running in FP8 (:meth:`enable_fp8`)
         #: The last rollout's graph recorder (captures, replays, and why graphs were off, if they were).
         self.last_graphs = None
         self.vae_scale_factor_temporal = getattr(vae.config, "scale_factor_temporal", 4)
@@ -235,6 +239,73 @@ class SelfForcingPipeline(DiffusionPipeline):
         if cuda_graphs is None:
             cuda_graphs = self.transformer.device.type == "cuda"
         self.cuda_graphs = cuda_graphs
+        return self
+
+    def set_decoder(self, decoder: "str | torch.nn.Module" = "wan", weights: "str | Path | None" = None,
+                    dtype: torch.dtype | None = None) -> "SelfForcingPipeline":
+        """Choose what turns latents into frames: ``"wan"`` (the model's VAE, the default and the reference) or
+        ``"taehv"``, the TAEHV tiny streaming decoder (``pipelines/self_forcing/taehv.py``; ~11x cheaper per
+        chunk than the Wan VAE on an H200, with its own, softer reconstruction) loaded from ``weights`` (the
+        published ``taew2_1.safetensors`` / ``taew2_1.pth``; genkv never downloads them), in ``dtype`` (default
+        fp16 on CUDA, fp32 on the CPU). A :class:`~genkv.pipelines.self_forcing.taehv.TAEHVDecoder` instance
+        is used as it is.
+
+        Example:
+            >>> from genkv.testing import tiny_self_forcing_pipeline
+            >>> from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
+            >>> pipe = tiny_self_forcing_pipeline(seed=0)
+            >>> pipe = pipe.set_decoder(TAEHVDecoder())                   # random weights: a smoke test
+            >>> pipe("a red circle", num_frames=9, output_type="uint8").frames.shape[1]
+            9
+            >>> pipe.set_decoder("wan").taehv is None
+            True
+        """
+        from .taehv import TAEHVDecoder
+
+        if isinstance(decoder, TAEHVDecoder):
+            self.taehv = decoder
+            return self
+        if decoder == "wan":
+            self.taehv = None
+            return self
+        if decoder != "taehv":
+            raise ValueError(f"decoder must be 'wan' or 'taehv' (or a TAEHVDecoder), got {decoder!r}")
+        if weights is None:
+            raise ValueError("decoder='taehv' needs weights=PATH (taew2_1.safetensors or taew2_1.pth from "
+                             "https://github.com/madebyollin/taehv; genkv never downloads weights)")
+        device = self.transformer.device
+        if dtype is None:
+            dtype = torch.float16 if device.type == "cuda" else torch.float32
+        self.taehv = TAEHVDecoder.from_file(Path(weights), device=device, dtype=dtype)
+        return self
+
+    def enable_fp8(self, keep_originals: str | None = "cpu") -> "SelfForcingPipeline":
+        """FP8 (e4m3) linear layers in the transformer blocks (:mod:`genkv.fp8`: per-channel weight scales,
+        per-token activation scales, ``torch._scaled_mm``). Opt-in: the output changes (a linear's relative error
+        is ~3.7e-2). It pays only with :meth:`enable_compile` called after it, which fuses the activation
+        quantization into the kernels that produce the activations. Refused in one line where the GPU has no FP8
+        (compute capability below 8.9). ``keep_originals``: where the bf16 layers wait for :meth:`disable_fp8`
+        ("cpu", "device", or None to free them).
+
+        Example:
+            >>> from genkv.testing import tiny_self_forcing_pipeline
+            >>> pipe = tiny_self_forcing_pipeline(seed=0).enable_fp8()
+            >>> pipe.fp8_layers > 0
+            True
+            >>> pipe.disable_fp8().fp8_layers
+            0
+        """
+        from genkv.fp8 import enable_fp8
+
+        self.fp8_layers = enable_fp8(self.transformer, keep_originals=keep_originals)
+        return self
+
+    def disable_fp8(self) -> "SelfForcingPipeline":
+        """The transformer's original linear layers back, bit for bit (see :meth:`enable_fp8`)."""
+        from genkv.fp8 import disable_fp8
+
+        disable_fp8(self.transformer)
+        self.fp8_layers = 0
         return self
 
     def check_inputs(self, num_frames: int, height: int, width: int) -> None:
@@ -387,7 +458,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                     self._flow(clean, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale,
                                graphs, graph_key())
                 with record_function("genkv.kv_commit.keeper"):
-                    store.commit()
+                    store.commit(graphs)
                 if timer is not None:
                     timer.mark("kv_commit")
                 self.last_chunk_timer = timer
@@ -490,10 +561,15 @@ class SelfForcingPipeline(DiffusionPipeline):
         single = embeds.shape[0] == 1
         decoder = None
         if output_type != "latent":
-            decoder = StreamingVAEDecoder(self.vae, channels_last=self.decode_channels_last,
-                                          frames_per_call=self.decode_frames_per_call,
-                                          conv2d_taps=self.decode_conv2d_taps,
-                                          fused_norms=self.decode_fused_norms)
+            if self.taehv is not None:
+                from .taehv import StreamingTAEHVDecoder
+
+                decoder = StreamingTAEHVDecoder(self.taehv)
+            else:
+                decoder = StreamingVAEDecoder(self.vae, channels_last=self.decode_channels_last,
+                                              frames_per_call=self.decode_frames_per_call,
+                                              conv2d_taps=self.decode_conv2d_taps,
+                                              fused_norms=self.decode_fused_norms)
         remaining = num_frames
         latent_done = 0
         timer_factory = None
