@@ -89,6 +89,18 @@ def render(
         False, "--profile", help="Print where each chunk's time goes (denoise, KV commit, decode, host copy, write); "
         "synchronises once per chunk and turns off the decode overlap."
     ),
+    decoder: str = typer.Option(
+        "wan", "--decoder", help="What turns latents into frames: wan (the model's VAE, the reference) or taehv "
+        "(the TAEHV tiny streaming decoder: ~11x cheaper per chunk, softer frames; needs --decoder-weights)."
+    ),
+    decoder_weights: Optional[Path] = typer.Option(
+        None, "--decoder-weights", help="taew2_1.safetensors or taew2_1.pth (github.com/madebyollin/taehv) for "
+        "--decoder taehv; genkv never downloads weights."
+    ),
+    fp8: bool = typer.Option(
+        False, "--fp8", help="FP8 (e4m3) linear layers in the transformer blocks (CUDA compute capability 8.9+); "
+        "changes the output slightly (docs/BENCHMARKS.md); pays only with --compile."
+    ),
     progress_every: int = typer.Option(
         10, "--progress-every", help="When the output is not a terminal (a log file), print a progress line after "
         "the first chunk and then every N chunks."
@@ -118,6 +130,9 @@ def render(
         cuda_graphs=cuda_graphs,
         profile=profile,
         progress_every=progress_every,
+        decoder=decoder,
+        decoder_weights=decoder_weights,
+        fp8=fp8,
     )
     raise typer.Exit(run_render(options))
 

@@ -58,6 +58,9 @@ class RenderOptions:
     cuda_graphs: bool | None = None  # None: what --compile chooses (on for CUDA)
     profile: bool = False
     progress_every: int = 10  # chunks between progress lines when stderr is not a terminal
+    decoder: str = "wan"  # or "taehv" (with decoder_weights)
+    decoder_weights: Path | None = None
+    fp8: bool = False
 
 
 # -- validation (cheap, before any model is loaded) -----------------------------------------------------
@@ -77,6 +80,21 @@ def check_numbers(options: RenderOptions) -> None:
                            "model's size")
     if options.progress_every <= 0:
         raise CLIError(f"--progress-every must be a positive number of chunks, got {options.progress_every}")
+    check_decoder(options)
+
+
+def check_decoder(options: RenderOptions) -> None:
+    """--decoder and --decoder-weights agree, and the weights file is there (its contents are checked at load)."""
+    if options.decoder not in ("wan", "taehv"):
+        raise CLIError(f"--decoder {options.decoder!r} is not one of wan, taehv")
+    if options.decoder == "taehv" and options.decoder_weights is None:
+        raise CLIError("--decoder taehv needs --decoder-weights PATH (taew2_1.safetensors or taew2_1.pth from "
+                       "github.com/madebyollin/taehv; genkv never downloads weights)")
+    if options.decoder == "wan" and options.decoder_weights is not None:
+        raise CLIError("--decoder-weights is for --decoder taehv; add --decoder taehv or drop --decoder-weights")
+    if options.decoder_weights is not None and not options.decoder_weights.is_file():
+        raise CLIError(f"--decoder-weights {str(options.decoder_weights)!r} not found; pass the taew2_1 file "
+                       "(genkv never downloads weights)")
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -357,6 +375,16 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
     except ValueError as err:
         raise CLIError(str(err).replace("height", "--height").replace("width", "--width")) from None
     genkv.apply_genkv(pipe, method)
+    if options.decoder == "taehv":
+        try:
+            pipe.set_decoder("taehv", weights=options.decoder_weights)
+        except (FileNotFoundError, ValueError) as err:
+            raise CLIError(str(err)) from None
+    if options.fp8:  # before compiling, so Inductor fuses the activation quantization
+        try:
+            pipe.enable_fp8(keep_originals=None)  # a render never goes back: the bf16 layers are freed
+        except RuntimeError as err:
+            raise CLIError(str(err)) from None
     if options.compile:
         pipe.enable_compile()
     if options.cuda_graphs is not None:
@@ -426,6 +454,8 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         "video": str(path),
         "model": options.model,
         "method": method.to_dict(),
+        "decoder": options.decoder,
+        "fp8_layers": getattr(pipe, "fp8_layers", 0),
         "seed": options.seed + index,
         "height": height,
         "width": width,

@@ -1,0 +1,58 @@
+"""`genkv render --decoder taehv --decoder-weights PATH` and `--fp8`: wired through, and bad input in one line."""
+
+import json
+
+import pytest
+import torch
+
+from genkv.cli.main import main
+from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
+from genkv.video import count_frames
+
+
+@pytest.fixture
+def prompts(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("a red circle bouncing\n")
+    return path
+
+
+def _render(argv, capsys):
+    code = main(["render", *map(str, argv), "--model", "tiny-random"])
+    return code, capsys.readouterr().err
+
+
+def test_taehv_decoder_from_a_weights_file(tmp_path, prompts, capsys):
+    weights = tmp_path / "taew2_1.pth"
+    torch.save(TAEHVDecoder().state_dict(), weights)  # the published layout, random values
+    out = tmp_path / "o"
+    code, err = _render([prompts, "--frames", 21, "--out", out, "--decoder", "taehv", "--decoder-weights", weights],
+                        capsys)
+    assert code == 0, err
+    assert count_frames(out / "000-a-red-circle-bouncing.mp4") == 21
+    assert json.loads((out / "000-a-red-circle-bouncing.json").read_text())["decoder"] == "taehv"
+
+
+def test_fp8_render_on_the_cpu(tmp_path, prompts, capsys):
+    out = tmp_path / "o"
+    code, err = _render([prompts, "--frames", 9, "--out", out, "--fp8"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "000-a-red-circle-bouncing.json").read_text())["fp8_layers"] > 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--decoder", "taehv"], "--decoder taehv needs --decoder-weights"),
+    (["--decoder", "tiny"], "--decoder 'tiny' is not one of wan, taehv"),
+    (["--decoder-weights", "w.pth"], "--decoder-weights is for --decoder taehv"),
+    (["--decoder", "taehv", "--decoder-weights", "missing.pth"], "not found"),
+    (["--decoder", "taehv", "--decoder-weights", "{bad}"], "is not a TAEHV decoder"),
+])
+def test_bad_decoder_arguments_are_one_line(tmp_path, prompts, capsys, args, message):
+    bad = tmp_path / "bad.pth"
+    torch.save({"decoder.0.weight": torch.zeros(3)}, bad)
+    args = [str(bad) if a == "{bad}" else a for a in args]
+    code, err = _render([prompts, "--frames", 9, "--out", tmp_path / "o", *args], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
+    assert not any((tmp_path / "o").glob("*.mp4"))  # refused before anything was written
