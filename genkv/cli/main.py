@@ -63,6 +63,8 @@ def render(
         "random-weight smoke model.",
     ),
     checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="Self-Forcing .pt to load into the model."),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="The checkpoint's generator_ema weights (default) or its "
+                             "generator weights; a file without the ones asked for is an error."),
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
     settings: List[str] = typer.Option([], "--set", help="Method setting key=value (repeatable)."),
     config: Optional[str] = typer.Option(None, "--config", help="Preset name or YAML file (configs/NAME.yaml)."),
@@ -114,6 +116,7 @@ def render(
         frames=frames,
         model=model,
         checkpoint=checkpoint,
+        ema=ema,
         method=method,
         settings=settings,
         config=config,

@@ -58,6 +58,7 @@ class RenderOptions:
     cuda_graphs: bool | None = None  # None: what --compile chooses (on for CUDA)
     profile: bool = False
     progress_every: int = 10  # chunks between progress lines when stderr is not a terminal
+    ema: bool = True  # the checkpoint's generator_ema weights (False: generator)
     decoder: str = "wan"  # or "taehv" (with decoder_weights)
     decoder_weights: Path | None = None
     fp8: bool = False
@@ -228,9 +229,11 @@ def load_pipeline(options: RenderOptions, device, dtype):
     if options.checkpoint is not None and not options.checkpoint.is_file():
         raise CLIError(f"--checkpoint {str(options.checkpoint)!r} not found; pass Self-Forcing's .pt file")
     try:
-        pipe = SelfForcingPipeline.from_pretrained(path, checkpoint=options.checkpoint, torch_dtype=dtype)
+        pipe = SelfForcingPipeline.from_pretrained(path, checkpoint=options.checkpoint, torch_dtype=dtype,
+                                                   use_ema=options.ema)
     except CheckpointError as err:
-        raise CLIError(str(err)) from None
+        # the library's option names as the command line spells them
+        raise CLIError(str(err).replace("use_ema=False", "--no-ema").replace("use_ema=True", "--ema")) from None
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CLIError(f"cannot load --model {options.model!r}: {first}") from None

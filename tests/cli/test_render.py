@@ -282,3 +282,20 @@ def test_compile_failure_is_a_note_and_the_render_finishes(tmp_path, prompts, ca
            "eagerly" in " ".join(err.split())
     assert "Traceback" not in err and "RuntimeWarning" not in err
     assert all(count_frames(v) == 21 for v in out.glob("*.mp4")) and len(list(out.glob("*.mp4"))) == 2
+
+
+def test_checkpoint_without_ema_weights_names_the_flag_and_no_ema_loads_it(tmp_path, prompts, capsys):
+    from genkv.pipelines.self_forcing.checkpoint import to_upstream_state_dict
+    from genkv.testing import tiny_self_forcing_pipeline, tiny_wan_transformer
+
+    folder = tmp_path / "model"
+    tiny_self_forcing_pipeline().save_pretrained(folder)
+    ckpt = tmp_path / "self_forcing.pt"
+    torch.save({"generator": to_upstream_state_dict(tiny_wan_transformer(seed=1))}, ckpt)
+    argv = ["render", prompts, "--model", folder, "--checkpoint", ckpt, "--frames", 9]
+    code, _, err = run(argv + ["--out", tmp_path / "a"], capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("genkv: error:") and "--no-ema" in last and "use_ema" not in last
+    code, _, err = run(argv + ["--out", tmp_path / "b", "--no-ema"], capsys)
+    assert code == 0, err
+    assert count_frames(tmp_path / "b" / "000-a-red-circle-bouncing.mp4") == 9
