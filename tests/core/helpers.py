@@ -40,3 +40,27 @@ def masked_forward(transformer, latents, timesteps_per_frame, embeds, mask, toke
 
 
 __all__ = ["MaskedWanProcessor", "frame_mask", "masked_forward", "dispatch_attention_fn"]
+
+
+def reference_sampling(pipe, init_noise, seed, flow_of, chunk: int = 3) -> torch.Tensor:
+    """Self-Forcing sampling without a cache: every forward runs over [clean earlier chunks, current chunk].
+
+    ``flow_of(seq, timesteps_per_frame, mask_of, tokens_per_frame)`` returns the flow over the whole sequence,
+    ``mask_of(allowed)`` the token mask of a frame rule over it; the current chunk's part of it is sampled with the
+    pipeline's scheduler, re-noised from a generator seeded with ``seed``, as the pipeline does.
+    """
+    sched = pipe.scheduler
+    tpf = (init_noise.shape[3] // 2) * (init_noise.shape[4] // 2)
+    gen = torch.Generator().manual_seed(seed)
+    clean = []
+    for start in range(0, init_noise.shape[2], chunk):
+        x = init_noise[:, :, start : start + chunk]
+        for k, (t, sigma) in enumerate(zip(sched.timesteps, sched.sigmas)):
+            seq = torch.cat(clean + [x], dim=2)
+            ts = torch.cat([torch.zeros(start), torch.full((chunk,), float(t))])
+            flow = flow_of(seq, ts, lambda allowed, n=seq.shape[2]: frame_mask(n, tpf, allowed), tpf)[:, :, start:]
+            x0 = sched.predict_x0(x, flow, float(sigma))
+            if k + 1 < len(sched):
+                x = sched.add_noise(x0, torch.randn(x.shape, generator=gen), float(sched.sigmas[k + 1]))
+        clean.append(x0)
+    return torch.cat(clean, dim=2)

@@ -7,32 +7,17 @@ import torch
 import genkv
 from genkv.testing import tiny_self_forcing_pipeline
 
-from .helpers import frame_mask, masked_forward
+from .helpers import masked_forward, reference_sampling
 
 CHUNK = 3
 
 
 def reference_rollout(pipe, embeds, init_noise, seed, allowed):
-    """Self-Forcing sampling without a cache: every forward runs over [clean earlier chunks, current chunk]."""
-    transformer = pipe.transformer
-    sched = pipe.scheduler
-    tpf = (init_noise.shape[3] // 2) * (init_noise.shape[4] // 2)
-    gen = torch.Generator().manual_seed(seed)
-    clean = []
-    for start in range(0, init_noise.shape[2], CHUNK):
-        x = init_noise[:, :, start : start + CHUNK]
-        for k, (t, sigma) in enumerate(zip(sched.timesteps, sched.sigmas)):
-            seq = torch.cat(clean + [x], dim=2)
-            n = seq.shape[2]
-            ts = torch.cat([torch.zeros(start), torch.full((CHUNK,), float(t))])
-            out = masked_forward(transformer, seq, ts, embeds, frame_mask(n, tpf, allowed), tpf)
-            flow = out[:, :, start:]
-            x0 = sched.predict_x0(x, flow, float(sigma))
-            if k + 1 < len(sched):
-                noise = torch.randn(x.shape, generator=gen)
-                x = sched.add_noise(x0, noise, float(sched.sigmas[k + 1]))
-        clean.append(x0)
-    return torch.cat(clean, dim=2)
+    """Self-Forcing sampling without a cache, each frame attending to the frames ``allowed`` says."""
+    return reference_sampling(
+        pipe, init_noise, seed,
+        lambda seq, ts, mask_of, tpf: masked_forward(pipe.transformer, seq, ts, embeds, mask_of(allowed), tpf),
+    )
 
 
 def cached_rollout(pipe, embeds, init_noise, seed):

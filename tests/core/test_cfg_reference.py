@@ -13,31 +13,20 @@ import torch
 import genkv
 from genkv.testing import tiny_self_forcing_pipeline
 
-from .helpers import frame_mask, masked_forward
+from .helpers import masked_forward, reference_sampling
 
 CHUNK = 3
 
 
 def reference_cfg_rollout(pipe, embeds, negative, init_noise, seed, guidance):
-    transformer, sched = pipe.transformer, pipe.scheduler
-    tpf = (init_noise.shape[3] // 2) * (init_noise.shape[4] // 2)
-    gen = torch.Generator().manual_seed(seed)
-    clean = []
-    for start in range(0, init_noise.shape[2], CHUNK):
-        x = init_noise[:, :, start : start + CHUNK]
-        for k, (t, sigma) in enumerate(zip(sched.timesteps, sched.sigmas)):
-            seq = torch.cat(clean + [x], dim=2)
-            n = seq.shape[2]
-            ts = torch.cat([torch.zeros(start), torch.full((CHUNK,), float(t))])
-            mask = frame_mask(n, tpf, lambda q, kf: kf // CHUNK <= q // CHUNK)
-            cond = masked_forward(transformer, seq, ts, embeds, mask, tpf)[:, :, start:].float()
-            uncond = masked_forward(transformer, seq, ts, negative, mask, tpf)[:, :, start:].float()
-            flow = uncond + guidance * (cond - uncond)
-            x0 = sched.predict_x0(x, flow, float(sigma))
-            if k + 1 < len(sched):
-                x = sched.add_noise(x0, torch.randn(x.shape, generator=gen), float(sched.sigmas[k + 1]))
-        clean.append(x0)
-    return torch.cat(clean, dim=2)
+    """Guided sampling without a cache: each branch a block-causal forward over its own prompt, combined."""
+    def guided(seq, ts, mask_of, tpf):
+        mask = mask_of(lambda q, kf: kf // CHUNK <= q // CHUNK)
+        cond = masked_forward(pipe.transformer, seq, ts, embeds, mask, tpf).float()
+        uncond = masked_forward(pipe.transformer, seq, ts, negative, mask, tpf).float()
+        return uncond + guidance * (cond - uncond)
+
+    return reference_sampling(pipe, init_noise, seed, guided, chunk=CHUNK)
 
 
 def test_cfg_rollout_equals_two_single_branch_block_causal_references():
