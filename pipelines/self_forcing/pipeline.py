@@ -80,6 +80,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         max_sequence_length: int = 512,
         default_guidance_scale: float = 1.0,
         noise: str = "chunk",
+        first_frame_independent: bool = False,
     ) -> None:
         super().__init__()
         self.register_modules(
@@ -92,6 +93,7 @@ class SelfForcingPipeline(DiffusionPipeline):
             max_sequence_length=max_sequence_length,
             default_guidance_scale=default_guidance_scale,
             noise=noise,
+            first_frame_independent=first_frame_independent,
         )
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {', '.join(map(repr, NOISE_MODES))}, got {noise!r}")
@@ -213,10 +215,20 @@ class SelfForcingPipeline(DiffusionPipeline):
         return hidden * keep
 
     # -- geometry ------------------------------------------------------------------------------------
-    def latent_frames_for(self, num_frames: int) -> int:
-        """Latent frames needed for ``num_frames`` video frames, rounded up to whole chunks."""
+    def latent_frames_for(self, num_frames: int, context_frames: int = 0) -> int:
+        """Latent frames needed for ``num_frames`` video frames, rounded up to whole chunks; with
+        ``context_frames`` given latent frames first (image / video context), those plus whole generated chunks.
+
+        Example:
+            >>> from genkv.testing import tiny_self_forcing_pipeline
+            >>> pipe = tiny_self_forcing_pipeline()
+            >>> pipe.latent_frames_for(21), pipe.latent_frames_for(21, context_frames=1)
+            (6, 7)
+        """
         latent = 1 + math.ceil((num_frames - 1) / self.vae_scale_factor_temporal)
         chunk = self.config.num_frames_per_chunk
+        if context_frames:
+            return context_frames + chunk * math.ceil(max(latent - context_frames, 0) / chunk)
         return chunk * math.ceil(latent / chunk)
 
     def enable_compile(self, mode: str | None = None, cuda_graphs: bool | None = None) -> "SelfForcingPipeline":
@@ -368,8 +380,21 @@ class SelfForcingPipeline(DiffusionPipeline):
         commit_latents: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         on_denoised: Callable[[torch.Tensor], None] | None = None,
         noise: str | None = None,
+        context_latents: torch.Tensor | None = None,
+        first_frame_independent: bool | None = None,
     ) -> Iterator[torch.Tensor]:
         """Yield each chunk's clean latents (B, C, F, h, w) float32, in order; the cache is driven here.
+
+        ``context_latents`` (B or 1, C, Tc, h, w), if given, are clean latent frames (normalised as the model
+        sees them: :meth:`encode_frames`) that begin the video, as upstream Self-Forcing's ``initial_latent``:
+        each of their blocks is run once through the transformer at timestep 0 (no denoising) and committed,
+        exactly like the clean pass after a generated chunk, and yielded as it is; generation continues after
+        them in chunks of ``num_frames_per_chunk``. Blocks: with ``first_frame_independent`` (default: the
+        config's ``first_frame_independent``) frame 0 is a 1-frame block and the rest come in whole chunks
+        (Tc = 1 + 3k), otherwise all in whole chunks (Tc = 3k); another Tc is refused. ``num_latent_frames``
+        counts the context frames too. The context draws nothing from ``generator``: noise (and ``latents``,
+        which then covers only the generated frames, (B, C, num_latent_frames - Tc, h, w)) starts with the first
+        generated chunk, as if it were the video's first.
 
         ``latents`` (B, C, T, h, w), if given, supplies the initial noise of every chunk (reproducibility
         tests); fresh noise for the re-noising steps still comes from ``generator``. ``noise`` (default: the
@@ -410,8 +435,23 @@ class SelfForcingPipeline(DiffusionPipeline):
         if use_cfg:
             lengths["uncond"] = prompt_lengths(negative_embeds).tolist()
         store.new_prompt(lengths)
+        blocks = []  # (first latent frame, frames, given clean latents or None) of every block, in order
+        context_frames = 0
+        if context_latents is not None:
+            if first_frame_independent is None:
+                first_frame_independent = bool(getattr(self.config, "first_frame_independent", False))
+            context_latents = self._check_context(context_latents, batch, cfg.in_channels, lat_h, lat_w,
+                                                  first_frame_independent).to(device)
+            context_frames = context_latents.shape[2]
+            for start, frames in self.context_blocks(context_frames, first_frame_independent):
+                blocks.append((start, frames, context_latents[:, :, start : start + frames].contiguous()))
+        if num_latent_frames < context_frames:
+            raise ValueError(f"num_latent_frames={num_latent_frames} is fewer than the {context_frames} context "
+                             "latent frames (it counts them too)")
+        generated = num_latent_frames - context_frames
+        blocks += [(context_frames + s, min(chunk, generated - s), None) for s in range(0, generated, chunk)]
         noise_source = RolloutNoise(
-            noise or getattr(self.config, "noise", "chunk"), (batch, cfg.in_channels, num_latent_frames, lat_h, lat_w),
+            noise or getattr(self.config, "noise", "chunk"), (batch, cfg.in_channels, generated, lat_h, lat_w),
             self._model_dtype, device, generator, latents,
         )
         graphs = None
@@ -432,11 +472,27 @@ class SelfForcingPipeline(DiffusionPipeline):
             return None if signature is None else (signature[0], use_cfg, signature[1:])
 
         try:
-            for start in range(0, num_latent_frames, chunk):
+            for start, frames, given in blocks:
                 timer = timer_factory() if timer_factory is not None else None
-                frames = min(chunk, num_latent_frames - start)
                 store.begin_chunk(start, frames, tokens_per_frame, grid)
-                x = x0 = noise_source.initial(start, frames)
+                if given is not None:
+                    # A context block: already clean, so only its t=0 pass runs (upstream's initial_latent).
+                    if timer is not None:
+                        timer.mark("denoise")
+                    if on_denoised is not None:
+                        on_denoised(given)
+                    store.step_index = len(timesteps)
+                    with store.committing(), record_function("genkv.kv_commit.forward"):
+                        self._flow(given, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale,
+                                   graphs, graph_key())
+                    with record_function("genkv.kv_commit.keeper"):
+                        store.commit(graphs)
+                    if timer is not None:
+                        timer.mark("kv_commit")
+                    self.last_chunk_timer = timer
+                    yield given
+                    continue
+                x = x0 = noise_source.initial(start - context_frames, frames)
                 # (record_function ranges name the phases in torch.profiler traces, e.g. eval/profile_ops.py)
                 with record_function("genkv.denoise"):
                     for k, (t, sigma) in enumerate(zip(timesteps, sigmas)):
@@ -468,6 +524,141 @@ class SelfForcingPipeline(DiffusionPipeline):
             self._model_dtype = None
             if graphs is not None:
                 graphs.release()
+
+    def context_blocks(self, context_frames: int, first_frame_independent: bool) -> list[tuple[int, int]]:
+        """(first frame, frames) of each block the context latents are committed in (upstream's rule): a 1-frame
+        block first when ``first_frame_independent``, then whole chunks; a count that does not fit is refused.
+
+        Example:
+            >>> from genkv.testing import tiny_self_forcing_pipeline
+            >>> pipe = tiny_self_forcing_pipeline()
+            >>> pipe.context_blocks(4, True), pipe.context_blocks(6, False)
+            ([(0, 1), (1, 3)], [(0, 3), (3, 3)])
+        """
+        chunk = self.config.num_frames_per_chunk
+        head = 1 if first_frame_independent else 0
+        if isinstance(context_frames, bool) or context_frames < 1 or (context_frames - head) % chunk:
+            rule = (f"1 + a multiple of {chunk} (an independent first frame, then whole chunks)" if head
+                    else f"a positive multiple of {chunk} (whole chunks)")
+            raise ValueError(f"context latents must have {rule} latent frames, got {context_frames}")
+        return [(0, 1)] * head + [(s, chunk) for s in range(head, context_frames, chunk)]
+
+    def _check_context(self, latents: torch.Tensor, batch: int, channels: int, lat_h: int, lat_w: int,
+                       first_frame_independent: bool) -> torch.Tensor:
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+            raise ValueError("context_latents must be a (B, C, T, h, w) tensor, got "
+                             f"{tuple(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+        b, c, t, h, w = latents.shape
+        if c != channels or (h, w) != (lat_h, lat_w) or b not in (1, batch):
+            raise ValueError(f"context_latents has shape {tuple(latents.shape)}; expected ({batch} or 1, {channels}, "
+                             f"T, {lat_h}, {lat_w}) for this video")
+        self.context_blocks(t, first_frame_independent)
+        return latents.float().expand(batch, -1, -1, -1, -1)
+
+    # -- image / video context -----------------------------------------------------------------------
+    @staticmethod
+    def _fit_frames(frames: np.ndarray, height: int, width: int, what: str) -> np.ndarray:
+        """Resize (to cover) and centre-crop uint8 frames (T, H, W, 3) to (T, height, width, 3), noting it once."""
+        t, h, w, _ = frames.shape
+        if (h, w) == (height, width):
+            return frames
+        import warnings
+
+        from PIL import Image
+
+        warnings.warn(f"genkv: {what} is {w}x{h}; resized and centre-cropped to the render size {width}x{height}",
+                      stacklevel=3)
+        scale = max(width / w, height / h)
+        size = (max(width, math.ceil(w * scale - 1e-6)), max(height, math.ceil(h * scale - 1e-6)))
+        left, top = (size[0] - width) // 2, (size[1] - height) // 2
+        box = (left, top, left + width, top + height)
+        return np.stack([np.asarray(Image.fromarray(f).resize(size, Image.BICUBIC).crop(box)) for f in frames])
+
+    @staticmethod
+    def load_image(image: Any) -> np.ndarray:
+        """A PIL image (converted to RGB), an (H, W, 3) uint8 array or a path → (H, W, 3) uint8."""
+        from PIL import Image
+
+        if isinstance(image, (str, Path)):
+            try:
+                with Image.open(image) as img:
+                    image = img.convert("RGB")
+            except Exception as error:  # one line, whatever PIL says
+                raise ValueError(f"cannot read image {str(image)!r}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))
+        if isinstance(image, torch.Tensor):
+            image = image.cpu().numpy()
+        if not isinstance(image, np.ndarray):
+            raise ValueError(f"image must be a PIL image, an (H, W, 3) uint8 array or a path, got {type(image).__name__}")
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"image must be (H, W, 3) RGB, got shape {tuple(image.shape)} (wrong number of channels)")
+        if image.dtype != np.uint8:
+            raise ValueError(f"image must be uint8, got {image.dtype}")
+        return image
+
+    @staticmethod
+    def load_video(video: Any) -> np.ndarray:
+        """A (T, H, W, 3) uint8 array or a video path (:func:`genkv.video.read_frames`) → (T, H, W, 3) uint8."""
+        if isinstance(video, (str, Path)):
+            from genkv.video import read_frames
+
+            if not Path(video).is_file():
+                raise ValueError(f"cannot read video {str(video)!r}: no such file")
+            try:
+                video = read_frames(video)
+            except Exception as error:
+                raise ValueError(f"cannot read video {str(video)!r}: {str(error).splitlines()[0] if str(error) else type(error).__name__}") from None
+        if isinstance(video, torch.Tensor):
+            video = video.cpu().numpy()
+        if not isinstance(video, np.ndarray):
+            raise ValueError(f"video must be a (T, H, W, 3) uint8 array or a path, got {type(video).__name__}")
+        if video.ndim != 4 or video.shape[3] != 3:
+            raise ValueError(f"video must be (T, H, W, 3) RGB, got shape {tuple(video.shape)} (wrong number of channels)")
+        if video.dtype != np.uint8:
+            raise ValueError(f"video must be uint8, got {video.dtype}")
+        return video
+
+    @torch.no_grad()
+    def encode_frames(self, frames: np.ndarray) -> torch.Tensor:
+        """uint8 frames (T, H, W, 3) → normalised latents (1, C, 1 + (T - 1) // 4, h, w) float32 with the Wan VAE
+        encoder (its mean, no sampling), ``(z - latents_mean) / latents_std`` as the model sees them (the
+        inverse of :meth:`StreamingVAEDecoder.denormalize`). The first frame is its own latent frame (Wan)."""
+        vae = self.vae
+        device = self._execution_device
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(3, 0, 1, 2)[None]
+        x = (x.float() / 127.5 - 1.0).to(vae.dtype)
+        from .vae_stream import apply_thread_invariant_conv2d
+
+        apply_thread_invariant_conv2d(vae.encoder)  # same bits whatever the CPU thread count (as the decoder)
+        z = vae.encode(x).latent_dist.mode().float()
+        mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
+        std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
+        return (z - mean) / std
+
+    def prepare_context(self, image: Any = None, video: Any = None, height: int | None = None,
+                        width: int | None = None) -> tuple[torch.Tensor | None, bool]:
+        """Context latents and their first-block rule for ``image=`` / ``video=`` (see :meth:`stream`)."""
+        if image is not None and video is not None:
+            raise ValueError("pass image= (image-to-video) or video= (extension), not both")
+        height = height or self.config.default_height
+        width = width or self.config.default_width
+        if image is not None:
+            frames = self._fit_frames(self.load_image(image)[None], height, width, "the image")
+            return self.encode_frames(frames), True
+        if video is None:
+            return None, False
+        frames = self.load_video(video)
+        chunk, factor = self.config.num_frames_per_chunk, self.vae_scale_factor_temporal
+        latent = 1 + (len(frames) - 1) // factor if len(frames) else 0
+        if latent < chunk:
+            raise ValueError(f"the video to extend has {len(frames)} frames; it needs at least "
+                             f"{1 + factor * (chunk - 1)} (one chunk of {chunk} latent frames)")
+        kept = chunk * (latent // chunk)  # latent frames of context: whole chunks
+        # The last 1 + 4 (kept - 1) frames, encoded from their own first frame, give exactly `kept` latent frames
+        # (as the end of a genkv / Wan video decodes from them: the first a single frame, then 4 per latent).
+        frames = self._fit_frames(frames[len(frames) - 1 - factor * (kept - 1):], height, width, "the video")
+        return self.encode_frames(frames), False
 
     def _prepare_embeds(
         self,
@@ -532,8 +723,22 @@ class SelfForcingPipeline(DiffusionPipeline):
         profile: bool = False,
         overlap_decode: bool | None = None,
         noise: str | None = None,
+        image: Any = None,
+        video: Any = None,
     ) -> Iterator[Any]:
         """Generate and decode chunk by chunk; yield each chunk's new frames as soon as they exist.
+
+        ``image`` (image-to-video: a PIL image, an (H, W, 3) uint8 array or an image path) is resized and
+        centre-cropped to ``height`` x ``width`` (with a ``genkv:`` warning when it had another size),
+        encoded by the Wan VAE to one latent frame and committed as clean context, a 1-frame first block at
+        timestep 0, as upstream Self-Forcing does for its I2V checkpoints (``first_frame_independent=True`` in
+        their config: I2V-trained checkpoints do this best; a T2V checkpoint gets the same 1-frame block). The
+        first output frame is the image as the VAE reconstructs it. ``video`` (extension: a (T, H, W, 3) uint8
+        array or a video path) gives its last ``1 + 4 (n - 1)`` frames as context, n = 3 * floor(T_lat / 3)
+        latent frames (T_lat = 1 + (T - 1) // 4, its whole-chunk part) committed in 3-frame blocks; a video of
+        fewer than 9 frames (one chunk) is refused. The context's frames come out first (decoded from their
+        latents) and ``num_frames`` counts them. The context draws nothing from ``generator`` (see
+        :meth:`rollout`). Bad inputs (unreadable path, not 3 channels, both given): one-line ``ValueError``.
 
         Yields uint8 frames ``[T, H, W, 3]`` per chunk (``[B, T, H, W, 3]`` for several prompts): a numpy array
         for ``output_type="np"``, a torch tensor on the pipeline's device for ``"pt"``, or the chunk's clean
@@ -555,6 +760,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         self.check_inputs(num_frames, height, width)
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent' for stream(), got {output_type!r}")
+        context, independent = self.prepare_context(image, video, height, width)
+        context_frames = 0 if context is None else context.shape[2]
         embeds, negative = self._prepare_embeds(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance_scale
         )
@@ -614,7 +821,7 @@ class SelfForcingPipeline(DiffusionPipeline):
 
         chunks = self.rollout(
             embeds,
-            self.latent_frames_for(num_frames),
+            self.latent_frames_for(num_frames, context_frames),
             height,
             width,
             negative_embeds=negative,
@@ -624,6 +831,8 @@ class SelfForcingPipeline(DiffusionPipeline):
             timer_factory=timer_factory,
             on_denoised=decode_on_side if side is not None and early_decode else None,
             noise=noise,
+            context_latents=context,
+            first_frame_independent=independent,
         )
         try:
             for x0 in chunks:
@@ -690,12 +899,16 @@ class SelfForcingPipeline(DiffusionPipeline):
         output_type: str = "np",
         return_dict: bool = True,
         noise: str | None = None,
+        image: Any = None,
+        video: Any = None,
     ) -> SelfForcingPipelineOutput | tuple:
         """Generate whole videos (diffusers style). Use :meth:`stream` for long videos.
 
         ``noise="upstream"`` draws the noise as upstream Self-Forcing does (whole-video (B, T, C, h, w) noise
         first, then (B * F, C, h, w) re-noise per step, in the model's dtype; the global RNG when ``generator`` is
         None), so ``torch.manual_seed(seed)`` + upstream's dtype and device give upstream's video for ``seed``.
+        ``image`` (image-to-video) and ``video`` (extension) are as in :meth:`stream`: the output starts with the
+        context's frames and has ``num_frames`` frames in all.
         """
         if output_type not in ("np", "uint8", "pil", "pt", "latent"):
             raise ValueError(f"output_type must be one of np, uint8, pil, pt, latent; got {output_type!r}")
@@ -707,6 +920,8 @@ class SelfForcingPipeline(DiffusionPipeline):
             negative_prompt_embeds=negative_prompt_embeds,
             latents=latents,
             noise=noise,
+            image=image,
+            video=video,
         )
         stream_type = "latent" if output_type == "latent" else "pt"
         parts = list(self.stream(prompt, num_frames, height, width, output_type=stream_type, **kwargs))
