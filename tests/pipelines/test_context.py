@@ -39,12 +39,25 @@ def block_ids(context_frames: int, independent: bool, generated: int) -> list[in
     return ids
 
 
-def reference_with_context(pipe, embeds, context, init_noise, seed, independent):
+def block_causal(ids):
+    return lambda q, k: ids[k] <= ids[q]
+
+
+def windowed(ids, sink, window):
+    """Upstream's local attention: a block sees the sink frames and the last ``window`` frames up to its own end."""
+    def allowed(q, k):
+        end = max(f for f in range(len(ids)) if ids[f] == ids[q]) + 1
+        return k < end and (k < sink or k >= end - window)
+    return allowed
+
+
+def reference_with_context(pipe, embeds, context, init_noise, seed, independent, rule=block_causal):
     """No cache: every forward runs over [context, clean generated chunks, current chunk] with the block-causal
     mask; context frames and finished chunks at timestep 0, the current chunk sampled as the pipeline does."""
     sched = pipe.scheduler
     ctx, gen = context.shape[2], init_noise.shape[2]
     ids = block_ids(ctx, independent, gen)
+    allowed = rule(ids)
     gen_rng = torch.Generator().manual_seed(seed)
     clean = [context]
     for start in range(0, gen, CHUNK):
@@ -53,7 +66,7 @@ def reference_with_context(pipe, embeds, context, init_noise, seed, independent)
             seq = torch.cat(clean + [x], dim=2)
             n = seq.shape[2]
             ts = torch.cat([torch.zeros(ctx + start), torch.full((CHUNK,), float(t))])
-            mask = frame_mask(n, TPF, lambda q, kf: ids[kf] <= ids[q])
+            mask = frame_mask(n, TPF, allowed)
             flow = masked_forward(pipe.transformer, seq, ts, embeds, mask, TPF)[:, :, ctx + start :]
             x0 = sched.predict_x0(x, flow, float(sigma))
             if k + 1 < len(sched):
@@ -86,6 +99,23 @@ def test_full_rollout_with_context_equals_block_causal_reference(setup, context_
     assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert get_store(pipe.transformer).frames_committed == context_frames + 3 * CHUNK
+
+
+@pytest.mark.parametrize("sink,window", [(1, 6), (0, 6), (0, 4), (2, 3)])
+@pytest.mark.parametrize("context_frames,independent", [(1, True), (3, False)])
+def test_rolling_with_context_equals_windowed_reference(setup, sink, window, context_frames, independent):
+    """The rolling window treats the context frames as ordinary committed frames (upstream's local attention).
+    (Not covered: sink 0 with window = one chunk, where no history is attended at all; after a 1-frame block the
+    keeper then still shows that frame to the next chunk.)"""
+    pipe, embeds = setup
+    genkv.apply_genkv(pipe, "rolling", sink_frames=sink, window_frames=window)
+    g = torch.Generator().manual_seed(12)
+    context = torch.randn(1, 16, context_frames, 4, 4, generator=g)
+    noise = torch.randn(1, 16, 4 * CHUNK, 4, 4, generator=g)
+    _, got = cached_with_context(pipe, embeds, context, noise, 5, independent)
+    want = reference_with_context(pipe, embeds, context, noise, 5, independent,
+                                  lambda ids: windowed(ids, sink, window))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_image_block_cache_is_the_latent_at_t0_position_0(setup, monkeypatch):
