@@ -241,7 +241,8 @@ def test_video_extension_starts_with_the_videos_last_whole_chunks():
 
 
 @pytest.mark.parametrize("method,kwargs", [("rolling", dict(sink_frames=1, window_frames=6)), ("fastar", {}),
-                                           ("tempcache", dict(sink_frames=1, budget_frames=8))])
+                                           ("tempcache", dict(sink_frames=1, budget_frames=8)),
+                                           ("tempcache", dict(budget_frames=8))])  # no sink: frame 0 may merge
 def test_bounded_methods_with_a_one_frame_first_block(setup, method, kwargs):
     pipe, embeds = setup
     genkv.apply_genkv(pipe, method, **kwargs)
@@ -262,7 +263,9 @@ def test_bounded_methods_with_a_one_frame_first_block(setup, method, kwargs):
         budget = genkv.get_method(method, **kwargs).budget_frames * TPF
         assert seen[-1][0] <= budget * 2
     assert len(set(seen[-4:])) == 1, seen  # flat once the bound is reached
-    # the image frame is kept as the sink by every method (frame 0 in every layer)
+    if genkv.get_method(method, **kwargs).sink_frames == 0:
+        return
+    # the image frame is kept as the sink (frame 0 in every layer)
     for cache in get_store(pipe.transformer).caches["cond"]:
         frames = cache.frame_index[: cache.length]
         assert (frames == 0).sum() == TPF
@@ -315,3 +318,18 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path):
                     r"1 \+ a multiple of 3")
     _one_line_error(lambda: list(pipe.rollout(embeds, 5, H, W, context_latents=torch.zeros(1, 16, 1, 8, 8),
                                               first_frame_independent=True)), "expected")
+
+
+def test_tempcache_merges_the_next_chunk_into_the_image_frame(setup):
+    """With no sink, the 1-frame image block is an ordinary frame 0 for TempCache: frame 1 merges into it."""
+    pipe, embeds = setup
+    genkv.apply_genkv(pipe, "tempcache", sink_frames=0, threshold=-1.0, radius=0, budget_frames=8)
+    image = torch.randn(1, 16, 1, 4, 4, generator=torch.Generator().manual_seed(6))
+    list(pipe.rollout(embeds, 1 + CHUNK, H, W, generator=torch.Generator().manual_seed(0), context_latents=image,
+                      first_frame_independent=True))
+    for cache in get_store(pipe.transformer).caches["cond"]:
+        live = cache.frame_index[: cache.length] >= 0
+        # every position's 4 frames (image + 3) in one group, stamped with the newest frame
+        assert int(live.sum()) == TPF
+        assert cache.token_count[: cache.length][live].tolist() == [4.0] * TPF
+        assert cache.frame_index[: cache.length][live].tolist() == [3] * TPF
