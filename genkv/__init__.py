@@ -16,9 +16,19 @@ Example:
 from __future__ import annotations
 
 import importlib
+import os
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# In a source checkout the rooms genkv.kernels, genkv.pipelines and genkv.configs are the top-level folders beside
+# this one (an install puts them under genkv/). Searching the checkout's root too lets code run from the checkout
+# (`python -m genkv.cli.main` there), where this folder shadows any installed genkv.
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")) and all(
+    os.path.isfile(os.path.join(_checkout, room, "__init__.py")) for room in ("kernels", "pipelines", "configs")
+):
+    __path__.append(_checkout)
 
 #: public name -> the submodule that defines it (imported on first access, PEP 562)
 _LAZY: dict[str, str] = {

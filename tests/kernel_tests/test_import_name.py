@@ -50,3 +50,15 @@ def test_without_the_real_package_the_stand_in_reads_as_not_installed(tmp_path):
     assert getattr(module, "__version__", "N/A") == "N/A" and getattr(module, "__file__", None) is None
     with pytest.raises(AttributeError):
         module.CUDAProperties  # what diffusers' and transformers' hub-kernel integrations import first
+
+
+@pytest.mark.skipif(not (CHECKOUT / "pyproject.toml").exists(), reason="installed package: no checkout root to run from")
+def test_a_checkout_runs_without_its_install(tmp_path):
+    """Run from a checkout, its genkv/ folder shadows whatever is installed (a regular install too): the rooms
+    beside it must still import as genkv.kernels / genkv.pipelines / genkv.configs."""
+    probe = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]\n"
+             "import genkv.kernels, genkv.pipelines, genkv.configs\n"
+             "print(genkv.kernels.__file__)\n")
+    done = subprocess.run([sys.executable, "-c", probe], cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert Path(done.stdout.strip()).resolve() == CHECKOUT / "kernels" / "__init__.py"
