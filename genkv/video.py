@@ -145,7 +145,10 @@ def _encode(frames: np.ndarray, fps: float, quality: float) -> bytes:
     cmd = [
         imageio_ffmpeg.get_ffmpeg_exe(), "-y", "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}",
         "-pix_fmt", "rgb24", "-r", str(Fraction(fps).limit_denominator()), "-i", "-", "-an",
-        "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", str(crf), "-v", "error",
+        # -bf 0: no B-frames, so no segment's frames are shown later than they are decoded. With them a segment of
+        # 1-2 frames (an image-to-video first block, a short last chunk) has no reordering delay while the others
+        # do, and the joined file gets a gap that players and readers fill with repeated frames.
+        "-vcodec", "libx264", "-bf", "0", "-pix_fmt", "yuv420p", "-crf", str(crf), "-v", "error",
         "-movflags", _FRAGMENTED, "-f", "mp4", "pipe:1",
     ]
     done = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), capture_output=True,
