@@ -91,6 +91,15 @@ def render(
         False, "--profile", help="Print where each chunk's time goes (denoise, KV commit, decode, host copy, write); "
         "synchronises once per chunk and turns off the decode overlap."
     ),
+    image: Optional[Path] = typer.Option(
+        None, "--image", help="Image-to-video: every video starts from this image (resized and centre-cropped to the "
+        "render size, its VAE reconstruction is frame 0). A prompt line '[image=PATH] prompt' gives that line its "
+        "own image (paths relative to the prompt file)."
+    ),
+    extend: Optional[Path] = typer.Option(
+        None, "--extend", help="Video extension: every video continues this clip (its last whole chunks are the "
+        "context and open the output; --frames counts them). A line '[extend=PATH] prompt' gives that line its own."
+    ),
     decoder: str = typer.Option(
         "wan", "--decoder", help="What turns latents into frames: wan (the model's VAE, the reference) or taehv "
         "(the TAEHV tiny streaming decoder: ~11x cheaper per chunk, softer frames; needs --decoder-weights)."
@@ -133,6 +142,8 @@ def render(
         cuda_graphs=cuda_graphs,
         profile=profile,
         progress_every=progress_every,
+        image=image,
+        extend=extend,
         decoder=decoder,
         decoder_weights=decoder_weights,
         fp8=fp8,

@@ -59,6 +59,9 @@ class RenderOptions:
     profile: bool = False
     progress_every: int = 10  # chunks between progress lines when stderr is not a terminal
     ema: bool = True  # the checkpoint's generator_ema weights (False: generator)
+    image: Path | None = None  # image-to-video: every prompt starts from this image
+    extend: Path | None = None  # video extension: every prompt continues this clip
+    contexts: list[dict] = field(default_factory=list)  # per prompt: {"image"|"video": array, "source": path}
     decoder: str = "wan"  # or "taehv" (with decoder_weights)
     decoder_weights: Path | None = None
     fp8: bool = False
@@ -96,6 +99,59 @@ def check_decoder(options: RenderOptions) -> None:
     if options.decoder_weights is not None and not options.decoder_weights.is_file():
         raise CLIError(f"--decoder-weights {str(options.decoder_weights)!r} not found; pass the taew2_1 file "
                        "(genkv never downloads weights)")
+
+
+_CONTEXT_PREFIX = re.compile(r"^\[(image|extend)=([^\]]+)\]\s*(.*)$")
+
+
+def split_context_prefixes(prompts: list[str], options: RenderOptions) -> tuple[list[str], list[tuple[str, Path] | None]]:
+    """Each prompt line's own ``[image=PATH]`` / ``[extend=PATH]`` prefix (paths relative to the prompt file), else
+    --image / --extend, else nothing: (prompts without prefixes, per prompt (kind, path) or None). Paths are only
+    checked to exist here (before torch loads); :func:`load_contexts` reads them."""
+    if options.image is not None and options.extend is not None:
+        raise CLIError("--image and --extend both given; an image starts a video, --extend continues one: pick one")
+    default = ("image", options.image) if options.image is not None else (
+        ("extend", options.extend) if options.extend is not None else None)
+    texts, sources = [], []
+    for line in prompts:
+        match = _CONTEXT_PREFIX.match(line)
+        source = default
+        if match:
+            kind, path, line = match.group(1), Path(match.group(2).strip()), match.group(3).strip()
+            source = (kind, path if path.is_absolute() else options.prompt_file.parent / path)
+            if not line:
+                raise CLIError(f"prompt line [{kind}=...] has no prompt after it; write '[{kind}=PATH] your prompt'")
+        if source is not None and not source[1].is_file():
+            flag = "--image" if source[0] == "image" else "--extend"
+            raise CLIError(f"{flag} {str(source[1])!r} not found; pass an image (png, jpg) for --image or a video "
+                           "(mp4) for --extend")
+        texts.append(line)
+        sources.append(source)
+    return texts, sources
+
+
+def load_contexts(sources: list[tuple[str, Path] | None]) -> list[dict]:
+    """Read every image / clip once before the model loads: a bad file is one line, and nothing is written."""
+    from genkv.pipelines import SelfForcingPipeline
+
+    loaded: dict[tuple[str, Path], dict] = {}
+    contexts = []
+    for source in sources:
+        if source is None:
+            contexts.append({})
+            continue
+        if source not in loaded:
+            kind, path = source
+            try:
+                if kind == "image":
+                    loaded[source] = {"image": SelfForcingPipeline.load_image(path), "source": str(path)}
+                else:
+                    loaded[source] = {"video": SelfForcingPipeline.load_video(path), "source": str(path)}
+            except ValueError as err:
+                flag = "--image" if kind == "image" else "--extend"
+                raise CLIError(f"{flag}: {err}") from None
+        contexts.append(loaded[source])
+    return contexts
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -308,10 +364,11 @@ def process_rank() -> tuple[int, int, int]:
 def run_render(options: RenderOptions) -> int:
     """Validate, load, render; returns the process exit code (SIGTERM stops it as Ctrl-C does, exit 143)."""
     check_numbers(options)
-    prompts = read_prompts(options.prompt_file)
+    prompts, sources = split_context_prefixes(read_prompts(options.prompt_file), options)
     parse_settings(options.settings)
     names = [video_name(i, p) for i, p in enumerate(prompts)]
     method = resolve_method(options)  # the first torch import (the method registry builds torch modules)
+    options.contexts = load_contexts(sources)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     prepare_outputs(options.out, names, options.overwrite)
@@ -377,6 +434,11 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
         method.build_keeper().check_chunk(pipe.config.num_frames_per_chunk)
     except ValueError as err:
         raise CLIError(str(err).replace("height", "--height").replace("width", "--width")) from None
+    for context in {id(c): c for c in options.contexts if "video" in c}.values():
+        try:  # a clip too short for one chunk is refused here, before any file is written
+            pipe.prepare_context(video=context["video"], height=height, width=width)
+        except ValueError as err:
+            raise CLIError(f"--extend {context['source']}: {err}") from None
     genkv.apply_genkv(pipe, method)
     if options.decoder == "taehv":
         try:
@@ -458,6 +520,8 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         "model": options.model,
         "method": method.to_dict(),
         "decoder": options.decoder,
+        "context": ({("image" if "image" in options.contexts[index] else "extend"): options.contexts[index]["source"]}
+                    if options.contexts and options.contexts[index] else None),
         "fp8_layers": getattr(pipe, "fp8_layers", 0),
         "seed": options.seed + index,
         "height": height,
@@ -474,9 +538,11 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
     try:
         with _progress(console, f"{rank_label}{name[:32]}", options, writer, start) as report:
             last = start
+            context = options.contexts[index] if options.contexts else {}
             for frames in pipe.stream(
                 prompt, options.frames, height, width, generator=generator, guidance_scale=options.guidance_scale,
                 profile=options.profile, on_chunk=phases.append,
+                **{k: v for k, v in context.items() if k in ("image", "video")},
             ):
                 before_write = time.perf_counter()
                 writer.append(frames)
