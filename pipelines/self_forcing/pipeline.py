@@ -382,6 +382,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         noise: str | None = None,
         context_latents: torch.Tensor | None = None,
         first_frame_independent: bool | None = None,
+        prompt_switches: list[tuple[int, torch.Tensor]] | None = None,
+        recache: bool | str = True,
     ) -> Iterator[torch.Tensor]:
         """Yield each chunk's clean latents (B, C, F, h, w) float32, in order; the cache is driven here.
 
@@ -408,6 +410,10 @@ class SelfForcingPipeline(DiffusionPipeline):
         ``on_denoised(x0)``, if given, is called as soon as a chunk's latents are final, before its clean K/V
         pass and commit: :meth:`stream` launches the chunk's decode there, so a side stream has GPU work queued
         while the host waits on the commit's syncs.
+
+        ``prompt_switches`` ``[(latent_frame, embeds), ...]``: from the generated chunk starting at latent frame
+        ``latent_frame`` (a chunk boundary after the context, strictly increasing) the prompt is ``embeds``
+        ((1, L, text_dim), batch 1 only); ``recache`` (True, False or ``"flush"``) as in :meth:`stream`.
         """
         transformer = self.transformer
         if not is_patched(transformer):
@@ -450,6 +456,14 @@ class SelfForcingPipeline(DiffusionPipeline):
                              "latent frames (it counts them too)")
         generated = num_latent_frames - context_frames
         blocks += [(context_frames + s, min(chunk, generated - s), None) for s in range(0, generated, chunk)]
+        switches = self._check_switches(prompt_switches, recache, blocks, batch, device)
+        # Clean latents of the frames the cache holds (frame -> (B, C, 1, h, w)), kept only for a re-cache: pruned
+        # after every commit to the frames the keeper still holds (a rolling window's sink + window, never more).
+        recache_mode = self._recache_mode(store, recache) if switches else False
+        held_latents: dict[int, torch.Tensor] | None = {} if recache_mode is True else None
+        block_starts = {s for s, _, _ in blocks}
+        self._recache_ring = held_latents  # (tests read it: what a re-cache would re-commit)
+        self.last_recached_frames: list[int] | None = None  # frames the last switch re-cached (recache=True)
         noise_source = RolloutNoise(
             noise or getattr(self.config, "noise", "chunk"), (batch, cfg.in_channels, generated, lat_h, lat_w),
             self._model_dtype, device, generator, latents,
@@ -471,9 +485,30 @@ class SelfForcingPipeline(DiffusionPipeline):
             signature = store.graph_signature()
             return None if signature is None else (signature[0], use_cfg, signature[1:])
 
+        def commit_block(start: int, frames: int, clean: torch.Tensor) -> None:
+            # The t=0 pass over clean latents and the keeper's commit (after a chunk, for context, at a re-cache).
+            store.step_index = len(timesteps)
+            with store.committing(), record_function("genkv.kv_commit.forward"):
+                self._flow(clean, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale,
+                           graphs, graph_key())
+            with record_function("genkv.kv_commit.keeper"):
+                store.commit(graphs)
+            if held_latents is not None:
+                for i in range(frames):
+                    held_latents[start + i] = clean[:, :, i : i + 1]
+                held = self._held_frames(store)
+                for f in [f for f in held_latents if f not in held]:
+                    del held_latents[f]
+
         try:
             for start, frames, given in blocks:
                 timer = timer_factory() if timer_factory is not None else None
+                if start in switches:
+                    embeds = switches[start]
+                    if graphs is not None:
+                        graphs.release()  # nothing recorded under the old prompt or cache layout is replayed
+                    self._switch_prompt(store, embeds, negative_embeds if use_cfg else None, recache_mode,
+                                        held_latents, block_starts, tokens_per_frame, grid, commit_block)
                 store.begin_chunk(start, frames, tokens_per_frame, grid)
                 if given is not None:
                     # A context block: already clean, so only its t=0 pass runs (upstream's initial_latent).
@@ -481,12 +516,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                         timer.mark("denoise")
                     if on_denoised is not None:
                         on_denoised(given)
-                    store.step_index = len(timesteps)
-                    with store.committing(), record_function("genkv.kv_commit.forward"):
-                        self._flow(given, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale,
-                                   graphs, graph_key())
-                    with record_function("genkv.kv_commit.keeper"):
-                        store.commit(graphs)
+                    commit_block(start, frames, given)
                     if timer is not None:
                         timer.mark("kv_commit")
                     self.last_chunk_timer = timer
@@ -508,13 +538,8 @@ class SelfForcingPipeline(DiffusionPipeline):
                 if on_denoised is not None:
                     on_denoised(x0)
                 # The clean pass: its only product is the chunk's clean K/V, which the keeper commits.
-                store.step_index = len(timesteps)
                 clean = x0 if commit_latents is None else commit_latents(start, x0).to(x0)
-                with store.committing(), record_function("genkv.kv_commit.forward"):
-                    self._flow(clean, 0.0, embeds, negative_embeds if use_cfg else None, guidance_scale,
-                               graphs, graph_key())
-                with record_function("genkv.kv_commit.keeper"):
-                    store.commit(graphs)
+                commit_block(start, frames, clean)
                 if timer is not None:
                     timer.mark("kv_commit")
                 self.last_chunk_timer = timer
@@ -524,6 +549,144 @@ class SelfForcingPipeline(DiffusionPipeline):
             self._model_dtype = None
             if graphs is not None:
                 graphs.release()
+
+    # -- prompt switches -----------------------------------------------------------------------------
+    def _switch_frames(self, prompt_switches, num_frames: int, context_frames: int) -> list[tuple[int, Any]]:
+        """Output-frame switches -> (first latent frame of the chunk it applies from, text), checked; one
+        ``genkv:`` warning when a switch is moved to a chunk boundary."""
+        if not prompt_switches:
+            return []
+        if not isinstance(prompt_switches, (list, tuple)):
+            raise ValueError("prompt_switches must be a list of (frame, text) pairs, got "
+                             f"{type(prompt_switches).__name__}")
+        factor, chunk = self.vae_scale_factor_temporal, self.config.num_frames_per_chunk
+        total = self.latent_frames_for(num_frames, context_frames)
+        starts = list(range(context_frames, total, chunk))
+        if context_frames == 0:
+            starts = starts[1:]  # frame 0 begins the video: no switch there
+        out, last, moved = [], 0, []
+        for item in prompt_switches:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"prompt_switches must be (frame, text) pairs, got {item!r}")
+            frame, text = item
+            if isinstance(frame, bool) or not isinstance(frame, int) or frame <= 0:
+                raise ValueError(f"a prompt switch frame must be an integer > 0, got {frame!r}")
+            if frame <= last:
+                raise ValueError(f"prompt switch frames must be strictly increasing, got {frame} after {last}")
+            if frame >= num_frames:
+                raise ValueError(f"prompt switch at frame {frame} is beyond the video's {num_frames} frames")
+            if not isinstance(text, (str, torch.Tensor)):
+                raise ValueError(f"a prompt switch's prompt must be a string or embeddings, got {type(text).__name__}")
+            last = frame
+            latent = (frame + factor - 1) // factor  # the latent frame that decodes to this output frame
+            start = next((s for s in starts if s >= latent), None)
+            if start is None:
+                raise ValueError(f"prompt switch at frame {frame}: no chunk starts at or after it (the last starts "
+                                 f"at frame {1 + factor * (starts[-1] - 1) if starts else 0})")
+            if out and out[-1][0] == start:
+                raise ValueError(f"prompt switches at frames {out[-1][2]} and {frame} fall on the same chunk "
+                                 f"boundary (frame {1 + factor * (start - 1)})")
+            first = 1 + factor * (start - 1)
+            if first != frame:
+                moved.append(f"{frame} -> {first}")
+            out.append((start, text, frame))
+        if moved:
+            import warnings
+
+            warnings.warn(f"genkv: prompt switches apply at chunk boundaries; moved frame {', '.join(moved)}",
+                          stacklevel=4)
+        return [(s, t) for s, t, _ in out]
+
+    def _check_switches(self, prompt_switches, recache, blocks, batch, device) -> dict:
+        """{latent frame: padded embeds} of rollout's switches, checked (one-line ValueError)."""
+        if recache not in (True, False, "flush") or isinstance(recache, int) and not isinstance(recache, bool):
+            raise ValueError(f"recache must be True, False or 'flush', got {recache!r}")
+        if not prompt_switches:
+            return {}
+        if batch != 1:
+            raise ValueError(f"prompt_switches need a single prompt, got a batch of {batch}")
+        starts = [s for s, _, given in blocks if given is None and s > 0]
+        switches, last = {}, 0
+        for item in prompt_switches:
+            if not isinstance(item, (tuple, list)) or len(item) != 2:
+                raise ValueError(f"prompt_switches must be (latent_frame, embeds) pairs, got {item!r}")
+            frame, emb = item
+            if frame <= last:
+                raise ValueError(f"prompt switch latent frames must be > 0 and strictly increasing, got {frame}")
+            if frame not in starts:
+                raise ValueError(f"prompt switch at latent frame {frame} is not a generated chunk's first frame "
+                                 f"(chunks start at {starts})")
+            last = frame
+            emb = self.pad_prompt_embeds(emb).to(device=device, dtype=self.transformer.dtype)
+            if emb.shape[0] != 1:
+                raise ValueError(f"a switch's embeds must be one prompt, got a batch of {emb.shape[0]}")
+            switches[frame] = emb
+        return switches
+
+    @staticmethod
+    def _recache_mode(store, recache: bool | str) -> bool | str:
+        """``recache`` as the method can do it: True / "flush" only for whole-frame caches (full, rolling)."""
+        from genkv.keep.base import CacheKeeper
+        from genkv.keep.full import KeepAll
+        from genkv.keep.rolling import SinkWindow
+
+        keeper = store.keeper
+        if not recache or type(keeper) in (CacheKeeper, KeepAll, SinkWindow):
+            return recache
+        import warnings
+
+        warnings.warn(f"genkv: recache={recache!r} needs whole cached frames; {keeper.method_name} merges tokens "
+                      "(no single latent per slot), so its switches keep the self-attention cache (recache=False)",
+                      stacklevel=4)
+        return False
+
+    @staticmethod
+    def _held_frames(store) -> set[int]:
+        """Latent frames whose tokens the (whole-frame) cache holds now."""
+        for layers in store.caches.values():
+            for cache in layers:
+                return set(np.unique(cache.frame_host[: cache.length]).tolist())
+        return set()
+
+    def _switch_prompt(self, store, embeds, negative_embeds, mode, held_latents, block_starts, tokens_per_frame,
+                       grid, commit_block) -> None:
+        """A new prompt from the next chunk: new cross-attention K/V (a new prompt version), and the self-attention
+        cache re-computed (``mode`` True), flushed to sinks + newest frame ("flush") or kept (False)."""
+        lengths = {"cond": prompt_lengths(embeds).tolist()}
+        if negative_embeds is not None:
+            lengths["uncond"] = prompt_lengths(negative_embeds).tolist()
+        if mode == "flush":
+            sinks = getattr(store.keeper, "sink_frames", 0)
+            held = self._held_frames(store)
+            keep_frames = sorted({f for f in held if f < sinks} | ({max(held)} if held else set()))
+            for layers in store.caches.values():
+                for cache in layers:
+                    keep = np.flatnonzero(np.isin(cache.frame_host[: cache.length], keep_frames))
+                    cache.move_tokens(keep, np.arange(len(keep)))
+                    cache.length = len(keep)
+        store.new_prompt(lengths)
+        if mode is not True or not held_latents:
+            return
+        # LongLive's KV re-cache: a fresh cache, the held frames' clean latents committed again under the new
+        # prompt, in their original blocks (the held part of each), each frame at its original RoPE position.
+        frames = sorted(held_latents)
+        latents = dict(held_latents)
+        self.last_recached_frames = frames
+        shift, sinks = store.position_shift, getattr(store.keeper, "sink_frames", 0)
+        store.reset()
+        store.new_prompt(lengths)
+        held_latents.clear()
+        runs: list[list[int]] = []
+        for f in frames:
+            if runs and f == runs[-1][-1] + 1 and f not in block_starts:
+                runs[-1].append(f)
+            else:
+                runs.append([f])
+        for run in runs:
+            store.position_shift = shift if run[0] >= sinks else 0
+            store.begin_chunk(run[0], len(run), tokens_per_frame, grid)
+            commit_block(run[0], len(run), torch.cat([latents[f] for f in run], dim=2))
+        store.position_shift = shift
 
     def context_blocks(self, context_frames: int, first_frame_independent: bool) -> list[tuple[int, int]]:
         """(first frame, frames) of each block the context latents are committed in (upstream's rule): a 1-frame
@@ -725,6 +888,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         noise: str | None = None,
         image: Any = None,
         video: Any = None,
+        prompt_switches: list[tuple[int, Any]] | None = None,
+        recache: bool | str = True,
     ) -> Iterator[Any]:
         """Generate and decode chunk by chunk; yield each chunk's new frames as soon as they exist.
 
@@ -752,6 +917,28 @@ class SelfForcingPipeline(DiffusionPipeline):
         while the next chunk is denoised, and copies its frames into pinned host memory there; a chunk's frames
         are then yielded one chunk later, with the same values. When the decode is queued is
         :attr:`decode_early`'s choice; with :attr:`cuda_graphs` the chunk's later forwards replay a graph.
+
+        ``prompt_switches=[(frame, text), ...]`` (LongLive-style prompt switching; one prompt, not a batch):
+        output video frames > 0, strictly increasing, below ``num_frames``; ``text`` a string (encoded once) or
+        (1, L, text_dim) embeddings. A switch applies from the first generated chunk that starts at or after
+        its frame (a ``genkv:`` warning when that moves it); no chunk starting there is an error. At a switch the
+        cross-attention K/V are rebuilt for the new prompt (a new prompt version in the store, so no CUDA graph
+        recorded before it is replayed: they are released and re-recorded), and ``recache`` says what happens to
+        the self-attention cache:
+
+        - ``True`` (default, LongLive's KV re-cache): the cache is emptied and the clean latents of every frame it
+          held are committed again under the new prompt (a t=0 pass, block by block as context is: the held
+          frames of each original block, each frame at its original RoPE position). ``full`` re-caches the whole
+          history; ``rolling`` its sinks + window (the pipeline keeps the clean latents of only the frames the
+          window holds). A rolling window that has evicted frames re-caches what it holds: those frames then no
+          longer see the evicted ones, as in LongLive.
+        - ``False``: the self-attention K/V stay as they are; only cross-attention changes.
+        - ``"flush"`` (∞-RoPE's KV flush): the cache keeps only the sink frames (``rolling``'s ``sink_frames``;
+          ``full`` has none) and the newest frame, their K/V as they were; everything else is dropped.
+
+        ``tempcache`` and ``fastar`` merge tokens (a slot has no single latent), so for them ``True`` and
+        ``"flush"`` fall back to ``False`` with one ``genkv:`` warning. ``annsa`` keeps whole frames (``full``'s
+        keeper) and re-caches like ``full``.
         """
         height = height or self.config.default_height
         width = width or self.config.default_width
@@ -760,11 +947,20 @@ class SelfForcingPipeline(DiffusionPipeline):
         self.check_inputs(num_frames, height, width)
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent' for stream(), got {output_type!r}")
+        if prompt_switches and not isinstance(prompt, (str, type(None))):
+            raise ValueError("prompt_switches need one prompt (a string), not a list of prompts (a batch)")
+        if recache not in (True, False, "flush") or isinstance(recache, int) and not isinstance(recache, bool):
+            raise ValueError(f"recache must be True, False or 'flush', got {recache!r}")
         context, independent = self.prepare_context(image, video, height, width)
         context_frames = 0 if context is None else context.shape[2]
+        latent_switches = self._switch_frames(prompt_switches, num_frames, context_frames)
         embeds, negative = self._prepare_embeds(
             prompt, prompt_embeds, negative_prompt, negative_prompt_embeds, guidance_scale
         )
+        if latent_switches and embeds.shape[0] != 1:
+            raise ValueError(f"prompt_switches need one prompt, got a batch of {embeds.shape[0]}")
+        latent_switches = [(f, self.encode_prompt(text, self._execution_device) if isinstance(text, str) else text)
+                           for f, text in latent_switches]
         single = embeds.shape[0] == 1
         decoder = None
         if output_type != "latent":
@@ -833,6 +1029,8 @@ class SelfForcingPipeline(DiffusionPipeline):
             noise=noise,
             context_latents=context,
             first_frame_independent=independent,
+            prompt_switches=latent_switches,
+            recache=recache,
         )
         try:
             for x0 in chunks:
@@ -901,6 +1099,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         noise: str | None = None,
         image: Any = None,
         video: Any = None,
+        prompt_switches: list[tuple[int, Any]] | None = None,
+        recache: bool | str = True,
     ) -> SelfForcingPipelineOutput | tuple:
         """Generate whole videos (diffusers style). Use :meth:`stream` for long videos.
 
@@ -908,7 +1108,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         first, then (B * F, C, h, w) re-noise per step, in the model's dtype; the global RNG when ``generator`` is
         None), so ``torch.manual_seed(seed)`` + upstream's dtype and device give upstream's video for ``seed``.
         ``image`` (image-to-video) and ``video`` (extension) are as in :meth:`stream`: the output starts with the
-        context's frames and has ``num_frames`` frames in all.
+        context's frames and has ``num_frames`` frames in all. ``prompt_switches`` and ``recache`` are as in
+        :meth:`stream`.
         """
         if output_type not in ("np", "uint8", "pil", "pt", "latent"):
             raise ValueError(f"output_type must be one of np, uint8, pil, pt, latent; got {output_type!r}")
@@ -922,6 +1123,8 @@ class SelfForcingPipeline(DiffusionPipeline):
             noise=noise,
             image=image,
             video=video,
+            prompt_switches=prompt_switches,
+            recache=recache,
         )
         stream_type = "latent" if output_type == "latent" else "pt"
         parts = list(self.stream(prompt, num_frames, height, width, output_type=stream_type, **kwargs))
