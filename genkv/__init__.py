@@ -16,19 +16,44 @@ Example:
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
 import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
 # In a source checkout the rooms genkv.kernels, genkv.pipelines and genkv.configs are the top-level folders beside
-# this one (an install puts them under genkv/). Searching the checkout's root too lets code run from the checkout
-# (`python -m genkv.cli.main` there), where this folder shadows any installed genkv.
-_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "kernels")) and all(
-    os.path.isfile(os.path.join(_checkout, room, "__init__.py")) for room in ("kernels", "pipelines", "configs")
-):
-    __path__.append(_checkout)
+# this one (an install puts them under genkv/, an editable install maps them). A last-resort finder for exactly those
+# three names lets code run from the checkout (`python -m genkv.cli.main` there), where this folder shadows any
+# installed genkv.
+def _checkout_rooms() -> dict[str, str]:
+    here = os.path.dirname(os.path.abspath(__file__))
+    checkout = os.path.dirname(here)
+    rooms = {f"{__name__}.{room}": os.path.join(checkout, room) for room in ("kernels", "pipelines", "configs")}
+    if os.path.isdir(os.path.join(here, "kernels")) or not all(
+        os.path.isfile(os.path.join(folder, "__init__.py")) for folder in rooms.values()
+    ):
+        return {}
+    return rooms
+
+
+class _CheckoutRoomFinder(importlib.abc.MetaPathFinder):
+    def __init__(self, rooms: dict[str, str]) -> None:
+        self.rooms = rooms
+
+    def find_spec(self, name, path=None, target=None):
+        folder = self.rooms.get(name)
+        if folder is None:
+            return None
+        return importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
+                                                      submodule_search_locations=[folder])
+
+
+_rooms = _checkout_rooms()
+if _rooms and not any(isinstance(f, _CheckoutRoomFinder) for f in sys.meta_path):
+    sys.meta_path.append(_CheckoutRoomFinder(_rooms))
 
 #: public name -> the submodule that defines it (imported on first access, PEP 562)
 _LAZY: dict[str, str] = {
