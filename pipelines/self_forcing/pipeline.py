@@ -504,9 +504,10 @@ class SelfForcingPipeline(DiffusionPipeline):
             for start, frames, given in blocks:
                 timer = timer_factory() if timer_factory is not None else None
                 if start in switches:
+                    # CUDA graphs: every forward's key holds the store's prompt version (bumped here) and cache
+                    # layout (new buffers after a re-cache), so nothing recorded before the switch is replayed
+                    # after it; its forwards are recorded again (and the old layout's graphs freed then).
                     embeds = switches[start]
-                    if graphs is not None:
-                        graphs.release()  # nothing recorded under the old prompt or cache layout is replayed
                     self._switch_prompt(store, embeds, negative_embeds if use_cfg else None, recache_mode,
                                         held_latents, block_starts, tokens_per_frame, grid, commit_block)
                 store.begin_chunk(start, frames, tokens_per_frame, grid)
