@@ -924,7 +924,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         (1, L, text_dim) embeddings. A switch applies from the first generated chunk that starts at or after
         its frame (a ``genkv:`` warning when that moves it); no chunk starting there is an error. At a switch the
         cross-attention K/V are rebuilt for the new prompt (a new prompt version in the store, so no CUDA graph
-        recorded before it is replayed: they are released and re-recorded), and ``recache`` says what happens to
+        recorded before it is replayed after it: graph keys hold the prompt version and the cache layout, and
+        the switch's forwards are recorded anew), and ``recache`` says what happens to
         the self-attention cache:
 
         - ``True`` (default, LongLive's KV re-cache): the cache is emptied and the clean latents of every frame it
