@@ -70,9 +70,11 @@ def test_sigterm_keeps_finished_chunks_writes_the_summary_and_exits_143(tmp_path
 
 
 def _read_available(fd: int, wait: float) -> str:
-    """What the pipe holds now (waiting up to ``wait`` seconds for the first bytes)."""
+    """What the pipe holds now (waiting up to ``wait`` seconds for the first bytes), read for at most ``wait`` + 1
+    seconds: a render that prints faster than it is read would otherwise keep this loop going to its end."""
     data = b""
-    while select.select([fd], [], [], wait)[0]:
+    end = time.time() + wait + 1.0
+    while time.time() < end and select.select([fd], [], [], wait)[0]:
         chunk = os.read(fd, 65536)
         if not chunk:
             break
