@@ -8,6 +8,16 @@ Tensors stay in diffusers' ``(B, S, H, D)`` layout: the kernel takes strides, so
 (``buffer[:, :length]``) need no copy. An optional per-key bias ``(B, S_kv, H)`` is added to the logits
 (TempCache's ``log(count)``; ``-inf`` marks an empty slot). Rows that see no key produce zeros and an LSE of
 ``-inf``, never NaN.
+
+With a quantized history (``history=``, a ``QuantizedKV``: fp8 / int8 / int4 codes, ``kernels/quant_kv.py``) the
+key positions [0, S_h) are read from the codes and dequantized in registers, tile by tile; K/V hold the current
+chunk. Each tile loads both sources with masks and merges them with ``tl.where`` (a tile may straddle S_h), so
+the loop stays branch-free. Dequantization is folded where it is cheapest: codes convert exactly to q's dtype;
+the keys' per-channel smoothing factors (powers of two, loaded once per program) multiply the code tile
+(exact); the per-token key scale multiplies the logit columns together with the softmax scale (the one multiply
+per logit the plain path already does); the per-token value scale multiplies p before the PV dot, and int4's
+per-token zero point adds ``sum_j p_j zero_j`` to the accumulator. Current-chunk columns get scale 1, zero 0.
+The plain path (no history) compiles exactly as before (``HIST_KIND = 0`` removes every history op).
 """
 
 from __future__ import annotations
@@ -33,11 +43,8 @@ def triton_available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale, stride_bs,
-                     HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
-        """One key tile of the online softmax (logits in base 2): returns the updated (acc, m_i, l_i)."""
-        # Scale in fp32 (not folded into the bf16 q, which would round it twice); fuses into one FMA.
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
+    def _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
+        """Base-2 logits plus the key bias; columns past kv_len (ragged tiles) become -inf."""
         if HAS_BIAS:
             if RAGGED:
                 bias = tl.load(bias_base + offs_n * stride_bs, mask=offs_n < kv_len, other=float("-inf"))
@@ -46,20 +53,97 @@ if triton is not None:
             qk += bias[None, :] * 1.4426950408889634
         elif RAGGED:
             qk = tl.where((offs_n < kv_len)[None, :], qk, float("-inf"))
+        return qk
+
+    @triton.jit
+    def _softmax_step(qk, m_i, l_i):
+        """Online-softmax update for one tile of base-2 logits: returns (p, alpha, m_new, l_new)."""
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         # A row that has seen no finite logit yet (bias -inf holes) keeps m = -inf: subtract 0 there, not -inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
+        return p, alpha, m_new, l_i
+
+    @triton.jit
+    def _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale, stride_bs,
+                     HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
+        """One key tile of the online softmax (logits in base 2): returns the updated (acc, m_i, l_i)."""
+        # Scale in fp32 (not folded into the bf16 q, which would round it twice); fuses into one FMA.
+        qk = tl.dot(q, tl.trans(k)) * qk_scale
+        qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
+        p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return acc, m_new, l_i
 
+    @triton.jit
+    def _attend_history_tile(q, k, v, k_col, v_col, v_zero, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale,
+                             stride_bs, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr, HAS_ZERO: tl.constexpr):
+        """``_attend_tile`` over a tile whose history columns hold unscaled codes: the per-token key scale
+        (``k_col``, 1 on current columns) multiplies the logit columns, together with qk_scale (the same one
+        multiply per logit as the plain tile); the per-token value scale (``v_col``) multiplies p before the PV
+        dot, and int4's per-token zero point adds ``sum_j p_j zero_j`` to every channel."""
+        qk = tl.dot(q, tl.trans(k)) * (qk_scale * k_col)[None, :]
+        qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
+        p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
+        acc = acc * alpha[:, None] + tl.dot((p * v_col[None, :]).to(v.dtype), v)
+        if HAS_ZERO:
+            acc += tl.sum(p * v_zero[None, :], 1)[:, None]
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _history_codes(base, offs_n, in_hist, stride_s, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       KIND: tl.constexpr, dtype: tl.constexpr):
+        """A (TILE_N, HEAD_DIM) tile of codes as ``dtype`` (exact: codes are small integers or fp8); rows
+        outside the history are undefined (the caller selects the current chunk's there; fp8 has no integer
+        ``other``). Int4 (KIND 3) bytes hold channel 2j in the low nibble, 2j+1 in the high one."""
+        if KIND == 3:
+            offs_b = tl.arange(0, HEAD_DIM // 2)
+            packed = tl.load(base + offs_n[:, None] * stride_s + offs_b[None, :], mask=in_hist[:, None])
+            nibbles = tl.reshape(tl.join(packed & 15, packed >> 4), (TILE_N, HEAD_DIM))
+            codes = nibbles.to(dtype)
+        else:
+            offs_d = tl.arange(0, HEAD_DIM)
+            codes = tl.load(base + offs_n[:, None] * stride_s + offs_d[None, :], mask=in_hist[:, None])
+            codes = codes.to(dtype)
+        return codes
+
+    @triton.jit
+    def _load_history_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base,
+                           hvz_base, stride_ss, channel, offs_n, hist_len, kv_len, TILE_N: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr):
+        """K/V tile over combined positions: [0, hist_len) from the quantized history, [hist_len, kv_len) from
+        the current chunk. Both loads are masked and merged with tl.where, so a tile straddling the boundary
+        needs no branch (the loop stays branch-free and pipelined). Returns (k, v, k_col, v_col, v_zero): history
+        keys as codes times the smoothing factors (powers of two: exact), values as bare codes; the per-token
+        scales come back as column vectors (1 on current columns; zero points 0) for _attend_history_tile."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_hist = offs_n < hist_len
+        in_cur = (offs_n >= hist_len) & (offs_n < kv_len)
+        cur_n = offs_n - hist_len
+        k_cur = tl.load(k_base + cur_n[:, None] * stride_ks + offs_d[None, :], mask=in_cur[:, None], other=0.0)
+        v_cur = tl.load(v_base + cur_n[:, None] * stride_vs + offs_d[None, :], mask=in_cur[:, None], other=0.0)
+        k_hist = _history_codes(hk_base, offs_n, in_hist, stride_hs, TILE_N, HEAD_DIM, KIND, k_cur.dtype)
+        if KIND == 3:  # int4 keys are stored offset by 8
+            k_hist = k_hist - 8.0
+        k = tl.where(in_hist[:, None], k_hist * channel[None, :], k_cur)
+        v = tl.where(in_hist[:, None], _history_codes(hv_base, offs_n, in_hist, stride_hs, TILE_N, HEAD_DIM,
+                                                      KIND, v_cur.dtype), v_cur)
+        k_col = tl.load(hks_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
+        v_col = tl.load(hvs_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
+        if HAS_ZERO:
+            v_zero = tl.load(hvz_base + offs_n * stride_ss, mask=in_hist, other=0.0).to(tl.float32)
+        else:
+            v_zero = v_col
+        return k, v, k_col, v_col, v_zero
+
     # Lengths change every chunk: without do_not_specialize, Triton would compile a new variant whenever one
     # crosses a multiple of 16 (seconds of JIT inside a rollout).
-    @triton.jit(do_not_specialize=["q_len", "kv_len"])
+    @triton.jit(do_not_specialize=["q_len", "kv_len", "hist_len"])
     def _block_sparse_fwd(
         Q, K, V, Bias, Out, Lse, Idx, Cnt,
+        HK, HV, HKS, HVS, HVZ, HC,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
@@ -68,7 +152,10 @@ if triton is not None:
         stride_ib, stride_ih, stride_iq,
         stride_cb, stride_ch,
         stride_lb, stride_lh,
-        num_heads, q_len, kv_len, qk_scale,
+        stride_hb, stride_hs, stride_hh,
+        stride_sb, stride_ss, stride_sh,
+        stride_xb, stride_xh,
+        num_heads, q_len, kv_len, hist_len, qk_scale,
         HAS_BIAS: tl.constexpr,
         STORE_LSE: tl.constexpr,
         MASK_BLOCK_M: tl.constexpr,
@@ -79,6 +166,7 @@ if triton is not None:
         RAGGED: tl.constexpr,
         WARP_SPECIALIZE: tl.constexpr,
         USE_TMA: tl.constexpr,
+        HIST_KIND: tl.constexpr,
     ):
         # One program per (query tile, batch x head). The block lists are at the mask's granularity
         # (MASK_BLOCK_M x MASK_BLOCK_N); tiles may be smaller, so the kernel's shape is tuned independently.
@@ -104,6 +192,13 @@ if triton is not None:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         bias_base = Bias + b * stride_bb + h * stride_bh
+        # A quantized history (HIST_KIND 1 fp8, 2 int8, 3 int4; 0: none) holds key/value positions [0, hist_len);
+        # K/V then hold [hist_len, kv_len). The keys' smoothing factors are loaded once per program.
+        if HIST_KIND != 0:
+            hk_base = HK + b * stride_hb + h * stride_hh
+            hv_base = HV + b * stride_hb + h * stride_hh
+            scale_offset = b * stride_sb + h * stride_sh
+            channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
         # Branch-free loop body so Triton software-pipelines the K/V loads (control flow inside the loop would
         # stop it): RAGGED (kv_len not a multiple of the tile) masks every tile, decided once at launch.
         if USE_TMA:
@@ -117,20 +212,29 @@ if triton is not None:
             for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                 start_n = block * MASK_BLOCK_N + sub * TILE_N
                 offs_n = start_n + offs_n0
-                if USE_TMA:
-                    k = k_desc.load([start_n, 0])
-                    v = v_desc.load([start_n, 0])
-                elif RAGGED:
-                    col_ok = offs_n < kv_len
-                    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None],
-                                other=0.0)
-                    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None],
-                                other=0.0)
+                if HIST_KIND != 0:
+                    k, v, k_col, v_col, v_zero = _load_history_tile(
+                        k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, HKS + scale_offset,
+                        HVS + scale_offset, HVZ + scale_offset, stride_ss, channel, offs_n, hist_len, kv_len,
+                        TILE_N, HEAD_DIM, HIST_KIND, HIST_KIND == 3)
+                    acc, m_i, l_i = _attend_history_tile(q, k, v, k_col, v_col, v_zero, acc, m_i, l_i, bias_base,
+                                                         offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS, RAGGED,
+                                                         HIST_KIND == 3)
                 else:
-                    k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :])
-                    v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
-                acc, m_i, l_i = _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale,
-                                             stride_bs, HAS_BIAS, RAGGED)
+                    if USE_TMA:
+                        k = k_desc.load([start_n, 0])
+                        v = v_desc.load([start_n, 0])
+                    elif RAGGED:
+                        col_ok = offs_n < kv_len
+                        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :], mask=col_ok[:, None],
+                                    other=0.0)
+                        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :], mask=col_ok[:, None],
+                                    other=0.0)
+                    else:
+                        k = tl.load(k_base + offs_n[:, None] * stride_ks + offs_d[None, :])
+                        v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
+                    acc, m_i, l_i = _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale,
+                                                 stride_bs, HAS_BIAS, RAGGED)
 
         denom = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / denom[:, None]
@@ -165,7 +269,7 @@ def _install_descriptor_allocator() -> None:
         _ALLOCATOR_SET = True
 
 
-def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n) -> None:
+def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len: int = 0) -> None:
     interpreting = __import__("os").environ.get("TRITON_INTERPRET") == "1"
     if not interpreting and not all(t.is_cuda for t in (q, k, v, kv_block_indices, kv_block_counts)):
         raise ValueError("triton block-sparse attention needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernel "
@@ -191,8 +295,39 @@ def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_
             f"block lists must be (B, H, {n_q}, n) and (B, H, {n_q}) for S_q={q.shape[1]}, block_m={block_m}; "
             f"got {tuple(kv_block_indices.shape)} and {tuple(kv_block_counts.shape)}"
         )
-    if key_bias is not None and key_bias.shape != (b, k.shape[1], h):
-        raise ValueError(f"key_bias must be (B, S_kv, H) = {(b, k.shape[1], h)}, got {tuple(key_bias.shape)}")
+    s_kv = hist_len + k.shape[1]
+    if key_bias is not None and key_bias.shape != (b, s_kv, h):
+        raise ValueError(f"key_bias must be (B, S_kv, H) = {(b, s_kv, h)}, got {tuple(key_bias.shape)}")
+
+
+_HIST_KINDS = {"fp8": 1, "int8": 2, "int4": 3}
+
+
+def _history_args(history, q: torch.Tensor) -> tuple[tuple, tuple, int]:
+    """Kernel arguments for a quantized history: 6 pointers, 8 strides and its kind (placeholders for none).
+
+    The kernel walks keys and values with one set of strides: codes of K and V must share their layout, and
+    so must the scales (true of everything ``quantize_kv`` / ``QuantizedKV.empty`` build, and of their views).
+    """
+    if history is None:
+        return (q,) * 6, (0,) * 8, 0
+    codes, scales = (history.k_codes, history.v_codes), (history.k_scale, history.v_scale)
+    if history.v_zero is not None:
+        scales += (history.v_zero,)
+    b, _, h, d = q.shape
+    if history.k_codes.shape[0] != b or history.k_codes.shape[2] != h or history.head_dim != d:
+        raise ValueError(f"history (B, S_h, H, D) = {tuple(history.k_codes.shape[:3]) + (history.head_dim,)} does "
+                         f"not match q's (B, H, D) = {(b, h, d)}")
+    if any(t.stride() != codes[0].stride() for t in codes) or any(t.stride() != scales[0].stride() for t in scales):
+        raise ValueError("the history's key and value codes (and scales) must share their strides")
+    if codes[0].stride(-1) != 1 or history.key_channel_scale.stride(-1) != 1 or codes[0].device != q.device:
+        raise ValueError("the history's codes and smoothing factors must be contiguous in the head dimension "
+                         "and on q's device")
+    channel = history.key_channel_scale.float().expand(b, h, d)
+    zero = history.v_zero if history.v_zero is not None else history.v_scale  # placeholder, never read
+    pointers = (history.k_codes, history.v_codes, history.k_scale, history.v_scale, zero, channel)
+    strides = (*codes[0].stride()[:3], *scales[0].stride(), channel.stride(0), channel.stride(1))
+    return pointers, strides, _HIST_KINDS[history.kind]
 
 
 def block_sparse_attention_triton(
@@ -214,8 +349,14 @@ def block_sparse_attention_triton(
     warp_specialize: bool = False,
     tma: bool | None = None,
     out: torch.Tensor | None = None,
+    history=None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
+
+    ``history`` (a :class:`~genkv.kernels.quant_kv.QuantizedKV` of ``S_h`` tokens): key/value positions
+    [0, S_h) are read from its codes and dequantized in registers, tile by tile; ``k`` / ``v`` then hold only
+    positions [S_h, S_h + S_cur) (the current chunk, full precision). Block lists, counts and ``key_bias``
+    (B, S_h + S_cur, H) index the combined sequence; S_h need not be a multiple of the block size.
 
     ``tile_m`` / ``tile_n`` / ``num_warps`` / ``num_stages`` shape the launch (tiles divide the mask's
     ``block_m`` / ``block_n``; defaults are the block sizes, 8 warps at head_dim 128, 3 stages), tuned on an H100
@@ -224,7 +365,9 @@ def block_sparse_attention_triton(
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use backend='torch'")
-    _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n)
+    hist_len = 0 if history is None else history.length
+    _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len)
+    hist_pointers, hist_strides, hist_kind = _history_args(history, q)
     b, s_q, h, d = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -238,7 +381,9 @@ def block_sparse_attention_triton(
     if block_m % tile_m or block_n % tile_n or tile_m < 16 or tile_n < 16:
         raise ValueError(f"tiles ({tile_m}, {tile_n}) must be powers of two >= 16 dividing the blocks "
                          f"({block_m}, {block_n})")
-    use_tma = _tma_usable(k, v) if tma is None else tma
+    if history is not None and tma:
+        raise ValueError("tma=True does not apply with a quantized history (its tiles are loaded with masks)")
+    use_tma = history is None and (_tma_usable(k, v) if tma is None else tma)
     if use_tma and not _tma_usable(k, v):
         raise ValueError("tma=True needs a Hopper-class GPU (or the interpreter) and 16-byte aligned K/V rows")
     grid = (math.ceil(s_q / tile_m), b * h)
@@ -247,6 +392,7 @@ def block_sparse_attention_triton(
     cnt = kv_block_counts if kv_block_counts.stride(-1) == 1 else kv_block_counts.contiguous()
     _block_sparse_fwd[grid](
         q, k, v, bias, out, lse, idx, cnt,
+        *hist_pointers,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -255,7 +401,8 @@ def block_sparse_attention_triton(
         idx.stride(0), idx.stride(1), idx.stride(2),
         cnt.stride(0), cnt.stride(1),
         lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
-        h, s_q, k.shape[1], scale * LOG2E,
+        *hist_strides,
+        h, s_q, hist_len + k.shape[1], hist_len, scale * LOG2E,
         HAS_BIAS=key_bias is not None,
         STORE_LSE=return_lse,
         MASK_BLOCK_M=block_m,
@@ -263,9 +410,10 @@ def block_sparse_attention_triton(
         TILE_M=tile_m,
         TILE_N=tile_n,
         HEAD_DIM=d,
-        RAGGED=k.shape[1] % block_n != 0,  # also covers tiles of the last block that lie wholly past kv_len
+        RAGGED=(hist_len + k.shape[1]) % block_n != 0,  # also covers tiles of the last block wholly past kv_len
         WARP_SPECIALIZE=warp_specialize,
         USE_TMA=use_tma,
+        HIST_KIND=hist_kind,
         num_warps=num_warps or (8 if d >= 128 else 4),
         num_stages=num_stages or 3,
     )

@@ -9,6 +9,8 @@ import torch
 from .gather import block_sparse_attention_gather
 from .reference import block_mask_from_lists, block_sparse_attention_torch, merge_attention_partials
 from .cross import select_prompt_tokens, sparse_cross_attention
+from .quant_kv import (QuantizedKV, copy_slots, dequantize, dequantize_keys, key_channel_scales, pool_quantized_blocks,
+                       quantize_kv, write_quantized)
 from .routing import pool_blocks, route_blocks
 
 _BACKENDS = ("auto", "torch", "gather", "flex", "triton")
@@ -27,11 +29,15 @@ def block_sparse_attention(
     block_n: int = 128,
     backend: str | None = None,
     return_lse: bool = False,
+    history: QuantizedKV | None = None,
 ):
     """Attention of each query block over its listed key blocks; q/k/v (B, S, H, D), optional bias (B, S_kv, H).
 
     With ``return_lse`` also returns the natural-log sum of exponentials (B, H, S_q) for merging partial results
     (:func:`merge_attention_partials`); not available on the flex backend.
+    ``history``: a quantized KV history (:func:`quantize_kv`) holding key positions [0, S_h), read directly by
+    the kernels; ``k`` / ``v`` then hold the current chunk [S_h, S_h + S_cur), and lists and bias index the
+    combined sequence. Triton (CUDA), gather and the torch reference take it; flex does not.
 
     Example:
         >>> import torch
@@ -51,15 +57,18 @@ def block_sparse_attention(
         from .block_sparse import triton_available
 
         triton_fits = triton_available() and q.shape[-1] in (16, 32, 64, 128) and q.dtype != torch.float32
-        choice = ("triton" if triton_fits else "flex") if q.is_cuda else "gather"
+        fallback = "flex" if history is None else "gather"  # flex cannot read a quantized history
+        choice = ("triton" if triton_fits else fallback) if q.is_cuda else "gather"
     if choice == "triton":
         from .block_sparse import block_sparse_attention_triton
 
         return block_sparse_attention_triton(
             q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m,
-            block_n=block_n, return_lse=return_lse,
+            block_n=block_n, return_lse=return_lse, history=history,
         )
     if choice == "flex":
+        if history is not None:
+            raise ValueError("a quantized history is not available on the flex backend; use 'triton' or 'gather'")
         if return_lse:
             raise ValueError("return_lse is not available on the flex backend; use backend='torch' or 'triton'")
         if not q.is_cuda:
@@ -73,18 +82,26 @@ def block_sparse_attention(
     implementation = block_sparse_attention_gather if choice == "gather" else block_sparse_attention_torch
     return implementation(
         q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m, block_n=block_n,
-        return_lse=return_lse,
+        return_lse=return_lse, history=history,
     )
 
 
 __all__ = [
+    "QuantizedKV",
     "block_sparse_attention",
     "block_sparse_attention_gather",
     "block_sparse_attention_torch",
     "block_mask_from_lists",
+    "copy_slots",
+    "dequantize",
+    "dequantize_keys",
+    "key_channel_scales",
     "merge_attention_partials",
     "pool_blocks",
+    "pool_quantized_blocks",
+    "quantize_kv",
     "route_blocks",
     "select_prompt_tokens",
     "sparse_cross_attention",
+    "write_quantized",
 ]

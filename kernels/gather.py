@@ -34,6 +34,23 @@ def _blocks(x: torch.Tensor, size: int, count: int) -> torch.Tensor:
     return x.view(b, count, size, h, d).permute(0, 3, 1, 2, 4)
 
 
+def _gather_with_history(history, x: torch.Tensor, position: torch.Tensor, which: str,
+                         compute: torch.dtype) -> torch.Tensor:
+    """Rows at combined positions (B, H, n_q, W, bn) -> (B, H, n_q, W, bn, D): [0, S_h) dequantized from the
+    quantized history (only these rows), [S_h, S_h + S_cur) from ``x`` (the current chunk); rows past the end
+    repeat a real one (finite: the caller masks them)."""
+    from .quant_kv import gather_history_rows
+
+    rows = gather_history_rows(history, position, which).to(compute)
+    if x.shape[1] == 0:
+        return rows
+    batch, heads = x.shape[0], x.shape[2]
+    b_idx = torch.arange(batch, device=x.device).view(batch, 1, 1, 1, 1)
+    h_idx = torch.arange(heads, device=x.device).view(1, heads, 1, 1, 1)
+    current = x[b_idx, (position - history.length).clamp(0, x.shape[1] - 1), h_idx].to(compute)
+    return torch.where((position < history.length)[..., None], rows, current)
+
+
 def block_sparse_attention_gather(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -46,10 +63,16 @@ def block_sparse_attention_gather(
     block_m: int = 128,
     block_n: int = 128,
     return_lse: bool = False,
+    history=None,
 ):
-    """Block-sparse attention on (B, S, H, D) tensors over gathered key blocks (see the module docstring)."""
+    """Block-sparse attention on (B, S, H, D) tensors over gathered key blocks (see the module docstring).
+
+    ``history`` (a ``QuantizedKV`` of S_h tokens): as in the Triton kernel, positions [0, S_h) come from it
+    (only the gathered blocks are dequantized) and ``k`` / ``v`` hold [S_h, S_h + S_cur); lists and
+    ``key_bias`` index the combined sequence.
+    """
     batch, s_q, heads, dim = q.shape
-    s_kv = k.shape[1]
+    s_kv = k.shape[1] + (0 if history is None else history.length)
     n_q, n_kv = math.ceil(s_q / block_m), math.ceil(s_kv / block_n)
     # Lists are padded to every block; only the longest count matters (one host read: this is the CPU path).
     width = int(kv_block_counts.max()) if kv_block_counts.numel() else 0
@@ -68,11 +91,15 @@ def block_sparse_attention_gather(
     queries = _blocks(q.to(compute), block_m, n_q)  # (B, H, n_q, bm, D)
     b_idx = torch.arange(batch, device=device).view(batch, 1, 1, 1)
     h_idx = torch.arange(heads, device=device).view(1, heads, 1, 1)
-    keys = _blocks(k.to(compute), block_n, n_kv)[b_idx, h_idx, index]  # (B, H, n_q, W, bn, D)
-    values = _blocks(v.to(compute), block_n, n_kv)[b_idx, h_idx, index]
+    position = index[..., None] * block_n + torch.arange(block_n, device=device)  # (B, H, n_q, W, bn)
+    if history is None:
+        keys = _blocks(k.to(compute), block_n, n_kv)[b_idx, h_idx, index]  # (B, H, n_q, W, bn, D)
+        values = _blocks(v.to(compute), block_n, n_kv)[b_idx, h_idx, index]
+    else:
+        keys = _gather_with_history(history, k, position, "keys", compute)
+        values = _gather_with_history(history, v, position, "values", compute)
 
     logits = torch.einsum("bhqmd,bhqwnd->bhqmwn", queries, keys) * scale  # (B, H, n_q, bm, W, bn)
-    position = index[..., None] * block_n + torch.arange(block_n, device=device)  # (B, H, n_q, W, bn)
     visible = listed[..., None] & (position < s_kv)
     if key_bias is not None:
         bias = F.pad(key_bias.to(compute).permute(0, 2, 1), (0, n_kv * block_n - s_kv))  # (B, H, n_kv * bn)

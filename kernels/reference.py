@@ -43,10 +43,20 @@ def block_sparse_attention_torch(
     block_m: int = 128,
     block_n: int = 128,
     return_lse: bool = False,
+    history=None,
 ):
-    """Reference block-sparse attention on (B, S, H, D) tensors; rows with no visible key give zeros."""
+    """Reference block-sparse attention on (B, S, H, D) tensors; rows with no visible key give zeros.
+
+    ``history`` (a ``QuantizedKV``): dequantized whole and put before ``k`` / ``v`` (the dense reference: it
+    copies the history in full precision, unlike the kernels).
+    """
     scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if history is not None:
+        from .quant_kv import dequantize
+
+        k_hist, v_hist = dequantize(history)
+        k, v = torch.cat([k_hist.to(compute), k.to(compute)], 1), torch.cat([v_hist.to(compute), v.to(compute)], 1)
     logits = torch.einsum("bqhd,bkhd->bhqk", q.to(compute), k.to(compute)) * scale
     if key_bias is not None:
         logits = logits + key_bias.to(compute).permute(0, 2, 1)[:, :, None, :]

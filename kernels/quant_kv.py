@@ -1,0 +1,361 @@
+"""A quantized KV history (issue 22): committed tokens stored as fp8 / int8 / int4 codes plus small scales.
+
+The history of one layer is quantized once, when a chunk is committed; the chunk being denoised stays in full
+precision. The attention kernels (``block_sparse.py``, ``gather.py``) and the routing summaries
+(:func:`pool_quantized_blocks`) read the codes directly and dequantize tile by tile: no full-precision copy of
+the history is ever made.
+
+Format, per (batch, token, head), head_dim ``D``:
+
+* ``fp8``: ``float8_e4m3fn`` codes, one fp16 scale (amax / 448) for the key and one for the value.
+* ``int8``: symmetric int8 codes in [-127, 127], one fp16 scale (amax / 127) each.
+* ``int4``: two 4-bit codes per uint8 byte, ``(B, S, H, D // 2)``; byte ``j`` holds channel ``2j`` in its low
+  nibble and channel ``2j + 1`` in its high nibble (so a RoPE pair shares a byte). Keys are symmetric, stored
+  offset by 8 (nibble ``u`` means ``u - 8`` in [-7, 7]); values are asymmetric: nibble ``u`` means
+  ``u * scale + zero`` with ``zero`` the token's minimum (fp16).
+
+Keys are additionally divided, before the per-token scale, by a per-(batch, head, channel) smoothing factor
+``key_channel_scale`` (B, H, D) fixed for the layer (computed from the first keys quantized): outlier channels
+would otherwise set every token's scale and leave the other channels a few levels (KIVI / SmoothQuant). The
+factors are powers of two (dividing and multiplying by them is exact) and equal within a RoPE pair.
+
+Bytes per (token, head) at D = 128, keys + values, scales included (bf16: 512):
+fp8 and int8: 2 * (128 + 2) = 260 (0.51x); int4: (64 + 2) + (64 + 2 + 2) = 134 (0.26x).
+
+Measured relative round-trip error ``|x - x̂| / |x|`` (4096 tokens, 4 heads, D = 128; keys: Gaussian with four
+RoPE pairs per head scaled 10-30x, a per-channel offset, then RoPE; values: Gaussian):
+
+============  =================  ===================================  ================================
+kind          keys, per-token    keys, per-token + pair smoothing     values
+============  =================  ===================================  ================================
+fp8           0.0184             0.0184 (alpha 0.5), 0.0259 (1.0)     0.0257
+int8          0.0182             0.0062 (alpha 0.5), 0.0072 (1.0)     0.0065
+int4          0.2101             0.1115 (alpha 0.5), 0.1316 (1.0)     0.1173 sym, 0.0998 asym
+============  =================  ===================================  ================================
+
+So the smoothing factor is ``(pair amax / median pair amax) ** 0.5`` rounded to a power of two (alpha 0.5: it
+halves the int4 key error and cuts int8's by 3x; fp8, a floating format, is indifferent and uses the same scheme
+for one kernel path). Int4 values use a zero point: 15% lower error on centred Gaussians, 38% lower (0.090 ->
+0.056) when tokens carry an offset; int8 and fp8 values are symmetric (their error is already small). The
+attention logits of int4 keys move by 0.113 relative (0.211 without smoothing), of int8 keys by 0.0063 (0.018).
+Asymmetric int4 keys would reach 0.076 on the same keys (the per-channel offset rotates with position); left for
+later: it costs a rank-1 logit term per tile.
+
+Example:
+    >>> import torch
+    >>> k, v = torch.randn(1, 40, 2, 64), torch.randn(1, 40, 2, 64)
+    >>> hist = quantize_kv(k, v, "int4")
+    >>> tuple(hist.k_codes.shape), hist.k_codes.dtype, hist.nbytes / (2 * k.numel() * 2) < 0.3
+    ((1, 40, 2, 32), torch.uint8, True)
+    >>> k_hat, v_hat = dequantize(hist)
+    >>> bool((k_hat - k).norm() < 0.2 * k.norm())
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+KINDS = ("fp8", "int8", "int4")
+_QMAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0}
+_FP16_MAX = 65504.0
+_SMOOTHING_ALPHA = 0.5
+_SMOOTHING_RANGE = 6  # factors in [2^-6, 2^6]: fp8 codes (<= 448) times 2^6 stay inside fp16 in the kernel
+
+
+@dataclass
+class QuantizedKV:
+    """A quantized history of ``length`` tokens for one layer (see the module docstring for the format).
+
+    ``k_codes`` / ``v_codes``: (B, S_h, H, D) fp8 / int8, or (B, S_h, H, D // 2) uint8 for int4;
+    ``k_scale`` / ``v_scale``: (B, S_h, H) fp16; ``v_zero``: (B, S_h, H) fp16 for int4 values, else None;
+    ``key_channel_scale``: (B, H, D) fp32 smoothing factors (powers of two, equal within a RoPE pair).
+    Views (``prefix``) are fine everywhere: readers take strides.
+    """
+
+    kind: str
+    k_codes: torch.Tensor
+    v_codes: torch.Tensor
+    k_scale: torch.Tensor
+    v_scale: torch.Tensor
+    key_channel_scale: torch.Tensor
+    v_zero: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return self.k_codes.shape[1]
+
+    @property
+    def head_dim(self) -> int:
+        return self.key_channel_scale.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: codes, scales, zero points and the smoothing factors."""
+        parts = (self.k_codes, self.v_codes, self.k_scale, self.v_scale, self.key_channel_scale, self.v_zero)
+        return sum(t.numel() * t.element_size() for t in parts if t is not None)
+
+    def prefix(self, length: int) -> "QuantizedKV":
+        """The first ``length`` slots, as views (what a cache with spare capacity hands the kernels)."""
+        cut = {name: getattr(self, name)[:, :length] for name in ("k_codes", "v_codes", "k_scale", "v_scale")}
+        return replace(self, v_zero=None if self.v_zero is None else self.v_zero[:, :length], **cut)
+
+    @classmethod
+    def empty(cls, kind: str, batch: int, capacity: int, heads: int, key_channel_scale: torch.Tensor) -> "QuantizedKV":
+        """A zeroed history of ``capacity`` slots (on ``key_channel_scale``'s device) to fill with
+        :func:`write_quantized`."""
+        _check_kind(kind)
+        dim = key_channel_scale.shape[-1]
+        device = key_channel_scale.device
+        code_shape = (batch, capacity, heads, dim // 2 if kind == "int4" else dim)
+        code_dtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}[kind]
+        codes = [torch.zeros(code_shape, dtype=code_dtype, device=device) for _ in range(2)]
+        scales = [torch.ones(batch, capacity, heads, dtype=torch.float16, device=device) for _ in range(2)]
+        zero = torch.zeros(batch, capacity, heads, dtype=torch.float16, device=device) if kind == "int4" else None
+        channel = key_channel_scale.float().expand(batch, heads, dim).contiguous()
+        return cls(kind, codes[0], codes[1], scales[0], scales[1], channel, zero)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kv kind {kind!r} is not one of {', '.join(KINDS)}")
+
+
+def key_channel_scales(k: torch.Tensor) -> torch.Tensor:
+    """Smoothing factors (B, H, D) fp32 for keys (B, S, H, D) after RoPE: a power of two per RoPE pair.
+
+    RoPE rotates channel pairs (2i, 2i+1) by a position-dependent angle. Both channels of a pair get the same
+    factor, computed from the pair's norm (which the rotation preserves), so the smoothing commutes with any
+    later rotation of stored keys.
+
+    Example:
+        >>> k = torch.ones(1, 64, 1, 8)
+        >>> k[..., 2:4] *= 50  # an outlier pair: sqrt(50) rounds to 8
+        >>> key_channel_scales(k)[0, 0].tolist()
+        [1.0, 1.0, 8.0, 8.0, 1.0, 1.0, 1.0, 1.0]
+    """
+    pair = k.float().unflatten(-1, (-1, 2)).norm(dim=-1).amax(1)  # (B, H, D/2)
+    median = pair.median(-1, keepdim=True).values.clamp_min(1e-30)
+    exponent = (_SMOOTHING_ALPHA * torch.log2(pair.clamp_min(1e-30) / median)).round()
+    factor = torch.exp2(exponent.clamp(-_SMOOTHING_RANGE, _SMOOTHING_RANGE))
+    return factor.repeat_interleave(2, dim=-1)
+
+
+def _scale_for(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    """fp16 scale ``amax / qmax``; 1 where it would be 0 (all-zero or underflowing rows: every code is 0)."""
+    scale = (amax / qmax).clamp(max=_FP16_MAX).to(torch.float16)
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
+def _pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
+    """(..., D) uint8 in [0, 15] -> (..., D // 2): channel 2j in the low nibble, 2j + 1 in the high one."""
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_pack_int4`: (..., D // 2) uint8 -> (..., D) uint8 nibbles."""
+    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+
+
+def _quantize_symmetric(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (last dim) symmetric codes and fp16 scales of fp32 ``x``."""
+    scale = _scale_for(x.abs().amax(-1), _QMAX[kind])
+    scaled = x / scale.float()[..., None]
+    if kind == "fp8":
+        return scaled.clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
+    codes = scaled.round().clamp(-_QMAX[kind], _QMAX[kind])
+    if kind == "int8":
+        return codes.to(torch.int8), scale
+    return _pack_int4((codes + 8).to(torch.uint8)), scale
+
+
+def _quantize_int4_asymmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row asymmetric int4: nibble ``u`` means ``u * scale + zero``, ``zero`` the row minimum in fp16."""
+    zero = x.amin(-1).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+    scale = _scale_for(x.amax(-1) - zero.float(), 15.0)
+    codes = ((x - zero.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
+    return _pack_int4(codes.to(torch.uint8)), scale, zero
+
+
+def _quantize_tokens(hist_kind: str, channel: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Codes and scales of (B, n, H, D) tokens: (k_codes, k_scale, v_codes, v_scale, v_zero or None)."""
+    k_codes, k_scale = _quantize_symmetric(k.float() / channel[:, None], hist_kind)  # exact: powers of two
+    if hist_kind == "int4":
+        v_codes, v_scale, v_zero = _quantize_int4_asymmetric(v.float())
+    else:
+        (v_codes, v_scale), v_zero = _quantize_symmetric(v.float(), hist_kind), None
+    return k_codes, k_scale, v_codes, v_scale, v_zero
+
+
+def quantize_kv(k: torch.Tensor, v: torch.Tensor, kind: str,
+                key_channel_scale: torch.Tensor | None = None) -> QuantizedKV:
+    """Quantize keys (after RoPE) and values (B, S, H, D) into a new :class:`QuantizedKV`.
+
+    ``key_channel_scale`` (B, H, D): the layer's smoothing factors; by default computed from these keys
+    (:func:`key_channel_scales`). Later tokens of the layer go in with :func:`write_quantized`, which reuses them.
+
+    Example:
+        >>> k, v = torch.randn(2, 10, 3, 16), torch.randn(2, 10, 3, 16)
+        >>> hist = quantize_kv(k, v, "int8")
+        >>> hist.length, hist.k_codes.dtype, tuple(hist.k_scale.shape)
+        (10, torch.int8, (2, 10, 3))
+    """
+    _check_kind(kind)
+    if k.shape != v.shape or k.dim() != 4 or k.shape[-1] % 2:
+        raise ValueError(f"k and v must be (B, S, H, D) with even D; got {tuple(k.shape)}, {tuple(v.shape)}")
+    channel = key_channel_scales(k) if key_channel_scale is None else key_channel_scale.float()
+    channel = channel.expand(k.shape[0], k.shape[2], k.shape[3]).contiguous()
+    k_codes, k_scale, v_codes, v_scale, v_zero = _quantize_tokens(kind, channel, k, v)
+    return QuantizedKV(kind, k_codes, v_codes, k_scale, v_scale, channel, v_zero)
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """fp8 codes seen as uint8 (index_copy_ has no float8 kernels); other tensors unchanged."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _fields(hist: QuantizedKV) -> list[torch.Tensor]:
+    return [t for t in (hist.k_codes, hist.k_scale, hist.v_codes, hist.v_scale, hist.v_zero) if t is not None]
+
+
+def write_quantized(hist: QuantizedKV, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """Quantize tokens (B, n, H, D) into ``slots`` (1-D int64, n entries) of ``hist``, in place: a commit.
+
+    Pure tensor ops (no host sync, shapes fixed by ``n``), so it can be captured in a CUDA graph. Uses the
+    history's smoothing factors; equals :func:`quantize_kv` of the same tokens with those factors.
+
+    Example:
+        >>> k, v = torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
+        >>> hist = QuantizedKV.empty("fp8", 1, 8, 2, key_channel_scales(k))
+        >>> write_quantized(hist, torch.tensor([5, 1, 2, 3, 4, 0]), k, v)
+        >>> bool((dequantize(hist)[0][:, 5] - k[:, 0]).abs().max() < 0.1)
+        True
+    """
+    new = _quantize_tokens(hist.kind, hist.key_channel_scale, k, v)
+    for target, source in zip(_fields(hist), (t for t in new if t is not None)):
+        _as_bytes(target).index_copy_(1, slots, _as_bytes(source))
+
+
+def copy_slots(hist: QuantizedKV, src: torch.Tensor, dst: torch.Tensor) -> None:
+    """Move tokens from slots ``src`` to slots ``dst`` (1-D int64) without re-quantizing (codes and scales).
+
+    The source rows are gathered first, so overlapping ``src`` / ``dst`` (a compaction) read the old rows.
+
+    Example:
+        >>> hist = quantize_kv(torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16), "int4")
+        >>> copy_slots(hist, torch.tensor([3]), torch.tensor([0]))
+        >>> torch.equal(hist.k_codes[:, 0], hist.k_codes[:, 3])
+        True
+    """
+    for field in _fields(hist):
+        raw = _as_bytes(field)
+        raw.index_copy_(1, dst, raw.index_select(1, src))
+
+
+def _dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, kind: str,
+                      signed_int4: bool) -> torch.Tensor:
+    """fp32 values of codes (B, n, H, D or D/2) with per-row scales (and int4 zero points)."""
+    if kind == "int4":
+        values = _unpack_int4(codes).float() - (8.0 if signed_int4 else 0.0)
+    else:
+        values = codes.float()
+    values = values * scale.float()[..., None]
+    return values if zero is None else values + zero.float()[..., None]
+
+
+def dequantize_keys(hist: QuantizedKV, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """fp32 keys (B, end - start, H, D) of slots [start, end): smoothing undone."""
+    end = hist.length if end is None else end
+    keys = _dequantize_codes(hist.k_codes[:, start:end], hist.k_scale[:, start:end], None, hist.kind, True)
+    return keys * hist.key_channel_scale[:, None]
+
+
+def dequantize(hist: QuantizedKV, start: int = 0, end: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 (keys, values) (B, end - start, H, D) of slots [start, end): for references, tests and the CPU
+    path's gathered blocks. Keep ranges small on large histories: this is a full-precision copy of them.
+
+    Example:
+        >>> k, v = torch.randn(1, 8, 1, 16), torch.randn(1, 8, 1, 16)
+        >>> k_hat, v_hat = dequantize(quantize_kv(k, v, "int8"), 2, 5)
+        >>> tuple(k_hat.shape), bool((v_hat - v[:, 2:5]).abs().max() < 0.05)
+        ((1, 3, 1, 16), True)
+    """
+    end = hist.length if end is None else end
+    zero = None if hist.v_zero is None else hist.v_zero[:, start:end]
+    values = _dequantize_codes(hist.v_codes[:, start:end], hist.v_scale[:, start:end], zero, hist.kind, False)
+    return dequantize_keys(hist, start, end), values
+
+
+def pool_quantized_blocks(hist: QuantizedKV, block_n: int, *, current_keys: torch.Tensor | None = None,
+                          chunk_tokens: int = 8192) -> torch.Tensor:
+    """Block means (B, H, n_blocks, D) fp32 of the keys [history, current_keys] (what ``pool_blocks`` gives for
+    the full-precision sequence), for ``route_blocks(..., key_summary=...)``.
+
+    History keys are dequantized ``chunk_tokens`` at a time (whole blocks), never all at once. The block that
+    straddles the end of the history averages its history tail and the first current keys together; a ragged
+    last block averages only its real keys. ``current_keys`` (B, S_cur, H, D) may be None: the history alone.
+
+    Example:
+        >>> k, v, cur = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16), torch.randn(1, 30, 2, 16)
+        >>> pooled = pool_quantized_blocks(quantize_kv(k, v, "int8"), 16, current_keys=cur)
+        >>> tuple(pooled.shape)
+        (1, 2, 5, 16)
+        >>> bool((pooled[:, :, 3] - cur[:, 8:24].mean(1)).abs().max() < 1e-6)
+        True
+    """
+    n_full, tail = divmod(hist.length, block_n)
+    step = max(1, chunk_tokens // block_n) * block_n
+    parts = []
+    for start in range(0, n_full * block_n, step):
+        end = min(start + step, n_full * block_n)
+        parts.append(dequantize_keys(hist, start, end).unflatten(1, (-1, block_n)).mean(2))  # (B, nb, H, D)
+    s_cur = 0 if current_keys is None else current_keys.shape[1]
+    head = min(block_n - tail, s_cur) if tail else 0
+    if tail:  # the straddling block: history tail and current head together
+        total = dequantize_keys(hist, n_full * block_n).sum(1)
+        if head:
+            total = total + current_keys[:, :head].sum(1, dtype=torch.float32)
+        parts.append((total / (tail + head))[:, None])
+    if s_cur > head:
+        from .routing import pool_blocks
+
+        parts.append(pool_blocks(current_keys[:, head:], block_n).permute(0, 2, 1, 3))
+    if not parts:
+        b, _, h, d = hist.k_codes.shape
+        return hist.key_channel_scale.new_zeros(b, h, 0, hist.head_dim)
+    return torch.cat(parts, 1).permute(0, 2, 1, 3)
+
+
+def gather_history_rows(hist: QuantizedKV, position: torch.Tensor, which: str) -> torch.Tensor:
+    """Dequantized keys or values (``which``) at ``position`` (B, H, ...) int64 -> (B, H, ..., D) fp32; positions
+    at or past the history read its last row (the caller selects or masks them). Only these rows are dequantized
+    (the gather path's listed blocks)."""
+    b, s_h, h, _ = hist.k_codes.shape
+    shape = position.shape
+    if s_h == 0:
+        return hist.key_channel_scale.new_zeros(*shape, hist.head_dim)
+    rows = position.reshape(b, h, -1).clamp(0, s_h - 1)
+    b_idx = torch.arange(b, device=rows.device).view(b, 1, 1)
+    h_idx = torch.arange(h, device=rows.device).view(1, h, 1)
+    keys = which == "keys"
+    codes, scale, zero = (hist.k_codes, hist.k_scale, None) if keys else (hist.v_codes, hist.v_scale, hist.v_zero)
+    pick = lambda t: t[b_idx, rows, h_idx]  # noqa: E731  (B, H, n, ...)
+    out = _dequantize_codes(pick(codes), pick(scale), None if zero is None else pick(zero), hist.kind, keys)
+    if keys:
+        out = out * hist.key_channel_scale[:, :, None]
+    return out.view(*shape, hist.head_dim)
+
+
+__all__ = [
+    "KINDS",
+    "QuantizedKV",
+    "copy_slots",
+    "dequantize",
+    "dequantize_keys",
+    "key_channel_scales",
+    "pool_quantized_blocks",
+    "quantize_kv",
+    "write_quantized",
+]
