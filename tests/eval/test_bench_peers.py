@@ -1,0 +1,108 @@
+"""eval/bench_peers.py at tiny shapes on the CPU: rows, frame counts, ratios against the upstream row, skips.
+
+The upstream Self-Forcing part needs a checkout (env GENKV_SELF_FORCING or .peers/Self-Forcing, see the script's
+docstring); CI has none, so that test is skipped there and the ratio is checked against a merged upstream row.
+"""
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+EVAL = Path(__file__).resolve().parents[2] / "eval"
+
+
+def _bench_peers():
+    sys.path.insert(0, str(EVAL))
+    try:
+        import bench_peers
+    finally:
+        sys.path.remove(str(EVAL))
+    return bench_peers
+
+
+def test_upstream_makes_whole_three_frame_blocks():
+    bench_peers = _bench_peers()
+    assert bench_peers.latent_frames_for(2000) == 501 and bench_peers.output_frames_for(501) == 2001
+    assert bench_peers.latent_frames_for(33) == 9 and bench_peers.output_frames_for(9) == 33
+    assert bench_peers.latent_frames_for(81) == 21
+    assert bench_peers.latent_frames_for(34) == 12  # 10 latents round up to a whole block
+
+
+def test_ratios_are_against_the_upstream_row_wherever_it_is():
+    bench_peers = _bench_peers()
+    rows = [
+        dict(system="genkv", settings="s", frames=24, fps_total=5.0, fps_steady=6.0, ms_per_12_frames=2000.0,
+             peak_memory_bytes=2**30),
+        dict(system="flashdreams", settings="s", skipped="flashdreams: not here"),
+        dict(system="upstream", settings="s", frames=25, fps_total=2.0, fps_steady=4.0, ms_per_12_frames=3000.0,
+             peak_memory_bytes=None),
+    ]
+    bench_peers.add_ratios(rows)
+    assert rows[0]["ratio_total"] == pytest.approx(2.5) and rows[0]["ratio_steady"] == pytest.approx(1.5)
+    assert rows[2]["ratio_total"] == pytest.approx(1.0)
+    assert "ratio_total" not in rows[1]
+    table = bench_peers.format_table(rows)
+    genkv_line = next(line for line in table.splitlines() if line.startswith("genkv"))
+    assert genkv_line.split()[-2:] == ["2.50", "1.50"] and "1.00" in genkv_line  # peak: 1 GiB
+    assert "flashdreams        skipped: flashdreams: not here" in table
+
+    alone = bench_peers.add_ratios([dict(rows[0])])  # no upstream row: no ratio
+    assert alone[0]["ratio_total"] is None and alone[0]["ratio_steady"] is None
+
+
+def test_genkv_rows_at_tiny_shapes_merged_with_an_upstream_row(tmp_path, capsys):
+    bench_peers = _bench_peers()
+    out = tmp_path / "peers.json"
+    upstream = dict(system="upstream", settings="earlier run", frames=33, seconds_total=33.0, fps_total=1.0,
+                    fps_steady=0.5, ms_per_12_frames=24000.0, peak_memory_bytes=None, notes=[])
+    out.write_text(json.dumps({"rows": [upstream, dict(system="genkv", settings="stale", skipped="old")]}))
+    bench_peers.main(["--tiny", "--systems", "genkv", "flashdreams", "--frames", "33",
+                      "--warmup-frames", "0", "--merge", "--json", str(out), "--device", "cpu"])
+    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+    assert sorted(rows) == ["flashdreams", "genkv", "upstream"]  # the stale genkv row replaced
+
+    genkv = rows["genkv"]
+    assert genkv["frames"] == 33 and genkv["chunks"] == 3 and len(genkv["chunk_ms"]) == 3  # 9 + 12 + 12 frames
+    assert genkv["fps_total"] == pytest.approx(33 / genkv["seconds_total"])
+    assert genkv["ms_per_12_frames"] == pytest.approx(genkv["chunk_ms"][1])  # the one steady chunk
+    assert genkv["fps_steady"] == pytest.approx(12 / (genkv["chunk_ms"][1] / 1000))
+    assert genkv["ratio_total"] == pytest.approx(genkv["fps_total"] / 1.0)
+    assert genkv["ratio_steady"] == pytest.approx(genkv["fps_steady"] / 0.5)
+    assert rows["upstream"]["ratio_total"] == pytest.approx(1.0)
+
+    assert rows["flashdreams"]["skipped"].startswith("flashdreams: ")
+    printed = capsys.readouterr().out
+    assert "flashdreams        skipped: flashdreams: " in printed and "json: " in printed
+
+
+def test_a_folder_that_is_no_checkout_is_a_skipped_row_not_a_crash(tmp_path):
+    bench_peers = _bench_peers()
+    args = bench_peers.argparse.Namespace(self_forcing=tmp_path, frames=33, warmup_frames=0)
+    row = bench_peers.run_system("upstream", bench_peers.make_shapes(True), args, bench_peers.torch.device("cpu"))
+    assert row["skipped"] == (f"upstream: {tmp_path.resolve()} is not a Self-Forcing checkout "
+                              "(no pipeline/causal_inference.py)")
+    assert "fps_total" not in row
+
+
+def _checkout():
+    env = os.environ.get("GENKV_SELF_FORCING")
+    path = Path(env) if env else EVAL.parent / ".peers" / "Self-Forcing"
+    return path if (path / "pipeline" / "causal_inference.py").is_file() else None
+
+
+@pytest.mark.skipif(_checkout() is None, reason="no upstream Self-Forcing checkout (set GENKV_SELF_FORCING or export "
+                    "one to .peers/Self-Forcing as eval/bench_peers.py says); CI has none")
+def test_upstream_inference_at_tiny_shapes(tmp_path):
+    bench_peers = _bench_peers()
+    out = tmp_path / "peers.json"
+    bench_peers.main(["--tiny", "--self-forcing", str(_checkout()), "--systems", "upstream", "--frames", "33",
+                      "--warmup-frames", "0", "--json", str(out), "--device", "cpu"])
+    (upstream,) = json.loads(out.read_text())["rows"]
+    assert "skipped" not in upstream, upstream.get("skipped")
+    assert upstream["frames"] == 33 and upstream["blocks"] == 3 and len(upstream["block_ms"]) == 3
+    assert upstream["fps_total"] == pytest.approx(33 / upstream["seconds_total"])
+    assert upstream["ratio_total"] == pytest.approx(1.0)
+    assert upstream["decode_s"] > 0 and upstream["fps_steady"] > 0
