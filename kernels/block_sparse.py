@@ -365,6 +365,10 @@ def block_sparse_attention_triton(
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use backend='torch'")
+    if history is not None and history.length == 0:
+        history = None  # nothing committed yet: the plain kernel over the current chunk
+    if history is not None and k.shape[1] == 0:
+        k = v = q[:, :0]  # no current keys: a valid (non-null) pointer for the masked loads that never happen
     hist_len = 0 if history is None else history.length
     _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len)
     hist_pointers, hist_strides, hist_kind = _history_args(history, q)

@@ -45,6 +45,13 @@ def block_sparse_attention(
         >>> idx, cnt = route_blocks(q, k, block_m=16, block_n=32, top_k=2)
         >>> block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=32).shape
         torch.Size([1, 40, 2, 16])
+
+        The first 60 keys committed as int4, the last 36 (the current chunk) in full precision:
+
+        >>> hist = quantize_kv(k[:, :60], v[:, :60], "int4")
+        >>> out = block_sparse_attention(q, k[:, 60:], v[:, 60:], idx, cnt, block_m=16, block_n=32, history=hist)
+        >>> bool((out - block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=32)).abs().max() < 0.3)
+        True
     """
     choice = (backend or os.environ.get("GENKV_KERNEL_BACKEND", "auto")).lower()
     if choice not in _BACKENDS:

@@ -136,6 +136,8 @@ def key_channel_scales(k: torch.Tensor) -> torch.Tensor:
         >>> key_channel_scales(k)[0, 0].tolist()
         [1.0, 1.0, 8.0, 8.0, 1.0, 1.0, 1.0, 1.0]
     """
+    if k.shape[1] == 0:  # no keys to measure: no smoothing
+        return k.new_ones(k.shape[0], k.shape[2], k.shape[3], dtype=torch.float32)
     pair = k.float().unflatten(-1, (-1, 2)).norm(dim=-1).amax(1)  # (B, H, D/2)
     median = pair.median(-1, keepdim=True).values.clamp_min(1e-30)
     exponent = (_SMOOTHING_ALPHA * torch.log2(pair.clamp_min(1e-30) / median)).round()
@@ -266,7 +268,13 @@ def _dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 def dequantize_keys(hist: QuantizedKV, start: int = 0, end: int | None = None) -> torch.Tensor:
-    """fp32 keys (B, end - start, H, D) of slots [start, end): smoothing undone."""
+    """fp32 keys (B, end - start, H, D) of slots [start, end), smoothing undone (no values: routing's read).
+
+    Example:
+        >>> k = torch.randn(1, 8, 1, 16)
+        >>> bool((dequantize_keys(quantize_kv(k, k, "fp8"), 0, 4) - k[:, :4]).abs().max() < 0.1 * k.abs().max())
+        True
+    """
     end = hist.length if end is None else end
     keys = _dequantize_codes(hist.k_codes[:, start:end], hist.k_scale[:, start:end], None, hist.kind, True)
     return keys * hist.key_channel_scale[:, None]

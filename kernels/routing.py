@@ -52,7 +52,8 @@ def route_blocks(
     ``always``: key block ids every query block keeps (e.g. sink blocks and the current chunk's blocks).
     With ``top_k`` and ``top_p`` both None every block is kept (dense). Deterministic for a fixed input.
     ``key_summary``: the keys' block means ``pool_blocks(k, block_n)`` (B, H, n_blocks, D) when the caller keeps
-    them (history keys do not change while a chunk is denoised), so routing does not re-read every cached key.
+    them (history keys do not change while a chunk is denoised), so routing does not re-read every cached key;
+    over a quantized history, ``pool_quantized_blocks(history, block_n, current_keys=k)`` (``k``: the current chunk).
     ``empty_blocks``: (n_kv_blocks,) bool, key blocks holding no live key (a fixed-layout cache's empty slots):
     never chosen, unless ``always`` lists them.
     ``backend``: ``"triton"`` (fused scoring + top-k, the default on CUDA for top-k routing; ties go to the lower

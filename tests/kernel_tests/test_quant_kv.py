@@ -195,3 +195,23 @@ def test_pooled_quantized_blocks_equal_float64_pooling_of_the_dequantized_keys(k
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     alone = pool_quantized_blocks(hist, 16)
     torch.testing.assert_close(alone.double(), pool64(dequantize(hist)[0], 16), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("s_h,s_cur", [(64, 20), (0, 40), (50, 0)])
+def test_whole_block_history_an_empty_history_and_no_current_keys(backend, s_h, s_cur):
+    """No bias, head_dim 128, default tiles: a history of whole blocks, nothing committed yet, history only."""
+    g = torch.Generator().manual_seed(25 + s_h)
+    d, bm, bn = 128, 16, 32
+    hist = quantize_kv(outlier_keys(1, s_h, 2, d, g), torch.randn(1, s_h, 2, d, generator=g), "int4")
+    q, k, v = (torch.randn(1, n, 2, d, generator=g) for n in (20, s_cur, s_cur))
+    n_kv = math.ceil((s_h + s_cur) / bn)
+    idx = torch.arange(n_kv, dtype=torch.int32).expand(1, 2, 2, n_kv)
+    counts = torch.full((1, 2, 2), n_kv, dtype=torch.int32)
+    dev = device_for(backend)
+    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    got = block_sparse_attention(*on(dev, q, k, v, idx, counts), block_m=bm, block_n=bn, backend=backend,
+                                 history=hist_dev)
+    keys, values = dequantize(hist)
+    want, _ = dense_reference(q, torch.cat([keys, k], 1), torch.cat([values, v], 1))
+    torch.testing.assert_close(got.cpu().double(), want, **tolerance(torch.float32, dev))
