@@ -297,28 +297,38 @@ def dequantize(hist: QuantizedKV, start: int = 0, end: int | None = None) -> tup
 
 
 def pool_quantized_blocks(hist: QuantizedKV, block_n: int, *, current_keys: torch.Tensor | None = None,
-                          chunk_tokens: int = 8192) -> torch.Tensor:
+                          history_summary: torch.Tensor | None = None, chunk_tokens: int = 8192) -> torch.Tensor:
     """Block means (B, H, n_blocks, D) fp32 of the keys [history, current_keys] (what ``pool_blocks`` gives for
     the full-precision sequence), for ``route_blocks(..., key_summary=...)``.
 
     History keys are dequantized ``chunk_tokens`` at a time (whole blocks), never all at once. The block that
     straddles the end of the history averages its history tail and the first current keys together; a ragged
     last block averages only its real keys. ``current_keys`` (B, S_cur, H, D) may be None: the history alone.
+    ``history_summary``: this function's result for the history alone, kept from the commit (history keys do not
+    change while a chunk is denoised): its whole blocks are reused, so a denoising step pools only the
+    straddling block's history tail and the current chunk.
 
     Example:
         >>> k, v, cur = torch.randn(1, 40, 2, 16), torch.randn(1, 40, 2, 16), torch.randn(1, 30, 2, 16)
-        >>> pooled = pool_quantized_blocks(quantize_kv(k, v, "int8"), 16, current_keys=cur)
+        >>> hist = quantize_kv(k, v, "int8")
+        >>> pooled = pool_quantized_blocks(hist, 16, current_keys=cur)
         >>> tuple(pooled.shape)
         (1, 2, 5, 16)
         >>> bool((pooled[:, :, 3] - cur[:, 8:24].mean(1)).abs().max() < 1e-6)
         True
+        >>> at_commit = pool_quantized_blocks(hist, 16)
+        >>> torch.equal(pool_quantized_blocks(hist, 16, current_keys=cur, history_summary=at_commit), pooled)
+        True
     """
     n_full, tail = divmod(hist.length, block_n)
-    step = max(1, chunk_tokens // block_n) * block_n
     parts = []
-    for start in range(0, n_full * block_n, step):
-        end = min(start + step, n_full * block_n)
-        parts.append(dequantize_keys(hist, start, end).unflatten(1, (-1, block_n)).mean(2))  # (B, nb, H, D)
+    if history_summary is not None:
+        parts.append(history_summary[:, :, :n_full].permute(0, 2, 1, 3))
+    else:
+        step = max(1, chunk_tokens // block_n) * block_n
+        for start in range(0, n_full * block_n, step):
+            end = min(start + step, n_full * block_n)
+            parts.append(dequantize_keys(hist, start, end).unflatten(1, (-1, block_n)).mean(2))  # (B, nb, H, D)
     s_cur = 0 if current_keys is None else current_keys.shape[1]
     head = min(block_n - tail, s_cur) if tail else 0
     if tail:  # the straddling block: history tail and current head together

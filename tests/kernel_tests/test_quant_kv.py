@@ -195,6 +195,9 @@ def test_pooled_quantized_blocks_equal_float64_pooling_of_the_dequantized_keys(k
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=1e-6)
     alone = pool_quantized_blocks(hist, 16)
     torch.testing.assert_close(alone.double(), pool64(dequantize(hist)[0], 16), rtol=1e-6, atol=1e-6)
+    # a step reusing the commit's summary pools only the straddling block and the current chunk
+    reused = pool_quantized_blocks(hist, 16, current_keys=current, history_summary=alone)
+    torch.testing.assert_close(reused.double(), want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
