@@ -8,6 +8,12 @@ writer thread) and records every chunk. Prints a table, writes JSON and, if matp
     python eval/bench_rollout.py --methods full rolling:window_frames=21 --frames 2000 --out runs/bench.json
     python eval/bench_rollout.py --fast --methods fastar --frames 2000 --no-mp4   # plain vs fast path, one run
     python eval/bench_rollout.py --plot-only runs/bench.json        # redraw the figure from the JSON
+    python eval/bench_rollout.py --switch-every 240 --recache on --frames 2000   # a prompt switch every 240 frames
+
+``--switch-every N`` switches to a new (random) prompt embedding at the chunk boundary at or after every N-th frame,
+through the pipeline's own switching path (``stream(prompt_switches=...)``) with ``--recache`` on (LongLive's KV
+re-cache), off or flush; each run then reports how many switches happened, how many re-cached and the cost of a
+switch: the median time of the chunks during which a switch ran minus the median of the other steady chunks.
 
 A method spec is a name or preset, optionally with ``:key=value,key=value`` settings. ``full`` runs until it
 reaches ``--frames`` or runs out of GPU memory (recorded as ``oom_at_frame``).
@@ -93,10 +99,81 @@ def flatness(chunk_seconds: list[float]) -> float | None:
     return statistics.median(chunk_seconds[-20:]) / statistics.median(chunk_seconds[20:40])
 
 
+RECACHE_MODES: dict[str, bool | str] = {"on": True, "off": False, "flush": "flush"}
+
+
+def switch_frames(pipe, frames: int, every: int) -> list[int]:
+    """Output frames of a switch every ``every`` frames, each put where ``stream`` would put it (the chunk whose first
+    latent frame is at or after the frame's latent frame), so ``stream`` has nothing to move or warn about; those
+    with no chunk starting at or after them are dropped."""
+    factor, chunk = pipe.vae_scale_factor_temporal, pipe.config.num_frames_per_chunk
+    if every < factor * chunk:  # closer switches could fall on one chunk boundary (an error in stream)
+        raise SystemExit(f"--switch-every must be at least a chunk's {factor * chunk} frames, got {every}")
+    out = []
+    for target in range(every, frames, every):
+        latent = -(-target // factor)  # the latent frame that decodes to this output frame
+        start = chunk * -(-latent // chunk)  # the first chunk start at or after it (chunks start at 3, 6, ...)
+        first = 1 + factor * (start - 1)  # that chunk's first output frame
+        if first < frames:
+            out.append(first)
+    return out
+
+
+def switch_prompts(embeds: torch.Tensor, frames: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """(frame, embeds) pairs: a different random prompt embedding per switch (seeded, as the first prompt's)."""
+    return [(f, torch.randn(embeds.shape, generator=torch.Generator().manual_seed(1000 + i)).to(embeds))
+            for i, f in enumerate(frames)]
+
+
+class SwitchProbe:
+    """Counts the prompt switches a rollout really runs and what each re-cached.
+
+    Wraps the pipeline's own ``_switch_prompt`` on the instance (the class is untouched): a switch the pipeline
+    never makes is never counted, so an option that is ignored shows as 0 switches, not as the number asked for.
+    """
+
+    def __init__(self, pipe) -> None:
+        self.pipe, self.inner = pipe, pipe._switch_prompt
+        self.count = 0
+        self.modes: list[bool | str] = []  # the mode each switch ran with (merging keepers fall back to False)
+        self.recached: list[int] = []  # latent frames each switch re-committed (0: no re-cache)
+        pipe._switch_prompt = self._switch
+
+    def _switch(self, store, embeds, negative_embeds, mode, *args, **kwargs) -> None:
+        self.pipe.last_recached_frames = None  # set again by the call only if it re-caches
+        self.inner(store, embeds, negative_embeds, mode, *args, **kwargs)
+        self.count += 1
+        self.modes.append(mode)
+        self.recached.append(len(self.pipe.last_recached_frames or ()))
+
+    def close(self) -> None:
+        del self.pipe._switch_prompt  # back to the class's method
+
+
+def switch_summary(rows: list[dict], probe: SwitchProbe, frames: list[int], recache: bool | str) -> dict:
+    """Switch count and cost: median seconds of the chunks a switch ran in minus the median of the other steady
+    chunks (the first chunk, warm-up, and the last, partial or a flush, are not steady)."""
+    with_switch = [r["seconds"] for r in rows[1:] if r["switches"]]
+    others = [r["seconds"] for r in rows[1:-1] if not r["switches"]]
+    switch_s = statistics.median(with_switch) if with_switch else None
+    other_s = statistics.median(others) if others else None
+    return {
+        "switch_frames": frames,
+        "recache": recache,
+        "switches": probe.count,
+        "switch_modes": probe.modes,
+        "recaches": sum(1 for n in probe.recached if n),
+        "recached_latent_frames": probe.recached,
+        "switch_chunk_median_s": switch_s,
+        "other_chunk_median_s": other_s,
+        "switch_cost_s": switch_s - other_s if switch_s is not None and other_s is not None else None,
+    }
+
+
 def run_method(
     pipe, embeds, spec: str, frames: int, device, write_mp4: bool, compile_blocks: bool, profile: bool = False,
     overlap: bool | None = None, cuda_graphs: bool = False, fast_vae: bool | None = None, decoder: str = "wan",
-    fp8: bool = False,
+    fp8: bool = False, switch_every: int = 0, recache: bool | str = True,
 ) -> dict:
     import genkv
     from genkv.video import Mp4Writer
@@ -133,6 +210,9 @@ def run_method(
     cuda = device.type == "cuda"
     done = 0
     phases: list[dict] = []
+    switches = switch_frames(pipe, frames, switch_every) if switch_every else []
+    probe = SwitchProbe(pipe)
+    seen_switches = 0
     start = last = time.perf_counter()
     try:
         if cuda:
@@ -144,6 +224,8 @@ def run_method(
             profile=profile,
             on_chunk=phases.append,
             overlap_decode=overlap,
+            prompt_switches=switch_prompts(embeds, switches),
+            recache=recache,
         ):
             if writer is not None:
                 writer.append(video)
@@ -157,15 +239,20 @@ def run_method(
                     "seconds": now - last,
                     "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
                     "kv_bytes": store.memory_bytes(),  # cheap: no device sync inside the timed loop
+                    # switches run since the last yield: with the overlapped decode a chunk's frames come out one
+                    # chunk late, so the switch is charged to the interval it ran in, not to the chunk's index
+                    "switches": probe.count - seen_switches,
                     **{k: v for k, v in phases[-1].items() if k.endswith("_ms")},
                 }
             )
+            seen_switches = probe.count
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
             last = now
     except torch.OutOfMemoryError:
         result["oom_at_frame"] = done
     finally:
+        probe.close()
         if writer is not None:
             writer.close()
         tmp.cleanup()
@@ -193,6 +280,9 @@ def run_method(
         },
         chunks=rows,
     )
+    if switch_every:
+        result["switch_every"] = switch_every
+        result.update(switch_summary(rows, probe, switches, recache))
     graphs = pipe.last_graphs
     if graphs is not None:
         result["graph_stats"] = {"captures": graphs.captures, "replays": graphs.replays, "off_reason": graphs.reason}
@@ -320,6 +410,12 @@ def print_table(results: dict) -> None:
         if secs:
             print(f"    chunks after the 5th: median {1000 * secs[len(secs) // 2]:.1f} ms, "
                   f"10th percentile {1000 * secs[len(secs) // 10]:.1f} ms, fastest {1000 * secs[0]:.1f} ms")
+        if run.get("switch_every"):
+            ms = lambda key, sign="": "-" if run[key] is None else f"{1000 * run[key]:{sign}.1f} ms"  # noqa: E731
+            mode = {True: "on", False: "off", "flush": "flush"}[run["recache"]]
+            print(f"    switches every {run['switch_every']} frames (recache {mode}): {run['switches']} switches, "
+                  f"{run['recaches']} re-cached; switch chunk median {ms('switch_chunk_median_s')} vs other chunks "
+                  f"{ms('other_chunk_median_s')}: {ms('switch_cost_s', '+')} per switch")
         if run.get("profile_median_ms"):
             split = ", ".join(f"{k[:-3]} {v:.1f}" for k, v in run["profile_median_ms"].items())
             print(f"    median ms per chunk: {split}")
@@ -356,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="latent frames per VAE decoder call (default: a chunk's; 1 as upstream)")
     parser.add_argument("--error-frames", type=int, default=0,
                         help="also measure each layer's attention error vs a shadow full cache over this many frames")
+    parser.add_argument("--switch-every", type=int, default=0, metavar="N",
+                        help="switch to a new random prompt embedding every N frames (at the chunk boundary at or "
+                        "after each multiple of N), through the pipeline's prompt-switch path; 0: no switches")
+    parser.add_argument("--recache", choices=tuple(RECACHE_MODES), default="on",
+                        help="with --switch-every: the self-attention cache at a switch: on (re-cache, LongLive), "
+                        "off (kept), flush (sinks + newest frame, infinity-RoPE)")
     parser.add_argument("--out", type=Path, default=Path("bench_rollout.json"))
     parser.add_argument("--plot-only", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -373,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     pipe, embeds = build_pipeline(args.model, device, dtype)
+    if args.switch_every:
+        switch_frames(pipe, args.frames, args.switch_every)  # a bad --switch-every fails now, not after a run
     if args.attention_backend:
         pipe.transformer.set_attention_backend(args.attention_backend)
     pipe.decode_channels_last = args.vae_channels_last
@@ -396,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         "vae_fused_norms": args.vae_fused_norms,
         "vae_frames_per_call": args.vae_frames_per_call,
         "decode_launch": args.decode_launch,
+        "switch_every": args.switch_every,
+        "recache": args.recache,
         "environment": {
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__,
@@ -423,6 +529,7 @@ def main(argv: list[str] | None = None) -> int:
                 pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled, args.profile,
                 False if args.no_overlap else None, graphs, fast_vae,
                 decoder="taehv" if "taehv" in extra else "wan", fp8="fp8" in extra,
+                switch_every=args.switch_every, recache=RECACHE_MODES[args.recache],
             )
             if args.error_frames and not compiled:
                 run["attention_error"] = measure_attention_error(pipe, embeds, spec, args.error_frames, device)
