@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,6 +23,14 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
+
+
+class Recache(str, Enum):
+    """--recache's choices (a click choice: a typo is a one-line usage error)."""
+
+    on = "on"
+    off = "off"
+    flush = "flush"
 
 
 def _version() -> str:
@@ -52,7 +61,10 @@ def _options(
 
 @app.command()
 def render(
-    prompt_file: Path = typer.Argument(..., help="Text file with one prompt per non-empty line ('#' lines skipped)."),
+    prompt_file: Path = typer.Argument(
+        ..., help="Text file with one prompt per non-empty line ('#' lines skipped), one video each. A line '@FRAME "
+        "prompt' (e.g. '@160 a blue square moving right') switches the video of the prompt line above it to that "
+        "prompt from FRAME (at the chunk boundary at or after it)."),
     frames: int = typer.Option(81, "--frames", "-n", help="Video frames per prompt."),
     model: str = typer.Option(
         DEFAULT_MODEL,
@@ -112,6 +124,11 @@ def render(
         False, "--fp8", help="FP8 (e4m3) linear layers in the transformer blocks (CUDA compute capability 8.9+); "
         "changes the output slightly (docs/BENCHMARKS.md); pays only with --compile."
     ),
+    recache: Recache = typer.Option(
+        Recache.on, "--recache", help="What a prompt switch ('@FRAME prompt' line) does to the cached frames: on "
+        "re-computes their K/V under the new prompt (LongLive's re-cache); off keeps them as they are; flush keeps "
+        "only the sink frames and the newest (∞-RoPE). Token-merging methods (tempcache, fastar) always keep them."
+    ),
     progress_every: int = typer.Option(
         10, "--progress-every", help="When the output is not a terminal (a log file), print a progress line after "
         "the first chunk and then every N chunks."
@@ -147,6 +164,7 @@ def render(
         decoder=decoder,
         decoder_weights=decoder_weights,
         fp8=fp8,
+        recache=recache.value,
     )
     raise typer.Exit(run_render(options))
 

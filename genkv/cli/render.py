@@ -34,6 +34,17 @@ METHOD_HELP = (
 MAX_FRAMES = 100_000
 #: a note longer than this shows the prompt shortened
 PROMPT_NOTE_CHARS = 80
+#: --recache as the pipeline's ``recache=`` takes it
+RECACHE = {"on": True, "off": False, "flush": "flush"}
+
+
+@dataclass(frozen=True)
+class Switch:
+    """A prompt file's ``@FRAME prompt`` line: from output frame ``frame`` the video follows ``text``."""
+
+    frame: int
+    text: str
+    line: int  # its line number in the prompt file (errors name it)
 
 
 @dataclass
@@ -65,6 +76,9 @@ class RenderOptions:
     decoder: str = "wan"  # or "taehv" (with decoder_weights)
     decoder_weights: Path | None = None
     fp8: bool = False
+    recache: str = "on"  # a key of RECACHE: what a prompt switch does to the self-attention cache
+    switches: list[list[Switch]] = field(default_factory=list)  # per prompt, from its "@FRAME prompt" lines
+    switch_notes: dict[int, list[str]] = field(default_factory=dict)  # per prompt index: the pipeline's notes
 
 
 # -- validation (cheap, before any model is loaded) -----------------------------------------------------
@@ -84,6 +98,8 @@ def check_numbers(options: RenderOptions) -> None:
                            "model's size")
     if options.progress_every <= 0:
         raise CLIError(f"--progress-every must be a positive number of chunks, got {options.progress_every}")
+    if options.recache not in RECACHE:
+        raise CLIError(f"--recache {options.recache!r} is not one of {', '.join(RECACHE)}")
     check_decoder(options)
 
 
@@ -154,7 +170,8 @@ def load_contexts(sources: list[tuple[str, Path] | None]) -> list[dict]:
     return contexts
 
 
-def read_prompts(path: Path) -> list[str]:
+def read_prompts(path: Path) -> list[tuple[int, str]]:
+    """The prompt file's non-empty, non-``#`` lines as (line number, stripped text)."""
     if not path.exists():
         raise CLIError(f"prompt file {str(path)!r} not found; pass a text file with one prompt per line")
     if path.is_dir():
@@ -164,11 +181,61 @@ def read_prompts(path: Path) -> list[str]:
     except (OSError, UnicodeDecodeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else type(err).__name__
         raise CLIError(f"cannot read prompt file {str(path)!r} ({reason}); check its permissions and encoding")
-    prompts = [line.strip() for line in text.splitlines()]
-    prompts = [p for p in prompts if p and not p.startswith("#")]
-    if not prompts:
+    lines = [(number, line.strip()) for number, line in enumerate(text.splitlines(), start=1)]
+    lines = [(number, line) for number, line in lines if line and not line.startswith("#")]
+    if not lines:
         raise CLIError(f"prompt file {str(path)!r} has no prompts; write one prompt per non-empty line")
-    return prompts
+    return lines
+
+
+_SWITCH = re.compile(r"^@(\S*)\s*(.*)$")
+_SWITCH_EXAMPLE = "'@160 a blue square moving right'"
+
+
+def split_switches(lines: list[tuple[int, str]], options: RenderOptions) -> tuple[list[str], list[list[Switch]]]:
+    """Prompt lines apart from ``@FRAME prompt`` switch lines, each switch given to the nearest prompt line above
+    it: (prompt lines, per prompt its switches). Checked here, before torch loads, so a typo costs no model load;
+    whether a switch lands on a chunk boundary needs the model (:func:`check_switch_chunks`)."""
+    prompts: list[str] = []
+    switches: list[list[Switch]] = []
+    for number, line in lines:
+        match = _SWITCH.match(line)
+        if match is None:
+            prompts.append(line)
+            switches.append([])
+            continue
+        where = f"{options.prompt_file} line {number}"
+        if not prompts:
+            raise CLIError(f"{where}: switch {_short(line)} comes before any prompt; put the video's first prompt "
+                           "on a line above its switches")
+        switch = _parse_switch(match.group(1), match.group(2).strip(), number, where, options.frames)
+        if switches[-1] and switch.frame <= switches[-1][-1].frame:
+            raise CLIError(f"{where}: switch frame {switch.frame} is not after the previous switch's frame "
+                           f"{switches[-1][-1].frame}; order a video's switch lines by increasing frame")
+        switches[-1].append(switch)
+    return prompts, switches
+
+
+def _parse_switch(frame: str, text: str, number: int, where: str, frames: int) -> Switch:
+    """One ``@FRAME prompt`` line, its frame a whole number in 1 .. frames - 1 (frame 0 is the prompt line's)."""
+    if not re.fullmatch(r"-?[0-9]+", frame):
+        what = f"'@{frame}' is not a whole frame number" if frame else "'@' has no frame number after it"
+        raise CLIError(f"{where}: {what}; write '@FRAME prompt', e.g. {_SWITCH_EXAMPLE}")
+    value = int(frame)
+    if value <= 0:
+        raise CLIError(f"{where}: switch frame {value} must be > 0 (frame 0 is the prompt line's); write e.g. "
+                       f"{_SWITCH_EXAMPLE}")
+    if value >= frames:
+        raise CLIError(f"{where}: switch frame {value} is not inside the video (--frames {frames}: frames 0 to "
+                       f"{frames - 1}); switch earlier or raise --frames")
+    if not text:
+        raise CLIError(f"{where}: switch '@{value}' has no prompt; write the new prompt after the frame, e.g. "
+                       f"{_SWITCH_EXAMPLE}")
+    prefix = _CONTEXT_PREFIX.match(text)
+    if prefix:
+        raise CLIError(f"{where}: a switch cannot take [{prefix.group(1)}=...]; an image or clip starts a video, so "
+                       "put it on the video's prompt line")
+    return Switch(value, text, number)
 
 
 def parse_settings(pairs: list[str]) -> dict[str, str]:
@@ -364,7 +431,8 @@ def process_rank() -> tuple[int, int, int]:
 def run_render(options: RenderOptions) -> int:
     """Validate, load, render; returns the process exit code (SIGTERM stops it as Ctrl-C does, exit 143)."""
     check_numbers(options)
-    prompts, sources = split_context_prefixes(read_prompts(options.prompt_file), options)
+    prompts, options.switches = split_switches(read_prompts(options.prompt_file), options)
+    prompts, sources = split_context_prefixes(prompts, options)
     parse_settings(options.settings)
     names = [video_name(i, p) for i, p in enumerate(prompts)]
     method = resolve_method(options)  # the first torch import (the method registry builds torch modules)
@@ -436,9 +504,11 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
         raise CLIError(str(err).replace("height", "--height").replace("width", "--width")) from None
     for context in {id(c): c for c in options.contexts if "video" in c}.values():
         try:  # a clip too short for one chunk is refused here, before any file is written
-            pipe.prepare_context(video=context["video"], height=height, width=width)
+            latents, _ = pipe.prepare_context(video=context["video"], height=height, width=width)
         except ValueError as err:
             raise CLIError(f"--extend {context['source']}: {err}") from None
+        context["latent_frames"] = latents.shape[2]
+    options.switch_notes = {index: check_switch_chunks(pipe, options, index) for index, _ in jobs}
     genkv.apply_genkv(pipe, method)
     if options.decoder == "taehv":
         try:
@@ -460,11 +530,13 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
     summaries = []
     with _genkv_warnings_as_notes(console, rank_label):
         for index, (prompt, name) in jobs:
-            unknown = unknown_words(pipe, prompt)
-            if unknown:  # the sprite model's word-level tokenizer reads them as <unk>: say so, not ignore them
-                words = ", ".join(map(repr, unknown[:8])) + (f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
-                console.print(f"[yellow]note:[/] {rank_label}the model does not know {_escape(words)} (read as "
-                              f"unknown) in {_escape(_short(prompt))}", soft_wrap=True)
+            for text in (prompt, *(switch.text for switch in _video_switches(options, index))):
+                unknown = unknown_words(pipe, text)
+                if unknown:  # the sprite model's word-level tokenizer reads them as <unk>: say so, not ignore them
+                    words = ", ".join(map(repr, unknown[:8])) + (
+                        f" and {len(unknown) - 8} more" if len(unknown) > 8 else "")
+                    console.print(f"[yellow]note:[/] {rank_label}the model does not know {_escape(words)} (read as "
+                                  f"unknown) in {_escape(_short(text))}", soft_wrap=True)
             summary = _render_one(pipe, options, method, prompt, name, index, height, width, device, console,
                                   rank_label)
             summaries.append(summary)
@@ -473,6 +545,42 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
             if summary.get("interrupted") or summary.get("error"):
                 return 130 if summary.get("interrupted") else 1
     return 0
+
+
+def check_switch_chunks(pipe, options: RenderOptions, index: int) -> list[str]:
+    """Prompt ``index``'s switches as the loaded model places them (each at the first chunk starting at or after
+    its frame), checked before any file is written: a switch with no chunk after it, or two on one chunk, is a
+    CLIError naming its line. Returns the pipeline's notes (a switch moved to a chunk boundary), which the render
+    prints with the video's switches: the pipeline's own warning would show once per process, not per video."""
+    switches = _video_switches(options, index)
+    context = options.contexts[index] if options.contexts else {}
+    context_frames = context.get("latent_frames", 1 if "image" in context else 0)  # an image is one latent frame
+    notes: list[str] = []
+    for count, switch in enumerate(switches, start=1):  # one switch more each time: the first that fails is named
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                pipe._switch_frames([(s.frame, s.text) for s in switches[:count]], options.frames, context_frames)
+            except ValueError as err:
+                chunk = pipe.vae_scale_factor_temporal * pipe.config.num_frames_per_chunk
+                raise CLIError(f"{options.prompt_file} line {switch.line}: {err}; keep switches at least {chunk} "
+                               "frames (one chunk) apart and before the last chunk") from None
+        notes = [str(w.message).removeprefix("genkv: ") for w in caught if str(w.message).startswith("genkv: ")]
+    return notes
+
+
+def _video_switches(options: RenderOptions, index: int) -> list[Switch]:
+    """Prompt ``index``'s switches (none when ``options`` was built without a prompt file's)."""
+    return options.switches[index] if options.switches else []
+
+
+def _report_switches(console, rank_label: str, name: str, options: RenderOptions, index: int) -> None:
+    """One line per prompt switch of the video about to render, then the pipeline's notes on them."""
+    for switch in _video_switches(options, index):
+        console.print(f"{_escape(rank_label + name[:32])}: switch at frame {switch.frame}: "
+                      f"{_escape(_short(switch.text))} (recache {options.recache})", soft_wrap=True)
+    for note in options.switch_notes.get(index, []):
+        console.print(f"[yellow]note:[/] {_escape(rank_label + note)}", soft_wrap=True)
 
 
 def _escape(text: str) -> str:
@@ -490,6 +598,8 @@ def _genkv_warnings_as_notes(console, rank_label: str):
         text = str(message)
         if text.startswith("genkv: running without CUDA graphs"):
             return  # said once per video in its summary line (_render_one)
+        if text.startswith("genkv: prompt switches apply at chunk boundaries"):
+            return  # said with the video's switches (check_switch_chunks, _report_switches)
         if text.startswith("genkv: "):
             console.print(f"[yellow]note:[/] {rank_label}{text[len('genkv: '):]}")
         else:
@@ -512,6 +622,7 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         if old.exists():
             old.unlink()
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
+    switches = _video_switches(options, index)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     summary: dict[str, Any] = {
@@ -529,12 +640,15 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         "fps_video": options.fps,
         "device": str(device),
         "frames_requested": options.frames,
+        "prompt_switches": [{"frame": s.frame, "prompt": s.text} for s in switches],
+        "recache": options.recache,
     }
     start = time.perf_counter()
     chunk_times: list[float] = []
     phases: list[dict] = []
     writer = Mp4Writer(path, fps=options.fps)
     status = "done"
+    _report_switches(console, rank_label, name, options, index)
     try:
         with _progress(console, f"{rank_label}{name[:32]}", options, writer, start) as report:
             last = start
@@ -542,6 +656,7 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
             for frames in pipe.stream(
                 prompt, options.frames, height, width, generator=generator, guidance_scale=options.guidance_scale,
                 profile=options.profile, on_chunk=phases.append,
+                prompt_switches=[(s.frame, s.text) for s in switches] or None, recache=RECACHE[options.recache],
                 **{k: v for k, v in context.items() if k in ("image", "video")},
             ):
                 before_write = time.perf_counter()
