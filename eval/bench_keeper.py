@@ -25,13 +25,15 @@ from bench_json import write_result  # noqa: E402
 
 def commit_times(layers: int, chunks: int, device: torch.device, dtype: torch.dtype, budget_frames: int,
                  grid: tuple[int, int], heads: int, dim: int, profile_chunk: int | None = None,
-                 cuda_graph: bool = False) -> list[float]:
-    from genkv.cache import ChunkInfo, LayerKVCache
+                 cuda_graph: bool = False, stacked: bool = True) -> list[float]:
+    from genkv.cache import ChunkInfo, LayerKVCache, LayerStack
     from genkv.keep.tempcache import TemporalMerge
 
     tpf = grid[0] * grid[1]
     keeper = TemporalMerge(threshold=0.95, radius=1, sink_frames=1, budget_frames=budget_frames, max_tokens=None)
     caches = [LayerKVCache(budget_frames * tpf, fixed=True) for _ in range(layers)]
+    if stacked:  # one allocation for all layers, as KVCacheStore makes them: the keeper commits them together
+        LayerStack(caches)
     gen = torch.Generator(device=device).manual_seed(0)
     graphs = None
     if cuda_graph:  # as KVCacheStore.commit(graphs) does: eager the first time a key comes, then record/replay
@@ -100,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-frames", type=int, default=18)
     parser.add_argument("--out", type=Path, default=Path("bench_keeper.json"))
     parser.add_argument("--profile", action="store_true", help="profile the last chunk's commit (op table)")
+    parser.add_argument("--per-layer", action="store_true",
+                        help="separate buffers per layer (committed one layer at a time), as before LayerStack")
     parser.add_argument("--cuda-graph", action="store_true",
                         help="record the commit as a CUDA graph and replay it (what a render with graphs does)")
     args = parser.parse_args(argv)
@@ -107,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[
         args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     seconds = commit_times(args.layers, args.chunks, device, dtype, args.budget_frames, (30, 52), 12, 128,
-                           profile_chunk=args.chunks - 1 if args.profile else None, cuda_graph=args.cuda_graph)
+                           profile_chunk=args.chunks - 1 if args.profile else None, cuda_graph=args.cuda_graph,
+                           stacked=not args.per_layer)
     steady = sorted(seconds[args.budget_frames // 3 + 1 :]) or sorted(seconds)
     median_ms = 1000 * steady[len(steady) // 2]
     print(f"{'chunk':>5s} {'commit ms':>10s}")
@@ -115,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{i:5d} {1000 * s:10.1f}")
     print(f"steady (budget full) median: {median_ms:.1f} ms a chunk for {args.layers} layers")
     write_result(args.out, device, dtype=str(dtype), layers=args.layers, budget_frames=args.budget_frames,
-                 cuda_graph=args.cuda_graph,
+                 cuda_graph=args.cuda_graph, layout="per-layer" if args.per_layer else "stacked",
                  commit_ms=[1000 * s for s in seconds], steady_median_ms=median_ms)
     return 0
 

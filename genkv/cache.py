@@ -84,9 +84,12 @@ def _staged_pattern(staged: int, tokens_per_frame: int, device: torch.device) ->
 class LayerKVCache:
     """K/V buffers of one attention layer for one CFG branch (see the module docstring for the layout)."""
 
-    def __init__(self, max_tokens: int | None = None, fixed: bool = False) -> None:
+    def __init__(self, max_tokens: int | None = None, fixed: bool = False, stack: "LayerStack | None" = None
+                 ) -> None:
         if fixed and max_tokens is None:
             raise ValueError("a fixed-layout cache needs max_tokens (its history region's size)")
+        # The layers of one branch whose buffers are slices of one allocation (fixed layout; see LayerStack)
+        self.stack = stack
         self.max_tokens = max_tokens  # history bound from the keeper; None = grows without bound
         # Fixed layout (see CacheKeeper.fixed_layout): the history is always the region [0, max_tokens), live and
         # empty slots; an empty slot has count 0, so its key bias log(0) = -inf hides it from attention.
@@ -111,13 +114,24 @@ class LayerKVCache:
 
     def _allocate(self, like: torch.Tensor, capacity: int) -> None:
         """Move to buffers of ``capacity`` tokens; atomic (an out-of-memory error leaves the cache as it was)."""
+        if self.stack is not None:
+            self.stack.allocate(like, capacity)  # every layer of the stack at once
+            return
         b, _, h, d = like.shape
-        n = self.length
         k = like.new_empty(b, capacity, h, d)
         v = like.new_empty(b, capacity, h, d)
-        frame_index = torch.full((capacity,), EMPTY_FRAME if self.fixed else -1, dtype=torch.int64, device=like.device)
-        token_pos = torch.full((capacity,), -1, dtype=torch.int64, device=like.device)
-        token_count = torch.full((capacity,), 0.0 if self.fixed else 1.0, dtype=torch.float32, device=like.device)
+        frame_index = torch.empty(capacity, dtype=torch.int64, device=like.device)
+        token_pos = torch.empty(capacity, dtype=torch.int64, device=like.device)
+        token_count = torch.empty(capacity, dtype=torch.float32, device=like.device)
+        self._adopt(k, v, frame_index, token_pos, token_count)
+
+    def _adopt(self, k: torch.Tensor, v: torch.Tensor, frame_index: torch.Tensor, token_pos: torch.Tensor,
+               token_count: torch.Tensor) -> None:
+        """Take new (uninitialised) buffers: fill the empty state, copy the history over, switch to them."""
+        n, capacity = self.length, k.shape[1]
+        frame_index.fill_(EMPTY_FRAME if self.fixed else -1)
+        token_pos.fill_(-1)
+        token_count.fill_(0.0 if self.fixed else 1.0)
         if self.fixed:  # zeros, not garbage: routing pools the keys of whole blocks, empty slots included
             k.zero_()
             v.zero_()
@@ -224,6 +238,46 @@ class LayerKVCache:
         if self.k is None:
             return 0
         return 2 * self.k[:, :1].numel() * self.k.element_size() * self.live_tokens()
+
+
+class LayerStack:
+    """The buffers of every layer of one branch as slices of one allocation (fixed-layout caches).
+
+    Keys and values live in ``(B, L, capacity, H, D)`` tensors, the per-token records in ``(L, capacity)`` ones;
+    layer ``l``'s cache holds the views ``k[:, l]``, ``frame_index[l]``, ... (still ``(B, S, H, D)`` to every
+    reader). A keeper can then work on all layers with one kernel per step instead of one per layer and step:
+    TempCache's commit is ~200 small kernels a layer, which at 30 layers cost more than the work they do.
+    Layers share the chunk bookkeeping (they commit the same chunks), so their lengths always agree.
+    """
+
+    def __init__(self, layers: "list[LayerKVCache]") -> None:
+        self.layers = layers
+        self.k: torch.Tensor | None = None  # (B, L, capacity, H, D)
+        self.v: torch.Tensor | None = None
+        self.frame_index: torch.Tensor | None = None  # (L, capacity)
+        self.token_pos: torch.Tensor | None = None
+        self.token_count: torch.Tensor | None = None
+        for layer in layers:
+            layer.stack = self
+
+    def allocate(self, like: torch.Tensor, capacity: int) -> None:
+        """Give every layer buffers of ``capacity`` tokens (a layer's history is copied over)."""
+        b, _, h, d = like.shape
+        count, device = len(self.layers), like.device
+        k = like.new_empty(b, count, capacity, h, d)
+        v = like.new_empty(b, count, capacity, h, d)
+        frame_index = torch.empty(count, capacity, dtype=torch.int64, device=device)
+        token_pos = torch.empty(count, capacity, dtype=torch.int64, device=device)
+        token_count = torch.empty(count, capacity, dtype=torch.float32, device=device)
+        for i, layer in enumerate(self.layers):
+            layer._adopt(k[:, i], v[:, i], frame_index[i], token_pos[i], token_count[i])
+        self.k, self.v, self.frame_index, self.token_pos, self.token_count = k, v, frame_index, token_pos, token_count
+
+    def covers(self, caches: "list[LayerKVCache]") -> bool:
+        """Whether ``caches`` are exactly this stack's layers, in order, on its current buffers."""
+        return (self.k is not None and len(caches) == len(self.layers)
+                and all(c is layer for c, layer in zip(caches, self.layers))
+                and all(c.k is not None and c.k.data_ptr() == self.k[:, i].data_ptr() for i, c in enumerate(caches)))
 
 
 class KVCacheStore:
@@ -444,6 +498,8 @@ class KVCacheStore:
             limit = self.keeper.max_history_tokens(self.chunk) if self.chunk is not None else None
             fixed = self.keeper.fixed_layout and limit is not None
             layers = [LayerKVCache(limit, fixed) for _ in range(self.num_layers)]
+            if fixed:  # one allocation for the branch: keepers may then commit every layer at once
+                LayerStack(layers)
             self.caches[self.branch] = layers
         return layers[index]
 

@@ -68,7 +68,9 @@ def pair_scores(
     merges exact duplicates whatever the rounding of the norms).
 
     Shapes: ``k`` (B, S, H, D), ``slots`` (F, T, K), ``k_new`` (B, F, T, H, D), rotation tables (T, K, D) in
-    the interleaved-pair layout of :func:`genkv.rope.apply_rotary_emb`; returns float32 (F, T, K). Written as
+    the interleaved-pair layout of :func:`genkv.rope.apply_rotary_emb`; returns float32 (F, T, K). Leading dims
+    may be added to ``slots`` and after ``k_new``'s batch (``(L, F, T, K)``, ``(B, L, F, T, H, D)``: several
+    layers on one token axis), and come out in front of the result. Written as
     plain elementwise + reductions so that ``torch.compile`` fuses it into a few kernels with no (B, F, T, K,
     H, D) intermediate (on a GPU this is most of a commit's time when run eagerly).
 
@@ -78,12 +80,12 @@ def pair_scores(
         >>> pair_scores(k, slots, k[:, :4].unsqueeze(1), None).flatten().tolist()
         [1.0, 1.0, 1.0, 1.0]
     """
-    old = k[:, slots.flatten()].unflatten(1, slots.shape).float()  # (B, F, T, K, H, D)
-    new = k_new.float().unsqueeze(3)  # (B, F, T, 1, H, D)
+    old = k[:, slots.flatten()].unflatten(1, slots.shape).float()  # (B, [L,] F, T, K, H, D)
+    new = k_new.float().unsqueeze(-3)  # (B, [L,] F, T, 1, H, D)
     new_even, new_odd = new[..., 0::2], new[..., 1::2]
     if rotation is not None:
         cos, sin = rotation
-        shape = (1, 1, *cos.shape[:2], 1, cos.shape[-1] // 2)
+        shape = (*(1,) * (new.dim() - 4), *cos.shape[:2], 1, cos.shape[-1] // 2)
         cos, sin = cos[..., 0::2].reshape(shape), sin[..., 1::2].reshape(shape)
         new_even, new_odd = new_even * cos - new_odd * sin, new_even * sin + new_odd * cos
     old_even, old_odd = old[..., 0::2], old[..., 1::2]
@@ -163,10 +165,10 @@ class TemporalMerge(CacheKeeper):
         return self._tables[key]
 
     @torch.no_grad()
-    def _similarities(self, cache: "LayerKVCache", chunk: "ChunkInfo", frames: list[int],
+    def _similarities(self, group: "_LayerGroup", chunk: "ChunkInfo", frames: list[int],
                       frame_start: torch.Tensor) -> tuple:
-        """Candidate slots (F, T, K) and their similarity to each staged token (F, T, K), for all merging frames
-        of the chunk in one batched pass.
+        """Candidate slots (L, F, T, K) and their similarity to each staged token (L, F, T, K), for all merging
+        frames of the chunk in every layer of ``group``, in one batched pass.
 
         A group takes the newest key, so frame j's correspondents carry exactly frame j-1's *staged* keys
         whether or not those merged: the similarities of every frame can be computed before any merge. Frame 0
@@ -174,26 +176,27 @@ class TemporalMerge(CacheKeeper):
         slots of the frame before (redirected to their group's slot while merging, see :meth:`_merge_chunk`).
         """
         tpf = chunk.tokens_per_frame
-        device = cache.k.device
+        layers, first, end, device = group.layers, group.length, group.end, group.k.device
         nbr = self._candidates(chunk, device)  # (T, K) positions
-        first = cache.length
         cands = []
         for j in frames:
             if j == 0:
-                end = cache.length + cache.staged
                 # Slot of each spatial position of the previous frame (-1 where it is gone); no host sync.
-                live = cache.frame_index[:end] == frame_start - 1
-                table = torch.full((tpf + 1,), -1, dtype=torch.int64, device=device)
-                table.scatter_(0, torch.where(live, cache.token_pos[:end], tpf), torch.arange(end, device=device))
-                table.narrow(0, tpf, 1).fill_(-1)  # a fill kernel: `table[tpf] = -1` copies a host scalar (a sync)
-                cands.append(table[nbr])
+                live = group.frame_index[:, :end] == frame_start - 1
+                table = torch.full((layers, tpf + 1), -1, dtype=torch.int64, device=device)
+                slots = torch.arange(end, device=device).expand(layers, end)
+                table.scatter_(1, torch.where(live, group.token_pos[:, :end], tpf), slots)
+                table.narrow(1, tpf, 1).fill_(-1)  # a fill kernel: `table[:, tpf] = -1` copies a host scalar
+                cands.append(table[:, nbr])
             else:
-                cands.append(first + (j - 1) * tpf + nbr)
-        cand = torch.stack(cands)  # (F, T, K)
+                cands.append((first + (j - 1) * tpf + nbr).expand(layers, *nbr.shape))
+        cand = torch.stack(cands, 1)  # (L, F, T, K)
         safe = cand.clamp(min=0)
-        # The merging frames are a suffix of the chunk: their staged slots are one contiguous range.
-        k_new = cache.k.narrow(1, first + frames[0] * tpf, len(frames) * tpf).unflatten(1, (len(frames), tpf))
-        score = _pair_scores_fused(cache.k, safe, k_new, self._rotation(chunk, device))
+        # One token axis over all layers (layer l's slot s at l * capacity + s): the score kernel gathers the
+        # candidates of every layer at once. The merging frames are a suffix of the chunk: one staged range.
+        k_new = group.k.narrow(2, first + frames[0] * tpf, len(frames) * tpf).unflatten(2, (len(frames), tpf))
+        score = _pair_scores_fused(group.flat_k, safe + group.offsets.view(-1, 1, 1, 1), k_new,
+                                   self._rotation(chunk, device))
         score = score.masked_fill_(cand < 0, -float("inf"))  # gone from the previous frame
         return safe, score
 
@@ -202,50 +205,56 @@ class TemporalMerge(CacheKeeper):
         return [j for j in range(chunk.num_frames) if chunk.frame_start + j - 1 >= self.sink_frames]
 
     @torch.no_grad()
-    def _merge_chunk(self, cache: "LayerKVCache", chunk: "ChunkInfo", frame_start: torch.Tensor) -> None:
-        """Merge the staged frames of the chunk into their temporal correspondents, frame after frame."""
+    def _merge_chunk(self, group: "_LayerGroup", chunk: "ChunkInfo", frame_start: torch.Tensor) -> None:
+        """Merge the staged frames of the chunk into their temporal correspondents, frame after frame, in every
+        layer of ``group`` at once (each layer's tokens merge only within that layer)."""
         frames = self._merging_frames(chunk)
         if not frames or self.threshold > 1.0:
             return
         tpf = chunk.tokens_per_frame
-        device = cache.k.device
-        first = cache.length
-        safe, score = self._similarities(cache, chunk, frames, frame_start)
-        best_all, arg_all = score.max(dim=-1)  # (F, T)
-        target_all = safe.gather(2, arg_all[..., None]).squeeze(2)  # (F, T) slots
+        layers, first, staged, device = group.layers, group.length, group.staged, group.k.device
+        batch, heads, dim = group.k.shape[0], group.k.shape[3], group.k.shape[4]
+        safe, score = self._similarities(group, chunk, frames, frame_start)
+        best_all, arg_all = score.max(dim=-1)  # (L, F, T)
+        target_all = safe.gather(3, arg_all[..., None]).squeeze(3)  # (L, F, T) slots
         match_all = best_all >= self.threshold
         ids = torch.arange(tpf, device=device)
-        if self.radius > 0:
-            match_all = self._resolve_conflicts(match_all, best_all, target_all, ids, cache.capacity)
-        # home[i]: the slot that holds staged token i's key after the merges so far (its own, or its group's).
-        home = torch.arange(first, first + cache.staged, device=device)
+        if self.radius > 0:  # conflicts are per (layer, frame): resolve them as L * F rows
+            match_all = self._resolve_conflicts(match_all.flatten(0, 1), best_all.flatten(0, 1),
+                                                target_all.flatten(0, 1), ids, group.capacity).view_as(match_all)
+        # home[l, i]: the slot that holds staged token i's key after the merges so far (its own, or its group's).
+        home = torch.arange(first, first + staged, device=device).repeat(layers, 1)
+        offsets = group.offsets.view(-1, 1)
         for n, j in enumerate(frames):
-            frame = (frame_start + j).expand(tpf)  # a device value: a recorded commit replays for any chunk
-            new_slots = home.narrow(0, j * tpf, tpf).clone()  # the frame's own staged slots (home is unchanged
+            frame = (frame_start + j).expand(layers * tpf)  # a device value: a recorded commit replays for any chunk
+            new_slots = home.narrow(1, j * tpf, tpf).clone()  # the frame's own staged slots (home is unchanged
             # there yet: only frame j writes them)
-            match = match_all[n]
-            target = target_all[n]
+            match = match_all[:, n]
+            target = target_all[:, n]
             if j > 0:  # staged slot of frame j-1 -> where that token lives now
-                target = home[target - first]
+                target = home.gather(1, target - first)
 
             # Update the groups in place. Unmatched tokens "update" their own slot with its own values, so every
             # index below is unique and the writes need no host-side selection.
-            dest = torch.where(match, target, new_slots)
-            c_old = cache.token_count[dest]
-            c_new = c_old + match  # + 1 where merged
-            v_dest = cache.v[:, dest].float()
-            v_src = cache.v.narrow(1, first + j * tpf, tpf).float()
+            dest = torch.where(match, target, new_slots)  # (L, T) slots
+            flat = (dest + offsets).flatten()  # ... on the all-layer token axis
+            c_old = group.flat_count[flat]
+            c_new = c_old + match.flatten()  # + 1 where merged
+            v_dest = group.flat_v[:, flat].float()  # (B, L * T, H, D)
+            staged_rows = slice(first + j * tpf, first + (j + 1) * tpf)
+            v_src = group.v[:, :, staged_rows].reshape(batch, layers * tpf, heads, dim).float()
             w_old = (c_old / c_new).view(1, -1, 1, 1)
-            mean_v = torch.where(match.view(1, -1, 1, 1), v_dest * w_old + v_src * (1 - w_old), v_dest)
-            cache.v.index_copy_(1, dest, mean_v.to(cache.v.dtype))
-            # (clones: an unmatched token's source and destination are the same slot)
-            cache.k.index_copy_(1, dest, cache.k.narrow(1, first + j * tpf, tpf).clone())
-            cache.token_count.index_copy_(0, dest, c_new)
-            cache.frame_index.index_copy_(0, dest, frame)
-            cache.token_pos.index_copy_(0, dest, cache.token_pos.narrow(0, first + j * tpf, tpf).clone())
+            merged = match.flatten().view(1, -1, 1, 1)
+            mean_v = torch.where(merged, v_dest * w_old + v_src * (1 - w_old), v_dest)
+            group.flat_v.index_copy_(1, flat, mean_v.to(group.v.dtype))
+            # (copies: an unmatched token's source and destination are the same slot)
+            group.flat_k.index_copy_(1, flat, _merged_copy(group.k[:, :, staged_rows], 1))
+            group.flat_count.index_copy_(0, flat, c_new)
+            group.flat_frame.index_copy_(0, flat, frame)
+            group.flat_pos.index_copy_(0, flat, _merged_copy(group.token_pos[:, staged_rows], 0))
             # The merged tokens' own slots are free now.
-            cache.frame_index.narrow(0, first + j * tpf, tpf).masked_fill_(match, EMPTY_FRAME)
-            home.narrow(0, j * tpf, tpf).copy_(dest)
+            group.frame_index[:, staged_rows].masked_fill_(match, EMPTY_FRAME)
+            home.narrow(1, j * tpf, tpf).copy_(dest)
 
     @staticmethod
     def _resolve_conflicts(match: torch.Tensor, best: torch.Tensor, target: torch.Tensor, ids: torch.Tensor,
@@ -254,7 +263,8 @@ class TemporalMerge(CacheKeeper):
 
         Done for every merging frame at once on the candidate slots as found (frame j's are frame j-1's staged
         slots). The merge loop redirects those to their groups, but that map is one-to-one on a frame's tokens
-        (a group takes at most one token per frame), so the conflicts are the same ones.
+        (a group takes at most one token per frame), so the conflicts are the same ones. Rows of ``match``
+        (R, T) are independent (frames, or frames of several layers).
         """
         frames = match.shape[0]
         span = capacity + 1  # one scatter row per frame; the last column collects the tokens that do not merge
@@ -286,7 +296,9 @@ class TemporalMerge(CacheKeeper):
         """Merge, evict and place the survivors in every layer, planned on the device: no host sync, so the host
         goes on launching (the decode, the next chunk) while the GPU commits. ``frame_start``, a 0-d int64
         tensor on the caches' device holding ``chunk.frame_start``, is the only per-chunk value the kernels read
-        (made here when not given), so the whole commit can be recorded as a CUDA graph."""
+        (made here when not given), so the whole commit can be recorded as a CUDA graph. Layers that share one
+        allocation (:class:`~genkv.cache.LayerStack`, as :class:`~genkv.cache.KVCacheStore` makes them) are
+        committed together, one kernel per step for all of them; a lone cache is a stack of one."""
         if not caches:
             return
         if frame_start is None:
@@ -305,24 +317,27 @@ class TemporalMerge(CacheKeeper):
                     f"{'a growing cache' if not cache.fixed else f'{cache.length} slots'} (make it with "
                     "LayerKVCache(max_tokens, fixed=True), as KVCacheStore does)"
                 )
-            self._merge_chunk(cache, chunk, frame_start)
-            self._evict_and_fill(cache, budget)
+        for group in _LayerGroup.split(caches):
+            self._merge_chunk(group, chunk, frame_start)
+            self._evict_and_fill(group, budget)
             # statistics: left on the device (``cache_stats`` reads them; no sync in the chunk loop)
-            counts = cache.token_count[: cache.length]
-            cache.info["merged_groups"] = (counts > 1).sum()
-            cache.info["tokens_represented"] = counts.sum()
+            counts = group.token_count[:, : group.length]
+            merged, represented = (counts > 1).sum(1), counts.sum(1)
+            for i, cache in enumerate(group.caches):
+                cache.info["merged_groups"] = merged[i]
+                cache.info["tokens_represented"] = represented[i]
 
-    def _evict_and_fill(self, cache: "LayerKVCache", budget: int) -> None:
-        """Keep at most ``budget`` live slots (evicting the oldest last-seen first, unmerged before merged among
-        equals, then the lower position; sinks never) and move the chunk's surviving staged tokens into the
-        history region's empty slots, lowest first. Only the survivors move (the history stays where it is), and
-        whenever eviction runs it leaves exactly as many empty slots as there are survivors, so the history
-        region never holds stale empty slots: it fills from the front, then stays full."""
-        hist, staged = cache.length, cache.staged
-        end = hist + staged
-        frames = cache.frame_index[:end]
-        counts = cache.token_count[:end]
-        positions = cache.token_pos[:end]
+    def _evict_and_fill(self, group: "_LayerGroup", budget: int) -> None:
+        """Keep at most ``budget`` live slots per layer (evicting the oldest last-seen first, unmerged before
+        merged among equals, then the lower position; sinks never) and move the chunk's surviving staged tokens
+        into the history region's empty slots, lowest first. Only the survivors move (the history stays where it
+        is), and whenever eviction runs it leaves exactly as many empty slots as there are survivors, so the
+        history region never holds stale empty slots: it fills from the front, then stays full."""
+        hist, staged, end, layers = group.length, group.staged, group.end, group.layers
+        frames = group.frame_index[:, :end]  # (L, end) views: the fills below write the buffers
+        counts = group.token_count[:, :end]
+        positions = group.token_pos[:, :end]
+        device = frames.device
         live = frames != EMPTY_FRAME
         evictable = live & (frames >= self.sink_frames)
         # A total order on the live slots that does not depend on where they sit in the buffer (a live slot's
@@ -331,27 +346,28 @@ class TemporalMerge(CacheKeeper):
         order_key = ((frames.clamp(min=0) << 40) | (counts.long().clamp(max=field) << 20)
                      | positions.clamp(0, field))
         order_key = order_key.masked_fill(~evictable, torch.iinfo(torch.int64).max)
-        order = torch.argsort(order_key, stable=True)
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(end, device=order.device))
-        excess = live.sum() - budget  # a device scalar: <= 0 evicts nothing
+        order = torch.argsort(order_key, dim=1, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(end, device=device).expand(layers, end))
+        excess = live.sum(1, keepdim=True) - budget  # device values: <= 0 evicts nothing
         keep = live & ~(evictable & (rank < excess))
         # Empty history slots in ascending order (a full-width stable sort: the plan never leaves the device);
         # the i-th surviving staged token goes to the i-th of them, the others stay where they are (a no-op).
-        holes = torch.argsort(keep[:hist].to(torch.int32), stable=True)
-        survives = keep[hist:]
-        nth = (torch.cumsum(survives, 0) - 1).clamp(0, max(hist - 1, 0))  # (clamped where nothing survives)
-        dest = torch.where(survives, holes.index_select(0, nth),
-                           torch.arange(hist, end, device=holes.device))
-        frames.narrow(0, 0, hist).masked_fill_(~keep[:hist], EMPTY_FRAME)  # evicted: empty
-        counts.narrow(0, 0, hist).masked_fill_(~keep[:hist], 0.0)
-        for buffer in (cache.k, cache.v):
-            buffer.index_copy_(1, dest, buffer.narrow(1, hist, staged).clone())
-        for buffer in (frames, counts, positions):
-            buffer.index_copy_(0, dest, buffer.narrow(0, hist, staged).clone())
+        holes = torch.argsort(keep[:, :hist].to(torch.int32), dim=1, stable=True)
+        survives = keep[:, hist:]
+        nth = (torch.cumsum(survives, 1) - 1).clamp(0, max(hist - 1, 0))  # (clamped where nothing survives)
+        dest = torch.where(survives, holes.gather(1, nth), torch.arange(hist, end, device=device))
+        flat = (dest + group.offsets.view(-1, 1)).flatten()
+        frames.narrow(1, 0, hist).masked_fill_(~keep[:, :hist], EMPTY_FRAME)  # evicted: empty
+        counts.narrow(1, 0, hist).masked_fill_(~keep[:, :hist], 0.0)
+        for buffer, flat_buffer in ((group.k, group.flat_k), (group.v, group.flat_v)):
+            flat_buffer.index_copy_(1, flat, _merged_copy(buffer[:, :, hist:end], 1))
+        for rows, flat_rows in ((frames, group.flat_frame), (counts, group.flat_count),
+                                (positions, group.flat_pos)):
+            flat_rows.index_copy_(0, flat, _merged_copy(rows[:, hist:end], 0))
         # the staging region is empty until the next chunk stages into it
-        frames.narrow(0, hist, staged).fill_(EMPTY_FRAME)
-        counts.narrow(0, hist, staged).fill_(0.0)
-        positions.narrow(0, hist, staged).fill_(-1)
+        frames.narrow(1, hist, staged).fill_(EMPTY_FRAME)
+        counts.narrow(1, hist, staged).fill_(0.0)
+        positions.narrow(1, hist, staged).fill_(-1)
 
     # -- RoPE re-basing ------------------------------------------------------------------------------------
     def rebase_limit(self, store: "KVCacheStore") -> int | None:
@@ -375,3 +391,54 @@ class TemporalMerge(CacheKeeper):
         frames = cache.frame_index[: cache.length].cpu().numpy()
         return np.flatnonzero(frames >= self.sink_frames)
 
+
+
+class _LayerGroup:
+    """Layer caches committed together: their buffers as one ``(B, L, capacity, H, D)`` tensor and
+    ``(L, capacity)`` records (a :class:`~genkv.cache.LayerStack`'s, or a lone cache's with L = 1), plus flat
+    views with one token axis over all layers (layer ``l``'s slot ``s`` at ``l * capacity + s``) for the
+    gathers and scatters that address slots of several layers at once."""
+
+    def __init__(self, caches: "list[LayerKVCache]", k, v, frame_index, token_pos, token_count) -> None:
+        self.caches = caches
+        self.k, self.v = k, v
+        self.frame_index, self.token_pos, self.token_count = frame_index, token_pos, token_count
+        self.layers, self.capacity = frame_index.shape
+        self.length, self.staged = caches[0].length, caches[0].staged
+        self.end = self.length + self.staged
+        batch, _, _, heads, dim = k.shape
+        # (views: stacked buffers and lone caches are contiguous over (L, capacity))
+        self.flat_k = k.view(batch, self.layers * self.capacity, heads, dim)
+        self.flat_v = v.view(batch, self.layers * self.capacity, heads, dim)
+        self.flat_frame = frame_index.view(-1)
+        self.flat_pos = token_pos.view(-1)
+        self.flat_count = token_count.view(-1)
+        self.offsets = torch.arange(self.layers, device=k.device) * self.capacity
+
+    @classmethod
+    def split(cls, caches: "list[LayerKVCache]") -> "list[_LayerGroup]":
+        """Whole stacks (in order, with equal lengths) as one group each; every other cache alone."""
+        groups, rest, seen = [], [], set()
+        for cache in caches:
+            stack = cache.stack
+            if stack is None or id(stack) in seen:
+                continue
+            members = [c for c in caches if c.stack is stack]
+            if stack.covers(members) and len({(c.length, c.staged) for c in members}) == 1:
+                seen.add(id(stack))
+                groups.append(cls(members, stack.k, stack.v, stack.frame_index, stack.token_pos,
+                                  stack.token_count))
+        for cache in caches:
+            if cache.stack is None or id(cache.stack) not in seen:
+                rest.append(cls([cache], cache.k.unsqueeze(1), cache.v.unsqueeze(1), cache.frame_index.unsqueeze(0),
+                                cache.token_pos.unsqueeze(0), cache.token_count.unsqueeze(0)))
+        return groups + rest
+
+
+def _merged_copy(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """A fresh contiguous copy of ``x`` with dims ``dim`` and ``dim + 1`` merged (one copy kernel whether or not a
+    view could merge them: the copy is needed because the result is scattered back into the buffer ``x`` views)."""
+    shape = (*x.shape[:dim], x.shape[dim] * x.shape[dim + 1], *x.shape[dim + 2 :])
+    out = torch.empty(shape, dtype=x.dtype, device=x.device)
+    out.view(x.shape).copy_(x)
+    return out
