@@ -515,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.cuda_graphs == "both":
             raise SystemExit("--fast compares the plain path with the fast one; pick --cuda-graphs on or off for it")
         fast_graphs = device.type == "cuda" and args.cuda_graphs != "off"
-        variants = [(False, False, False), (True, fast_graphs, True)]
+        # (--compile-only: the fast path alone, e.g. when the plain one was measured in an earlier run)
+        variants = ([] if args.compile_only else [(False, False, False)]) + [(True, fast_graphs, True)]
         # the opt-in fast paths (output changes): the tiny decoder, FP8 linears, both
         variants += [(True, fast_graphs, True, extra) for extra in args.extras]
     else:

@@ -37,7 +37,7 @@ def render(dtype: torch.dtype, fp8: bool, prompt: str, frames: int, seed: int, m
         pipe.enable_fp8(keep_originals=None)
     start = time.perf_counter()
     video = pipe(prompt, num_frames=frames, output_type="uint8",
-                 generator=torch.Generator(device="cpu").manual_seed(seed)).frames[0]
+                 generator=torch.Generator(device=device).manual_seed(seed)).frames[0]
     return np.asarray(video), time.perf_counter() - start
 
 

@@ -32,6 +32,12 @@ def block_sparse_attention_flex(
     from torch.nn.attention.flex_attention import BlockMask
 
     s_q, s_kv = q.shape[1], k.shape[1]
+    n_kv_blocks = -(-s_kv // block_n)
+    width = kv_block_indices.shape[-1]
+    if width < n_kv_blocks:
+        # FlexAttention builds its dense block mask as wide as the index list, so a top-k list narrower than the
+        # key blocks (block ids >= its width) indexes out of bounds: pad it (entries past a row's count are unused)
+        kv_block_indices = torch.nn.functional.pad(kv_block_indices, (0, n_kv_blocks - width))
     mask = BlockMask.from_kv_blocks(
         kv_block_counts, kv_block_indices, BLOCK_SIZE=(block_m, block_n), seq_lengths=(s_q, s_kv)
     )

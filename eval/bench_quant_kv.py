@@ -1,0 +1,121 @@
+"""The block-sparse kernel reading a quantized KV history (issue 22) against the same kernel on a bf16 history.
+
+One attention call at Wan2.1-1.3B shapes (a 3-frame chunk of 4680 queries, 12 heads x 128, a history of 21
+frames = 32760 keys plus the chunk's own 4680), at the same tokens and block lists for every storage: every
+block listed (dense) and top-k routed lists (``--top-k``, fastar's 16 blocks of 128 plus the chunk's own).
+bf16 runs the kernel on one contiguous (history + chunk) buffer, as genkv's bf16 cache does; fp8 / int8 / int4
+pass the history as ``QuantizedKV`` and the chunk in bf16. Also the output's relative error against float32
+attention over the *unquantized* keys (what quantization costs) and the bytes the history holds. Median of
+CUDA-event timings after warm-up; prints a table, writes JSON.
+
+    python eval/bench_quant_kv.py --out runs/quant_kv.json
+    python eval/bench_quant_kv.py --small --device cpu          # a CPU smoke run (gather path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import write_result  # noqa: E402
+
+WAN = dict(queries=4680, history=32760, heads=12, dim=128)
+SMALL = dict(queries=96, history=400, heads=2, dim=64)
+
+
+def timed(fn, device: torch.device, iters: int, warmup: int) -> float:
+    """Median milliseconds of ``fn()``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(1000 * (time.perf_counter() - t0))
+    return sorted(times)[len(times) // 2]
+
+
+def lists(batch: int, heads: int, n_q: int, n_kv: int, n_hist_blocks: int, top_k: int | None,
+          device: torch.device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block lists: every block, or ``top_k`` random history blocks plus every block of the chunk (ascending)."""
+    if top_k is None:
+        idx = torch.arange(n_kv, device=device, dtype=torch.int32).expand(batch, heads, n_q, n_kv)
+        return idx.contiguous(), torch.full((batch, heads, n_q), n_kv, dtype=torch.int32, device=device)
+    own = torch.arange(n_hist_blocks, n_kv)
+    rows = []
+    for _ in range(batch * heads * n_q):
+        picked = torch.randperm(n_hist_blocks, generator=generator)[:top_k]
+        rows.append(torch.cat([picked, own]).sort().values)
+    idx = torch.stack(rows).view(batch, heads, n_q, -1).to(device=device, dtype=torch.int32)
+    return idx, torch.full((batch, heads, n_q), idx.shape[-1], dtype=torch.int32, device=device)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from genkv.kernels import QuantizedKV, block_sparse_attention, key_channel_scales, quantize_kv  # noqa: F401
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--small", action="store_true", help="tiny shapes (a CPU smoke run)")
+    parser.add_argument("--top-k", type=int, default=16)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--kinds", nargs="+", default=["fp8", "int8", "int4"])
+    parser.add_argument("--out", type=Path, default=Path("bench_quant_kv.json"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    shape = SMALL if args.small else WAN
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    block = 128 if not args.small else 32
+    g = torch.Generator().manual_seed(0)
+    n_q, n_h, heads, dim = shape["queries"], shape["history"], shape["heads"], shape["dim"]
+    q = torch.randn(1, n_q, heads, dim, generator=g)
+    keys = torch.randn(1, n_h + n_q, heads, dim, generator=g)
+    keys[..., :8] *= 8.0  # a few outlier channels, as post-RoPE keys have
+    values = torch.randn(1, n_h + n_q, heads, dim, generator=g)
+    q, keys, values = (t.to(device, dtype) for t in (q, keys, values))
+    n_kv, n_hist_blocks = math.ceil((n_h + n_q) / block), n_h // block
+    rows = []
+    for density, top_k in (("dense", None), (f"top-{args.top_k}", args.top_k)):
+        idx, cnt = lists(1, heads, math.ceil(n_q / block), n_kv, n_hist_blocks, top_k, device, g)
+        kw = dict(block_m=block, block_n=block)
+        ref = block_sparse_attention(q.float(), keys.float(), values.float(), idx, cnt, backend="torch", **kw) \
+            if args.small or device.type != "cuda" else None
+        base_fn = lambda: block_sparse_attention(q, keys, values, idx, cnt, **kw)  # noqa: E731
+        base_ms = timed(base_fn, device, args.iters, args.warmup)
+        base_out = base_fn().float()
+        ref = base_out if ref is None else ref
+        hist_bytes = 2 * keys[:, :n_h].numel() * 2
+        rows.append(dict(density=density, kind="bf16", ms=base_ms, ratio=1.0, history_bytes=hist_bytes,
+                         rel_err=float((base_out - ref).norm() / ref.norm())))
+        for kind in args.kinds:
+            hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
+            cur_k, cur_v = keys[:, n_h:].contiguous(), values[:, n_h:].contiguous()
+            fn = lambda: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731
+            ms = timed(fn, device, args.iters, args.warmup)
+            out = fn().float()
+            rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
+                             rel_err=float((out - ref).norm() / ref.norm())))
+    print(f"{'lists':>8s} {'history':>8s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
+    for r in rows:
+        print(f"{r['density']:>8s} {r['kind']:>8s} {r['ms']:8.3f} {r['ratio']:7.3f} {r['history_bytes'] / 2**20:9.1f} "
+              f"{r['rel_err']:9.2e}")
+    write_result(args.out, device, shape=shape, block=block, top_k=args.top_k, dtype=str(dtype), rows=rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
