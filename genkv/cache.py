@@ -46,6 +46,9 @@ if TYPE_CHECKING:  # pragma: no cover
 #: frame_index of an empty slot in a fixed-layout cache (and of a slot a merge freed)
 EMPTY_FRAME = -2
 
+#: storage formats of the committed history (``kv_dtype``): the model's dtype, or genkv.kernels.quant_kv's codes
+KV_DTYPES = ("bf16", "fp8", "int8", "int4")
+
 
 def to_device_index(index: np.ndarray, device: torch.device) -> torch.Tensor:
     """Host index array → device tensor without stalling the host (pinned, non-blocking copy).
@@ -81,13 +84,139 @@ def _staged_pattern(staged: int, tokens_per_frame: int, device: torch.device) ->
     return torch.div(idx, tokens_per_frame, rounding_mode="floor"), idx % tokens_per_frame
 
 
+class QuantizedHistory:
+    """The committed history of one layer as quantized codes, and the staged chunk in full precision.
+
+    Used by :class:`LayerKVCache` when ``kv_dtype`` is ``"fp8"``, ``"int8"`` or ``"int4"`` (format:
+    ``genkv.kernels.quant_kv``). Slots ``[0, capacity)`` hold codes and per-token scales; the chunk being
+    denoised is staged into ``chunk_k`` / ``chunk_v`` (B, n, H, D) and quantized once, when it is committed
+    (:meth:`write`). Readers get both and never a full-precision copy of the history.
+
+    Example:
+        >>> h = QuantizedHistory("int8")
+        >>> h.reserve(torch.zeros(1, 4, 2, 16), capacity=8, length=0)
+        >>> k = torch.randn(1, 4, 2, 16)
+        >>> h.stage(k, k.clone())[0].shape
+        torch.Size([1, 4, 2, 16])
+        >>> h.write(torch.arange(4), 4)
+        >>> from genkv.kernels import dequantize
+        >>> bool((dequantize(h.prefix(4))[0] - k).abs().max() < 0.05)
+        True
+    """
+
+    def __init__(self, kind: str) -> None:
+        from genkv.kernels.quant_kv import KINDS
+
+        if kind not in KINDS:
+            raise ValueError(f"kv_dtype {kind!r} is not one of {', '.join(KV_DTYPES)}")
+        self.kind = kind
+        self.codes = None  # QuantizedKV of `capacity` slots
+        self.chunk_k: torch.Tensor | None = None  # (B, n_max, H, D), the model's dtype
+        self.chunk_v: torch.Tensor | None = None
+        self.smoothing_set = False  # key smoothing factors are measured on the first committed keys
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.codes is None else self.codes.length
+
+    def reserve(self, like: torch.Tensor, capacity: int, length: int) -> None:
+        """History slots for ``capacity`` tokens (the first ``length`` copied over) and a chunk buffer for
+        ``like``'s tokens; a buffer is replaced only when it is too small (stable addresses for CUDA graphs)."""
+        from genkv.kernels.quant_kv import QuantizedKV
+
+        b, n, h, d = like.shape
+        if capacity > self.capacity:
+            channel = (torch.ones(b, h, d, device=like.device) if self.codes is None
+                       else self.codes.key_channel_scale)
+            codes = QuantizedKV.empty(self.kind, b, capacity, h, channel)
+            if self.codes is not None and length:
+                for new, old in zip(_quant_fields(codes), _quant_fields(self.codes)):
+                    new[:, :length] = old[:, :length]
+            self.codes = codes
+        if self.chunk_k is None or self.chunk_k.shape[1] < n or self.chunk_k.dtype != like.dtype:
+            self.chunk_k = like.new_empty(b, n, h, d)
+            self.chunk_v = like.new_empty(b, n, h, d)
+
+    def stage(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = key.shape[1]
+        assert self.chunk_k is not None and self.chunk_v is not None
+        self.chunk_k[:, :n] = key
+        self.chunk_v[:, :n] = value
+        return self.chunk_k[:, :n], self.chunk_v[:, :n]
+
+    def prefix(self, length: int):
+        """The first ``length`` slots (views), what the kernels read as ``history=``."""
+        assert self.codes is not None
+        return self.codes.prefix(length)
+
+    def write(self, slots: torch.Tensor, staged: int) -> None:
+        """Quantize the first ``staged`` chunk tokens into history ``slots`` (the commit; no host sync)."""
+        from genkv.kernels.quant_kv import key_channel_scales, write_quantized
+
+        assert self.codes is not None and self.chunk_k is not None and self.chunk_v is not None
+        k, v = self.chunk_k[:, :staged], self.chunk_v[:, :staged]
+        if not self.smoothing_set:  # the layer's smoothing factors, from its first clean keys
+            self.codes.key_channel_scale.copy_(key_channel_scales(k))
+            self.smoothing_set = True
+        write_quantized(self.codes, slots, k, v)
+
+    def copy_slots(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        from genkv.kernels.quant_kv import copy_slots
+
+        assert self.codes is not None
+        copy_slots(self.codes, src, dst)
+
+    def rotate_keys(self, slots: torch.Tensor, rotate) -> None:
+        """Re-base the keys at ``slots``: dequantize only them, ``rotate`` (in place, (B, n, H, D)), re-quantize.
+        Values are kept as they are (their codes are copied back), so only the moved keys are re-quantized."""
+        from genkv.kernels.quant_kv import QuantizedKV, dequantize, write_quantized
+
+        assert self.codes is not None
+        picked = QuantizedKV(self.kind, *(None if t is None else _as_raw(t).index_select(1, slots).view(t.dtype)
+                                          for t in (self.codes.k_codes, self.codes.v_codes, self.codes.k_scale,
+                                                    self.codes.v_scale)),
+                             key_channel_scale=self.codes.key_channel_scale,
+                             v_zero=None if self.codes.v_zero is None else self.codes.v_zero.index_select(1, slots))
+        k, v = dequantize(picked)
+        rotate(k)
+        write_quantized(self.codes, slots, k, v)
+        for target, source in ((self.codes.v_codes, picked.v_codes), (self.codes.v_scale, picked.v_scale),
+                               (self.codes.v_zero, picked.v_zero)):
+            if target is not None:
+                _as_raw(target).index_copy_(1, slots, _as_raw(source))
+
+    def nbytes(self) -> int:
+        """Codes, scales and smoothing factors of every slot, plus the staged chunk buffers."""
+        chunk = sum(t.numel() * t.element_size() for t in (self.chunk_k, self.chunk_v) if t is not None)
+        return chunk + (0 if self.codes is None else self.codes.nbytes)
+
+    def bytes_per_token(self) -> float:
+        return 0.0 if not self.capacity else (self.codes.nbytes / self.capacity)
+
+
+def _as_raw(t: torch.Tensor) -> torch.Tensor:
+    """fp8 seen as bytes (index_copy_ and slice copies have no float8 kernels everywhere)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _quant_fields(codes) -> list[torch.Tensor]:
+    return [_as_raw(t) for t in (codes.k_codes, codes.v_codes, codes.k_scale, codes.v_scale, codes.v_zero)
+            if t is not None]
+
+
 class LayerKVCache:
     """K/V buffers of one attention layer for one CFG branch (see the module docstring for the layout)."""
 
-    def __init__(self, max_tokens: int | None = None, fixed: bool = False, stack: "LayerStack | None" = None
-                 ) -> None:
+    def __init__(self, max_tokens: int | None = None, fixed: bool = False, stack: "LayerStack | None" = None,
+                 kv_dtype: str = "bf16") -> None:
         if fixed and max_tokens is None:
             raise ValueError("a fixed-layout cache needs max_tokens (its history region's size)")
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype
+        # kv_dtype != "bf16": history as codes + scales, the staged chunk in its own full-precision buffer; then
+        # self.k / self.v stay None (bf16: history and chunk share self.k / self.v, exactly as before).
+        self.quant = QuantizedHistory(kv_dtype) if kv_dtype != "bf16" else None
         # The layers of one branch whose buffers are slices of one allocation (fixed layout; see LayerStack)
         self.stack = stack
         self.max_tokens = max_tokens  # history bound from the keeper; None = grows without bound
@@ -110,12 +239,39 @@ class LayerKVCache:
     # -- storage -------------------------------------------------------------------------------------
     @property
     def capacity(self) -> int:
+        if self.quant is not None:
+            return self.quant.capacity
         return 0 if self.k is None else self.k.shape[1]
+
+    @property
+    def allocated(self) -> bool:
+        return self.frame_index is not None
+
+    @property
+    def device(self) -> torch.device:
+        assert self.frame_index is not None
+        return self.frame_index.device
+
+    def buffer_address(self) -> int:
+        """Address of the key storage (changes when the cache grows into new buffers)."""
+        if self.quant is not None:
+            return 0 if self.quant.codes is None else self.quant.codes.k_codes.data_ptr()
+        return 0 if self.k is None else self.k.data_ptr()
+
+    def _batch_heads(self) -> tuple[int, int]:
+        if self.quant is not None:
+            assert self.quant.codes is not None
+            return self.quant.codes.k_codes.shape[0], self.quant.codes.k_codes.shape[2]
+        assert self.k is not None
+        return self.k.shape[0], self.k.shape[2]
 
     def _allocate(self, like: torch.Tensor, capacity: int) -> None:
         """Move to buffers of ``capacity`` tokens; atomic (an out-of-memory error leaves the cache as it was)."""
         if self.stack is not None:
             self.stack.allocate(like, capacity)  # every layer of the stack at once
+            return
+        if self.quant is not None:
+            self._allocate_quantized(like, capacity)
             return
         b, _, h, d = like.shape
         k = like.new_empty(b, capacity, h, d)
@@ -125,36 +281,56 @@ class LayerKVCache:
         token_count = torch.empty(capacity, dtype=torch.float32, device=like.device)
         self._adopt(k, v, frame_index, token_pos, token_count)
 
+    def _allocate_quantized(self, like: torch.Tensor, capacity: int) -> None:
+        """History codes for ``capacity`` slots (the committed ones copied over) and new per-token records."""
+        assert self.quant is not None
+        self.quant.reserve(like, capacity, self.length)
+        device = like.device
+        records = (torch.empty(capacity, dtype=torch.int64, device=device),
+                   torch.empty(capacity, dtype=torch.int64, device=device),
+                   torch.empty(capacity, dtype=torch.float32, device=device))
+        self._adopt_records(capacity, *records)
+
     def _adopt(self, k: torch.Tensor, v: torch.Tensor, frame_index: torch.Tensor, token_pos: torch.Tensor,
                token_count: torch.Tensor) -> None:
         """Take new (uninitialised) buffers: fill the empty state, copy the history over, switch to them."""
-        n, capacity = self.length, k.shape[1]
-        frame_index.fill_(EMPTY_FRAME if self.fixed else -1)
-        token_pos.fill_(-1)
-        token_count.fill_(0.0 if self.fixed else 1.0)
+        n = self.length
         if self.fixed:  # zeros, not garbage: routing pools the keys of whole blocks, empty slots included
             k.zero_()
             v.zero_()
         if self.k is not None and n:
             k[:, :n] = self.k[:, :n]
             v[:, :n] = self.v[:, :n]
+        self.k, self.v = k, v
+        self._adopt_records(k.shape[1], frame_index, token_pos, token_count)
+
+    def _adopt_records(self, capacity: int, frame_index: torch.Tensor, token_pos: torch.Tensor,
+                       token_count: torch.Tensor) -> None:
+        """Take new per-token records: fill the empty state, copy the history's over, switch to them."""
+        n = self.length
+        frame_index.fill_(EMPTY_FRAME if self.fixed else -1)
+        token_pos.fill_(-1)
+        token_count.fill_(0.0 if self.fixed else 1.0)
+        if self.frame_index is not None and n:
             frame_index[:n] = self.frame_index[:n]
             token_pos[:n] = self.token_pos[:n]
             token_count[:n] = self.token_count[:n]
         frame_host = np.full(capacity, -1, dtype=np.int64)
         kept = min(n, len(self.frame_host))  # a new fixed-layout cache has a history region but no mirror yet
         frame_host[:kept] = self.frame_host[:kept]
-        self.k, self.v = k, v
         self.frame_index, self.token_pos, self.frame_host = frame_index, token_pos, frame_host
         self.token_count = token_count
 
     def _reserve(self, like: torch.Tensor, needed: int) -> None:
-        if self.k is not None and (self.k.shape[0] != like.shape[0] or self.k.shape[2:] != like.shape[2:]):
+        held = self.k if self.quant is None else self.quant.chunk_k
+        if held is not None and (held.shape[0] != like.shape[0] or held.shape[2:] != like.shape[2:]):
             raise ValueError(
-                f"KV cache holds batch/heads/dim {tuple(self.k.shape[::2])} but got {tuple(like.shape[::2])}; "
+                f"KV cache holds batch/heads/dim {tuple(held.shape[::2])} but got {tuple(like.shape[::2])}; "
                 "reset the cache (a new video) before changing the batch size"
             )
         if needed <= self.capacity:
+            if self.quant is not None:  # the chunk buffer may still be too small (a longer chunk)
+                self.quant.reserve(like, self.capacity, self.length)
             return
         if self.max_tokens is not None:
             # A bounded keeper: one allocation for the whole rollout (fixed shapes, CUDA-graph friendly).
@@ -169,8 +345,9 @@ class LayerKVCache:
             self._allocate(like, needed)
 
     def _bias_view(self, end: int) -> torch.Tensor:
-        assert self.k is not None and self.token_count is not None
-        return self.token_count[:end].log().view(1, end, 1).expand(self.k.shape[0], end, self.k.shape[2])
+        assert self.token_count is not None
+        batch, heads = self._batch_heads()
+        return self.token_count[:end].log().view(1, end, 1).expand(batch, end, heads)
 
     # -- the hot path --------------------------------------------------------------------------------
     def stage(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -178,18 +355,36 @@ class LayerKVCache:
         n = key.shape[1]
         self._reserve(key, self.length + n)
         end = self.length + n
-        assert self.k is not None and self.v is not None
-        self.k[:, self.length : end] = key
-        self.v[:, self.length : end] = value
         self.staged = n
         bias = None
         if self.fixed:
             self.token_count[self.length : end] = 1.0  # the staged tokens stand for themselves (a fill, no sync)
             bias = self._bias_view(end)
+        if self.quant is not None:
+            # Only the chunk: the history is read as codes (quantized_history()); the bias spans both.
+            chunk_k, chunk_v = self.quant.stage(key, value)
+            return chunk_k, chunk_v, bias
+        assert self.k is not None and self.v is not None
+        self.k[:, self.length : end] = key
+        self.v[:, self.length : end] = value
         return self.k[:, :end], self.v[:, :end], bias
+
+    def quantized_history(self):
+        """The committed slots ``[0, length)`` as a ``QuantizedKV`` (views), or None for a bf16 cache (whose
+        :meth:`stage` returns history and chunk together)."""
+        return None if self.quant is None else self.quant.prefix(self.length)
+
+    def write_staged(self) -> None:
+        """Quantize the staged chunk into slots ``[length, length + staged)`` (a quantized cache's commit, before
+        the keeper runs: keepers then see the chunk where a bf16 cache has it)."""
+        assert self.quant is not None and self.frame_index is not None
+        slots = torch.arange(self.length, self.length + self.staged, device=self.frame_index.device)
+        self.quant.write(slots, self.staged)
 
     def history(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Views over the committed tokens only."""
+        if self.quant is not None:
+            raise RuntimeError("a quantized cache's history is codes: read it with quantized_history()")
         if self.k is None:
             raise RuntimeError("the cache is empty")
         n = self.length
@@ -208,13 +403,16 @@ class LayerKVCache:
 
     def move_tokens(self, src: np.ndarray, dst: np.ndarray) -> None:
         """Copy tokens at slots ``src`` into slots ``dst`` (1-D host index arrays of equal length)."""
-        assert self.k is not None and self.v is not None
         if len(src) == 0:
             return
         self.frame_host[dst] = self.frame_host[src]
-        src, dst = to_device_index(src, self.k.device), to_device_index(dst, self.k.device)
-        self.k.index_copy_(1, dst, self.k.index_select(1, src))
-        self.v.index_copy_(1, dst, self.v.index_select(1, src))
+        src, dst = to_device_index(src, self.device), to_device_index(dst, self.device)
+        if self.quant is not None:
+            self.quant.copy_slots(src, dst)  # codes and scales move as they are: no re-quantization
+        else:
+            assert self.k is not None and self.v is not None
+            self.k.index_copy_(1, dst, self.k.index_select(1, src))
+            self.v.index_copy_(1, dst, self.v.index_select(1, src))
         self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
         self.token_pos.index_copy_(0, dst, self.token_pos.index_select(0, src))
         self.token_count.index_copy_(0, dst, self.token_count.index_select(0, src))
@@ -231,10 +429,13 @@ class LayerKVCache:
     def nbytes(self) -> int:
         """Bytes held by this layer's buffers (allocated capacity, not just the used part)."""
         tensors = (self.k, self.v, self.frame_index, self.token_pos, self.token_count)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return held + (0 if self.quant is None else self.quant.nbytes())
 
     def used_bytes(self) -> int:
-        """Bytes of K/V for the committed tokens."""
+        """Bytes of K/V for the committed tokens (a quantized cache: codes and scales)."""
+        if self.quant is not None:
+            return int(self.quant.bytes_per_token() * self.live_tokens())
         if self.k is None:
             return 0
         return 2 * self.k[:, :1].numel() * self.k.element_size() * self.live_tokens()
@@ -294,7 +495,11 @@ class KVCacheStore:
             store.commit()                                                  # keeper: append / evict / merge
     """
 
-    def __init__(self, keeper: "CacheKeeper", num_layers: int, rope: "FrameOffsetRotaryPosEmbed | None") -> None:
+    def __init__(self, keeper: "CacheKeeper", num_layers: int, rope: "FrameOffsetRotaryPosEmbed | None",
+                 kv_dtype: str = "bf16") -> None:
+        if kv_dtype not in KV_DTYPES:
+            raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
+        self.kv_dtype = kv_dtype  # storage of committed history (see LayerKVCache)
         self.keeper = keeper
         self.num_layers = num_layers
         self.rope = rope
@@ -379,6 +584,12 @@ class KVCacheStore:
                 if cache.length == 0:
                     continue
                 movable = self.keeper.rebasable_tokens(cache)
+                if cache.quant is not None:
+                    # Dequantize, rotate and re-quantize only the moved keys (values keep their codes).
+                    slots = (torch.arange(cache.length, device=cache.device) if movable is None
+                             else to_device_index(movable, cache.device))
+                    cache.quant.rotate_keys(slots, lambda k: self.rope.shift_key_positions(k, -delta))
+                    continue
                 k = cache.k[:, : cache.length]
                 if movable is None:
                     self.rope.shift_key_positions(k, -delta)
@@ -422,12 +633,14 @@ class KVCacheStore:
         for cache in caches:
             cache.label_staged(self.chunk)
             cache.tokens_seen += cache.staged
+            if cache.quant is not None and not cache.fixed:
+                cache.write_staged()  # quantized once, here; the keeper then moves codes (append / evict)
         key = None
         commit_graph_key = getattr(self.keeper, "commit_graph_key", None)
         if graphs is not None and caches and callable(commit_graph_key):
             key = (self.layout_signature(), "commit", commit_graph_key(self.chunk))
         if key is not None and key in self._commits_run:
-            chunk, device = self.chunk, caches[0].k.device
+            chunk, device = self.chunk, caches[0].device
 
             def recordable_commit(frame_start: torch.Tensor) -> torch.Tensor:
                 self.keeper.commit_layers(caches, chunk, frame_start)
@@ -456,7 +669,7 @@ class KVCacheStore:
         capacity, key buffer address) of every layer cache. Constant over a video for a fixed-layout keeper;
         for the others it changes with every chunk until their bound is reached."""
         return tuple(
-            (branch, i, c.length, c.capacity, 0 if c.k is None else c.k.data_ptr())
+            (branch, i, c.length, c.capacity, c.buffer_address())
             for branch, layers in sorted(self.caches.items())
             for i, c in enumerate(layers)
         )
@@ -497,7 +710,7 @@ class KVCacheStore:
         if layers is None:
             limit = self.keeper.max_history_tokens(self.chunk) if self.chunk is not None else None
             fixed = self.keeper.fixed_layout and limit is not None
-            layers = [LayerKVCache(limit, fixed) for _ in range(self.num_layers)]
+            layers = [LayerKVCache(limit, fixed, kv_dtype=self.kv_dtype) for _ in range(self.num_layers)]
             if fixed:  # one allocation for the branch: keepers may then commit every layer at once
                 LayerStack(layers)
             self.caches[self.branch] = layers

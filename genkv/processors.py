@@ -122,7 +122,12 @@ class GenKVSelfAttnProcessor(_GenKVProcessorBase):
         return attn.to_out[1](attn.to_out[0](out))
 
     def _attend_cached(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        key, value, key_bias = self.store.layer(self.layer_index).stage(key, value)
+        cache = self.store.layer(self.layer_index)
+        key, value, key_bias = cache.stage(key, value)
+        # A quantized cache hands the reader its history as codes (key/value: the chunk alone); bf16: nothing
+        # extra, so readers that know no quantized history keep working unchanged.
+        history = cache.quantized_history()
+        extra = {} if history is None else {"history": history}
         return self.reader.attend(
             query,
             key,
@@ -132,6 +137,7 @@ class GenKVSelfAttnProcessor(_GenKVProcessorBase):
             parallel_config=self._parallel_config,
             layer_index=self.layer_index,
             store=self.store,
+            **extra,
         )
 
 

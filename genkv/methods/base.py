@@ -11,20 +11,35 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from ..cache import KV_DTYPES
 from ..keep.base import CacheKeeper
 from ..read.dense import DenseCrossAttention, DenseSelfAttention
 
 
 @dataclass
 class GenKVMethod:
-    """Base of every method config. Subclasses set ``name`` and override :meth:`validate` / ``build_*``."""
+    """Base of every method config. Subclasses set ``name`` and override :meth:`validate` / ``build_*``.
+
+    Args:
+        kv_dtype: storage of the committed history: bf16 (the model's dtype), or fp8, int8, int4 codes
+            (about 0.51x, 0.51x and 0.26x the bytes); the chunk being denoised stays in the model's dtype.
+    """
 
     name: ClassVar[str] = ""
+    #: kv_dtype values this method's cache can store its history in (the scale caches: bf16 only)
+    kv_dtypes: ClassVar[tuple[str, ...]] = KV_DTYPES
+
+    #: storage of the committed history: the model's dtype ("bf16"), or quantized codes ("fp8", "int8",
+    #: "int4"; genkv.kernels.quant_kv). Keyword-only and out of the repr, so positional use and reprs stay as
+    #: they were.
+    kv_dtype: str = field(default="bf16", kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
+        if self.kv_dtype not in self.kv_dtypes:
+            raise ValueError(f"{self.name}: kv_dtype must be one of {', '.join(self.kv_dtypes)}, got {self.kv_dtype!r}")
         self.validate()
 
     # -- to override ---------------------------------------------------------------------------------
@@ -63,10 +78,15 @@ class GenKVMethod:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        return [f.name for f in dataclasses.fields(cls)]
+        """The settings, the method's own first (kv_dtype, shared by all, last)."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        return [n for n in names if n != "kv_dtype"] + ["kv_dtype"]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.name, **dataclasses.asdict(self)}
+        fields = dataclasses.asdict(self)
+        if fields["kv_dtype"] == "bf16":  # the default: configs (and their reports) read as they did before it
+            del fields["kv_dtype"]
+        return {"method": self.name, **fields}
 
     def replace(self, **overrides: Any) -> "GenKVMethod":
         """A validated copy with ``overrides`` applied; strings are parsed to the field's type (``--set``)."""

@@ -36,6 +36,7 @@ class HACK(GenKVMethod):
     """
 
     name: ClassVar[str] = "hack"
+    kv_dtypes: ClassVar[tuple[str, ...]] = ("bf16",)  # its scale cache (genkv.scales) is not quantized
     budget: float = 0.3
     alpha: float = 0.5
     contextual_share: float = 0.3

@@ -34,6 +34,7 @@ class ScaleKV(GenKVMethod):
     """
 
     name: ClassVar[str] = "scalekv"
+    kv_dtypes: ClassVar[tuple[str, ...]] = ("bf16",)  # its scale cache (genkv.scales) is not quantized
     budget: float = 0.1
     budgets: str | None = None
     window: int = 16

@@ -94,17 +94,22 @@ class RoutedSelfAttention:
         parallel_config: Any = None,
         layer_index: int = 0,
         store: Any = None,
+        history: Any = None,
     ) -> torch.Tensor:
-        from genkv.kernels import block_sparse_attention, route_blocks
+        from genkv.kernels import block_sparse_attention, pool_quantized_blocks, route_blocks
 
         chunk = getattr(store, "chunk", None)
-        n_kv_blocks = math.ceil(key.shape[1] / self.block_n)
+        # A quantized cache (history given): key / value are the chunk alone, block ids span history + chunk.
+        n_total = key.shape[1] + (0 if history is None else history.length)
+        n_kv_blocks = math.ceil(n_total / self.block_n)
         if chunk is None or self._dense_now(store):
             self._record(store, layer_index, 1.0, n_kv_blocks)
-            return self.dense.attend(query, key, value, key_bias, backend=backend, parallel_config=parallel_config)
+            extra = {} if history is None else {"history": history}
+            return self.dense.attend(query, key, value, key_bias, backend=backend, parallel_config=parallel_config,
+                                     **extra)
 
         n_cur = query.shape[1]
-        n_hist = key.shape[1] - n_cur
+        n_hist = n_total - n_cur
         sink_tokens = min(self.sink_frames * chunk.tokens_per_frame, n_hist)
         slot = (store.branch, layer_index)
         routes = self._routes.get(slot)
@@ -112,9 +117,12 @@ class RoutedSelfAttention:
         if self._routing_now(store) or routes is None or tuple(routes[0].shape) != shape:
             empty = None if key_bias is None else empty_key_blocks(key_bias, self.block_n)
             self._empty[slot] = empty  # for cache_stats' density (history is constant over the chunk)
+            # Over codes, block means come from the codes a few blocks at a time (no full-precision history).
+            summary = None if history is None else pool_quantized_blocks(history, self.block_n, current_keys=key)
             fresh = route_blocks(
                 query, key, block_m=self.block_m, block_n=self.block_n, top_k=self.top_k, top_p=self.top_p,
                 always=self._always(n_hist, n_kv_blocks, sink_tokens, query.device), empty_blocks=empty,
+                key_summary=summary,
             )
             if routes is not None and tuple(routes[0].shape) == shape:
                 # Into the same buffers every time: the chunk's later forwards (or their CUDA graph) read them.
@@ -125,7 +133,8 @@ class RoutedSelfAttention:
         indices, counts = routes
         self._record(store, layer_index, counts, n_kv_blocks, indices, self._empty.get(slot))
         return block_sparse_attention(
-            query, key, value, indices, counts, key_bias=key_bias, block_m=self.block_m, block_n=self.block_n
+            query, key, value, indices, counts, key_bias=key_bias, block_m=self.block_m, block_n=self.block_n,
+            history=history,
         )
 
     def _record(self, store: Any, layer_index: int, counts: Any, n_kv_blocks: int, indices: Any = None,
