@@ -137,6 +137,10 @@ class QuantizedHistory:
             self.chunk_k = like.new_empty(b, n, h, d)
             self.chunk_v = like.new_empty(b, n, h, d)
 
+    def adopt(self, codes, chunk_k: torch.Tensor, chunk_v: torch.Tensor) -> None:
+        """Take buffers made for it (a :class:`LayerStack`'s slices), their contents already in place."""
+        self.codes, self.chunk_k, self.chunk_v = codes, chunk_k, chunk_v
+
     def stage(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = key.shape[1]
         assert self.chunk_k is not None and self.chunk_v is not None
@@ -329,8 +333,11 @@ class LayerKVCache:
                 "reset the cache (a new video) before changing the batch size"
             )
         if needed <= self.capacity:
-            if self.quant is not None:  # the chunk buffer may still be too small (a longer chunk)
-                self.quant.reserve(like, self.capacity, self.length)
+            if self.quant is not None and self.quant.chunk_k.shape[1] < like.shape[1]:  # a longer chunk
+                if self.stack is not None:
+                    self.stack.allocate(like, max(self.capacity, self.length + like.shape[1]))
+                else:
+                    self.quant.reserve(like, self.capacity, self.length)
             return
         if self.max_tokens is not None:
             # A bounded keeper: one allocation for the whole rollout (fixed shapes, CUDA-graph friendly).
@@ -458,11 +465,19 @@ class LayerStack:
         self.frame_index: torch.Tensor | None = None  # (L, capacity)
         self.token_pos: torch.Tensor | None = None
         self.token_count: torch.Tensor | None = None
+        # quantized layers (kv_dtype != "bf16"): see _allocate_quantized
+        self.codes = None
+        self.channel: torch.Tensor | None = None
+        self.chunk_k: torch.Tensor | None = None
+        self.chunk_v: torch.Tensor | None = None
         for layer in layers:
             layer.stack = self
 
     def allocate(self, like: torch.Tensor, capacity: int) -> None:
         """Give every layer buffers of ``capacity`` tokens (a layer's history is copied over)."""
+        if self.layers[0].quant is not None:
+            self._allocate_quantized(like, capacity)
+            return
         b, _, h, d = like.shape
         count, device = len(self.layers), like.device
         k = like.new_empty(b, count, capacity, h, d)
@@ -474,10 +489,47 @@ class LayerStack:
             layer._adopt(k[:, i], v[:, i], frame_index[i], token_pos[i], token_count[i])
         self.k, self.v, self.frame_index, self.token_pos, self.token_count = k, v, frame_index, token_pos, token_count
 
+    def _allocate_quantized(self, like: torch.Tensor, capacity: int) -> None:
+        """Quantized layers: the codes of every layer as one flat ``QuantizedKV`` over ``L * capacity`` slots
+        (layer ``l``'s slot ``s`` at ``l * capacity + s``) whose smoothing factors are 1, the layers' own factors
+        in ``channel`` (B, L, H, D), and the staged chunks in one (B, L, n, H, D) buffer pair. A keeper then
+        writes every layer's slots with one ``write_quantized`` (keys divided by their layer's factors first:
+        exact, they are powers of two)."""
+        from genkv.kernels.quant_kv import QuantizedKV
+
+        b, n, h, d = like.shape
+        count, device = len(self.layers), like.device
+        kind = self.layers[0].quant.kind
+        flat = QuantizedKV.empty(kind, b, count * capacity, h, torch.ones(b, h, d, device=device))
+        if kind == "int4":  # an empty slot's key decodes to 0 (nibble 8), as a bf16 cache's zeros: routing pools it
+            flat.k_codes.fill_(0x88)
+        channel = torch.ones(b, count, h, d, device=device)
+        chunk_k, chunk_v = like.new_empty(b, count, n, h, d), like.new_empty(b, count, n, h, d)
+        records = [torch.empty(count, capacity, dtype=dtype, device=device)
+                   for dtype in (torch.int64, torch.int64, torch.float32)]
+        for i, layer in enumerate(self.layers):
+            cut = slice(i * capacity, (i + 1) * capacity)
+            view = QuantizedKV(kind, flat.k_codes[:, cut], flat.v_codes[:, cut], flat.k_scale[:, cut],
+                               flat.v_scale[:, cut], channel[:, i],
+                               None if flat.v_zero is None else flat.v_zero[:, cut])
+            old = layer.quant.codes
+            if old is not None:  # a re-allocation: the history's codes and the layer's factors come along
+                for new_field, old_field in zip(_quant_fields(view), _quant_fields(old)):
+                    new_field[:, : layer.length] = old_field[:, : layer.length]
+                channel[:, i] = old.key_channel_scale
+            layer.quant.adopt(view, chunk_k[:, i], chunk_v[:, i])
+            layer._adopt_records(capacity, *(r[i] for r in records))
+        self.codes, self.channel, self.chunk_k, self.chunk_v = flat, channel, chunk_k, chunk_v
+        self.frame_index, self.token_pos, self.token_count = records
+
     def covers(self, caches: "list[LayerKVCache]") -> bool:
         """Whether ``caches`` are exactly this stack's layers, in order, on its current buffers."""
-        return (self.k is not None and len(caches) == len(self.layers)
-                and all(c is layer for c, layer in zip(caches, self.layers))
+        if len(caches) != len(self.layers) or not all(c is layer for c, layer in zip(caches, self.layers)):
+            return False
+        if self.codes is not None:
+            step = self.codes.k_codes.shape[1] // len(self.layers)
+            return all(c.buffer_address() == self.codes.k_codes[:, i * step].data_ptr() for i, c in enumerate(caches))
+        return (self.k is not None
                 and all(c.k is not None and c.k.data_ptr() == self.k[:, i].data_ptr() for i, c in enumerate(caches)))
 
 

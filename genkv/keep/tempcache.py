@@ -176,7 +176,7 @@ class TemporalMerge(CacheKeeper):
         slots of the frame before (redirected to their group's slot while merging, see :meth:`_merge_chunk`).
         """
         tpf = chunk.tokens_per_frame
-        layers, first, end, device = group.layers, group.length, group.end, group.k.device
+        layers, first, end, device = group.layers, group.length, group.end, group.device
         nbr = self._candidates(chunk, device)  # (T, K) positions
         cands = []
         for j in frames:
@@ -194,9 +194,14 @@ class TemporalMerge(CacheKeeper):
         safe = cand.clamp(min=0)
         # One token axis over all layers (layer l's slot s at l * capacity + s): the score kernel gathers the
         # candidates of every layer at once. The merging frames are a suffix of the chunk: one staged range.
-        k_new = group.k.narrow(2, first + frames[0] * tpf, len(frames) * tpf).unflatten(2, (len(frames), tpf))
-        score = _pair_scores_fused(group.flat_k, safe + group.offsets.view(-1, 1, 1, 1), k_new,
-                                   self._rotation(chunk, device))
+        k_new = group.staged_keys().narrow(2, frames[0] * tpf, len(frames) * tpf).unflatten(2, (len(frames), tpf))
+        flat_slots = safe + group.offsets.view(-1, 1, 1, 1)
+        if group.quantized:  # dequantize only the candidates (their slots hold codes), then score them as stored
+            keys = group.dequantized_keys(flat_slots.flatten())
+            flat_slots = torch.arange(flat_slots.numel(), device=device).view(flat_slots.shape)
+        else:
+            keys = group.flat_k
+        score = _pair_scores_fused(keys, flat_slots, k_new, self._rotation(chunk, device))
         score = score.masked_fill_(cand < 0, -float("inf"))  # gone from the previous frame
         return safe, score
 
@@ -212,8 +217,8 @@ class TemporalMerge(CacheKeeper):
         if not frames or self.threshold > 1.0:
             return
         tpf = chunk.tokens_per_frame
-        layers, first, staged, device = group.layers, group.length, group.staged, group.k.device
-        batch, heads, dim = group.k.shape[0], group.k.shape[3], group.k.shape[4]
+        layers, first, staged, device = group.layers, group.length, group.staged, group.device
+        batch, heads, dim = group.batch, group.heads, group.dim
         safe, score = self._similarities(group, chunk, frames, frame_start)
         best_all, arg_all = score.max(dim=-1)  # (L, F, T)
         target_all = safe.gather(3, arg_all[..., None]).squeeze(3)  # (L, F, T) slots
@@ -240,15 +245,23 @@ class TemporalMerge(CacheKeeper):
             flat = (dest + offsets).flatten()  # ... on the all-layer token axis
             c_old = group.flat_count[flat]
             c_new = c_old + match.flatten()  # + 1 where merged
-            v_dest = group.flat_v[:, flat].float()  # (B, L * T, H, D)
             staged_rows = slice(first + j * tpf, first + (j + 1) * tpf)
-            v_src = group.v[:, :, staged_rows].reshape(batch, layers * tpf, heads, dim).float()
             w_old = (c_old / c_new).view(1, -1, 1, 1)
             merged = match.flatten().view(1, -1, 1, 1)
-            mean_v = torch.where(merged, v_dest * w_old + v_src * (1 - w_old), v_dest)
-            group.flat_v.index_copy_(1, flat, mean_v.to(group.v.dtype))
-            # (copies: an unmatched token's source and destination are the same slot)
-            group.flat_k.index_copy_(1, flat, _merged_copy(group.k[:, :, staged_rows], 1))
+            if group.quantized:
+                # Only the destination slots are dequantized; each written slot is quantized once, here. An
+                # unmatched token's slot gets its own staged value (what it holds), not a round trip of it.
+                v_src = group.chunk_v[:, :, j * tpf:(j + 1) * tpf].reshape(batch, layers * tpf, heads, dim).float()
+                v_dest = group.dequantized_values(flat)
+                mean_v = torch.where(merged, v_dest * w_old + v_src * (1 - w_old), v_src)
+                group.write(flat, group.chunk_k[:, :, j * tpf:(j + 1) * tpf], mean_v)
+            else:
+                v_dest = group.flat_v[:, flat].float()  # (B, L * T, H, D)
+                v_src = group.v[:, :, staged_rows].reshape(batch, layers * tpf, heads, dim).float()
+                mean_v = torch.where(merged, v_dest * w_old + v_src * (1 - w_old), v_dest)
+                group.flat_v.index_copy_(1, flat, mean_v.to(group.v.dtype))
+                # (copies: an unmatched token's source and destination are the same slot)
+                group.flat_k.index_copy_(1, flat, _merged_copy(group.k[:, :, staged_rows], 1))
             group.flat_count.index_copy_(0, flat, c_new)
             group.flat_frame.index_copy_(0, flat, frame)
             group.flat_pos.index_copy_(0, flat, _merged_copy(group.token_pos[:, staged_rows], 0))
@@ -303,7 +316,7 @@ class TemporalMerge(CacheKeeper):
             return
         if frame_start is None:
             # a fill kernel (a host tensor copied over would wait for the device)
-            frame_start = torch.full((), chunk.frame_start, dtype=torch.int64, device=caches[0].k.device)
+            frame_start = torch.full((), chunk.frame_start, dtype=torch.int64, device=caches[0].device)
         budget = self.budget(chunk)
         if self.sink_frames * chunk.tokens_per_frame >= budget:
             raise ValueError(
@@ -318,6 +331,8 @@ class TemporalMerge(CacheKeeper):
                     "LayerKVCache(max_tokens, fixed=True), as KVCacheStore does)"
                 )
         for group in _LayerGroup.split(caches):
+            if group.quantized:  # the chunk's codes in its staged slots: merges and moves then work on codes
+                group.write_staged()
             self._merge_chunk(group, chunk, frame_start)
             self._evict_and_fill(group, budget)
             # statistics: left on the device (``cache_stats`` reads them; no sync in the chunk loop)
@@ -359,8 +374,14 @@ class TemporalMerge(CacheKeeper):
         flat = (dest + group.offsets.view(-1, 1)).flatten()
         frames.narrow(1, 0, hist).masked_fill_(~keep[:, :hist], EMPTY_FRAME)  # evicted: empty
         counts.narrow(1, 0, hist).masked_fill_(~keep[:, :hist], 0.0)
-        for buffer, flat_buffer in ((group.k, group.flat_k), (group.v, group.flat_v)):
-            flat_buffer.index_copy_(1, flat, _merged_copy(buffer[:, :, hist:end], 1))
+        if group.quantized:  # survivors' codes move as they are (no re-quantization)
+            from genkv.kernels.quant_kv import copy_slots
+
+            source = (torch.arange(hist, end, device=device) + group.offsets.view(-1, 1)).flatten()
+            copy_slots(group.codes, source, flat)
+        else:
+            for buffer, flat_buffer in ((group.k, group.flat_k), (group.v, group.flat_v)):
+                flat_buffer.index_copy_(1, flat, _merged_copy(buffer[:, :, hist:end], 1))
         for rows, flat_rows in ((frames, group.flat_frame), (counts, group.flat_count),
                                 (positions, group.flat_pos)):
             flat_rows.index_copy_(0, flat, _merged_copy(rows[:, hist:end], 0))
@@ -399,21 +420,76 @@ class _LayerGroup:
     views with one token axis over all layers (layer ``l``'s slot ``s`` at ``l * capacity + s``) for the
     gathers and scatters that address slots of several layers at once."""
 
-    def __init__(self, caches: "list[LayerKVCache]", k, v, frame_index, token_pos, token_count) -> None:
+    def __init__(self, caches: "list[LayerKVCache]", k, v, frame_index, token_pos, token_count,
+                 quantized: tuple | None = None) -> None:
         self.caches = caches
         self.k, self.v = k, v
         self.frame_index, self.token_pos, self.token_count = frame_index, token_pos, token_count
         self.layers, self.capacity = frame_index.shape
         self.length, self.staged = caches[0].length, caches[0].staged
         self.end = self.length + self.staged
-        batch, _, _, heads, dim = k.shape
-        # (views: stacked buffers and lone caches are contiguous over (L, capacity))
-        self.flat_k = k.view(batch, self.layers * self.capacity, heads, dim)
-        self.flat_v = v.view(batch, self.layers * self.capacity, heads, dim)
+        self.device = frame_index.device
+        # Quantized layers (kv_dtype != "bf16"): k / v are None; ``codes`` is a flat QuantizedKV over the
+        # L * capacity slots with smoothing factors 1, ``channel`` (B, L, H, D) the layers' own factors and
+        # ``chunk_k`` / ``chunk_v`` (B, L, n, H, D) the staged chunks in full precision.
+        self.quantized = quantized is not None
+        if quantized is not None:
+            self.codes, self.channel, self.chunk_k, self.chunk_v = quantized
+            self.batch, _, _, self.heads, self.dim = self.chunk_k.shape
+        else:
+            self.batch, _, _, self.heads, self.dim = k.shape
+            # (views: stacked buffers and lone caches are contiguous over (L, capacity))
+            self.flat_k = k.view(self.batch, self.layers * self.capacity, self.heads, self.dim)
+            self.flat_v = v.view(self.batch, self.layers * self.capacity, self.heads, self.dim)
         self.flat_frame = frame_index.view(-1)
         self.flat_pos = token_pos.view(-1)
         self.flat_count = token_count.view(-1)
-        self.offsets = torch.arange(self.layers, device=k.device) * self.capacity
+        self.offsets = torch.arange(self.layers, device=self.device) * self.capacity
+
+    # -- quantized layers: reads dequantize only the slots asked for, writes quantize only the slots written --
+    def staged_keys(self) -> torch.Tensor:
+        """(B, L, staged, H, D) keys of the chunk being committed."""
+        if self.quantized:
+            return self.chunk_k[:, :, : self.staged]
+        return self.k[:, :, self.length : self.end]
+
+    def _channel_of(self, flat: torch.Tensor) -> torch.Tensor:
+        """(B, n, H, D) smoothing factors of flat slots (their layer's)."""
+        return self.channel[:, torch.div(flat, self.capacity, rounding_mode="floor")]
+
+    def dequantized_keys(self, flat: torch.Tensor) -> torch.Tensor:
+        """fp32 keys (B, n, H, D) of flat slots ``flat`` (1-D)."""
+        from genkv.kernels.quant_kv import dequantize_keys
+
+        return dequantize_keys(_pick(self.codes, flat)) * self._channel_of(flat)
+
+    def dequantized_values(self, flat: torch.Tensor) -> torch.Tensor:
+        from genkv.kernels.quant_kv import dequantize
+
+        return dequantize(_pick(self.codes, flat))[1]
+
+    def write(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Quantize keys (B, L, T, H, D) (layer-major, as ``flat`` (L * T,)) and values (B, L * T, H, D) into
+        ``flat``: keys divided by their layer's factors first (exact: powers of two), the flat codes' are 1."""
+        from genkv.kernels.quant_kv import write_quantized
+
+        smoothed = keys.float() / self.channel[:, :, None]
+        write_quantized(self.codes, flat, smoothed.flatten(1, 2), values)
+
+    def write_staged(self) -> None:
+        """The chunk's codes into its staged slots of every layer (measuring each layer's key smoothing factors
+        on its first committed keys)."""
+        from genkv.kernels.quant_kv import key_channel_scales
+
+        keys = self.chunk_k[:, :, : self.staged]
+        fresh = [c for c in self.caches if not c.quant.smoothing_set]
+        if fresh:  # the first commit (host flags: a recorded commit, never the first, holds no such work)
+            factors = key_channel_scales(keys.flatten(0, 1)).view(self.batch, self.layers, self.heads, self.dim)
+            self.channel.copy_(factors)
+            for c in fresh:
+                c.quant.smoothing_set = True
+        flat = (torch.arange(self.length, self.end, device=self.device) + self.offsets.view(-1, 1)).flatten()
+        self.write(flat, keys, self.chunk_v[:, :, : self.staged].flatten(1, 2))
 
     @classmethod
     def split(cls, caches: "list[LayerKVCache]") -> "list[_LayerGroup]":
@@ -426,13 +502,38 @@ class _LayerGroup:
             members = [c for c in caches if c.stack is stack]
             if stack.covers(members) and len({(c.length, c.staged) for c in members}) == 1:
                 seen.add(id(stack))
+                quantized = None if stack.codes is None else (stack.codes, stack.channel, stack.chunk_k,
+                                                              stack.chunk_v)
                 groups.append(cls(members, stack.k, stack.v, stack.frame_index, stack.token_pos,
-                                  stack.token_count))
+                                  stack.token_count, quantized=quantized))
         for cache in caches:
             if cache.stack is None or id(cache.stack) not in seen:
-                rest.append(cls([cache], cache.k.unsqueeze(1), cache.v.unsqueeze(1), cache.frame_index.unsqueeze(0),
-                                cache.token_pos.unsqueeze(0), cache.token_count.unsqueeze(0)))
+                records = (cache.frame_index.unsqueeze(0), cache.token_pos.unsqueeze(0), cache.token_count.unsqueeze(0))
+                if cache.quant is not None:
+                    from dataclasses import replace
+
+                    codes = cache.quant.codes
+                    flat = replace(codes, key_channel_scale=torch.ones_like(codes.key_channel_scale))
+                    quantized = (flat, codes.key_channel_scale.unsqueeze(1), cache.quant.chunk_k.unsqueeze(1),
+                                 cache.quant.chunk_v.unsqueeze(1))
+                    rest.append(cls([cache], None, None, *records, quantized=quantized))
+                else:
+                    rest.append(cls([cache], cache.k.unsqueeze(1), cache.v.unsqueeze(1), *records))
         return groups + rest
+
+
+def _pick(codes, flat: torch.Tensor):
+    """The rows ``flat`` (1-D) of a ``QuantizedKV`` as a new one (codes and scales gathered, nothing decoded)."""
+    from dataclasses import replace
+
+    def rows(t):
+        if t is None:
+            return None
+        raw = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+        return raw.index_select(1, flat).view(t.dtype)
+
+    return replace(codes, k_codes=rows(codes.k_codes), v_codes=rows(codes.v_codes), k_scale=rows(codes.k_scale),
+                   v_scale=rows(codes.v_scale), v_zero=rows(codes.v_zero))
 
 
 def _merged_copy(x: torch.Tensor, dim: int) -> torch.Tensor:

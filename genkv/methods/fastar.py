@@ -29,7 +29,6 @@ class FastAR(SparseReadFields, GenKVMethod):
     """
 
     name: ClassVar[str] = "fastar"
-    kv_dtypes: ClassVar[tuple[str, ...]] = ("bf16",)  # merges over quantized slots: not yet (issue 22)
     threshold: float = 0.95
     radius: int = 1
     sink_frames: int = 1

@@ -34,7 +34,6 @@ class TempCache(GenKVMethod):
     """
 
     name: ClassVar[str] = "tempcache"
-    kv_dtypes: ClassVar[tuple[str, ...]] = ("bf16",)  # merges over quantized slots: not yet (issue 22)
     threshold: float = 0.95
     radius: int = 1
     sink_frames: int = 0

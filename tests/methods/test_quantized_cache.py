@@ -20,6 +20,7 @@ import genkv
 from genkv.cache import KVCacheStore, LayerKVCache
 from genkv.kernels import block_sparse_attention_torch, dequantize, quantize_kv
 from genkv.keep.rolling import SinkWindow
+from genkv.keep.tempcache import TemporalMerge
 from genkv.read.annsa import RoutedSelfAttention
 from genkv.read.dense import DenseSelfAttention
 from genkv.testing import tiny_self_forcing_pipeline
@@ -31,6 +32,8 @@ QUANTIZABLE = {
     "rolling": {"sink_frames": 1, "window_frames": 6},
     "annsa": {"top_k": 1, "block_m": 16, "block_n": 16},
     "annca": {},
+    "tempcache": {"budget_frames": 4, "threshold": 0.5},
+    "fastar": {"budget_frames": 4, "threshold": 0.5, "top_k": 1, "block_m": 16, "block_n": 16},
 }
 #: loose bounds on one attention output vs the float64 reference over the dequantized cache: they hold the
 #: reader's arithmetic (fp32 tiles), not the quantization (which the reference shares)
@@ -58,7 +61,7 @@ def test_bad_kv_dtype_is_one_line_naming_the_choices():
     assert genkv.get_method("full", kv_dtype="int4").kv_dtype == "int4"
     assert genkv.get_method("full").replace(kv_dtype="int8").kv_dtype == "int8"  # the --set path (strings)
     with pytest.raises(ValueError, match="kv_dtype must be one of bf16, got 'int4'"):
-        genkv.get_method("tempcache", kv_dtype="int4")  # merges over codes: not yet
+        genkv.get_method("hack", kv_dtype="int4")  # the next-scale (VAR) caches are not quantized
 
 
 def _reference(query, key, value, bias, history):
@@ -255,3 +258,34 @@ def test_rolling_rebases_a_quantized_window():
     _, reference = _rollout("rolling", frames=49, **settings)
     assert genkv.get_store(pipe).position_shift > 0
     assert np.abs(video - reference).max() < 0.15  # int8 history: close to the bf16 rollout
+
+
+def _tempcache_rollout(kind: str, chunks: int = 6, layers: int = 2, tpf: int = 8) -> KVCacheStore:
+    """A TempCache commit sequence on near-duplicate keys (frames repeat one frame plus noise: many merges)."""
+    keeper = TemporalMerge(0.9, 1, 1, 5, None, match="stored")
+    store = KVCacheStore(keeper, num_layers=layers, rope=None, kv_dtype=kind)
+    store.reset()
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(1, tpf, 2, 32, generator=g)
+    for chunk in range(chunks):
+        store.begin_chunk(2 * chunk, 2, tpf, grid=(2, 4))
+        for layer in range(layers):
+            k = torch.cat([base + 0.05 * torch.randn(1, tpf, 2, 32, generator=g) for _ in range(2)], 1)
+            store.layer(layer).stage(k, torch.randn(1, 2 * tpf, 2, 32, generator=g))
+        store.commit()
+    return store
+
+
+@pytest.mark.parametrize("kind,bound", [("int8", 0.01), ("fp8", 0.04), ("int4", 0.12)])
+def test_tempcache_merges_over_codes_like_the_bf16_cache(kind, bound):
+    reference, quantized = _tempcache_rollout("bf16"), _tempcache_rollout(kind)
+    for plain, coded in zip(reference.caches["cond"], quantized.caches["cond"]):
+        n = plain.length
+        # the same merges and evictions: identical slots, frames and counts
+        assert torch.equal(plain.frame_index[:n], coded.frame_index[:n])
+        assert torch.equal(plain.token_count[:n], coded.token_count[:n])
+        live = plain.token_count[:n] > 0
+        assert int((plain.token_count[:n] > 1).sum()) > 0  # merged groups exist
+        k_hat, v_hat = dequantize(coded.quantized_history())
+        for stored, exact in ((k_hat, plain.k[:, :n]), (v_hat, plain.v[:, :n])):
+            assert ((stored - exact)[:, live].norm() / exact[:, live].norm()) < bound
