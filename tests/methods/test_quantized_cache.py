@@ -289,3 +289,34 @@ def test_tempcache_merges_over_codes_like_the_bf16_cache(kind, bound):
         k_hat, v_hat = dequantize(coded.quantized_history())
         for stored, exact in ((k_hat, plain.k[:, :n]), (v_hat, plain.v[:, :n])):
             assert ((stored - exact)[:, live].norm() / exact[:, live].norm()) < bound
+
+
+def _host_sync_probe():
+    """tests/core/test_host_syncs.py's recorder of host reads of tensor values (loaded by path: tests is no
+    package)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "core" / "test_host_syncs.py"
+    spec = importlib.util.spec_from_file_location("_genkv_host_sync_probe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._host_reads, module._ALLOWED
+
+
+@pytest.mark.parametrize("method, settings", [
+    ("fastar", dict(top_k=2, prompt_top_k=2, block_m=16, block_n=16)),
+    ("tempcache", {}),
+    ("rolling", dict(window_frames=6)),
+])
+def test_a_steady_quantized_chunk_reads_no_device_value_on_the_host(method, settings):
+    host_reads, allowed = _host_sync_probe()
+    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=3), method, kv_dtype="int4", **settings)
+    rollout = pipe.rollout(pipe.encode_prompt("a red circle"), 15, 32, 32, generator=torch.Generator().manual_seed(0))
+    next(rollout)
+    next(rollout)  # past the first chunks: buffers allocated, smoothing measured, budgets reached
+    sites = host_reads(lambda: next(rollout))
+    rollout.close()
+    assert sites
+    offending = {site: n for site, n in sites.items() if site[:2] not in allowed}
+    assert not offending, f"host reads of tensor values inside the chunk loop: {offending}"
