@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 import torch
 from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
 
-from .cache import KVCacheStore
+from .cache import KVCacheStore, ModelShape
 from .methods.base import GenKVMethod
 from .processors import GenKVCrossAttnProcessor, GenKVSelfAttnProcessor
 from .registry import get_method
@@ -107,6 +107,8 @@ def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **ov
     store = KVCacheStore(keeper, num_layers, rope if isinstance(rope, FrameOffsetRotaryPosEmbed) else None,
                          kv_dtype=config.kv_dtype)
     keeper.rope = store.rope
+    keeper.budget_bytes = config.budget_bytes
+    store.model_shape = _model_shape(transformer)
     self_reader, cross_reader = config.build_self_reader(), config.build_cross_reader()
     store.readers = (self_reader, cross_reader)
 
@@ -124,6 +126,17 @@ def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **ov
         originals[f"blocks.{i}.{name}"] = original
     setattr(transformer, _STATE_ATTR, GenKVState(config, store, originals, patched_rope))
     return pipe_or_transformer
+
+
+def _model_shape(transformer: torch.nn.Module) -> ModelShape | None:
+    """Self-attention heads, head dim and dtype bytes of a Wan-style transformer (None if its config lacks them)."""
+    config = getattr(transformer, "config", None)
+    heads, dim = getattr(config, "num_attention_heads", None), getattr(config, "attention_head_dim", None)
+    if heads is None or dim is None:
+        return None
+    parameter = next(transformer.parameters(), None)
+    dtype_bytes = 2 if parameter is None else parameter.element_size()
+    return ModelShape(int(heads), int(dim), dtype_bytes)
 
 
 def remove_genkv(pipe_or_transformer: P) -> P:

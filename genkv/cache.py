@@ -62,6 +62,45 @@ def to_device_index(index: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+#: bytes of a slot's per-token records (frame_index, token_pos int64; token_count float32)
+_RECORD_BYTES = 8 + 8 + 4
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What sizes a layer cache: self-attention heads and head dim, bytes of the model's dtype, batch size."""
+
+    heads: int
+    head_dim: int
+    dtype_bytes: int = 2
+    batch: int = 1
+
+
+def layer_cache_bytes(history_tokens: int, chunk_tokens: int, kv_dtype: str, shape: ModelShape) -> int:
+    """Bytes one layer cache allocates for a bounded history of ``history_tokens`` slots and a staged chunk of
+    ``chunk_tokens``: what :meth:`LayerKVCache.nbytes` reports once a bounded keeper has allocated.
+
+    bf16 keeps history and chunk in one buffer of the model's dtype; a quantized cache keeps codes and fp16
+    scales for history and chunk slots (the commit writes the chunk there first), the chunk itself in the
+    model's dtype, and fp32 smoothing factors (genkv.kernels.quant_kv's format).
+
+    Example:
+        Wan2.1-1.3B shapes (12 heads of 128; 1560 tokens a frame): 18 history frames and a 3-frame chunk
+
+        >>> shape = ModelShape(heads=12, head_dim=128)
+        >>> int4, bf16 = (layer_cache_bytes(18 * 1560, 3 * 1560, kind, shape) for kind in ("int4", "bf16"))
+        >>> round(int4 / bf16, 2)
+        0.41
+    """
+    slots = history_tokens + chunk_tokens
+    h, d, b = shape.heads, shape.head_dim, shape.batch
+    full_precision = 2 * h * d * shape.dtype_bytes * b  # keys + values of one token
+    if kv_dtype == "bf16":
+        return slots * (full_precision + _RECORD_BYTES)
+    per_token = h * b * ((d + 6) if kv_dtype == "int4" else (2 * d + 4))  # codes + fp16 scales (+ int4 zeros)
+    return slots * (per_token + _RECORD_BYTES) + chunk_tokens * full_precision + b * h * d * 4
+
+
 @dataclass
 class ChunkInfo:
     """Where the chunk being generated sits in the video."""
@@ -552,6 +591,9 @@ class KVCacheStore:
         if kv_dtype not in KV_DTYPES:
             raise ValueError(f"kv_dtype must be one of {', '.join(KV_DTYPES)}; got {kv_dtype!r}")
         self.kv_dtype = kv_dtype  # storage of committed history (see LayerKVCache)
+        # self-attention shape, set by apply_genkv: a keeper given a budget in bytes turns it into frames with it
+        self.model_shape: ModelShape | None = None
+        self.fitted_budget: dict | None = None  # what budget_bytes became for the current video (cache_stats)
         self.keeper = keeper
         self.num_layers = num_layers
         self.rope = rope
@@ -611,6 +653,14 @@ class KVCacheStore:
         """Announce the next chunk: validates it against the keeper and sets the chunk's RoPE position."""
         if not self.active:
             self.reset()
+        budget_bytes = getattr(self.keeper, "budget_bytes", None)
+        if budget_bytes is not None and not self.caches:  # a video's first chunk: the budget's frames, now known
+            if self.model_shape is None:
+                raise RuntimeError("budget_bytes needs the model's attention shape (set by apply_genkv)")
+            cost = functools.partial(layer_cache_bytes, kv_dtype=self.kv_dtype, shape=self.model_shape)
+            self.fitted_budget = self.keeper.fit_bytes(
+                budget_bytes, lambda tokens, chunk_tokens: self.num_layers * cost(tokens, chunk_tokens),
+                num_frames, tokens_per_frame)
         self.keeper.check_chunk(num_frames)
         position = frame_start - self.position_shift
         limit = self.keeper.rebase_limit(self)
@@ -813,6 +863,8 @@ class KVCacheStore:
             "tokens": total_tokens,
             "tokens_seen": total_seen,
             "bytes": total_bytes,
+            "kv_dtype": self.kv_dtype,
+            **({"budget": self.fitted_budget} if self.fitted_budget is not None else {}),
             "cross_bytes": cross_bytes,
             # Fraction of the keys (self) / prompt rows (cross) the last call of each layer attended, averaged.
             **{f"{kind}": sum(v) / len(v) for kind, v in densities.items()},

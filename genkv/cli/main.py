@@ -80,6 +80,10 @@ def render(
     method: Optional[str] = typer.Option(None, "--method", help=METHOD_HELP),
     settings: List[str] = typer.Option([], "--set", help="Method setting key=value (repeatable)."),
     config: Optional[str] = typer.Option(None, "--config", help="Preset name or YAML file (configs/NAME.yaml)."),
+    kv_memory: Optional[str] = typer.Option(
+        None, "--kv-memory", help="Memory for the self-attention KV cache instead of a frame budget, e.g. 6GiB or "
+        "512MiB: a bounded method (rolling, tempcache, fastar) keeps the most frames that fit (more with --set "
+        "kv_dtype=int8 or int4)."),
     out: Path = typer.Option(Path("videos"), "--out", "-o", help="Output folder for the mp4 files."),
     seed: int = typer.Option(0, "--seed", help="Random seed (prompt i uses seed + i)."),
     fps: float = typer.Option(16.0, "--fps", help="Frame rate written to the mp4."),
@@ -146,6 +150,7 @@ def render(
         method=method,
         settings=settings,
         config=config,
+        kv_memory=kv_memory,
         out=out,
         seed=seed,
         fps=fps,

@@ -56,6 +56,7 @@ class RenderOptions:
     method: str | None = None
     settings: list[str] = field(default_factory=list)
     config: str | None = None
+    kv_memory: str | None = None  # --kv-memory SIZE: the method's budget_bytes
     out: Path = Path("videos")
     seed: int = 0
     fps: float = 16.0
@@ -248,10 +249,31 @@ def parse_settings(pairs: list[str]) -> dict[str, str]:
     return settings
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes of a size such as ``6GiB``, ``512MiB``, ``1.5GB`` or ``2000000`` (``--kv-memory``); a one-line
+    :class:`CLIError` for anything else.
+
+    Example:
+        >>> parse_size("6GiB"), parse_size("1.5 GB"), parse_size("4096")
+        (6442450944, 1500000000, 4096)
+    """
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower() if match else None
+    if match is None or unit not in _SIZE_UNITS or float(match.group(1)) * _SIZE_UNITS[unit] < 1:
+        raise CLIError(f"--kv-memory {text!r} is not a size; e.g. 6GiB, 512MiB, 1.5GB or 2000000000 (bytes)")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
 def resolve_method(options: RenderOptions):
     import genkv
 
     settings = parse_settings(options.settings)
+    if options.kv_memory is not None:
+        settings["budget_bytes"] = str(parse_size(options.kv_memory))
     if options.method is None and options.config is None:
         settings = {**DEFAULT_SETTINGS, **settings}
     try:
@@ -688,6 +710,7 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         peak_memory_bytes=_peak_memory(device),
         kv_bytes=stats["bytes"],
         kv_tokens=stats["tokens"],
+        **({"kv_budget": stats["budget"]} if "budget" in stats else {}),  # what --kv-memory became
         interrupted=status in ("interrupted", "terminated"),
         terminated=status == "terminated",
     )

@@ -11,6 +11,26 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..rope import FrameOffsetRotaryPosEmbed
 
 
+def largest_history_frames(budget_bytes: int, cost, chunk_frames: int, tokens_per_frame: int, minimum: int,
+                           method: str) -> int:
+    """The most history frames (>= ``minimum``) whose caches, ``cost(history_tokens, chunk_tokens)`` bytes, fit
+    ``budget_bytes`` (cost grows linearly with the history); a one-line ``ValueError`` when not even ``minimum``.
+
+    Example:
+        >>> largest_history_frames(1000, lambda t, n: 10 * (t + n), 1, 4, 2, "rolling")
+        24
+    """
+    chunk_tokens = chunk_frames * tokens_per_frame
+    fixed = cost(0, chunk_tokens)
+    per_frame = cost(tokens_per_frame, chunk_tokens) - fixed
+    frames = (budget_bytes - fixed) // per_frame if budget_bytes >= fixed else -1
+    if frames < minimum:
+        need = cost(minimum * tokens_per_frame, chunk_tokens)
+        raise ValueError(f"{method}: budget_bytes={budget_bytes} cannot hold {minimum} history frame(s) and a chunk; "
+                         f"at least {need} bytes are needed")
+    return int(frames)
+
+
 class CacheKeeper:
     """Base keeper: keeps every committed token (the exact, growing cache).
 
@@ -31,6 +51,16 @@ class CacheKeeper:
     #: staged right after it. Every forward then reads the same buffers with the same shapes, so one CUDA
     #: graph can serve every chunk, and the keeper plans on the device (no host sync per commit).
     fixed_layout: bool = False
+
+    #: memory budget for the self-attention cache (all layers of a CFG branch), in bytes; a bounded keeper turns
+    #: it into its frame budget at a video's first chunk (:meth:`fit_bytes`)
+    budget_bytes: int | None = None
+
+    def fit_bytes(self, budget_bytes: int, cost, chunk_frames: int, tokens_per_frame: int) -> dict:
+        """Set the largest frame budget whose caches fit ``budget_bytes``; ``cost(history_tokens, chunk_tokens)``
+        gives the bytes of all layers. Returns what was chosen (reported by ``cache_stats``)."""
+        raise ValueError(f"{self.method_name} keeps every token: budget_bytes needs a bounded method "
+                         "(rolling, tempcache, fastar)")
 
     def check_chunk(self, num_frames: int) -> None:
         """Raise ``ValueError`` if a chunk of ``num_frames`` latent frames cannot be held."""

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .base import CacheKeeper
+from .base import CacheKeeper, largest_history_frames
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache import ChunkInfo, KVCacheStore, LayerKVCache
@@ -42,6 +42,15 @@ class SinkWindow(CacheKeeper):
                 f"rolling: window_frames={self.window_frames} is smaller than a chunk ({num_frames} latent "
                 f"frames); use window_frames >= {num_frames}"
             )
+
+    def fit_bytes(self, budget_bytes: int, cost, chunk_frames: int, tokens_per_frame: int) -> dict:
+        """The widest window whose caches fit ``budget_bytes`` (sinks kept; see CacheKeeper.fit_bytes)."""
+        frames = largest_history_frames(budget_bytes, cost, chunk_frames, tokens_per_frame, self.sink_frames,
+                                        self.method_name)
+        self.window_frames = frames - self.sink_frames + chunk_frames
+        tokens = frames * tokens_per_frame
+        return {"budget_bytes": budget_bytes, "window_frames": self.window_frames, "history_tokens": tokens,
+                "bytes": cost(tokens, chunk_frames * tokens_per_frame)}
 
     def history_frames(self, chunk_frames: int) -> int:
         return self.sink_frames + self.window_frames - chunk_frames

@@ -40,7 +40,7 @@ import torch
 
 from ..cache import EMPTY_FRAME
 from ..compile import CompiledOnCuda
-from .base import CacheKeeper
+from .base import CacheKeeper, largest_history_frames
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..cache import ChunkInfo, KVCacheStore, LayerKVCache
@@ -130,6 +130,15 @@ class TemporalMerge(CacheKeeper):
 
     def max_history_tokens(self, chunk: "ChunkInfo") -> int:
         return self.budget(chunk)
+
+    def fit_bytes(self, budget_bytes: int, cost, chunk_frames: int, tokens_per_frame: int) -> dict:
+        """The largest ``budget_frames`` whose caches fit ``budget_bytes`` (see CacheKeeper.fit_bytes)."""
+        self.budget_frames = largest_history_frames(budget_bytes, cost, chunk_frames, tokens_per_frame,
+                                                    self.sink_frames + 1, self.method_name)
+        self.max_tokens = None
+        tokens = self.budget_frames * tokens_per_frame
+        return {"budget_bytes": budget_bytes, "budget_frames": self.budget_frames, "history_tokens": tokens,
+                "bytes": cost(tokens, chunk_frames * tokens_per_frame)}
 
     def check_chunk(self, num_frames: int) -> None:
         pass

@@ -26,6 +26,8 @@ class GenKVMethod:
     Args:
         kv_dtype: storage of the committed history: bf16 (the model's dtype), or fp8, int8, int4 codes
             (about 0.51x, 0.51x and 0.26x the bytes); the chunk being denoised stays in the model's dtype.
+        budget_bytes: memory for the self-attention cache (all layers, one CFG branch, batch 1) instead of a
+            frame budget: a bounded method takes the most frames that fit (``cache_stats(...)["budget"]``).
     """
 
     name: ClassVar[str] = ""
@@ -36,10 +38,18 @@ class GenKVMethod:
     #: "int4"; genkv.kernels.quant_kv). Keyword-only and out of the repr, so positional use and reprs stay as
     #: they were.
     kv_dtype: str = field(default="bf16", kw_only=True, repr=False)
+    #: the frame budget ``budget_bytes`` replaces (None: the method keeps every token, so it takes no byte budget)
+    budget_field: ClassVar[str | None] = None
+    budget_bytes: int | None = field(default=None, kw_only=True, repr=False)
 
     def __post_init__(self) -> None:
         if self.kv_dtype not in self.kv_dtypes:
             raise ValueError(f"{self.name}: kv_dtype must be one of {', '.join(self.kv_dtypes)}, got {self.kv_dtype!r}")
+        if self.budget_bytes is not None:
+            if self.budget_field is None:
+                raise ValueError(f"{self.name}: budget_bytes needs a bounded method (rolling, tempcache, fastar); "
+                                 f"{self.name} keeps every token")
+            self.require_int("budget_bytes", minimum=1)
         self.validate()
 
     # -- to override ---------------------------------------------------------------------------------
@@ -78,14 +88,16 @@ class GenKVMethod:
 
     @classmethod
     def field_names(cls) -> list[str]:
-        """The settings, the method's own first (kv_dtype, shared by all, last)."""
-        names = [f.name for f in dataclasses.fields(cls)]
-        return [n for n in names if n != "kv_dtype"] + ["kv_dtype"]
+        """The settings, the method's own first (kv_dtype and budget_bytes, shared by all, last)."""
+        shared = ["kv_dtype", "budget_bytes"]
+        return [f.name for f in dataclasses.fields(cls) if f.name not in shared] + shared
 
     def to_dict(self) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
-        if fields["kv_dtype"] == "bf16":  # the default: configs (and their reports) read as they did before it
-            del fields["kv_dtype"]
+        # the defaults of the settings every method shares: configs (and their reports) read as they did before
+        for name, default in (("kv_dtype", "bf16"), ("budget_bytes", None)):
+            if fields[name] == default:
+                del fields[name]
         return {"method": self.name, **fields}
 
     def replace(self, **overrides: Any) -> "GenKVMethod":

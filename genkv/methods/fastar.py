@@ -29,6 +29,7 @@ class FastAR(SparseReadFields, GenKVMethod):
     """
 
     name: ClassVar[str] = "fastar"
+    budget_field: ClassVar[str | None] = "budget_frames"  # what budget_bytes sets
     threshold: float = 0.95
     radius: int = 1
     sink_frames: int = 1

@@ -31,6 +31,7 @@ class Rolling(GenKVMethod):
     """
 
     name: ClassVar[str] = "rolling"
+    budget_field: ClassVar[str | None] = "window_frames"  # what budget_bytes sets
     sink_frames: int = 0
     window_frames: int = 21
     rebase_positions: bool = True

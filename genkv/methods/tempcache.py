@@ -34,6 +34,7 @@ class TempCache(GenKVMethod):
     """
 
     name: ClassVar[str] = "tempcache"
+    budget_field: ClassVar[str | None] = "budget_frames"  # what budget_bytes sets
     threshold: float = 0.95
     radius: int = 1
     sink_frames: int = 0

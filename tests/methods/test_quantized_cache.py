@@ -320,3 +320,28 @@ def test_a_steady_quantized_chunk_reads_no_device_value_on_the_host(method, sett
     assert sites
     offending = {site: n for site, n in sites.items() if site[:2] not in allowed}
     assert not offending, f"host reads of tensor values inside the chunk loop: {offending}"
+
+
+@pytest.mark.parametrize("kind", ("bf16",) + KINDS)
+@pytest.mark.parametrize("method", ["rolling", "tempcache", "fastar"])
+def test_budget_bytes_takes_the_most_frames_that_fit(method, kind):
+    from genkv.cache import layer_cache_bytes
+
+    budget = 60_000
+    settings = {k: v for k, v in QUANTIZABLE[method].items() if k not in ("budget_frames", "window_frames")}
+    pipe, _ = _rollout(method, frames=49, kv_dtype=kind, budget_bytes=budget, **settings)
+    stats = genkv.cache_stats(pipe)
+    fitted = stats["budget"]
+    assert stats["bytes"] == fitted["bytes"] <= budget  # the prediction is what the caches allocate
+    store = genkv.get_store(pipe)
+    chunk = store.chunk
+    one_more = fitted["history_tokens"] + chunk.tokens_per_frame
+    assert store.num_layers * layer_cache_bytes(one_more, chunk.num_tokens, kind, store.model_shape) > budget
+    if kind == "int4":
+        plain, _ = _rollout(method, frames=17, budget_bytes=budget, **settings)
+        assert fitted["history_tokens"] >= 3 * genkv.cache_stats(plain)["budget"]["history_tokens"]
+
+
+def test_budget_bytes_is_refused_by_methods_that_keep_every_token():
+    with pytest.raises(ValueError, match="^annsa: budget_bytes needs a bounded method"):
+        genkv.get_method("annsa", budget_bytes=10**9)
