@@ -345,3 +345,58 @@ def test_budget_bytes_takes_the_most_frames_that_fit(method, kind):
 def test_budget_bytes_is_refused_by_methods_that_keep_every_token():
     with pytest.raises(ValueError, match="^annsa: budget_bytes needs a bounded method"):
         genkv.get_method("annsa", budget_bytes=10**9)
+
+
+def test_a_quantized_fixed_layout_runs_a_whole_video_on_two_signatures():
+    """CUDA graphs: with int4 codes fastar still keeps one layout for the video (the codes, chunk buffers and
+    records never move), so past the first forward two signatures serve every chunk, as with bf16."""
+    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=3), "fastar", kv_dtype="int4", top_k=2, prompt_top_k=2,
+                             block_m=16, block_n=16)
+    store = genkv.get_store(pipe)
+    seen, flow_at = [], pipe._flow_at
+
+    def recording(*args, **kwargs):
+        seen.append(store.graph_signature())
+        return flow_at(*args, **kwargs)
+
+    pipe._flow_at = recording
+    for _ in pipe.stream("a red circle", num_frames=45, generator=torch.Generator().manual_seed(0)):
+        pass
+    assert len(seen) == 20 and seen[0] is None
+    assert len(set(seen[5::5])) == 1 and len({s for i, s in enumerate(seen) if i % 5}) == 1
+
+
+class _RecordableCommits:
+    """Stands in for ChunkGraphs: runs the recordable commit (frame_start a device value) eagerly."""
+
+    def __init__(self):
+        self.keys = []
+
+    def run(self, key, fn, *inputs):
+        self.keys.append(key)
+        return fn(*inputs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_the_recordable_quantized_tempcache_commit_equals_the_eager_one(kind):
+    def rollout(graphs):
+        keeper = TemporalMerge(0.9, 1, 1, 5, None, match="stored")
+        store = KVCacheStore(keeper, num_layers=2, rope=None, kv_dtype=kind)
+        store.reset()
+        g = torch.Generator().manual_seed(0)
+        base = torch.randn(1, 8, 2, 32, generator=g)
+        for chunk in range(5):
+            store.begin_chunk(2 * chunk, 2, 8, grid=(2, 4))
+            for layer in range(2):
+                k = torch.cat([base + 0.05 * torch.randn(1, 8, 2, 32, generator=g) for _ in range(2)], 1)
+                store.layer(layer).stage(k, torch.randn(1, 16, 2, 32, generator=g))
+            store.commit(graphs)
+        return store
+
+    graphs = _RecordableCommits()
+    recorded, eager = rollout(graphs), rollout(None)
+    assert len(graphs.keys) >= 3 and graphs.keys[-1] == graphs.keys[-2]  # later commits took the recordable way
+    for a, b in zip(recorded.caches["cond"], eager.caches["cond"]):
+        assert torch.equal(a.frame_index, b.frame_index) and torch.equal(a.token_count, b.token_count)
+        for x, y in zip(dequantize(a.quantized_history()), dequantize(b.quantized_history())):
+            assert torch.equal(x, y)
