@@ -291,16 +291,21 @@ def test_tempcache_merges_over_codes_like_the_bf16_cache(kind, bound):
             assert ((stored - exact)[:, live].norm() / exact[:, live].norm()) < bound
 
 
-def _host_sync_probe():
-    """tests/core/test_host_syncs.py's recorder of host reads of tensor values (loaded by path: tests is no
-    package)."""
+def _core_test_module(name: str):
+    """A module of tests/core, loaded by path (tests is no package), for its helpers."""
     import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).parents[1] / "core" / "test_host_syncs.py"
-    spec = importlib.util.spec_from_file_location("_genkv_host_sync_probe", path)
+    path = pathlib.Path(__file__).parents[1] / "core" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_genkv_core_{name}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _host_sync_probe():
+    """tests/core/test_host_syncs.py's recorder of host reads of tensor values, and the reads it allows."""
+    module = _core_test_module("test_host_syncs")
     return module._host_reads, module._ALLOWED
 
 
@@ -366,17 +371,6 @@ def test_a_quantized_fixed_layout_runs_a_whole_video_on_two_signatures():
     assert len(set(seen[5::5])) == 1 and len({s for i, s in enumerate(seen) if i % 5}) == 1
 
 
-class _RecordableCommits:
-    """Stands in for ChunkGraphs: runs the recordable commit (frame_start a device value) eagerly."""
-
-    def __init__(self):
-        self.keys = []
-
-    def run(self, key, fn, *inputs):
-        self.keys.append(key)
-        return fn(*inputs)
-
-
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_recordable_quantized_tempcache_commit_equals_the_eager_one(kind):
     def rollout(graphs):
@@ -393,7 +387,7 @@ def test_the_recordable_quantized_tempcache_commit_equals_the_eager_one(kind):
             store.commit(graphs)
         return store
 
-    graphs = _RecordableCommits()
+    graphs = _core_test_module("test_step_graph")._RunEagerly()  # runs the recordable commit, eagerly
     recorded, eager = rollout(graphs), rollout(None)
     assert len(graphs.keys) >= 3 and graphs.keys[-1] == graphs.keys[-2]  # later commits took the recordable way
     for a, b in zip(recorded.caches["cond"], eager.caches["cond"]):
