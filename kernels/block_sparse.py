@@ -99,9 +99,12 @@ if triton is not None:
         outside the history are undefined (the caller selects the current chunk's there; fp8 has no integer
         ``other``). Int4 (KIND 3) bytes hold channel 2j in the low nibble, 2j+1 in the high one."""
         if KIND == 3:
-            offs_b = tl.arange(0, HEAD_DIM // 2)
-            packed = tl.load(base + offs_n[:, None] * stride_s + offs_b[None, :], mask=in_hist[:, None])
-            nibbles = tl.reshape(tl.join(packed & 15, packed >> 4), (TILE_N, HEAD_DIM))
+            # Each byte is loaded for both of its channels (the second load hits the cache) and shifted by 0 or
+            # 4: plain elementwise ops. (tl.join + tl.reshape, the interleave this replaces, was right in the
+            # interpreter but scrambled channels on an H200 with Triton 3.6.)
+            offs_d = tl.arange(0, HEAD_DIM)
+            packed = tl.load(base + offs_n[:, None] * stride_s + (offs_d // 2)[None, :], mask=in_hist[:, None])
+            nibbles = (packed.to(tl.int32) >> ((offs_d % 2) * 4)[None, :]) & 15
             codes = nibbles.to(dtype)
         else:
             offs_d = tl.arange(0, HEAD_DIM)
@@ -419,6 +422,7 @@ def block_sparse_attention_triton(
         USE_TMA=use_tma,
         HIST_KIND=hist_kind,
         num_warps=num_warps or (8 if d >= 128 else 4),
-        num_stages=num_stages or 3,
+        # (a history tile holds codes and the current chunk's K/V: 3 stages overflow shared memory at D = 128)
+        num_stages=num_stages or (2 if hist_kind else 3),
     )
     return (out, lse) if return_lse else out

@@ -95,7 +95,8 @@ def test_kernels_with_a_quantized_history_match_float64_over_the_dequantized_key
     assert not torch.isnan(got).any()
     want = torch.where(empty.permute(0, 2, 1)[..., None], 0.0, want)
     torch.testing.assert_close(got.cpu().double(), want, **tolerance(dtype, dev))
-    torch.testing.assert_close(lse.cpu()[~empty].double(), want_lse[~empty], rtol=1e-4, atol=1e-4)
+    lse_tol = dict(rtol=2e-3, atol=2e-3) if dev == "cuda" else dict(rtol=1e-4, atol=1e-4)  # (TF32 dots on a GPU)
+    torch.testing.assert_close(lse.cpu()[~empty].double(), want_lse[~empty], **lse_tol)
     assert torch.isneginf(lse.cpu()[empty]).all()
 
 
