@@ -668,7 +668,14 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as bench_rollout, for every system alike
-    torch.set_grad_enabled(False)
+    # (a context, not torch.set_grad_enabled(False): tests call main() in-process, and a process-wide switch
+    # left autograd off for every later test)
+    with torch.no_grad():
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> int:
+    """Every system in turn; the table and JSON (see :func:`main`)."""
     shapes = make_shapes(args.tiny)
     kept = previous_rows(args.json, args.systems) if args.merge else []
     rows: list[dict] = []
