@@ -161,7 +161,7 @@ class QuantizedHistory:
     def reserve(self, like: torch.Tensor, capacity: int, length: int) -> None:
         """History slots for ``capacity`` tokens (the first ``length`` copied over) and a chunk buffer for
         ``like``'s tokens; a buffer is replaced only when it is too small (stable addresses for CUDA graphs)."""
-        from genkv.kernels.quant_kv import QuantizedKV
+        from genkv.kernels.quant_kv import QuantizedKV, code_fields
 
         b, n, h, d = like.shape
         if capacity > self.capacity:
@@ -169,7 +169,7 @@ class QuantizedHistory:
                        else self.codes.key_channel_scale)
             codes = QuantizedKV.empty(self.kind, b, capacity, h, channel)
             if self.codes is not None and length:
-                for new, old in zip(_quant_fields(codes), _quant_fields(self.codes)):
+                for new, old in zip(code_fields(codes), code_fields(self.codes)):
                     new[:, :length] = old[:, :length]
             self.codes = codes
         if self.chunk_k is None or self.chunk_k.shape[1] < n or self.chunk_k.dtype != like.dtype:
@@ -212,21 +212,16 @@ class QuantizedHistory:
     def rotate_keys(self, slots: torch.Tensor, rotate) -> None:
         """Re-base the keys at ``slots``: dequantize only them, ``rotate`` (in place, (B, n, H, D)), re-quantize.
         Values are kept as they are (their codes are copied back), so only the moved keys are re-quantized."""
-        from genkv.kernels.quant_kv import QuantizedKV, dequantize, write_quantized
+        from genkv.kernels.quant_kv import code_fields, dequantize, select_slots, write_quantized
 
         assert self.codes is not None
-        picked = QuantizedKV(self.kind, *(None if t is None else _as_raw(t).index_select(1, slots).view(t.dtype)
-                                          for t in (self.codes.k_codes, self.codes.v_codes, self.codes.k_scale,
-                                                    self.codes.v_scale)),
-                             key_channel_scale=self.codes.key_channel_scale,
-                             v_zero=None if self.codes.v_zero is None else self.codes.v_zero.index_select(1, slots))
+        picked = select_slots(self.codes, slots)
         k, v = dequantize(picked)
         rotate(k)
         write_quantized(self.codes, slots, k, v)
-        for target, source in ((self.codes.v_codes, picked.v_codes), (self.codes.v_scale, picked.v_scale),
-                               (self.codes.v_zero, picked.v_zero)):
-            if target is not None:
-                _as_raw(target).index_copy_(1, slots, _as_raw(source))
+        # write_quantized re-quantized the values too: put their codes back (key fields first, then value ones)
+        for target, source in zip(code_fields(self.codes)[2:], code_fields(picked)[2:]):
+            target.index_copy_(1, slots, source)
 
     def nbytes(self) -> int:
         """Codes, scales and smoothing factors of every slot, plus the staged chunk buffers."""
@@ -235,16 +230,6 @@ class QuantizedHistory:
 
     def bytes_per_token(self) -> float:
         return 0.0 if not self.capacity else (self.codes.nbytes / self.capacity)
-
-
-def _as_raw(t: torch.Tensor) -> torch.Tensor:
-    """fp8 seen as bytes (index_copy_ and slice copies have no float8 kernels everywhere)."""
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
-def _quant_fields(codes) -> list[torch.Tensor]:
-    return [_as_raw(t) for t in (codes.k_codes, codes.v_codes, codes.k_scale, codes.v_scale, codes.v_zero)
-            if t is not None]
 
 
 class LayerKVCache:
@@ -534,7 +519,7 @@ class LayerStack:
         in ``channel`` (B, L, H, D), and the staged chunks in one (B, L, n, H, D) buffer pair. A keeper then
         writes every layer's slots with one ``write_quantized`` (keys divided by their layer's factors first:
         exact, they are powers of two)."""
-        from genkv.kernels.quant_kv import QuantizedKV
+        from genkv.kernels.quant_kv import QuantizedKV, code_fields
 
         b, n, h, d = like.shape
         count, device = len(self.layers), like.device
@@ -553,7 +538,7 @@ class LayerStack:
                                None if flat.v_zero is None else flat.v_zero[:, cut])
             old = layer.quant.codes
             if old is not None:  # a re-allocation: the history's codes and the layer's factors come along
-                for new_field, old_field in zip(_quant_fields(view), _quant_fields(old)):
+                for new_field, old_field in zip(code_fields(view), code_fields(old)):
                     new_field[:, : layer.length] = old_field[:, : layer.length]
                 channel[:, i] = old.key_channel_scale
             layer.quant.adopt(view, chunk_k[:, i], chunk_v[:, i])

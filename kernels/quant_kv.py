@@ -222,6 +222,35 @@ def _fields(hist: QuantizedKV) -> list[torch.Tensor]:
     return [t for t in (hist.k_codes, hist.k_scale, hist.v_codes, hist.v_scale, hist.v_zero) if t is not None]
 
 
+def code_fields(hist: QuantizedKV) -> list[torch.Tensor]:
+    """Every per-slot tensor of ``hist`` (codes, scales, zero points; slots on dim 1) as raw views (fp8 as
+    uint8), in a fixed order: what copies between two histories of one kind zip over.
+
+    Example:
+        >>> hist = quantize_kv(torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16), "fp8")
+        >>> [t.dtype for t in code_fields(hist)][:2]
+        [torch.uint8, torch.float16]
+    """
+    return [_as_bytes(t) for t in _fields(hist)]
+
+
+def select_slots(hist: QuantizedKV, slots: torch.Tensor) -> QuantizedKV:
+    """The slots ``slots`` (1-D int64) of ``hist`` as a new ``QuantizedKV`` (codes and scales gathered, nothing
+    decoded; the smoothing factors shared), e.g. to dequantize a few slots only.
+
+    Example:
+        >>> hist = quantize_kv(torch.randn(1, 6, 1, 16), torch.randn(1, 6, 1, 16), "int4")
+        >>> picked = select_slots(hist, torch.tensor([4, 1]))
+        >>> torch.equal(dequantize(picked)[1][:, 0], dequantize(hist)[1][:, 4])
+        True
+    """
+    def rows(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else _as_bytes(t).index_select(1, slots).view(t.dtype)
+
+    return replace(hist, k_codes=rows(hist.k_codes), v_codes=rows(hist.v_codes), k_scale=rows(hist.k_scale),
+                   v_scale=rows(hist.v_scale), v_zero=rows(hist.v_zero))
+
+
 def write_quantized(hist: QuantizedKV, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Quantize tokens (B, n, H, D) into ``slots`` (1-D int64, n entries) of ``hist``, in place: a commit.
 

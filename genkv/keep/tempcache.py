@@ -468,14 +468,14 @@ class _LayerGroup:
 
     def dequantized_keys(self, flat: torch.Tensor) -> torch.Tensor:
         """fp32 keys (B, n, H, D) of flat slots ``flat`` (1-D)."""
-        from genkv.kernels.quant_kv import dequantize_keys
+        from genkv.kernels.quant_kv import dequantize_keys, select_slots
 
-        return dequantize_keys(_pick(self.codes, flat)) * self._channel_of(flat)
+        return dequantize_keys(select_slots(self.codes, flat)) * self._channel_of(flat)
 
     def dequantized_values(self, flat: torch.Tensor) -> torch.Tensor:
-        from genkv.kernels.quant_kv import dequantize
+        from genkv.kernels.quant_kv import dequantize, select_slots
 
-        return dequantize(_pick(self.codes, flat))[1]
+        return dequantize(select_slots(self.codes, flat))[1]
 
     def write(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Quantize keys (B, L, T, H, D) (layer-major, as ``flat`` (L * T,)) and values (B, L * T, H, D) into
@@ -529,20 +529,6 @@ class _LayerGroup:
                 else:
                     rest.append(cls([cache], cache.k.unsqueeze(1), cache.v.unsqueeze(1), *records))
         return groups + rest
-
-
-def _pick(codes, flat: torch.Tensor):
-    """The rows ``flat`` (1-D) of a ``QuantizedKV`` as a new one (codes and scales gathered, nothing decoded)."""
-    from dataclasses import replace
-
-    def rows(t):
-        if t is None:
-            return None
-        raw = t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-        return raw.index_select(1, flat).view(t.dtype)
-
-    return replace(codes, k_codes=rows(codes.k_codes), v_codes=rows(codes.v_codes), k_scale=rows(codes.k_scale),
-                   v_scale=rows(codes.v_scale), v_zero=rows(codes.v_zero))
 
 
 def _merged_copy(x: torch.Tensor, dim: int) -> torch.Tensor:
