@@ -119,3 +119,22 @@ def tiny_var_pipeline(seed: int = 0, depth: int = 3):
     vqvae = MultiScaleVQVAE(vocab_size=32, z_channels=8, ch=8, ch_mult=(1, 2, 2), num_res_blocks=1,
                             patch_nums=config.patch_nums, share_quant_resi=2)
     return VARPipeline(transformer.eval(), vqvae.eval())
+
+
+def tiny_infinity_pipeline(seed: int = 0, depth: int = 2, pn: str = "0.06M"):
+    """A random-weight Infinity (``depth`` blocks in 2 chunks, 2 heads x 32, 8 bits per token, a 1-layer T5 of
+    width 128 and the byte-level :func:`tiny_tokenizer`, the official 256px schedule: 7 scales up to 16 x 16
+    tokens, 32x32 images) that samples in about a second on a CPU."""
+    from transformers import T5Config, T5EncoderModel
+
+    from genkv.pipelines.infinity import BitwiseDecoder, InfinityConfig, InfinityPipeline, InfinityTransformer
+
+    g = torch.Generator().manual_seed(seed)
+    config = InfinityConfig(depth=depth, embed_dim=64, num_heads=2, text_channels=128, text_maxlen=64, bits=8,
+                            mlp_hidden=128, block_chunks=2 if depth % 2 == 0 else 1)
+    transformer = InfinityTransformer(config).init_random(g, std=0.1)
+    torch.manual_seed(seed)
+    vae = BitwiseDecoder(bits=8, ch=32, ch_mult=(1, 1), num_res_blocks=1, upsample=(1,))
+    t5 = T5EncoderModel(T5Config(vocab_size=259, d_model=128, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8, dropout_rate=0.0))
+    return InfinityPipeline(transformer.eval(), vae.eval(), tiny_tokenizer(), t5.eval(), pn=pn, max_length=64)

@@ -7,10 +7,12 @@ from .self_forcing import (
     StreamingVAEDecoder,
     load_self_forcing_checkpoint,
 )
+from .infinity import InfinityPipeline
 from .var import VARPipeline
 
 __all__ = [
     "CheckpointError",
+    "InfinityPipeline",
     "SelfForcingPipeline",
     "SelfForcingScheduler",
     "StreamingVAEDecoder",
