@@ -18,6 +18,7 @@ import torch
 
 from .bsq_vae import BitwiseDecoder
 from .model import InfinityConfig, InfinityTransformer
+from .text import pool_heads
 
 #: Buffers of the training model that the official ``load_state_dict`` drops too.
 IGNORED_TRANSFORMER_KEYS = ("lvl_1L", "attn_bias_for_masking", "Infinity_visible_kvlen", "Infinity_invisible_qlen")
@@ -89,7 +90,8 @@ def config_from_state_dict(state: dict[str, torch.Tensor], source: str = "checkp
     depth, chunks = _blocks(state)
     needed = ("word_embed.weight", "cfg_uncond", "text_proj_for_sos.ca.mat_q", "head.weight")
     if not depth or any(k not in state for k in needed):
-        hint = " (this looks like the tokenizer: pass it as vae=)" if any(k.startswith("decoder.") for k in state) else ""
+        tokenizer = "vae" in state or any(k.startswith("decoder.") for k in state)
+        hint = " (this looks like the tokenizer: pass it as vae=)" if tokenizer else ""
         raise InfinityCheckpointError(f"{source} is not an Infinity transformer checkpoint: no blocks / "
                                       f"{' / '.join(needed)}{hint}")
     first = "block_chunks.0.module.0." if chunks > 1 else "blocks.0."
@@ -98,11 +100,13 @@ def config_from_state_dict(state: dict[str, torch.Tensor], source: str = "checkp
                                       "the released ones, are supported)")
     width, bits = state["word_embed.weight"].shape
     maxlen, text_channels = state["cfg_uncond"].shape
+    heads = state["text_proj_for_sos.ca.mat_q"].shape[1]
     return InfinityConfig(
         depth=depth, embed_dim=width, num_heads=state[first + "sa.scale_mul_1H11"].shape[1],
         text_channels=text_channels, text_maxlen=maxlen, bits=bits,
         mlp_hidden=state[first + "ffn.fc1.weight"].shape[0], block_chunks=chunks,
-        pool_heads=state["text_proj_for_sos.ca.mat_q"].shape[1], num_levels=state["lvl_embed.weight"].shape[0],
+        pool_heads=None if heads == pool_heads(width, text_channels) else heads,
+        num_levels=state["lvl_embed.weight"].shape[0],
     )
 
 
