@@ -8,6 +8,7 @@ from typing import ClassVar
 from ..registry import register_method
 from ..scales.heads import HeadAwareScaleCache, load_head_roles
 from .base import GenKVMethod
+from .scalekv import MODES
 
 
 @register_method
@@ -25,6 +26,10 @@ class HACK(GenKVMethod):
             at the first scale that has history.
         merge: merge evicted tokens into their most similar kept key (mean value, ``log(count)`` logit bias)
             instead of dropping them; the counts count against the budget.
+        mode: "official" (the paper's rule): structural heads always keep the first two scales and the newest
+            scale, at any budget; the contextual heads take what the layer's budget has left, and when the
+            layout set alone exceeds the budget the layer keeps more than ``budget``. "genkv": every layer stays
+            within ``budget``, a structural cap below the layout set keeping part of it (genkv's earlier rule).
 
     Example:
         >>> import genkv, torch
@@ -43,6 +48,7 @@ class HACK(GenKVMethod):
     observations: int = 32
     roles: str | None = None
     merge: bool = False
+    mode: str = "official"
 
     def validate(self) -> None:
         self.require_float("budget", 0.0, 1.0, low_open=True)
@@ -51,9 +57,11 @@ class HACK(GenKVMethod):
         self.require_int("observations", minimum=1)
         if not isinstance(self.merge, bool):
             self._fail("merge", "true or false")
+        if self.mode not in MODES:
+            self._fail("mode", " or ".join(MODES))
 
     def build_scale_cache(self, depth: int, patch_nums: tuple[int, ...], num_heads: int | None = None):
         roles = load_head_roles(self.roles, depth, num_heads) if self.roles is not None else None
         return HeadAwareScaleCache(depth, patch_nums, self.budget, alpha=self.alpha,
                                    contextual_share=self.contextual_share, observations=self.observations,
-                                   contextual=roles, merge=self.merge)
+                                   contextual=roles, merge=self.merge, keep_layout=self.mode == "official")

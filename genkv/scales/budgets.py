@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .cache import FullScaleCache, uniform_caps
+from .official import is_official_format, read_budgets_json
 
 
 @dataclass
@@ -41,12 +42,12 @@ class ScaleBudgets:
              patch_nums: tuple[int, ...] | None = None) -> "ScaleBudgets":
         """Read a budgets file; with ``depth`` / ``patch_nums`` given, refuse one made for another model."""
         path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"budgets file {str(path)!r} not found; write one with `genkv calibrate`")
+        data = read_budgets_json(path)
+        if is_official_format(data):
+            raise ValueError(f"budgets file {str(path)!r} is an official ScaleKV file; use it with mode='official'")
         try:
-            data = json.loads(path.read_text())
             budgets = cls(**data)
-        except (json.JSONDecodeError, TypeError) as err:
+        except TypeError as err:
             raise ValueError(f"budgets file {str(path)!r} is not a genkv budgets JSON ({err})") from None
         if depth is not None and budgets.depth != depth:
             raise ValueError(f"budgets file {str(path)!r} was calibrated for depth {budgets.depth}, this model has "

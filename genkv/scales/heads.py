@@ -14,6 +14,11 @@ tokens of earlier scales; *contextual* heads attend to a few semantic tokens tha
 - selection: structural heads keep the first two scales and the newest scale, then the history tokens the
   observation queries attend to most; contextual heads keep the top tokens by attention from the observation
   queries (``observations`` evenly spaced queries of the current scale).
+- ``keep_layout=True`` (``hack``'s default, the paper's rule): that layout set (first two scales + newest scale)
+  is always kept by structural heads, whatever the budget: a structural cap below it is raised to it, and the
+  contextual heads get what the layer's budget has left (possibly nothing), so when the layout set alone
+  exceeds the budget the layer keeps more than ``budget``. With ``keep_layout=False`` (``mode="genkv"``) the caps
+  stay within the budget and a cap below the layout set keeps an unspecified part of it.
 
 Heads of one kind are kept together in one tensor per layer (the paper's static re-ordering), so each kind's
 memory is really its budget. Evicted tokens are dropped, or with ``merge=True`` merged into the kept key they
@@ -73,9 +78,9 @@ class HeadAwareScaleCache(FullScaleCache):
 
     def __init__(self, num_layers: int, patch_nums: tuple[int, ...], budget: float, alpha: float = 0.5,
                  contextual_share: float = 0.3, observations: int = 32,
-                 contextual: list[list[bool]] | None = None, merge: bool = False) -> None:
+                 contextual: list[list[bool]] | None = None, merge: bool = False, keep_layout: bool = False) -> None:
         self.budget, self.alpha, self.contextual_share = budget, alpha, contextual_share
-        self.merge = merge
+        self.merge, self.keep_layout = merge, keep_layout
         self.observations, self.fixed_roles = observations, contextual
         super().__init__(num_layers, patch_nums)
 
@@ -88,14 +93,20 @@ class HeadAwareScaleCache(FullScaleCache):
         self.group_kinds: list[list[bool]] = [[] for _ in range(self.num_layers)]
         self._observed: dict[tuple[int, torch.device], torch.Tensor] = {}
 
-    def _caps(self, seen: int, heads: int, n_contextual: int) -> tuple[int, int]:
+    def _caps(self, seen: int, heads: int, n_contextual: int, layout: int = 0) -> tuple[int, int]:
+        """(structural, contextual) tokens per head; ``layout``: the structural heads' forced set (kept whatever
+        the budget when ``keep_layout``; the contextual heads then share what is left of the layer's budget)."""
         total = math.floor(self.budget * seen * heads + 1e-9)  # tokens x heads kept by the whole layer
         if n_contextual in (0, heads):
-            return (total // heads,) * 2
+            uniform = total // heads
+            return max(uniform, layout) if self.keep_layout and n_contextual == 0 else uniform, uniform
         per_head = total / heads
         contextual = min(seen, math.floor(self.contextual_share * per_head))
         structural = min(seen, (total - n_contextual * contextual) // (heads - n_contextual))
         contextual = min(seen, (total - (heads - n_contextual) * structural) // n_contextual)
+        if self.keep_layout and structural < layout:
+            structural = layout
+            contextual = min(contextual, max(0, (total - (heads - n_contextual) * structural) // n_contextual))
         return structural, contextual
 
     def _observe(self, q: torch.Tensor) -> torch.Tensor:
@@ -172,7 +183,11 @@ class HeadAwareScaleCache(FullScaleCache):
         n_contextual = sum(roles) if roles is not None else 0
         heads_total = sum(len(g[0]) for g in groups)
         kinds = self.group_kinds[layer] if roles is not None else [False] * len(groups)
-        structural_cap, contextual_cap = self._caps(seen, heads_total, n_contextual)
+        # the structural heads' layout set: the newest scale and the first two scales (all of one group's
+        # heads hold as many tokens; the contextual group, if any, comes last)
+        n_structural = groups[0][2].shape[2]
+        layout = min(n_structural, current + min(init, n_structural - current))
+        structural_cap, contextual_cap = self._caps(seen, heads_total, n_contextual, layout)
         pruned = []
         for (heads, q, kk, vv, cc), kind in zip(groups, kinds):
             is_contextual = kind and n_contextual < heads_total
@@ -180,6 +195,8 @@ class HeadAwareScaleCache(FullScaleCache):
             if cc is not None:  # the float32 counts take their share of the budget
                 per_token = 2 * kk.shape[-1] * kk.element_size()
                 cap = cap * per_token // (per_token + 4)
+                if self.keep_layout and not is_contextual:
+                    cap = max(cap, layout)
             n = kk.shape[2]
             if cap >= n:
                 pruned.append((heads, kk, vv, cc))

@@ -136,7 +136,7 @@ def test_scalekv_in_the_tiny_var_pipeline_checked_at_every_scale_and_equal_to_ap
         checked = CheckedScaleKV(3, (1, 2, 3, 4), caps, window=4, pool_kernel=kernel)
         images = pipe(**kw, generator=torch.Generator().manual_seed(0), kv_cache=checked).images
         assert checked.selections > 0
-        genkv.apply_genkv(pipe, "scalekv", budget=budget, window=4, pool_kernel=kernel)
+        genkv.apply_genkv(pipe, "scalekv", budget=budget, window=4, pool_kernel=kernel, mode="genkv")
         assert (pipe(**kw, generator=torch.Generator().manual_seed(0)).images == images).all()
         genkv.remove_genkv(pipe)
 
@@ -242,7 +242,7 @@ def test_hack_in_the_tiny_var_pipeline_checked_at_every_scale_and_equal_to_apply
         images = pipe(**kw, generator=torch.Generator().manual_seed(0), kv_cache=checked).images
         total += checked.selections
         assert len(checked.contextual) == 3
-        genkv.apply_genkv(pipe, "hack", budget=budget, observations=6)
+        genkv.apply_genkv(pipe, "hack", budget=budget, observations=6, mode="genkv")
         assert (pipe(**kw, generator=torch.Generator().manual_seed(0)).images == images).all()
         genkv.remove_genkv(pipe)
     assert total > 0
