@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +21,14 @@ class VARCheckpointError(ValueError):
     """A checkpoint that is missing, of another model, or whose keys do not match."""
 
 
-def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+#: Where a training checkpoint of the official trainer (``ar-ckpt-*.pth``: ``{'trainer': ..., 'args': ...}``)
+#: keeps each model's weights.
+TRAINER_KEYS = {"VAR": "var_wo_ddp", "VQ-VAE": "vae_local"}
+
+
+def read_checkpoint(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor], tuple[int, ...] | None]:
+    """The state dict of a ``what`` ("VAR" or "VQ-VAE") checkpoint and, for a training checkpoint, the scale
+    schedule it was trained with (else None)."""
     path = Path(path)
     if not path.is_file():
         raise VARCheckpointError(f"{what} checkpoint {str(path)!r} not found")
@@ -28,31 +36,80 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
         raise VARCheckpointError(f"cannot read {what} checkpoint {str(path)!r}: {str(err).splitlines()[0]}") from None
+    schedule = None
+    if isinstance(state, dict) and isinstance(state.get("trainer"), dict):
+        state, schedule = unwrap_trainer_checkpoint(state, what, path)
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise VARCheckpointError(f"{what} checkpoint {str(path)!r} is not a state dict")
-    return state
+    return state, schedule
 
 
-def config_from_state_dict(state: dict[str, torch.Tensor], source: str = "checkpoint") -> VARConfig:
-    """Depth, width, classes, vocabulary and scale schedule, read off the tensors' names and shapes."""
+def unwrap_trainer_checkpoint(checkpoint: dict, what: str, path: Path) -> tuple[dict, tuple[int, ...] | None]:
+    """``checkpoint['trainer'][var_wo_ddp | vae_local]`` and the trainer's ``patch_nums``, with a warning saying so
+    (the official ``train.py`` saves the trainer's whole state, optimizer included, in ``ar-ckpt-*.pth``)."""
+    trainer, key = checkpoint["trainer"], TRAINER_KEYS[what]
+    if not isinstance(trainer.get(key), dict):
+        raise VARCheckpointError(f"{str(path)!r} is a training checkpoint without ['trainer'][{key!r}] "
+                                 f"(it has {', '.join(map(str, trainer)) or 'nothing'})")
+    warnings.warn(f"genkv: {path.name} is a VAR training checkpoint: loading its ['trainer'][{key!r}] weights",
+                  stacklevel=4)
+    config = trainer.get("config")
+    schedule = config.get("patch_nums") if isinstance(config, dict) else None
+    return trainer[key], tuple(int(p) for p in schedule) if schedule else None
+
+
+def config_from_state_dict(state: dict[str, torch.Tensor], source: str = "checkpoint",
+                           patch_nums: tuple[int, ...] | None = None) -> VARConfig:
+    """Depth, width, classes, vocabulary and scale schedule, read off the tensors' names and shapes.
+
+    ``patch_nums`` (a schedule of the user's, or a training checkpoint's) replaces the schedule looked up from the
+    position table's length; it must match the table and the per-scale embedding.
+    """
     blocks = {int(m.group(1)) for key in state if (m := re.match(r"blocks\.(\d+)\.", key))}
     if not blocks or "word_embed.weight" not in state or "pos_1LC" not in state:
         hint = " (this looks like the VQ-VAE: pass it as vae=)" if any(k.startswith("quantize.") for k in state) else ""
         raise VARCheckpointError(
             f"{source} is not a VAR transformer checkpoint: no blocks.* / word_embed / pos_1LC{hint}")
     width, z_channels = state["word_embed.weight"].shape
-    tokens = state["pos_1LC"].shape[1]
-    if tokens not in SCHEDULES:
-        raise VARCheckpointError(f"{source}: a position table of {tokens} tokens matches no known VAR schedule "
-                                 f"({', '.join(map(str, SCHEDULES))})")
     return VARConfig(
         depth=max(blocks) + 1, num_classes=state["class_emb.weight"].shape[0] - 1,
-        vocab_size=state["head.weight"].shape[0], z_channels=z_channels, patch_nums=SCHEDULES[tokens],
+        vocab_size=state["head.weight"].shape[0], z_channels=z_channels,
+        patch_nums=schedule_for(state, source, patch_nums),
         shared_aln="shared_ada_lin.1.weight" in state, width=width,
         head_dim=width // state["blocks.0.attn.scale_mul_1H11"].shape[1],  # the per-head temperature is (1, H, 1, 1)
     )
+
+
+def schedule_for(state: dict[str, torch.Tensor], source: str,
+                 patch_nums: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The scale schedule: ``patch_nums`` checked against the checkpoint's position tables, or the released schedule
+    of that many tokens."""
+    tokens = state["pos_1LC"].shape[1]
+    scales = state["lvl_embed.weight"].shape[0] if "lvl_embed.weight" in state else None
+    first = state["pos_start"].shape[1] if "pos_start" in state else None
+    known = SCHEDULES.get(tokens)
+    has = f"{tokens} tokens in {scales} scales" + (f" {known}" if known else "")
+    if patch_nums is None:
+        if known is None:
+            raise VARCheckpointError(f"{source}: a position table of {tokens} tokens matches no known VAR schedule "
+                                     f"({', '.join(map(str, SCHEDULES))}); pass the one it was trained with as "
+                                     f"patch_nums=(1, 2, ...)")
+        return known
+    try:
+        wanted = tuple(int(p) for p in patch_nums)
+    except (TypeError, ValueError):
+        raise VARCheckpointError(f"patch_nums must be a sequence of integers, got {patch_nums!r}") from None
+    fits = (bool(wanted) and min(wanted) >= 1 and sum(p * p for p in wanted) == tokens
+            and scales in (None, len(wanted)) and first in (None, wanted[0] ** 2))
+    if not fits:
+        raise VARCheckpointError(f"patch_nums {wanted} ({sum(p * p for p in wanted)} tokens in {len(wanted)} scales) "
+                                 f"does not match {source} ({has})")
+    if known is not None and wanted != known:
+        warnings.warn(f"genkv: patch_nums {wanted} differs from the schedule {known} VAR's {tokens}-token checkpoints "
+                      f"were trained with: each scale reads other scales' position embeddings", stacklevel=4)
+    return wanted
 
 
 def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -71,15 +128,31 @@ def load_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], source:
     module.load_state_dict(state, strict=True)
 
 
-def load_var_transformer(path: str | Path) -> VARTransformer:
-    state = read_state_dict(path, "VAR")
-    model = VARTransformer(config_from_state_dict(state, str(path)))
+def load_var_transformer(path: str | Path, patch_nums: tuple[int, ...] | None = None) -> VARTransformer:
+    """A ``var_d*.pth`` (or ``ar-ckpt-*.pth``) file as a :class:`VARTransformer`, config read off its tensors.
+
+    Example:
+        >>> import tempfile, torch
+        >>> from genkv.testing import tiny_var_pipeline
+        >>> with tempfile.TemporaryDirectory() as tmp:  # the tiny model's 30 tokens are no released schedule
+        ...     torch.save(tiny_var_pipeline().transformer.state_dict(), tmp + "/var_tiny.pth")
+        ...     model = load_var_transformer(tmp + "/var_tiny.pth", patch_nums=(1, 2, 3, 4))
+        >>> model.config.patch_nums
+        (1, 2, 3, 4)
+    """
+    state, trained_with = read_checkpoint(path, "VAR")
+    if patch_nums is None:
+        patch_nums = trained_with
+    elif trained_with is not None and tuple(patch_nums) != trained_with:
+        raise VARCheckpointError(f"patch_nums {tuple(patch_nums)} differs from the schedule {trained_with} the "
+                                 f"training checkpoint {str(path)!r} was trained with")
+    model = VARTransformer(config_from_state_dict(state, str(path), patch_nums))
     load_strict(model, state, str(path))
     return model.eval()
 
 
 def load_vqvae(path: str | Path, patch_nums: tuple[int, ...]) -> MultiScaleVQVAE:
-    state = read_state_dict(path, "VQ-VAE")
+    state, _ = read_checkpoint(path, "VQ-VAE")
     if "quantize.embedding.weight" not in state:
         hint = " (this looks like a VAR transformer)" if "word_embed.weight" in state else ""
         raise VARCheckpointError(f"{path} is not a VAR VQ-VAE checkpoint: no quantize.embedding{hint}")
