@@ -59,7 +59,7 @@ class CrossAttnBlock(nn.Module):
         self.ada_gss = nn.Parameter(torch.zeros(1, 1, 6, c))
 
     def adaln(self, x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        return self.ln_wo_grad(x.float()) * (scale + 1) + shift
+        return self.ln_wo_grad(x) * (scale + 1) + shift
 
 
 class _Chunk(nn.Module):
@@ -146,14 +146,20 @@ class InfinityTransformer(nn.Module):
             raise ValueError(f"prompts of {n} tokens are longer than this model's {self.cfg_uncond.shape[0]}")
         return self.cfg_uncond[:n].unsqueeze(0).expand(mask.shape[0], -1, -1)
 
+    @property
+    def wide_dtype(self) -> torch.dtype:
+        """Residual stream and norms: float32, or the weights' dtype when wider (a float64 reference model)."""
+        return torch.promote_types(self.head.weight.dtype, torch.float32)
+
     def block_condition(self, cond: torch.Tensor) -> torch.Tensor:
-        """The shared AdaLN projection (B, 1, 6, C), float32."""
-        return self.shared_ada_lin(cond.float()).view(-1, 1, 6, self.config.embed_dim).float()
+        """The shared AdaLN projection (B, 1, 6, C), in :attr:`wide_dtype`."""
+        gss = self.shared_ada_lin(cond.to(self.head.weight.dtype))
+        return gss.view(-1, 1, 6, self.config.embed_dim).to(self.wide_dtype)
 
     # -- one scale -------------------------------------------------------------------------------------------
 
     def level(self, x: torch.Tensor, scale: int) -> torch.Tensor:
-        return x + self.lvl_embed.weight[scale].float()
+        return x + self.lvl_embed.weight[scale].to(x.dtype)
 
     def forward_scale(self, x: torch.Tensor, gss: torch.Tensor, text_kv: list, text_mask: torch.Tensor,
                       scale: int, rope: tuple[torch.Tensor, torch.Tensor], cache,
@@ -166,19 +172,19 @@ class InfinityTransformer(nn.Module):
         config = self.config
         per_chunk = config.depth // config.block_chunks
         cos, sin = (t.to(x.device) for t in rope)
-        dtype = self.head.weight.dtype
-        x = x.float()  # the residual stream stays float32, as upstream (its blocks run in bf16 under autocast)
+        dtype, wide = self.head.weight.dtype, self.wide_dtype
+        x = x.to(wide)  # the residual stream stays float32, as upstream (its blocks run in bf16 under autocast)
         for i, block in enumerate(self.layers):
             if i == 0 or (not config.add_lvl_embed_only_first_block and i % per_chunk == 0):
                 x = self.level(x, scale)
-            g1, g2, s1, s2, b1, b2 = (block.ada_gss + gss).float().unbind(2)
+            g1, g2, s1, s2, b1, b2 = (block.ada_gss + gss).to(wide).unbind(2)
             q, k, v = block.sa.qkv(block.adaln(x, s1, b1).to(dtype))
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             # contiguous v, as upstream: the CPU attention kernel gives other last bits on a strided v
             out = cache.attend(i, scale, q, k, v.contiguous()).transpose(1, 2).flatten(2)
-            x = x + block.sa.proj(out).float() * g1
-            x = x + block.ca(block.ca_norm(x.to(dtype)), text_kv[i], text_mask).float()
-            x = x + block.ffn(block.adaln(x, s2, b2).to(dtype)).float() * g2
+            x = x + block.sa.proj(out).to(wide) * g1
+            x = x + block.ca(block.ca_norm(x.to(dtype)), text_kv[i], text_mask).to(wide)
+            x = x + block.ffn(block.adaln(x, s2, b2).to(dtype)).to(wide) * g2
             if mix is not None and mix[0] == i:
                 half = x.shape[0] // 2
                 mixed = mix[1] * x[:half] + (1 - mix[1]) * x[half:]
@@ -186,7 +192,10 @@ class InfinityTransformer(nn.Module):
         return x
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        """The output head: final adaptive norm and bit projection, (B, l, C) → (B, l, 2 * bits) float32."""
-        scale, shift = self.head_nm.ada_lin(cond.float()).view(-1, 1, 2, self.config.embed_dim).unbind(2)
-        h = self.head_nm.ln_wo_grad(x.float()) * (scale + 1) + shift
-        return self.head(h.to(self.head.weight.dtype)).float()
+        """The output head: final adaptive norm and bit projection, (B, l, C) → (B, l, 2 * bits) float32 (or
+        :attr:`wide_dtype`)."""
+        wide = self.wide_dtype
+        scale, shift = self.head_nm.ada_lin(cond.to(self.head.weight.dtype)).to(wide).view(
+            -1, 1, 2, self.config.embed_dim).unbind(2)
+        h = self.head_nm.ln_wo_grad(x.to(wide)) * (scale + 1) + shift
+        return self.head(h.to(self.head.weight.dtype)).to(wide)

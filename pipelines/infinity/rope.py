@@ -49,8 +49,9 @@ def rope_tables(schedule: tuple[tuple[int, int], ...], head_dim: int, normalized
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs of ``x`` (B, H, L, D) by the (L, D/2) angles; computed in float32."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    """Rotate adjacent channel pairs of ``x`` (B, H, L, D) by the (L, D/2) angles; computed in float32 (or in
+    x's dtype when wider)."""
+    pairs = x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2))
     even, odd = pairs[..., 0], pairs[..., 1]
     out = torch.stack([cos * even - sin * odd, sin * even + cos * odd], dim=-1)
     return out.flatten(-2).to(x.dtype)
