@@ -72,7 +72,8 @@ def _first_scale_logits(pipe, monkeypatch, **kwargs):
 
 def test_guidance_combines_conditional_and_learned_unconditional_logits(pipe, monkeypatch):
     features, mask = pipe.encode_prompt(PROMPTS)
-    uncond = pipe.transformer.unconditional_text(mask).float()
+    # official: each prompt's tokens are replaced by the first rows of the learned cfg_uncond
+    uncond = pipe.transformer.cfg_uncond.detach()[: mask.shape[1]].expand(len(PROMPTS), -1, -1)
     cond_logits = _first_scale_logits(pipe, monkeypatch, prompt_embeds=(features, mask), guidance_scale=1.0)
     uncond_logits = _first_scale_logits(pipe, monkeypatch, prompt_embeds=(uncond, mask), guidance_scale=1.0)
     guided = _first_scale_logits(pipe, monkeypatch, prompt_embeds=(features, mask), guidance_scale=4.0, tau=0.5)
