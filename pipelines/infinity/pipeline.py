@@ -77,7 +77,8 @@ class InfinityPipeline:
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> "InfinityPipeline":
         self.transformer.to(device=device, dtype=dtype)
         self.vae.to(device=device)  # the tokenizer decodes in float32
-        self.text_encoder.to(device=device)
+        if self.text_encoder is not None:  # None when only prompt_embeds are used
+            self.text_encoder.to(device=device)
         return self
 
     @property

@@ -144,3 +144,16 @@ def test_parity_with_the_official_code():
     run = subprocess.run([sys.executable, str(script), "--infinity", os.environ["GENKV_INFINITY_DIR"], "--depth", "2"],
                          capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0 and "RESULT" in run.stdout and "PASS" in run.stdout, run.stdout[-2000:]
+
+
+def test_from_pretrained_loads_official_files_and_a_local_t5_folder(pipe, tmp_path):
+    torch.save(pipe.transformer.state_dict(), tmp_path / "infinity_tiny.pth")
+    torch.save({"vae": pipe.vae.state_dict()}, tmp_path / "infinity_vae_tiny.pth")
+    pipe.text_encoder.save_pretrained(tmp_path / "t5")
+    pipe.tokenizer.save_pretrained(tmp_path / "t5")
+    loaded = InfinityPipeline.from_pretrained(tmp_path / "infinity_tiny.pth", vae=tmp_path / "infinity_vae_tiny.pth",
+                                              text_encoder=tmp_path / "t5", pn="0.06M", max_length=64)
+    assert torch.equal(sample(loaded, guidance_scale=3.0), sample(pipe, guidance_scale=3.0))
+    with pytest.raises(ValueError, match="local flan-t5 folder"):
+        InfinityPipeline.from_pretrained(tmp_path / "infinity_tiny.pth", vae=tmp_path / "infinity_vae_tiny.pth",
+                                         text_encoder=tmp_path / "google/flan-t5-xl")
