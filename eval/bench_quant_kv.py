@@ -64,6 +64,30 @@ def lists(batch: int, heads: int, n_q: int, n_kv: int, n_hist_blocks: int, top_k
     return idx, torch.full((batch, heads, n_q), idx.shape[-1], dtype=torch.int32, device=device)
 
 
+LAUNCHES = ({"num_stages": 3}, {"tile_n": 64}, {"tile_n": 64, "num_stages": 3}, {"num_warps": 4},
+            {"tile_m": 64, "num_warps": 4})
+
+
+def launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind) -> list[dict]:
+    """The Triton kernel on the same call at other launch shapes; a shape that does not compile (shared
+    memory) is recorded with its error instead of a time."""
+    from genkv.kernels.block_sparse import block_sparse_attention_triton
+
+    rows = []
+    for launch in LAUNCHES:
+        name = ",".join(f"{k}={v}" for k, v in launch.items())
+        try:
+            ms = timed(lambda: block_sparse_attention_triton(q, cur_k, cur_v, idx, cnt, history=hist, **kw,  # noqa: B023
+                                                             **launch), device, args.iters, args.warmup)
+        except Exception as error:  # noqa: BLE001 - e.g. out of shared memory: record and go on
+            rows.append(dict(density=density, kind=kind, launch=name, error=str(error).splitlines()[0][:120]))
+            print(f"{density} {kind} {name}: {rows[-1]['error']}")
+            continue
+        rows.append(dict(density=density, kind=kind, launch=name, ms=ms, ratio=ms / base_ms,
+                         history_bytes=hist.nbytes, rel_err=float("nan")))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import QuantizedKV, block_sparse_attention, key_channel_scales, quantize_kv  # noqa: F401
 
@@ -75,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--kinds", nargs="+", default=["fp8", "int8", "int4"])
     parser.add_argument("--out", type=Path, default=Path("bench_quant_kv.json"))
+    parser.add_argument("--launch-sweep", action="store_true",
+                        help="also time the Triton kernel at other launch shapes (stages, warps, key tile) per kind")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     shape = SMALL if args.small else WAN
@@ -109,10 +135,12 @@ def main(argv: list[str] | None = None) -> int:
             out = fn().float()
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
                              rel_err=float((out - ref).norm() / ref.norm())))
-    print(f"{'lists':>8s} {'history':>8s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
-    for r in rows:
-        print(f"{r['density']:>8s} {r['kind']:>8s} {r['ms']:8.3f} {r['ratio']:7.3f} {r['history_bytes'] / 2**20:9.1f} "
-              f"{r['rel_err']:9.2e}")
+            if args.launch_sweep and device.type == "cuda":
+                rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind)
+    print(f"{'lists':>8s} {'history':>8s} {'launch':>24s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
+    for r in (r for r in rows if "ms" in r):
+        print(f"{r['density']:>8s} {r['kind']:>8s} {r.get('launch', 'default'):>24s} {r['ms']:8.3f} {r['ratio']:7.3f} "
+              f"{r['history_bytes'] / 2**20:9.1f} {r['rel_err']:9.2e}")
     write_result(args.out, device, shape=shape, block=block, top_k=args.top_k, dtype=str(dtype), rows=rows)
     return 0
 

@@ -26,7 +26,8 @@ MODELS = {
     "var-d30-256": dict(depth=30, patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16), shared_aln=False),
     "var-d36-512": dict(depth=36, patch_nums=(1, 2, 3, 4, 6, 9, 13, 18, 24, 32), shared_aln=True),
 }
-METHODS = {"full": ("full", {}), "scalekv-0.1": ("scalekv", {"budget": 0.1}), "hack-0.3": ("hack", {"budget": 0.3})}
+METHODS = {"full": ("full", {}), "scalekv-0.1": ("scalekv", {"budget": 0.1, "mode": "genkv"}),
+           "hack-0.3": ("hack", {"budget": 0.3, "mode": "genkv"})}
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype, tiny: bool):

@@ -78,68 +78,132 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _attend_history_tile(q, k, v, k_col, v_col, v_zero, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale,
-                             stride_bs, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr, HAS_ZERO: tl.constexpr):
+    def _attend_history_tile(q, k, v, k_col, v_col, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale,
+                             stride_bs, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
         """``_attend_tile`` over a tile whose history columns hold unscaled codes: the per-token key scale
         (``k_col``, 1 on current columns) multiplies the logit columns, together with qk_scale (the same one
         multiply per logit as the plain tile); the per-token value scale (``v_col``) multiplies p before the PV
-        dot, and int4's per-token zero point adds ``sum_j p_j zero_j`` to every channel."""
+        dot."""
         qk = tl.dot(q, tl.trans(k)) * (qk_scale * k_col)[None, :]
         qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
         p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot((p * v_col[None, :]).to(v.dtype), v)
-        if HAS_ZERO:
-            acc += tl.sum(p * v_zero[None, :], 1)[:, None]
         return acc, m_new, l_i
 
     @triton.jit
-    def _history_codes(base, offs_n, in_hist, stride_s, TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       KIND: tl.constexpr, dtype: tl.constexpr):
-        """A (TILE_N, HEAD_DIM) tile of codes as ``dtype`` (exact: codes are small integers or fp8); rows
-        outside the history are undefined (the caller selects the current chunk's there; fp8 has no integer
-        ``other``). Int4 (KIND 3) bytes hold channel 2j in the low nibble, 2j+1 in the high one."""
-        if KIND == 3:
-            # Each byte is loaded for both of its channels (the second load hits the cache) and shifted by 0 or
-            # 4: plain elementwise ops. (tl.join + tl.reshape, the interleave this replaces, was right in the
-            # interpreter but scrambled channels on an H200 with Triton 3.6.)
-            offs_d = tl.arange(0, HEAD_DIM)
-            packed = tl.load(base + offs_n[:, None] * stride_s + (offs_d // 2)[None, :], mask=in_hist[:, None])
-            nibbles = (packed.to(tl.int32) >> ((offs_d % 2) * 4)[None, :]) & 15
-            codes = nibbles.to(dtype)
-        else:
-            offs_d = tl.arange(0, HEAD_DIM)
-            codes = tl.load(base + offs_n[:, None] * stride_s + offs_d[None, :], mask=in_hist[:, None])
-            codes = codes.to(dtype)
-        return codes
+    def _history_codes(base, offs_n, in_hist, stride_s, HEAD_DIM: tl.constexpr, dtype: tl.constexpr):
+        """A (TILE_N, HEAD_DIM) tile of fp8 / int8 codes as ``dtype`` (exact: codes are small integers or fp8);
+        rows outside the history are undefined (the caller selects the current chunk's there; fp8 has no
+        integer ``other``)."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        codes = tl.load(base + offs_n[:, None] * stride_s + offs_d[None, :], mask=in_hist[:, None])
+        return codes.to(dtype)
 
     @triton.jit
-    def _load_history_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base,
-                           hvz_base, stride_ss, channel, offs_n, hist_len, kv_len, TILE_N: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, KIND: tl.constexpr, HAS_ZERO: tl.constexpr):
-        """K/V tile over combined positions: [0, hist_len) from the quantized history, [hist_len, kv_len) from
-        the current chunk. Both loads are masked and merged with tl.where, so a tile straddling the boundary
-        needs no branch (the loop stays branch-free and pipelined). Returns (k, v, k_col, v_col, v_zero): history
-        keys as codes times the smoothing factors (powers of two: exact), values as bare codes; the per-token
-        scales come back as column vectors (1 on current columns; zero points 0) for _attend_history_tile."""
-        offs_d = tl.arange(0, HEAD_DIM)
-        in_hist = offs_n < hist_len
-        in_cur = (offs_n >= hist_len) & (offs_n < kv_len)
-        cur_n = offs_n - hist_len
-        k_cur = tl.load(k_base + cur_n[:, None] * stride_ks + offs_d[None, :], mask=in_cur[:, None], other=0.0)
-        v_cur = tl.load(v_base + cur_n[:, None] * stride_vs + offs_d[None, :], mask=in_cur[:, None], other=0.0)
-        k_hist = _history_codes(hk_base, offs_n, in_hist, stride_hs, TILE_N, HEAD_DIM, KIND, k_cur.dtype)
-        if KIND == 3:  # int4 keys are stored offset by 8
-            k_hist = k_hist - 8.0
-        k = tl.where(in_hist[:, None], k_hist * channel[None, :], k_cur)
-        v = tl.where(in_hist[:, None], _history_codes(hv_base, offs_n, in_hist, stride_hs, TILE_N, HEAD_DIM,
-                                                      KIND, v_cur.dtype), v_cur)
+    def _int4_halves(base, offs_n, in_hist, stride_s, HALF: tl.constexpr, dtype: tl.constexpr,
+                     OFFSET: tl.constexpr):
+        """The even and odd channels of a (TILE_N, 2 * HALF) int4 tile, as two (TILE_N, HALF) tiles of
+        ``dtype`` minus ``OFFSET`` (8 for keys, stored offset; 0 for values). Byte j holds channel 2j in its
+        low nibble and 2j+1 in its high one, so one load feeds both halves and nothing is interleaved: the
+        kernel keeps int4 heads as even / odd halves end to end (tl.join + reshape, the interleave, scrambled
+        channels on an H200 with Triton 3.6)."""
+        offs_h = tl.arange(0, HALF)
+        packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :], mask=in_hist[:, None], other=0)
+        packed = packed.to(tl.int32)
+        low = (packed & 15).to(tl.float32) - OFFSET
+        high = ((packed >> 4) & 15).to(tl.float32) - OFFSET
+        return low.to(dtype), high.to(dtype)
+
+    @triton.jit
+    def _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n, in_hist, HAS_ZERO: tl.constexpr):
+        """Per-token key scale, value scale and (int4) value zero point as column vectors: 1, 1 and 0 on
+        columns outside the history (the current chunk's full-precision keys)."""
         k_col = tl.load(hks_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
         v_col = tl.load(hvs_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
         if HAS_ZERO:
             v_zero = tl.load(hvz_base + offs_n * stride_ss, mask=in_hist, other=0.0).to(tl.float32)
         else:
             v_zero = v_col
-        return k, v, k_col, v_col, v_zero
+        return k_col, v_col, v_zero
+
+    @triton.jit
+    def _attend_history_codes(qc, acc, m_i, l_i, hk_base, hv_base, stride_hs, hks_base, hvs_base, stride_ss,
+                              bias_base, stride_bs, offs_n, hist_len, qk_scale, HEAD_DIM: tl.constexpr,
+                              HAS_BIAS: tl.constexpr):
+        """One fp8 / int8 tile wholly inside the history: bare codes straight into the dots. ``qc`` is q times
+        the keys' smoothing factors (powers of two: exact), so the key tile needs no multiply; the per-token
+        scales ride on the logit columns and on p."""
+        in_hist = offs_n < hist_len
+        kc = _history_codes(hk_base, offs_n, in_hist, stride_hs, HEAD_DIM, qc.dtype)
+        vc = _history_codes(hv_base, offs_n, in_hist, stride_hs, HEAD_DIM, qc.dtype)
+        k_col, v_col, _ = _token_scales(hks_base, hvs_base, hvs_base, stride_ss, offs_n, in_hist, False)
+        qk = tl.dot(qc, tl.trans(kc)) * (qk_scale * k_col)[None, :]
+        qk = _masked_logits(qk, bias_base, offs_n, hist_len, stride_bs, HAS_BIAS, False)
+        p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
+        acc = tl.dot((p * v_col[None, :]).to(qc.dtype), vc, acc * alpha[:, None])
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _attend_int4_halves(q_e, q_o, k_e, k_o, v_e, v_o, k_col, v_col, v_zero, acc_e, acc_o, m_i, l_i,
+                            bias_base, offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS: tl.constexpr,
+                            RAGGED: tl.constexpr):
+        """One tile of an int4-history head held as even / odd channel halves: logits are the sum of the two
+        halves' dots; each half of the output gets its own PV dot, plus ``sum_j p_j zero_j`` (int4 values'
+        zero points; 0 on current columns)."""
+        qk = (tl.dot(q_e, tl.trans(k_e)) + tl.dot(q_o, tl.trans(k_o))) * (qk_scale * k_col)[None, :]
+        qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
+        p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
+        pw = (p * v_col[None, :]).to(v_e.dtype)
+        zero = tl.sum(p * v_zero[None, :], 1)[:, None]
+        acc_e = tl.dot(pw, v_e, acc_e * alpha[:, None]) + zero
+        acc_o = tl.dot(pw, v_o, acc_o * alpha[:, None]) + zero
+        return acc_e, acc_o, m_new, l_i
+
+    @triton.jit
+    def _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, ch_e, ch_o, offs_n,
+                        hist_len, kv_len, HALF: tl.constexpr, SCALE_KEYS: tl.constexpr, dtype: tl.constexpr):
+        """K/V halves (even, odd channels) of a tile over combined positions, int4 history then current chunk.
+        A tile wholly inside the history (``SCALE_KEYS`` False: the caller folded the smoothing factors into
+        q) loads codes only; otherwise both sources are loaded with masks and merged, history keys times the
+        smoothing factors."""
+        in_hist = offs_n < hist_len
+        k_e, k_o = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0)
+        v_e, v_o = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0)
+        if SCALE_KEYS:
+            in_cur = (offs_n >= hist_len) & (offs_n < kv_len)
+            cur_n = offs_n - hist_len
+            even = 2 * tl.arange(0, HALF)
+            rows_k = k_base + cur_n[:, None] * stride_ks
+            rows_v = v_base + cur_n[:, None] * stride_vs
+            k_e = tl.where(in_hist[:, None], k_e * ch_e[None, :],
+                           tl.load(rows_k + even[None, :], mask=in_cur[:, None], other=0.0))
+            k_o = tl.where(in_hist[:, None], k_o * ch_o[None, :],
+                           tl.load(rows_k + even[None, :] + 1, mask=in_cur[:, None], other=0.0))
+            v_e = tl.where(in_hist[:, None], v_e, tl.load(rows_v + even[None, :], mask=in_cur[:, None], other=0.0))
+            v_o = tl.where(in_hist[:, None], v_o,
+                           tl.load(rows_v + even[None, :] + 1, mask=in_cur[:, None], other=0.0))
+        return k_e, k_o, v_e, v_o
+
+    @triton.jit
+    def _load_history_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base,
+                           stride_ss, channel, offs_n, hist_len, kv_len, HEAD_DIM: tl.constexpr):
+        """K/V tile over combined positions: [0, hist_len) from the quantized history, [hist_len, kv_len) from
+        the current chunk. Both loads are masked and merged with tl.where, so a tile straddling the boundary
+        needs no branch (the loop stays branch-free and pipelined). Returns (k, v, k_col, v_col) for fp8 / int8:
+        history keys as codes times the smoothing factors (powers of two: exact), values as bare codes; the
+        per-token scales come back as column vectors (1 on current columns) for _attend_history_tile."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        in_hist = offs_n < hist_len
+        in_cur = (offs_n >= hist_len) & (offs_n < kv_len)
+        cur_n = offs_n - hist_len
+        k_cur = tl.load(k_base + cur_n[:, None] * stride_ks + offs_d[None, :], mask=in_cur[:, None], other=0.0)
+        v_cur = tl.load(v_base + cur_n[:, None] * stride_vs + offs_d[None, :], mask=in_cur[:, None], other=0.0)
+        k_hist = _history_codes(hk_base, offs_n, in_hist, stride_hs, HEAD_DIM, k_cur.dtype)
+        k = tl.where(in_hist[:, None], k_hist * channel[None, :], k_cur)
+        v = tl.where(in_hist[:, None], _history_codes(hv_base, offs_n, in_hist, stride_hs, HEAD_DIM, v_cur.dtype),
+                     v_cur)
+        k_col, v_col, _ = _token_scales(hks_base, hvs_base, hvs_base, stride_ss, offs_n, in_hist, False)
+        return k, v, k_col, v_col
 
     # Lengths change every chunk: without do_not_specialize, Triton would compile a new variant whenever one
     # crosses a multiple of 16 (seconds of JIT inside a rollout).
@@ -170,6 +234,7 @@ if triton is not None:
         WARP_SPECIALIZE: tl.constexpr,
         USE_TMA: tl.constexpr,
         HIST_KIND: tl.constexpr,
+        LIST_WIDTH: tl.constexpr,
     ):
         # One program per (query tile, batch x head). The block lists are at the mask's granularity
         # (MASK_BLOCK_M x MASK_BLOCK_N); tiles may be smaller, so the kernel's shape is tuned independently.
@@ -195,35 +260,20 @@ if triton is not None:
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
         bias_base = Bias + b * stride_bb + h * stride_bh
-        # A quantized history (HIST_KIND 1 fp8, 2 int8, 3 int4; 0: none) holds key/value positions [0, hist_len);
-        # K/V then hold [hist_len, kv_len). The keys' smoothing factors are loaded once per program.
-        if HIST_KIND != 0:
-            hk_base = HK + b * stride_hb + h * stride_hh
-            hv_base = HV + b * stride_hb + h * stride_hh
-            scale_offset = b * stride_sb + h * stride_sh
-            channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
-        # Branch-free loop body so Triton software-pipelines the K/V loads (control flow inside the loop would
+        # Branch-free loop bodies so Triton software-pipelines the K/V loads (control flow inside a loop would
         # stop it): RAGGED (kv_len not a multiple of the tile) masks every tile, decided once at launch.
-        if USE_TMA:
-            # Hopper bulk copies: rows past kv_len read as zeros (their logits are masked to -inf below).
-            k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_ks, 1],
-                                               block_shape=[TILE_N, HEAD_DIM])
-            v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
-                                               block_shape=[TILE_N, HEAD_DIM])
-        for i in tl.range(0, count, warp_specialize=WARP_SPECIALIZE):
-            block = tl.load(idx_row + i)
-            for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
-                start_n = block * MASK_BLOCK_N + sub * TILE_N
-                offs_n = start_n + offs_n0
-                if HIST_KIND != 0:
-                    k, v, k_col, v_col, v_zero = _load_history_tile(
-                        k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, HKS + scale_offset,
-                        HVS + scale_offset, HVZ + scale_offset, stride_ss, channel, offs_n, hist_len, kv_len,
-                        TILE_N, HEAD_DIM, HIST_KIND, HIST_KIND == 3)
-                    acc, m_i, l_i = _attend_history_tile(q, k, v, k_col, v_col, v_zero, acc, m_i, l_i, bias_base,
-                                                         offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS, RAGGED,
-                                                         HIST_KIND == 3)
-                else:
+        if HIST_KIND == 0:
+            if USE_TMA:
+                # Hopper bulk copies: rows past kv_len read as zeros (their logits are masked to -inf below).
+                k_desc = tl.make_tensor_descriptor(k_base, shape=[kv_len, HEAD_DIM], strides=[stride_ks, 1],
+                                                   block_shape=[TILE_N, HEAD_DIM])
+                v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
+                                                   block_shape=[TILE_N, HEAD_DIM])
+            for i in tl.range(0, count, warp_specialize=WARP_SPECIALIZE):
+                block = tl.load(idx_row + i)
+                for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                    start_n = block * MASK_BLOCK_N + sub * TILE_N
+                    offs_n = start_n + offs_n0
                     if USE_TMA:
                         k = k_desc.load([start_n, 0])
                         v = v_desc.load([start_n, 0])
@@ -238,11 +288,93 @@ if triton is not None:
                         v = tl.load(v_base + offs_n[:, None] * stride_vs + offs_d[None, :])
                     acc, m_i, l_i = _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale,
                                                  stride_bs, HAS_BIAS, RAGGED)
+        else:
+            # A quantized history (HIST_KIND 1 fp8, 2 int8, 3 int4) holds key/value positions [0, hist_len);
+            # K/V hold [hist_len, kv_len). An ascending list (what routing and dense lists are) starts with the
+            # blocks wholly inside the history: those run a loop of their own that loads codes only, with the
+            # keys' smoothing factors folded into q once per program. The rest (a block straddling hist_len, the
+            # current chunk's) and every entry of an unordered list run the merged loop, which loads both sources.
+            hk_base = HK + b * stride_hb + h * stride_hh
+            hv_base = HV + b * stride_hb + h * stride_hh
+            hks_base = HKS + b * stride_sb + h * stride_sh
+            hvs_base = HVS + b * stride_sb + h * stride_sh
+            hvz_base = HVZ + b * stride_sb + h * stride_sh
+            offs_l = tl.arange(0, LIST_WIDTH)
+            listed = offs_l < count
+            ids = tl.load(idx_row + offs_l, mask=listed, other=0)
+            following = tl.load(idx_row + offs_l + 1, mask=offs_l + 1 < count, other=0)
+            unordered = tl.sum(((offs_l + 1 < count) & (following <= ids)).to(tl.int32), 0)
+            whole = tl.sum((listed & ((ids + 1) * MASK_BLOCK_N <= hist_len)).to(tl.int32), 0)
+            n_whole = tl.where(unordered == 0, whole, 0)
+            if HIST_KIND == 3:
+                # int4: the head is held as even / odd channel halves end to end (see _int4_halves).
+                offs_h = tl.arange(0, HEAD_DIM // 2)
+                channel_row = HC + b * stride_xb + h * stride_xh
+                ch_e = tl.load(channel_row + 2 * offs_h).to(q.dtype)
+                ch_o = tl.load(channel_row + 2 * offs_h + 1).to(q.dtype)
+                q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
+                q_e = tl.load(q_rows + 2 * offs_h[None, :], mask=row_ok[:, None], other=0.0)
+                q_o = tl.load(q_rows + 2 * offs_h[None, :] + 1, mask=row_ok[:, None], other=0.0)
+                qc_e = q_e * ch_e[None, :]
+                qc_o = q_o * ch_o[None, :]
+                acc_e = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
+                acc_o = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
+                for i in tl.range(0, n_whole):
+                    block = tl.load(idx_row + i)
+                    for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                        offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
+                        k_e, k_o, v_e, v_o = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base,
+                                                             hv_base, stride_hs, ch_e, ch_o, offs_n, hist_len,
+                                                             kv_len, HEAD_DIM // 2, False, q.dtype)
+                        k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
+                                                             offs_n < hist_len, True)
+                        acc_e, acc_o, m_i, l_i = _attend_int4_halves(qc_e, qc_o, k_e, k_o, v_e, v_o, k_col, v_col,
+                                                                     v_zero, acc_e, acc_o, m_i, l_i, bias_base,
+                                                                     offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS,
+                                                                     False)
+                for i in tl.range(n_whole, count):
+                    block = tl.load(idx_row + i)
+                    for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                        offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
+                        k_e, k_o, v_e, v_o = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base,
+                                                             hv_base, stride_hs, ch_e, ch_o, offs_n, hist_len,
+                                                             kv_len, HEAD_DIM // 2, True, q.dtype)
+                        k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
+                                                             offs_n < hist_len, True)
+                        acc_e, acc_o, m_i, l_i = _attend_int4_halves(q_e, q_o, k_e, k_o, v_e, v_o, k_col, v_col,
+                                                                     v_zero, acc_e, acc_o, m_i, l_i, bias_base,
+                                                                     offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS,
+                                                                     RAGGED)
+            else:
+                channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
+                qc = q * channel[None, :]
+                for i in tl.range(0, n_whole):
+                    block = tl.load(idx_row + i)
+                    for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                        offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
+                        acc, m_i, l_i = _attend_history_codes(qc, acc, m_i, l_i, hk_base, hv_base, stride_hs,
+                                                              hks_base, hvs_base, stride_ss, bias_base, stride_bs,
+                                                              offs_n, hist_len, qk_scale, HEAD_DIM, HAS_BIAS)
+                for i in tl.range(n_whole, count):
+                    block = tl.load(idx_row + i)
+                    for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                        offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
+                        k, v, k_col, v_col = _load_history_tile(k_base, v_base, stride_ks, stride_vs, hk_base,
+                                                                hv_base, stride_hs, hks_base, hvs_base, stride_ss,
+                                                                channel, offs_n, hist_len, kv_len, HEAD_DIM)
+                        acc, m_i, l_i = _attend_history_tile(q, k, v, k_col, v_col, acc, m_i, l_i, bias_base,
+                                                             offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS, RAGGED)
 
         denom = tl.where(l_i == 0.0, 1.0, l_i)
-        out = acc / denom[:, None]
-        o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        o_rows = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
+        if HIST_KIND == 3:
+            tl.store(o_rows + 2 * offs_h[None, :], (acc_e / denom[:, None]).to(Out.dtype.element_ty),
+                     mask=row_ok[:, None])
+            tl.store(o_rows + 2 * offs_h[None, :] + 1, (acc_o / denom[:, None]).to(Out.dtype.element_ty),
+                     mask=row_ok[:, None])
+        else:
+            tl.store(o_rows + offs_d[None, :], (acc / denom[:, None]).to(Out.dtype.element_ty),
+                     mask=row_ok[:, None])
         if STORE_LSE:
             lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(denom)) / 1.4426950408889634)
             tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
@@ -421,6 +553,7 @@ def block_sparse_attention_triton(
         WARP_SPECIALIZE=warp_specialize,
         USE_TMA=use_tma,
         HIST_KIND=hist_kind,
+        LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
         num_warps=num_warps or (8 if d >= 128 else 4),
         # (a history tile holds codes and the current chunk's K/V: 3 stages overflow shared memory at D = 128)
         num_stages=num_stages or (2 if hist_kind else 3),

@@ -54,7 +54,7 @@ def test_scalekv_with_budget_one_reproduces_the_full_cache_and_remove_restores_i
     genkv.apply_genkv(pipe, "scalekv", budget=1.0)
     assert genkv.is_patched(pipe)
     assert (sample(pipe) == full).all()
-    genkv.apply_genkv(pipe, "scalekv", budget=0.2)
+    genkv.apply_genkv(pipe, "scalekv", budget=0.2, mode="genkv")
     assert not (sample(pipe) == full).all()
     genkv.remove_genkv(pipe)
     assert not genkv.is_patched(pipe) and (sample(pipe) == full).all()
@@ -65,7 +65,7 @@ def test_kept_bytes_never_exceed_the_budget_at_any_scale(budget):
     pipe = tiny_var_pipeline()
     sample(pipe)
     full = genkv.cache_stats(pipe)["scales"]
-    genkv.apply_genkv(pipe, "scalekv", budget=budget)
+    genkv.apply_genkv(pipe, "scalekv", budget=budget, mode="genkv")
     sample(pipe)
     stats = genkv.cache_stats(pipe)
     assert stats["method"] == "scalekv" and stats["peak_bytes"] <= budget * max(v["total_bytes"] for v in full.values())
@@ -100,12 +100,12 @@ def test_calibration_json_round_trips_and_refuses_another_depth(tmp_path):
     path = tmp_path / "budgets.json"
     budgets.save(path)
     assert ScaleBudgets.load(path, depth=3, patch_nums=(1, 2, 3, 4)) == budgets
-    genkv.apply_genkv(pipe, "scalekv", budgets=str(path))
+    genkv.apply_genkv(pipe, "scalekv", budgets=str(path), mode="genkv")
     sample(pipe)
     assert genkv.cache_stats(pipe)["scales"][2]["tokens"] == [budgets.caps[layer][2] for layer in range(3)]
     with pytest.raises(ValueError, match="depth 3.*depth 4"):
         deeper = tiny_var_pipeline(depth=4)
-        genkv.apply_genkv(deeper, "scalekv", budgets=str(path))
+        genkv.apply_genkv(deeper, "scalekv", budgets=str(path), mode="genkv")
         sample(deeper)
     data = json.loads(path.read_text())
     data["depth"] = 5
@@ -202,7 +202,7 @@ def test_hack_with_budget_one_is_the_full_cache_and_keeps_within_budget_below():
     genkv.apply_genkv(pipe, "hack", budget=1.0)
     assert (sample(pipe) == full_images).all()
     for budget in (0.3, 0.6):
-        genkv.apply_genkv(pipe, "hack", budget=budget)
+        genkv.apply_genkv(pipe, "hack", budget=budget, mode="genkv")
         images = sample(pipe)
         assert not (images == full_images).all()
         stats = genkv.cache_stats(pipe)
@@ -341,13 +341,13 @@ def test_hack_with_merge_keeps_k_v_and_counts_within_the_budget_and_budget_one_i
     full = tiny_var_pipeline()
     reference = sample(full)
     full_bytes = {s: v["total_bytes"] for s, v in genkv.cache_stats(full)["scales"].items()}
-    merged = genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=0.4, merge=True)
+    merged = genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=0.4, merge=True, mode="genkv")
     images = sample(merged)
     stats = genkv.cache_stats(merged)
     for scale, row in stats["scales"].items():
         assert row["total_bytes"] <= 0.4 * full_bytes[scale] + 1e-9
     assert images.shape == reference.shape
     assert (sample(genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=1.0, merge=True)) == reference).all()
-    assert not (images == sample(genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=0.4))).all()  # merges
+    assert not (images == sample(genkv.apply_genkv(tiny_var_pipeline(), "hack", budget=0.4, mode="genkv"))).all()  # merges
     with pytest.raises(ValueError, match="merge must be true or false"):
         genkv.apply_genkv(tiny_var_pipeline(), "hack", merge=2)
