@@ -205,6 +205,28 @@ if triton is not None:
         k_col, v_col, _ = _token_scales(hks_base, hvs_base, hvs_base, stride_ss, offs_n, in_hist, False)
         return k, v, k_col, v_col
 
+    @triton.jit
+    def _int4_blocks(idx_row, first, last, q_e, q_o, ch_e, ch_o, acc_e, acc_o, m_i, l_i, k_base, v_base, stride_ks,
+                     stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base,
+                     stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
+                     TILE_N: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, MERGED: tl.constexpr,
+                     RAGGED: tl.constexpr):
+        """List entries [first, last) of an int4-history head. ``MERGED`` False: blocks wholly inside the
+        history, q already times the smoothing factors, no ragged mask; True: any block, both sources merged."""
+        for i in tl.range(first, last):
+            block = tl.load(idx_row + i)
+            for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
+                k_e, k_o, v_e, v_o = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base,
+                                                     stride_hs, ch_e, ch_o, offs_n, hist_len, kv_len, HALF, MERGED,
+                                                     q_e.dtype)
+                k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
+                                                     offs_n < hist_len, True)
+                acc_e, acc_o, m_i, l_i = _attend_int4_halves(q_e, q_o, k_e, k_o, v_e, v_o, k_col, v_col, v_zero,
+                                                             acc_e, acc_o, m_i, l_i, bias_base, offs_n, kv_len,
+                                                             qk_scale, stride_bs, HAS_BIAS, RAGGED)
+        return acc_e, acc_o, m_i, l_i
+
     # Lengths change every chunk: without do_not_specialize, Triton would compile a new variant whenever one
     # crosses a multiple of 16 (seconds of JIT inside a rollout).
     @triton.jit(do_not_specialize=["q_len", "kv_len", "hist_len"])
@@ -319,32 +341,16 @@ if triton is not None:
                 qc_o = q_o * ch_o[None, :]
                 acc_e = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
                 acc_o = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
-                for i in tl.range(0, n_whole):
-                    block = tl.load(idx_row + i)
-                    for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
-                        offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
-                        k_e, k_o, v_e, v_o = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base,
-                                                             hv_base, stride_hs, ch_e, ch_o, offs_n, hist_len,
-                                                             kv_len, HEAD_DIM // 2, False, q.dtype)
-                        k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
-                                                             offs_n < hist_len, True)
-                        acc_e, acc_o, m_i, l_i = _attend_int4_halves(qc_e, qc_o, k_e, k_o, v_e, v_o, k_col, v_col,
-                                                                     v_zero, acc_e, acc_o, m_i, l_i, bias_base,
-                                                                     offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS,
-                                                                     False)
-                for i in tl.range(n_whole, count):
-                    block = tl.load(idx_row + i)
-                    for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
-                        offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
-                        k_e, k_o, v_e, v_o = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base,
-                                                             hv_base, stride_hs, ch_e, ch_o, offs_n, hist_len,
-                                                             kv_len, HEAD_DIM // 2, True, q.dtype)
-                        k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
-                                                             offs_n < hist_len, True)
-                        acc_e, acc_o, m_i, l_i = _attend_int4_halves(q_e, q_o, k_e, k_o, v_e, v_o, k_col, v_col,
-                                                                     v_zero, acc_e, acc_o, m_i, l_i, bias_base,
-                                                                     offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS,
-                                                                     RAGGED)
+                acc_e, acc_o, m_i, l_i = _int4_blocks(
+                    idx_row, 0, n_whole, qc_e, qc_o, ch_e, ch_o, acc_e, acc_o, m_i, l_i, k_base, v_base, stride_ks,
+                    stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base,
+                    stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2, HAS_BIAS,
+                    False, False)
+                acc_e, acc_o, m_i, l_i = _int4_blocks(
+                    idx_row, n_whole, count, q_e, q_o, ch_e, ch_o, acc_e, acc_o, m_i, l_i, k_base, v_base, stride_ks,
+                    stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base,
+                    stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2, HAS_BIAS,
+                    True, RAGGED)
             else:
                 channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
                 qc = q * channel[None, :]

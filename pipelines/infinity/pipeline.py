@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from genkv.pipelines.var.pipeline import VARPipelineOutput
+from genkv.pipelines.var.pipeline import VARPipelineOutput, images_output
 
 from .bsq_vae import BitwiseDecoder, bits_to_codes, resize_codes
 from .checkpoint import load_bitwise_vae, load_infinity_transformer
@@ -203,16 +203,3 @@ class InfinityPipeline:
             codes = F.pixel_unshuffle(codes, 2)
         tokens = codes.flatten(2).transpose(1, 2)
         return self.transformer.word_embed(tokens.to(self.transformer.word_embed.weight.dtype))
-
-
-def images_output(images: torch.Tensor, output_type: str) -> VARPipelineOutput:
-    """Images (B, 3, H, W) in [0, 1] as ``output_type``: the tensor ("pt"), an array (B, H, W, 3) ("np") or PIL
-    images ("pil"). (VARPipeline's ``_output`` does the same after decoding and could call this.)"""
-    if output_type == "pt":
-        return VARPipelineOutput(images)
-    array = images.permute(0, 2, 3, 1).float().cpu().numpy()
-    if output_type == "np":
-        return VARPipelineOutput(array)
-    from PIL import Image
-
-    return VARPipelineOutput([Image.fromarray((a * 255).round().astype(np.uint8)) for a in array])

@@ -122,6 +122,19 @@ def fast_gumbel(logits: torch.Tensor, generator: torch.Generator | None) -> torc
     return -(-uniform.clamp_min(torch.finfo(uniform.dtype).tiny).log()).log()
 
 
+def images_output(images: torch.Tensor, output_type: str) -> VARPipelineOutput:
+    """Images (B, 3, H, W) in [0, 1] as ``output_type``: the tensor ("pt"), an array (B, H, W, 3) ("np") or PIL
+    images ("pil"); shared by the next-scale pipelines (VAR, Infinity)."""
+    if output_type == "pt":
+        return VARPipelineOutput(images)
+    array = images.permute(0, 2, 3, 1).float().cpu().numpy()
+    if output_type == "np":
+        return VARPipelineOutput(array)
+    from PIL import Image
+
+    return VARPipelineOutput([Image.fromarray((a * 255).round().astype(np.uint8)) for a in array])
+
+
 class VARPipeline:
     """VAR sampling: class-conditional, classifier-free guidance with VAR's linear ramp over scales.
 
@@ -280,11 +293,4 @@ class VARPipeline:
         # Decode in slices: at 512px the VQ-VAE decoder's activations, not the KV cache, would bound the batch.
         vae = self.vqvae
         images = torch.cat([(vae.decode_fhat(part) + 1) / 2 for part in f_hat.split(self.decode_batch)])
-        if output_type == "pt":
-            return VARPipelineOutput(images)
-        array = images.permute(0, 2, 3, 1).float().cpu().numpy()
-        if output_type == "np":
-            return VARPipelineOutput(array)
-        from PIL import Image
-
-        return VARPipelineOutput([Image.fromarray((a * 255).round().astype(np.uint8)) for a in array])
+        return images_output(images, output_type)

@@ -202,7 +202,7 @@ def test_pooled_quantized_blocks_equal_float64_pooling_of_the_dequantized_keys(k
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("s_h,s_cur", [(64, 20), (0, 40), (50, 0)])
+@pytest.mark.parametrize("s_h,s_cur", [(64, 20), (64, 32), (0, 40), (50, 0)])
 def test_whole_block_history_an_empty_history_and_no_current_keys(backend, s_h, s_cur):
     """No bias, head_dim 128, default tiles: a history of whole blocks, nothing committed yet, history only."""
     g = torch.Generator().manual_seed(25 + s_h)
