@@ -792,9 +792,6 @@ class SelfForcingPipeline(DiffusionPipeline):
         device = self._execution_device
         x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(3, 0, 1, 2)[None]
         x = (x.float() / 127.5 - 1.0).to(vae.dtype)
-        from .vae_stream import apply_thread_invariant_conv2d
-
-        apply_thread_invariant_conv2d(vae.encoder)  # same bits whatever the CPU thread count (as the decoder)
         z = vae.encode(x).latent_dist.mode().float()
         mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)

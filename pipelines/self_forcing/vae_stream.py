@@ -9,44 +9,8 @@ gives exactly what one ``decode`` over the concatenated latents gives, with memo
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import torch
 from diffusers import AutoencoderKLWan
-
-
-def _without_onednn(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    def run(x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if x.device.type != "cpu":
-            return forward(x, *args, **kwargs)
-        with torch.backends.mkldnn.flags(enabled=False):
-            return forward(x, *args, **kwargs)
-
-    return run
-
-
-def apply_thread_invariant_conv2d(module: torch.nn.Module) -> torch.nn.Module:
-    """Make every ``nn.Conv2d`` of ``module`` give the same bits whatever ``torch.get_num_threads()`` on a CPU.
-
-    oneDNN's CPU 2-D convolutions split their sums differently with the thread count (the Wan VAE's attention
-    block's 1x1 convolutions changed by ~1e-6 between 1 and 2 threads, enough to flip a uint8 pixel), so a seed
-    gave other frames on a loaded machine. On CPU tensors these convolutions run on PyTorch's own path instead,
-    which is thread-count invariant; the 3-D convolutions (most of the decoder's time) are, and stay on oneDNN.
-    Idempotent; other devices are untouched.
-
-    Example:
-        >>> conv = apply_thread_invariant_conv2d(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1)))[0]
-        >>> x, threads = torch.randn(2, 4, 16, 16), torch.get_num_threads()
-        >>> torch.set_num_threads(1); one = conv(x)
-        >>> torch.set_num_threads(2); two = conv(x)
-        >>> torch.set_num_threads(threads); torch.equal(one, two)
-        True
-    """
-    for conv in module.modules():
-        if isinstance(conv, torch.nn.Conv2d) and not getattr(conv, "_genkv_thread_invariant", False):
-            conv.forward = _without_onednn(conv.forward)
-            conv._genkv_thread_invariant = True
-    return module
 
 
 class StreamingVAEDecoder:
@@ -82,7 +46,6 @@ class StreamingVAEDecoder:
             from .vae_norm import apply_fused_norms
 
             apply_fused_norms(vae.decoder)
-        apply_thread_invariant_conv2d(vae.decoder)
         self._stats: dict = {}
         if channels_last:
             # cuDNN's tensor-core 3-D convolutions want channels-last (NDHWC) activations and weights.

@@ -1,1 +1,1 @@
-"""Tests of pipelines/self_forcing: upstream reproducibility, loading, thread-count invariance."""
+"""Tests of pipelines/self_forcing: upstream reproducibility, loading, what the thread count may change."""
