@@ -66,15 +66,18 @@ def lists(batch: int, heads: int, n_q: int, n_kv: int, n_hist_blocks: int, top_k
 
 LAUNCHES = ({"num_stages": 3}, {"tile_n": 64}, {"tile_n": 64, "num_stages": 3}, {"num_warps": 4},
             {"tile_m": 64, "num_warps": 4})
+# the bf16 kernel without what only it has (TMA, 3 stages): how much of the gap is the launch
+BF16_LAUNCHES = ({"tma": False}, {"tma": False, "num_stages": 2}, {"num_stages": 2})
 
 
-def launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind) -> list[dict]:
+def launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref) -> list[dict]:
     """The Triton kernel on the same call at other launch shapes; a shape that does not compile (shared
     memory) is recorded with its error instead of a time."""
     from genkv.kernels.block_sparse import block_sparse_attention_triton
 
     rows = []
-    for launch in LAUNCHES:
+    launches = BF16_LAUNCHES if hist is None else LAUNCHES
+    for launch in launches:
         name = ",".join(f"{k}={v}" for k, v in launch.items())
         try:
             ms = timed(lambda: block_sparse_attention_triton(q, cur_k, cur_v, idx, cnt, history=hist, **kw,  # noqa: B023
@@ -83,8 +86,10 @@ def launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, den
             rows.append(dict(density=density, kind=kind, launch=name, error=str(error).splitlines()[0][:120]))
             print(f"{density} {kind} {name}: {rows[-1]['error']}")
             continue
+        out = block_sparse_attention_triton(q, cur_k, cur_v, idx, cnt, history=hist, **kw, **launch).float()
         rows.append(dict(density=density, kind=kind, launch=name, ms=ms, ratio=ms / base_ms,
-                         history_bytes=hist.nbytes, rel_err=float("nan")))
+                         history_bytes=hist.nbytes if hist is not None else 2 * cur_k.numel() * 2,
+                         rel_err=float((out - ref).norm() / ref.norm())))
     return rows
 
 
@@ -125,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
         base_out = base_fn().float()
         ref = base_out if ref is None else ref
         hist_bytes = 2 * keys[:, :n_h].numel() * 2
+        if args.launch_sweep and device.type == "cuda":
+            rows += launch_sweep(q, keys, values, idx, cnt, None, kw, base_ms, device, args, density, "bf16", ref)
         rows.append(dict(density=density, kind="bf16", ms=base_ms, ratio=1.0, history_bytes=hist_bytes,
                          rel_err=float((base_out - ref).norm() / ref.norm())))
         for kind in args.kinds:
@@ -136,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
                              rel_err=float((out - ref).norm() / ref.norm())))
             if args.launch_sweep and device.type == "cuda":
-                rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind)
+                rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref)
     print(f"{'lists':>8s} {'history':>8s} {'launch':>24s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
     for r in (r for r in rows if "ms" in r):
         print(f"{r['density']:>8s} {r['kind']:>8s} {r.get('launch', 'default'):>24s} {r['ms']:8.3f} {r['ratio']:7.3f} "

@@ -127,16 +127,16 @@ if triton is not None:
         return k_col, v_col, v_zero
 
     @triton.jit
-    def _attend_history_codes(qc, acc, m_i, l_i, hk_base, hv_base, stride_hs, hks_base, hvs_base, stride_ss,
-                              bias_base, stride_bs, offs_n, hist_len, qk_scale, HEAD_DIM: tl.constexpr,
-                              HAS_BIAS: tl.constexpr):
-        """One fp8 / int8 tile wholly inside the history: bare codes straight into the dots. ``qc`` is q times
-        the keys' smoothing factors (powers of two: exact), so the key tile needs no multiply; the per-token
-        scales ride on the logit columns and on p."""
-        in_hist = offs_n < hist_len
-        kc = _history_codes(hk_base, offs_n, in_hist, stride_hs, HEAD_DIM, qc.dtype)
-        vc = _history_codes(hv_base, offs_n, in_hist, stride_hs, HEAD_DIM, qc.dtype)
-        k_col, v_col, _ = _token_scales(hks_base, hvs_base, hvs_base, stride_ss, offs_n, in_hist, False)
+    def _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base, stride_ss, bias_base, stride_bs,
+                              offs_n, hist_len, qk_scale, HAS_BIAS: tl.constexpr):
+        """One fp8 / int8 tile wholly inside the history: bare codes (``kc`` / ``vc``, loaded by the caller
+        without masks, since the tile lies inside the history) straight into the dots. ``qc`` is q times the
+        keys' smoothing factors (powers of two: exact), so the key tile needs no multiply; the per-token scales
+        ride on the logit columns and on p."""
+        kc = kc.to(qc.dtype)
+        vc = vc.to(qc.dtype)
+        k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
+        v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
         qk = tl.dot(qc, tl.trans(kc)) * (qk_scale * k_col)[None, :]
         qk = _masked_logits(qk, bias_base, offs_n, hist_len, stride_bs, HAS_BIAS, False)
         p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
@@ -358,9 +358,11 @@ if triton is not None:
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                         offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
-                        acc, m_i, l_i = _attend_history_codes(qc, acc, m_i, l_i, hk_base, hv_base, stride_hs,
-                                                              hks_base, hvs_base, stride_ss, bias_base, stride_bs,
-                                                              offs_n, hist_len, qk_scale, HEAD_DIM, HAS_BIAS)
+                        kc = tl.load(hk_base + offs_n[:, None] * stride_hs + offs_d[None, :])
+                        vc = tl.load(hv_base + offs_n[:, None] * stride_hs + offs_d[None, :])
+                        acc, m_i, l_i = _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
+                                                              stride_ss, bias_base, stride_bs, offs_n, hist_len,
+                                                              qk_scale, HAS_BIAS)
                 for i in tl.range(n_whole, count):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):

@@ -188,6 +188,7 @@ class TemporalMerge(CacheKeeper):
         layers, first, end, device = group.layers, group.length, group.end, group.device
         nbr = self._candidates(chunk, device)  # (T, K) positions
         cands = []
+        table = None
         for j in frames:
             if j == 0:
                 # Slot of each spatial position of the previous frame (-1 where it is gone); no host sync.
@@ -204,11 +205,20 @@ class TemporalMerge(CacheKeeper):
         # One token axis over all layers (layer l's slot s at l * capacity + s): the score kernel gathers the
         # candidates of every layer at once. The merging frames are a suffix of the chunk: one staged range.
         k_new = group.staged_keys().narrow(2, frames[0] * tpf, len(frames) * tpf).unflatten(2, (len(frames), tpf))
-        flat_slots = safe + group.offsets.view(-1, 1, 1, 1)
-        if group.quantized:  # dequantize only the candidates (their slots hold codes), then score them as stored
-            keys = group.dequantized_keys(flat_slots.flatten())
-            flat_slots = torch.arange(flat_slots.numel(), device=device).view(flat_slots.shape)
+        if group.quantized:
+            # Their slots hold codes: dequantize each candidate slot once (not once per token and neighbour that
+            # names it, K = 9-25 copies: ~15 GiB of fp32 keys at Wan shapes, more than the history), then score
+            # them as stored. The slots are the previous frame's (frame 0's candidates, in table order) and the
+            # staged frames but the last (later frames' candidates), the same every chunk: static shapes.
+            sources = [] if table is None else [table[:, :tpf].clamp(min=0)]
+            sources.append((first + torch.arange((chunk.num_frames - 1) * tpf, device=device)).expand(layers, -1))
+            src = torch.cat(sources, 1)  # (L, S')
+            width = 0 if table is None else tpf
+            keys = group.dequantized_layer_keys(src)
+            local = torch.stack([nbr if j == 0 else width + (j - 1) * tpf + nbr for j in frames])  # (F, T, K)
+            flat_slots = local + (torch.arange(layers, device=device) * src.shape[1]).view(-1, 1, 1, 1)
         else:
+            flat_slots = safe + group.offsets.view(-1, 1, 1, 1)
             keys = group.flat_k
         score = _pair_scores_fused(keys, flat_slots, k_new, self._rotation(chunk, device))
         score = score.masked_fill_(cand < 0, -float("inf"))  # gone from the previous frame
@@ -462,15 +472,14 @@ class _LayerGroup:
             return self.chunk_k[:, :, : self.staged]
         return self.k[:, :, self.length : self.end]
 
-    def _channel_of(self, flat: torch.Tensor) -> torch.Tensor:
-        """(B, n, H, D) smoothing factors of flat slots (their layer's)."""
-        return self.channel[:, torch.div(flat, self.capacity, rounding_mode="floor")]
-
-    def dequantized_keys(self, flat: torch.Tensor) -> torch.Tensor:
-        """fp32 keys (B, n, H, D) of flat slots ``flat`` (1-D)."""
+    def dequantized_layer_keys(self, slots: torch.Tensor) -> torch.Tensor:
+        """fp32 keys (B, L * S', H, D) of per-layer slots ``slots`` (L, S'), layer-major: each layer's smoothing
+        factors broadcast over its slots (no per-slot copy of them)."""
         from genkv.kernels.quant_kv import dequantize_keys, select_slots
 
-        return dequantize_keys(select_slots(self.codes, flat)) * self._channel_of(flat)
+        flat = (slots + self.offsets.view(-1, 1)).flatten()
+        keys = dequantize_keys(select_slots(self.codes, flat)).unflatten(1, slots.shape)
+        return (keys * self.channel[:, :, None]).flatten(1, 2)
 
     def dequantized_values(self, flat: torch.Tensor) -> torch.Tensor:
         from genkv.kernels.quant_kv import dequantize, select_slots
