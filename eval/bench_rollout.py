@@ -135,7 +135,7 @@ class SwitchProbe:
     def __init__(self, pipe) -> None:
         self.pipe, self.inner = pipe, pipe._switch_prompt
         self.count = 0
-        self.modes: list[bool | str] = []  # the mode each switch ran with (merging keepers fall back to False)
+        self.modes: list[bool | str] = []  # the mode each switch ran with (a keeper that cannot re-cache: False)
         self.recached: list[int] = []  # latent frames each switch re-committed (0: no re-cache)
         pipe._switch_prompt = self._switch
 

@@ -409,6 +409,38 @@ class TemporalMerge(CacheKeeper):
         counts.narrow(1, hist, staged).fill_(0.0)
         positions.narrow(1, hist, staged).fill_(-1)
 
+    # -- prompt switches -----------------------------------------------------------------------------------
+    # A merged slot has no latent of its own (its value is the mean of several frames' tokens), so a re-cache
+    # cannot recompute it. Instead the cache is rebuilt from the frames whose tokens a cache of this budget holds
+    # without merging: the sinks and the newest ones; they are committed again, chunk by chunk, through the same
+    # merges, under the new prompt. Older merged history (what the merges had kept beyond those frames) is dropped.
+    def recache_frames(self, newest_frame: int, tokens_per_frame: int) -> list[int]:
+        """Latent frames a re-cache (``recache=True`` at a prompt switch) commits again, the newest committed
+        frame being ``newest_frame``: the sink frames and the newest ``budget - sinks`` frames (the budget in
+        whole frames).
+
+        Example:
+            >>> TemporalMerge(0.95, 1, sink_frames=1, budget_frames=4, max_tokens=None).recache_frames(9, 16)
+            [0, 7, 8, 9]
+        """
+        tokens = self.max_tokens if self.max_tokens is not None else self.budget_frames * tokens_per_frame
+        window = max(tokens // tokens_per_frame - self.sink_frames, 1)
+        sinks = range(min(self.sink_frames, newest_frame + 1))
+        return sorted(set(sinks) | set(range(max(self.sink_frames, newest_frame - window + 1), newest_frame + 1)))
+
+    @torch.no_grad()
+    def flush(self, caches: "list[LayerKVCache]") -> None:
+        """infinity-RoPE's KV flush on merged slots: keep the sink frames' slots and the newest frame's (every
+        slot whose newest member is the newest frame: its own tokens and the groups it joined, their values and
+        counts as they are); empty the others. On the device, no host sync."""
+        for cache in caches:
+            frames = cache.frame_index[: cache.length]
+            live = frames != EMPTY_FRAME
+            newest = frames.masked_fill(~live, -1).amax()
+            drop = live & (frames >= self.sink_frames) & (frames != newest)
+            frames.masked_fill_(drop, EMPTY_FRAME)
+            cache.token_count[: cache.length].masked_fill_(drop, 0.0)
+
     # -- RoPE re-basing ------------------------------------------------------------------------------------
     def rebase_limit(self, store: "KVCacheStore") -> int | None:
         return self.rope_table_frames

@@ -496,7 +496,7 @@ class SelfForcingPipeline(DiffusionPipeline):
             if held_latents is not None:
                 for i in range(frames):
                     held_latents[start + i] = clean[:, :, i : i + 1]
-                held = self._held_frames(store)
+                held = self._recache_frames(store, start + frames - 1, tokens_per_frame)
                 for f in [f for f in held_latents if f not in held]:
                     del held_latents[f]
 
@@ -626,7 +626,9 @@ class SelfForcingPipeline(DiffusionPipeline):
 
     @staticmethod
     def _recache_mode(store, recache: bool | str) -> bool | str:
-        """``recache`` as the method can do it: True / "flush" only for whole-frame caches (full, rolling)."""
+        """``recache`` as the method can do it: whole-frame caches (full, rolling) re-cache and flush the frames
+        they hold; merging keepers (tempcache, fastar) say which frames to re-cache and how to flush
+        (``recache_frames`` / ``flush``). Any other keeper keeps its cache, with one warning."""
         from genkv.keep.base import CacheKeeper
         from genkv.keep.full import KeepAll
         from genkv.keep.rolling import SinkWindow
@@ -634,11 +636,13 @@ class SelfForcingPipeline(DiffusionPipeline):
         keeper = store.keeper
         if not recache or type(keeper) in (CacheKeeper, KeepAll, SinkWindow):
             return recache
+        if hasattr(keeper, "recache_frames" if recache is True else "flush"):
+            return recache
         import warnings
 
-        warnings.warn(f"genkv: recache={recache!r} needs whole cached frames; {keeper.method_name} merges tokens "
-                      "(no single latent per slot), so its switches keep the self-attention cache (recache=False)",
-                      stacklevel=4)
+        warnings.warn(f"genkv: recache={recache!r} needs whole cached frames; {keeper.method_name}'s keeper does "
+                      "not say how to re-cache its slots, so its switches keep the self-attention cache "
+                      "(recache=False)", stacklevel=4)
         return False
 
     @staticmethod
@@ -649,6 +653,15 @@ class SelfForcingPipeline(DiffusionPipeline):
                 return set(np.unique(cache.frame_host[: cache.length]).tolist())
         return set()
 
+    @classmethod
+    def _recache_frames(cls, store, newest_frame: int, tokens_per_frame: int) -> set[int]:
+        """Latent frames a re-cache would commit again after ``newest_frame``'s commit: a merging keeper's rule
+        (its slots have no single frame), else the frames the cache holds."""
+        keeper = store.keeper
+        if hasattr(keeper, "recache_frames"):
+            return set(keeper.recache_frames(newest_frame, tokens_per_frame))
+        return cls._held_frames(store)
+
     def _switch_prompt(self, store, embeds, negative_embeds, mode, held_latents, block_starts, tokens_per_frame,
                        grid, commit_block) -> None:
         """A new prompt from the next chunk: new cross-attention K/V (a new prompt version), and the self-attention
@@ -656,7 +669,9 @@ class SelfForcingPipeline(DiffusionPipeline):
         lengths = {"cond": prompt_lengths(embeds).tolist()}
         if negative_embeds is not None:
             lengths["uncond"] = prompt_lengths(negative_embeds).tolist()
-        if mode == "flush":
+        if mode == "flush" and hasattr(store.keeper, "flush"):  # merged slots: the keeper's rule
+            store.keeper.flush([cache for layers in store.caches.values() for cache in layers])
+        elif mode == "flush":
             sinks = getattr(store.keeper, "sink_frames", 0)
             held = self._held_frames(store)
             keep_frames = sorted({f for f in held if f < sinks} | ({max(held)} if held else set()))
@@ -935,8 +950,12 @@ class SelfForcingPipeline(DiffusionPipeline):
         - ``"flush"`` (∞-RoPE's KV flush): the cache keeps only the sink frames (``rolling``'s ``sink_frames``;
           ``full`` has none) and the newest frame, their K/V as they were; everything else is dropped.
 
-        ``tempcache`` and ``fastar`` merge tokens (a slot has no single latent), so for them ``True`` and
-        ``"flush"`` fall back to ``False`` with one ``genkv:`` warning. ``annsa`` keeps whole frames (``full``'s
+        ``tempcache`` and ``fastar`` merge tokens (a merged slot has no single latent), so for them ``True``
+        rebuilds the cache from the clean latents of the sink frames and the newest ``budget_frames -
+        sink_frames`` frames (what their budget holds unmerged; the pipeline keeps only those), committed again
+        through the same merges under the new prompt, older merged history dropped; ``"flush"`` keeps the sink
+        frames' slots and every slot the newest frame holds or joined (a merged group belongs to the frame of its
+        newest member, whose key it holds), values and counts as they were. ``annsa`` keeps whole frames (``full``'s
         keeper) and re-caches like ``full``.
         """
         height = height or self.config.default_height

@@ -111,21 +111,89 @@ def test_rolling_recache_is_bounded_and_equals_forced_history(setup):
     assert pipe.last_recached_frames == [0] + list(range(4 * CHUNK - 6, 4 * CHUNK))
 
 
-@pytest.mark.parametrize("method,kwargs", [("tempcache", dict(sink_frames=1, budget_frames=8)), ("fastar", {})])
-@pytest.mark.parametrize("recache", [True, "flush"])
-def test_merging_methods_fall_back_to_keeping_the_cache(setup, method, kwargs, recache):
+def live_slots(pipe) -> dict:
+    """{(frame, position): (count, key row, value row)} of the live slots of the first conditional layer."""
+    cache = get_store(pipe.transformer).caches["cond"][0]
+    n = cache.length
+    frames, pos, count = (cache.frame_index[:n].tolist(), cache.token_pos[:n].tolist(), cache.token_count[:n].tolist())
+    return {(f, p): (c, cache.k[0, i].clone(), cache.v[0, i].clone())
+            for i, (f, p, c) in enumerate(zip(frames, pos, count)) if c > 0}
+
+
+# merging keepers at a threshold low enough that the tiny model's keys merge
+MERGING = [("tempcache", dict(sink_frames=1, budget_frames=8, threshold=0.3)), ("fastar", dict(threshold=0.3))]
+
+
+@pytest.mark.parametrize("method,kwargs", MERGING)
+def test_merging_recache_equals_second_prompt_with_forced_history(setup, method, kwargs):
+    """Within the budget (every frame so far among the newest ``budget - sinks``), a merging keeper's re-cache
+    rebuilds the cache from the held frames' latents through its merges: the rollout then equals the second
+    prompt's with its history forced to the first prompt's latents (merges made under the second prompt)."""
     pipe, first, second = setup
     genkv.apply_genkv(pipe, method, **kwargs)
-    frames = 4 * CHUNK
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = torch.cat(run(pipe, first, frames, prompt_switches=[(2 * CHUNK, second)], recache=recache), dim=2)
-    notes = [str(w.message) for w in caught if str(w.message).startswith("genkv: recache")]
-    assert len(notes) == 1 and method in notes[0] and "\n" not in notes[0]
-    kept = torch.cat(run(pipe, first, frames, prompt_switches=[(2 * CHUNK, second)], recache=False), dim=2)
-    torch.testing.assert_close(out, kept, rtol=0, atol=0)
-    plain = torch.cat(run(pipe, first, frames), dim=2)
-    assert (out[:, :, 2 * CHUNK:] - plain[:, :, 2 * CHUNK:]).abs().max() > 1e-3
+    frames, switch = 4 * CHUNK, 2 * CHUNK
+    ref1, ref2 = forced_reference(pipe, first, second, frames, switch)
+    assert all(layer["merged_groups"] > 0 for layer in genkv.cache_stats(pipe)["layers"])  # the merges ran
+    out = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)]), dim=2)
+    assert pipe.last_recached_frames == list(range(switch))
+    torch.testing.assert_close(out[:, :, :switch], ref1[:, :, :switch], rtol=0, atol=0)
+    torch.testing.assert_close(out[:, :, switch:], ref2[:, :, switch:], rtol=1e-5, atol=1e-5)
+    kept = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)], recache=False), dim=2)
+    assert (kept[:, :, switch:] - ref2[:, :, switch:]).abs().max() > 1e-4  # keeping the cache differs
+
+
+def test_merging_recache_is_bounded_to_sinks_and_the_newest_frames(setup):
+    pipe, first, second = setup
+    genkv.apply_genkv(pipe, "tempcache", sink_frames=1, budget_frames=4, threshold=0.3)  # 1 sink + 3 newest
+    frames, switch = 6 * CHUNK, 5 * CHUNK
+    rings, after = [], {}
+    store = get_store(pipe.transformer)
+
+    def on(x0):
+        rings.append(sorted(pipe._recache_ring))
+        if store.chunk.frame_start == switch:  # after the re-cache, before this chunk commits
+            after.update(live_slots(pipe))
+
+    out = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)], on_denoised=on), dim=2)
+    assert pipe.last_recached_frames == [0, switch - 3, switch - 2, switch - 1]
+    assert max(len(r) for r in rings) <= 4
+    assert {f for f, _ in after} <= {0, switch - 3, switch - 2, switch - 1}  # nothing older survives
+    assert {f for f, _ in after} >= {0, switch - 1}
+    kept = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)], recache=False), dim=2)
+    assert (out[:, :, switch:] - kept[:, :, switch:]).abs().max() > 1e-4
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("method,kwargs", MERGING)
+def test_merging_flush_keeps_the_sinks_and_the_newest_frames_groups_as_they_were(setup, method, kwargs,
+                                                                                   monkeypatch):
+    pipe, first, second = setup
+    genkv.apply_genkv(pipe, method, **kwargs)
+    frames, switch = 4 * CHUNK, 2 * CHUNK
+    store = get_store(pipe.transformer)
+    before = {}
+    flush = store.keeper.flush
+
+    def snapshot_then_flush(caches):  # the cache as the switch finds it
+        before.update(live_slots(pipe))
+        flush(caches)
+
+    monkeypatch.setattr(store.keeper, "flush", snapshot_then_flush)
+    after = {}
+    on = lambda x0: after.update(live_slots(pipe)) if store.chunk.frame_start == switch else None  # noqa: E731
+    out = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)], recache="flush",
+                        on_denoised=on), dim=2)
+    sinks = kwargs.get("sink_frames", 1)
+    assert any(c > 1 for c, _, _ in before.values())  # merged groups among them
+    want = {key: slot for key, slot in before.items() if key[0] < sinks or key[0] == switch - 1}
+    assert sorted(after) == sorted(want) and len(want) < len(before)
+    assert {f for f, _ in want} == set(range(sinks)) | {switch - 1}
+    for key, (count, k, v) in want.items():
+        assert after[key][0] == count
+        assert torch.equal(after[key][1], k) and torch.equal(after[key][2], v)
+    kept = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)], recache=False), dim=2)
+    assert (out[:, :, switch:] - kept[:, :, switch:]).abs().max() > 1e-4
+    assert torch.isfinite(out).all()
 
 
 def test_graph_signature_changes_at_a_switch(setup):
