@@ -518,12 +518,13 @@ class _LayerGroup:
 
         return dequantize(select_slots(self.codes, flat))[1]
 
-    def write(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantize keys (B, L, T, H, D) (layer-major, as ``flat`` (L * T,)) and values (B, L * T, H, D) into
-        ``flat``: keys divided by their layer's factors first (exact: powers of two), the flat codes' are 1."""
+    def write(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layers: slice = slice(None)) -> None:
+        """Quantize keys (B, L', T, H, D) of the group's layers ``layers`` (layer-major, as ``flat`` (L' * T,))
+        and values (B, L' * T, H, D) into ``flat``: keys divided by their layer's factors first (exact: powers of
+        two), the flat codes' are 1."""
         from genkv.kernels.quant_kv import write_quantized
 
-        smoothed = keys.float() / self.channel[:, :, None]
+        smoothed = keys.float() / self.channel[:, layers, None]
         write_quantized(self.codes, flat, smoothed.flatten(1, 2), values)
 
     def write_staged(self) -> None:
@@ -538,8 +539,14 @@ class _LayerGroup:
             self.channel.copy_(factors)
             for c in fresh:
                 c.quant.smoothing_set = True
-        flat = (torch.arange(self.length, self.end, device=self.device) + self.offsets.view(-1, 1)).flatten()
-        self.write(flat, keys, self.chunk_v[:, :, : self.staged].flatten(1, 2))
+        flat = torch.arange(self.length, self.end, device=self.device) + self.offsets.view(-1, 1)  # (L, staged)
+        # A few layers at a time: quantizing writes fp32 temporaries of its input (~1 GiB per copy for 30 Wan
+        # layers' chunk), which a graph's memory pool would otherwise keep at their all-layer size.
+        step = -(-self.layers // _WRITE_GROUPS)
+        for first in range(0, self.layers, step):
+            part = slice(first, first + step)
+            self.write(flat[part].flatten(), keys[:, part], self.chunk_v[:, part, : self.staged].flatten(1, 2),
+                       layers=part)
 
     @classmethod
     def split(cls, caches: "list[LayerKVCache]") -> "list[_LayerGroup]":
@@ -570,6 +577,10 @@ class _LayerGroup:
                 else:
                     rest.append(cls([cache], cache.k.unsqueeze(1), cache.v.unsqueeze(1), *records))
         return groups + rest
+
+
+#: a quantized group writes its staged chunk in this many layer slices (bounds the temporaries of quantizing)
+_WRITE_GROUPS = 5
 
 
 def _merged_copy(x: torch.Tensor, dim: int) -> torch.Tensor:

@@ -14,6 +14,8 @@ def _layer_keys(g, layers, chunk, tpf, heads, dim):
         base = torch.randn(1, tpf, heads, dim, generator=g)
         scale = torch.rand(1, generator=g) * 0.4  # layers differ in how much merges
         keys = torch.cat([base + scale * torch.randn(base.shape, generator=g) for _ in range(3)], 1)
+        # outlier channels that differ by layer (as real keys have): each layer gets its own smoothing factors
+        keys = keys * torch.exp(2 * torch.randn(dim, generator=g))
         out.append((keys, torch.randn(keys.shape, generator=g)))
     return out
 
@@ -27,16 +29,30 @@ def _commit(keeper, caches, staged, chunk):
         cache.staged = 0
 
 
-@pytest.mark.parametrize("radius,threshold", [(1, 0.9), (0, 0.8), (1, 1.5)])
-def test_a_stacked_commit_equals_committing_each_layer_alone(radius, threshold):
+def _fields(cache: LayerKVCache) -> dict[str, torch.Tensor]:
+    """What a commit leaves in a cache: K/V (or their codes, scales and smoothing factors) and the slot records."""
+    out = {name: getattr(cache, name) for name in ("frame_index", "token_pos", "token_count")}
+    if cache.quant is None:
+        out.update(k=cache.k, v=cache.v)
+    else:
+        from genkv.kernels.quant_kv import code_fields
+
+        out.update({f"code{i}": t for i, t in enumerate(code_fields(cache.quant.codes))})
+        out["key_channel_scale"] = cache.quant.codes.key_channel_scale
+    return out
+
+
+@pytest.mark.parametrize("radius,threshold,kv_dtype", [(1, 0.9, "bf16"), (0, 0.8, "bf16"), (1, 1.5, "bf16"),
+                                                       (1, 0.9, "int8"), (1, 0.9, "int4")])
+def test_a_stacked_commit_equals_committing_each_layer_alone(radius, threshold, kv_dtype):
     g = torch.Generator().manual_seed(7)
-    grid, heads, dim, layers, budget_frames = (3, 4), 2, 8, 4, 5
+    grid, heads, dim, layers, budget_frames = (3, 4), 2, 8, 7, 5  # 7 layers: quantized writes go in slices
     tpf = grid[0] * grid[1]
     keeper = TemporalMerge(threshold=threshold, radius=radius, sink_frames=1, budget_frames=budget_frames,
                            max_tokens=None)
-    stacked = [LayerKVCache(budget_frames * tpf, fixed=True) for _ in range(layers)]
+    stacked = [LayerKVCache(budget_frames * tpf, fixed=True, kv_dtype=kv_dtype) for _ in range(layers)]
     stack = LayerStack(stacked)
-    alone = [LayerKVCache(budget_frames * tpf, fixed=True) for _ in range(layers)]
+    alone = [LayerKVCache(budget_frames * tpf, fixed=True, kv_dtype=kv_dtype) for _ in range(layers)]
     for c in range(7):  # fills the budget, then merges and evicts every chunk
         chunk = ChunkInfo(3 * c, 3, tpf, 3 * c, grid)
         staged = _layer_keys(g, layers, c, tpf, heads, dim)
@@ -46,8 +62,10 @@ def test_a_stacked_commit_equals_committing_each_layer_alone(radius, threshold):
     assert stack.covers(stacked)  # the stacked path ran (not the per-layer fallback)
     merged = 0
     for s, a in zip(stacked, alone):
-        for name in ("k", "v", "frame_index", "token_pos", "token_count"):
-            torch.testing.assert_close(getattr(s, name), getattr(a, name), rtol=0, atol=0, msg=name)
+        got, want = _fields(s), _fields(a)
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
         assert int(s.info["merged_groups"]) == int(a.info["merged_groups"])
         merged += int(a.info["merged_groups"])
     if threshold <= 1.0:
