@@ -349,6 +349,39 @@ class LayerKVCache:
         self.frame_index, self.token_pos, self.frame_host = frame_index, token_pos, frame_host
         self.token_count = token_count
 
+    def empty_in_place(self) -> None:
+        """Empty a fixed-layout cache into its own buffers: every slot as a new allocation leaves it (zero K/V,
+        empty records; a quantized layer measures its key smoothing factors again), the allocation and its
+        capacity kept. A prompt
+        switch's re-cache (``recache=True``) refills it: allocating anew there would hold a second copy of the
+        cache while the old one is still referenced (by recorded graphs), and grow it again run by run."""
+        if not self.fixed:
+            raise RuntimeError("empty_in_place is for fixed-layout caches; a growing cache is reset")
+        if self.frame_index is None:
+            return
+        if self.quant is not None:
+            from genkv.kernels.quant_kv import code_fields
+
+            codes = self.quant.codes
+            k_codes, k_scale, v_codes, v_scale, *v_zero = code_fields(codes)
+            k_codes.fill_(0x88 if codes.kind == "int4" else 0)  # int4: nibble 8 decodes to 0, as a new stack's
+            v_codes.zero_()
+            k_scale.fill_(1.0)
+            v_scale.fill_(1.0)
+            for t in v_zero:
+                t.zero_()
+            self.quant.smoothing_set = False  # measured again on the first keys committed, as a new cache's
+        else:
+            self.k.zero_()  # zeros, not stale keys: routing pools whole blocks, empty slots included
+            self.v.zero_()
+        self.frame_index.fill_(EMPTY_FRAME)
+        self.token_pos.fill_(-1)
+        self.token_count.fill_(0.0)
+        self.frame_host[:] = -1
+        self.staged = 0
+        self.tokens_seen = 0
+        self.info.clear()
+
     def _reserve(self, like: torch.Tensor, needed: int) -> None:
         held = self.k if self.quant is None else self.quant.chunk_k
         if held is not None and (held.shape[0] != like.shape[0] or held.shape[2:] != like.shape[2:]):
@@ -613,6 +646,16 @@ class KVCacheStore:
         self.active = True
         self.branch = "cond"
         self._set_rope_offset(0)
+
+    def empty_caches(self) -> None:
+        """Like :meth:`reset`, but fixed-layout caches are emptied in their own buffers (see
+        :meth:`LayerKVCache.empty_in_place`) instead of dropped; growing caches are dropped as in :meth:`reset`."""
+        kept = {branch: layers for branch, layers in self.caches.items() if layers and all(c.fixed for c in layers)}
+        self.reset()
+        for branch, layers in kept.items():
+            for cache in layers:
+                cache.empty_in_place()
+            self.caches[branch] = layers
 
     def close(self) -> None:
         """Free the buffers and return the transformer to plain (cache-free) attention."""

@@ -689,7 +689,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         latents = dict(held_latents)
         self.last_recached_frames = frames
         shift, sinks = store.position_shift, getattr(store.keeper, "sink_frames", 0)
-        store.reset()
+        store.empty_caches()  # (a fixed layout refills its own buffers: no second copy of the cache)
         store.new_prompt(lengths)
         held_latents.clear()
         runs: list[list[int]] = []

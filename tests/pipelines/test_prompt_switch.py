@@ -142,6 +142,65 @@ def test_merging_recache_equals_second_prompt_with_forced_history(setup, method,
     assert (kept[:, :, switch:] - ref2[:, :, switch:]).abs().max() > 1e-4  # keeping the cache differs
 
 
+@pytest.mark.parametrize("kv_dtype", ["int8", "int4"])
+def test_merging_recache_refills_its_own_buffers_and_equals_forced_history_quantized(setup, kv_dtype):
+    """A fixed-layout cache is emptied in place for the re-cache (no second allocation: at Wan shapes that copy
+    and the run-by-run growth after it cost 11 GiB of peak), and the result is still the forced-history one."""
+    pipe, first, second = setup
+    genkv.apply_genkv(pipe, "fastar", threshold=0.3, kv_dtype=kv_dtype)
+    frames, switch = 4 * CHUNK, 2 * CHUNK
+    _, ref2 = forced_reference(pipe, first, second, frames, switch)
+    store = get_store(pipe.transformer)
+    addresses = []
+    on = lambda x0: addresses.append(store.caches["cond"][0].buffer_address())  # noqa: E731
+    out = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)], on_denoised=on), dim=2)
+    assert pipe.last_recached_frames == list(range(switch))
+    assert len(set(addresses[1:])) == 1  # the same buffers before and after the switch
+    torch.testing.assert_close(out[:, :, switch:], ref2[:, :, switch:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int4"])
+def test_emptying_in_place_equals_a_fresh_allocation(setup, kv_dtype, monkeypatch):
+    """After evictions (the re-cache holds fewer tokens than the cache did), the emptied buffers must read as new
+    ones: routing pools whole key blocks, empty slots included, so a stale key left in one would move it."""
+    from genkv.cache import KVCacheStore
+
+    pipe, first, second = setup
+    genkv.apply_genkv(pipe, "fastar", threshold=0.3, sink_frames=1, budget_frames=4, top_k=1, kv_dtype=kv_dtype)
+    frames, switch = 7 * CHUNK, 5 * CHUNK
+    out = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)]), dim=2)
+    monkeypatch.setattr(KVCacheStore, "empty_caches", KVCacheStore.reset)  # new buffers, as a new video gets
+    fresh = torch.cat(run(pipe, first, frames, prompt_switches=[(switch, second)]), dim=2)
+    assert pipe.last_recached_frames == [0, switch - 3, switch - 2, switch - 1]
+    torch.testing.assert_close(out, fresh, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kv_dtype", ["bf16", "fp8", "int4"])
+def test_empty_caches_leaves_what_a_new_allocation_holds(setup, kv_dtype):
+    from genkv.cache import EMPTY_FRAME
+    from genkv.kernels.quant_kv import code_fields
+
+    pipe, first, _ = setup
+    genkv.apply_genkv(pipe, "fastar", threshold=0.3, kv_dtype=kv_dtype)
+    run(pipe, first, 3 * CHUNK)
+    store = get_store(pipe.transformer)
+    caches = [c for layers in store.caches.values() for c in layers]
+    buffers = [c.buffer_address() for c in caches]
+    assert all(int((c.token_count > 0).sum()) > 0 for c in caches)  # something to empty
+    store.empty_caches()
+    assert [c.buffer_address() for c in store.caches["cond"] + store.caches.get("uncond", [])] == buffers
+    for cache in caches:
+        assert (cache.frame_index == EMPTY_FRAME).all() and (cache.token_pos == -1).all()
+        assert (cache.token_count == 0).all() and cache.tokens_seen == 0 and cache.staged == 0
+        if cache.quant is None:
+            assert not cache.k.any() and not cache.v.any()
+        else:
+            k_codes, k_scale, v_codes, v_scale, *v_zero = code_fields(cache.quant.codes)
+            assert (k_codes == (0x88 if kv_dtype == "int4" else 0)).all() and not v_codes.any()
+            assert (k_scale == 1).all() and (v_scale == 1).all() and all(not z.any() for z in v_zero)
+            assert not cache.quant.smoothing_set
+
+
 def test_merging_recache_is_bounded_to_sinks_and_the_newest_frames(setup):
     pipe, first, second = setup
     genkv.apply_genkv(pipe, "tempcache", sink_frames=1, budget_frames=4, threshold=0.3)  # 1 sink + 3 newest
