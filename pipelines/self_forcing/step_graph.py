@@ -58,6 +58,7 @@ class ChunkGraphs:
         self.captures = 0
         self.replays = 0
         self._graphs: dict[Hashable, _Recorded] = {}
+        self._shapes_run: set[tuple] = set()  # input shapes already run (eagerly or recorded)
         self._warmed = False
         if device.type != "cuda":
             self.disable(f"CUDA graphs need a CUDA device, not {device.type}")
@@ -84,9 +85,15 @@ class ChunkGraphs:
         self._graphs.clear()
 
     def run(self, key: Hashable | None, fn: Forward, *inputs: torch.Tensor) -> torch.Tensor:
-        if self.reason is not None or key is None:
+        if self.reason is not None:
             return fn(*inputs)
-        full_key = (key, tuple((tuple(x.shape), x.dtype) for x in inputs))
+        shapes = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        if key is None or shapes not in self._shapes_run:
+            # Input shapes never run before run eagerly once: autotuners (cuDNN's engine FIND for a new
+            # convolution shape, e.g. a prompt switch's 1-frame re-cache block) cannot run inside a capture.
+            self._shapes_run.add(shapes)
+            return fn(*inputs)
+        full_key = (key, shapes)
         with torch.cuda.device(self.device):  # the model's GPU, whichever one is current
             recorded = self._graphs.get(full_key)
             if recorded is not None:
