@@ -228,3 +228,24 @@ def test_a_recordable_tempcache_commit_keeps_each_group_at_its_newest_frame():
         assert (cache.token_count[: cache.length][live] == 3 * chunks).all()
         positions = cache.token_pos[: cache.length][live]
         torch.testing.assert_close(cache.v[0, : cache.length][live], all_v[0].mean(0)[positions])
+
+
+def test_new_input_shapes_run_eagerly_once_before_they_are_recorded(monkeypatch):
+    """cuDNN picks engines for a new convolution shape by running them, which a capture cannot: a forward whose
+    input shapes never ran before (a switch's 1-frame re-cache block, a short last chunk) runs eagerly first."""
+    from genkv.pipelines.self_forcing.step_graph import ChunkGraphs
+
+    graphs = ChunkGraphs(torch.device("cpu"))
+    # the recording policy alone: _record stands in for a capture; device -1 switches no device
+    graphs.reason, graphs.device = None, -1
+    recorded, ran = [], []
+    monkeypatch.setattr(graphs, "_record", lambda key, fn, inputs: recorded.append(key) or fn(*inputs))
+    forward = lambda x: ran.append(tuple(x.shape)) or x + 1  # noqa: E731
+    three, one = torch.zeros(1, 16, 3, 4, 4), torch.zeros(1, 16, 1, 4, 4)
+    graphs.run(None, forward, three)  # a video's first forward: eager
+    graphs.run("k", forward, three)  # the same shapes under a key: recorded
+    assert len(recorded) == 1 and len(ran) == 2
+    graphs.run("k2", forward, one)  # new shapes: eager first
+    assert len(recorded) == 1 and len(ran) == 3
+    graphs.run("k2", forward, one)  # then recorded
+    assert len(recorded) == 2 and len(ran) == 4
