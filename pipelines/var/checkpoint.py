@@ -35,7 +35,9 @@ def read_checkpoint(path: str | Path, what: str) -> tuple[dict[str, torch.Tensor
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise VARCheckpointError(f"cannot read {what} checkpoint {str(path)!r}: {str(err).splitlines()[0]}") from None
+        detail = "the file is empty" if path.stat().st_size == 0 else (str(err).strip().splitlines()
+                                                                        or [type(err).__name__])[0]
+        raise VARCheckpointError(f"cannot read {what} checkpoint {str(path)!r}: {detail}") from None
     schedule = None
     if isinstance(state, dict) and isinstance(state.get("trainer"), dict):
         state, schedule = unwrap_trainer_checkpoint(state, what, path)
@@ -72,6 +74,10 @@ def config_from_state_dict(state: dict[str, torch.Tensor], source: str = "checkp
         hint = " (this looks like the VQ-VAE: pass it as vae=)" if any(k.startswith("quantize.") for k in state) else ""
         raise VARCheckpointError(
             f"{source} is not a VAR transformer checkpoint: no blocks.* / word_embed / pos_1LC{hint}")
+    if "blocks.0.attn.scale_mul_1H11" not in state:
+        raise VARCheckpointError(
+            f"{source} has no blocks.0.attn.scale_mul_1H11: it was built with attn_l2_norm=False, and genkv runs the "
+            "released VAR models (attn_l2_norm=True, the official default) only")
     width, z_channels = state["word_embed.weight"].shape
     return VARConfig(
         depth=max(blocks) + 1, num_classes=state["class_emb.weight"].shape[0] - 1,

@@ -199,6 +199,10 @@ class VARPipeline:
 
     def _check_labels(self, class_labels) -> torch.Tensor:
         n = self.transformer.config.num_classes
+        if isinstance(class_labels, int) and not isinstance(class_labels, bool):
+            class_labels = [class_labels]  # one label: a batch of one image
+        if isinstance(class_labels, (str, bytes, float, bool)) or not hasattr(class_labels, "__iter__"):
+            raise ValueError(f"class_labels must be an integer class id or a list of them, got {class_labels!r}")
         labels = torch.as_tensor(list(class_labels) if not torch.is_tensor(class_labels) else class_labels)
         if labels.dim() != 1 or labels.numel() == 0 or labels.dtype.is_floating_point:
             raise ValueError("class_labels must be a non-empty list of integer class ids")

@@ -177,6 +177,35 @@ def test_bad_input_gets_one_clear_error():
         genkv.apply_genkv(pipe, "rolling")
 
 
+def test_one_int_label_is_a_batch_of_one_and_other_label_types_are_one_line_errors():
+    pipe = tiny_var_pipeline()
+    one = pipe(class_labels=7, guidance_scale=4.0, generator=torch.Generator().manual_seed(0), output_type="np")
+    assert (one.images == sample(pipe, labels=(7,))).all()
+    for labels in ("7", 7.0, True, None):
+        with pytest.raises(ValueError, match="class_labels must be") as info:
+            pipe(class_labels=labels, generator=torch.Generator().manual_seed(0), output_type="np")
+        assert "\n" not in str(info.value)
+
+
+def test_an_empty_or_unsupported_checkpoint_is_a_one_line_error(tmp_path):
+    from genkv.pipelines.var.checkpoint import load_var_transformer
+
+    empty = tmp_path / "var_d30.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(VARCheckpointError, match="the file is empty") as info:
+        load_var_transformer(empty)
+    assert "\n" not in str(info.value)
+    pipe = tiny_var_pipeline()
+    no_l2 = {k: v for k, v in pipe.transformer.state_dict().items() if "scale_mul" not in k}
+    torch.save(no_l2, tmp_path / "no_l2.pth")
+    with pytest.raises(VARCheckpointError, match="attn_l2_norm=False"):
+        load_var_transformer(tmp_path / "no_l2.pth", patch_nums=tuple(pipe.transformer.config.patch_nums))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(VARCheckpointError, match="cannot read VAR checkpoint"):
+        load_var_transformer(garbage)
+
+
 def test_genkv_calibrate_writes_budgets_that_apply_genkv_reuses(tmp_path, capsys):
     from genkv.cli.main import main
 
