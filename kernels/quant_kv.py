@@ -319,10 +319,20 @@ def dequantize(hist: QuantizedKV, start: int = 0, end: int | None = None) -> tup
         >>> tuple(k_hat.shape), bool((v_hat - v[:, 2:5]).abs().max() < 0.05)
         ((1, 3, 1, 16), True)
     """
+    return dequantize_keys(hist, start, end), dequantize_values(hist, start, end)
+
+
+def dequantize_values(hist: QuantizedKV, start: int = 0, end: int | None = None) -> torch.Tensor:
+    """fp32 values (B, end - start, H, D) of slots [start, end) (no keys: TempCache's merges read only these).
+
+    Example:
+        >>> v = torch.randn(1, 8, 1, 16)
+        >>> bool((dequantize_values(quantize_kv(v, v, "int8"), 0, 4) - v[:, :4]).abs().max() < 0.05)
+        True
+    """
     end = hist.length if end is None else end
     zero = None if hist.v_zero is None else hist.v_zero[:, start:end]
-    values = _dequantize_codes(hist.v_codes[:, start:end], hist.v_scale[:, start:end], zero, hist.kind, False)
-    return dequantize_keys(hist, start, end), values
+    return _dequantize_codes(hist.v_codes[:, start:end], hist.v_scale[:, start:end], zero, hist.kind, False)
 
 
 def pool_quantized_blocks(hist: QuantizedKV, block_n: int, *, current_keys: torch.Tensor | None = None,
@@ -401,6 +411,7 @@ __all__ = [
     "copy_slots",
     "dequantize",
     "dequantize_keys",
+    "dequantize_values",
     "key_channel_scales",
     "pool_quantized_blocks",
     "quantize_kv",

@@ -514,9 +514,10 @@ class _LayerGroup:
         return (keys * self.channel[:, :, None]).flatten(1, 2)
 
     def dequantized_values(self, flat: torch.Tensor) -> torch.Tensor:
-        from genkv.kernels.quant_kv import dequantize, select_slots
+        """fp32 values (B, n, H, D) of flat slots ``flat`` (1-D)."""
+        from genkv.kernels.quant_kv import dequantize_values, select_slots
 
-        return dequantize(select_slots(self.codes, flat))[1]
+        return dequantize_values(select_slots(self.codes, flat))
 
     def write(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layers: slice = slice(None)) -> None:
         """Quantize keys (B, L', T, H, D) of the group's layers ``layers`` (layer-major, as ``flat`` (L' * T,))

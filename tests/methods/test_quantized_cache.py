@@ -394,3 +394,40 @@ def test_the_recordable_quantized_tempcache_commit_equals_the_eager_one(kind):
         assert torch.equal(a.frame_index, b.frame_index) and torch.equal(a.token_count, b.token_count)
         for x, y in zip(dequantize(a.quantized_history()), dequantize(b.quantized_history())):
             assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_tempcache_scores_each_quantized_candidate_slot_once(kind, monkeypatch):
+    """Merge scoring dequantizes the candidate slots (the previous frame's and the staged frames') once each, not
+    once per token and neighbour: with radius 2 (25 neighbours) that was 25 frames' worth of fp32 keys per merging
+    frame (at Wan shapes ~15 GiB, twice the history; on CUDA the compiled score kernel gathers without copies)."""
+    import genkv.kernels.quant_kv as quant_kv
+    from genkv.cache import ChunkInfo, LayerStack
+
+    g = torch.Generator().manual_seed(0)
+    grid, heads, dim, layers, budget_frames = (6, 8), 2, 16, 3, 6
+    tpf = grid[0] * grid[1]
+    keeper = TemporalMerge(threshold=0.9, radius=2, sink_frames=1, budget_frames=budget_frames, max_tokens=None)
+    caches = [LayerKVCache(budget_frames * tpf, fixed=True, kv_dtype=kind) for _ in range(layers)]
+    LayerStack(caches)
+    base = torch.randn(1, tpf, heads, dim, generator=g)
+
+    def commit(c):
+        chunk = ChunkInfo(3 * c, 3, tpf, 3 * c, grid)
+        for cache in caches:
+            keys = torch.cat([base + 0.05 * torch.randn(base.shape, generator=g) for _ in range(3)], 1)
+            cache.stage(keys, torch.randn(keys.shape, generator=g))
+            cache.label_staged(chunk)
+        keeper.commit_layers(caches, chunk)
+        for cache in caches:
+            cache.staged = 0
+
+    for c in range(3):
+        commit(c)
+    dequantized = []
+    dequantize_keys = quant_kv.dequantize_keys
+    monkeypatch.setattr(quant_kv, "dequantize_keys",
+                        lambda hist, *a, **k: dequantized.append(hist.k_codes.shape[1]) or dequantize_keys(hist, *a, **k))
+    commit(3)
+    assert dequantized == [layers * 3 * tpf]  # one pass: the previous frame and the 2 staged frames before the last
+    assert int(caches[0].info["merged_groups"]) > 0  # the scoring ran and merged
