@@ -332,13 +332,18 @@ class LayerKVCache:
         self.k, self.v = k, v
         self._adopt_records(k.shape[1], frame_index, token_pos, token_count)
 
+    def _fill_empty_records(self, frame_index: torch.Tensor, token_pos: torch.Tensor,
+                            token_count: torch.Tensor) -> None:
+        """Per-token records of empty slots (a fixed layout's count 0 hides them from attention)."""
+        frame_index.fill_(EMPTY_FRAME if self.fixed else -1)
+        token_pos.fill_(-1)
+        token_count.fill_(0.0 if self.fixed else 1.0)
+
     def _adopt_records(self, capacity: int, frame_index: torch.Tensor, token_pos: torch.Tensor,
                        token_count: torch.Tensor) -> None:
         """Take new per-token records: fill the empty state, copy the history's over, switch to them."""
         n = self.length
-        frame_index.fill_(EMPTY_FRAME if self.fixed else -1)
-        token_pos.fill_(-1)
-        token_count.fill_(0.0 if self.fixed else 1.0)
+        self._fill_empty_records(frame_index, token_pos, token_count)
         if self.frame_index is not None and n:
             frame_index[:n] = self.frame_index[:n]
             token_pos[:n] = self.token_pos[:n]
@@ -360,23 +365,12 @@ class LayerKVCache:
         if self.frame_index is None:
             return
         if self.quant is not None:
-            from genkv.kernels.quant_kv import code_fields
-
-            codes = self.quant.codes
-            k_codes, k_scale, v_codes, v_scale, *v_zero = code_fields(codes)
-            k_codes.fill_(0x88 if codes.kind == "int4" else 0)  # int4: nibble 8 decodes to 0, as a new stack's
-            v_codes.zero_()
-            k_scale.fill_(1.0)
-            v_scale.fill_(1.0)
-            for t in v_zero:
-                t.zero_()
+            self.quant.codes.fill_empty()
             self.quant.smoothing_set = False  # measured again on the first keys committed, as a new cache's
         else:
             self.k.zero_()  # zeros, not stale keys: routing pools whole blocks, empty slots included
             self.v.zero_()
-        self.frame_index.fill_(EMPTY_FRAME)
-        self.token_pos.fill_(-1)
-        self.token_count.fill_(0.0)
+        self._fill_empty_records(self.frame_index, self.token_pos, self.token_count)
         self.frame_host[:] = -1
         self.staged = 0
         self.tokens_seen = 0
@@ -558,8 +552,7 @@ class LayerStack:
         count, device = len(self.layers), like.device
         kind = self.layers[0].quant.kind
         flat = QuantizedKV.empty(kind, b, count * capacity, h, torch.ones(b, h, d, device=device))
-        if kind == "int4":  # an empty slot's key decodes to 0 (nibble 8), as a bf16 cache's zeros: routing pools it
-            flat.k_codes.fill_(0x88)
+        flat.fill_empty()  # (int4: an empty slot's key decodes to 0, as a bf16 cache's zeros: routing pools it)
         channel = torch.ones(b, count, h, d, device=device)
         chunk_k, chunk_v = like.new_empty(b, count, n, h, d), like.new_empty(b, count, n, h, d)
         records = [torch.empty(count, capacity, dtype=dtype, device=device)

@@ -102,6 +102,16 @@ class QuantizedKV:
         cut = {name: getattr(self, name)[:, :length] for name in ("k_codes", "v_codes", "k_scale", "v_scale")}
         return replace(self, v_zero=None if self.v_zero is None else self.v_zero[:, :length], **cut)
 
+    def fill_empty(self) -> None:
+        """Every slot as an empty one of a layer stack: keys decoding to 0 (int4: nibble 8; routing pools empty
+        slots like a bf16 cache's zeros), value codes and int4 zero points 0, scales 1."""
+        self.k_codes.view(torch.uint8).fill_(0x88 if self.kind == "int4" else 0)
+        self.v_codes.view(torch.uint8).zero_()
+        self.k_scale.fill_(1.0)
+        self.v_scale.fill_(1.0)
+        if self.v_zero is not None:
+            self.v_zero.zero_()
+
     @classmethod
     def empty(cls, kind: str, batch: int, capacity: int, heads: int, key_channel_scale: torch.Tensor) -> "QuantizedKV":
         """A zeroed history of ``capacity`` slots (on ``key_channel_scale``'s device) to fill with
