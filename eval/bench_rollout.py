@@ -173,7 +173,7 @@ def switch_summary(rows: list[dict], probe: SwitchProbe, frames: list[int], reca
 def run_method(
     pipe, embeds, spec: str, frames: int, device, write_mp4: bool, compile_blocks: bool, profile: bool = False,
     overlap: bool | None = None, cuda_graphs: bool = False, fast_vae: bool | None = None, decoder: str = "wan",
-    fp8: bool = False, switch_every: int = 0, recache: bool | str = True,
+    fp8: bool = False, switch_every: int = 0, recache: bool | str = True, vae_device: str | None = None,
 ) -> dict:
     import genkv
     from genkv.video import Mp4Writer
@@ -186,6 +186,9 @@ def run_method(
         from genkv.fp8 import enable_fp8
 
         enable_fp8(pipe.transformer)
+    if vae_device is not None:  # decode on another device (SelfForcingPipeline.set_vae_device)
+        pipe.set_vae_device(vae_device)
+    decode_device = pipe.vae_device if pipe.vae_device not in (None, pipe._execution_device) else None
 
     vae_flags = ("decode_channels_last", "decode_conv2d_taps", "decode_fused_norms")
     saved_vae = {name: getattr(pipe, name) for name in vae_flags}
@@ -200,7 +203,7 @@ def run_method(
         compile_transformer(pipe.transformer)
     rows: list[dict] = []
     result: dict = {"spec": spec, "method": method.to_dict(), "compile": compile_blocks, "frames_requested": frames,
-                    "decoder": decoder, "fp8": fp8,
+                    "decoder": decoder, "fp8": fp8, "vae_device": vae_device,
                     "overlap_decode": overlap if overlap is not None else (device.type == "cuda" and not profile),
                     "cuda_graphs": cuda_graphs, "vae": {name: getattr(pipe, name) for name in vae_flags}}
     pipe.cuda_graphs = cuda_graphs
@@ -217,6 +220,8 @@ def run_method(
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
+            if decode_device is not None and decode_device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(decode_device)
         for video in pipe.stream(
             prompt_embeds=embeds,
             num_frames=frames,
@@ -238,6 +243,8 @@ def run_method(
                     "frames_done": done,
                     "seconds": now - last,
                     "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
+                    **({"vae_peak_memory_bytes": int(torch.cuda.max_memory_allocated(decode_device))}
+                       if decode_device is not None and decode_device.type == "cuda" else {}),
                     "kv_bytes": store.memory_bytes(),  # cheap: no device sync inside the timed loop
                     # switches run since the last yield: with the overlapped decode a chunk's frames come out one
                     # chunk late, so the switch is charged to the interval it ran in, not to the chunk's index
@@ -248,6 +255,8 @@ def run_method(
             seen_switches = probe.count
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
+                if decode_device is not None and decode_device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(decode_device)
             last = now
     except torch.OutOfMemoryError:
         result["oom_at_frame"] = done
@@ -274,6 +283,9 @@ def run_method(
         if rows and cuda
         else None,
         kv_bytes_final=rows[-1]["kv_bytes"] if rows else None,
+        vae_peak_memory_bytes=max((r.get("vae_peak_memory_bytes") or 0) for r in rows) if rows else None,
+        vae_peak_memory_first_vs_last=(rows[min(40, len(rows) - 1)].get("vae_peak_memory_bytes"),
+                                       rows[-1].get("vae_peak_memory_bytes")) if rows else None,
         final_stats={k: v for k, v in genkv.cache_stats(pipe).items() if k != "layers"},
         profile_median_ms={
             k: statistics.median(r[k] for r in steady) for k in (steady[0] if steady else {}) if k.endswith("_ms")
@@ -296,6 +308,9 @@ def run_method(
         disable_fp8(pipe.transformer)
     if decoder != "wan":
         pipe.set_decoder("wan")
+    if vae_device is not None:  # the VAE back on the pipeline's device for the next run
+        pipe.set_vae_device(None)
+        pipe.vae.to(device)
     if compile_blocks:
         torch._dynamo.reset()
     return result
@@ -391,6 +406,7 @@ def print_table(results: dict) -> None:
         label += " +fast VAE" if run.get("vae") and all(run["vae"].values()) and run.get("decoder", "wan") == "wan" else ""
         label += " +TAEHV" if run.get("decoder") == "taehv" else ""
         label += " +FP8" if run.get("fp8") else ""
+        label += f" +VAE on {run['vae_device']}" if run.get("vae_device") else ""
         flat = run["flatness_last20_over_20to40"]
         peak = run["peak_memory_bytes"]
         print(
@@ -402,6 +418,10 @@ def print_table(results: dict) -> None:
         if run.get("attention_error"):
             e = run["attention_error"]
             print(f"    attention rel. error vs full cache at {e['frames']} frames: mean {e['mean']:.3e}, max {e['max']:.3e}")
+        if run.get("vae_peak_memory_bytes"):
+            first, last = run["vae_peak_memory_first_vs_last"]
+            print(f"    VAE device {run['vae_device']}: peak {run['vae_peak_memory_bytes'] / 2**30:.2f} GiB "
+                  f"(chunk 40: {(first or 0) / 2**30:.2f}, last: {(last or 0) / 2**30:.2f})")
         if run.get("graph_stats"):
             g = run["graph_stats"]
             print(f"    CUDA graphs: {g['captures']} recorded, {g['replays']} replays"
@@ -458,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recache", choices=tuple(RECACHE_MODES), default="on",
                         help="with --switch-every: the self-attention cache at a switch: on (re-cache, LongLive), "
                         "off (kept), flush (sinks + newest frame, infinity-RoPE)")
+    parser.add_argument("--vae-device", nargs="+", default=["none"], metavar="DEVICE",
+                        help="decode on this device (e.g. cuda:1); several: one run each ('none': the "
+                             "pipeline's own device), so one GPU and two compare in the same run")
     parser.add_argument("--out", type=Path, default=Path("bench_rollout.json"))
     parser.add_argument("--plot-only", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -523,25 +546,26 @@ def main(argv: list[str] | None = None) -> int:
         compiled_variants = [True] if args.compile_only else ([False, True] if args.compile else [False])
         graph_variants = {"auto": [False], "off": [False], "on": [True], "both": [False, True]}[args.cuda_graphs]
         variants = [(c, g, None) for c in compiled_variants for g in graph_variants]
-    for spec in args.methods:
-        for compiled, graphs, fast_vae, *extra in variants:
-            extra = extra[0] if extra else ""
-            run = run_method(
-                pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled, args.profile,
-                False if args.no_overlap else None, graphs, fast_vae,
-                decoder="taehv" if "taehv" in extra else "wan", fp8="fp8" in extra,
-                switch_every=args.switch_every, recache=RECACHE_MODES[args.recache],
-            )
-            if args.error_frames and not compiled:
-                run["attention_error"] = measure_attention_error(pipe, embeds, spec, args.error_frames, device)
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-            results["runs"].append(run)
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1))
-            print_table({"runs": [run]})
+    vae_devices = [None if d == "none" else d for d in args.vae_device]
+    for spec, (compiled, graphs, fast_vae, *extra), vae_device in (
+        (s, v, d) for s in args.methods for v in variants for d in vae_devices):  # one run each
+        extra = extra[0] if extra else ""
+        run = run_method(
+            pipe, embeds, spec, args.frames, device, not args.no_mp4, compiled, args.profile,
+            False if args.no_overlap else None, graphs, fast_vae,
+            decoder="taehv" if "taehv" in extra else "wan", fp8="fp8" in extra,
+            switch_every=args.switch_every, recache=RECACHE_MODES[args.recache], vae_device=vae_device,
+        )
+        if args.error_frames and not compiled:
+            run["attention_error"] = measure_attention_error(pipe, embeds, spec, args.error_frames, device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+        results["runs"].append(run)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+        print_table({"runs": [run]})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     print()
     print_table(results)
     png = args.out.with_suffix(".png")

@@ -131,7 +131,12 @@ def render(
     recache: Recache = typer.Option(
         Recache.on, "--recache", help="What a prompt switch ('@FRAME prompt' line) does to the cached frames: on "
         "re-computes their K/V under the new prompt (LongLive's re-cache); off keeps them as they are; flush keeps "
-        "only the sink frames and the newest (∞-RoPE). Token-merging methods (tempcache, fastar) always keep them."
+        "only the sink frames and the newest (∞-RoPE). Token-merging methods (tempcache, fastar) re-cache the frames "
+        "their budget holds unmerged (docs/STREAMS.md)."
+    ),
+    vae_device: Optional[str] = typer.Option(
+        None, "--vae-device", help="Decode on another GPU (e.g. cuda:1) while --device denoises the next chunk: the "
+        "same frames, the VAE's time off the denoising GPU. Not with several processes (each has its own GPU)."
     ),
     progress_every: int = typer.Option(
         10, "--progress-every", help="When the output is not a terminal (a log file), print a progress line after "
@@ -170,6 +175,7 @@ def render(
         decoder_weights=decoder_weights,
         fp8=fp8,
         recache=recache.value,
+        vae_device=vae_device,
     )
     raise typer.Exit(run_render(options))
 

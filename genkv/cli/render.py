@@ -80,6 +80,7 @@ class RenderOptions:
     recache: str = "on"  # a key of RECACHE: what a prompt switch does to the self-attention cache
     switches: list[list[Switch]] = field(default_factory=list)  # per prompt, from its "@FRAME prompt" lines
     switch_notes: dict[int, list[str]] = field(default_factory=dict)  # per prompt index: the pipeline's notes
+    vae_device: str | None = None  # --vae-device: decode on this device (SelfForcingPipeline.set_vae_device)
 
 
 # -- validation (cheap, before any model is loaded) -----------------------------------------------------
@@ -311,6 +312,23 @@ def resolve_device(name: str):
     return device
 
 
+def check_vae_device(options: RenderOptions, device) -> None:
+    """--vae-device names a device that exists, and one process renders (each of several has its own GPU)."""
+    if options.vae_device is None:
+        return
+    from genkv.pipelines.self_forcing.vae_device import resolve_vae_device
+
+    _, world, _ = process_rank()
+    if world > 1:
+        raise CLIError(f"--vae-device with {world} processes: each process renders on its own GPU; run one process "
+                       "to decode on a second GPU, or drop --vae-device")
+    try:
+        resolve_vae_device(options.vae_device)
+    except ValueError as err:
+        raise CLIError(str(err).replace("vae_device", "--vae-device").replace("leave --vae-device out",
+                                                                              "drop --vae-device")) from None
+
+
 def resolve_dtype(name: str, device):
     import torch
 
@@ -461,6 +479,7 @@ def run_render(options: RenderOptions) -> int:
     options.contexts = load_contexts(sources)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    check_vae_device(options, device)
     prepare_outputs(options.out, names, options.overwrite)
     with _sigterm_as_interrupt():
         return _run_loaded(options, prompts, names, method, device, dtype)
@@ -537,6 +556,8 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
             pipe.set_decoder("taehv", weights=options.decoder_weights)
         except (FileNotFoundError, ValueError) as err:
             raise CLIError(str(err)) from None
+    if options.vae_device is not None:
+        pipe.set_vae_device(options.vae_device)  # checked in run_render
     if options.fp8:  # before compiling, so Inductor fuses the activation quantization
         try:
             pipe.enable_fp8(keep_originals=None)  # a render never goes back: the bf16 layers are freed
@@ -645,8 +666,9 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
             old.unlink()
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
     switches = _video_switches(options, index)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    for used in {device, getattr(pipe, "vae_device", None) or device}:
+        if used.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(used)
     summary: dict[str, Any] = {
         "prompt": prompt,
         "video": str(path),
@@ -661,6 +683,7 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         "width": width,
         "fps_video": options.fps,
         "device": str(device),
+        "vae_device": str(pipe.vae_device) if getattr(pipe, "vae_device", None) is not None else None,
         "frames_requested": options.frames,
         "prompt_switches": [{"frame": s.frame, "prompt": s.text} for s in switches],
         "recache": options.recache,
@@ -708,6 +731,8 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         fps=round(writer.frames_written / wall, 3) if wall > 0 else 0.0,
         chunk_seconds=[round(t, 4) for t in chunk_times],
         peak_memory_bytes=_peak_memory(device),
+        **({"vae_peak_memory_bytes": _peak_memory(pipe.vae_device)}  # the decoding GPU's, flat as the other
+           if getattr(pipe, "vae_device", None) is not None and pipe.vae_device != device else {}),
         kv_bytes=stats["bytes"],
         kv_tokens=stats["tokens"],
         **({"kv_budget": stats["budget"]} if "budget" in stats else {}),  # what --kv-memory became

@@ -122,6 +122,9 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: The decoder of frames from latents: None for the model's own VAE, or a TAEHV tiny decoder
         #: (:meth:`set_decoder`).
         self.taehv = None
+        #: The device that decodes (and encodes context frames), when it is not the one that denoises
+        #: (:meth:`set_vae_device`); None: the pipeline's device.
+        self.vae_device: torch.device | None = None
         self.fp8_layers = 0  # linear layers running in FP8 (:meth:`enable_fp8`)
         #: The last rollout's graph recorder (captures, replays, and why graphs were off, if they were).
         self.last_graphs = None
@@ -285,11 +288,45 @@ class SelfForcingPipeline(DiffusionPipeline):
         if weights is None:
             raise ValueError("decoder='taehv' needs weights=PATH (taew2_1.safetensors or taew2_1.pth from "
                              "https://github.com/madebyollin/taehv; genkv never downloads weights)")
-        device = self.transformer.device
+        device = self.vae_device or self.transformer.device
         if dtype is None:
             dtype = torch.float16 if device.type == "cuda" else torch.float32
         self.taehv = TAEHVDecoder.from_file(Path(weights), device=device, dtype=dtype)
         return self
+
+    def set_vae_device(self, device: "str | torch.device | None") -> "SelfForcingPipeline":
+        """Decode on another device (LongLive 2.0's ``vae_device``): ``pipe.set_vae_device("cuda:1")``.
+
+        The VAE (and a TAEHV decoder, :meth:`set_decoder`) move there; each chunk's final latents are copied over
+        on a copy stream of that device and decoded on a side stream there, while the pipeline's device denoises
+        the next chunk; context frames (``image=`` / ``video=``) are encoded there too. The frames are the same
+        values as decoding on one device (the same kernels on the same inputs). ``output_type="pt"`` frames are
+        on the VAE's device. ``None`` decodes on the pipeline's device again (the VAE stays where it is until
+        :meth:`to` moves it). A device that does not exist is a one-line ``ValueError``.
+
+        Example:
+            >>> from genkv.testing import tiny_self_forcing_pipeline
+            >>> pipe = tiny_self_forcing_pipeline(seed=0).set_vae_device("cpu")
+            >>> pipe.vae_device, pipe("a red circle", num_frames=9, output_type="uint8").frames.shape[1]
+            (device(type='cpu'), 9)
+        """
+        from .vae_device import resolve_vae_device
+
+        if device is None:
+            self.vae_device = None
+            return self
+        self.vae_device = resolve_vae_device(device)
+        self._place_decoder()
+        return self
+
+    def _place_decoder(self) -> torch.device | None:
+        """Put the VAE and the TAEHV decoder on :attr:`vae_device` (a later :meth:`to` may have moved them)."""
+        if self.vae_device is None:
+            return None
+        for module in (self.vae, self.taehv):
+            if module is not None and next(module.parameters()).device != self.vae_device:
+                module.to(self.vae_device)
+        return self.vae_device
 
     def enable_fp8(self, keep_originals: str | None = "cpu") -> "SelfForcingPipeline":
         """FP8 (e4m3) linear layers in the transformer blocks (:mod:`genkv.fp8`: per-channel weight scales,
@@ -805,12 +842,13 @@ class SelfForcingPipeline(DiffusionPipeline):
         inverse of :meth:`StreamingVAEDecoder.denormalize`). The first frame is its own latent frame (Wan)."""
         vae = self.vae
         device = self._execution_device
-        x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(3, 0, 1, 2)[None]
+        vae_device = self._place_decoder() or device  # encoded where the VAE is (set_vae_device)
+        x = torch.from_numpy(np.ascontiguousarray(frames)).to(vae_device).permute(3, 0, 1, 2)[None]
         x = (x.float() / 127.5 - 1.0).to(vae.dtype)
         z = vae.encode(x).latent_dist.mode().float()
         mean = torch.tensor(vae.config.latents_mean, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae.config.latents_std, dtype=torch.float32, device=z.device).view(1, -1, 1, 1, 1)
-        return (z - mean) / std
+        return ((z - mean) / std).to(device)
 
     def prepare_context(self, image: Any = None, video: Any = None, height: int | None = None,
                         width: int | None = None) -> tuple[torch.Tensor | None, bool]:
@@ -919,7 +957,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         :meth:`rollout`). Bad inputs (unreadable path, not 3 channels, both given): one-line ``ValueError``.
 
         Yields uint8 frames ``[T, H, W, 3]`` per chunk (``[B, T, H, W, 3]`` for several prompts): a numpy array
-        for ``output_type="np"``, a torch tensor on the pipeline's device for ``"pt"``, or the chunk's clean
+        for ``output_type="np"``, a torch tensor on the pipeline's device (the VAE's, see :meth:`set_vae_device`) for ``"pt"``, or the chunk's clean
         latents for ``"latent"``. Exactly ``num_frames`` frames come out in all. Memory stays flat with a
         bounded method (``rolling``, ...): no latent or frame is kept once yielded.
         ``on_chunk`` is called after each chunk with ``{"frames_done", "latent_frames_done"}``, plus with
@@ -999,9 +1037,13 @@ class SelfForcingPipeline(DiffusionPipeline):
             from genkv.profiling import ChunkTimer
 
             timer_factory = lambda: ChunkTimer(device)  # noqa: E731
+        decode_device = self._place_decoder() or device  # set_vae_device: decoded on another device
         if overlap_decode is None:
-            overlap_decode = device.type == "cuda" and not profile and decoder is not None
-        side = torch.cuda.Stream(device) if overlap_decode and device.type == "cuda" else None
+            overlap_decode = decode_device.type == "cuda" and not profile and decoder is not None
+        side = torch.cuda.Stream(decode_device) if overlap_decode and decode_device.type == "cuda" else None
+        # Latents bound for another GPU cross on a stream of their own there: the peer copy waits for the
+        # receiving device's current stream, and the side stream may still be decoding the chunk before.
+        copy_in = torch.cuda.Stream(decode_device) if side is not None and decode_device != device else None
         pending: tuple[Any, Any, dict] | None = None  # (frames, ready event, on_chunk info) of the last chunk
         launched: list[tuple[torch.Tensor, Any, Any]] = []  # decodes queued on the side stream, oldest first
         early_decode = self.decode_early if self.decode_early is not None else not self.cuda_graphs
@@ -1009,8 +1051,14 @@ class SelfForcingPipeline(DiffusionPipeline):
         def decode_on_side(x0: torch.Tensor) -> None:
             # Queues the chunk's decode, uint8 conversion and copy to pinned memory on the side stream. Called
             # by rollout() as soon as the latents are final (early_decode), else after the chunk's commit.
-            side.wait_stream(torch.cuda.current_stream(device))
-            x0.record_stream(side)  # x0 was made on the main stream; keep it alive for the side stream
+            if copy_in is None:
+                side.wait_stream(torch.cuda.current_stream(device))
+                x0.record_stream(side)  # x0 was made on the main stream; keep it alive for the side stream
+            else:
+                with torch.cuda.stream(copy_in):  # ordered after x0's producer on the main stream (torch's rule)
+                    x0 = x0.to(decode_device, non_blocking=True)
+                side.wait_stream(copy_in)
+                x0.record_stream(side)
             with torch.cuda.stream(side), record_function("genkv.decode"):
                 video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
                 frames = video
@@ -1069,7 +1117,7 @@ class SelfForcingPipeline(DiffusionPipeline):
                     video, frames, event = launched.pop(0)
                 else:
                     with record_function("genkv.decode"):
-                        video = to_uint8_frames(decoder.decode(x0))[:, :remaining]
+                        video = to_uint8_frames(decoder.decode(x0.to(decode_device)))[:, :remaining]
                     if timer is not None:
                         timer.mark("decode")
                     frames = video.cpu() if output_type == "np" else video

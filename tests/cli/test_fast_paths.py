@@ -10,13 +10,6 @@ from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
 from genkv.video import count_frames
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("a red circle bouncing\n")
-    return path
-
-
 def _render(argv, capsys):
     code = main(["render", *map(str, argv), "--model", "tiny-random"])
     return code, capsys.readouterr().err

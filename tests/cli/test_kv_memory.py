@@ -8,13 +8,6 @@ from genkv.cli.main import main
 from genkv.cli.render import parse_size
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("a red circle bouncing\n")
-    return path
-
-
 def _render(prompts, out, *extra):
     argv = ["render", str(prompts), "--model", "tiny-random", "--frames", "17", "--out", str(out), "--overwrite",
             *extra]

@@ -13,13 +13,6 @@ import pytest
 from genkv.cli.main import main
 
 
-@pytest.fixture
-def prompts(tmp_path):
-    path = tmp_path / "prompts.txt"
-    path.write_text("a red circle bouncing\n")
-    return path
-
-
 def _one_error_line(err: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("genkv: error: "), err

@@ -1,8 +1,10 @@
 """eval/train_tiny.py end to end on a CPU with its --smoke sizes: the two-run mode (VAE, then the rest)."""
 
+import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
@@ -53,7 +55,10 @@ def test_resume_continues_a_saved_model_with_its_vae_and_latent_statistics(tmp_p
 
     common = ["--smoke", "--scheduler-steps", "2", "--guidance", "1"]
     assert train_tiny.main(["--out", str(tmp_path / "a"), *common, "--tar", str(tmp_path / "a.tar")]) == 0
-    assert train_tiny.main(["--out", str(tmp_path / "b"), *common, "--resume-from", str(tmp_path / "a.tar")]) == 0
+    assert train_tiny.main(["--out", str(tmp_path / "b"), *common, "--resume-from", str(tmp_path / "a.tar"),
+                            "--image-blocks", "1"]) == 0
+    log = json.loads((tmp_path / "b" / "training_log.json").read_text())["log"]
+    assert [r["image_block"] for r in log if r["phase"] == "transformer"] == [True]  # the image-to-video sequences
     a = SelfForcingPipeline.from_pretrained(tmp_path / "a", torch_dtype=torch.float32)
     b = SelfForcingPipeline.from_pretrained(tmp_path / "b", torch_dtype=torch.float32)
     assert a.vae.config.latents_mean == b.vae.config.latents_mean
@@ -84,7 +89,9 @@ def test_decoder_repair_trains_the_decoder_only(tmp_path):
     common = ["--smoke", "--scheduler-steps", "2", "--guidance", "1"]
     assert train_tiny.main(["--out", str(tmp_path / "a"), *common]) == 0
     assert train_tiny.main(["--out", str(tmp_path / "b"), *common, "--resume-from", str(tmp_path / "a"),
-                            "--minutes", "0", "--decoder-minutes", "1", "--max-steps", "2"]) == 0
+                            "--minutes", "0", "--decoder-minutes", "1", "--max-steps", "2", "--sprite-weight", "10"]) == 0
+    log = json.loads((tmp_path / "b" / "training_log.json").read_text())["log"]
+    assert [r["sprite_rgb_error"] > 0 for r in log if r["phase"] == "decoder"] == [True]
     a = SelfForcingPipeline.from_pretrained(tmp_path / "a", torch_dtype=torch.float32)
     b = SelfForcingPipeline.from_pretrained(tmp_path / "b", torch_dtype=torch.float32)
     assert a.vae.config.latents_mean == b.vae.config.latents_mean
@@ -94,3 +101,36 @@ def test_decoder_repair_trains_the_decoder_only(tmp_path):
     va, vb = a.vae.state_dict(), b.vae.state_dict()
     assert all(torch.equal(va[n], vb[n]) for n in va if n.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(va[n], vb[n]) for n in va if n.startswith("decoder."))
+
+
+@pytest.mark.parametrize("lead", [0, 1])
+@pytest.mark.parametrize("context_chunks", [0, 1, 2])
+def test_training_blocks_are_the_blocks_the_pipeline_commits(lead, context_chunks):
+    """A training sequence (an optional 1-frame image block, clean chunks, one noisy target chunk) is split into
+    the blocks ``SelfForcingPipeline`` commits context in (``context_blocks``, upstream's rule), the target chunk
+    last and alone."""
+    from genkv.testing import tiny_self_forcing_pipeline
+
+    chunk = train_tiny.CHUNK
+    context = lead + context_chunks * chunk
+    blocks = train_tiny.block_of_frame(context + chunk, lead).tolist()
+    expected = []
+    committed = tiny_self_forcing_pipeline(seed=0).context_blocks(context, bool(lead)) if context else []
+    for index, (_, frames) in enumerate(committed):
+        expected += [index] * frames
+    expected += [(expected[-1] + 1) if expected else 0] * chunk
+    assert blocks == expected
+
+
+def test_sprite_pixels_weigh_more_in_the_reconstruction_loss():
+    """With ``sprite_weight`` w, an error on a sprite pixel costs w times the same error on the background; with
+    w = 1 the loss is plain L1 + MSE."""
+    x = torch.full((1, 3, 1, 4, 4), -0.6)  # a dark background
+    x[..., 1, 1] = torch.tensor([0.8, -0.7, -0.7]).view(1, 3, 1)  # one red sprite pixel
+    on_sprite, on_background = x.clone(), x.clone()
+    on_sprite[:, 0, 0, 1, 1] += 0.3
+    on_background[:, 0, 0, 2, 2] += 0.3
+    loss = train_tiny.reconstruction_loss
+    assert torch.isclose(loss(on_sprite, x, 1.0), (on_sprite - x).abs().mean() + (on_sprite - x).square().mean())
+    assert torch.isclose(loss(on_sprite, x, 10.0) / loss(on_background, x, 10.0), torch.tensor(10.0))
+    assert torch.isclose(loss(on_sprite, x, 1.0), loss(on_background, x, 1.0))
