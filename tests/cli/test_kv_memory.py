@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from genkv.cli.main import main
 from genkv.cli.render import parse_size
 
