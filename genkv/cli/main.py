@@ -132,7 +132,7 @@ def render(
         Recache.on, "--recache", help="What a prompt switch ('@FRAME prompt' line) does to the cached frames: on "
         "re-computes their K/V under the new prompt (LongLive's re-cache); off keeps them as they are; flush keeps "
         "only the sink frames and the newest (∞-RoPE). Token-merging methods (tempcache, fastar) re-cache the frames "
-        "their budget holds unmerged (docs/STREAMS.md)."
+        "their budget holds unmerged (README, Prompt switching)."
     ),
     vae_device: Optional[str] = typer.Option(
         None, "--vae-device", help="Decode on another GPU (e.g. cuda:1) while --device denoises the next chunk: the "

@@ -10,9 +10,7 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 
-import genkv
 from genkv.pipelines.self_forcing.block_split import even_boundaries
 from genkv.testing import tiny_self_forcing_pipeline
 
@@ -25,46 +23,53 @@ WORKER = textwrap.dedent('''
     from genkv.pipelines.self_forcing.block_split import apply_block_split, is_decoding_stage
     from genkv.testing import tiny_self_forcing_pipeline
 
-    method, out = sys.argv[1], sys.argv[2]
-    dist.init_process_group("gloo")
+    method, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
     torch.set_num_threads(1)
-    pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), method)
-    apply_block_split(pipe)
-    rank = dist.get_rank()
-    kind = "np" if is_decoding_stage(pipe) else "latent"
-    chunks = list(pipe.stream("a red circle moving left", num_frames=33, output_type=kind,
-                              generator=torch.Generator().manual_seed(3)))
-    owned = [i for i, b in enumerate(pipe.transformer.blocks) if next(b.parameters()).device.type != "meta"]
-    cached = [i for i, layer in enumerate(genkv.get_store(pipe).caches["cond"]) if layer is not None
-              and getattr(layer, "length", 0) > 0]
-    np.save(f"{out}/rank{rank}.npy", np.concatenate([np.asarray(c) for c in chunks], axis=0 if kind == "np" else 2))
-    np.save(f"{out}/rank{rank}_owned.npy", np.array(owned))
-    np.save(f"{out}/rank{rank}_cached.npy", np.array(cached))
-    dist.destroy_process_group()
+
+    def run(kind, split):
+        pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), method)
+        if split:
+            apply_block_split(pipe)
+            kind = "np" if is_decoding_stage(pipe) else "latent"
+        chunks = list(pipe.stream("a red circle moving left", num_frames=33, output_type=kind,
+                                  generator=torch.Generator().manual_seed(3)))
+        return pipe, np.concatenate([np.asarray(c) for c in chunks], axis=0 if kind == "np" else 2)
+
+    if mode == "reference":  # one process, no split: the same pipeline, threads and seed
+        np.save(f"{out}/reference_frames.npy", run("np", False)[1])
+        np.save(f"{out}/reference_latents.npy", run("latent", False)[1])
+    else:
+        dist.init_process_group("gloo")
+        rank = dist.get_rank()
+        pipe, result = run(None, True)
+        owned = [i for i, b in enumerate(pipe.transformer.blocks) if next(b.parameters()).device.type != "meta"]
+        cached = [i for i, layer in enumerate(genkv.get_store(pipe).caches["cond"])
+                  if getattr(layer, "length", 0) > 0]
+        np.save(f"{out}/rank{rank}.npy", result)
+        np.save(f"{out}/rank{rank}_owned.npy", np.array(owned))
+        np.save(f"{out}/rank{rank}_cached.npy", np.array(cached))
+        dist.destroy_process_group()
 ''')
+
+
+def _run(argv: list[str]) -> None:
+    proc = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 @pytest.mark.parametrize("method", ["full", "rolling", "fastar"])
 def test_two_stages_give_the_one_process_rollout(tmp_path, method):
+    # Both sides run in fresh processes with one thread each, so the reference's float reductions are the same
+    # (a reference in the test process would depend on what earlier tests left set).
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           str(script), method, str(tmp_path)], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the workers: the same reduction order, so the same bits
-    try:
-        pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), method)
-        frames = np.concatenate(list(pipe.stream("a red circle moving left", num_frames=33,
-                                                 generator=torch.Generator().manual_seed(3))))
-        pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), method)
-        latents = torch.cat(list(pipe.stream("a red circle moving left", num_frames=33, output_type="latent",
-                                             generator=torch.Generator().manual_seed(3))), dim=2).numpy()
-    finally:
-        torch.set_num_threads(threads)
+    _run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), method, str(tmp_path),
+          "split"])
+    _run([str(script), method, str(tmp_path), "reference"])
+    frames, latents = np.load(tmp_path / "reference_frames.npy"), np.load(tmp_path / "reference_latents.npy")
     np.testing.assert_array_equal(np.load(tmp_path / "rank1.npy"), frames)  # the last stage decodes
     np.testing.assert_array_equal(np.load(tmp_path / "rank0.npy"), latents)  # the first gets the same latents
-    blocks = len(pipe.transformer.blocks)
+    blocks = len(tiny_self_forcing_pipeline(seed=0).transformer.blocks)
     half = even_boundaries(blocks, 2)[1]
     assert np.load(tmp_path / "rank0_owned.npy").tolist() == list(range(half))
     assert np.load(tmp_path / "rank1_owned.npy").tolist() == list(range(half, blocks))
