@@ -188,7 +188,9 @@ def run_method(
         enable_fp8(pipe.transformer)
     if vae_device is not None:  # decode on another device (SelfForcingPipeline.set_vae_device)
         pipe.set_vae_device(vae_device)
-    decode_device = pipe.vae_device if pipe.vae_device not in (None, pipe._execution_device) else None
+    # the decoding GPU when it is another one: its peak memory is read per chunk as the main device's
+    decode_gpu = pipe.vae_device if pipe.vae_device not in (None, pipe._execution_device) else None
+    decode_gpu = decode_gpu if decode_gpu is not None and decode_gpu.type == "cuda" else None
 
     vae_flags = ("decode_channels_last", "decode_conv2d_taps", "decode_fused_norms")
     saved_vae = {name: getattr(pipe, name) for name in vae_flags}
@@ -220,8 +222,8 @@ def run_method(
     try:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-            if decode_device is not None and decode_device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(decode_device)
+            if decode_gpu is not None:
+                torch.cuda.reset_peak_memory_stats(decode_gpu)
         for video in pipe.stream(
             prompt_embeds=embeds,
             num_frames=frames,
@@ -243,8 +245,8 @@ def run_method(
                     "frames_done": done,
                     "seconds": now - last,
                     "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if cuda else None,
-                    **({"vae_peak_memory_bytes": int(torch.cuda.max_memory_allocated(decode_device))}
-                       if decode_device is not None and decode_device.type == "cuda" else {}),
+                    **({"vae_peak_memory_bytes": int(torch.cuda.max_memory_allocated(decode_gpu))}
+                       if decode_gpu is not None else {}),
                     "kv_bytes": store.memory_bytes(),  # cheap: no device sync inside the timed loop
                     # switches run since the last yield: with the overlapped decode a chunk's frames come out one
                     # chunk late, so the switch is charged to the interval it ran in, not to the chunk's index
@@ -255,8 +257,8 @@ def run_method(
             seen_switches = probe.count
             if cuda:
                 torch.cuda.reset_peak_memory_stats(device)
-                if decode_device is not None and decode_device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(decode_device)
+                if decode_gpu is not None:
+                    torch.cuda.reset_peak_memory_stats(decode_gpu)
             last = now
     except torch.OutOfMemoryError:
         result["oom_at_frame"] = done

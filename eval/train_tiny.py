@@ -172,9 +172,14 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, sprite_weight: flo
     """
     if sprite_weight == 1.0:
         return (recon - x).abs().mean() + F.mse_loss(recon, x)
-    weight = 1.0 + (sprite_weight - 1.0) * (x.amax(dim=1, keepdim=True) > 0.2).to(x.dtype)
+    weight = 1.0 + (sprite_weight - 1.0) * sprite_pixels(x).unsqueeze(1).to(x.dtype)
     weight = weight / weight.mean()  # the loss keeps its scale: a re-weighting, not a larger learning rate
     return ((recon - x).abs() * weight).mean() + ((recon - x).square() * weight).mean()
+
+
+def sprite_pixels(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, H, W) mask of the sprites' pixels in videos ``x`` (B, 3, T, H, W) in [-1, 1] (see reconstruction_loss)."""
+    return x.amax(dim=1) > 0.2
 
 
 def finetune_decoder(vae, pool: np.ndarray, args, device, log: list) -> None:
@@ -207,7 +212,7 @@ def finetune_decoder(vae, pool: np.ndarray, args, device, log: list) -> None:
         if step % 20 == 0:
             err = (recon.detach() - x).pow(2).mean(dim=(0, 1, 3, 4))  # per frame
             psnr = [10 * math.log10(4.0 / max(e, 1e-12)) for e in err.tolist()]
-            sprite = (x.amax(dim=1) > 0.2)  # (B, T, H, W): the sprites' pixels (see reconstruction_loss)
+            sprite = sprite_pixels(x)
             sprite_err = ((recon.detach() - x).abs().sum(1)[sprite].mean().item() * 127.5 if sprite.any() else 0.0)
             log.append({"phase": "decoder", "step": step, "time": time.time(), "loss": loss.item(),
                         "psnr_first9": sum(psnr[:9]) / 9, "psnr_last9": sum(psnr[-9:]) / 9,

@@ -957,8 +957,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         :meth:`rollout`). Bad inputs (unreadable path, not 3 channels, both given): one-line ``ValueError``.
 
         Yields uint8 frames ``[T, H, W, 3]`` per chunk (``[B, T, H, W, 3]`` for several prompts): a numpy array
-        for ``output_type="np"``, a torch tensor on the pipeline's device (the VAE's, see :meth:`set_vae_device`) for ``"pt"``, or the chunk's clean
-        latents for ``"latent"``. Exactly ``num_frames`` frames come out in all. Memory stays flat with a
+        for ``output_type="np"``, a torch tensor on the pipeline's device (the VAE's, see :meth:`set_vae_device`)
+        for ``"pt"``, or the chunk's clean latents for ``"latent"``. Exactly ``num_frames`` frames come out in all. Memory stays flat with a
         bounded method (``rolling``, ...): no latent or frame is kept once yielded.
         ``on_chunk`` is called after each chunk with ``{"frames_done", "latent_frames_done"}``, plus with
         ``profile=True`` the GPU and host milliseconds of its phases (``denoise``, ``kv_commit``, ``decode``,
