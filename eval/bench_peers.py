@@ -16,6 +16,9 @@ Systems (``--systems``, default all):
     genkv-compile      the same with ``--compile`` (compiled blocks, CUDA graphs, fast Wan VAE decode).
     genkv-compile-fp8  ``--compile --fp8``.
     genkv-taehv        ``--decoder taehv`` (TAEHV at its published shapes, random weights, fp16).
+    genkv-compile-taehv, genkv-compile-fp8-taehv   those flags together.
+    NAME@fastar        any genkv system with ``fastar`` (TempCache merges + routed block-sparse reads) instead of
+                       upstream's rolling window: genkv's fastest method, a different cache from upstream's.
 
 Shapes: 480x832, 21-latent-frame rolling window, 3-latent-frame chunks, 4 denoising steps, ``--frames`` output
 frames (upstream makes whole 3-latent blocks: 2001 frames for 2000). Every run is timed whole (wall clock,
@@ -74,10 +77,13 @@ sys.path.insert(0, str(EVAL))
 from bench_json import write_result  # noqa: E402
 from bench_rollout import WAN_1_3B, build_pipeline, parse_spec  # noqa: E402
 
-SYSTEMS = ("upstream", "flashdreams", "genkv", "genkv-compile", "genkv-compile-fp8", "genkv-taehv")
+SYSTEMS = ("upstream", "flashdreams", "genkv", "genkv-compile", "genkv-compile-fp8", "genkv-taehv",
+           "genkv-compile-taehv", "genkv-compile-fp8-taehv")
 WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstream: local_attn_size)
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
-GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"
+GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
+#: the methods a genkv system can run instead of upstream's rolling window ("genkv-compile@fastar")
+GENKV_METHODS = {"rolling": GENKV_METHOD, "fastar": "fastar"}
 STEADY_FRAMES = 12  # output frames of a 3-latent chunk after the first (4 per latent frame)
 ROPE_FRAMES = 1024  # upstream's RoPE table: latent positions are absolute and never rebased
 
@@ -107,7 +113,29 @@ GENKV_VARIANTS: dict[str, dict[str, Any]] = {
     "genkv-compile": dict(compile=True, fp8=False, decoder="wan"),
     "genkv-compile-fp8": dict(compile=True, fp8=True, decoder="wan"),
     "genkv-taehv": dict(compile=False, fp8=False, decoder="taehv"),
+    "genkv-compile-taehv": dict(compile=True, fp8=False, decoder="taehv"),
+    "genkv-compile-fp8-taehv": dict(compile=True, fp8=True, decoder="taehv"),
 }
+
+
+def split_system(system: str) -> tuple[str, str]:
+    """``genkv-compile@fastar`` -> (``genkv-compile``, the fastar method spec); a bare name runs upstream's window.
+
+    Example:
+        >>> split_system("genkv-compile@fastar"), split_system("genkv")
+        (('genkv-compile', 'fastar'), ('genkv', 'rolling:window_frames=21'))
+    """
+    name, _, method = system.partition("@")
+    return name, GENKV_METHODS[method or "rolling"]
+
+
+def system_name(text: str) -> str:
+    """argparse type of ``--systems``: a known system, genkv ones optionally ``@rolling`` / ``@fastar``."""
+    name, at, method = text.partition("@")
+    if name not in SYSTEMS or (at and (name not in GENKV_VARIANTS or method not in GENKV_METHODS)):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: pick one of {', '.join(SYSTEMS)}; a genkv one may end in @{' or @'.join(GENKV_METHODS)}")
+    return text
 
 
 class Skip(Exception):
@@ -497,10 +525,11 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
     """Time one whole genkv video (plus a warm-up one) on a fresh random-weight pipeline set up as ``genkv render``."""
     import genkv
 
-    variant = GENKV_VARIANTS[system]
+    name, method = split_system(system)
+    variant = GENKV_VARIANTS[name]
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, embeds = build_pipeline(shapes.genkv_model, device, dtype)
-    genkv.apply_genkv(pipe, parse_spec(GENKV_METHOD))
+    genkv.apply_genkv(pipe, parse_spec(method))
     if variant["decoder"] == "taehv":  # TAEHV's architecture at random weights, in the dtype genkv runs it in
         from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
 
@@ -557,10 +586,11 @@ def settings_of(system: str, shapes: Shapes) -> str:
         return f"causal_inference, local_attn {WINDOW_FRAMES} sink 0, SDPA, decode at end"
     if system == "flashdreams":
         return "self-forcing-wan2.1-t2v-1.3b recipe"
-    variant = GENKV_VARIANTS[system]
+    name, method = split_system(system)
+    variant = GENKV_VARIANTS[name]
     flags = [flag for flag, on in (("--compile", variant["compile"]), ("--fp8", variant["fp8"]),
                                    ("--decoder taehv", variant["decoder"] == "taehv")) if on]
-    return " ".join([GENKV_METHOD, *flags]) if flags else f"{GENKV_METHOD}, eager"
+    return " ".join([method, *flags]) if flags else f"{method}, eager"
 
 
 def _has(module: str, requirement: str) -> bool:
@@ -625,22 +655,22 @@ def _num(value: float | None, fmt: str, width: int) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """One line per system: frames, frames/s (run, steady), ms per 12 frames, peak GiB, x upstream (run, steady)."""
-    header = (f"{'system':18s} {'settings':60s} {'frames':>6s} {'fps run':>8s} {'fps steady':>10s} "
+    header = (f"{'system':30s} {'settings':60s} {'frames':>6s} {'fps run':>8s} {'fps steady':>10s} "
               f"{'ms/12 fr':>8s} {'peak GiB':>8s} {'x up run':>8s} {'x up st.':>8s}")
     lines = [header, "-" * len(header)]
     for row in rows:
         if "skipped" in row:
-            lines.append(f"{row['system']:18s} skipped: {row['skipped']}")
+            lines.append(f"{row['system']:30s} skipped: {row['skipped']}")
             continue
         peak = row.get("peak_memory_bytes")
         lines.append(
-            f"{row['system']:18s} {row['settings']:60s} {row['frames']:6d} {_num(row['fps_total'], '.2f', 8)} "
+            f"{row['system']:30s} {row['settings']:60s} {row['frames']:6d} {_num(row['fps_total'], '.2f', 8)} "
             f"{_num(row.get('fps_steady'), '.2f', 10)} {_num(row.get('ms_per_12_frames'), '.1f', 8)} "
             f"{_num(peak / 2**30 if peak else None, '.2f', 8)} {_num(row.get('ratio_total'), '.2f', 8)} "
             f"{_num(row.get('ratio_steady'), '.2f', 8)}"
         )
         for note in row.get("notes", []):
-            lines.append(f"{'':18s}   note: {note}")
+            lines.append(f"{'':30s}   note: {note}")
     return "\n".join(lines)
 
 
@@ -656,7 +686,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--self-forcing", type=Path, default=None, help="upstream Self-Forcing checkout")
     parser.add_argument("--frames", type=int, default=2000, help="output frames per timed video")
     parser.add_argument("--warmup-frames", type=int, default=120, help="frames of the warm-up video (0: none)")
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
+    parser.add_argument("--systems", nargs="+", type=system_name, default=list(SYSTEMS),
+                        help="which systems, in order; a genkv one may end in @fastar (genkv's sparse method) "
+                        "instead of upstream's rolling window (@rolling, the default)")
     parser.add_argument("--json", type=Path, default=None, help="write the rows here (after each system)")
     parser.add_argument("--merge", action="store_true", help="keep --json's rows of systems not run this time")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes (64x64, 2 layers): CPU plumbing test")
