@@ -50,6 +50,10 @@ WAN_1_3B = dict(
     rope_max_seq_len=1024,
 )
 
+#: Wan2.1-T2V-14B's transformer (its config.json): dim 5120 in 40 heads, 40 blocks, FFN 13824
+WAN_14B = {**WAN_1_3B, "num_attention_heads": 40, "ffn_dim": 13824, "num_layers": 40}
+MODELS = {"wan-1.3b": WAN_1_3B, "wan-14b": WAN_14B}
+
 
 def build_pipeline(model: str, device: torch.device, dtype: torch.dtype):
     """A random-weight pipeline without a text encoder (the benchmark passes prompt embeddings)."""
@@ -62,14 +66,14 @@ def build_pipeline(model: str, device: torch.device, dtype: torch.dtype):
 
         transformer, vae = tiny_wan_transformer(), tiny_wan_vae()
         size, text = (64, 64), (64, 32)
-    elif model == "wan-1.3b":
+    elif model in MODELS:
         torch.manual_seed(0)
         with torch.device(device):
-            transformer = WanTransformer3DModel(**WAN_1_3B)
+            transformer = WanTransformer3DModel(**MODELS[model]).to(dtype)  # (14B: 56 GB in fp32 until here)
             vae = AutoencoderKLWan()
         size, text = (480, 832), (512, 4096)
     else:
-        raise SystemExit(f"--model must be 'wan-1.3b' or 'tiny', got {model!r}")
+        raise SystemExit(f"--model must be one of {', '.join(MODELS)} or 'tiny', got {model!r}")
     pipe = SelfForcingPipeline(
         tokenizer=None,
         text_encoder=None,
@@ -447,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["full", "rolling:window_frames=21"])
     parser.add_argument("--frames", type=int, default=2000)
-    parser.add_argument("--model", default="wan-1.3b", help="wan-1.3b (random weights, real shapes) or tiny")
+    parser.add_argument("--model", default="wan-1.3b", help="wan-1.3b or wan-14b (random weights, real shapes) or tiny")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="bf16 (default on CUDA) or fp32")
     parser.add_argument("--attention-backend", default=None, help="diffusers backend, e.g. _native_cudnn")

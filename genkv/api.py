@@ -107,6 +107,7 @@ def apply_genkv(pipe_or_transformer: P, method: str | GenKVMethod = "full", **ov
     store = KVCacheStore(keeper, num_layers, rope if isinstance(rope, FrameOffsetRotaryPosEmbed) else None,
                          kv_dtype=config.kv_dtype)
     keeper.rope = store.rope
+    store.run_layers = getattr(transformer, "genkv_run_layers", None)  # set by a block split
     keeper.budget_bytes = config.budget_bytes
     store.model_shape = _model_shape(transformer)
     self_reader, cross_reader = config.build_self_reader(), config.build_cross_reader()

@@ -607,6 +607,9 @@ class KVCacheStore:
         self.fitted_budget: dict | None = None  # what budget_bytes became for the current video (cache_stats)
         self.keeper = keeper
         self.num_layers = num_layers
+        # The layers this process runs (None: all). A block split (block_split.apply_block_split) runs only its
+        # stage's blocks: the one allocation of a fixed-layout branch then holds only those layers' buffers.
+        self.run_layers: range | None = None
         self.rope = rope
         self.active = False
         self.branch = "cond"
@@ -835,7 +838,7 @@ class KVCacheStore:
             fixed = self.keeper.fixed_layout and limit is not None
             layers = [LayerKVCache(limit, fixed, kv_dtype=self.kv_dtype) for _ in range(self.num_layers)]
             if fixed:  # one allocation for the branch: keepers may then commit every layer at once
-                LayerStack(layers)
+                LayerStack([layers[i] for i in (self.run_layers or range(self.num_layers))])
             self.caches[self.branch] = layers
         return layers[index]
 

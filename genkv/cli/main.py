@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextvars import ContextVar
 from enum import Enum
 from pathlib import Path
 from typing import List, Optional
@@ -15,6 +16,9 @@ from .render import METHOD_HELP
 
 # Nothing here imports torch or diffusers: each command imports them after checking its arguments and files, so
 # a usage error or a missing file is reported in well under a second.
+
+#: the command line :func:`main` was given (render --pipeline-gpus starts each stage as the same command)
+_LAUNCH_ARGV: ContextVar[list[str] | None] = ContextVar("genkv_launch_argv", default=None)
 
 app = typer.Typer(
     name="genkv",
@@ -138,6 +142,12 @@ def render(
         None, "--vae-device", help="Decode on another GPU (e.g. cuda:1) while --device denoises the next chunk: the "
         "same frames, the VAE's time off the denoising GPU. Not with several processes (each has its own GPU)."
     ),
+    pipeline_gpus: Optional[int] = typer.Option(
+        None, "--pipeline-gpus", help="Split the transformer's blocks over N GPUs, one process each (started for you "
+        "through torch.distributed's launcher): each GPU holds 1/N of the weights and of the KV cache, for a model "
+        "larger than one GPU; the stages take turns, so it is not faster (README). Not with --compile or "
+        "--vae-device."
+    ),
     progress_every: int = typer.Option(
         10, "--progress-every", help="When the output is not a terminal (a log file), print a progress line after "
         "the first chunk and then every N chunks."
@@ -176,6 +186,8 @@ def render(
         fp8=fp8,
         recache=recache.value,
         vae_device=vae_device,
+        pipeline_gpus=pipeline_gpus,
+        launch_argv=_LAUNCH_ARGV.get(),
     )
     raise typer.Exit(run_render(options))
 
@@ -242,6 +254,8 @@ def _usage_line(err: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``genkv`` console script: every user error is one line on stderr, exit code 2; an
     interruption (Ctrl-C: 130, SIGTERM: 143) keeps what was rendered."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _LAUNCH_ARGV.set([str(arg) for arg in argv])  # `render --pipeline-gpus` starts its stages with it
     try:
         # Without standalone mode click returns (not raises) the exit code of typer.Exit.
         result = app(args=argv, prog_name="genkv", standalone_mode=False)

@@ -17,6 +17,8 @@ from typing import Any
 
 from ..zoo import DEFAULT_MODEL
 from .errors import CLIError, Terminated
+from .stages import check_pipeline_gpus, launched_world
+from .stages import launch as launch_stages
 
 #: ``genkv render`` without --method/--config: a bounded cache. ``full`` grows with every chunk (out of memory at
 #: frame ~900-1350 at Wan2.1-1.3B shapes); rolling keeps Self-Forcing's trained context (21 latent frames, its own
@@ -81,6 +83,8 @@ class RenderOptions:
     switches: list[list[Switch]] = field(default_factory=list)  # per prompt, from its "@FRAME prompt" lines
     switch_notes: dict[int, list[str]] = field(default_factory=dict)  # per prompt index: the pipeline's notes
     vae_device: str | None = None  # --vae-device: decode on this device (SelfForcingPipeline.set_vae_device)
+    pipeline_gpus: int | None = None  # --pipeline-gpus N: the blocks split over N processes (genkv.cli.stages)
+    launch_argv: list[str] | None = None  # the command line, for the stages --pipeline-gpus starts
 
 
 # -- validation (cheap, before any model is loaded) -----------------------------------------------------
@@ -479,10 +483,21 @@ def run_render(options: RenderOptions) -> int:
     options.contexts = load_contexts(sources)
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
+    check_pipeline_gpus(options, device)
     check_vae_device(options, device)
     prepare_outputs(options.out, names, options.overwrite)
+    if options.pipeline_gpus is not None and launched_world() == 1:  # start the stages, each this command again
+        if options.launch_argv is None:
+            raise CLIError("--pipeline-gpus needs the command line to start its stages; run it as `genkv render`")
+        with _sigterm_as_interrupt():
+            return launch_stages(options, options.launch_argv)
     with _sigterm_as_interrupt():
-        return _run_loaded(options, prompts, names, method, device, dtype)
+        code = _run_loaded(options, prompts, names, method, device, dtype)
+    if options.pipeline_gpus is not None and code == 0:  # a stage: leave the process group as every stage does
+        from .stages import close_stage
+
+        close_stage()
+    return code
 
 
 @contextlib.contextmanager
@@ -523,7 +538,13 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
     jobs = list(enumerate(zip(prompts, names)))
     rank, world, local_rank = process_rank()
     rank_label = ""
-    if world > 1:
+    stage = None  # --pipeline-gpus: this process's stage; every stage renders every prompt
+    if options.pipeline_gpus is not None:
+        from .stages import init_stage
+
+        device = init_stage(device)
+        stage = int(os.environ.get("RANK", "0"))
+    elif world > 1:
         # Each process takes a contiguous share of the prompts; names carry the global index, so no two
         # processes ever write the same file.
         per, extra = divmod(len(jobs), world)
@@ -535,7 +556,13 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
         if not jobs:
             return 0
 
-    pipe = load_pipeline(options, device, dtype)
+    if stage is None:
+        pipe = load_pipeline(options, device, dtype)
+    else:  # on the CPU first: only this stage's blocks ever reach its GPU
+        from genkv.pipelines.self_forcing.block_split import apply_block_split, move_stage
+
+        pipe = move_stage(apply_block_split(load_pipeline(options, torch.device("cpu"), dtype)), device)
+    decodes = stage is None or stage == pipe.block_split.decode_stage
     height = options.height if options.height is not None else pipe.config.default_height
     width = options.width if options.width is not None else pipe.config.default_width
     try:
@@ -567,6 +594,8 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
         pipe.enable_compile()
     if options.cuda_graphs is not None:
         pipe.cuda_graphs = options.cuda_graphs
+    if not decodes:  # a stage before the last: the same loop for latents, silent but for its own errors
+        return _follow(pipe, options, jobs, height, width, device, stage)
     if options.model == "tiny-random":
         console.print("[yellow]note:[/] --model tiny-random has random, untrained weights: the videos are noise.")
 
@@ -587,6 +616,39 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
                 return Terminated.exit_code
             if summary.get("interrupted") or summary.get("error"):
                 return 130 if summary.get("interrupted") else 1
+    return 0
+
+
+def _follow(pipe, options: RenderOptions, jobs, height: int, width: int, device, stage: int) -> int:
+    """A non-decoding stage of --pipeline-gpus: every video's loop with ``output_type="latent"`` (its blocks' part
+    of each forward, the hidden states handed on), then its memory to the decoding stage's summary."""
+    import torch
+
+    import genkv
+    from .stages import gather_stage_memory
+
+    for index, (prompt, _) in jobs:
+        generator = torch.Generator(device=device).manual_seed(options.seed + index)  # the decoding stage's noise
+        switches = _video_switches(options, index)
+        context = options.contexts[index] if options.contexts else {}
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the decoding stage says them once
+            try:
+                for _ in pipe.stream(prompt, options.frames, height, width, generator=generator,
+                                     guidance_scale=options.guidance_scale, output_type="latent",
+                                     prompt_switches=[(s.frame, s.text) for s in switches] or None,
+                                     recache=RECACHE[options.recache],
+                                     **{k: v for k, v in context.items() if k in ("image", "video")}):
+                    pass
+            except KeyboardInterrupt as stop:
+                return Terminated.exit_code if isinstance(stop, Terminated) else 130
+            except Exception as err:
+                text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+                print(f"genkv: error: stage {stage}: {type(err).__name__}: {text}", file=sys.stderr)
+                return 1
+        gather_stage_memory(_peak_memory(device), genkv.get_store(pipe).memory_bytes())
     return 0
 
 
@@ -684,6 +746,7 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         "fps_video": options.fps,
         "device": str(device),
         "vae_device": str(pipe.vae_device) if getattr(pipe, "vae_device", None) is not None else None,
+        "pipeline_gpus": options.pipeline_gpus,
         "frames_requested": options.frames,
         "prompt_switches": [{"frame": s.frame, "prompt": s.text} for s in switches],
         "recache": options.recache,
@@ -741,6 +804,11 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
     )
     if options.profile and phases:
         summary["profile_ms"] = _profile_table(phases, console)
+    if options.pipeline_gpus is not None and status == "done":  # every stage's GPU, flat as the decoding one's
+        from .stages import gather_stage_memory
+
+        summary["stage_peak_memory_bytes"], summary["stage_kv_bytes"] = gather_stage_memory(
+            summary["peak_memory_bytes"], summary["kv_bytes"])
     graphs = getattr(pipe, "last_graphs", None)
     if graphs is not None:
         summary["cuda_graphs"] = {"recorded": graphs.captures, "replays": graphs.replays, "off_reason": graphs.reason}

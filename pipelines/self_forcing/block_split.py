@@ -14,6 +14,9 @@ take turns (a split buys memory, for a model larger than one GPU, not speed). Wh
 :func:`apply_block_split` names the stage that decodes (the last by default), and the others ask for latents only
 (``output_type="latent"``), so the first stage starts the next chunk while the last decodes.
 
+From the command line: ``genkv render prompts.txt --pipeline-gpus 2`` starts the processes itself (through
+``torch.distributed``'s launcher; see :mod:`genkv.cli.stages`).
+
 Example (two processes on a CPU; ``torchrun --nproc-per-node 2 script.py`` on two GPUs)::
 
     import torch.distributed as dist
@@ -89,6 +92,13 @@ def apply_block_split(pipe, rank: int | None = None, world: int | None = None,
             or any(a >= b for a, b in zip(boundaries, boundaries[1:]))):
         raise ValueError(f"boundaries {boundaries} must rise from 0 to {len(blocks)} in {world} stages")
     split = BlockSplit(rank, boundaries, world - 1 if decode_stage is None else decode_stage)
+    # the KV caches of this stage's layers only (a stacked cache allocates just those; see KVCacheStore)
+    pipe.transformer.genkv_run_layers = range(boundaries[rank], boundaries[rank + 1])
+    from genkv.api import _STATE_ATTR
+
+    state = getattr(pipe.transformer, _STATE_ATTR, None)  # genkv applied before the split
+    if state is not None:
+        state.store.run_layers = pipe.transformer.genkv_run_layers
     for index, block in enumerate(blocks):
         if split.owns(index):
             role = "run"
@@ -97,6 +107,21 @@ def apply_block_split(pipe, rank: int | None = None, world: int | None = None,
             role = "skip"
         block.forward = types.MethodType(_stage_forward(split, index, role, block.forward), block)
     pipe.block_split = split
+    return pipe
+
+
+def move_stage(pipe, device: "str | torch.device"):
+    """``pipe.to(device)`` for a split pipeline: every tensor moves except the ``meta`` ones (the blocks another
+    stage holds), so a process loads the model on the CPU, splits it, and only its stage reaches its GPU (a model
+    larger than one GPU never has to fit on one). Returns ``pipe``."""
+    device = torch.device(device)
+
+    def move(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor if tensor.device.type == "meta" else tensor.to(device)
+
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            module._apply(move)  # Module.to without the meta tensors, which have no data to copy
     return pipe
 
 
