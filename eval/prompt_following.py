@@ -26,6 +26,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_rollout import load_pipeline  # noqa: E402
 
 
+def even_steps(steps: int, train_timesteps: int = 1000) -> list[int]:
+    """``steps`` denoising steps from ``train_timesteps`` down, evenly spaced (the scheduler warps them by its shift).
+
+    Example:
+        >>> even_steps(4), even_steps(16)[:3]
+        ([1000, 750, 500, 250], [1000, 938, 875])
+    """
+    return [round(train_timesteps * (steps - i) / steps) for i in range(steps)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sprites-tiny", help="a bundled model, a model folder, or tiny-random")
@@ -34,14 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--frames", type=int, default=96)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--steps", type=int, default=None,
+                        help="sample with N evenly spaced denoising steps (4: Self-Forcing's 1000/750/500/250) instead "
+                        "of the model's own schedule, same sampler")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be a positive number of denoising steps")
 
     import genkv
     from genkv.data import make_video
     from genkv.metrics.prompt_following import prompt_following, summarize
 
     pipe = load_pipeline(args.model, torch.device(args.device))
+    if args.steps is not None:
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, denoising_step_list=even_steps(
+            args.steps, pipe.scheduler.config.num_train_timesteps))
     genkv.apply_genkv(pipe, args.method)
     size = pipe.config.default_height
     data = [make_video(seed=s, num_frames=args.frames, max_objects=2, size=size) for s in range(args.prompts)]
@@ -55,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             rendered.append(dict(prompt=video.prompt, seed=seed, **prompt_following(frames, video.prompt)))
         print(f"{len(rendered)}/{args.prompts * args.seeds} videos, {time.perf_counter() - start:.0f} s", flush=True)
     result = {"model": args.model, "method": args.method, "frames": args.frames, "prompts": args.prompts,
+              "denoising_step_list": [int(t) for t in pipe.scheduler.config.denoising_step_list],
               "seeds": args.seeds, "model_summary": summarize(rendered), "data_summary": summarize(references),
               "videos": rendered, "data_videos": references}
     args.out.parent.mkdir(parents=True, exist_ok=True)
