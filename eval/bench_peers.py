@@ -32,9 +32,11 @@ On the GPU machine, carrying [".whl", ".peers"] (one line):
 
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site && python3 -m pip install -q --no-index --no-deps --no-build-isolation -e . ; export TRITON_INTERPRET=0; python3 eval/bench_peers.py --self-forcing .peers/Self-Forcing --frames 2000 --json $OUT/peers.json
 
-All six systems at 2000 frames may pass a 10-minute limit per command: then run the same line twice, first with
-``--systems upstream flashdreams genkv genkv-taehv``, then with ``--systems genkv-compile genkv-compile-fp8 --merge``
-(``--merge`` keeps the JSON's rows of the systems not run again, and the ratios use its upstream row).
+Several systems at 2000 frames pass a 10-minute limit per command: split them over commands that each run
+``upstream`` first, so every ratio is within one run, e.g. ``--systems upstream genkv-compile genkv-compile@fastar``
+then ``--systems upstream genkv-compile-taehv@fastar genkv-compile-fp8-taehv@fastar genkv-compile-fp8@fastar``
+(docs/BENCHMARKS.md, 2026-12-04). ``--merge`` instead keeps the JSON's rows of the systems not run again, and the
+ratios then use an upstream row from another run.
 
 ``--tiny`` runs tiny shapes (64x64, a 2-layer model) on the CPU in under a minute: plumbing only, for tests.
 
