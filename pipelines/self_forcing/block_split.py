@@ -93,12 +93,13 @@ def apply_block_split(pipe, rank: int | None = None, world: int | None = None,
         raise ValueError(f"boundaries {boundaries} must rise from 0 to {len(blocks)} in {world} stages")
     split = BlockSplit(rank, boundaries, world - 1 if decode_stage is None else decode_stage)
     # the KV caches of this stage's layers only (a stacked cache allocates just those; see KVCacheStore)
-    pipe.transformer.genkv_run_layers = range(boundaries[rank], boundaries[rank + 1])
-    from genkv.api import _STATE_ATTR
+    pipe.transformer.genkv_run_layers = range(boundaries[rank], boundaries[rank + 1])  # read by apply_genkv
+    import genkv
 
-    state = getattr(pipe.transformer, _STATE_ATTR, None)  # genkv applied before the split
-    if state is not None:
-        state.store.run_layers = pipe.transformer.genkv_run_layers
+    try:  # genkv applied before the split: its store learns now
+        genkv.get_store(pipe).run_layers = pipe.transformer.genkv_run_layers
+    except ValueError:
+        pass
     for index, block in enumerate(blocks):
         if split.owns(index):
             role = "run"

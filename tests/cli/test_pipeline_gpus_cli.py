@@ -17,19 +17,20 @@ from genkv.cli.main import main
 NAME = "000-a-red-circle-bouncing"
 
 
-def _cli(args, tmp_path) -> subprocess.CompletedProcess:
+def _cli(args, tmp_path, method: str = "rolling") -> subprocess.CompletedProcess:
     # A fresh process with one thread per process for both renders: the same float reductions on each side.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("WORLD_SIZE", None)
     return subprocess.run([sys.executable, "-m", "genkv.cli.main", "render", *map(str, args), "--model",
-                           "tiny-random", "--frames", "21", "--device", "cpu", "--method", "rolling"],
+                           "tiny-random", "--frames", "21", "--device", "cpu", "--method", method],
                           capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
 
 
-def test_two_stages_render_the_one_process_video(tmp_path, prompts):
-    split = _cli([prompts, "--out", tmp_path / "split", "--pipeline-gpus", "2"], tmp_path)
+@pytest.mark.parametrize("method", ["rolling", "fastar"])  # per-layer caches; one stacked allocation
+def test_two_stages_render_the_one_process_video(tmp_path, prompts, method):
+    split = _cli([prompts, "--out", tmp_path / "split", "--pipeline-gpus", "2"], tmp_path, method)
     assert split.returncode == 0, split.stderr[-3000:]
-    one = _cli([prompts, "--out", tmp_path / "one"], tmp_path)
+    one = _cli([prompts, "--out", tmp_path / "one"], tmp_path, method)
     assert one.returncode == 0, one.stderr[-3000:]
     np.testing.assert_array_equal(iio.imread(tmp_path / "split" / f"{NAME}.mp4"),
                                   iio.imread(tmp_path / "one" / f"{NAME}.mp4"))
