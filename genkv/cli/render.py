@@ -536,15 +536,15 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
 
     console = Console(stderr=True)
     jobs = list(enumerate(zip(prompts, names)))
-    rank, world, local_rank = process_rank()
-    rank_label = ""
     stage = None  # --pipeline-gpus: this process's stage; every stage renders every prompt
-    if options.pipeline_gpus is not None:
+    if options.pipeline_gpus is not None:  # its process group first (accelerate would set up one of its own)
         from .stages import init_stage
 
         device = init_stage(device)
         stage = int(os.environ.get("RANK", "0"))
-    elif world > 1:
+    rank, world, local_rank = process_rank()
+    rank_label = ""
+    if stage is None and world > 1:
         # Each process takes a contiguous share of the prompts; names carry the global index, so no two
         # processes ever write the same file.
         per, extra = divmod(len(jobs), world)

@@ -77,9 +77,9 @@ def launch(options: "RenderOptions", argv: list[str]) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    for name in list(logging.Logger.manager.loggerDict):  # each of its loggers has its own level set
-        if name.startswith("torch.distributed.elastic"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    for name in list(logging.Logger.manager.loggerDict):  # each of its loggers has its own level set; a
+        if name.startswith("torch.distributed.elastic"):  # stage's failure is logged as an error: the stage said it
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     stages = options.pipeline_gpus
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=stages, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0, monitor_interval=0.1,
@@ -105,8 +105,10 @@ def init_stage(device: "torch.device") -> "torch.device":
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
-    if not dist.is_initialized():  # accelerate may have set it up already (process_rank)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not dist.is_initialized():
+        # Both backends, each for its tensors: CPU stages on a machine with CUDA still hand over by gloo (one
+        # backend named after the device type would leave CPU tensors without one there).
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
     return device
 
 
