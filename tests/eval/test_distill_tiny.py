@@ -1,0 +1,59 @@
+"""eval/distill_tiny.py: the teacher's recorded samples are points of its own trajectory at the student's noise
+levels, recording changes nothing the teacher renders, and the saved student is a 4-step sampler without guidance.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
+
+import distill_tiny  # noqa: E402
+
+PROMPTS = ["a red circle moving left", "a blue square moving down"]
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return distill_tiny.load_teacher("sprites-tiny", torch.device("cpu"))
+
+
+def test_recorded_samples_sit_at_the_student_noise_levels_of_the_teacher_trajectory(teacher):
+    steps = [int(t) for t in teacher.scheduler.config.denoising_step_list]
+    record = distill_tiny.student_step_indices(steps)
+    assert [steps[i] for i in record] == [1000, 750, 500, 250]
+    with torch.no_grad():
+        latents, states = distill_tiny.teacher_trajectories(teacher, PROMPTS, 21, 2, 0, record)
+        # the same render without the recording hook: the hook changes nothing
+        reference = torch.cat(list(teacher.stream(PROMPTS, num_frames=21, output_type="latent",
+                                                  generator=torch.Generator().manual_seed(0))), dim=2)
+    assert torch.equal(latents, reference.half())
+    assert tuple(states.shape) == (2, 2, 4, *latents.shape[1:2], 3, *latents.shape[3:])
+    for chunk in range(2):
+        clean = latents[:, :, 3 * chunk : 3 * chunk + 3].float()
+        for k, index in enumerate(record):
+            # A flow-matching sample at noise level s is (1 - s) x0 + s * noise: what is left over after the clean
+            # chunk's share has the spread of s (unit-variance noise) at exactly the student's levels.
+            sigma = float(teacher.scheduler.sigmas[index])
+            rest = states[:, chunk, k].float() - (1 - sigma) * clean
+            assert rest.std().item() == pytest.approx(sigma, rel=0.03), (chunk, k)
+
+
+def test_a_teacher_without_the_student_steps_is_refused():
+    with pytest.raises(SystemExit, match=r"lacks the student's steps \[750, 250\]"):
+        distill_tiny.student_step_indices([1000, 500])
+
+
+def test_the_smoke_run_saves_a_four_step_student_without_guidance(tmp_path):
+    from genkv.pipelines import SelfForcingPipeline
+
+    assert distill_tiny.main(["--out", str(tmp_path / "student"), "--smoke"]) == 0
+    student = SelfForcingPipeline.from_pretrained(tmp_path / "student", torch_dtype=torch.float32)
+    assert list(student.scheduler.config.denoising_step_list) == [1000, 750, 500, 250]
+    assert student.scheduler.config.sampler == "euler" and student.config.default_guidance_scale == 1.0
+    forwards = []
+    student.transformer.register_forward_hook(lambda *args: forwards.append(1))
+    frames = student("a red circle moving left", num_frames=9, output_type="uint8").frames[0]
+    assert frames.shape[0] == 9 and len(forwards) == 5  # 4 steps, one forward each (no guidance), + the clean pass
