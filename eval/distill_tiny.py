@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny import AUTOCAST, CHUNK, BlockCausalSelfAttn, block_of_frame, finish  # noqa: E402
+from train_tiny import AUTOCAST, CHUNK, BlockCausalSelfAttn, block_of_frame, end_training, finish  # noqa: E402
 
 STUDENT_STEPS = (1000, 750, 500, 250)  # Self-Forcing's denoising_step_list
 
@@ -139,13 +139,7 @@ def distill(student, pipe, prompts: list[str], latents: torch.Tensor, states: to
             print(f"distill step {step:6d} loss {loss.item():.4f} (chunk {chunk})", flush=True)
         step += 1
     log.append({"phase": "distill_done", "steps": step, "seconds": time.time() - start})
-    if averaged is not None:
-        with torch.no_grad():
-            for p, a in zip(params, averaged):
-                p.copy_(a.to(p.dtype))
-    for block in student.blocks:
-        block.attn1.set_processor(WanAttnProcessor())
-    student.eval()
+    end_training(student, params, averaged)
 
 
 def student_pipeline(pipe, student):

@@ -321,15 +321,22 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
                 "clips_per_second": step * args.batch / max(seconds, 1e-9)})
     print(f"transformer: {step} steps in {seconds:.0f} s ({step * args.batch / max(seconds, 1e-9):.0f} clips/s)",
           flush=True)
+    end_training(transformer, params, averaged)
+    holder["mask"] = None
+    text_encoder.eval()
+
+
+def end_training(transformer, params: list, averaged: list | None) -> None:
+    """The averaged weights (EMA) into ``params``, the stock attention processors back, eval mode."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
     if averaged is not None:
         with torch.no_grad():
             for p, a in zip(params, averaged):
                 p.copy_(a.to(p.dtype))
     for block in transformer.blocks:
         block.attn1.set_processor(WanAttnProcessor())
-    holder["mask"] = None
     transformer.eval()
-    text_encoder.eval()
 
 
 def block_of_frame(frames: int, lead: int) -> torch.Tensor:
