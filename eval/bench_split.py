@@ -44,9 +44,8 @@ def peak_bytes(device: torch.device) -> int:
 
 def run_method(spec: str, args: argparse.Namespace, device: torch.device, world: int) -> dict | None:
     """One method's timed video; the row on the decoding stage, None on the others."""
-    import torch.distributed as dist
-
     import genkv
+    from genkv.cli.stages import gather_stage_memory
     from genkv.pipelines.self_forcing.block_split import apply_block_split, is_decoding_stage
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -76,11 +75,9 @@ def run_method(spec: str, args: argparse.Namespace, device: torch.device, world:
     start = time.perf_counter()
     chunks = video(args.frames, 0)
     seconds = time.perf_counter() - start
-    kv = genkv.get_store(pipe).memory_bytes()
-    gathered = [(peak_bytes(device), kv)]
+    peaks, kvs = [peak_bytes(device)], [genkv.get_store(pipe).memory_bytes()]
     if world > 1:
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (peak_bytes(device), kv))
+        peaks, kvs = gather_stage_memory(peaks[0], kvs[0])
     del pipe, embeds
     gc.collect()
     if device.type == "cuda":
@@ -95,7 +92,7 @@ def run_method(spec: str, args: argparse.Namespace, device: torch.device, world:
         fps_steady=sum(n for n, _ in steady) / sum(secs) if steady else None,
         median_ms_per_chunk=1000 * statistics.median(secs) if secs else None,
         flatness_last20_over_20to40=flatness([s for _, s in chunks]),
-        stage_peak_memory_bytes=[peak for peak, _ in gathered], stage_kv_bytes=[kv for _, kv in gathered],
+        stage_peak_memory_bytes=peaks, stage_kv_bytes=kvs,
         chunk_ms=[1000 * s for _, s in chunks],
     )
 
@@ -124,13 +121,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = torch.device(args.device)
-    if world > 1:
-        import torch.distributed as dist
+    if world > 1:  # the process group and device of a stage, as `genkv render --pipeline-gpus` sets them up
+        from genkv.cli.stages import init_stage
 
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        device = init_stage(device)
     if device.type == "cpu":
         torch.set_num_threads(1)
     rows = []

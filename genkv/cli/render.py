@@ -628,19 +628,13 @@ def _follow(pipe, options: RenderOptions, jobs, height: int, width: int, device,
     from .stages import gather_stage_memory
 
     for index, (prompt, _) in jobs:
-        generator = torch.Generator(device=device).manual_seed(options.seed + index)  # the decoding stage's noise
-        switches = _video_switches(options, index)
-        context = options.contexts[index] if options.contexts else {}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the decoding stage says them once
             try:
-                for _ in pipe.stream(prompt, options.frames, height, width, generator=generator,
-                                     guidance_scale=options.guidance_scale, output_type="latent",
-                                     prompt_switches=[(s.frame, s.text) for s in switches] or None,
-                                     recache=RECACHE[options.recache],
-                                     **{k: v for k, v in context.items() if k in ("image", "video")}):
+                for _ in pipe.stream(prompt, options.frames, height, width, output_type="latent",
+                                     **_stream_arguments(options, index, device)):  # the decoding stage's noise
                     pass
             except KeyboardInterrupt as stop:
                 return Terminated.exit_code if isinstance(stop, Terminated) else 130
@@ -650,6 +644,19 @@ def _follow(pipe, options: RenderOptions, jobs, height: int, width: int, device,
                 return 1
         gather_stage_memory(_peak_memory(device), genkv.get_store(pipe).memory_bytes())
     return 0
+
+
+def _stream_arguments(options: RenderOptions, index: int, device) -> dict[str, Any]:
+    """What ``stream`` takes for prompt ``index`` beyond the prompt and size: its seeded generator, guidance,
+    switches, re-cache mode and context image / clip (the same on every stage of --pipeline-gpus)."""
+    import torch
+
+    switches = _video_switches(options, index)
+    context = options.contexts[index] if options.contexts else {}
+    return dict(generator=torch.Generator(device=device).manual_seed(options.seed + index),
+                guidance_scale=options.guidance_scale,
+                prompt_switches=[(s.frame, s.text) for s in switches] or None, recache=RECACHE[options.recache],
+                **{k: v for k, v in context.items() if k in ("image", "video")})
 
 
 def check_switch_chunks(pipe, options: RenderOptions, index: int) -> list[str]:
@@ -726,7 +733,6 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
     for old in (path, path.with_suffix(".json")):  # --overwrite: no stale summary outlives its video
         if old.exists():
             old.unlink()
-    generator = torch.Generator(device=device).manual_seed(options.seed + index)
     switches = _video_switches(options, index)
     for used in {device, getattr(pipe, "vae_device", None) or device}:
         if used.type == "cuda":
@@ -760,13 +766,8 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
     try:
         with _progress(console, f"{rank_label}{name[:32]}", options, writer, start) as report:
             last = start
-            context = options.contexts[index] if options.contexts else {}
-            for frames in pipe.stream(
-                prompt, options.frames, height, width, generator=generator, guidance_scale=options.guidance_scale,
-                profile=options.profile, on_chunk=phases.append,
-                prompt_switches=[(s.frame, s.text) for s in switches] or None, recache=RECACHE[options.recache],
-                **{k: v for k, v in context.items() if k in ("image", "video")},
-            ):
+            for frames in pipe.stream(prompt, options.frames, height, width, profile=options.profile,
+                                      on_chunk=phases.append, **_stream_arguments(options, index, device)):
                 before_write = time.perf_counter()
                 writer.append(frames)
                 now = time.perf_counter()
