@@ -219,6 +219,7 @@ class Clock:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
+        self.resident_at_reset: int | None = None
 
     def now(self) -> float:
         if self.device.type == "cuda":
@@ -226,8 +227,12 @@ class Clock:
         return time.perf_counter()
 
     def reset_peak(self) -> None:
+        """Start a peak; also note what is already allocated (weights, a cache kept from the warm-up video, other
+        systems' leftovers), so a row's peak can be read against it."""
+        self.resident_at_reset = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            self.resident_at_reset = int(torch.cuda.memory_allocated(self.device))
 
     def peak_bytes(self) -> int | None:
         return int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None
@@ -510,6 +515,7 @@ def run_upstream(root: Path, shapes: Shapes, frames: int, warmup_frames: int, de
         ms_per_12_frames=median_ms(steady) + 1000 * decode_s / len(block_s) if steady else None,
         fps_steady=STEADY_FRAMES * len(steady) / steady_s if steady else None,
         peak_memory_bytes=clock.peak_bytes(),
+        resident_memory_bytes_at_start=clock.resident_at_reset,
         notes=notes,
     )
     if steady:
@@ -569,6 +575,7 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
         ms_per_12_frames=median_ms([s for n, s in steady if n == STEADY_FRAMES]),
         fps_steady=sum(n for n, _ in steady) / sum(s for _, s in steady) if steady else None,
         peak_memory_bytes=clock.peak_bytes(),
+        resident_memory_bytes_at_start=clock.resident_at_reset,
         notes=[],
     )
     genkv.remove_genkv(pipe)

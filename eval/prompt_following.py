@@ -9,7 +9,9 @@ every render has a reference video of the data with the same prompt; the data's 
 metric allows (its sprites bounce off walls, so even the data moves against the prompt's sign sometimes).
 Prints per colour word the share of frames it is present where asked (and shown where not asked), two-sprite
 prompts' share of frames with both present, the share of sprites moving along the asked axis and the asked way,
-and edge energy (sharpness) against the data's; writes every video's report to JSON.
+and edge energy (sharpness) against the data's; writes every video's report to JSON. The renders are also
+measured over their first ``--split-at`` frames and the rest apart (default 45: the training clips' length), so
+a model that holds a prompt only as long as its training clips shows it.
 """
 
 from __future__ import annotations
@@ -47,10 +49,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="sample with N evenly spaced denoising steps (4: Self-Forcing's 1000/750/500/250) instead "
                         "of the model's own schedule, same sampler")
+    parser.add_argument("--split-at", type=int, default=45,
+                        help="also measure frames before and from this frame apart (45: the sprite model's training "
+                        "clips; later frames are beyond anything it trained on); 0: no split")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be a positive number of denoising steps")
+    if args.split_at < 0:
+        parser.error("--split-at must be a frame index (0: no split)")
+    split = args.split_at if 0 < args.split_at < args.frames else None
 
     import genkv
     from genkv.data import make_video
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     size = pipe.config.default_height
     data = [make_video(seed=s, num_frames=args.frames, max_objects=2, size=size) for s in range(args.prompts)]
     rendered, references = [], []
+    spans = {"before": [], "from": []}  # the renders measured over frames [0, split) and [split, end)
     start = time.perf_counter()
     for video in data:
         references.append(dict(prompt=video.prompt, **prompt_following(video.frames, video.prompt)))
@@ -71,27 +80,41 @@ def main(argv: list[str] | None = None) -> int:
             frames = pipe(video.prompt, num_frames=args.frames, output_type="uint8",
                           generator=torch.Generator().manual_seed(seed)).frames[0]
             rendered.append(dict(prompt=video.prompt, seed=seed, **prompt_following(frames, video.prompt)))
+            if split is not None:
+                spans["before"].append(prompt_following(frames[:split], video.prompt))
+                spans["from"].append(prompt_following(frames[split:], video.prompt))
         print(f"{len(rendered)}/{args.prompts * args.seeds} videos, {time.perf_counter() - start:.0f} s", flush=True)
     result = {"model": args.model, "method": args.method, "frames": args.frames, "prompts": args.prompts,
               "denoising_step_list": [int(t) for t in pipe.scheduler.config.denoising_step_list],
               "seeds": args.seeds, "model_summary": summarize(rendered), "data_summary": summarize(references),
               "videos": rendered, "data_videos": references}
+    if split is not None:
+        result["split_at"] = split
+        result["model_summary_before_split"] = summarize(spans["before"])
+        result["model_summary_from_split"] = summarize(spans["from"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     model, ref = result["model_summary"], result["data_summary"]
-    print(f"\n{'':34s} {'model':>8s} {'data':>8s}")
+    columns = [("model", model), ("data", ref)]
+    if split is not None:
+        columns[1:1] = [(f"<{split}", result["model_summary_before_split"]),
+                        (f">={split}", result["model_summary_from_split"])]
+    nan = float("nan")
+
+    def cell(value) -> str:
+        return f"{value if value is not None else nan:8.3f}"
+
+    print(f"\n{'':34s} " + " ".join(f"{name:>8s}" for name, _ in columns))
     for colour in ref["colour_present"]:
-        print(f"{colour + ' present where asked':34s} {model['colour_present'].get(colour, float('nan')):8.3f} "
-              f"{ref['colour_present'][colour]:8.3f}")
+        print(f"{colour + ' present where asked':34s} "
+              + " ".join(cell(summary["colour_present"].get(colour)) for _, summary in columns))
     for colour in ref["colour_shown_unasked"]:
-        print(f"{colour + ' shown where not asked':34s} {model['colour_shown_unasked'].get(colour, float('nan')):8.3f} "
-              f"{ref['colour_shown_unasked'][colour]:8.3f}")
+        print(f"{colour + ' shown where not asked':34s} "
+              + " ".join(cell(summary["colour_shown_unasked"].get(colour)) for _, summary in columns))
     for key, label in (("two_sprites_both_present", "two sprites: both present"),
                        ("axis_matches", "sprites moving along the asked axis"),
                        ("direction_matches", "sprites moving the asked way"), ("edge_energy", "edge energy")):
-        value = model[key]
-        print(f"{label:34s} {value if value is not None else float('nan'):8.3f} "
-              f"{ref[key] if ref[key] is not None else float('nan'):8.3f}")
+        print(f"{label:34s} " + " ".join(cell(summary[key]) for _, summary in columns))
     print(f"json: {args.out}")
     return 0
 

@@ -7,6 +7,10 @@
     python eval/train_tiny.py --out /tmp/m --vae-from vae.tar --vae-minutes 0 --minutes 7 --tar $OUT/m.tar
     # more transformer steps on a saved model (its VAE and latent statistics kept)
     python eval/train_tiny.py --out /tmp/m2 --resume-from m.tar --minutes 5 --lr 3e-4 --tar $OUT/m2.tar
+    # longer clips (105 frames = 9 chunks, the pool's default is 45): the decoder repaired on them alone, then the
+    # transformer with up to 8 context chunks (eval/vae_drift.py shows where a VAE trained on 45 frames drifts)
+    python eval/train_tiny.py --out /tmp/d --resume-from m.tar --minutes 0 --decoder-minutes 6 --clip-frames 105 \
+        --sprite-weight 10 --vae-batch 8 --tar $OUT/d.tar
 
 Data: procedural sprite videos (``genkv.data``), 64x64, by default one or two sprites on a plain background, a
 pool generated up front by all CPU cores. Phase 1 trains the VAE (``AutoencoderKLWan``, base_dim 32, 4x spatial
@@ -429,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ema", type=float, default=0.999, help="weight averaging decay (0: none)")
     parser.add_argument("--vae-lr", type=float, default=1e-3)
     parser.add_argument("--vae-clip-frames", type=int, default=9, help="short VAE clips (every other step)")
+    parser.add_argument("--clip-frames", type=int, default=45,
+                        help="frames of each pool clip (12k - 3: 45 = 4 chunks, 105 = 9 chunks): the VAE's whole-clip "
+                        "steps, the decoder repair and the transformer's longest context run this long")
     parser.add_argument("--decoder-minutes", type=float, default=0.0,
                         help="then train the VAE decoder alone on whole clips (encoder frozen; see finetune_decoder)")
     parser.add_argument("--decoder-lr", type=float, default=3e-4)
@@ -464,13 +471,16 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue training a model this script saved (folder or tar); its VAE is kept")
     parser.add_argument("--check-seeds", type=int, default=3, help="seeds per prompt in the sample check")
     args = parser.parse_args(argv)
+    if args.clip_frames < 9 or (args.clip_frames + 3) % (4 * CHUNK):
+        parser.error(f"--clip-frames {args.clip_frames}: a clip must be whole chunks of {CHUNK} latent frames, "
+                     f"12k - 3 video frames (9, 21, 45, 105, ...)")
     if args.smoke:
         args.pool, args.batch, args.vae_batch, args.check_seeds = 16, 4, 2, 1
         args.max_steps = args.max_steps or 3
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     t0 = time.time()
-    clip_frames = 1 + 4 * (4 * CHUNK - 1)  # 45 video frames = 12 latent frames = 4 chunks
+    clip_frames = args.clip_frames
     # Forked workers first, before anything touches CUDA.
     pool, prompts = make_pool(args.pool, clip_frames, args.seed, workers=min(16, os.cpu_count() or 1),
                               max_objects=args.max_objects, backgrounds=tuple(args.backgrounds),
@@ -516,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
             vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
         latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # stays on the device
         print(f"latents: {tuple(latents.shape)}, {time.time() - t0:.1f} s", flush=True)
+        log.append({"phase": "latents", "clips": latents.shape[0], "clip_frames": clip_frames,
+                    "latent_frames": latents.shape[2], "chunks": latents.shape[2] // CHUNK})
         del pool
         text_encoder.to(device)
         transformer.to(device)

@@ -39,3 +39,34 @@ def test_steps_samples_with_that_many_evenly_spaced_steps(tmp_path, monkeypatch)
     assert json.loads(out.read_text())["denoising_step_list"] == [1000, 667, 333] and calls == [3]
     assert prompt_following.even_steps(4) == [1000, 750, 500, 250]  # Self-Forcing's
     assert prompt_following.even_steps(16)[:4] == [1000, 938, 875, 812]  # the shipped sprite model's schedule
+
+
+def test_split_measures_the_frames_before_and_from_it_apart(tmp_path, capsys):
+    """`--split-at 5`: the summaries of the renders' frames [0, 5) and [5, end), against the measure run on the same
+    renders' frames cut here (the renders are deterministic from prompt and seed)."""
+    import torch
+
+    import genkv
+    from genkv.data import make_video
+    from genkv.metrics.prompt_following import prompt_following as measure
+    from genkv.metrics.prompt_following import summarize
+
+    out = tmp_path / "pf.json"
+    assert prompt_following.main(["--model", "tiny-random", "--prompts", "2", "--seeds", "1", "--frames", "9",
+                                  "--split-at", "5", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    pipe = prompt_following.load_pipeline("tiny-random", torch.device("cpu"))
+    genkv.apply_genkv(pipe, "full")
+    before, after = [], []
+    for seed in range(2):
+        prompt = make_video(seed=seed, num_frames=9, max_objects=2, size=pipe.config.default_height).prompt
+        frames = pipe(prompt, num_frames=9, output_type="uint8", generator=torch.Generator().manual_seed(0)).frames[0]
+        before.append(measure(frames[:5], prompt))
+        after.append(measure(frames[5:], prompt))
+    assert result["split_at"] == 5
+    assert result["model_summary_before_split"] == json.loads(json.dumps(summarize(before)))
+    assert result["model_summary_from_split"] == json.loads(json.dumps(summarize(after)))
+    assert "     <5      >=5" in capsys.readouterr().out
+    assert prompt_following.main(["--model", "tiny-random", "--prompts", "1", "--seeds", "1", "--frames", "9",
+                                  "--out", str(out)]) == 0
+    assert "split_at" not in json.loads(out.read_text())  # the default split (45) lies past a 9-frame render

@@ -103,6 +103,20 @@ def test_decoder_repair_trains_the_decoder_only(tmp_path):
     assert any(not torch.equal(va[n], vb[n]) for n in va if n.startswith("decoder."))
 
 
+def test_clip_frames_sets_the_pool_the_vae_and_the_transformer_train_on(tmp_path):
+    """`--clip-frames 21`: 21-frame pool clips, encoded to 6 latent frames (2 chunks) that the transformer's
+    sequences are cut from; a length that is not whole chunks is refused with the lengths that are."""
+    assert train_tiny.main(["--out", str(tmp_path / "a"), "--smoke", "--clip-frames", "21", "--scheduler-steps", "2",
+                            "--guidance", "1"]) == 0
+    log = json.loads((tmp_path / "a" / "training_log.json").read_text())["log"]
+    latents = [r for r in log if r["phase"] == "latents"]
+    assert latents == [{"phase": "latents", "clips": 16, "clip_frames": 21, "latent_frames": 6, "chunks": 2}]
+    assert all(r["context_chunks"] <= 1 for r in log if r["phase"] == "transformer")
+    with pytest.raises(SystemExit) as refused:
+        train_tiny.main(["--out", str(tmp_path / "b"), "--smoke", "--clip-frames", "44"])
+    assert refused.value.code == 2
+
+
 @pytest.mark.parametrize("lead", [0, 1])
 @pytest.mark.parametrize("context_chunks", [0, 1, 2])
 def test_training_blocks_are_the_blocks_the_pipeline_commits(lead, context_chunks):
