@@ -480,9 +480,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     np.random.seed(args.seed)
     t0 = time.time()
-    clip_frames = args.clip_frames
     # Forked workers first, before anything touches CUDA.
-    pool, prompts = make_pool(args.pool, clip_frames, args.seed, workers=min(16, os.cpu_count() or 1),
+    pool, prompts = make_pool(args.pool, args.clip_frames, args.seed, workers=min(16, os.cpu_count() or 1),
                               max_objects=args.max_objects, backgrounds=tuple(args.backgrounds),
                               radius=tuple(args.radius))
     print(f"pool: {pool.shape} in {time.time() - t0:.1f} s", flush=True)
@@ -526,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
         latents = (latents - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1)  # stays on the device
         print(f"latents: {tuple(latents.shape)}, {time.time() - t0:.1f} s", flush=True)
-        log.append({"phase": "latents", "clips": latents.shape[0], "clip_frames": clip_frames,
+        log.append({"phase": "latents", "clips": latents.shape[0], "clip_frames": args.clip_frames,
                     "latent_frames": latents.shape[2], "chunks": latents.shape[2] // CHUNK})
         del pool
         text_encoder.to(device)

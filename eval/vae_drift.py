@@ -32,15 +32,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_rollout import load_pipeline  # noqa: E402
+from train_tiny import sprite_pixels  # noqa: E402  (the training loss's sprite mask)
 
 # The training clips' 45 frames in four parts (the first chunk's 9 frames, then 12 a chunk), then longer spans.
 SPANS = ((0, 9), (9, 21), (21, 33), (33, 45), (45, 97), (97, 193), (193, None))
-
-
-def sprite_mask(frames: np.ndarray) -> np.ndarray:
-    """(T, H, W) pixels of the sprites in data frames (T, H, W, 3) uint8: backgrounds are dark (every channel
-    below 80), sprites are not (their brightest channel is at least 200)."""
-    return frames.max(-1) >= 153
 
 
 def round_trip_errors(frames: np.ndarray, decoded: np.ndarray) -> dict[str, np.ndarray]:
@@ -58,7 +53,8 @@ def round_trip_errors(frames: np.ndarray, decoded: np.ndarray) -> dict[str, np.n
     mse = (diff**2).mean(axis=(1, 2, 3))
     with np.errstate(divide="ignore"):
         psnr = 10 * np.log10(255.0**2 / mse)
-    mask = sprite_mask(frames)
+    video = torch.from_numpy(frames).permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0  # (1, 3, T, H, W)
+    mask = sprite_pixels(video)[0].numpy()  # (T, H, W)
     per_pixel = np.abs(diff).sum(-1)
     counts = mask.sum(axis=(1, 2))
     with np.errstate(invalid="ignore", divide="ignore"):
