@@ -11,6 +11,7 @@
     # transformer with up to 8 context chunks (eval/vae_drift.py shows where a VAE trained on 45 frames drifts)
     python eval/train_tiny.py --out /tmp/d --resume-from m.tar --minutes 0 --decoder-minutes 6 --clip-frames 105 \
         --sprite-weight 10 --vae-batch 8 --tar $OUT/d.tar
+    # the same repair on a CPU, the decoder trained chunk by chunk as it streams: eval/tune_decoder.py
 
 Data: procedural sprite videos (``genkv.data``), 64x64, by default one or two sprites on a plain background, a
 pool generated up front by all CPU cores. Phase 1 trains the VAE (``AutoencoderKLWan``, base_dim 32, 4x spatial
