@@ -7,7 +7,7 @@
 Why: ``eval/vae_drift.py`` shows sprites-tiny v2's VAE faithful only while its temporal cache is cold (21 dB
 over frames 0-8, 14 dB from frame 45, yellow read back as magenta): it trained on 45-frame clips, and a stream
 of hundreds of frames runs warm from the ninth latent frame on. ``train_tiny.py --decoder-minutes`` repairs a
-decoder on whole clips, but a whole 105-frame clip costs ~15 s a step forward and backward on two CPU cores.
+decoder on whole clips, but a whole 105-frame clip costs 8-20 s forward and backward on two CPU cores.
 This script trains the decoder the way the pipeline runs it: chunk by chunk, its causal cache carried across
 chunks (:class:`~genkv.pipelines.StreamingVAEDecoder`'s call pattern). For each clip it picks a window of
 ``--window`` chunks at a random position, decodes the chunks before it without gradients (they only warm the
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         log.append({"step": step, "seconds": round(time.time() - start_time, 1), "first_latent": first,
                     "loss": loss.item(), "psnr": psnr, "sprite_rgb_error": sprite_err})
         if step % 10 == 0:
-            print(f"step {step:5d} {log[-1]['seconds']:7.0f} s  latents {first:2d}-{stop - 1:2d}  loss {loss.item():.4f}"
-                  f"  PSNR {psnr:5.2f} dB  sprite |dR|+|dG|+|dB| {sprite_err:6.1f}", flush=True)
+            print(f"step {step:5d} {log[-1]['seconds']:7.0f} s  latents {first:2d}-{stop - 1:2d}"
+                  f"  loss {loss.item():.4f}  PSNR {psnr:5.2f} dB  sprite |dR|+|dG|+|dB| {sprite_err:6.1f}", flush=True)
         step += 1
     vae.eval()
     if folder is not None:
