@@ -9,11 +9,12 @@ over frames 0-8, 14 dB from frame 45, yellow read back as magenta): it trained o
 of hundreds of frames runs warm from the ninth latent frame on. ``train_tiny.py --decoder-minutes`` repairs a
 decoder on whole clips, but a whole 105-frame clip costs 8-20 s forward and backward on two CPU cores.
 This script trains the decoder the way the pipeline runs it: chunk by chunk, its causal cache carried across
-chunks (:class:`~genkv.pipelines.StreamingVAEDecoder`'s call pattern). For each clip it picks a window of
-``--window`` chunks at a random position, decodes the chunks before it without gradients (they only warm the
-cache) and the window with them, and takes the loss on the window's frames only. A window at the start trains
-the cold regime, one late in the clip the warm regime; gradients do not flow back into the warm-up (truncated
-backprop, as in recurrent nets), so a step costs a forward pass over the warm-up plus a short backward pass.
+chunks (:class:`~genkv.pipelines.StreamingVAEDecoder` itself, its gradients kept for the window). For each clip
+it picks a window of ``--window`` chunks at a random position, decodes the chunks before it without gradients
+(they only warm the cache) and the window with them, and takes the loss on the window's frames only. A window
+at the start trains the cold regime, one late in the clip the warm regime; gradients do not flow back into the
+warm-up (truncated backprop, as in recurrent nets), so a step costs a forward pass over the warm-up plus a short
+backward pass.
 
 The encoder is frozen (the transformer was trained on its latents, whose meaning must not change), so the
 clips are encoded once up front, whole, as ``train_tiny`` encodes its pool; each step samples from the stored
@@ -40,6 +41,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_tiny import CHUNK, make_pool, reconstruction_loss, sprite_pixels, to_video_tensor  # noqa: E402
 
+from genkv.pipelines import StreamingVAEDecoder  # noqa: E402
+
 
 def pixel_span(first: int, stop: int) -> tuple[int, int]:
     """Pixel frames decoded from latent frames ``first``..``stop - 1`` (Wan: latent 0 gives 1 frame, later ones 4).
@@ -54,29 +57,11 @@ def pixel_span(first: int, stop: int) -> tuple[int, int]:
     return end(first), end(stop)
 
 
-def decode_chunks(vae, x: torch.Tensor, cache: list, first: int, stop: int) -> torch.Tensor:
-    """Latent frames ``first``..``stop - 1`` of ``x`` (after ``post_quant_conv``) through the decoder, chunk by chunk
-    as :class:`~genkv.pipelines.StreamingVAEDecoder` calls it (the video's first latent frame alone, then each
-    chunk's frames in one call), reading and updating the causal ``cache``. Gradients flow if enabled."""
-    outputs = []
-    for start in range(first, stop, CHUNK):
-        end = min(stop, start + CHUNK)
-        calls = [(start, start + 1), (start + 1, end)] if start == 0 else [(start, end)]
-        for a, b in calls:
-            if b > a:
-                outputs.append(vae.decoder(x[:, :, a:b], feat_cache=cache, feat_idx=[0], first_chunk=a == 0))
-    out = torch.cat(outputs, dim=2)
-    if vae.config.patch_size is not None:
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
-        out = unpatchify(out, patch_size=vae.config.patch_size)
-    return out.clamp(-1.0, 1.0)  # as diffusers' decode and the streaming decoder
-
-
 def decode_window(vae, z: torch.Tensor, window_start: int, window_stop: int) -> torch.Tensor:
     """Pixels of latent frames ``window_start``..``window_stop - 1`` of the video ``z`` (B, C, T, h, w; raw, not
-    normalised), decoded as a stream from frame 0: the frames before the window warm the cache without gradients,
-    the window's own frames keep theirs. ``window_start`` is a chunk boundary.
+    normalised), decoded as a stream from frame 0 by :class:`~genkv.pipelines.StreamingVAEDecoder`, one call a
+    chunk as the pipeline calls it: the chunks before the window warm the cache without gradients, the window's
+    own chunks keep theirs. ``window_start`` is a chunk boundary.
 
     Example:
         >>> import torch
@@ -86,12 +71,12 @@ def decode_window(vae, z: torch.Tensor, window_start: int, window_stop: int) -> 
     """
     if window_start % CHUNK:
         raise ValueError(f"window_start {window_start} must be a multiple of the chunk ({CHUNK} latent frames)")
-    x = vae.post_quant_conv(z)
-    cache: list = [None] * vae._cached_conv_counts["decoder"]
-    if window_start:
-        with torch.no_grad():
-            decode_chunks(vae, x, cache, 0, window_start)
-    return decode_chunks(vae, x, cache, window_start, window_stop)
+    stream = StreamingVAEDecoder(vae)
+    for start in range(0, window_start, CHUNK):
+        stream.decode(z[:, :, start : start + CHUNK], normalized=False)
+    parts = [stream.decode(z[:, :, start : min(window_stop, start + CHUNK)], normalized=False, differentiable=True)
+             for start in range(window_start, window_stop, CHUNK)]
+    return torch.cat(parts, dim=2)
 
 
 @torch.no_grad()

@@ -70,12 +70,17 @@ class StreamingVAEDecoder:
         mean, std = cached
         return latents.float() * std + mean
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor, *, normalized: bool = True) -> torch.Tensor:
+    def decode(self, latents: torch.Tensor, *, normalized: bool = True, differentiable: bool = False) -> torch.Tensor:
         """Decode ``latents`` (B, C, T, h, w) → pixels (B, 3, T', H, W) in [-1, 1].
 
         The first latent frame of a video gives 1 pixel frame, every later one 4 (Wan's temporal factor).
+        ``differentiable=True`` keeps the autograd graph (training a decoder as it streams, ``eval/tune_decoder.py``);
+        by default nothing is recorded, as inference wants.
         """
+        with torch.set_grad_enabled(differentiable):
+            return self._decode(latents, normalized)
+
+    def _decode(self, latents: torch.Tensor, normalized: bool) -> torch.Tensor:
         vae = self.vae
         z = self.denormalize(latents) if normalized else latents
         z = z.to(vae.dtype)
