@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None,
                         help="sample with N evenly spaced denoising steps (4: Self-Forcing's 1000/750/500/250) instead "
                         "of the model's own schedule, same sampler")
+    parser.add_argument("--guidance", type=float, default=None,
+                        help="classifier-free guidance scale (default: the model's own default_guidance_scale)")
     parser.add_argument("--split-at", type=int, default=45,
                         help="also measure frames before and from this frame apart (45: the sprite model's training "
                         "clips; later frames are beyond anything it trained on); 0: no split")
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be a positive number of denoising steps")
+    if args.guidance is not None and args.guidance < 1:
+        parser.error("--guidance must be >= 1 (1: no guidance)")
     if args.split_at < 0:
         parser.error("--split-at must be a frame index (0: no split)")
     split = args.split_at if 0 < args.split_at < args.frames else None
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for video in data:
         references.append(dict(prompt=video.prompt, **prompt_following(video.frames, video.prompt)))
         for seed in range(args.seeds):
-            frames = pipe(video.prompt, num_frames=args.frames, output_type="uint8",
+            frames = pipe(video.prompt, num_frames=args.frames, output_type="uint8", guidance_scale=args.guidance,
                           generator=torch.Generator().manual_seed(seed)).frames[0]
             rendered.append(dict(prompt=video.prompt, seed=seed, **prompt_following(frames, video.prompt)))
             if split is not None:
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(rendered)}/{args.prompts * args.seeds} videos, {time.perf_counter() - start:.0f} s", flush=True)
     result = {"model": args.model, "method": args.method, "frames": args.frames, "prompts": args.prompts,
               "denoising_step_list": [int(t) for t in pipe.scheduler.config.denoising_step_list],
-              "seeds": args.seeds, "model_summary": summarize(rendered), "data_summary": summarize(references),
+              "seeds": args.seeds, "guidance_scale": args.guidance, "model_summary": summarize(rendered), "data_summary": summarize(references),
               "videos": rendered, "data_videos": references}
     if split is not None:
         result["split_at"] = split
@@ -113,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(cell(summary["colour_shown_unasked"].get(colour)) for _, summary in columns))
     for key, label in (("two_sprites_both_present", "two sprites: both present"),
                        ("axis_matches", "sprites moving along the asked axis"),
-                       ("direction_matches", "sprites moving the asked way"), ("edge_energy", "edge energy")):
+                       ("direction_matches", "sprites moving the asked way"),
+                       ("axis_matches_quarter", "along the axis, quarter-second moves"),
+                       ("direction_matches_quarter", "the asked way, quarter-second moves"),
+                       ("edge_energy", "edge energy")):
         print(f"{label:34s} " + " ".join(cell(summary[key]) for _, summary in columns))
     print(f"json: {args.out}")
     return 0

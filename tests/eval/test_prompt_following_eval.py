@@ -70,3 +70,27 @@ def test_split_measures_the_frames_before_and_from_it_apart(tmp_path, capsys):
     assert prompt_following.main(["--model", "tiny-random", "--prompts", "1", "--seeds", "1", "--frames", "9",
                                   "--out", str(out)]) == 0
     assert "split_at" not in json.loads(out.read_text())  # the default split (45) lies past a 9-frame render
+
+
+def test_guidance_is_passed_to_every_render_and_checked(tmp_path, monkeypatch):
+    import pytest
+
+    from genkv.pipelines import SelfForcingPipeline
+
+    scales = []
+    original = SelfForcingPipeline.__call__
+
+    def recording_call(self, *args, **kwargs):
+        scales.append(kwargs.get("guidance_scale"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelfForcingPipeline, "__call__", recording_call)
+    out = tmp_path / "pf.json"
+    assert prompt_following.main(["--model", "tiny-random", "--prompts", "2", "--seeds", "1", "--frames", "9",
+                                  "--guidance", "3", "--out", str(out)]) == 0
+    assert scales == [3.0, 3.0] and json.loads(out.read_text())["guidance_scale"] == 3.0
+    assert prompt_following.main(["--model", "tiny-random", "--prompts", "1", "--seeds", "1", "--frames", "9",
+                                  "--out", str(out)]) == 0
+    assert scales[-1] is None  # the model's own default_guidance_scale
+    with pytest.raises(SystemExit):
+        prompt_following.main(["--model", "tiny-random", "--guidance", "0.5", "--out", str(out)])
