@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(rendered)}/{args.prompts * args.seeds} videos, {time.perf_counter() - start:.0f} s", flush=True)
     result = {"model": args.model, "method": args.method, "frames": args.frames, "prompts": args.prompts,
               "denoising_step_list": [int(t) for t in pipe.scheduler.config.denoising_step_list],
-              "seeds": args.seeds, "guidance_scale": args.guidance, "model_summary": summarize(rendered), "data_summary": summarize(references),
+              "seeds": args.seeds, "guidance_scale": args.guidance, "model_summary": summarize(rendered),
+              "data_summary": summarize(references),
               "videos": rendered, "data_videos": references}
     if split is not None:
         result["split_at"] = split

@@ -2,8 +2,9 @@
 
 A fixed-layout cache (``tempcache``, ``fastar``) keeps every layer's buffers as slices of one ``LayerStack``, and
 the stack and its layers refer to each other. Clearing the store's dict alone left that cycle, and with it a whole
-cache (5.6 GiB at Wan2.1-1.3B shapes), allocated into the next video until a gc pass: on an H200 a second video
-peaked at 22.5 GiB instead of 16.8. These tests run with the collector off, so only reference counting frees.
+cache (5.6 GiB at Wan2.1-1.3B shapes), allocated into the next video until a gc pass: on an H200 a timed video
+after a warm-up one peaked at 22.5 GiB against 16.8 alone, the difference one cache. These tests run with the
+collector off, so only reference counting frees.
 """
 
 from __future__ import annotations
