@@ -14,7 +14,10 @@ does with the transformer's latents) and reports, per span of frames:
 - **sprite colour error**: mean |dR| + |dG| + |dB| (0-255 levels) over the sprites' pixels;
 - **latent magnitude**: mean |z| of the encoder's posterior mean per latent frame, in the units the transformer
   sees (normalised by the VAE config's ``latents_mean`` / ``latents_std``): a stationary encoder gives the same
-  magnitude for every latent frame of a steady scene; a drifting one does not.
+  magnitude for every latent frame of a steady scene; a drifting one does not;
+- **prompt following of the round trip** (``genkv.metrics.prompt_following`` over each whole clip, against the
+  data's own): the most a transformer that reproduced the encoder's latents exactly could score through this VAE,
+  the ceiling for ``eval/prompt_following.py``'s renders.
 
 Prints a table and writes the per-frame series to JSON.
 """
@@ -108,11 +111,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--frames and --clips must be positive")
 
     from genkv.data import make_video
+    from genkv.metrics.prompt_following import prompt_following, summarize
 
     pipe = load_pipeline(args.model, torch.device(args.device))
     vae = pipe.vae.eval()
     size = pipe.config.default_height
     series = {"psnr": [], "sprite_rgb_error": [], "latent_magnitude": []}
+    # The prompt-following measures of the round-tripped clips: the most a transformer that reproduced the encoder's
+    # latents exactly could score through this VAE (a ceiling for eval/prompt_following.py), next to the data's.
+    following = {"round_trip": [], "data": []}
     start = time.perf_counter()
     for seed in range(args.clips):
         video = make_video(seed=seed, num_frames=args.frames, size=size, max_objects=args.max_objects,
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("psnr", "sprite_rgb_error"):
             series[key].append(errors[key])
         series["latent_magnitude"].append(magnitude)
+        following["round_trip"].append(prompt_following(decoded, video.prompt))
+        following["data"].append(prompt_following(video.frames, video.prompt))
         print(f"clip {seed + 1}/{args.clips}: {time.perf_counter() - start:.0f} s", flush=True)
     mean = {key: np.nanmean(np.stack(v), axis=0) for key, v in series.items()}
     spans = [(lo, hi if hi is not None else args.frames) for lo, hi in SPANS if lo < args.frames]
@@ -135,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     result = {"model": args.model, "clips": args.clips, "frames": args.frames, "max_objects": args.max_objects,
               "backgrounds": args.backgrounds, "radius": args.radius, "spans": table,
+              "prompt_following": {key: summarize(reports) for key, reports in following.items()},
               "per_frame": {key: [None if not np.isfinite(v) else float(v) for v in values]
                             for key, values in mean.items()}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,6 +154,13 @@ def main(argv: list[str] | None = None) -> int:
         cells = [table[k][i] for k in ("psnr", "sprite_rgb_error", "latent_magnitude")]
         print(f"{label:>10s} " + " ".join(f"{c:{w}.2f}" if c is not None else f"{'-':>{w}s}"
                                           for c, w in zip(cells, (8, 14, 9))))
+    trip, data = result["prompt_following"]["round_trip"], result["prompt_following"]["data"]
+    print(f"\nprompt following of the round trip (the data): "
+          + ", ".join(f"{c} {trip['colour_present'][c]:.2f} ({data['colour_present'][c]:.2f})"
+                      for c in data["colour_present"]) + " present where asked")
+    for key in ("two_sprites_both_present", "axis_matches_quarter", "edge_energy"):
+        if data[key] is not None:
+            print(f"  {key}: {trip[key]:.2f} ({data[key]:.2f})")
     print(f"json: {args.out}")
     return 0
 

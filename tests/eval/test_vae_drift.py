@@ -62,3 +62,22 @@ def test_script_writes_spans_and_series(tmp_path):
     assert np.isclose(result["spans"]["latent_magnitude"][0], np.mean(latent[:3]))  # frames 0-8: latents 0, 1, 2
     assert np.isclose(result["spans"]["latent_magnitude"][1], np.mean(latent[3:6]))  # frames 9-20: latents 3-5
     assert np.isclose(result["spans"]["latent_magnitude"][4], latent[12])
+
+
+def test_script_measures_prompt_following_of_the_round_trip_and_of_the_data(tmp_path):
+    """The round trip's prompt-following summary against the measure run directly on the same round trips (the
+    script's streamed decode is deterministic), and the data's against the data."""
+    from genkv.data import make_video
+    from genkv.metrics.prompt_following import prompt_following, summarize
+
+    out = tmp_path / "drift.json"
+    assert vae_drift.main(["--model", "tiny-random", "--clips", "2", "--frames", "17", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())["prompt_following"]
+    pipe = vae_drift.load_pipeline("tiny-random", torch.device("cpu"))
+    size = pipe.config.default_height
+    videos = [make_video(seed=s, num_frames=17, size=size, max_objects=2, backgrounds=("plain",), radius=(0.13, 0.21))
+              for s in range(2)]
+    trips = [prompt_following(vae_drift.round_trip(pipe.vae.eval(), v.frames)[0], v.prompt) for v in videos]
+    assert result["round_trip"] == json.loads(json.dumps(summarize(trips)))
+    assert result["data"] == json.loads(json.dumps(summarize([prompt_following(v.frames, v.prompt) for v in videos])))
+    assert result["data"]["colour_present"] != result["round_trip"]["colour_present"]  # a random VAE loses colour
