@@ -16,8 +16,9 @@ does with the transformer's latents) and reports, per span of frames:
   sees (normalised by the VAE config's ``latents_mean`` / ``latents_std``): a stationary encoder gives the same
   magnitude for every latent frame of a steady scene; a drifting one does not;
 - **prompt following of the round trip** (``genkv.metrics.prompt_following`` over each whole clip, against the
-  data's own): the most a transformer that reproduced the encoder's latents exactly could score through this VAE,
-  the ceiling for ``eval/prompt_following.py``'s renders.
+  data's own): what a transformer that reproduced the encoder's latents exactly would score through this VAE
+  (``eval/prompt_following.py``'s renders can score otherwise: a transformer's latents need not follow the
+  encoder's drift over a long clip).
 
 Prints a table and writes the per-frame series to JSON.
 """
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     vae = pipe.vae.eval()
     size = pipe.config.default_height
     series = {"psnr": [], "sprite_rgb_error": [], "latent_magnitude": []}
-    # The prompt-following measures of the round-tripped clips: the most a transformer that reproduced the encoder's
-    # latents exactly could score through this VAE (a ceiling for eval/prompt_following.py), next to the data's.
+    # The prompt-following measures of the round-tripped clips, next to the data's: what a transformer that
+    # reproduced the encoder's latents exactly would score through this VAE.
     following = {"round_trip": [], "data": []}
     start = time.perf_counter()
     for seed in range(args.clips):
