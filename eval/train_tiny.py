@@ -187,6 +187,15 @@ def sprite_pixels(x: torch.Tensor) -> torch.Tensor:
     return x.amax(dim=1) > 0.2
 
 
+def sprite_rgb_error(recon: torch.Tensor, x: torch.Tensor) -> float | None:
+    """Mean |dR| + |dG| + |dB| (0-255 levels) of ``recon`` against ``x`` (B, 3, T, H, W in [-1, 1]) over the
+    sprites' pixels; None where ``x`` has none."""
+    sprite = sprite_pixels(x)
+    if not sprite.any():
+        return None
+    return (recon.detach() - x).abs().sum(1)[sprite].mean().item() * 127.5
+
+
 def finetune_decoder(vae, pool: np.ndarray, args, device, log: list) -> None:
     """Train the decoder alone on whole clips, the encoder frozen.
 
@@ -217,8 +226,7 @@ def finetune_decoder(vae, pool: np.ndarray, args, device, log: list) -> None:
         if step % 20 == 0:
             err = (recon.detach() - x).pow(2).mean(dim=(0, 1, 3, 4))  # per frame
             psnr = [10 * math.log10(4.0 / max(e, 1e-12)) for e in err.tolist()]
-            sprite = sprite_pixels(x)
-            sprite_err = ((recon.detach() - x).abs().sum(1)[sprite].mean().item() * 127.5 if sprite.any() else 0.0)
+            sprite_err = sprite_rgb_error(recon, x) or 0.0
             log.append({"phase": "decoder", "step": step, "time": time.time(), "loss": loss.item(),
                         "psnr_first9": sum(psnr[:9]) / 9, "psnr_last9": sum(psnr[-9:]) / 9,
                         "sprite_rgb_error": sprite_err})

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny import CHUNK, make_pool, reconstruction_loss, sprite_pixels, to_video_tensor  # noqa: E402
+from train_tiny import CHUNK, make_pool, reconstruction_loss, sprite_rgb_error, to_video_tensor  # noqa: E402
 
 from genkv.pipelines import StreamingVAEDecoder  # noqa: E402
 
@@ -177,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         opt.step()
         with torch.no_grad():
             psnr = 10 * math.log10(4.0 / max(torch.mean((recon - x) ** 2).item(), 1e-12))
-            sprite = sprite_pixels(x)
-            sprite_err = (recon - x).abs().sum(1)[sprite].mean().item() * 127.5 if sprite.any() else float("nan")
+            sprite_err = sprite_rgb_error(recon, x)
+            sprite_err = float("nan") if sprite_err is None else sprite_err
         log.append({"step": step, "seconds": round(time.time() - start_time, 1), "first_latent": first,
                     "loss": loss.item(), "psnr": psnr, "sprite_rgb_error": sprite_err})
         if step % 10 == 0:

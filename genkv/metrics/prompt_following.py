@@ -134,8 +134,8 @@ def summarize(reports: list[dict]) -> dict:
     pairs = [r["all_present"] for r in reports if r["sprites"] == 2]
     moves = [m for r in reports for m in r["direction_matches"].values()]
     axes = [m for r in reports for m in r["axis_matches"].values()]
-    moves_q = [m for r in reports for m in r.get("direction_matches_quarter", {}).values()]
-    axes_q = [m for r in reports for m in r.get("axis_matches_quarter", {}).values()]
+    moves_q = [m for r in reports for m in r["direction_matches_quarter"].values()]
+    axes_q = [m for r in reports for m in r["axis_matches_quarter"].values()]
     return {
         "videos": len(reports),
         "colour_present": {c: float(np.mean(v)) for c, v in sorted(asked.items())},
