@@ -11,12 +11,14 @@ Tensors stay in diffusers' ``(B, S, H, D)`` layout: the kernel takes strides, so
 
 With a quantized history (``history=``, a ``QuantizedKV``: fp8 / int8 / int4 codes, ``kernels/quant_kv.py``) the
 key positions [0, S_h) are read from the codes and dequantized in registers, tile by tile; K/V hold the current
-chunk. Each tile loads both sources with masks and merges them with ``tl.where`` (a tile may straddle S_h), so
-the loop stays branch-free. Dequantization is folded where it is cheapest: codes convert exactly to q's dtype;
-the keys' per-channel smoothing factors (powers of two, loaded once per program) multiply the code tile
-(exact); the per-token key scale multiplies the logit columns together with the softmax scale (the one multiply
-per logit the plain path already does); the per-token value scale multiplies p before the PV dot, and int4's
-per-token zero point adds ``sum_j p_j zero_j`` to the accumulator. Current-chunk columns get scale 1, zero 0.
+chunk. An ascending list runs in three branch-free loops: blocks wholly in the history (codes only), the block
+straddling S_h (both sources loaded with masks and merged with ``tl.where``), blocks wholly in the current chunk
+(the plain tile); an unordered list runs every entry through the merged loop. Dequantization is folded where
+it is cheapest: codes convert exactly to q's dtype; the keys' per-channel smoothing factors (powers of two,
+loaded once per program) multiply the code tile (exact); the per-token key scale multiplies the logit columns
+together with the softmax scale (the one multiply per logit the plain path already does); the per-token value
+scale multiplies p before the PV dot, and int4's per-token zero point adds ``sum_j p_j zero_j`` to the
+accumulator. Current-chunk columns get scale 1, zero 0.
 The plain path (no history) compiles exactly as before (``HIST_KIND = 0`` removes every history op).
 """
 
@@ -102,11 +104,12 @@ if triton is not None:
     @triton.jit
     def _int4_halves(base, offs_n, in_hist, stride_s, HALF: tl.constexpr, dtype: tl.constexpr,
                      OFFSET: tl.constexpr):
-        """The even and odd channels of a (TILE_N, 2 * HALF) int4 tile, as two (TILE_N, HALF) tiles of
-        ``dtype`` minus ``OFFSET`` (8 for keys, stored offset; 0 for values). Byte j holds channel 2j in its
-        low nibble and 2j+1 in its high one, so one load feeds both halves and nothing is interleaved: the
-        kernel keeps int4 heads as even / odd halves end to end (tl.join + reshape, the interleave, scrambled
-        channels on an H200 with Triton 3.6)."""
+        """The first and second halves of a (TILE_N, 2 * HALF) int4 tile's channels, as two (TILE_N, HALF) tiles
+        of ``dtype`` minus ``OFFSET`` (8 for keys, stored offset; 0 for values). Byte j holds channel j in its
+        low nibble and channel HALF + j in its high one, so one load feeds both halves and nothing is
+        interleaved: the kernel keeps int4 heads as two halves end to end (tl.join + reshape, the interleave,
+        scrambled channels on an H200 with Triton 3.6), and the halves of q, of the current chunk's K/V and of
+        the output are contiguous rows, loaded and stored without strides."""
         offs_h = tl.arange(0, HALF)
         packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :], mask=in_hist[:, None], other=0)
         packed = packed.to(tl.int32)
@@ -144,45 +147,43 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _attend_int4_halves(q_e, q_o, k_e, k_o, v_e, v_o, k_col, v_col, v_zero, acc_e, acc_o, m_i, l_i,
+    def _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col, v_col, v_zero, acc_lo, acc_hi, m_i, l_i,
                             bias_base, offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS: tl.constexpr,
                             RAGGED: tl.constexpr):
-        """One tile of an int4-history head held as even / odd channel halves: logits are the sum of the two
-        halves' dots; each half of the output gets its own PV dot, plus ``sum_j p_j zero_j`` (int4 values'
-        zero points; 0 on current columns)."""
-        qk = (tl.dot(q_e, tl.trans(k_e)) + tl.dot(q_o, tl.trans(k_o))) * (qk_scale * k_col)[None, :]
+        """One tile of an int4-history head held as two channel halves: logits are the sum of the two halves'
+        dots; each half of the output gets its own PV dot, plus ``sum_j p_j zero_j`` (int4 values' zero
+        points; 0 on current columns)."""
+        qk = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * (qk_scale * k_col)[None, :]
         qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
         p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
-        pw = (p * v_col[None, :]).to(v_e.dtype)
+        pw = (p * v_col[None, :]).to(v_lo.dtype)
         zero = tl.sum(p * v_zero[None, :], 1)[:, None]
-        acc_e = tl.dot(pw, v_e, acc_e * alpha[:, None]) + zero
-        acc_o = tl.dot(pw, v_o, acc_o * alpha[:, None]) + zero
-        return acc_e, acc_o, m_new, l_i
+        acc_lo = tl.dot(pw, v_lo, acc_lo * alpha[:, None]) + zero
+        acc_hi = tl.dot(pw, v_hi, acc_hi * alpha[:, None]) + zero
+        return acc_lo, acc_hi, m_new, l_i
 
     @triton.jit
-    def _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, ch_e, ch_o, offs_n,
+    def _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, ch_lo, ch_hi, offs_n,
                         hist_len, kv_len, HALF: tl.constexpr, SCALE_KEYS: tl.constexpr, dtype: tl.constexpr):
-        """K/V halves (even, odd channels) of a tile over combined positions, int4 history then current chunk.
-        A tile wholly inside the history (``SCALE_KEYS`` False: the caller folded the smoothing factors into
-        q) loads codes only; otherwise both sources are loaded with masks and merged, history keys times the
-        smoothing factors."""
+        """K/V halves (channels [0, HALF), [HALF, 2 HALF)) of a tile over combined positions, int4 history then
+        current chunk. A tile wholly inside the history (``SCALE_KEYS`` False: the caller folded the smoothing
+        factors into q) loads codes only; otherwise both sources are loaded with masks and merged, history keys
+        times the smoothing factors."""
         in_hist = offs_n < hist_len
-        k_e, k_o = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0)
-        v_e, v_o = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0)
+        k_lo, k_hi = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0)
+        v_lo, v_hi = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0)
         if SCALE_KEYS:
             in_cur = (offs_n >= hist_len) & (offs_n < kv_len)
             cur_n = offs_n - hist_len
-            even = 2 * tl.arange(0, HALF)
-            rows_k = k_base + cur_n[:, None] * stride_ks
-            rows_v = v_base + cur_n[:, None] * stride_vs
-            k_e = tl.where(in_hist[:, None], k_e * ch_e[None, :],
-                           tl.load(rows_k + even[None, :], mask=in_cur[:, None], other=0.0))
-            k_o = tl.where(in_hist[:, None], k_o * ch_o[None, :],
-                           tl.load(rows_k + even[None, :] + 1, mask=in_cur[:, None], other=0.0))
-            v_e = tl.where(in_hist[:, None], v_e, tl.load(rows_v + even[None, :], mask=in_cur[:, None], other=0.0))
-            v_o = tl.where(in_hist[:, None], v_o,
-                           tl.load(rows_v + even[None, :] + 1, mask=in_cur[:, None], other=0.0))
-        return k_e, k_o, v_e, v_o
+            offs_h = tl.arange(0, HALF)
+            rows_k = k_base + cur_n[:, None] * stride_ks + offs_h[None, :]
+            rows_v = v_base + cur_n[:, None] * stride_vs + offs_h[None, :]
+            k_lo = tl.where(in_hist[:, None], k_lo * ch_lo[None, :], tl.load(rows_k, mask=in_cur[:, None], other=0.0))
+            k_hi = tl.where(in_hist[:, None], k_hi * ch_hi[None, :],
+                            tl.load(rows_k + HALF, mask=in_cur[:, None], other=0.0))
+            v_lo = tl.where(in_hist[:, None], v_lo, tl.load(rows_v, mask=in_cur[:, None], other=0.0))
+            v_hi = tl.where(in_hist[:, None], v_hi, tl.load(rows_v + HALF, mask=in_cur[:, None], other=0.0))
+        return k_lo, k_hi, v_lo, v_hi
 
     @triton.jit
     def _load_history_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base,
@@ -206,9 +207,9 @@ if triton is not None:
         return k, v, k_col, v_col
 
     @triton.jit
-    def _int4_blocks(idx_row, first, last, q_e, q_o, ch_e, ch_o, acc_e, acc_o, m_i, l_i, k_base, v_base, stride_ks,
-                     stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base,
-                     stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
+    def _int4_blocks(idx_row, first, last, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base,
+                     stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
+                     bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
                      TILE_N: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, MERGED: tl.constexpr,
                      RAGGED: tl.constexpr):
         """List entries [first, last) of an int4-history head. ``MERGED`` False: blocks wholly inside the
@@ -217,15 +218,65 @@ if triton is not None:
             block = tl.load(idx_row + i)
             for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                 offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
-                k_e, k_o, v_e, v_o = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base,
-                                                     stride_hs, ch_e, ch_o, offs_n, hist_len, kv_len, HALF, MERGED,
-                                                     q_e.dtype)
+                k_lo, k_hi, v_lo, v_hi = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base,
+                                                         stride_hs, ch_lo, ch_hi, offs_n, hist_len, kv_len, HALF,
+                                                         MERGED, q_lo.dtype)
                 k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
                                                      offs_n < hist_len, True)
-                acc_e, acc_o, m_i, l_i = _attend_int4_halves(q_e, q_o, k_e, k_o, v_e, v_o, k_col, v_col, v_zero,
-                                                             acc_e, acc_o, m_i, l_i, bias_base, offs_n, kv_len,
-                                                             qk_scale, stride_bs, HAS_BIAS, RAGGED)
-        return acc_e, acc_o, m_i, l_i
+                acc_lo, acc_hi, m_i, l_i = _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col, v_col,
+                                                               v_zero, acc_lo, acc_hi, m_i, l_i, bias_base, offs_n,
+                                                               kv_len, qk_scale, stride_bs, HAS_BIAS, RAGGED)
+        return acc_lo, acc_hi, m_i, l_i
+
+    @triton.jit
+    def _current_tile(base, stride_s, offs_n, offs_d, hist_len, kv_len, RAGGED: tl.constexpr):
+        """Rows of a tile wholly past the history (combined positions ``offs_n`` >= hist_len) from the current
+        chunk's full-precision K or V, columns ``offs_d``; rows past kv_len read as zeros when ``RAGGED``."""
+        ptrs = base + (offs_n - hist_len)[:, None] * stride_s + offs_d[None, :]
+        if RAGGED:
+            return tl.load(ptrs, mask=(offs_n < kv_len)[:, None], other=0.0)
+        return tl.load(ptrs)
+
+    @triton.jit
+    def _current_blocks(idx_row, first, last, q, acc, m_i, l_i, k_base, v_base, stride_ks, stride_vs, bias_base,
+                        stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
+                        TILE_N: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
+        """List entries [first, last) of an fp8 / int8-history head whose blocks lie wholly in the current chunk:
+        the plain kernel's tile (no codes, no scales), K/V rows offset by hist_len."""
+        offs_d = tl.arange(0, HEAD_DIM)
+        for i in tl.range(first, last):
+            block = tl.load(idx_row + i)
+            for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
+                k = _current_tile(k_base, stride_ks, offs_n, offs_d, hist_len, kv_len, RAGGED)
+                v = _current_tile(v_base, stride_vs, offs_n, offs_d, hist_len, kv_len, RAGGED)
+                acc, m_i, l_i = _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale, stride_bs,
+                                             HAS_BIAS, RAGGED)
+        return acc, m_i, l_i
+
+    @triton.jit
+    def _int4_current_blocks(idx_row, first, last, q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base, stride_ks,
+                             stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale,
+                             MASK_BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HALF: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
+        """``_current_blocks`` for an int4-history head, whose q and accumulator are held as two channel halves:
+        contiguous half-row loads of the current chunk's K/V, no codes, no scales."""
+        offs_h = tl.arange(0, HALF)
+        for i in tl.range(first, last):
+            block = tl.load(idx_row + i)
+            for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
+                k_lo = _current_tile(k_base, stride_ks, offs_n, offs_h, hist_len, kv_len, RAGGED)
+                k_hi = _current_tile(k_base + HALF, stride_ks, offs_n, offs_h, hist_len, kv_len, RAGGED)
+                v_lo = _current_tile(v_base, stride_vs, offs_n, offs_h, hist_len, kv_len, RAGGED)
+                v_hi = _current_tile(v_base + HALF, stride_vs, offs_n, offs_h, hist_len, kv_len, RAGGED)
+                qk = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * qk_scale
+                qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
+                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i)
+                pv = p.to(v_lo.dtype)
+                acc_lo = tl.dot(pv, v_lo, acc_lo * alpha[:, None])
+                acc_hi = tl.dot(pv, v_hi, acc_hi * alpha[:, None])
+        return acc_lo, acc_hi, m_i, l_i
 
     # Lengths change every chunk: without do_not_specialize, Triton would compile a new variant whenever one
     # crosses a multiple of 16 (seconds of JIT inside a rollout).
@@ -312,10 +363,13 @@ if triton is not None:
                                                  stride_bs, HAS_BIAS, RAGGED)
         else:
             # A quantized history (HIST_KIND 1 fp8, 2 int8, 3 int4) holds key/value positions [0, hist_len);
-            # K/V hold [hist_len, kv_len). An ascending list (what routing and dense lists are) starts with the
-            # blocks wholly inside the history: those run a loop of their own that loads codes only, with the
-            # keys' smoothing factors folded into q once per program. The rest (a block straddling hist_len, the
-            # current chunk's) and every entry of an unordered list run the merged loop, which loads both sources.
+            # K/V hold [hist_len, kv_len). An ascending list (what routing and dense lists are) is three runs: the
+            # blocks wholly inside the history, at most one block straddling hist_len, then the blocks wholly in
+            # the current chunk. Each run has a loop of its own: the history's loads codes only, with the keys'
+            # smoothing factors folded into q once per program; the straddling block's loads both sources and
+            # merges them; the current chunk's is the plain kernel's tile (in a routed list most blocks are the
+            # chunk's own: 36 of 53 at Wan shapes with top-16). Every entry of an unordered list runs the merged
+            # loop.
             hk_base = HK + b * stride_hb + h * stride_hh
             hv_base = HV + b * stride_hb + h * stride_hh
             hks_base = HKS + b * stride_sb + h * stride_sh
@@ -327,30 +381,34 @@ if triton is not None:
             following = tl.load(idx_row + offs_l + 1, mask=offs_l + 1 < count, other=0)
             unordered = tl.sum(((offs_l + 1 < count) & (following <= ids)).to(tl.int32), 0)
             whole = tl.sum((listed & ((ids + 1) * MASK_BLOCK_N <= hist_len)).to(tl.int32), 0)
+            current = tl.sum((listed & (ids * MASK_BLOCK_N >= hist_len)).to(tl.int32), 0)
             n_whole = tl.where(unordered == 0, whole, 0)
+            merged_end = tl.where(unordered == 0, count - current, count)
             if HIST_KIND == 3:
-                # int4: the head is held as even / odd channel halves end to end (see _int4_halves).
+                # int4: the head is held as two channel halves end to end (see _int4_halves).
                 offs_h = tl.arange(0, HEAD_DIM // 2)
                 channel_row = HC + b * stride_xb + h * stride_xh
-                ch_e = tl.load(channel_row + 2 * offs_h).to(q.dtype)
-                ch_o = tl.load(channel_row + 2 * offs_h + 1).to(q.dtype)
-                q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs
-                q_e = tl.load(q_rows + 2 * offs_h[None, :], mask=row_ok[:, None], other=0.0)
-                q_o = tl.load(q_rows + 2 * offs_h[None, :] + 1, mask=row_ok[:, None], other=0.0)
-                qc_e = q_e * ch_e[None, :]
-                qc_o = q_o * ch_o[None, :]
-                acc_e = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
-                acc_o = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
-                acc_e, acc_o, m_i, l_i = _int4_blocks(
-                    idx_row, 0, n_whole, qc_e, qc_o, ch_e, ch_o, acc_e, acc_o, m_i, l_i, k_base, v_base, stride_ks,
-                    stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base,
-                    stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2, HAS_BIAS,
-                    False, False)
-                acc_e, acc_o, m_i, l_i = _int4_blocks(
-                    idx_row, n_whole, count, q_e, q_o, ch_e, ch_o, acc_e, acc_o, m_i, l_i, k_base, v_base, stride_ks,
-                    stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base,
-                    stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2, HAS_BIAS,
-                    True, RAGGED)
+                ch_lo = tl.load(channel_row + offs_h).to(q.dtype)
+                ch_hi = tl.load(channel_row + HEAD_DIM // 2 + offs_h).to(q.dtype)
+                q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_h[None, :]
+                q_lo = tl.load(q_rows, mask=row_ok[:, None], other=0.0)
+                q_hi = tl.load(q_rows + HEAD_DIM // 2, mask=row_ok[:, None], other=0.0)
+                acc_lo = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
+                acc_hi = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
+                acc_lo, acc_hi, m_i, l_i = _int4_blocks(
+                    idx_row, 0, n_whole, q_lo * ch_lo[None, :], q_hi * ch_hi[None, :], ch_lo, ch_hi, acc_lo, acc_hi,
+                    m_i, l_i, k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base,
+                    hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N,
+                    TILE_N, HEAD_DIM // 2, HAS_BIAS, False, False)
+                acc_lo, acc_hi, m_i, l_i = _int4_blocks(
+                    idx_row, n_whole, merged_end, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base,
+                    stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
+                    bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2,
+                    HAS_BIAS, True, RAGGED)
+                acc_lo, acc_hi, m_i, l_i = _int4_current_blocks(
+                    idx_row, merged_end, count, q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base, stride_ks,
+                    stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N,
+                    HEAD_DIM // 2, HAS_BIAS, RAGGED)
             else:
                 channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
                 qc = q * channel[None, :]
@@ -363,7 +421,7 @@ if triton is not None:
                         acc, m_i, l_i = _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
                                                               stride_ss, bias_base, stride_bs, offs_n, hist_len,
                                                               qk_scale, HAS_BIAS)
-                for i in tl.range(n_whole, count):
+                for i in tl.range(n_whole, merged_end):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                         offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
@@ -372,13 +430,16 @@ if triton is not None:
                                                                 channel, offs_n, hist_len, kv_len, HEAD_DIM)
                         acc, m_i, l_i = _attend_history_tile(q, k, v, k_col, v_col, acc, m_i, l_i, bias_base,
                                                              offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS, RAGGED)
+                acc, m_i, l_i = _current_blocks(idx_row, merged_end, count, q, acc, m_i, l_i, k_base, v_base,
+                                                stride_ks, stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len,
+                                                qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM, HAS_BIAS, RAGGED)
 
         denom = tl.where(l_i == 0.0, 1.0, l_i)
         o_rows = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
         if HIST_KIND == 3:
-            tl.store(o_rows + 2 * offs_h[None, :], (acc_e / denom[:, None]).to(Out.dtype.element_ty),
+            tl.store(o_rows + offs_h[None, :], (acc_lo / denom[:, None]).to(Out.dtype.element_ty),
                      mask=row_ok[:, None])
-            tl.store(o_rows + 2 * offs_h[None, :] + 1, (acc_o / denom[:, None]).to(Out.dtype.element_ty),
+            tl.store(o_rows + HEAD_DIM // 2 + offs_h[None, :], (acc_hi / denom[:, None]).to(Out.dtype.element_ty),
                      mask=row_ok[:, None])
         else:
             tl.store(o_rows + offs_d[None, :], (acc / denom[:, None]).to(Out.dtype.element_ty),

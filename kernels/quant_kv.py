@@ -9,8 +9,9 @@ Format, per (batch, token, head), head_dim ``D``:
 
 * ``fp8``: ``float8_e4m3fn`` codes, one fp16 scale (amax / 448) for the key and one for the value.
 * ``int8``: symmetric int8 codes in [-127, 127], one fp16 scale (amax / 127) each.
-* ``int4``: two 4-bit codes per uint8 byte, ``(B, S, H, D // 2)``; byte ``j`` holds channel ``2j`` in its low
-  nibble and channel ``2j + 1`` in its high nibble (so a RoPE pair shares a byte). Keys are symmetric, stored
+* ``int4``: two 4-bit codes per uint8 byte, ``(B, S, H, D // 2)``; byte ``j`` holds channel ``j`` in its low
+  nibble and channel ``D / 2 + j`` in its high nibble (so the kernel reads each half of a head, and of q, K, V
+  and the output, as contiguous rows). Keys are symmetric, stored
   offset by 8 (nibble ``u`` means ``u - 8`` in [-7, 7]); values are asymmetric: nibble ``u`` means
   ``u * scale + zero`` with ``zero`` the token's minimum (fp16).
 
@@ -162,13 +163,14 @@ def _scale_for(amax: torch.Tensor, qmax: float) -> torch.Tensor:
 
 
 def _pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
-    """(..., D) uint8 in [0, 15] -> (..., D // 2): channel 2j in the low nibble, 2j + 1 in the high one."""
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    """(..., D) uint8 in [0, 15] -> (..., D // 2): channel j in the low nibble, D / 2 + j in the high one."""
+    low, high = nibbles.chunk(2, dim=-1)
+    return low | (high << 4)
 
 
 def _unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`_pack_int4`: (..., D // 2) uint8 -> (..., D) uint8 nibbles."""
-    return torch.stack((packed & 15, packed >> 4), dim=-1).flatten(-2)
+    return torch.cat((packed & 15, packed >> 4), dim=-1)
 
 
 def _quantize_symmetric(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
