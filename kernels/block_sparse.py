@@ -211,10 +211,11 @@ if triton is not None:
                      stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                      bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
                      TILE_N: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, MERGED: tl.constexpr,
-                     RAGGED: tl.constexpr):
+                     RAGGED: tl.constexpr, STAGES: tl.constexpr):
         """List entries [first, last) of an int4-history head. ``MERGED`` False: blocks wholly inside the
-        history, q already times the smoothing factors, no ragged mask; True: any block, both sources merged."""
-        for i in tl.range(first, last):
+        history, q already times the smoothing factors, no ragged mask; True: any block, both sources merged.
+        ``STAGES``: the loop's software-pipelining depth."""
+        for i in tl.range(first, last, num_stages=STAGES):
             block = tl.load(idx_row + i)
             for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                 offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
@@ -308,6 +309,7 @@ if triton is not None:
         USE_TMA: tl.constexpr,
         HIST_KIND: tl.constexpr,
         LIST_WIDTH: tl.constexpr,
+        NUM_STAGES: tl.constexpr,
     ):
         # One program per (query tile, batch x head). The block lists are at the mask's granularity
         # (MASK_BLOCK_M x MASK_BLOCK_N); tiles may be smaller, so the kernel's shape is tuned independently.
@@ -369,7 +371,8 @@ if triton is not None:
             # smoothing factors folded into q once per program; the straddling block's loads both sources and
             # merges them; the current chunk's is the plain kernel's tile (in a routed list most blocks are the
             # chunk's own: 36 of 53 at Wan shapes with top-16). Every entry of an unordered list runs the merged
-            # loop.
+            # loop. The merged loop is not software-pipelined (one stage): it runs at most one block of an ordered
+            # list, and its tiles (codes and the chunk's K/V) are what overflowed shared memory at 3 stages.
             hk_base = HK + b * stride_hb + h * stride_hh
             hv_base = HV + b * stride_hb + h * stride_hh
             hks_base = HKS + b * stride_sb + h * stride_sh
@@ -399,12 +402,12 @@ if triton is not None:
                     idx_row, 0, n_whole, q_lo * ch_lo[None, :], q_hi * ch_hi[None, :], ch_lo, ch_hi, acc_lo, acc_hi,
                     m_i, l_i, k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base,
                     hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N,
-                    TILE_N, HEAD_DIM // 2, HAS_BIAS, False, False)
+                    TILE_N, HEAD_DIM // 2, HAS_BIAS, False, False, NUM_STAGES)
                 acc_lo, acc_hi, m_i, l_i = _int4_blocks(
                     idx_row, n_whole, merged_end, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base,
                     stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                     bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2,
-                    HAS_BIAS, True, RAGGED)
+                    HAS_BIAS, True, RAGGED, 1)
                 acc_lo, acc_hi, m_i, l_i = _int4_current_blocks(
                     idx_row, merged_end, count, q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base, stride_ks,
                     stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N,
@@ -421,7 +424,7 @@ if triton is not None:
                         acc, m_i, l_i = _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
                                                               stride_ss, bias_base, stride_bs, offs_n, hist_len,
                                                               qk_scale, HAS_BIAS)
-                for i in tl.range(n_whole, merged_end):
+                for i in tl.range(n_whole, merged_end, num_stages=1):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                         offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
@@ -595,6 +598,9 @@ def block_sparse_attention_triton(
     if use_tma and not _tma_usable(k, v):
         raise ValueError("tma=True needs a Hopper-class GPU (or the interpreter) and 16-byte aligned K/V rows")
     grid = (math.ceil(s_q / tile_m), b * h)
+    # With a history, 2 stages: 3 overflowed shared memory at D = 128 when every tile held codes and the chunk's
+    # K/V (measured on an H200 before the merged loop was cut to one stage; `bench_quant_kv.py --launch-sweep`).
+    stages = num_stages or (2 if hist_kind else 3)
     # The kernel walks a row's list and the counts with unit stride (other strides may be 0: broadcast lists).
     idx = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
     cnt = kv_block_counts if kv_block_counts.stride(-1) == 1 else kv_block_counts.contiguous()
@@ -623,8 +629,8 @@ def block_sparse_attention_triton(
         USE_TMA=use_tma,
         HIST_KIND=hist_kind,
         LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
+        NUM_STAGES=stages,
         num_warps=num_warps or (8 if d >= 128 else 4),
-        # (a history tile holds codes and the current chunk's K/V: 3 stages overflow shared memory at D = 128)
-        num_stages=num_stages or (2 if hist_kind else 3),
+        num_stages=stages,
     )
     return (out, lse) if return_lse else out
