@@ -279,12 +279,20 @@ if triton is not None:
                 acc_hi = tl.dot(pv, v_hi, acc_hi * alpha[:, None])
         return acc_lo, acc_hi, m_i, l_i
 
+    @triton.jit
+    def _initial_acc(rows, cols, seen, HAS_INIT: tl.constexpr, TILE_M: tl.constexpr, WIDTH: tl.constexpr):
+        """The (TILE_M, WIDTH) accumulator's start, columns ``cols``: the partial output being resumed (zeros
+        where it saw no key), or zeros."""
+        if HAS_INIT:
+            return tl.load(rows + cols[None, :], mask=seen[:, None], other=0.0).to(tl.float32)
+        return tl.zeros([TILE_M, WIDTH], dtype=tl.float32)
+
     # Lengths change every chunk: without do_not_specialize, Triton would compile a new variant whenever one
     # crosses a multiple of 16 (seconds of JIT inside a rollout).
     @triton.jit(do_not_specialize=["q_len", "kv_len", "hist_len"])
     def _block_sparse_fwd(
         Q, K, V, Bias, Out, Lse, Idx, Cnt,
-        HK, HV, HKS, HVS, HVZ, HC,
+        HK, HV, HKS, HVS, HVZ, HC, Init, InitLse,
         stride_qb, stride_qs, stride_qh,
         stride_kb, stride_ks, stride_kh,
         stride_vb, stride_vs, stride_vh,
@@ -296,6 +304,8 @@ if triton is not None:
         stride_hb, stride_hs, stride_hh,
         stride_sb, stride_ss, stride_sh,
         stride_xb, stride_xh,
+        stride_zb, stride_zs, stride_zh,
+        stride_yb, stride_yh,
         num_heads, q_len, kv_len, hist_len, qk_scale,
         HAS_BIAS: tl.constexpr,
         STORE_LSE: tl.constexpr,
@@ -308,6 +318,7 @@ if triton is not None:
         WARP_SPECIALIZE: tl.constexpr,
         USE_TMA: tl.constexpr,
         HIST_KIND: tl.constexpr,
+        HAS_INIT: tl.constexpr,
         LIST_WIDTH: tl.constexpr,
         NUM_STAGES: tl.constexpr,
     ):
@@ -327,7 +338,17 @@ if triton is not None:
 
         m_i = tl.full([TILE_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([TILE_M], dtype=tl.float32)
-        acc = tl.zeros([TILE_M, HEAD_DIM], dtype=tl.float32)
+        init_rows = Init + b * stride_zb + h * stride_zh + offs_m[:, None] * stride_zs
+        seen = row_ok
+        if HAS_INIT:
+            # Resume from a partial attention over other keys (out0, lse0; e.g. cuDNN over the chunk's own keys):
+            # in base 2, m = lse0 * log2(e) and l = 1 make acc / l = out0 and m + log2(l) = lse0, so the loop
+            # continues that softmax exactly. Rows the partial saw nothing in (lse0 = -inf) start empty.
+            lse0 = tl.load(InitLse + b * stride_yb + h * stride_yh + offs_m, mask=row_ok, other=float("-inf"))
+            seen = lse0 > float("-inf")
+            m_i = tl.where(seen, lse0 * 1.4426950408889634, float("-inf"))
+            l_i = tl.where(seen, 1.0, 0.0)
+        acc = _initial_acc(init_rows, offs_d, seen, HAS_INIT, TILE_M, HEAD_DIM)
 
         mask_row = (pid_m * TILE_M) // MASK_BLOCK_M
         count = tl.load(Cnt + b * stride_cb + h * stride_ch + mask_row)
@@ -396,8 +417,8 @@ if triton is not None:
                 q_rows = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_h[None, :]
                 q_lo = tl.load(q_rows, mask=row_ok[:, None], other=0.0)
                 q_hi = tl.load(q_rows + HEAD_DIM // 2, mask=row_ok[:, None], other=0.0)
-                acc_lo = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
-                acc_hi = tl.zeros([TILE_M, HEAD_DIM // 2], dtype=tl.float32)
+                acc_lo = _initial_acc(init_rows, offs_h, seen, HAS_INIT, TILE_M, HEAD_DIM // 2)
+                acc_hi = _initial_acc(init_rows + HEAD_DIM // 2, offs_h, seen, HAS_INIT, TILE_M, HEAD_DIM // 2)
                 acc_lo, acc_hi, m_i, l_i = _int4_blocks(
                     idx_row, 0, n_whole, q_lo * ch_lo[None, :], q_hi * ch_hi[None, :], ch_lo, ch_hi, acc_lo, acc_hi,
                     m_i, l_i, k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base,
@@ -510,6 +531,23 @@ def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_
 _HIST_KINDS = {"fp8": 1, "int8": 2, "int4": 3}
 
 
+def _initial_args(initial, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
+    """Kernel arguments for a partial attention to resume from: 2 pointers and 5 strides (placeholders for
+    none)."""
+    if initial is None:
+        return q, q, (0,) * 5
+    out0, lse0 = initial
+    b, s_q, h, d = q.shape
+    if tuple(out0.shape) != (b, s_q, h, d) or tuple(lse0.shape) != (b, h, s_q):
+        raise ValueError(f"initial must be (out (B, S_q, H, D), lse (B, H, S_q)) = {(b, s_q, h, d)}, {(b, h, s_q)}; "
+                         f"got {tuple(out0.shape)}, {tuple(lse0.shape)}")
+    if out0.stride(-1) != 1 or lse0.stride(-1) != 1 or out0.device != q.device or lse0.device != q.device:
+        raise ValueError("initial's out and lse must be contiguous in their last dimension and on q's device")
+    if lse0.dtype != torch.float32:
+        lse0 = lse0.float()
+    return out0, lse0, (out0.stride(0), out0.stride(1), out0.stride(2), lse0.stride(0), lse0.stride(1))
+
+
 def _history_args(history, q: torch.Tensor) -> tuple[tuple, tuple, int]:
     """Kernel arguments for a quantized history: 6 pointers, 8 strides and its kind (placeholders for none).
 
@@ -557,6 +595,7 @@ def block_sparse_attention_triton(
     tma: bool | None = None,
     out: torch.Tensor | None = None,
     history=None,
+    initial: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
@@ -569,6 +608,11 @@ def block_sparse_attention_triton(
     ``block_m`` / ``block_n``; defaults are the block sizes, 8 warps at head_dim 128, 3 stages), tuned on an H100
     by ``eval/bench_kernels.py``. ``out`` (optional) is written in place: tests pass a NaN-filled tensor to catch
     unwritten elements.
+
+    ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
+    over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
+    softmax and returns the attention over both key sets, as :func:`merge_attention_partials` would, with no
+    merge pass. ``out`` may be ``out0`` itself (each program reads its rows before writing them).
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use backend='torch'")
@@ -579,6 +623,7 @@ def block_sparse_attention_triton(
     hist_len = 0 if history is None else history.length
     _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len)
     hist_pointers, hist_strides, hist_kind = _history_args(history, q)
+    init_out, init_lse, init_strides = _initial_args(initial, q)
     b, s_q, h, d = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -606,7 +651,7 @@ def block_sparse_attention_triton(
     cnt = kv_block_counts if kv_block_counts.stride(-1) == 1 else kv_block_counts.contiguous()
     _block_sparse_fwd[grid](
         q, k, v, bias, out, lse, idx, cnt,
-        *hist_pointers,
+        *hist_pointers, init_out, init_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
@@ -616,6 +661,7 @@ def block_sparse_attention_triton(
         cnt.stride(0), cnt.stride(1),
         lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
         *hist_strides,
+        *init_strides,
         h, s_q, hist_len + k.shape[1], hist_len, scale * LOG2E,
         HAS_BIAS=key_bias is not None,
         STORE_LSE=return_lse,
@@ -628,6 +674,7 @@ def block_sparse_attention_triton(
         WARP_SPECIALIZE=warp_specialize,
         USE_TMA=use_tma,
         HIST_KIND=hist_kind,
+        HAS_INIT=initial is not None,
         LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
         NUM_STAGES=stages,
         num_warps=num_warps or (8 if d >= 128 else 4),

@@ -9,6 +9,7 @@ import torch
 from .gather import block_sparse_attention_gather
 from .reference import block_mask_from_lists, block_sparse_attention_torch, merge_attention_partials
 from .cross import select_prompt_tokens, sparse_cross_attention
+from .dense_lse import dense_attention_with_lse
 from .quant_kv import (QuantizedKV, copy_slots, dequantize, dequantize_keys, key_channel_scales, pool_quantized_blocks,
                        quantize_kv, write_quantized)
 from .routing import pool_blocks, route_blocks
@@ -30,6 +31,7 @@ def block_sparse_attention(
     backend: str | None = None,
     return_lse: bool = False,
     history: QuantizedKV | None = None,
+    initial: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
     """Attention of each query block over its listed key blocks; q/k/v (B, S, H, D), optional bias (B, S_kv, H).
 
@@ -38,6 +40,9 @@ def block_sparse_attention(
     ``history``: a quantized KV history (:func:`quantize_kv`) holding key positions [0, S_h), read directly by
     the kernels; ``k`` / ``v`` then hold the current chunk [S_h, S_h + S_cur), and lists and bias index the
     combined sequence. Triton (CUDA), gather and the torch reference take it; flex does not.
+    ``initial``: ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, the same queries' attention over other keys (e.g.
+    :func:`dense_attention_with_lse` over the current chunk); the result is the attention over both key sets.
+    The Triton kernel resumes from it (no merge pass); gather and torch merge afterwards; flex does not take it.
 
     Example:
         >>> import torch
@@ -51,6 +56,16 @@ def block_sparse_attention(
         >>> hist = quantize_kv(k[:, :60], v[:, :60], "int4")
         >>> out = block_sparse_attention(q, k[:, 60:], v[:, 60:], idx, cnt, block_m=16, block_n=32, history=hist)
         >>> bool((out - block_sparse_attention(q, k, v, idx, cnt, block_m=16, block_n=32)).abs().max() < 0.3)
+        True
+
+        Keys 64-95 (the last block) attended densely by one call, blocks 0 and 1 resumed from that partial:
+
+        >>> part = dense_attention_with_lse(q, k[:, 64:], v[:, 64:])
+        >>> first_two = torch.tensor([0, 1], dtype=torch.int32).expand(1, 2, 3, 2)
+        >>> two = torch.full((1, 2, 3), 2, dtype=torch.int32)
+        >>> out = block_sparse_attention(q, k[:, :64], v[:, :64], first_two, two, block_m=16, block_n=32, initial=part)
+        >>> every = torch.arange(3, dtype=torch.int32).expand(1, 2, 3, 3)
+        >>> bool((out - block_sparse_attention(q, k, v, every, two + 1, block_m=16, block_n=32)).abs().max() < 1e-5)
         True
     """
     choice = (backend or os.environ.get("GENKV_KERNEL_BACKEND", "auto")).lower()
@@ -71,8 +86,10 @@ def block_sparse_attention(
 
         return block_sparse_attention_triton(
             q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m,
-            block_n=block_n, return_lse=return_lse, history=history,
+            block_n=block_n, return_lse=return_lse, history=history, initial=initial,
         )
+    if initial is not None and choice == "flex":
+        raise ValueError("initial is not available on the flex backend; use 'triton', 'gather' or 'torch'")
     if choice == "flex":
         if history is not None:
             raise ValueError("a quantized history is not available on the flex backend; use 'triton' or 'gather'")
@@ -87,10 +104,14 @@ def block_sparse_attention(
             block_n=block_n,
         )
     implementation = block_sparse_attention_gather if choice == "gather" else block_sparse_attention_torch
-    return implementation(
+    result = implementation(
         q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias, scale=scale, block_m=block_m, block_n=block_n,
-        return_lse=return_lse, history=history,
+        return_lse=return_lse or initial is not None, history=history,
     )
+    if initial is None:
+        return result
+    out, lse = merge_attention_partials(*result, *initial)
+    return (out, lse) if return_lse else out
 
 
 __all__ = [
@@ -99,6 +120,7 @@ __all__ = [
     "block_sparse_attention_gather",
     "block_sparse_attention_torch",
     "block_mask_from_lists",
+    "dense_attention_with_lse",
     "copy_slots",
     "dequantize",
     "dequantize_keys",

@@ -71,10 +71,13 @@ def block_sparse_attention_torch(
 def merge_attention_partials(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combine two attentions over disjoint key sets: ``o = sum_i exp(lse_i - lse) o_i`` (outputs (B, S, H, D))."""
+    """Combine two attentions over disjoint key sets: ``o = sum_i exp(lse_i - lse) o_i`` (outputs (B, S, H, D)).
+
+    A partial's rows with ``lse = -inf`` saw no key: their output is not read (it may be anything, NaN included).
+    """
     lse = torch.logaddexp(lse_a, lse_b)
     safe = torch.where(torch.isfinite(lse), lse, 0.0)
     wa = torch.exp(lse_a - safe).permute(0, 2, 1)[..., None]
     wb = torch.exp(lse_b - safe).permute(0, 2, 1)[..., None]
-    out = out_a.float() * wa + out_b.float() * wb
+    out = torch.where(wa > 0, out_a.float() * wa, 0.0) + torch.where(wb > 0, out_b.float() * wb, 0.0)
     return out.to(out_a.dtype), lse
