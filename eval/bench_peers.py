@@ -19,6 +19,8 @@ Systems (``--systems``, default all):
     genkv-compile-taehv, genkv-compile-fp8-taehv   those flags together.
     NAME@fastar        any genkv system with ``fastar`` (TempCache merges + routed block-sparse reads) instead of
                        upstream's rolling window: genkv's fastest method, a different cache from upstream's.
+    NAME@fastar-sdpa   the same with its read split: the chunk's own keys by cuDNN SDPA, the block-sparse kernel
+                       resuming over the routed history (``chunk_attention=sdpa``; the same attention).
 
 Shapes: 480x832, 21-latent-frame rolling window, 3-latent-frame chunks, 4 denoising steps, ``--frames`` output
 frames (upstream makes whole 3-latent blocks: 2001 frames for 2000). Every run is timed whole (wall clock,
@@ -85,7 +87,7 @@ WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstre
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
 GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
 #: the methods a genkv system can run instead of upstream's rolling window ("genkv-compile@fastar")
-GENKV_METHODS = {"rolling": GENKV_METHOD, "fastar": "fastar"}
+GENKV_METHODS = {"rolling": GENKV_METHOD, "fastar": "fastar", "fastar-sdpa": "fastar:chunk_attention=sdpa"}
 STEADY_FRAMES = 12  # output frames of a 3-latent chunk after the first (4 per latent frame)
 ROPE_FRAMES = 1024  # upstream's RoPE table: latent positions are absolute and never rebased
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..keep.full import KeepAll
-from ..read.annsa import RoutedSelfAttention
+from ..read.annsa import CHUNK_ATTENTION, RoutedSelfAttention
 from ..registry import register_method
 from .base import GenKVMethod
 
@@ -22,6 +22,7 @@ class SparseReadFields:
     dense_steps: int = 0
     refresh: str = "chunk"
     sparse_clean_pass: bool = True
+    chunk_attention: str = "kernel"
 
 
 def validate_sparse_read(method: GenKVMethod) -> None:
@@ -38,13 +39,15 @@ def validate_sparse_read(method: GenKVMethod) -> None:
     method.require_int("dense_steps", minimum=0)
     if method.refresh not in ("chunk", "step"):
         method._fail("refresh", "'chunk' or 'step'")
+    if method.chunk_attention not in CHUNK_ATTENTION:
+        method._fail("chunk_attention", "'kernel' or 'sdpa'")
 
 
 def build_sparse_reader(method: GenKVMethod, sink_frames: int = 0) -> RoutedSelfAttention:
     return RoutedSelfAttention(
         block_m=method.block_m, block_n=method.block_n, top_k=method.top_k, top_p=method.top_p,
         sink_frames=sink_frames, dense_steps=method.dense_steps, refresh=method.refresh,
-        sparse_clean_pass=method.sparse_clean_pass,
+        sparse_clean_pass=method.sparse_clean_pass, chunk_attention=method.chunk_attention,
     )
 
 
@@ -60,6 +63,8 @@ class AnnSA(SparseReadFields, GenKVMethod):
         dense_steps: first denoising steps of each chunk that stay dense.
         refresh: ``"chunk"`` (route once per chunk; history keys are constant within it) or ``"step"``.
         sparse_clean_pass: route the clean K/V pass too (else it is dense).
+        chunk_attention: ``"kernel"`` (one block-sparse call) or ``"sdpa"`` (the chunk's own keys by dense SDPA,
+            cuDNN on CUDA, and the kernel resuming over the routed history; the same attention).
         sink_frames: frames whose blocks every query reads.
 
     Example:

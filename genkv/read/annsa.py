@@ -9,6 +9,12 @@ per-key bias (TempCache's log counts) when there is one.
 History K/V are constant while a chunk is denoised, so with ``refresh="chunk"`` the routing is computed at the
 chunk's first sparse step and reused by its later steps (the chunk's own blocks, whose keys change, are always
 attended). The first ``dense_steps`` denoising steps can stay dense.
+
+``chunk_attention="sdpa"`` splits the read: the chunk's own keys, which every query reads, go to a dense SDPA
+that returns its log-sum-exp (cuDNN on CUDA), and the block-sparse kernel resumes from that partial over the
+listed history blocks (the straddling block up to the history's end). Same attention, up to rounding; whether it
+is faster depends on the GPU (cuDNN's dense rate against the kernel's), so ``"kernel"`` (one call) stays the
+default until measured.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from typing import Any
 import torch
 
 from .dense import DenseSelfAttention, empty_key_blocks
+
+CHUNK_ATTENTION = ("kernel", "sdpa")
 
 
 class RoutedSelfAttention:
@@ -35,7 +43,11 @@ class RoutedSelfAttention:
         dense_steps: int = 0,
         refresh: str = "chunk",
         sparse_clean_pass: bool = True,
+        chunk_attention: str = "kernel",
     ) -> None:
+        if chunk_attention not in CHUNK_ATTENTION:
+            raise ValueError(f"chunk_attention must be one of {', '.join(CHUNK_ATTENTION)}; got {chunk_attention!r}")
+        self.chunk_attention = chunk_attention
         self.block_m, self.block_n = block_m, block_n
         self.top_k, self.top_p = top_k, top_p
         self.sink_frames = sink_frames
@@ -132,9 +144,33 @@ class RoutedSelfAttention:
                 routes = self._routes[slot] = fresh
         indices, counts = routes
         self._record(store, layer_index, counts, n_kv_blocks, indices, self._empty.get(slot))
+        if self.chunk_attention == "sdpa":
+            return self._split_read(query, key, value, key_bias, indices, counts, n_hist, n_kv_blocks, history)
         return block_sparse_attention(
             query, key, value, indices, counts, key_bias=key_bias, block_m=self.block_m, block_n=self.block_n,
             history=history,
+        )
+
+    def _split_read(self, query, key, value, key_bias, indices, counts, n_hist: int, n_kv_blocks: int, history):
+        """The chunk's own keys by dense SDPA, then the kernel resumes over the listed history blocks.
+
+        Lists are ascending and end with every block wholly inside the chunk (routing forces them), so dropping
+        those from each count leaves the history blocks, the straddling one included: the kernel reads it up to
+        key ``n_hist`` (its K/V end there). The chunk's key bias is 0 (a staged token stands for itself), so the
+        dense part needs none."""
+        from genkv.kernels import block_sparse_attention, dense_attention_with_lse
+
+        n_cur = query.shape[1]
+        start = key.shape[1] - n_cur  # bf16 cache: after the history; quantized: key is the chunk alone
+        partial = dense_attention_with_lse(query, key[:, start:], value[:, start:])
+        if n_hist == 0:
+            return partial[0]
+        chunk_blocks = n_kv_blocks - math.ceil(n_hist / self.block_n)
+        k_hist, v_hist = (key[:, :0], value[:, :0]) if history is not None else (key[:, :n_hist], value[:, :n_hist])
+        return block_sparse_attention(
+            query, k_hist, v_hist, indices, counts - chunk_blocks,
+            key_bias=None if key_bias is None else key_bias[:, :n_hist], block_m=self.block_m,
+            block_n=self.block_n, history=history, initial=partial,
         )
 
     def _record(self, store: Any, layer_index: int, counts: Any, n_kv_blocks: int, indices: Any = None,

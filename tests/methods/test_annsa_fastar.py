@@ -53,6 +53,26 @@ def test_fastar_with_exact_settings_equals_full(setup):
     torch.testing.assert_close(_run(pipe, embeds, noise), full, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kv_dtype", ["bf16", "int8"])
+def test_fastar_split_read_renders_what_the_single_kernel_call_renders(setup, kv_dtype):
+    """``chunk_attention="sdpa"`` (the chunk's own keys by dense SDPA, the kernel resuming over the routed history)
+    is the same attention: a sparse, merging, budgeted rollout renders the same frames. Key blocks of 32 over
+    16-token frames: the chunk starts mid-block whenever the history holds an odd number of frames."""
+    pipe, embeds, noise, full = setup
+    settings = dict(budget_frames=5, top_k=1, threshold=0.9, prompt_top_k=8, block_m=16, block_n=32,
+                    kv_dtype=kv_dtype)
+    genkv.apply_genkv(pipe, "fastar", **settings)
+    single = _run(pipe, embeds, noise)
+    assert 0 < genkv.cache_stats(pipe)["self_density"] < 1
+    genkv.apply_genkv(pipe, "fastar", chunk_attention="sdpa", **settings)
+    split = _run(pipe, embeds, noise)
+    assert not torch.allclose(single, full, atol=1e-4)  # sparse and merged for real
+    # int8: a float32 rounding difference can move a committed value across a code boundary (one level of the
+    # history changes), which the later chunks carry: measured up to 3.4e-5 after four chunks.
+    tol = 1e-5 if kv_dtype == "bf16" else 1e-4
+    torch.testing.assert_close(split, single, rtol=tol, atol=tol)
+
+
 def test_fastar_long_rollout_stays_under_budget_with_flat_memory():
     pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=12), "fastar", budget_frames=6, top_k=2,
                              prompt_top_k=8, threshold=0.5, **BLOCKS)

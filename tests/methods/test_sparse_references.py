@@ -19,6 +19,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor, _get_qkv_projections
 
 import genkv
+from genkv.kernels.block_sparse import triton_available
 from genkv.read.annsa import RoutedSelfAttention
 from genkv.testing import tiny_self_forcing_pipeline
 
@@ -92,12 +93,15 @@ def _inputs(seed, b=2, n_hist=200, n_cur=40, h=2, d=16):
     return q, k, v
 
 
+@pytest.mark.parametrize("chunk_attention", ["kernel", "sdpa"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("sink_frames", [0, 2, 3])
-def test_annsa_small_top_k_equals_a_float64_reference_with_the_forced_blocks(top_k, sink_frames):
+def test_annsa_small_top_k_equals_a_float64_reference_with_the_forced_blocks(top_k, sink_frames, chunk_attention):
+    """History 200 keys, chunk 40, blocks of 16: the chunk starts inside block 12, which the split read's kernel
+    part must stop at key 200 (its dense part reads keys 200-239)."""
     tpf, blocks = 8, dict(block_m=16, block_n=16)
     q, k, v = _inputs(seed=10 * top_k + sink_frames)
-    reader = RoutedSelfAttention(top_k=top_k, sink_frames=sink_frames, **blocks)
+    reader = RoutedSelfAttention(top_k=top_k, sink_frames=sink_frames, chunk_attention=chunk_attention, **blocks)
     got = reader.attend(q, k, v, None, store=_Store(tpf))
     want, chosen = reference_routed_attention(q, k, v, None, top_k=top_k, sink_tokens=sink_frames * tpf, **blocks)
     assert chosen.float().mean() < 0.6  # sparse for real
@@ -107,9 +111,15 @@ def test_annsa_small_top_k_equals_a_float64_reference_with_the_forced_blocks(top
     torch.testing.assert_close(again.double(), want, rtol=1e-5, atol=1e-5)
 
 
-def test_fastar_reader_with_log_count_bias_and_empty_slots_equals_a_float64_reference():
+@pytest.mark.parametrize("chunk_attention,kernel", [("kernel", "auto"), ("sdpa", "auto"), ("sdpa", "triton")])
+def test_fastar_reader_with_log_count_bias_and_empty_slots_equals_a_float64_reference(chunk_attention, kernel,
+                                                                                      monkeypatch):
     """fastar's reader sees a fixed-layout cache: merged keys carry log(count), empty slots -inf (never chosen
-    unless a forced block)."""
+    unless a forced block). The split read runs its kernel part through gather and a merge (CPU's auto) and
+    through the Triton kernel resuming from the dense part."""
+    if kernel == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("GENKV_KERNEL_BACKEND", kernel)
     tpf, blocks = 8, dict(block_m=16, block_n=16)
     q, k, v = _inputs(seed=5)
     count = torch.ones(k.shape[1])
@@ -119,11 +129,42 @@ def test_fastar_reader_with_log_count_bias_and_empty_slots_equals_a_float64_refe
     k[:, count == 0] = 0  # the cache zeroes empty slots
     bias = count.log().view(1, -1, 1).expand(k.shape[0], -1, k.shape[2])
     for top_k in (1, 3):
-        reader = RoutedSelfAttention(top_k=top_k, sink_frames=1, **blocks)
+        reader = RoutedSelfAttention(top_k=top_k, sink_frames=1, chunk_attention=chunk_attention, **blocks)
         got = reader.attend(q, k, v, bias, store=_Store(tpf))
         want, chosen = reference_routed_attention(q, k, v, bias, top_k=top_k, sink_tokens=tpf, **blocks)
         assert not chosen[..., 3].any()
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["auto", "triton"])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_split_read_over_a_quantized_history_equals_the_reference_over_its_dequantized_keys(kind, kernel, monkeypatch):
+    """A quantized cache hands the reader the chunk alone and the history as codes: the split read (dense chunk,
+    kernel resuming over the routed codes) equals the float64 reference over the dequantized history."""
+    from genkv.kernels import dequantize, quantize_kv
+
+    if kernel == "triton" and not triton_available():
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("GENKV_KERNEL_BACKEND", kernel)
+    tpf, blocks = 8, dict(block_m=16, block_n=16)
+    q, k, v = _inputs(seed=7)
+    n_hist = k.shape[1] - q.shape[1]
+    history = quantize_kv(k[:, :n_hist], v[:, :n_hist], kind)
+    k_hat, v_hat = dequantize(history)
+    k_ref, v_ref = torch.cat([k_hat, k[:, n_hist:]], 1), torch.cat([v_hat, v[:, n_hist:]], 1)
+    reader = RoutedSelfAttention(top_k=2, sink_frames=1, chunk_attention="sdpa", **blocks)
+    got = reader.attend(q, k[:, n_hist:], v[:, n_hist:], None, store=_Store(tpf), history=history)
+    want, chosen = reference_routed_attention(q, k_ref, v_ref, None, top_k=2, sink_tokens=tpf, **blocks)
+    assert chosen.float().mean() < 0.6
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_attention_is_validated():
+    with pytest.raises(ValueError, match="chunk_attention"):
+        RoutedSelfAttention(chunk_attention="flash")
+    with pytest.raises(ValueError, match="chunk_attention"):
+        genkv.get_method("fastar", chunk_attention="flash")
+    assert genkv.get_method("fastar", chunk_attention="sdpa").build_self_reader().chunk_attention == "sdpa"
 
 
 # -- AnnCA through the pipeline ----------------------------------------------------------------------------
