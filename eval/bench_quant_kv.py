@@ -8,6 +8,10 @@ pass the history as ``QuantizedKV`` and the chunk in bf16. Also the output's rel
 attention over the *unquantized* keys (what quantization costs) and the bytes the history holds. Median of
 CUDA-event timings after warm-up; prints a table, writes JSON.
 
+Rows ``KIND+sdpa`` time the split read of ``chunk_attention="sdpa"`` on the same lists: the chunk's own keys by
+dense SDPA with LSE (cuDNN on CUDA), then the kernel resuming over the history blocks (the straddling one up to
+the history's end), as ``RoutedSelfAttention`` runs it; their ratio is to the single bf16 kernel call.
+
     python eval/bench_quant_kv.py --out runs/quant_kv.json
     python eval/bench_quant_kv.py --small --device cpu          # a CPU smoke run (gather path)
 """
@@ -62,6 +66,15 @@ def lists(batch: int, heads: int, n_q: int, n_kv: int, n_hist_blocks: int, top_k
         rows.append(torch.cat([picked, own]).sort().values)
     idx = torch.stack(rows).view(batch, heads, n_q, -1).to(device=device, dtype=torch.int32)
     return idx, torch.full((batch, heads, n_q), idx.shape[-1], dtype=torch.int32, device=device)
+
+
+def split_read(q, k_hist, v_hist, chunk_k, chunk_v, idx, cnt, chunk_blocks: int, hist, kw) -> torch.Tensor:
+    """``chunk_attention="sdpa"``: dense attention with LSE over the chunk, the kernel resuming over the history
+    blocks (each list's last ``chunk_blocks`` entries, the chunk's own, dropped)."""
+    from genkv.kernels import block_sparse_attention, dense_attention_with_lse
+
+    partial = dense_attention_with_lse(q, chunk_k, chunk_v)
+    return block_sparse_attention(q, k_hist, v_hist, idx, cnt - chunk_blocks, history=hist, initial=partial, **kw)
 
 
 LAUNCHES = ({"num_stages": 3}, {"tile_n": 64}, {"tile_n": 64, "num_stages": 3}, {"num_warps": 4},
@@ -119,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     values = torch.randn(1, n_h + n_q, heads, dim, generator=g)
     q, keys, values = (t.to(device, dtype) for t in (q, keys, values))
     n_kv, n_hist_blocks = math.ceil((n_h + n_q) / block), n_h // block
+    chunk_blocks = n_kv - math.ceil(n_h / block)  # blocks wholly inside the chunk: the split read's dense part
+    cur_k, cur_v = keys[:, n_h:].contiguous(), values[:, n_h:].contiguous()
     rows = []
     for density, top_k in (("dense", None), (f"top-{args.top_k}", args.top_k)):
         idx, cnt = lists(1, heads, math.ceil(n_q / block), n_kv, n_hist_blocks, top_k, device, g)
@@ -134,16 +149,24 @@ def main(argv: list[str] | None = None) -> int:
             rows += launch_sweep(q, keys, values, idx, cnt, None, kw, base_ms, device, args, density, "bf16", ref)
         rows.append(dict(density=density, kind="bf16", ms=base_ms, ratio=1.0, history_bytes=hist_bytes,
                          rel_err=float((base_out - ref).norm() / ref.norm())))
+        split_fns = {"bf16+sdpa": (lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
+                                                      values[:, n_h:], idx, cnt, chunk_blocks, None, kw), hist_bytes)}
         for kind in args.kinds:
             hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
-            cur_k, cur_v = keys[:, n_h:].contiguous(), values[:, n_h:].contiguous()
             fn = lambda: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731
             ms = timed(fn, device, args.iters, args.warmup)
             out = fn().float()
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
                              rel_err=float((out - ref).norm() / ref.norm())))
+            split_fns[f"{kind}+sdpa"] = (lambda hist=hist: split_read(q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v,
+                                                                      idx, cnt, chunk_blocks, hist, kw), hist.nbytes)
             if args.launch_sweep and device.type == "cuda":
                 rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref)
+        for kind, (fn, held) in split_fns.items():
+            ms = timed(fn, device, args.iters, args.warmup)
+            out = fn().float()
+            rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=held,
+                             rel_err=float((out - ref).norm() / ref.norm())))
     print(f"{'lists':>8s} {'history':>8s} {'launch':>24s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
     for r in (r for r in rows if "ms" in r):
         print(f"{r['density']:>8s} {r['kind']:>8s} {r.get('launch', 'default'):>24s} {r['ms']:8.3f} {r['ratio']:7.3f} "

@@ -1,0 +1,24 @@
+"""eval/bench_quant_kv.py at its small shapes on the CPU: every storage's single kernel call and its split read
+(``chunk_attention="sdpa"``: dense chunk + the kernel resuming over the history) compute the same attention."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "eval" / "bench_quant_kv.py"
+
+
+def test_split_rows_compute_what_the_single_call_computes(tmp_path):
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--device", "cpu", "--iters", "1", "--warmup", "0",
+                           "--out", str(tmp_path / "q.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    single = {(r["density"], r["kind"]): r for r in rows}
+    for density in ("dense", "top-16"):
+        for kind in ("bf16", "fp8", "int8", "int4"):
+            alone, split = single[(density, kind)], single[(density, f"{kind}+sdpa")]
+            # the error against float32 attention over the unquantized keys: quantization's, equal in both
+            assert abs(split["rel_err"] - alone["rel_err"]) < 1e-5, (density, kind, split, alone)
+            assert split["history_bytes"] == alone["history_bytes"] and split["ms"] > 0
+    assert single[("top-16", "int4")]["rel_err"] > 0.1 > single[("top-16", "int8")]["rel_err"]  # really quantized
