@@ -6,7 +6,10 @@ colour tracking (``genkv.metrics.prompt_following``), next to the data's own vid
 
 The prompts are the scenes of data seeds 0, 1, ... (one or two sprites each: ``genkv.data.sample_scene``), so
 every render has a reference video of the data with the same prompt; the data's figures are the ceiling the
-metric allows (its sprites bounce off walls, so even the data moves against the prompt's sign sometimes).
+metric allows (its sprites bounce off walls, so even the data moves against the prompt's sign sometimes). The
+reference videos are drawn like the sprite model's training clips (``--backgrounds plain --radius 0.13 0.21``,
+train_tiny's defaults), so edge energy compares like with like; the prompts do not depend on either. Before
+2026-12-05 the reference used the generator's defaults (all backgrounds, radius 0.09-0.16).
 Prints per colour word the share of frames it is present where asked (and shown where not asked), two-sprite
 prompts' share of frames with both present, the share of sprites moving along the asked axis and the asked way,
 and edge energy (sharpness) against the data's; writes every video's report to JSON. The renders are also
@@ -54,8 +57,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-at", type=int, default=45,
                         help="also measure frames before and from this frame apart (45: the sprite model's training "
                         "clips; later frames are beyond anything it trained on); 0: no split")
+    parser.add_argument("--backgrounds", nargs="+", default=["plain"],
+                        help="backgrounds of the data's reference videos (the training clips': plain)")
+    parser.add_argument("--radius", type=float, nargs=2, default=[0.13, 0.21], metavar=("LOW", "HIGH"),
+                        help="sprite radius range of the reference videos, fractions of the frame (the training "
+                        "clips')")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
+    if args.seeds < 0:
+        parser.error("--seeds must be >= 0 (0: the data's reference alone)")
     if args.steps is not None and args.steps < 1:
         parser.error("--steps must be a positive number of denoising steps")
     if args.guidance is not None and args.guidance < 1:
@@ -74,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             args.steps, pipe.scheduler.config.num_train_timesteps))
     genkv.apply_genkv(pipe, args.method)
     size = pipe.config.default_height
-    data = [make_video(seed=s, num_frames=args.frames, max_objects=2, size=size) for s in range(args.prompts)]
+    try:
+        data = [make_video(seed=s, num_frames=args.frames, max_objects=2, size=size,
+                           backgrounds=tuple(args.backgrounds), radius=tuple(args.radius)) for s in range(args.prompts)]
+    except ValueError as error:  # an unknown background or a radius outside (0, 0.5)
+        parser.error(str(error))
     rendered, references = [], []
     spans = {"before": [], "from": []}  # the renders measured over frames [0, split) and [split, end)
     start = time.perf_counter()
@@ -90,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(rendered)}/{args.prompts * args.seeds} videos, {time.perf_counter() - start:.0f} s", flush=True)
     result = {"model": args.model, "method": args.method, "frames": args.frames, "prompts": args.prompts,
               "denoising_step_list": [int(t) for t in pipe.scheduler.config.denoising_step_list],
-              "seeds": args.seeds, "guidance_scale": args.guidance, "model_summary": summarize(rendered),
+              "seeds": args.seeds, "guidance_scale": args.guidance, "backgrounds": args.backgrounds,
+              "radius": args.radius, "model_summary": summarize(rendered),
               "data_summary": summarize(references),
               "videos": rendered, "data_videos": references}
     if split is not None:

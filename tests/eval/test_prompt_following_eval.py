@@ -4,6 +4,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "eval"))
 
 import prompt_following  # noqa: E402
@@ -20,6 +22,33 @@ def test_the_eval_renders_every_prompt_and_seed_and_measures_the_data_too(tmp_pa
     assert all(v["frames"] == 9 for v in result["videos"] + result["data_videos"])
     assert min(result["data_summary"]["colour_present"].values()) > 0.9  # the data shows its own prompts
     assert "present where asked" in capsys.readouterr().out
+
+
+def test_the_data_reference_is_drawn_like_the_training_clips(tmp_path):
+    """By default the reference videos are the training clips' kind (plain background, radius 0.13-0.21); the
+    options give the generator's own defaults back. Same prompts either way. Checked against the measure run
+    directly on the data videos; `--seeds 0` measures the data alone."""
+    from genkv.data import make_video
+    from genkv.metrics.prompt_following import prompt_following as measure
+
+    runs = {}
+    for name, extra in (("training", []), ("generator", ["--backgrounds", "plain", "checker", "stripes",
+                                                          "--radius", "0.09", "0.16"])):
+        out = tmp_path / f"{name}.json"
+        assert prompt_following.main(["--model", "tiny-random", "--prompts", "3", "--seeds", "0", "--frames", "9",
+                                      *extra, "--out", str(out)]) == 0
+        runs[name] = json.loads(out.read_text())
+    training = [make_video(seed=s, num_frames=9, max_objects=2, backgrounds=("plain",), radius=(0.13, 0.21))
+                for s in range(3)]
+    generator = [make_video(seed=s, num_frames=9, max_objects=2) for s in range(3)]
+    for name, videos in (("training", training), ("generator", generator)):
+        want = [json.loads(json.dumps(dict(prompt=v.prompt, **measure(v.frames, v.prompt)))) for v in videos]
+        assert runs[name]["data_videos"] == want and runs[name]["videos"] == []
+    assert [v.prompt for v in training] == [v.prompt for v in generator]
+    assert runs["training"]["radius"] == [0.13, 0.21] and runs["training"]["backgrounds"] == ["plain"]
+    assert runs["training"]["data_summary"]["edge_energy"] != runs["generator"]["data_summary"]["edge_energy"]
+    with pytest.raises(SystemExit):
+        prompt_following.main(["--model", "tiny-random", "--radius", "0.3", "0.6", "--out", str(tmp_path / "x")])
 
 
 def test_steps_samples_with_that_many_evenly_spaced_steps(tmp_path, monkeypatch):
