@@ -147,6 +147,69 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
+    def _int8_as_fp16_plus_1152(codes):
+        """int8 codes ``c`` as fp16 tiles holding ``1152 + c``, from bits alone: ``c + 128`` (1..255) is the
+        mantissa of 1024.0 (fp16 spacing 1 there). No int-to-float conversion, which Hopper issues at an eighth of
+        its ALU rate (16 results per clock and SM); the caller takes the 1152 back once per row."""
+        return ((codes.to(tl.int32) + 128) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+
+    @triton.jit
+    def _attend_int8_codes_fast(qc16, q_off, kc, vc, acc, m_i, l_i, hks_base, hvs_base, stride_ss, bias_base,
+                                stride_bs, offs_n, hist_len, qk_scale, HAS_BIAS: tl.constexpr):
+        """``_attend_history_codes`` for int8 with the codes built as fp16 ``1152 + c`` (``fast_dequant``): the
+        logits take back ``q_off = 1152 * sum(qc16)`` per row, the output ``1152 * sum(p * v_scale)`` per row
+        (both exact up to float32 rounding: the fp16 products are exact). ``qc16``: q times the smoothing factors,
+        in fp16 (exact for a bf16 q within fp16's range)."""
+        k = _int8_as_fp16_plus_1152(kc)
+        v = _int8_as_fp16_plus_1152(vc)
+        k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
+        v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
+        qk = (tl.dot(qc16, tl.trans(k)) - q_off[:, None]) * (qk_scale * k_col)[None, :]
+        qk = _masked_logits(qk, bias_base, offs_n, hist_len, stride_bs, HAS_BIAS, False)
+        p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
+        pw = (p * v_col[None, :]).to(tl.float16)
+        acc = tl.dot(pw, v, acc * alpha[:, None]) - 1152.0 * tl.sum(pw.to(tl.float32), 1)[:, None]
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _int4_as_fp16_plus_1024(base, offs_n, stride_s, HALF: tl.constexpr):
+        """The two halves of an int4 tile wholly inside the history as fp16 tiles holding ``1024 + u`` (nibble
+        ``u`` as the mantissa of 1024.0): no conversion instruction (see ``_int8_as_fp16_plus_1152``)."""
+        offs_h = tl.arange(0, HALF)
+        packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :]).to(tl.int32)
+        low = ((packed & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        high = (((packed >> 4) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+        return low, high
+
+    @triton.jit
+    def _int4_blocks_fast(idx_row, first, last, qc_lo16, qc_hi16, q_off, acc_lo, acc_hi, m_i, l_i, hk_base, hv_base,
+                          stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len,
+                          qk_scale, MASK_BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HALF: tl.constexpr,
+                          HAS_BIAS: tl.constexpr):
+        """``_int4_blocks`` over blocks wholly inside the history with the nibbles built as fp16 ``1024 + u``
+        (``fast_dequant``): keys mean ``u - 8``, so the logits take back ``q_off = 1032 * sum(qc16)`` per row;
+        values mean ``u``, so the output takes back ``1024 * sum(p * v_scale)`` per row, next to the zero points'
+        ``sum(p * zero)``."""
+        for i in tl.range(first, last):
+            block = tl.load(idx_row + i)
+            for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
+                offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
+                k_lo, k_hi = _int4_as_fp16_plus_1024(hk_base, offs_n, stride_hs, HALF)
+                v_lo, v_hi = _int4_as_fp16_plus_1024(hv_base, offs_n, stride_hs, HALF)
+                k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
+                v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
+                v_zero = tl.load(hvz_base + offs_n * stride_ss).to(tl.float32)
+                qk = tl.dot(qc_lo16, tl.trans(k_lo)) + tl.dot(qc_hi16, tl.trans(k_hi)) - q_off[:, None]
+                qk = _masked_logits(qk * (qk_scale * k_col)[None, :], bias_base, offs_n, hist_len, stride_bs,
+                                    HAS_BIAS, False)
+                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i)
+                pw = (p * v_col[None, :]).to(tl.float16)
+                shift = tl.sum(p * v_zero[None, :], 1) - 1024.0 * tl.sum(pw.to(tl.float32), 1)
+                acc_lo = tl.dot(pw, v_lo, acc_lo * alpha[:, None]) + shift[:, None]
+                acc_hi = tl.dot(pw, v_hi, acc_hi * alpha[:, None]) + shift[:, None]
+        return acc_lo, acc_hi, m_i, l_i
+
+    @triton.jit
     def _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col, v_col, v_zero, acc_lo, acc_hi, m_i, l_i,
                             bias_base, offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS: tl.constexpr,
                             RAGGED: tl.constexpr):
@@ -319,6 +382,7 @@ if triton is not None:
         USE_TMA: tl.constexpr,
         HIST_KIND: tl.constexpr,
         HAS_INIT: tl.constexpr,
+        FAST_DEQUANT: tl.constexpr,
         LIST_WIDTH: tl.constexpr,
         NUM_STAGES: tl.constexpr,
     ):
@@ -419,11 +483,20 @@ if triton is not None:
                 q_hi = tl.load(q_rows + HEAD_DIM // 2, mask=row_ok[:, None], other=0.0)
                 acc_lo = _initial_acc(init_rows, offs_h, seen, HAS_INIT, TILE_M, HEAD_DIM // 2)
                 acc_hi = _initial_acc(init_rows + HEAD_DIM // 2, offs_h, seen, HAS_INIT, TILE_M, HEAD_DIM // 2)
-                acc_lo, acc_hi, m_i, l_i = _int4_blocks(
-                    idx_row, 0, n_whole, q_lo * ch_lo[None, :], q_hi * ch_hi[None, :], ch_lo, ch_hi, acc_lo, acc_hi,
-                    m_i, l_i, k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base,
-                    hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N,
-                    TILE_N, HEAD_DIM // 2, HAS_BIAS, False, False, NUM_STAGES)
+                if FAST_DEQUANT:
+                    qc_lo16 = (q_lo * ch_lo[None, :]).to(tl.float16)
+                    qc_hi16 = (q_hi * ch_hi[None, :]).to(tl.float16)
+                    q_off = 1032.0 * (tl.sum(qc_lo16.to(tl.float32), 1) + tl.sum(qc_hi16.to(tl.float32), 1))
+                    acc_lo, acc_hi, m_i, l_i = _int4_blocks_fast(
+                        idx_row, 0, n_whole, qc_lo16, qc_hi16, q_off, acc_lo, acc_hi, m_i, l_i, hk_base, hv_base,
+                        stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len,
+                        qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2, HAS_BIAS)
+                else:
+                    acc_lo, acc_hi, m_i, l_i = _int4_blocks(
+                        idx_row, 0, n_whole, q_lo * ch_lo[None, :], q_hi * ch_hi[None, :], ch_lo, ch_hi, acc_lo,
+                        acc_hi, m_i, l_i, k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base,
+                        hvs_base, hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale,
+                        MASK_BLOCK_N, TILE_N, HEAD_DIM // 2, HAS_BIAS, False, False, NUM_STAGES)
                 acc_lo, acc_hi, m_i, l_i = _int4_blocks(
                     idx_row, n_whole, merged_end, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base,
                     stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
@@ -436,15 +509,23 @@ if triton is not None:
             else:
                 channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
                 qc = q * channel[None, :]
+                if FAST_DEQUANT:  # int8 only (fp8 codes convert in hardware)
+                    qc16 = qc.to(tl.float16)
+                    q_off = 1152.0 * tl.sum(qc16.to(tl.float32), 1)
                 for i in tl.range(0, n_whole):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                         offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
                         kc = tl.load(hk_base + offs_n[:, None] * stride_hs + offs_d[None, :])
                         vc = tl.load(hv_base + offs_n[:, None] * stride_hs + offs_d[None, :])
-                        acc, m_i, l_i = _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
-                                                              stride_ss, bias_base, stride_bs, offs_n, hist_len,
-                                                              qk_scale, HAS_BIAS)
+                        if FAST_DEQUANT:
+                            acc, m_i, l_i = _attend_int8_codes_fast(qc16, q_off, kc, vc, acc, m_i, l_i, hks_base,
+                                                                    hvs_base, stride_ss, bias_base, stride_bs, offs_n,
+                                                                    hist_len, qk_scale, HAS_BIAS)
+                        else:
+                            acc, m_i, l_i = _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
+                                                                  stride_ss, bias_base, stride_bs, offs_n, hist_len,
+                                                                  qk_scale, HAS_BIAS)
                 for i in tl.range(n_whole, merged_end, num_stages=1):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
@@ -596,6 +677,7 @@ def block_sparse_attention_triton(
     out: torch.Tensor | None = None,
     history=None,
     initial: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fast_dequant: bool | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
@@ -608,6 +690,12 @@ def block_sparse_attention_triton(
     ``block_m`` / ``block_n``; defaults are the block sizes, 8 warps at head_dim 128, 3 stages), tuned on an H100
     by ``eval/bench_kernels.py``. ``out`` (optional) is written in place: tests pass a NaN-filled tensor to catch
     unwritten elements.
+
+    ``fast_dequant`` (int8 / int4 histories; default: env ``GENKV_FAST_DEQUANT=1``, else off): blocks wholly
+    inside the history build their codes as fp16 ``offset + code`` from bits and take the offset back once per row,
+    instead of converting every code (an int-to-float conversion runs at an eighth of the ALU rate on Hopper). q
+    (times the smoothing factors) and p then enter those dots in fp16: exact for a bf16 q within fp16's range,
+    rounded for fp32. Off by default until timed on a GPU (``eval/bench_quant_kv.py --launch-sweep``).
 
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
@@ -624,6 +712,9 @@ def block_sparse_attention_triton(
     _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len)
     hist_pointers, hist_strides, hist_kind = _history_args(history, q)
     init_out, init_lse, init_strides = _initial_args(initial, q)
+    if fast_dequant is None:
+        fast_dequant = __import__("os").environ.get("GENKV_FAST_DEQUANT") == "1"
+    fast_dequant = bool(fast_dequant) and hist_kind in (2, 3)  # int8, int4: fp8 converts in hardware
     b, s_q, h, d = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -675,6 +766,7 @@ def block_sparse_attention_triton(
         USE_TMA=use_tma,
         HIST_KIND=hist_kind,
         HAS_INIT=initial is not None,
+        FAST_DEQUANT=fast_dequant,
         LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
         NUM_STAGES=stages,
         num_warps=num_warps or (8 if d >= 128 else 4),

@@ -249,3 +249,44 @@ def test_whole_history_blocks_first_or_in_any_order(kind):
                   block_n=bn)
         want, _ = dense_reference(q, keys, values, allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn), bias)
         torch.testing.assert_close(got.cpu().double(), want, **tolerance(torch.float32, dev))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_fast_dequant_builds_codes_from_bits_and_matches_float64(kind, d, dtype):
+    """``fast_dequant``: whole-history tiles hold fp16 ``offset + code`` built from bits, the offsets taken back per
+    row. fp16 inputs enter those dots unrounded (as a bf16 model's do): fp16's tolerance; fp32 inputs are rounded to
+    fp16 there: a looser one. Ascending lists with several whole-history blocks, a straddling block and current
+    blocks, bias holes, a row whose history is all holes, and an empty row."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    from genkv.kernels.block_sparse import block_sparse_attention_triton as run
+
+    g = torch.Generator().manual_seed(80 + d + (kind == "int4"))
+    b, h, bm, bn = 1, 2, 16, 16
+    s_h, s_cur, s_q = 88, 20, 32  # blocks 0-4 wholly history, 5 straddles (80..95), 6 current (ragged)
+    hist = history_in_a_larger_buffer(outlier_keys(b, s_h, h, d, g), torch.randn(b, s_h, h, d, generator=g) + 0.3,
+                                      kind, capacity=96)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype) for n in (s_q, s_cur, s_cur))
+    bias = torch.randn(b, s_h + s_cur, h, generator=g)
+    bias[:, 3:9] = -float("inf")
+    bias[:, :, 1] = torch.where(torch.arange(s_h + s_cur)[None] < 48, -float("inf"), bias[:, :, 1])
+    idx = torch.tensor([[0, 1, 2, 4, 5, 6], [0, 1, 2, 0, 0, 0]], dtype=torch.int32).expand(b, h, 2, 6).contiguous()
+    counts = torch.tensor([6, 3], dtype=torch.int32).expand(b, h, 2).contiguous()
+    keys, values = dequantize(hist)
+    keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
+    want, want_lse = dense_reference(q, keys, values, allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn), bias)
+    empty = ~torch.isfinite(want_lse)
+    assert empty[0, 1, 16:].all()  # head 1's second row lists only blocks 0-2, all holes there
+    want = torch.where(empty.permute(0, 2, 1)[..., None], 0.0, want)
+    dev = device_for("triton")
+    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    fast = run(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn,
+               fast_dequant=True)
+    tol = tolerance(torch.float16, dev) if dtype == torch.float16 else dict(rtol=1e-2, atol=1e-2)
+    assert not torch.isnan(fast).any()
+    torch.testing.assert_close(fast.cpu().double(), want, **tol)
+    plain = run(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn,
+                fast_dequant=False)
+    torch.testing.assert_close(fast.cpu().double(), plain.cpu().double(), **tol)
