@@ -2,6 +2,7 @@
 
     python eval/vae_drift.py --out runs/vae_drift.json                       # sprites-tiny, 8 clips x 193 frames
     python eval/vae_drift.py --model tiny-random --clips 1 --frames 17 --out /tmp/drift.json
+    python eval/vae_drift.py --model runs/vae.tar --frames 45 --out runs/vae45.json  # train_tiny --stop-after-vae
 
 A causal VAE (Wan's) encodes and decodes with a temporal cache that runs warm for the whole video, so a VAE
 trained on short clips can be exact over the first seconds and drift later, where the rollouts of
@@ -36,7 +37,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_rollout import load_pipeline  # noqa: E402
-from train_tiny import sprite_pixels  # noqa: E402  (the training loss's sprite mask)
+from train_tiny import load_vae, sprite_pixels  # noqa: E402  (the training loss's sprite mask)
+
+
+def load_vae_under_test(model: str, device: torch.device, size: int | None) -> tuple:
+    """(VAE, frame size) of ``model``: a bundled model, a model folder or ``tiny-random`` (its pipeline's VAE and
+    default height), or a VAE alone, as ``train_tiny.py --stop-after-vae`` saves it (a folder holding ``vae/``
+    without ``model_index.json``, the VAE folder itself, or a tar of either; frame size ``size``, default 64)."""
+    path = Path(model)
+    vae_alone = path.exists() and (path.suffix == ".tar" or not (path / "model_index.json").is_file())
+    if vae_alone:
+        return load_vae(path).to(device), size or 64
+    pipe = load_pipeline(model, device)
+    return pipe.vae, size or pipe.config.default_height
 
 # The training clips' 45 frames in four parts (the first chunk's 9 frames, then 12 a chunk), then longer spans.
 SPANS = ((0, 9), (9, 21), (21, 33), (33, 45), (45, 97), (97, 193), (193, None))
@@ -98,7 +111,11 @@ def span_means(series: np.ndarray, spans=SPANS) -> list[float | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="sprites-tiny", help="a bundled model, a model folder, or tiny-random")
+    parser.add_argument("--model", default="sprites-tiny",
+                        help="a bundled model, a model folder, tiny-random, or a VAE alone (train_tiny.py "
+                        "--stop-after-vae: its folder or tar)")
+    parser.add_argument("--size", type=int, default=None,
+                        help="frame size of the clips (default: the model's; 64 for a VAE alone)")
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--frames", type=int, default=193, help="frames per clip (4k + 1 keeps every latent whole)")
     parser.add_argument("--max-objects", type=int, default=2)
@@ -114,9 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     from genkv.data import make_video
     from genkv.metrics.prompt_following import prompt_following, summarize
 
-    pipe = load_pipeline(args.model, torch.device(args.device))
-    vae = pipe.vae.eval()
-    size = pipe.config.default_height
+    vae, size = load_vae_under_test(args.model, torch.device(args.device), args.size)
+    vae = vae.eval()
     series = {"psnr": [], "sprite_rgb_error": [], "latent_magnitude": []}
     # The prompt-following measures of the round-tripped clips, next to the data's: what a transformer that
     # reproduced the encoder's latents exactly would score through this VAE.

@@ -81,3 +81,25 @@ def test_script_measures_prompt_following_of_the_round_trip_and_of_the_data(tmp_
     assert result["round_trip"] == json.loads(json.dumps(summarize(trips)))
     assert result["data"] == json.loads(json.dumps(summarize([prompt_following(v.frames, v.prompt) for v in videos])))
     assert result["data"]["colour_present"] != result["round_trip"]["colour_present"]  # a random VAE loses colour
+
+
+def test_a_vae_alone_is_measured_as_in_its_model(tmp_path):
+    """What ``train_tiny.py --stop-after-vae`` saves (a folder holding vae/, or its tar) is measured without a
+    transformer, and gives what the same VAE gives inside its model."""
+    import tarfile
+
+    pipe = vae_drift.load_pipeline("tiny-random", torch.device("cpu"))
+    pipe.vae.save_pretrained(tmp_path / "alone" / "vae")
+    with tarfile.open(tmp_path / "alone.tar", "w") as tar:
+        tar.add(tmp_path / "alone", arcname="alone")
+    runs = {}
+    for name, model in (("model", "tiny-random"), ("folder", str(tmp_path / "alone")),
+                        ("tar", str(tmp_path / "alone.tar"))):
+        out = tmp_path / f"{name}.json"
+        size = ["--size", str(pipe.config.default_height)] if name != "model" else []
+        assert vae_drift.main(["--model", model, *size, "--clips", "1", "--frames", "9", "--out", str(out)]) == 0
+        runs[name] = json.loads(out.read_text())
+    for name in ("folder", "tar"):
+        assert runs[name]["per_frame"] == runs["model"]["per_frame"]
+    vae, size = vae_drift.load_vae_under_test(str(tmp_path / "alone"), torch.device("cpu"), None)
+    assert size == 64 and type(vae).__name__ == "AutoencoderKLWan"
