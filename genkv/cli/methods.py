@@ -25,7 +25,9 @@ def docstring_args(cls: type) -> dict[str, str]:
             continue
         current: list[str] = []
         for line in match.group(1).splitlines():
-            entry = re.match(r"^ {4}([\w, ]+):\s*(.*)$", line)
+            # a field name starts right after the 4-space indent; deeper lines continue the entry above (their
+            # own colons, as in "frame budget: ...", are text)
+            entry = re.match(r"^ {4}(\w[\w, ]*):\s*(.*)$", line)
             if entry:
                 current = [name.strip() for name in entry.group(1).split(",")]
                 for name in current:

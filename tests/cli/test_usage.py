@@ -168,6 +168,9 @@ def test_methods_lists_settings_with_defaults_and_meanings_video_and_image_apart
     assert re.search(r"^  longlive +rolling: sink_frames=3, window_frames=9", presets, re.M)
     # every setting of every method has a meaning
     assert not re.search(r"^      \S+=\S+\s*$", out, re.M)
+    # a meaning runs over its continuation lines, colons in them included
+    assert re.search(r"^      budget_bytes=None +memory for the self-attention cache .* instead of a frame budget: a "
+                     r"bounded method takes the most frames that fit", video, re.M)
 
 
 def test_render_defaults_to_a_bounded_method_and_says_so(prompts, tmp_path, capsys):
