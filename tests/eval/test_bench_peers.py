@@ -121,3 +121,19 @@ def test_upstream_inference_at_tiny_shapes(tmp_path):
     assert upstream["fps_total"] == pytest.approx(33 / upstream["seconds_total"])
     assert upstream["ratio_total"] == pytest.approx(1.0)
     assert upstream["decode_s"] > 0 and upstream["fps_steady"] > 0
+
+
+def test_a_genkv_video_drains_the_device_only_before_and_after_it(tmp_path, monkeypatch):
+    """A chunk comes out of stream() as host frames, with the next chunk's work possibly queued behind it (the
+    overlapped decode): the timed loop reads the wall clock per chunk and synchronises only at the video's start and
+    end, as a user of stream() would run it. @fastar-sdpa (the split read) renders its frames too."""
+    bench_peers = _bench_peers()
+    drains = []
+    original = bench_peers.Clock.now
+    monkeypatch.setattr(bench_peers.Clock, "now", lambda self: drains.append(1) or original(self))
+    out = tmp_path / "peers.json"
+    bench_peers.main(["--tiny", "--systems", "genkv@fastar-sdpa", "--frames", "33", "--warmup-frames", "0",
+                      "--json", str(out), "--device", "cpu"])
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["system"] == "genkv@fastar-sdpa" and row["frames"] == 33 and row["chunks"] >= 3
+    assert len(drains) == 2 and len(row["chunk_ms"]) == row["chunks"]
