@@ -103,19 +103,25 @@ if triton is not None:
 
     @triton.jit
     def _int4_halves(base, offs_n, in_hist, stride_s, HALF: tl.constexpr, dtype: tl.constexpr,
-                     OFFSET: tl.constexpr):
+                     OFFSET: tl.constexpr, FAST: tl.constexpr = False):
         """The first and second halves of a (TILE_N, 2 * HALF) int4 tile's channels, as two (TILE_N, HALF) tiles
         of ``dtype`` minus ``OFFSET`` (8 for keys, stored offset; 0 for values). Byte j holds channel j in its
         low nibble and channel HALF + j in its high one, so one load feeds both halves and nothing is
         interleaved: the kernel keeps int4 heads as two halves end to end (tl.join + reshape, the interleave,
         scrambled channels on an H200 with Triton 3.6), and the halves of q, of the current chunk's K/V and of
-        the output are contiguous rows, loaded and stored without strides."""
+        the output are contiguous rows, loaded and stored without strides. ``FAST``: fp16 tiles built from bits
+        (see ``_int8_as_fp16``: nibble ``u`` as the mantissa of 1024.0, then one exact fp16 subtraction of
+        ``1024 + OFFSET``), whatever ``dtype``."""
         offs_h = tl.arange(0, HALF)
         packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :], mask=in_hist[:, None], other=0)
         packed = packed.to(tl.int32)
-        low = (packed & 15).to(tl.float32) - OFFSET
-        high = ((packed >> 4) & 15).to(tl.float32) - OFFSET
-        return low.to(dtype), high.to(dtype)
+        if FAST:
+            low = ((packed & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+            high = (((packed >> 4) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
+        else:
+            low = ((packed & 15).to(tl.float32) - OFFSET).to(dtype)
+            high = (((packed >> 4) & 15).to(tl.float32) - OFFSET).to(dtype)
+        return low, high
 
     @triton.jit
     def _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n, in_hist, HAS_ZERO: tl.constexpr):
@@ -131,13 +137,17 @@ if triton is not None:
 
     @triton.jit
     def _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base, stride_ss, bias_base, stride_bs,
-                              offs_n, hist_len, qk_scale, HAS_BIAS: tl.constexpr):
+                              offs_n, hist_len, qk_scale, HAS_BIAS: tl.constexpr, FAST: tl.constexpr = False):
         """One fp8 / int8 tile wholly inside the history: bare codes (``kc`` / ``vc``, loaded by the caller
         without masks, since the tile lies inside the history) straight into the dots. ``qc`` is q times the
         keys' smoothing factors (powers of two: exact), so the key tile needs no multiply; the per-token scales
-        ride on the logit columns and on p."""
-        kc = kc.to(qc.dtype)
-        vc = vc.to(qc.dtype)
+        ride on the logit columns and on p. ``FAST`` (int8): the codes become fp16 from bits (``qc`` is fp16)."""
+        if FAST:
+            kc = _int8_as_fp16(kc)
+            vc = _int8_as_fp16(vc)
+        else:
+            kc = kc.to(qc.dtype)
+            vc = vc.to(qc.dtype)
         k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
         v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
         qk = tl.dot(qc, tl.trans(kc)) * (qk_scale * k_col)[None, :]
@@ -147,94 +157,40 @@ if triton is not None:
         return acc, m_new, l_i
 
     @triton.jit
-    def _int8_as_fp16_plus_1152(codes):
-        """int8 codes ``c`` as fp16 tiles holding ``1152 + c``, from bits alone: ``c + 128`` (1..255) is the
-        mantissa of 1024.0 (fp16 spacing 1 there). No int-to-float conversion, which Hopper issues at an eighth of
-        its ALU rate (16 results per clock and SM); the caller takes the 1152 back once per row."""
-        return ((codes.to(tl.int32) + 128) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
+    def _int8_as_fp16(codes):
+        """int8 codes as fp16 without an int-to-float conversion (Hopper issues those at 16 results per clock and
+        SM, an eighth of its fp16 rate): ``c + 128`` (1..255) set as the mantissa of 1024.0 gives ``1152 + c``
+        exactly (fp16's spacing is 1 there), and one fp16 subtraction takes the 1152 back, exactly."""
+        return ((codes.to(tl.int32) + 128) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - 1152.0
 
     @triton.jit
-    def _attend_int8_codes_fast(qc16, q_off, kc, vc, acc, m_i, l_i, hks_base, hvs_base, stride_ss, bias_base,
-                                stride_bs, offs_n, hist_len, qk_scale, HAS_BIAS: tl.constexpr):
-        """``_attend_history_codes`` for int8 with the codes built as fp16 ``1152 + c`` (``fast_dequant``): the
-        logits take back ``q_off = 1152 * sum(qc16)`` per row, the output ``1152 * sum(p * v_scale)`` per row
-        (both exact up to float32 rounding: the fp16 products are exact). ``qc16``: q times the smoothing factors,
-        in fp16 (exact for a bf16 q within fp16's range)."""
-        k = _int8_as_fp16_plus_1152(kc)
-        v = _int8_as_fp16_plus_1152(vc)
-        k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
-        v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
-        qk = (tl.dot(qc16, tl.trans(k)) - q_off[:, None]) * (qk_scale * k_col)[None, :]
-        qk = _masked_logits(qk, bias_base, offs_n, hist_len, stride_bs, HAS_BIAS, False)
-        p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
-        pw = (p * v_col[None, :]).to(tl.float16)
-        acc = tl.dot(pw, v, acc * alpha[:, None]) - 1152.0 * tl.sum(pw.to(tl.float32), 1)[:, None]
-        return acc, m_new, l_i
-
-    @triton.jit
-    def _int4_as_fp16_plus_1024(base, offs_n, stride_s, HALF: tl.constexpr):
-        """The two halves of an int4 tile wholly inside the history as fp16 tiles holding ``1024 + u`` (nibble
-        ``u`` as the mantissa of 1024.0): no conversion instruction (see ``_int8_as_fp16_plus_1152``)."""
-        offs_h = tl.arange(0, HALF)
-        packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :]).to(tl.int32)
-        low = ((packed & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        high = (((packed >> 4) & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-        return low, high
-
-    @triton.jit
-    def _int4_blocks_fast(idx_row, first, last, qc_lo16, qc_hi16, q_off, acc_lo, acc_hi, m_i, l_i, hk_base, hv_base,
-                          stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len,
-                          qk_scale, MASK_BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HALF: tl.constexpr,
-                          HAS_BIAS: tl.constexpr):
-        """``_int4_blocks`` over blocks wholly inside the history with the nibbles built as fp16 ``1024 + u``
-        (``fast_dequant``): keys mean ``u - 8``, so the logits take back ``q_off = 1032 * sum(qc16)`` per row;
-        values mean ``u``, so the output takes back ``1024 * sum(p * v_scale)`` per row, next to the zero points'
-        ``sum(p * zero)``."""
-        for i in tl.range(first, last):
-            block = tl.load(idx_row + i)
-            for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
-                offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
-                k_lo, k_hi = _int4_as_fp16_plus_1024(hk_base, offs_n, stride_hs, HALF)
-                v_lo, v_hi = _int4_as_fp16_plus_1024(hv_base, offs_n, stride_hs, HALF)
-                k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
-                v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
-                v_zero = tl.load(hvz_base + offs_n * stride_ss).to(tl.float32)
-                qk = tl.dot(qc_lo16, tl.trans(k_lo)) + tl.dot(qc_hi16, tl.trans(k_hi)) - q_off[:, None]
-                qk = _masked_logits(qk * (qk_scale * k_col)[None, :], bias_base, offs_n, hist_len, stride_bs,
-                                    HAS_BIAS, False)
-                p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i)
-                pw = (p * v_col[None, :]).to(tl.float16)
-                shift = tl.sum(p * v_zero[None, :], 1) - 1024.0 * tl.sum(pw.to(tl.float32), 1)
-                acc_lo = tl.dot(pw, v_lo, acc_lo * alpha[:, None]) + shift[:, None]
-                acc_hi = tl.dot(pw, v_hi, acc_hi * alpha[:, None]) + shift[:, None]
-        return acc_lo, acc_hi, m_i, l_i
-
-    @triton.jit
-    def _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col, v_col, v_zero, acc_lo, acc_hi, m_i, l_i,
-                            bias_base, offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS: tl.constexpr,
+    def _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col, v_col, v_zero, acc_lo, acc_hi, zsum, m_i,
+                            l_i, bias_base, offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS: tl.constexpr,
                             RAGGED: tl.constexpr):
         """One tile of an int4-history head held as two channel halves: logits are the sum of the two halves'
-        dots; each half of the output gets its own PV dot, plus ``sum_j p_j zero_j`` (int4 values' zero
-        points; 0 on current columns)."""
+        dots; each half of the output gets its own PV dot. int4 values' zero points add ``sum_j p_j zero_j`` to
+        every channel: that goes to ``zsum``, a per-row accumulator rescaled like ``l`` (0 on current columns).
+        Added to the dot's accumulator instead, it serialised the wgmmas and spilled registers (ptxas C7515)."""
         qk = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * (qk_scale * k_col)[None, :]
         qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
         p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
         pw = (p * v_col[None, :]).to(v_lo.dtype)
-        zero = tl.sum(p * v_zero[None, :], 1)[:, None]
-        acc_lo = tl.dot(pw, v_lo, acc_lo * alpha[:, None]) + zero
-        acc_hi = tl.dot(pw, v_hi, acc_hi * alpha[:, None]) + zero
-        return acc_lo, acc_hi, m_new, l_i
+        zsum = zsum * alpha + tl.sum(p * v_zero[None, :], 1)
+        acc_lo = tl.dot(pw, v_lo, acc_lo * alpha[:, None])
+        acc_hi = tl.dot(pw, v_hi, acc_hi * alpha[:, None])
+        return acc_lo, acc_hi, zsum, m_new, l_i
 
     @triton.jit
     def _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, ch_lo, ch_hi, offs_n,
-                        hist_len, kv_len, HALF: tl.constexpr, SCALE_KEYS: tl.constexpr, dtype: tl.constexpr):
+                        hist_len, kv_len, HALF: tl.constexpr, SCALE_KEYS: tl.constexpr, dtype: tl.constexpr,
+                        FAST: tl.constexpr = False):
         """K/V halves (channels [0, HALF), [HALF, 2 HALF)) of a tile over combined positions, int4 history then
         current chunk. A tile wholly inside the history (``SCALE_KEYS`` False: the caller folded the smoothing
         factors into q) loads codes only; otherwise both sources are loaded with masks and merged, history keys
         times the smoothing factors."""
         in_hist = offs_n < hist_len
-        k_lo, k_hi = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0)
-        v_lo, v_hi = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0)
+        k_lo, k_hi = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0, FAST)
+        v_lo, v_hi = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0, FAST)
         if SCALE_KEYS:
             in_cur = (offs_n >= hist_len) & (offs_n < kv_len)
             cur_n = offs_n - hist_len
@@ -270,27 +226,29 @@ if triton is not None:
         return k, v, k_col, v_col
 
     @triton.jit
-    def _int4_blocks(idx_row, first, last, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base,
+    def _int4_blocks(idx_row, first, last, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base,
                      stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                      bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
                      TILE_N: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, MERGED: tl.constexpr,
-                     RAGGED: tl.constexpr, STAGES: tl.constexpr):
+                     RAGGED: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr = False):
         """List entries [first, last) of an int4-history head. ``MERGED`` False: blocks wholly inside the
         history, q already times the smoothing factors, no ragged mask; True: any block, both sources merged.
-        ``STAGES``: the loop's software-pipelining depth."""
+        ``STAGES``: the loop's software-pipelining depth. ``FAST`` (whole-history blocks only): codes built as
+        fp16 from bits, q in fp16."""
         for i in tl.range(first, last, num_stages=STAGES):
             block = tl.load(idx_row + i)
             for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                 offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
                 k_lo, k_hi, v_lo, v_hi = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base,
                                                          stride_hs, ch_lo, ch_hi, offs_n, hist_len, kv_len, HALF,
-                                                         MERGED, q_lo.dtype)
+                                                         MERGED, q_lo.dtype, FAST)
                 k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
                                                      offs_n < hist_len, True)
-                acc_lo, acc_hi, m_i, l_i = _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col, v_col,
-                                                               v_zero, acc_lo, acc_hi, m_i, l_i, bias_base, offs_n,
-                                                               kv_len, qk_scale, stride_bs, HAS_BIAS, RAGGED)
-        return acc_lo, acc_hi, m_i, l_i
+                acc_lo, acc_hi, zsum, m_i, l_i = _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col,
+                                                                     v_col, v_zero, acc_lo, acc_hi, zsum, m_i, l_i,
+                                                                     bias_base, offs_n, kv_len, qk_scale, stride_bs,
+                                                                     HAS_BIAS, RAGGED)
+        return acc_lo, acc_hi, zsum, m_i, l_i
 
     @triton.jit
     def _current_tile(base, stride_s, offs_n, offs_d, hist_len, kv_len, RAGGED: tl.constexpr):
@@ -319,12 +277,13 @@ if triton is not None:
         return acc, m_i, l_i
 
     @triton.jit
-    def _int4_current_blocks(idx_row, first, last, q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base, stride_ks,
-                             stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale,
+    def _int4_current_blocks(idx_row, first, last, q_lo, q_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base,
+                             stride_ks, stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale,
                              MASK_BLOCK_N: tl.constexpr, TILE_N: tl.constexpr, HALF: tl.constexpr,
                              HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
         """``_current_blocks`` for an int4-history head, whose q and accumulator are held as two channel halves:
-        contiguous half-row loads of the current chunk's K/V, no codes, no scales."""
+        contiguous half-row loads of the current chunk's K/V, no codes, no scales (the zero points' ``zsum`` is
+        only rescaled)."""
         offs_h = tl.arange(0, HALF)
         for i in tl.range(first, last):
             block = tl.load(idx_row + i)
@@ -338,9 +297,10 @@ if triton is not None:
                 qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
                 p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i)
                 pv = p.to(v_lo.dtype)
+                zsum = zsum * alpha
                 acc_lo = tl.dot(pv, v_lo, acc_lo * alpha[:, None])
                 acc_hi = tl.dot(pv, v_hi, acc_hi * alpha[:, None])
-        return acc_lo, acc_hi, m_i, l_i
+        return acc_lo, acc_hi, zsum, m_i, l_i
 
     @triton.jit
     def _initial_acc(rows, cols, seen, HAS_INIT: tl.constexpr, TILE_M: tl.constexpr, WIDTH: tl.constexpr):
@@ -483,49 +443,39 @@ if triton is not None:
                 q_hi = tl.load(q_rows + HEAD_DIM // 2, mask=row_ok[:, None], other=0.0)
                 acc_lo = _initial_acc(init_rows, offs_h, seen, HAS_INIT, TILE_M, HEAD_DIM // 2)
                 acc_hi = _initial_acc(init_rows + HEAD_DIM // 2, offs_h, seen, HAS_INIT, TILE_M, HEAD_DIM // 2)
-                if FAST_DEQUANT:
-                    qc_lo16 = (q_lo * ch_lo[None, :]).to(tl.float16)
-                    qc_hi16 = (q_hi * ch_hi[None, :]).to(tl.float16)
-                    q_off = 1032.0 * (tl.sum(qc_lo16.to(tl.float32), 1) + tl.sum(qc_hi16.to(tl.float32), 1))
-                    acc_lo, acc_hi, m_i, l_i = _int4_blocks_fast(
-                        idx_row, 0, n_whole, qc_lo16, qc_hi16, q_off, acc_lo, acc_hi, m_i, l_i, hk_base, hv_base,
-                        stride_hs, hks_base, hvs_base, hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len,
-                        qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2, HAS_BIAS)
-                else:
-                    acc_lo, acc_hi, m_i, l_i = _int4_blocks(
-                        idx_row, 0, n_whole, q_lo * ch_lo[None, :], q_hi * ch_hi[None, :], ch_lo, ch_hi, acc_lo,
-                        acc_hi, m_i, l_i, k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base,
-                        hvs_base, hvz_base, stride_ss, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale,
-                        MASK_BLOCK_N, TILE_N, HEAD_DIM // 2, HAS_BIAS, False, False, NUM_STAGES)
-                acc_lo, acc_hi, m_i, l_i = _int4_blocks(
-                    idx_row, n_whole, merged_end, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base,
+                qc_lo = q_lo * ch_lo[None, :]
+                qc_hi = q_hi * ch_hi[None, :]
+                if FAST_DEQUANT:  # the codes become fp16: so does q (exact for a bf16 q within fp16's range)
+                    qc_lo = qc_lo.to(tl.float16)
+                    qc_hi = qc_hi.to(tl.float16)
+                zsum = tl.zeros([TILE_M], dtype=tl.float32)  # sum_j p_j zero_j (see _attend_int4_halves)
+                acc_lo, acc_hi, zsum, m_i, l_i = _int4_blocks(
+                    idx_row, 0, n_whole, qc_lo, qc_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base,
                     stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                     bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2,
-                    HAS_BIAS, True, RAGGED, 1)
-                acc_lo, acc_hi, m_i, l_i = _int4_current_blocks(
-                    idx_row, merged_end, count, q_lo, q_hi, acc_lo, acc_hi, m_i, l_i, k_base, v_base, stride_ks,
+                    HAS_BIAS, False, False, NUM_STAGES, FAST_DEQUANT)
+                acc_lo, acc_hi, zsum, m_i, l_i = _int4_blocks(
+                    idx_row, n_whole, merged_end, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base,
+                    v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base,
+                    stride_ss, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N,
+                    HEAD_DIM // 2, HAS_BIAS, True, RAGGED, 1)
+                acc_lo, acc_hi, zsum, m_i, l_i = _int4_current_blocks(
+                    idx_row, merged_end, count, q_lo, q_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base, stride_ks,
                     stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N,
                     HEAD_DIM // 2, HAS_BIAS, RAGGED)
             else:
                 channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
                 qc = q * channel[None, :]
-                if FAST_DEQUANT:  # int8 only (fp8 codes convert in hardware)
-                    qc16 = qc.to(tl.float16)
-                    q_off = 1152.0 * tl.sum(qc16.to(tl.float32), 1)
+                qc_codes = qc.to(tl.float16) if FAST_DEQUANT else qc  # int8 only (fp8 codes convert in hardware)
                 for i in tl.range(0, n_whole):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                         offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
                         kc = tl.load(hk_base + offs_n[:, None] * stride_hs + offs_d[None, :])
                         vc = tl.load(hv_base + offs_n[:, None] * stride_hs + offs_d[None, :])
-                        if FAST_DEQUANT:
-                            acc, m_i, l_i = _attend_int8_codes_fast(qc16, q_off, kc, vc, acc, m_i, l_i, hks_base,
-                                                                    hvs_base, stride_ss, bias_base, stride_bs, offs_n,
-                                                                    hist_len, qk_scale, HAS_BIAS)
-                        else:
-                            acc, m_i, l_i = _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
-                                                                  stride_ss, bias_base, stride_bs, offs_n, hist_len,
-                                                                  qk_scale, HAS_BIAS)
+                        acc, m_i, l_i = _attend_history_codes(qc_codes, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
+                                                              stride_ss, bias_base, stride_bs, offs_n, hist_len,
+                                                              qk_scale, HAS_BIAS, FAST_DEQUANT)
                 for i in tl.range(n_whole, merged_end, num_stages=1):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
@@ -542,6 +492,8 @@ if triton is not None:
         denom = tl.where(l_i == 0.0, 1.0, l_i)
         o_rows = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
         if HIST_KIND == 3:
+            acc_lo += zsum[:, None]
+            acc_hi += zsum[:, None]
             tl.store(o_rows + offs_h[None, :], (acc_lo / denom[:, None]).to(Out.dtype.element_ty),
                      mask=row_ok[:, None])
             tl.store(o_rows + HEAD_DIM // 2 + offs_h[None, :], (acc_hi / denom[:, None]).to(Out.dtype.element_ty),
@@ -692,10 +644,10 @@ def block_sparse_attention_triton(
     unwritten elements.
 
     ``fast_dequant`` (int8 / int4 histories; default: env ``GENKV_FAST_DEQUANT=1``, else off): blocks wholly
-    inside the history build their codes as fp16 ``offset + code`` from bits and take the offset back once per row,
-    instead of converting every code (an int-to-float conversion runs at an eighth of the ALU rate on Hopper). q
-    (times the smoothing factors) and p then enter those dots in fp16: exact for a bf16 q within fp16's range,
-    rounded for fp32. Off by default until timed on a GPU (``eval/bench_quant_kv.py --launch-sweep``).
+    inside the history build their codes as fp16 ``offset + code`` from bits and subtract the offset in fp16
+    (exact), instead of converting every code (an int-to-float conversion runs at an eighth of the fp16 rate on
+    Hopper). q (times the smoothing factors) and p then enter those dots in fp16: exact for a bf16 q within fp16's
+    range, rounded for fp32. Off by default until timed on a GPU (``eval/bench_quant_kv.py --launch-sweep``).
 
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its

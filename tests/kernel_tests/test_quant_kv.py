@@ -255,8 +255,8 @@ def test_whole_history_blocks_first_or_in_any_order(kind):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_fast_dequant_builds_codes_from_bits_and_matches_float64(kind, d, dtype):
-    """``fast_dequant``: whole-history tiles hold fp16 ``offset + code`` built from bits, the offsets taken back per
-    row. fp16 inputs enter those dots unrounded (as a bf16 model's do): fp16's tolerance; fp32 inputs are rounded to
+    """``fast_dequant``: whole-history tiles hold fp16 ``offset + code`` built from bits, the offset subtracted in
+    fp16. fp16 inputs enter those dots unrounded (as a bf16 model's do): fp16's tolerance; fp32 inputs are rounded to
     fp16 there: a looser one. Ascending lists with several whole-history blocks, a straddling block and current
     blocks, bias holes, a row whose history is all holes, and an empty row."""
     if not triton_available():
@@ -290,3 +290,35 @@ def test_fast_dequant_builds_codes_from_bits_and_matches_float64(kind, d, dtype)
     plain = run(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn,
                 fast_dequant=False)
     torch.testing.assert_close(fast.cpu().double(), plain.cpu().double(), **tol)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_int4_zero_points_follow_the_softmax_when_the_chunk_raises_the_max(fast):
+    """int4 values' zero points are summed apart from the PV dots (a per-row accumulator), so that sum must be
+    rescaled wherever the running max moves, the chunk's own loop included: chunk keys aligned with the queries
+    (the largest logits, met after the history's) and values offset by 3 (zero points that matter)."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    from genkv.kernels.block_sparse import block_sparse_attention_triton as run
+
+    g = torch.Generator().manual_seed(90 + fast)
+    b, h, d, bm, bn = 1, 2, 64, 16, 16
+    s_h, s_cur, s_q = 64, 32, 16
+    hist = history_in_a_larger_buffer(outlier_keys(b, s_h, h, d, g) * 0.05,
+                                      torch.randn(b, s_h, h, d, generator=g) + 3.0, "int4", capacity=64)
+    direction = torch.randn(1, 1, h, d, generator=g)
+    q = (direction + 0.5 * torch.randn(b, s_q, h, d, generator=g)).half()
+    k = (direction + 0.1 * torch.randn(b, s_cur, h, d, generator=g)).half()
+    v = torch.randn(b, s_cur, h, d, generator=g).half()
+    idx = torch.arange(6, dtype=torch.int32).expand(b, h, 1, 6).contiguous()  # history 0-3, then the chunk 4-5
+    counts = torch.full((b, h, 1), 6, dtype=torch.int32)
+    keys, values = dequantize(hist)
+    keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
+    want, _ = dense_reference(q, keys, values, allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn))
+    dev = device_for("triton")
+    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    got = run(*on(dev, q, k, v, idx, counts), history=hist_dev, block_m=bm, block_n=bn, fast_dequant=fast)
+    # the chunk holds most of the softmax mass: the history's zero points must shrink with it
+    logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), keys) / math.sqrt(d)
+    assert logits[..., s_h:].amax() > logits[..., :s_h].amax() + 2
+    torch.testing.assert_close(got.cpu().double(), want, **tolerance(torch.float16, dev))

@@ -1,0 +1,157 @@
+"""What the block-sparse kernel costs a Hopper SM before it runs: compiled for sm_90 on any machine, no GPU needed.
+
+Triton compiles to a target given by name, and its wheel ships ptxas, so shared memory (what decides whether a
+launch fits: 232448 bytes per block on an H100 / H200), registers per thread, spill bytes and ptxas' performance
+warnings (C7515: wgmma serialised) can be read on a CPU box. Integer arguments are marked divisible by 16 where a
+real launch at Wan shapes has them so (strides of q / K / V / codes), as Triton's launcher does, so the compiler
+pipelines the loads as it does on the GPU: the old kernel's fp8 / int8 launch at 3 stages asks for 294920 bytes
+here, exactly what the H200 refused (docs/BENCHMARKS.md, 2026-12-04 afternoon).
+
+    TRITON_INTERPRET=0 python eval/kernel_resources.py --out runs/kernel_resources.json
+    TRITON_INTERPRET=0 python eval/kernel_resources.py --kinds int8 int4 --stages 3 --fast both
+
+Use the GPU image's Triton for its numbers (``pip install --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``); 3.6
+and 3.7 agreed on every shared-memory figure checked (2026-12-05).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_json import write_result  # noqa: E402
+
+SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100, H200)
+CODE_TYPES = {"bf16": "bf16", "fp8": "fp8e4nv", "int8": "i8", "int4": "u8"}
+HIST_KIND = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3}
+# Integer arguments a Wan-shaped launch has divisible by 16 (12 heads x 128: the rows of q / K / V / codes / out);
+# the per-token scales' (B, S, H) strides are not (H = 12).
+DIVISIBLE = {"stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
+             "stride_vh", "stride_ob", "stride_os", "stride_oh", "stride_hb", "stride_hs", "stride_hh", "stride_xb",
+             "stride_xh", "stride_zb", "stride_zs", "stride_zh", "stride_sb"}
+
+
+def signature(kernel, kind: str) -> dict[str, str]:
+    """Triton types of the kernel's arguments for a bf16 model with history ``kind``."""
+    pointers = {"Q": "bf16", "K": "bf16", "V": "bf16", "Bias": "fp32", "Out": "bf16", "Lse": "fp32", "Idx": "i32",
+                "Cnt": "i32", "HK": CODE_TYPES[kind], "HV": CODE_TYPES[kind], "HKS": "fp16", "HVS": "fp16",
+                "HVZ": "fp16", "HC": "fp32", "Init": "bf16", "InitLse": "fp32"}
+    constexprs = {kernel.arg_names[i] for i in kernel.constexprs}
+    sig = {}
+    for name in kernel.arg_names:
+        if name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name in constexprs:
+            sig[name] = "constexpr"
+        else:
+            sig[name] = "fp32" if name == "qk_scale" else "i32"
+    return sig
+
+
+def load_kernel(path: Path | None):
+    """``_block_sparse_fwd`` of this checkout, or of another checkout's ``kernels/block_sparse.py`` (a comparison)."""
+    if path is None:
+        from genkv.kernels.block_sparse import _block_sparse_fwd
+
+        return _block_sparse_fwd
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("block_sparse_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module._block_sparse_fwd
+
+
+def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args) -> dict:
+    """Compile one launch shape for sm_90 and read its resources (ptxas -v on the PTX)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernel = load_kernel(args.kernel_file)
+    names = list(kernel.arg_names)
+    sig = signature(kernel, kind)
+    consts = dict(HAS_BIAS=args.bias, STORE_LSE=False, MASK_BLOCK_M=128, MASK_BLOCK_N=128, TILE_M=args.tile_m,
+                  TILE_N=args.tile_n, HEAD_DIM=args.head_dim, RAGGED=True, WARP_SPECIALIZE=False,
+                  USE_TMA=kind == "bf16", HIST_KIND=HIST_KIND[kind], HAS_INIT=resume, FAST_DEQUANT=fast,
+                  LIST_WIDTH=args.list_width, NUM_STAGES=stages)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in DIVISIBLE}
+    # (constants a kernel does not take are dropped: an older checkout's kernel compiles too, for comparisons)
+    src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names},
+                    attrs=attrs)
+    row = dict(kind=kind, stages=stages, fast_dequant=fast, resume=resume)
+    try:
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=args.warps, num_stages=stages))
+    except Exception as error:  # noqa: BLE001 - a variant that does not compile is a row, not a crash
+        return {**row, "error": str(error).splitlines()[0][:200]}
+    shared = int(compiled.metadata.shared)
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.ptx").write_text(compiled.asm["ptx"])
+        report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(Path(tmp) / "k.ptx"), "-o",
+                                 str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+    text = report.stdout + report.stderr
+    number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else None  # noqa: E731
+    return {**row, "shared_bytes": shared, "fits": shared <= SHARED_LIMIT,
+            "registers": number(r"Used (\d+) registers"), "spill_store_bytes": number(r"(\d+) bytes spill stores"),
+            "spill_load_bytes": number(r"(\d+) bytes spill loads"),
+            "warnings": sorted(set(re.findall(r"\((C\d+)\)", text)))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--kinds", nargs="+", default=["bf16", "fp8", "int8", "int4"], choices=tuple(HIST_KIND))
+    parser.add_argument("--stages", nargs="+", type=int, default=[2, 3])
+    parser.add_argument("--fast", choices=("off", "on", "both"), default="both",
+                        help="fast_dequant variants (int8 / int4 only)")
+    parser.add_argument("--resume", action="store_true", help="also the variants resuming from a partial (initial=)")
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--tile-m", type=int, default=128)
+    parser.add_argument("--tile-n", type=int, default=128)
+    parser.add_argument("--warps", type=int, default=8)
+    parser.add_argument("--list-width", type=int, default=64, help="a list's padded width (top-16 at Wan shapes: 64)")
+    parser.add_argument("--bias", action="store_true", help="with a key bias (fastar's log counts)")
+    parser.add_argument("--kernel-file", type=Path, default=None,
+                        help="another checkout's kernels/block_sparse.py, to compare (default: this one's)")
+    parser.add_argument("--out", type=Path, default=Path("kernel_resources.json"))
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
+    try:
+        import triton  # noqa: F401
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError as error:
+        parser.error(f"needs triton with its NVIDIA backend ({error})")
+    fast_options = {"off": [False], "on": [True], "both": [False, True]}[args.fast]
+    rows = []
+    for kind, stages, fast, resume in itertools.product(args.kinds, args.stages, fast_options,
+                                                        [False, True] if args.resume else [False]):
+        if fast and kind not in ("int8", "int4"):
+            continue
+        rows.append(compile_variant(kind, stages, fast, resume, args))
+        r = rows[-1]
+        if "error" in r:
+            print(f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s}: {r['error']}", flush=True)
+        else:
+            print(f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s}: shared {r['shared_bytes']:6d} "
+                  f"({'fits' if r['fits'] else 'TOO BIG'}), {r['registers']} registers, spills "
+                  f"{r['spill_store_bytes']} / {r['spill_load_bytes']} B, warnings {r['warnings'] or '-'}", flush=True)
+    import triton
+
+    write_result(args.out, "cpu", triton=triton.__version__, target="cuda sm_90 (compiled here, not run)", shared_limit=SHARED_LIMIT,
+                 head_dim=args.head_dim, tile_m=args.tile_m, tile_n=args.tile_n, warps=args.warps,
+                 list_width=args.list_width, bias=args.bias,
+                 kernel_file=str(args.kernel_file) if args.kernel_file else "this checkout", rows=rows)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,48 @@
+"""eval/kernel_resources.py: the block-sparse kernel compiled for sm_90 on this CPU (no GPU), resources read back.
+
+Two properties of the quantized-history kernel are guarded here, as ptxas reports them: its fp8 / int8 launch at 3
+stages fits a Hopper block's shared memory (the merged loop is not pipelined; before, 294920 bytes were asked for and
+the H200 refused the launch), and the int4 path keeps its wgmma accumulators free of other instructions (ptxas
+C7515, serialised wgmmas, came from adding the zero points to them).
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "eval" / "kernel_resources.py"
+
+
+def _run(tmp_path: Path, *argv: str) -> list[dict]:
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("triton without its GPU backends")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    out = tmp_path / "resources.json"
+    proc = subprocess.run([sys.executable, str(SCRIPT), *argv, "--out", str(out)], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["rows"]
+
+
+def test_quantized_launches_fit_hopper_shared_memory_at_three_stages_and_int4_keeps_wgmma_async(tmp_path):
+    rows = _run(tmp_path, "--kinds", "int8", "int4", "--stages", "3", "--fast", "off")
+    by_kind = {row["kind"]: row for row in rows}
+    assert set(by_kind) == {"int8", "int4"} and not any("error" in row for row in rows)
+    for row in rows:
+        assert row["fits"] and 0 < row["shared_bytes"] <= 232448, row
+        assert 0 < row["registers"] <= 255 and row["spill_store_bytes"] is not None, row
+    assert "C7515" not in by_kind["int4"]["warnings"], by_kind["int4"]
+
+
+def test_the_interpreter_is_refused_in_one_line(tmp_path):
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True,
+                          text=True, timeout=120, env=env)
+    assert proc.returncode == 2 and "TRITON_INTERPRET=0" in proc.stderr
