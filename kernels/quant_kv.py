@@ -11,9 +11,9 @@ Format, per (batch, token, head), head_dim ``D``:
 * ``int8``: symmetric int8 codes in [-127, 127], one fp16 scale (amax / 127) each.
 * ``int4``: two 4-bit codes per uint8 byte, ``(B, S, H, D // 2)``; byte ``j`` holds channel ``j`` in its low
   nibble and channel ``D / 2 + j`` in its high nibble (so the kernel reads each half of a head, and of q, K, V
-  and the output, as contiguous rows). Keys are symmetric, stored
-  offset by 8 (nibble ``u`` means ``u - 8`` in [-7, 7]); values are asymmetric: nibble ``u`` means
-  ``u * scale + zero`` with ``zero`` the token's minimum (fp16).
+  and the output, as contiguous rows). Keys are symmetric, stored offset by 8 (nibble ``u`` means ``u - 8`` in
+  [-7, 7]); values are asymmetric: nibble ``u`` means ``u * scale + zero`` with ``zero`` the token's minimum
+  (fp16).
 
 Keys are additionally divided, before the per-token scale, by a per-(batch, head, channel) smoothing factor
 ``key_channel_scale`` (B, H, D) fixed for the layer (computed from the first keys quantized): outlier channels
