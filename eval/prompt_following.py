@@ -29,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_rollout import load_pipeline  # noqa: E402
+from train_tiny import TRAINING_BACKGROUNDS, TRAINING_RADIUS  # noqa: E402
 
 
 def even_steps(steps: int, train_timesteps: int = 1000) -> list[int]:
@@ -57,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split-at", type=int, default=45,
                         help="also measure frames before and from this frame apart (45: the sprite model's training "
                         "clips; later frames are beyond anything it trained on); 0: no split")
-    parser.add_argument("--backgrounds", nargs="+", default=["plain"],
+    parser.add_argument("--backgrounds", nargs="+", default=list(TRAINING_BACKGROUNDS),
                         help="backgrounds of the data's reference videos (the training clips': plain)")
-    parser.add_argument("--radius", type=float, nargs=2, default=[0.13, 0.21], metavar=("LOW", "HIGH"),
+    parser.add_argument("--radius", type=float, nargs=2, default=list(TRAINING_RADIUS), metavar=("LOW", "HIGH"),
                         help="sprite radius range of the reference videos, fractions of the frame (the training "
                         "clips')")
     parser.add_argument("--out", type=Path, required=True)

@@ -55,6 +55,10 @@ import torch.nn.functional as F
 CHUNK = 3  # latent frames per chunk, as the pipeline
 AUTOCAST = torch.cuda.is_available() or os.environ.get("GENKV_TRAIN_AUTOCAST") == "1"  # bf16 autocast
 SIGMAS = (1.0, 0.9375, 0.8333333, 0.625)  # SelfForcingScheduler's warped steps
+# The sprite model's clips (the generator's own defaults are all three backgrounds, radius 0.09-0.16): the evals
+# that compare against the model's data (vae_drift, prompt_following, tune_decoder) draw theirs the same way.
+TRAINING_BACKGROUNDS = ("plain",)
+TRAINING_RADIUS = (0.13, 0.21)
 
 
 def _clip(args: tuple[int, int, int, tuple[str, ...], tuple[float, float]]) -> tuple[np.ndarray, str]:
@@ -466,10 +470,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spatial", type=int, default=4, help="VAE spatial factor: 4 or 8")
     parser.add_argument("--layers", type=int, default=8, help="transformer blocks")
     parser.add_argument("--max-objects", type=int, default=2)
-    parser.add_argument("--backgrounds", nargs="+", default=["plain"], help="plain, checker, stripes")
+    parser.add_argument("--backgrounds", nargs="+", default=list(TRAINING_BACKGROUNDS), help="plain, checker, stripes")
     # Larger sprites than genkv.data's default (0.09-0.16): a sprite's colour is what the prompt decides, and at
     # 3-8% of the pixels it weighed too little in the loss (runs 3-4 drew the asked colour in few samples).
-    parser.add_argument("--radius", type=float, nargs=2, default=[0.13, 0.21], metavar=("LOW", "HIGH"),
+    parser.add_argument("--radius", type=float, nargs=2, default=list(TRAINING_RADIUS), metavar=("LOW", "HIGH"),
                         help="sprite radius range as fractions of the frame")
     parser.add_argument("--smoke", action="store_true", help="tiny models and pool, a few steps (CPU check)")
     parser.add_argument("--tar", type=Path, default=None, help="also write the folder as one tar here")

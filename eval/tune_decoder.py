@@ -39,7 +39,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_tiny import CHUNK, make_pool, reconstruction_loss, sprite_rgb_error, to_video_tensor  # noqa: E402
+from train_tiny import (CHUNK, TRAINING_BACKGROUNDS, TRAINING_RADIUS, make_pool, reconstruction_loss,  # noqa: E402
+                        sprite_rgb_error, to_video_tensor)
 
 from genkv.pipelines import StreamingVAEDecoder  # noqa: E402
 
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                           for i in range(args.clips)])
     else:
         clips, _ = make_pool(args.clips, args.clip_frames, args.seed, workers=2, max_objects=2,
-                             backgrounds=("plain",), radius=(0.13, 0.21))  # train_tiny's defaults: the model's data
+                             backgrounds=TRAINING_BACKGROUNDS, radius=TRAINING_RADIUS)  # the model's data
     vae.eval()
     for p in vae.parameters():
         p.requires_grad_(False)

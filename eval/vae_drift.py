@@ -37,7 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality_rollout import load_pipeline  # noqa: E402
-from train_tiny import load_vae, sprite_pixels  # noqa: E402  (the training loss's sprite mask)
+from train_tiny import TRAINING_BACKGROUNDS, TRAINING_RADIUS, load_vae, sprite_pixels  # noqa: E402
 
 
 def load_vae_under_test(model: str, device: torch.device, size: int | None) -> tuple:
@@ -119,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clips", type=int, default=8)
     parser.add_argument("--frames", type=int, default=193, help="frames per clip (4k + 1 keeps every latent whole)")
     parser.add_argument("--max-objects", type=int, default=2)
-    parser.add_argument("--backgrounds", nargs="+", default=["plain"])
-    parser.add_argument("--radius", type=float, nargs=2, default=[0.13, 0.21], metavar=("LOW", "HIGH"),
+    parser.add_argument("--backgrounds", nargs="+", default=list(TRAINING_BACKGROUNDS))
+    parser.add_argument("--radius", type=float, nargs=2, default=list(TRAINING_RADIUS), metavar=("LOW", "HIGH"),
                         help="sprite radius range (fractions of the frame): the training data's by default")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, required=True)

@@ -55,7 +55,8 @@ class RoutedSelfAttention:
         self.refresh = refresh
         self.sparse_clean_pass = sparse_clean_pass
         self.dense = DenseSelfAttention()
-        self._routes: dict[tuple, tuple] = {}  # (branch, layer) -> (block ids, counts), reused buffers
+        # (branch, layer) -> (block ids, counts, the split read's history counts or None), reused buffers
+        self._routes: dict[tuple, tuple] = {}
         self._always_ids: dict[tuple, torch.Tensor] = {}
         self._empty: dict[tuple, torch.Tensor | None] = {}  # (branch, layer) -> empty key blocks of the last routing
 
@@ -136,28 +137,35 @@ class RoutedSelfAttention:
                 always=self._always(n_hist, n_kv_blocks, sink_tokens, query.device), empty_blocks=empty,
                 key_summary=summary,
             )
+            fresh = (*fresh, self._history_counts(fresh[1], n_hist, n_kv_blocks))
             if routes is not None and tuple(routes[0].shape) == shape:
                 # Into the same buffers every time: the chunk's later forwards (or their CUDA graph) read them.
-                routes[0].copy_(fresh[0])
-                routes[1].copy_(fresh[1])
+                for buffer, computed in zip(routes, fresh):
+                    if buffer is not None:
+                        buffer.copy_(computed)
             else:
                 routes = self._routes[slot] = fresh
-        indices, counts = routes
+        indices, counts, history_counts = routes
         self._record(store, layer_index, counts, n_kv_blocks, indices, self._empty.get(slot))
         if self.chunk_attention == "sdpa":
-            return self._split_read(query, key, value, key_bias, indices, counts, n_hist, n_kv_blocks, history)
+            return self._split_read(query, key, value, key_bias, indices, history_counts, n_hist, history)
         return block_sparse_attention(
             query, key, value, indices, counts, key_bias=key_bias, block_m=self.block_m, block_n=self.block_n,
             history=history,
         )
 
-    def _split_read(self, query, key, value, key_bias, indices, counts, n_hist: int, n_kv_blocks: int, history):
-        """The chunk's own keys by dense SDPA, then the kernel resumes over the listed history blocks.
+    def _history_counts(self, counts: torch.Tensor, n_hist: int, n_kv_blocks: int) -> torch.Tensor | None:
+        """The split read's counts, made once per routing (not per attention call): lists are ascending and end
+        with every block wholly inside the chunk (routing forces them), so dropping those from each count leaves
+        the history blocks, the straddling one included. None for the single kernel call."""
+        if self.chunk_attention != "sdpa":
+            return None
+        return counts - (n_kv_blocks - math.ceil(n_hist / self.block_n))
 
-        Lists are ascending and end with every block wholly inside the chunk (routing forces them), so dropping
-        those from each count leaves the history blocks, the straddling one included: the kernel reads it up to
-        key ``n_hist`` (its K/V end there). The chunk's key bias is 0 (a staged token stands for itself), so the
-        dense part needs none."""
+    def _split_read(self, query, key, value, key_bias, indices, history_counts, n_hist: int, history):
+        """The chunk's own keys by dense SDPA, then the kernel resumes over the listed history blocks
+        (``history_counts`` entries of each list): it reads the straddling block up to key ``n_hist``, where its
+        K/V end. The chunk's key bias is 0 (a staged token stands for itself), so the dense part needs none."""
         from genkv.kernels import block_sparse_attention, dense_attention_with_lse
 
         n_cur = query.shape[1]
@@ -165,10 +173,9 @@ class RoutedSelfAttention:
         partial = dense_attention_with_lse(query, key[:, start:], value[:, start:])
         if n_hist == 0:
             return partial[0]
-        chunk_blocks = n_kv_blocks - math.ceil(n_hist / self.block_n)
         k_hist, v_hist = (key[:, :0], value[:, :0]) if history is not None else (key[:, :n_hist], value[:, :n_hist])
         return block_sparse_attention(
-            query, k_hist, v_hist, indices, counts - chunk_blocks,
+            query, k_hist, v_hist, indices, history_counts,
             key_bias=None if key_bias is None else key_bias[:, :n_hist], block_m=self.block_m,
             block_n=self.block_n, history=history, initial=partial,
         )

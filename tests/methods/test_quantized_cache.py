@@ -113,7 +113,7 @@ def test_routed_read_over_codes_matches_the_block_sparse_reference(kind):
     history = cache.quantized_history()
     reader = RoutedSelfAttention(block_m=16, block_n=16, top_k=1, refresh="step")
     out = reader.attend(query, staged_k, staged_v, bias, history=history, store=store, layer_index=1)
-    indices, counts = reader._routes[(store.branch, 1)]
+    indices, counts, _ = reader._routes[(store.branch, 1)]
     assert int(counts.min()) < math.ceil((history.length + n) / 16)  # really sparse
     k_hat, v_hat = dequantize(history)
     ref = block_sparse_attention_torch(query.double(), torch.cat([k_hat.double(), key.double()], 1),
