@@ -608,6 +608,21 @@ def _history_args(history, q: torch.Tensor) -> tuple[tuple, tuple, int]:
     return pointers, strides, _HIST_KINDS[history.kind]
 
 
+def _use_fast_dequant(requested: bool | None, hist_kind: int, q_dtype: torch.dtype) -> bool:
+    """Whether whole-history tiles build their codes from bits (see ``fast_dequant`` below).
+
+    Only int8 (kind 2) and int4 (kind 3) codes: fp8 converts in hardware. Only for a 16-bit q: those dots then
+    take q in fp16, which is exact for bf16 / fp16 but would round an fp32 q. Default (``None``): env
+    ``GENKV_FAST_DEQUANT`` (``1`` / ``0``) if set, else on for int4 alone, as timed on an H100 (top-16 lists at Wan
+    shapes, 3 stages: int4 0.93 ms vs 1.05 without; int8 0.93 vs 0.84, slower)."""
+    if hist_kind not in (2, 3) or q_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if requested is None:
+        env = __import__("os").environ.get("GENKV_FAST_DEQUANT")
+        requested = env == "1" if env in ("0", "1") else hist_kind == 3
+    return bool(requested)
+
+
 def block_sparse_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -643,11 +658,12 @@ def block_sparse_attention_triton(
     by ``eval/bench_kernels.py``. ``out`` (optional) is written in place: tests pass a NaN-filled tensor to catch
     unwritten elements.
 
-    ``fast_dequant`` (int8 / int4 histories; default: env ``GENKV_FAST_DEQUANT=1``, else off): blocks wholly
-    inside the history build their codes as fp16 ``offset + code`` from bits and subtract the offset in fp16
-    (exact), instead of converting every code (an int-to-float conversion runs at an eighth of the fp16 rate on
-    Hopper). q (times the smoothing factors) and p then enter those dots in fp16: exact for a bf16 q within fp16's
-    range, rounded for fp32. Off by default until timed on a GPU (``eval/bench_quant_kv.py --launch-sweep``).
+    ``fast_dequant`` (int8 / int4 histories with a bf16 / fp16 q; default: env ``GENKV_FAST_DEQUANT`` = ``1`` /
+    ``0`` if set, else on for int4 only, the faster choice on an H100 by ``eval/bench_quant_kv.py --launch-sweep``):
+    blocks wholly inside the history build their codes as fp16 ``offset + code`` from bits and subtract the offset
+    in fp16 (exact), instead of converting every code (an int-to-float conversion runs at an eighth of the fp16
+    rate on Hopper). q (times the smoothing factors) and p then enter those dots in fp16: exact for a bf16 q within
+    fp16's range. An fp32 q ignores it (it would be rounded).
 
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
@@ -664,9 +680,7 @@ def block_sparse_attention_triton(
     _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len)
     hist_pointers, hist_strides, hist_kind = _history_args(history, q)
     init_out, init_lse, init_strides = _initial_args(initial, q)
-    if fast_dequant is None:
-        fast_dequant = __import__("os").environ.get("GENKV_FAST_DEQUANT") == "1"
-    fast_dequant = bool(fast_dequant) and hist_kind in (2, 3)  # int8, int4: fp8 converts in hardware
+    fast_dequant = _use_fast_dequant(fast_dequant, hist_kind, q.dtype)
     b, s_q, h, d = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -686,9 +700,9 @@ def block_sparse_attention_triton(
     if use_tma and not _tma_usable(k, v):
         raise ValueError("tma=True needs a Hopper-class GPU (or the interpreter) and 16-byte aligned K/V rows")
     grid = (math.ceil(s_q / tile_m), b * h)
-    # With a history, 2 stages: 3 overflowed shared memory at D = 128 when every tile held codes and the chunk's
-    # K/V (measured on an H200 before the merged loop was cut to one stage; `bench_quant_kv.py --launch-sweep`).
-    stages = num_stages or (2 if hist_kind else 3)
+    # 3 stages with a history too, now that its merged loop runs unpipelined (it fits shared memory): top-16 lists
+    # at Wan shapes, int8 0.84 ms at 3 stages vs 0.93 at 2 (H100, `bench_quant_kv.py --launch-sweep`).
+    stages = num_stages or 3
     # The kernel walks a row's list and the counts with unit stride (other strides may be 0: broadcast lists).
     idx = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
     cnt = kv_block_counts if kv_block_counts.stride(-1) == 1 else kv_block_counts.contiguous()

@@ -256,9 +256,10 @@ def test_whole_history_blocks_first_or_in_any_order(kind):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_fast_dequant_builds_codes_from_bits_and_matches_float64(kind, d, dtype):
     """``fast_dequant``: whole-history tiles hold fp16 ``offset + code`` built from bits, the offset subtracted in
-    fp16. fp16 inputs enter those dots unrounded (as a bf16 model's do): fp16's tolerance; fp32 inputs are rounded to
-    fp16 there: a looser one. Ascending lists with several whole-history blocks, a straddling block and current
-    blocks, bias holes, a row whose history is all holes, and an empty row."""
+    fp16. fp16 inputs enter those dots unrounded (as a bf16 model's do): fp16's tolerance. An fp32 q would be
+    rounded there, so it ignores the switch: bit-equal to the plain path. Ascending lists with several
+    whole-history blocks, a straddling block and current blocks, bias holes, a row whose history is all holes, and
+    an empty row."""
     if not triton_available():
         pytest.skip("triton is not installed")
     from genkv.kernels.block_sparse import block_sparse_attention_triton as run
@@ -284,12 +285,14 @@ def test_fast_dequant_builds_codes_from_bits_and_matches_float64(kind, d, dtype)
     hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
     fast = run(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn,
                fast_dequant=True)
-    tol = tolerance(torch.float16, dev) if dtype == torch.float16 else dict(rtol=1e-2, atol=1e-2)
-    assert not torch.isnan(fast).any()
-    torch.testing.assert_close(fast.cpu().double(), want, **tol)
     plain = run(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn,
                 fast_dequant=False)
-    torch.testing.assert_close(fast.cpu().double(), plain.cpu().double(), **tol)
+    if dtype == torch.float32:
+        assert torch.equal(fast, plain)
+        return
+    assert not torch.isnan(fast).any()
+    torch.testing.assert_close(fast.cpu().double(), want, **tolerance(torch.float16, dev))
+    torch.testing.assert_close(fast.cpu().double(), plain.cpu().double(), **tolerance(torch.float16, dev))
 
 
 @pytest.mark.parametrize("fast", [False, True])
@@ -322,3 +325,19 @@ def test_int4_zero_points_follow_the_softmax_when_the_chunk_raises_the_max(fast)
     logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), keys) / math.sqrt(d)
     assert logits[..., s_h:].amax() > logits[..., :s_h].amax() + 2
     torch.testing.assert_close(got.cpu().double(), want, **tolerance(torch.float16, dev))
+
+
+def test_fast_dequant_defaults_to_int4_with_a_16_bit_q_and_follows_the_env(monkeypatch):
+    """The launch's default (timed on an H100): built-from-bits codes for int4 only, never for fp8 or an fp32 q;
+    env ``GENKV_FAST_DEQUANT`` = 1 / 0 overrides the default, an explicit argument overrides both."""
+    from genkv.kernels.block_sparse import _use_fast_dequant
+
+    fp8, int8, int4 = 1, 2, 3
+    monkeypatch.delenv("GENKV_FAST_DEQUANT", raising=False)
+    assert [_use_fast_dequant(None, kind, torch.bfloat16) for kind in (0, fp8, int8, int4)] == [False] * 3 + [True]
+    assert not _use_fast_dequant(None, int4, torch.float32) and not _use_fast_dequant(True, int8, torch.float32)
+    assert _use_fast_dequant(True, int8, torch.float16) and not _use_fast_dequant(False, int4, torch.bfloat16)
+    monkeypatch.setenv("GENKV_FAST_DEQUANT", "1")
+    assert _use_fast_dequant(None, int8, torch.bfloat16) and not _use_fast_dequant(None, fp8, torch.bfloat16)
+    monkeypatch.setenv("GENKV_FAST_DEQUANT", "0")
+    assert not _use_fast_dequant(None, int4, torch.bfloat16) and _use_fast_dequant(True, int4, torch.bfloat16)
