@@ -19,8 +19,10 @@ Systems (``--systems``, default all):
     genkv-compile-taehv, genkv-compile-fp8-taehv   those flags together.
     NAME@fastar        any genkv system with ``fastar`` (TempCache merges + routed block-sparse reads) instead of
                        upstream's rolling window: genkv's fastest method, a different cache from upstream's.
-    NAME@fastar-sdpa   the same with its read split: the chunk's own keys by cuDNN SDPA, the block-sparse kernel
-                       resuming over the routed history (``chunk_attention=sdpa``; the same attention).
+                       On CUDA its read is split (``chunk_attention="auto"``, the default): the chunk's own keys by
+                       cuDNN SDPA, the block-sparse kernel resuming over the routed history (the same attention).
+    NAME@fastar-sdpa   the split read named (``chunk_attention=sdpa``), on any device.
+    NAME@fastar-kernel the one-kernel read (``chunk_attention=kernel``, the default before 2026-12-05).
 
 Shapes: 480x832, 21-latent-frame rolling window, 3-latent-frame chunks, 4 denoising steps, ``--frames`` output
 frames (upstream makes whole 3-latent blocks: 2001 frames for 2000). Every run is timed whole (wall clock,
@@ -87,7 +89,8 @@ WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstre
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
 GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
 #: the methods a genkv system can run instead of upstream's rolling window ("genkv-compile@fastar")
-GENKV_METHODS = {"rolling": GENKV_METHOD, "fastar": "fastar", "fastar-sdpa": "fastar:chunk_attention=sdpa"}
+GENKV_METHODS = {"rolling": GENKV_METHOD, "fastar": "fastar", "fastar-sdpa": "fastar:chunk_attention=sdpa",
+                 "fastar-kernel": "fastar:chunk_attention=kernel"}
 STEADY_FRAMES = 12  # output frames of a 3-latent chunk after the first (4 per latent frame)
 ROPE_FRAMES = 1024  # upstream's RoPE table: latent positions are absolute and never rebased
 

@@ -22,7 +22,7 @@ class SparseReadFields:
     dense_steps: int = 0
     refresh: str = "chunk"
     sparse_clean_pass: bool = True
-    chunk_attention: str = "kernel"
+    chunk_attention: str = "auto"
 
 
 def validate_sparse_read(method: GenKVMethod) -> None:
@@ -40,7 +40,7 @@ def validate_sparse_read(method: GenKVMethod) -> None:
     if method.refresh not in ("chunk", "step"):
         method._fail("refresh", "'chunk' or 'step'")
     if method.chunk_attention not in CHUNK_ATTENTION:
-        method._fail("chunk_attention", "'kernel' or 'sdpa'")
+        method._fail("chunk_attention", "'auto', 'kernel' or 'sdpa'")
 
 
 def build_sparse_reader(method: GenKVMethod, sink_frames: int = 0) -> RoutedSelfAttention:
@@ -63,8 +63,9 @@ class AnnSA(SparseReadFields, GenKVMethod):
         dense_steps: first denoising steps of each chunk that stay dense.
         refresh: ``"chunk"`` (route once per chunk; history keys are constant within it) or ``"step"``.
         sparse_clean_pass: route the clean K/V pass too (else it is dense).
-        chunk_attention: ``"kernel"`` (one block-sparse call) or ``"sdpa"`` (the chunk's own keys by dense SDPA,
-            cuDNN on CUDA, and the kernel resuming over the routed history; the same attention).
+        chunk_attention: ``"kernel"`` (one block-sparse call), ``"sdpa"`` (the chunk's own keys by dense SDPA,
+            cuDNN on CUDA, and the kernel resuming over the routed history; the same attention) or ``"auto"``
+            (``"sdpa"`` on CUDA, where it is faster, else ``"kernel"``).
         sink_frames: frames whose blocks every query reads.
 
     Example:

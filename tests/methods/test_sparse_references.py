@@ -167,6 +167,24 @@ def test_chunk_attention_is_validated():
     assert genkv.get_method("fastar", chunk_attention="sdpa").build_self_reader().chunk_attention == "sdpa"
 
 
+def test_chunk_attention_auto_splits_on_cuda_alone_and_is_the_kernel_read_elsewhere():
+    """The default, ``"auto"``: the split read on CUDA (faster there, as measured), one kernel call elsewhere, so
+    a CPU render is the same computation as ``"kernel"``, bit for bit."""
+    assert genkv.get_method("fastar").build_self_reader().chunk_attention == "auto"
+    assert genkv.get_method("annsa").build_self_reader().chunk_attention == "auto"
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert RoutedSelfAttention().splits_read(cuda) and not RoutedSelfAttention().splits_read(cpu)
+    assert not RoutedSelfAttention(chunk_attention="kernel").splits_read(cuda)
+    assert RoutedSelfAttention(chunk_attention="sdpa").splits_read(cpu)
+    tpf, blocks = 8, dict(block_m=16, block_n=16)
+    q, k, v = _inputs(seed=11)
+    auto = RoutedSelfAttention(top_k=2, chunk_attention="auto", **blocks)
+    got = auto.attend(q, k, v, None, store=_Store(tpf))
+    assert all(routes[2] is None for routes in auto._routes.values())  # no split-read counts made: no split
+    want = RoutedSelfAttention(top_k=2, chunk_attention="kernel", **blocks).attend(q, k, v, None, store=_Store(tpf))
+    assert torch.equal(got, want)
+
+
 # -- AnnCA through the pipeline ----------------------------------------------------------------------------
 
 CHUNK = 3
