@@ -81,7 +81,8 @@ def split_read(q, k_hist, v_hist, chunk_k, chunk_v, idx, cnt, chunk_blocks: int,
 # (defaults: 3 stages, fast_dequant for int4 alone; each row names what it sets, so both sides of a default show)
 LAUNCHES = ({"num_stages": 2}, {"tile_n": 64}, {"tile_n": 64, "num_stages": 2}, {"num_warps": 4},
             {"tile_m": 64, "num_warps": 4}, {"fast_dequant": True}, {"fast_dequant": False},
-            {"fast_dequant": True, "num_stages": 2}, {"tile_n": 64, "fast_dequant": True})
+            {"fast_dequant": True, "num_stages": 2}, {"tile_n": 64, "fast_dequant": True},
+            {"int8_qk": True}, {"int8_qk": True, "num_stages": 2})  # int8_qk: int8 histories only
 # the bf16 kernel without what only it has (TMA, 3 stages): how much of the gap is the launch
 BF16_LAUNCHES = ({"tma": False}, {"tma": False, "num_stages": 2}, {"num_stages": 2})
 
@@ -94,6 +95,8 @@ def launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, den
     rows = []
     launches = BF16_LAUNCHES if hist is None else LAUNCHES
     for launch in launches:
+        if launch.get("int8_qk") and kind != "int8":
+            continue
         name = ",".join(f"{k}={v}" for k, v in launch.items())
         try:
             ms = timed(lambda: block_sparse_attention_triton(q, cur_k, cur_v, idx, cnt, history=hist, **kw,  # noqa: B023

@@ -69,7 +69,7 @@ def load_kernel(path: Path | None):
     return module._block_sparse_fwd
 
 
-def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args) -> dict:
+def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8_qk: bool = False) -> dict:
     """Compile one launch shape for sm_90 and read its resources (ptxas -v on the PTX)."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -81,12 +81,12 @@ def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args) -> d
     consts = dict(HAS_BIAS=args.bias, STORE_LSE=False, MASK_BLOCK_M=128, MASK_BLOCK_N=128, TILE_M=args.tile_m,
                   TILE_N=args.tile_n, HEAD_DIM=args.head_dim, RAGGED=True, WARP_SPECIALIZE=False,
                   USE_TMA=kind == "bf16", HIST_KIND=HIST_KIND[kind], HAS_INIT=resume, FAST_DEQUANT=fast,
-                  LIST_WIDTH=args.list_width, NUM_STAGES=stages)
+                  INT8_QK=int8_qk, LIST_WIDTH=args.list_width, NUM_STAGES=stages)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in DIVISIBLE}
     # (constants a kernel does not take are dropped: an older checkout's kernel compiles too, for comparisons)
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names},
                     attrs=attrs)
-    row = dict(kind=kind, stages=stages, fast_dequant=fast, resume=resume)
+    row = dict(kind=kind, stages=stages, fast_dequant=fast, resume=resume, int8_qk=int8_qk)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=args.warps, num_stages=stages))
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", choices=("off", "on", "both"), default="both",
                         help="fast_dequant variants (int8 / int4 only)")
     parser.add_argument("--resume", action="store_true", help="also the variants resuming from a partial (initial=)")
+    parser.add_argument("--int8-qk", choices=("off", "on", "both"), default="off",
+                        help="int8_qk variants (int8 histories only: logits from an int8 x int8 dot)")
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--tile-m", type=int, default=128)
     parser.add_argument("--tile-n", type=int, default=128)
@@ -132,16 +134,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"needs triton with its NVIDIA backend ({error})")
     fast_options = {"off": [False], "on": [True], "both": [False, True]}[args.fast]
     rows = []
-    for kind, stages, fast, resume in itertools.product(args.kinds, args.stages, fast_options,
-                                                        [False, True] if args.resume else [False]):
-        if fast and kind not in ("int8", "int4"):
+    qk_options = {"off": [False], "on": [True], "both": [False, True]}[args.int8_qk]
+    for kind, stages, fast, resume, int8_qk in itertools.product(args.kinds, args.stages, fast_options,
+                                                                 [False, True] if args.resume else [False], qk_options):
+        if (fast and kind not in ("int8", "int4")) or (int8_qk and kind != "int8"):
             continue
-        rows.append(compile_variant(kind, stages, fast, resume, args))
+        rows.append(compile_variant(kind, stages, fast, resume, args, int8_qk))
         r = rows[-1]
+        name = f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s} int8_qk {int8_qk!s:5s}"
         if "error" in r:
-            print(f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s}: {r['error']}", flush=True)
+            print(f"{name}: {r['error']}", flush=True)
         else:
-            print(f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s}: shared {r['shared_bytes']:6d} "
+            print(f"{name}: shared {r['shared_bytes']:6d} "
                   f"({'fits' if r['fits'] else 'TOO BIG'}), {r['registers']} registers, spills "
                   f"{r['spill_store_bytes']} / {r['spill_load_bytes']} B, warnings {r['warnings'] or '-'}", flush=True)
     import triton

@@ -137,23 +137,32 @@ if triton is not None:
 
     @triton.jit
     def _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base, stride_ss, bias_base, stride_bs,
-                              offs_n, hist_len, qk_scale, HAS_BIAS: tl.constexpr, FAST: tl.constexpr = False):
+                              offs_n, hist_len, qk_scale, HAS_BIAS: tl.constexpr, FAST: tl.constexpr = False,
+                              q_step=None, INT8_QK: tl.constexpr = False, PV_DTYPE: tl.constexpr = None):
         """One fp8 / int8 tile wholly inside the history: bare codes (``kc`` / ``vc``, loaded by the caller
         without masks, since the tile lies inside the history) straight into the dots. ``qc`` is q times the
         keys' smoothing factors (powers of two: exact), so the key tile needs no multiply; the per-token scales
-        ride on the logit columns and on p. ``FAST`` (int8): the codes become fp16 from bits (``qc`` is fp16)."""
-        if FAST:
-            kc = _int8_as_fp16(kc)
-            vc = _int8_as_fp16(vc)
+        ride on the logit columns and on p. ``FAST`` (int8): the codes become fp16 from bits (``qc`` is fp16).
+        ``INT8_QK`` (int8): ``qc`` holds q's own int8 codes (one step per row, ``q_step``) and the logits come
+        from an int8 x int8 dot on the key codes as loaded (exact in int32): no converted key tile to write back
+        to shared memory for the tensor cores; p and V then use ``PV_DTYPE``."""
+        if INT8_QK:
+            qk = tl.dot(qc, tl.trans(kc)).to(tl.float32) * q_step[:, None]
+            vc = _int8_as_fp16(vc) if FAST else vc.to(PV_DTYPE)
         else:
-            kc = kc.to(qc.dtype)
-            vc = vc.to(qc.dtype)
+            if FAST:
+                kc = _int8_as_fp16(kc)
+                vc = _int8_as_fp16(vc)
+            else:
+                kc = kc.to(qc.dtype)
+                vc = vc.to(qc.dtype)
+            qk = tl.dot(qc, tl.trans(kc))
         k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
         v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
-        qk = tl.dot(qc, tl.trans(kc)) * (qk_scale * k_col)[None, :]
+        qk = qk * (qk_scale * k_col)[None, :]
         qk = _masked_logits(qk, bias_base, offs_n, hist_len, stride_bs, HAS_BIAS, False)
         p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
-        acc = tl.dot((p * v_col[None, :]).to(qc.dtype), vc, acc * alpha[:, None])
+        acc = tl.dot((p * v_col[None, :]).to(vc.dtype), vc, acc * alpha[:, None])
         return acc, m_new, l_i
 
     @triton.jit
@@ -343,6 +352,7 @@ if triton is not None:
         HIST_KIND: tl.constexpr,
         HAS_INIT: tl.constexpr,
         FAST_DEQUANT: tl.constexpr,
+        INT8_QK: tl.constexpr,
         LIST_WIDTH: tl.constexpr,
         NUM_STAGES: tl.constexpr,
     ):
@@ -466,7 +476,14 @@ if triton is not None:
             else:
                 channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
                 qc = q * channel[None, :]
-                qc_codes = qc.to(tl.float16) if FAST_DEQUANT else qc  # int8 only (fp8 codes convert in hardware)
+                q_step = tl.full([TILE_M], 1.0, tl.float32)
+                if INT8_QK:  # q's own int8 codes, one step per row (SageAttention's per-block q, at row size)
+                    qc32 = qc.to(tl.float32)
+                    q_amax = tl.max(tl.abs(qc32), 1)
+                    q_step = tl.where(q_amax > 0.0, q_amax / 127.0, 1.0)
+                    qc_codes = tl.floor(qc32 / q_step[:, None] + 0.5).to(tl.int8)
+                else:
+                    qc_codes = qc.to(tl.float16) if FAST_DEQUANT else qc  # int8 only (fp8 converts in hardware)
                 for i in tl.range(0, n_whole):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
@@ -475,7 +492,8 @@ if triton is not None:
                         vc = tl.load(hv_base + offs_n[:, None] * stride_hs + offs_d[None, :])
                         acc, m_i, l_i = _attend_history_codes(qc_codes, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
                                                               stride_ss, bias_base, stride_bs, offs_n, hist_len,
-                                                              qk_scale, HAS_BIAS, FAST_DEQUANT)
+                                                              qk_scale, HAS_BIAS, FAST_DEQUANT, q_step, INT8_QK,
+                                                              q.dtype)
                 for i in tl.range(n_whole, merged_end, num_stages=1):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
@@ -623,6 +641,17 @@ def _use_fast_dequant(requested: bool | None, hist_kind: int, q_dtype: torch.dty
     return bool(requested)
 
 
+def _use_int8_qk(requested: bool | None, hist_kind: int, q_dtype: torch.dtype) -> bool:
+    """Whether whole-history int8 tiles take their logits from an int8 x int8 dot (see ``int8_qk`` below): int8
+    histories (kind 2) with a 16-bit q only; default (``None``) env ``GENKV_INT8_QK=1``, else off (not yet timed on
+    a GPU)."""
+    if hist_kind != 2 or q_dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if requested is None:
+        requested = __import__("os").environ.get("GENKV_INT8_QK") == "1"
+    return bool(requested)
+
+
 def block_sparse_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -645,6 +674,7 @@ def block_sparse_attention_triton(
     history=None,
     initial: tuple[torch.Tensor, torch.Tensor] | None = None,
     fast_dequant: bool | None = None,
+    int8_qk: bool | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
@@ -665,6 +695,13 @@ def block_sparse_attention_triton(
     rate on Hopper). q (times the smoothing factors) and p then enter those dots in fp16: exact for a bf16 q within
     fp16's range. An fp32 q ignores it (it would be rounded).
 
+    ``int8_qk`` (int8 histories with a bf16 / fp16 q; default: env ``GENKV_INT8_QK=1``, else off): blocks wholly
+    inside the history compute their logits as an int8 x int8 dot (int32, exact) of q's own int8 codes (q times
+    the smoothing factors, one step per row: ``max |row| / 127``) with the key codes as loaded, so the key tile
+    goes to the tensor cores without being converted and written back to shared memory (the values still are).
+    An approximation on top of the cache's: q is rounded to 8 bits in those blocks (SageAttention's trade). Off
+    by default until timed and its error measured on real keys.
+
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
     softmax and returns the attention over both key sets, as :func:`merge_attention_partials` would, with no
@@ -681,6 +718,7 @@ def block_sparse_attention_triton(
     hist_pointers, hist_strides, hist_kind = _history_args(history, q)
     init_out, init_lse, init_strides = _initial_args(initial, q)
     fast_dequant = _use_fast_dequant(fast_dequant, hist_kind, q.dtype)
+    int8_qk = _use_int8_qk(int8_qk, hist_kind, q.dtype)
     b, s_q, h, d = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -733,6 +771,7 @@ def block_sparse_attention_triton(
         HIST_KIND=hist_kind,
         HAS_INIT=initial is not None,
         FAST_DEQUANT=fast_dequant,
+        INT8_QK=int8_qk,
         LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
         NUM_STAGES=stages,
         num_warps=num_warps or (8 if d >= 128 else 4),

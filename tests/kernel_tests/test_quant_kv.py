@@ -341,3 +341,70 @@ def test_fast_dequant_defaults_to_int4_with_a_16_bit_q_and_follows_the_env(monke
     assert _use_fast_dequant(None, int8, torch.bfloat16) and not _use_fast_dequant(None, fp8, torch.bfloat16)
     monkeypatch.setenv("GENKV_FAST_DEQUANT", "0")
     assert not _use_fast_dequant(None, int4, torch.bfloat16) and _use_fast_dequant(True, int4, torch.bfloat16)
+
+
+def reference_with_rounded_q(q, q_hist, keys, values, allowed, bias, whole):
+    """float64 attention in which keys of whole-history blocks (``whole``, (S_kv,) bool) meet ``q_hist`` and the
+    other keys meet ``q``: what ``int8_qk`` computes, spelled out."""
+    d = q.shape[-1]
+    plain = torch.einsum("bqhd,bkhd->bhqk", q.double(), keys.double())
+    rounded = torch.einsum("bqhd,bkhd->bhqk", q_hist.double(), keys.double())
+    logits = torch.where(whole, rounded, plain) / math.sqrt(d) + bias.double().permute(0, 2, 1)[:, :, None, :]
+    logits = logits.masked_fill(~allowed, -float("inf"))
+    lse = torch.logsumexp(logits, -1)
+    weights = torch.exp(logits - torch.where(torch.isfinite(lse), lse, 0.0)[..., None])
+    return torch.einsum("bhqk,bkhd->bqhd", weights, values.double()), lse
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_int8_qk_rounds_q_per_row_and_matches_float64_with_that_q(d):
+    """``int8_qk``: in whole-history int8 blocks, logits come from q's own int8 codes (q times the smoothing
+    factors, one step ``max |row| / 127`` per query row and head) dotted with the key codes. Checked against
+    float64 attention in which exactly those keys meet the rounded q (and the straddling block's and the chunk's
+    keys the exact q), at fp16's tolerance; and the rounding's own cost against the exact q, bounded."""
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    from genkv.kernels.block_sparse import block_sparse_attention_triton as run
+
+    g = torch.Generator().manual_seed(100 + d)
+    b, h, bm, bn = 1, 2, 16, 16
+    s_h, s_cur, s_q = 88, 20, 32  # blocks 0-4 wholly history, 5 straddles (80..95), 6 current (ragged)
+    hist = history_in_a_larger_buffer(outlier_keys(b, s_h, h, d, g), torch.randn(b, s_h, h, d, generator=g) + 0.3,
+                                      "int8", capacity=96)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).half() for n in (s_q, s_cur, s_cur))
+    bias = torch.randn(b, s_h + s_cur, h, generator=g)
+    bias[:, 3:9] = -float("inf")
+    idx = torch.tensor([[0, 1, 2, 4, 5, 6], [0, 1, 3, 4, 6, 0]], dtype=torch.int32).expand(b, h, 2, 6).contiguous()
+    counts = torch.tensor([6, 5], dtype=torch.int32).expand(b, h, 2).contiguous()
+    keys, values = dequantize(hist)
+    keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
+    channel = hist.key_channel_scale.double()[:, None]  # (B, 1, H, D)
+    qc = q.double() * channel
+    step = (qc.abs().amax(-1, keepdim=True).float() / 127.0).double()
+    q_hist = torch.floor(qc / step + 0.5).clamp(-127, 127) * step / channel
+    whole = torch.arange(s_h + s_cur) < (s_h // bn) * bn
+    allowed = allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn)
+    want, _ = reference_with_rounded_q(q, q_hist, keys, values, allowed, bias, whole)
+    exact, _ = dense_reference(q, keys, values, allowed, bias)
+    dev = device_for("triton")
+    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    args = (*on(dev, q, k, v, idx, counts),)
+    got = run(*args, key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn, int8_qk=True).cpu().double()
+    plain = run(*args, key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn, int8_qk=False).cpu().double()
+    assert not torch.equal(got, plain)  # the rounded q is in use
+    torch.testing.assert_close(got, want, **tolerance(torch.float16, dev))
+    # what rounding q costs, over these outlier keys: small against the exact q, yet larger than fp16's own
+    assert relative_error(plain, exact) < 2e-3 < relative_error(got, exact) < 2e-2
+
+
+def test_int8_qk_applies_to_int8_histories_with_a_16_bit_q_alone(monkeypatch):
+    from genkv.kernels.block_sparse import _use_int8_qk
+
+    fp8, int8, int4 = 1, 2, 3
+    monkeypatch.delenv("GENKV_INT8_QK", raising=False)
+    assert not any(_use_int8_qk(None, kind, torch.bfloat16) for kind in (0, fp8, int8, int4))  # off by default
+    assert _use_int8_qk(True, int8, torch.bfloat16) and _use_int8_qk(True, int8, torch.float16)
+    assert not any(_use_int8_qk(True, kind, torch.bfloat16) for kind in (0, fp8, int4))
+    assert not _use_int8_qk(True, int8, torch.float32)
+    monkeypatch.setenv("GENKV_INT8_QK", "1")
+    assert _use_int8_qk(None, int8, torch.float16) and not _use_int8_qk(False, int8, torch.float16)
