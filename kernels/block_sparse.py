@@ -138,16 +138,20 @@ if triton is not None:
     @triton.jit
     def _attend_history_codes(qc, kc, vc, acc, m_i, l_i, hks_base, hvs_base, stride_ss, bias_base, stride_bs,
                               offs_n, hist_len, qk_scale, HAS_BIAS: tl.constexpr, FAST: tl.constexpr = False,
-                              q_step=None, INT8_QK: tl.constexpr = False, PV_DTYPE: tl.constexpr = None):
+                              q_step=None, q_rest=None, INT8_QK: tl.constexpr = False,
+                              PV_DTYPE: tl.constexpr = None):
         """One fp8 / int8 tile wholly inside the history: bare codes (``kc`` / ``vc``, loaded by the caller
         without masks, since the tile lies inside the history) straight into the dots. ``qc`` is q times the
         keys' smoothing factors (powers of two: exact), so the key tile needs no multiply; the per-token scales
         ride on the logit columns and on p. ``FAST`` (int8): the codes become fp16 from bits (``qc`` is fp16).
-        ``INT8_QK`` (int8): ``qc`` holds q's own int8 codes (one step per row, ``q_step``) and the logits come
-        from an int8 x int8 dot on the key codes as loaded (exact in int32): no converted key tile to write back
-        to shared memory for the tensor cores; p and V then use ``PV_DTYPE``."""
+        ``INT8_QK`` (int8): ``qc`` / ``q_rest`` hold q as two int8 terms (steps ``q_step`` and ``q_step / 254``
+        per row) and the logits come from int8 x int8 dots on the key codes as loaded (exact in int32): no
+        converted key tile to write back to shared memory for the tensor cores; p and V then use ``PV_DTYPE``."""
         if INT8_QK:
-            qk = tl.dot(qc, tl.trans(kc)).to(tl.float32) * q_step[:, None]
+            kt = tl.trans(kc)
+            # 254 high + low, summed in the int32 accumulator: exact (|.| < 2^31 up to head_dim 256), one conversion
+            whole = tl.dot(q_rest, kt, tl.dot(qc, kt, out_dtype=tl.int32) * 254, out_dtype=tl.int32)
+            qk = whole.to(tl.float32) * (q_step / 254.0)[:, None]
             vc = _int8_as_fp16(vc) if FAST else vc.to(PV_DTYPE)
         else:
             if FAST:
@@ -477,11 +481,15 @@ if triton is not None:
                 channel = tl.load(HC + b * stride_xb + h * stride_xh + offs_d).to(q.dtype)
                 qc = q * channel[None, :]
                 q_step = tl.full([TILE_M], 1.0, tl.float32)
-                if INT8_QK:  # q's own int8 codes, one step per row (SageAttention's per-block q, at row size)
+                q_rest = qc  # (a placeholder unless INT8_QK)
+                if INT8_QK:  # q as two int8 terms per row: codes, then the codes of what they left (~15 bits)
                     qc32 = qc.to(tl.float32)
                     q_amax = tl.max(tl.abs(qc32), 1)
                     q_step = tl.where(q_amax > 0.0, q_amax / 127.0, 1.0)
-                    qc_codes = tl.floor(qc32 / q_step[:, None] + 0.5).to(tl.int8)
+                    q_high = tl.floor(qc32 / q_step[:, None] + 0.5)
+                    rest = (qc32 - q_high * q_step[:, None]) / (q_step[:, None] / 254.0)  # |rest| <= 127
+                    qc_codes = q_high.to(tl.int8)
+                    q_rest = tl.minimum(tl.maximum(tl.floor(rest + 0.5), -127.0), 127.0).to(tl.int8)
                 else:
                     qc_codes = qc.to(tl.float16) if FAST_DEQUANT else qc  # int8 only (fp8 converts in hardware)
                 for i in tl.range(0, n_whole):
@@ -492,8 +500,8 @@ if triton is not None:
                         vc = tl.load(hv_base + offs_n[:, None] * stride_hs + offs_d[None, :])
                         acc, m_i, l_i = _attend_history_codes(qc_codes, kc, vc, acc, m_i, l_i, hks_base, hvs_base,
                                                               stride_ss, bias_base, stride_bs, offs_n, hist_len,
-                                                              qk_scale, HAS_BIAS, FAST_DEQUANT, q_step, INT8_QK,
-                                                              q.dtype)
+                                                              qk_scale, HAS_BIAS, FAST_DEQUANT, q_step, q_rest,
+                                                              INT8_QK, q.dtype)
                 for i in tl.range(n_whole, merged_end, num_stages=1):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
@@ -642,7 +650,7 @@ def _use_fast_dequant(requested: bool | None, hist_kind: int, q_dtype: torch.dty
 
 
 def _use_int8_qk(requested: bool | None, hist_kind: int, q_dtype: torch.dtype) -> bool:
-    """Whether whole-history int8 tiles take their logits from an int8 x int8 dot (see ``int8_qk`` below): int8
+    """Whether whole-history int8 tiles take their logits from int8 x int8 dots (see ``int8_qk`` below): int8
     histories (kind 2) with a 16-bit q only; default (``None``) env ``GENKV_INT8_QK=1``, else off (not yet timed on
     a GPU)."""
     if hist_kind != 2 or q_dtype not in (torch.float16, torch.bfloat16):
@@ -696,11 +704,11 @@ def block_sparse_attention_triton(
     fp16's range. An fp32 q ignores it (it would be rounded).
 
     ``int8_qk`` (int8 histories with a bf16 / fp16 q; default: env ``GENKV_INT8_QK=1``, else off): blocks wholly
-    inside the history compute their logits as an int8 x int8 dot (int32, exact) of q's own int8 codes (q times
-    the smoothing factors, one step per row: ``max |row| / 127``) with the key codes as loaded, so the key tile
-    goes to the tensor cores without being converted and written back to shared memory (the values still are).
-    An approximation on top of the cache's: q is rounded to 8 bits in those blocks (SageAttention's trade). Off
-    by default until timed and its error measured on real keys.
+    inside the history compute their logits as int8 x int8 dots (int32, exact) of q's own int8 codes with the key
+    codes as loaded, so the key tile goes to the tensor cores without being converted and written back to shared
+    memory (the values still are). q (times the smoothing factors) is held as two int8 terms per row: codes at
+    step ``s = max |row| / 127``, then the codes of the remainder at step ``s / 254``: about 15 bits, finer than
+    bf16's 8, for two int8 dots (which Hopper runs at twice the bf16 rate). Off by default until timed on a GPU.
 
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
