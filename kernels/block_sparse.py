@@ -699,16 +699,18 @@ def block_sparse_attention_triton(
     ``fast_dequant`` (int8 / int4 histories with a bf16 / fp16 q; default: env ``GENKV_FAST_DEQUANT`` = ``1`` /
     ``0`` if set, else on for int4 only, the faster choice on an H100 by ``eval/bench_quant_kv.py --launch-sweep``):
     blocks wholly inside the history build their codes as fp16 ``offset + code`` from bits and subtract the offset
-    in fp16 (exact), instead of converting every code (an int-to-float conversion runs at an eighth of the fp16
-    rate on Hopper). q (times the smoothing factors) and p then enter those dots in fp16: exact for a bf16 q within
-    fp16's range. An fp32 q ignores it (it would be rounded).
+    in fp16 (exact), instead of converting every code: the compiler emits int-to-float conversions (I2F, at an
+    eighth of the fp16 rate on Hopper) for int4's nibbles, while int8 codes it already converts with byte permutes
+    (the sm_90 SASS), so int8 gains nothing. q (times the smoothing factors) and p then enter those dots in fp16:
+    exact for a bf16 q within fp16's range. An fp32 q ignores it (it would be rounded).
 
     ``int8_qk`` (int8 histories with a bf16 / fp16 q; default: env ``GENKV_INT8_QK=1``, else off): blocks wholly
     inside the history compute their logits as int8 x int8 dots (int32, exact) of q's own int8 codes with the key
     codes as loaded, so the key tile goes to the tensor cores without being converted and written back to shared
     memory (the values still are). q (times the smoothing factors) is held as two int8 terms per row: codes at
-    step ``s = max |row| / 127``, then the codes of the remainder at step ``s / 254``: about 15 bits, finer than
-    bf16's 8, for two int8 dots (which Hopper runs at twice the bf16 rate). Off by default until timed on a GPU.
+    step ``s = max |row| / 127``, then the codes of the remainder at step ``s / 254`` (an error of at most
+    ``max |row| / 64516`` per entry, below a bf16 q's own rounding for entries above 1/126 of the row's largest),
+    for two int8 dots, which Hopper runs at twice the bf16 rate. Off by default until timed on a GPU.
 
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
