@@ -103,6 +103,17 @@ class QuantizedKV:
         cut = {name: getattr(self, name)[:, :length] for name in ("k_codes", "v_codes", "k_scale", "v_scale")}
         return replace(self, v_zero=None if self.v_zero is None else self.v_zero[:, :length], **cut)
 
+    def to(self, device: torch.device | str) -> "QuantizedKV":
+        """The same history on ``device`` (every tensor moved; the kind kept).
+
+        Example:
+            >>> k, v = torch.randn(1, 8, 2, 16), torch.randn(1, 8, 2, 16)
+            >>> quantize_kv(k, v, "int8").to("cpu").k_codes.dtype
+            torch.int8
+        """
+        moved = {name: value.to(device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        return replace(self, **moved)
+
     def fill_empty(self) -> None:
         """Every slot as an empty one of a layer stack: keys decoding to 0 (int4: nibble 8; routing pools empty
         slots like a bf16 cache's zeros), value codes and int4 zero points 0, scales 1."""

@@ -85,7 +85,7 @@ def test_kernels_with_a_quantized_history_match_float64_over_the_dequantized_key
         del kw["backend"]
     else:
         run = block_sparse_attention
-    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    hist_dev = hist.to(dev)
     got, lse = run(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist_dev, **kw)
     keys, values = dequantize(hist)
     keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
@@ -213,7 +213,7 @@ def test_whole_block_history_an_empty_history_and_no_current_keys(backend, s_h, 
     idx = torch.arange(n_kv, dtype=torch.int32).expand(1, 2, 2, n_kv)
     counts = torch.full((1, 2, 2), n_kv, dtype=torch.int32)
     dev = device_for(backend)
-    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    hist_dev = hist.to(dev)
     got = block_sparse_attention(*on(dev, q, k, v, idx, counts), block_m=bm, block_n=bn, backend=backend,
                                  history=hist_dev)
     keys, values = dequantize(hist)
@@ -241,7 +241,7 @@ def test_whole_history_blocks_first_or_in_any_order(kind):
     keys, values = dequantize(hist)
     keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
     dev = device_for("triton")
-    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    hist_dev = hist.to(dev)
     for rows in ([[0, 1, 3, 4], [0, 2, 3, 4]], [[4, 0, 3, 1], [2, 4, 0, 3]], [[0, 1, 2, 0], [1, 2, 0, 0]]):
         idx = torch.tensor(rows, dtype=torch.int32).expand(b, h, 2, 4).contiguous()
         counts = torch.tensor([4, 4] if rows[0][-1] else [3, 3], dtype=torch.int32).expand(b, h, 2).contiguous()
@@ -282,7 +282,7 @@ def test_fast_dequant_builds_codes_from_bits_and_matches_float64(kind, d, dtype)
     assert empty[0, 1, 16:].all()  # head 1's second row lists only blocks 0-2, all holes there
     want = torch.where(empty.permute(0, 2, 1)[..., None], 0.0, want)
     dev = device_for("triton")
-    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    hist_dev = hist.to(dev)
     fast = run(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn,
                fast_dequant=True)
     plain = run(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn,
@@ -319,7 +319,7 @@ def test_int4_zero_points_follow_the_softmax_when_the_chunk_raises_the_max(fast)
     keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
     want, _ = dense_reference(q, keys, values, allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn))
     dev = device_for("triton")
-    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    hist_dev = hist.to(dev)
     got = run(*on(dev, q, k, v, idx, counts), history=hist_dev, block_m=bm, block_n=bn, fast_dequant=fast)
     # the chunk holds most of the softmax mass: the history's zero points must shrink with it
     logits = torch.einsum("bqhd,bkhd->bhqk", q.double(), keys) / math.sqrt(d)
@@ -392,7 +392,7 @@ def test_int8_qk_holds_q_as_two_int8_terms_and_matches_float64(d):
     exact, _ = dense_reference(q, keys, values, allowed, bias)
     one_int8, _ = reference_with_rounded_q(q, one_term, keys, values, allowed, bias, whole)
     dev = device_for("triton")
-    hist_dev = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(hist).items()})
+    hist_dev = hist.to(dev)
     args = (*on(dev, q, k, v, idx, counts),)
     got = run(*args, key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn, int8_qk=True).cpu().double()
     plain = run(*args, key_bias=bias.to(dev), history=hist_dev, block_m=bm, block_n=bn, int8_qk=False).cpu().double()

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from genkv.kernels import QuantizedKV, block_sparse_attention, dense_attention_with_lse, dequantize, quantize_kv
+from genkv.kernels import block_sparse_attention, dense_attention_with_lse, dequantize, quantize_kv
 from genkv.kernels.block_sparse import triton_available
 
 from .test_block_sparse import allowed_mask, dense_reference, device_for, on, tolerance
@@ -49,7 +49,7 @@ def test_resumed_attention_equals_float64_over_listed_history_and_every_chunk_ke
 
     dev = device_for(backend)
     if history is not None:
-        history = QuantizedKV(**{f: (t.to(dev) if isinstance(t, torch.Tensor) else t) for f, t in vars(history).items()})
+        history = history.to(dev)
         k_in, v_in = k_cur[:, :0], v_cur[:, :0]  # the listed keys are all history
     else:
         k_in, v_in = k_hist, v_hist
