@@ -408,9 +408,10 @@ def test_int8_qk_applies_to_int8_histories_with_a_16_bit_q_alone(monkeypatch):
 
     fp8, int8, int4 = 1, 2, 3
     monkeypatch.delenv("GENKV_INT8_QK", raising=False)
-    assert not any(_use_int8_qk(None, kind, torch.bfloat16) for kind in (0, fp8, int8, int4))  # off by default
-    assert _use_int8_qk(True, int8, torch.bfloat16) and _use_int8_qk(True, int8, torch.float16)
+    assert _use_int8_qk(None, int8, torch.bfloat16) and _use_int8_qk(None, int8, torch.float16)  # on by default
+    assert not any(_use_int8_qk(None, kind, torch.bfloat16) for kind in (0, fp8, int4))
     assert not any(_use_int8_qk(True, kind, torch.bfloat16) for kind in (0, fp8, int4))
-    assert not _use_int8_qk(True, int8, torch.float32)
-    monkeypatch.setenv("GENKV_INT8_QK", "1")
-    assert _use_int8_qk(None, int8, torch.float16) and not _use_int8_qk(False, int8, torch.float16)
+    assert not _use_int8_qk(True, int8, torch.float32) and not _use_int8_qk(None, int8, torch.float32)
+    assert not _use_int8_qk(False, int8, torch.float16)
+    monkeypatch.setenv("GENKV_INT8_QK", "0")
+    assert not _use_int8_qk(None, int8, torch.float16) and _use_int8_qk(True, int8, torch.float16)
