@@ -23,6 +23,8 @@ Systems (``--systems``, default all):
                        cuDNN SDPA, the block-sparse kernel resuming over the routed history (the same attention).
     NAME@fastar-sdpa   the split read named (``chunk_attention=sdpa``), on any device.
     NAME@fastar-kernel the one-kernel read (``chunk_attention=kernel``, the default before 2026-12-05).
+    NAME@fastar-int8, NAME@fastar-int4   ``fastar`` with its committed history stored as int8 / int4 codes
+                       (``kv_dtype``, issue 22), read by the kernel without a full-precision copy.
 
 Shapes: 480x832, 21-latent-frame rolling window, 3-latent-frame chunks, 4 denoising steps, ``--frames`` output
 frames (upstream makes whole 3-latent blocks: 2001 frames for 2000). Every run is timed whole (wall clock,
@@ -90,7 +92,8 @@ CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
 GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
 #: the methods a genkv system can run instead of upstream's rolling window ("genkv-compile@fastar")
 GENKV_METHODS = {"rolling": GENKV_METHOD, "fastar": "fastar", "fastar-sdpa": "fastar:chunk_attention=sdpa",
-                 "fastar-kernel": "fastar:chunk_attention=kernel"}
+                 "fastar-kernel": "fastar:chunk_attention=kernel", "fastar-int8": "fastar:kv_dtype=int8",
+                 "fastar-int4": "fastar:kv_dtype=int4"}
 STEADY_FRAMES = 12  # output frames of a 3-latent chunk after the first (4 per latent frame)
 ROPE_FRAMES = 1024  # upstream's RoPE table: latent positions are absolute and never rebased
 
@@ -585,6 +588,7 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
         fps_steady=sum(n for n, _ in steady) / sum(s for _, s in steady) if steady else None,
         peak_memory_bytes=clock.peak_bytes(),
         resident_memory_bytes_at_start=clock.resident_at_reset,
+        kv_bytes=genkv.cache_stats(pipe)["bytes"],  # the self-attention cache's buffers at the end (codes + scales)
         notes=[],
     )
     genkv.remove_genkv(pipe)
@@ -672,19 +676,21 @@ def _num(value: float | None, fmt: str, width: int) -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """One line per system: frames, frames/s (run, steady), ms per 12 frames, peak GiB, x upstream (run, steady)."""
+    """One line per system: frames, frames/s (run, steady), ms per 12 frames, peak GiB, genkv's KV cache GiB,
+    x upstream (run, steady)."""
     header = (f"{'system':30s} {'settings':60s} {'frames':>6s} {'fps run':>8s} {'fps steady':>10s} "
-              f"{'ms/12 fr':>8s} {'peak GiB':>8s} {'x up run':>8s} {'x up st.':>8s}")
+              f"{'ms/12 fr':>8s} {'peak GiB':>8s} {'KV GiB':>7s} {'x up run':>8s} {'x up st.':>8s}")
     lines = [header, "-" * len(header)]
     for row in rows:
         if "skipped" in row:
             lines.append(f"{row['system']:30s} skipped: {row['skipped']}")
             continue
-        peak = row.get("peak_memory_bytes")
+        peak, kv = row.get("peak_memory_bytes"), row.get("kv_bytes")
         lines.append(
             f"{row['system']:30s} {row['settings']:60s} {row['frames']:6d} {_num(row['fps_total'], '.2f', 8)} "
             f"{_num(row.get('fps_steady'), '.2f', 10)} {_num(row.get('ms_per_12_frames'), '.1f', 8)} "
-            f"{_num(peak / 2**30 if peak else None, '.2f', 8)} {_num(row.get('ratio_total'), '.2f', 8)} "
+            f"{_num(peak / 2**30 if peak else None, '.2f', 8)} {_num(kv / 2**30 if kv else None, '.2f', 7)} "
+            f"{_num(row.get('ratio_total'), '.2f', 8)} "
             f"{_num(row.get('ratio_steady'), '.2f', 8)}"
         )
         for note in row.get("notes", []):

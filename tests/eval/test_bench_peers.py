@@ -93,6 +93,19 @@ def test_a_genkv_system_at_fastar_runs_fastar_and_says_so(tmp_path):
             bench_peers.main(["--tiny", "--systems", bad, "--frames", "9", "--device", "cpu"])
 
 
+def test_fastar_int4_stores_its_history_as_codes_in_less_than_half_the_bytes(tmp_path):
+    """@fastar-int4 is fastar with an int4 history (issue 22 beside the peers, in one run): same frames, and the
+    cache's bytes at the end (codes + scales) under half of fastar's full-precision ones at the same tokens."""
+    bench_peers = _bench_peers()
+    out = tmp_path / "peers.json"
+    bench_peers.main(["--tiny", "--systems", "genkv@fastar", "genkv@fastar-int4", "--frames", "21",
+                      "--warmup-frames", "0", "--json", str(out), "--device", "cpu"])
+    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+    plain, int4 = rows["genkv@fastar"], rows["genkv@fastar-int4"]
+    assert int4["settings"] == "fastar:kv_dtype=int4, eager" and int4["frames"] == plain["frames"] == 21
+    assert 0 < int4["kv_bytes"] < 0.5 * plain["kv_bytes"]
+
+
 def test_a_folder_that_is_no_checkout_is_a_skipped_row_not_a_crash(tmp_path):
     bench_peers = _bench_peers()
     args = bench_peers.argparse.Namespace(self_forcing=tmp_path, frames=33, warmup_frames=0)
