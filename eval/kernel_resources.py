@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_json import write_result  # noqa: E402
 
+SWITCH_VALUES = {"off": [False], "on": [True], "both": [False, True]}  # --fast / --int8-qk: the variants compiled
 SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100, H200)
 CODE_TYPES = {"bf16": "bf16", "fp8": "fp8e4nv", "int8": "i8", "int4": "u8"}
 HIST_KIND = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3}
@@ -132,9 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         from triton.backends.compiler import GPUTarget  # noqa: F401
     except ImportError as error:
         parser.error(f"needs triton with its NVIDIA backend ({error})")
-    fast_options = {"off": [False], "on": [True], "both": [False, True]}[args.fast]
+    fast_options, qk_options = SWITCH_VALUES[args.fast], SWITCH_VALUES[args.int8_qk]
     rows = []
-    qk_options = {"off": [False], "on": [True], "both": [False, True]}[args.int8_qk]
     for kind, stages, fast, resume, int8_qk in itertools.product(args.kinds, args.stages, fast_options,
                                                                  [False, True] if args.resume else [False], qk_options):
         if (fast and kind not in ("int8", "int4")) or (int8_qk and kind != "int8"):

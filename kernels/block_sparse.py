@@ -25,6 +25,7 @@ The plain path (no history) compiles exactly as before (``HIST_KIND = 0`` remove
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -534,7 +535,7 @@ if triton is not None:
 
 def _tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Device-side tensor descriptors: Hopper or newer (or the interpreter), 16-byte aligned bases and rows."""
-    interpreting = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpreting and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
         return False
     size = k.element_size()
@@ -557,7 +558,7 @@ def _install_descriptor_allocator() -> None:
 
 
 def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len: int = 0) -> None:
-    interpreting = __import__("os").environ.get("TRITON_INTERPRET") == "1"
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if not interpreting and not all(t.is_cuda for t in (q, k, v, kv_block_indices, kv_block_counts)):
         raise ValueError("triton block-sparse attention needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernel "
                          "on the CPU); use backend='gather' for CPU tensors")
@@ -641,9 +642,9 @@ def _use_fast_dequant(requested: bool | None, hist_kind: int, q_dtype: torch.dty
     take q in fp16, which is exact for bf16 / fp16 but would round an fp32 q. Default (``None``): env
     ``GENKV_FAST_DEQUANT`` (``1`` / ``0``) if set, else on for int4 alone, as timed on an H100 (top-16 lists at Wan
     shapes, 3 stages: int4 0.93 ms vs 1.05 without; int8 0.93 vs 0.84, slower)."""
-    if hist_kind not in (2, 3) or q_dtype not in (torch.float16, torch.bfloat16):
+    if hist_kind not in (_HIST_KINDS["int8"], _HIST_KINDS["int4"]) or q_dtype not in (torch.float16, torch.bfloat16):
         return False
-    return _switch(requested, "GENKV_FAST_DEQUANT", default=hist_kind == 3)
+    return _switch(requested, "GENKV_FAST_DEQUANT", default=hist_kind == _HIST_KINDS["int4"])
 
 
 def _use_int8_qk(requested: bool | None, hist_kind: int, q_dtype: torch.dtype) -> bool:
@@ -651,7 +652,7 @@ def _use_int8_qk(requested: bool | None, hist_kind: int, q_dtype: torch.dtype) -
     histories (kind 2) with a 16-bit q only; default (``None``) env ``GENKV_INT8_QK`` (``1`` / ``0``) if set, else
     on, as timed on an H100 (Wan shapes, 3 stages: every block listed 5.16 ms vs 5.57 without; top-16 lists 0.87
     vs 0.87-0.91)."""
-    if hist_kind != 2 or q_dtype not in (torch.float16, torch.bfloat16):
+    if hist_kind != _HIST_KINDS["int8"] or q_dtype not in (torch.float16, torch.bfloat16):
         return False
     return _switch(requested, "GENKV_INT8_QK", default=True)
 
@@ -660,7 +661,7 @@ def _switch(requested: bool | None, env: str, default: bool) -> bool:
     """A launch switch: the argument if given, else env ``env`` (``1`` / ``0``) if set, else ``default``."""
     if requested is not None:
         return bool(requested)
-    value = __import__("os").environ.get(env)
+    value = os.environ.get(env)
     return value == "1" if value in ("0", "1") else default
 
 
