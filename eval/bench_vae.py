@@ -3,7 +3,9 @@
     python eval/bench_vae.py --out runs/bench_vae.json
 
 Variants: cuDNN autotuning off/on, channels-last 3-D convolutions, one latent frame per decoder call (upstream)
-or the whole chunk per call, and the causal 3-D convolutions computed as per-tap 2-D ones (``vae_conv``). Each decodes the same random latents
+or the whole chunk per call, the causal 3-D convolutions computed as per-tap 2-D ones (``vae_conv``), fused RMS norms
+(``vae_norm``), the taps + bias + residual summed in one pass (``kernels/tap_sum.py``, ``vae_block``) and the
+up-samplers as transposed convolutions (``vae_upsample``). Each decodes the same random latents
 (random weights: timings do not depend on learned values) through ``StreamingVAEDecoder`` with its causal
 cache carried (the steady state of a long render), and is checked against the default variant's output.
 """
@@ -87,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--profile", action="store_true",
                         help="also profile one decode of the fastest variant: device time per op and input shape")
-    parser.add_argument("--only-best", action="store_true", help="time only the last two (fastest) variants")
+    parser.add_argument("--only-best", action="store_true",
+                        help="time only the last five variants (the fastest before 2026-12-05 and four candidates)")
     parser.add_argument("--taehv", action="store_true",
                         help="also time genkv's TAEHV tiny decoder (random weights at the taew2_1 shapes) on the same "
                         "latents: bf16 / fp16, channels-last")
@@ -99,22 +102,30 @@ def main(argv: list[str] | None = None) -> int:
         latents = torch.randn(1, 16, 6, 60, 104)
     rows = []
     reference = None
+    taps = {"conv2d_taps": True}
+    fused = {**taps, "fused_norms": True}
     variants = (
-        ("default (1 frame per call)", False, False, 1, False),
-        ("cudnn.benchmark", True, False, 1, False),
-        ("cudnn.benchmark + channels_last_3d", True, True, 1, False),
-        ("cudnn.benchmark + chunk per call", True, False, None, False),
-        ("cudnn.benchmark + channels_last_3d + chunk per call", True, True, None, False),
-        ("benchmark + channels_last + 2-D taps", True, True, 1, True),
-        ("benchmark + channels_last + 2-D taps + chunk per call", True, True, None, True),
-        ("benchmark + channels_last + 2-D taps + chunk per call + fused norms", True, True, None, "fused"),
+        ("default (1 frame per call)", False, False, 1, {}),
+        ("cudnn.benchmark", True, False, 1, {}),
+        ("cudnn.benchmark + channels_last_3d", True, True, 1, {}),
+        ("cudnn.benchmark + chunk per call", True, False, None, {}),
+        ("cudnn.benchmark + channels_last_3d + chunk per call", True, True, None, {}),
+        ("benchmark + channels_last + 2-D taps", True, True, 1, taps),
+        ("benchmark + channels_last + 2-D taps + chunk per call", True, True, None, taps),
+        ("benchmark + channels_last + 2-D taps + chunk per call + fused norms", True, True, None, fused),
+        ("... + fused norms + fused tap sums", True, True, None, {**fused, "fused_tap_sum": True}),
+        ("... + fused norms + transposed upsample", True, True, None, {**fused, "transposed_upsample": True}),
+        ("... + fused norms + fused tap sums + transposed upsample", True, True, None,
+         {**fused, "fused_tap_sum": True, "transposed_upsample": True}),
+        ("... + fused tap sums + transposed upsample + fused blocks", True, True, None,
+         {**fused, "fused_tap_sum": True, "transposed_upsample": True, "fused_blocks": True}),
     )
-    for name, benchmark, channels_last, frames_per_call, taps in variants[-2:] if args.only_best else variants:
+    # --only-best: the fastest path before 2026-12-05 (the reference of its rows' errors) and the candidates after it.
+    for name, benchmark, channels_last, frames_per_call, options in variants[-5:] if args.only_best else variants:
         torch.backends.cudnn.benchmark = benchmark
         torch.manual_seed(0)
         vae = AutoencoderKLWan().to(device=device, dtype=torch.bfloat16).eval()
-        decoder = StreamingVAEDecoder(vae, channels_last=channels_last, frames_per_call=frames_per_call,
-                                      conv2d_taps=bool(taps), fused_norms=taps == "fused")
+        decoder = StreamingVAEDecoder(vae, channels_last=channels_last, frames_per_call=frames_per_call, **options)
         with torch.no_grad():
             times = time_decode(decoder, latents, args.repeats)
             decoder.reset()

@@ -110,6 +110,16 @@ class SelfForcingPipeline(DiffusionPipeline):
         #: The decoder's RMS norms as one fused pass each (``vae_norm.apply_fused_norms``, compiled on CUDA);
         #: float32 inside with one rounding, so equal to the plain path up to bf16 rounding.
         self.decode_fused_norms = False
+        #: With the per-tap convolutions: add the taps and the bias in one pass (``genkv.kernels.tap_sum``; float32,
+        #: one rounding) instead of an ``add_`` per tap and a separate bias add. On in :meth:`enable_compile`.
+        self.decode_fused_tap_sum = False
+        #: The up-samplers' 2x nearest upsample + 3x3 conv as one stride-2 transposed conv
+        #: (``vae_upsample``; 16 instead of 36 multiply-adds a pixel, same output up to the order of the sums).
+        #: On in :meth:`enable_compile`.
+        self.decode_transposed_upsample = False
+        #: The residual blocks with each norm + SiLU as one pass and the shortcut added inside the second conv's tap
+        #: sum (``vae_block``; each where its pieces are on). On in :meth:`enable_compile`.
+        self.decode_fused_blocks = False
         #: Record each distinct transformer forward as a CUDA graph and replay it for every later forward that
         #: does the same (``step_graph.ChunkGraphs``): same kernels, without launching them from Python again.
         #: With a fixed-layout method (``fastar``, ``tempcache``) a whole video runs on one or two graphs.
@@ -237,11 +247,13 @@ class SelfForcingPipeline(DiffusionPipeline):
     def enable_compile(self, mode: str | None = None, cuda_graphs: bool | None = None) -> "SelfForcingPipeline":
         """The opt-in fast path: compiled transformer blocks; VAE decoding channels-last, a chunk per decoder call,
         causal 3-D convolutions as per-tap 2-D ones (206 ms against 272 ms a chunk for the Wan VAE at 480x832 on
-        an H200, bf16; each exact in float64, docs/BENCHMARKS.md "Real time"), and its RMS norms fused.
+        an H200, bf16; each exact in float64, docs/BENCHMARKS.md "Real time"), its RMS norms fused, each
+        convolution's taps, bias and residual summed in one pass, each norm + SiLU one pass, and its up-samplers'
+        upsample + 3x3 conv as one transposed conv (the last three: 114.7 against 164.5 ms a chunk on an H100).
         ``cuda_graphs``: also replay recorded forwards from CUDA graphs (:attr:`cuda_graphs`; None: on when the
         transformer is on a CUDA device); a fixed-layout method (``fastar``) then runs a whole video on two graphs.
-        Over 2000 frames of ``fastar`` on an H200 the fast path made 25.3 frames/s against 15.6 for the plain one
-        (median chunk 472 against 729 ms).
+        Over 2000 frames of ``fastar`` on an H100 the fast path made 33.45 frames/s, 2.26x upstream Self-Forcing's
+        loop in the same run (docs/BENCHMARKS.md, 2026-12-05).
 
         The first chunk after this pays the compilation (about 15 s for Wan2.1-1.3B on an H100).
         """
@@ -251,6 +263,9 @@ class SelfForcingPipeline(DiffusionPipeline):
         self.decode_channels_last = True
         self.decode_conv2d_taps = True
         self.decode_fused_norms = True
+        self.decode_fused_tap_sum = True
+        self.decode_transposed_upsample = True
+        self.decode_fused_blocks = True
         if cuda_graphs is None:
             cuda_graphs = self.transformer.device.type == "cuda"
         self.cuda_graphs = cuda_graphs
@@ -1028,7 +1043,10 @@ class SelfForcingPipeline(DiffusionPipeline):
                 decoder = StreamingVAEDecoder(self.vae, channels_last=self.decode_channels_last,
                                               frames_per_call=self.decode_frames_per_call,
                                               conv2d_taps=self.decode_conv2d_taps,
-                                              fused_norms=self.decode_fused_norms)
+                                              fused_norms=self.decode_fused_norms,
+                                              fused_tap_sum=self.decode_fused_tap_sum,
+                                              transposed_upsample=self.decode_transposed_upsample,
+                                              fused_blocks=self.decode_fused_blocks)
         remaining = num_frames
         latent_done = 0
         timer_factory = None

@@ -9,6 +9,10 @@ frames into the batch and unfolding them again are views, not copies.
 The result equals ``WanCausalConv3d`` up to the order of the sum (float64: ~1e-15 relative): same padding rules
 (cached frames first, then zeros), same bias. Convolutions strided or dilated in time keep their own forward.
 
+With ``fused_sum=True`` the taps are convolved without bias and summed with the bias in one pass
+(``genkv.kernels.tap_sum``: float32 accumulation, one rounding) instead of an ``add_`` per tap plus cuDNN's separate
+bias add: each of those is a full read-modify-write of the activation.
+
 Example:
     >>> import torch
     >>> from genkv.testing import tiny_wan_vae
@@ -28,11 +32,17 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
+from genkv.kernels.tap_sum import same_layout, sum_partials
+
 from .forward_patch import patch_forward, unpatch_forward
 
+_FUSED_SUM = "_genkv_fused_tap_sum"  # per-convolution switch set by apply_conv2d_taps
 
-def _causal_conv_by_taps(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None) -> torch.Tensor:
-    """``WanCausalConv3d.forward`` as ``k_t`` frame-batched ``conv2d`` calls (installed by :func:`apply_conv2d_taps`)."""
+
+def _causal_conv_by_taps(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None,
+                         residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``WanCausalConv3d.forward`` as ``k_t`` frame-batched ``conv2d`` calls (installed by :func:`apply_conv2d_taps`);
+    ``residual`` (the output's shape) is added to the result, in the taps' one-pass sum where it can be."""
     front = self._padding[4]  # zero frames in front, before any cached ones are used
     if cache_x is not None and front > 0:
         x = torch.cat([cache_x.to(x.device), x], dim=2)
@@ -45,13 +55,35 @@ def _causal_conv_by_taps(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.
     # (B, C, T, H, W) -> (B, T, C, H, W): with channels-last-3d strides the (B*T, C, H, W) fold below is a view.
     by_frame = x.transpose(1, 2)
     padding = (self._padding[2], self._padding[0])  # (h, w): symmetric zero padding, as the original's F.pad
+    fused = getattr(self, _FUSED_SUM, False) and (taps > 1 or residual is not None)
     out = None
+    partials = []
     for j in range(taps):
         frames_j = by_frame[:, j : j + out_frames].reshape(batch * out_frames, channels, height, width)
-        y = F.conv2d(frames_j, self.weight[:, :, j], self.bias if j == 0 else None, stride=self.stride[1:],
-                     padding=padding)
-        out = y if out is None else out.add_(y)
-    return out.view(batch, out_frames, *out.shape[1:]).transpose(1, 2)
+        bias = self.bias if j == 0 and not fused else None
+        y = F.conv2d(frames_j, self.weight[:, :, j], bias, stride=self.stride[1:], padding=padding)
+        if fused:
+            partials.append(y)
+        else:
+            out = y if out is None else out.add_(y)
+    if fused:
+        folded = _folded_like(residual, partials[0]) if residual is not None else None
+        if folded is not None:
+            partials.append(folded)
+            residual = None
+        out = sum_partials(partials, self.bias)
+    out = out.view(batch, out_frames, *out.shape[1:]).transpose(1, 2)
+    return out if residual is None else out + residual
+
+
+def _folded_like(residual: torch.Tensor, partial: torch.Tensor) -> torch.Tensor | None:
+    """``residual`` (B, C, T, H, W) as a (B*T, C, H, W) view laid out exactly as ``partial``, or None."""
+    folded = residual.transpose(1, 2)
+    try:
+        folded = folded.view(-1, *folded.shape[2:])
+    except RuntimeError:  # not foldable without a copy
+        return None
+    return folded if same_layout(folded, partial) else None
 
 
 def _convertible(module: torch.nn.Module) -> bool:
@@ -60,14 +92,22 @@ def _convertible(module: torch.nn.Module) -> bool:
             and module._padding[2] == module._padding[3] and module._padding[5] == 0)
 
 
-def apply_conv2d_taps(module: torch.nn.Module) -> int:
+def apply_conv2d_taps(module: torch.nn.Module, fused_sum: bool = False) -> int:
     """Compute every eligible ``WanCausalConv3d`` under ``module`` as per-tap ``conv2d`` calls; returns how many.
 
+    ``fused_sum``: add the taps and the bias in one pass (float32, one rounding) rather than one ``add_`` each.
     Weights are untouched (they stay the checkpoint's); :func:`remove_conv2d_taps` restores the original forward.
     """
-    return patch_forward(module, _convertible, _causal_conv_by_taps)
+    count = patch_forward(module, _convertible, _causal_conv_by_taps)
+    for child in module.modules():
+        if _convertible(child):
+            setattr(child, _FUSED_SUM, fused_sum)
+    return count
 
 
 def remove_conv2d_taps(module: torch.nn.Module) -> int:
     """Undo :func:`apply_conv2d_taps` under ``module``; returns how many convolutions were restored."""
+    for child in module.modules():
+        if _FUSED_SUM in child.__dict__:
+            delattr(child, _FUSED_SUM)
     return unpatch_forward(module, _causal_conv_by_taps)

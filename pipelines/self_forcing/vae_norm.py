@@ -45,6 +45,23 @@ def rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, s
 _rms_norm_fused = CompiledOnCuda(rms_norm, "VAE fused norms", recompile_limit=64)
 
 
+def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float,
+                  dim: int) -> torch.Tensor:
+    """``silu(rms_norm(...))`` in float32 with one rounding: a residual block's norm and activation as one pass."""
+    compute = torch.promote_types(x.dtype, torch.float32)
+    return torch.nn.functional.silu(rms_norm(x.to(compute), gamma, bias, scale, dim)).to(x.dtype)
+
+
+_rms_norm_silu_fused = CompiledOnCuda(rms_norm_silu, "VAE fused norm + SiLU", recompile_limit=64)
+
+
+def norm_silu(norm: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
+    """``silu(norm(x))``: one fused pass when ``norm`` carries :func:`apply_fused_norms`, else the two modules'."""
+    if norm.__dict__.get("forward") is not None and norm.forward.__func__ is _fused_forward:
+        return _rms_norm_silu_fused(x, norm.gamma, norm.bias, norm.scale, 1 if norm.channel_first else -1)
+    return torch.nn.functional.silu(norm(x))
+
+
 def _fused_forward(self: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
     return _rms_norm_fused(x, self.gamma, self.bias, self.scale, 1 if self.channel_first else -1)
 

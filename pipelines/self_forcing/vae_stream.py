@@ -28,7 +28,8 @@ class StreamingVAEDecoder:
     """
 
     def __init__(self, vae: AutoencoderKLWan, channels_last: bool = False, frames_per_call: int | None = None,
-                 conv2d_taps: bool = False, fused_norms: bool = False) -> None:
+                 conv2d_taps: bool = False, fused_norms: bool = False, fused_tap_sum: bool = False,
+                 transposed_upsample: bool = False, fused_blocks: bool = False) -> None:
         if frames_per_call is not None and (isinstance(frames_per_call, bool) or frames_per_call < 1):
             raise ValueError(f"frames_per_call must be a positive integer or None, got {frames_per_call!r}")
         self.vae = vae
@@ -41,11 +42,19 @@ class StreamingVAEDecoder:
         if conv2d_taps:  # the decoder's causal 3-D convolutions as per-tap 2-D ones (stays on the VAE; same output)
             from .vae_conv import apply_conv2d_taps
 
-            apply_conv2d_taps(vae.decoder)
+            apply_conv2d_taps(vae.decoder, fused_sum=fused_tap_sum)
         if fused_norms:  # the decoder's RMS norms as one fused pass each (stays on the VAE; bf16-rounding close)
             from .vae_norm import apply_fused_norms
 
             apply_fused_norms(vae.decoder)
+        if transposed_upsample:  # 2x nearest upsample + 3x3 conv as one transposed conv (same output up to rounding)
+            from .vae_upsample import apply_transposed_upsample
+
+            apply_transposed_upsample(vae.decoder, channels_last=channels_last)
+        if fused_blocks:  # residual blocks: norm + SiLU in one pass, the shortcut added in the tap sum
+            from .vae_block import apply_fused_blocks
+
+            apply_fused_blocks(vae.decoder)
         self._stats: dict = {}
         if channels_last:
             # cuDNN's tensor-core 3-D convolutions want channels-last (NDHWC) activations and weights.

@@ -15,17 +15,35 @@ METHODS = {
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_compiled_blocks_match_eager_and_do_not_recompile_as_the_cache_rolls(method):
+def test_compiled_blocks_match_eager_and_do_not_recompile_as_the_cache_rolls(method, monkeypatch):
     import torch._dynamo
     from torch._dynamo.utils import counters
+
+    import genkv.pipelines.self_forcing.vae_conv as vae_conv
+    import genkv.pipelines.self_forcing.vae_upsample as vae_upsample
+
+    # The fast path's decoder must run its fused pieces: count the tap sums (4 partials: a block's shortcut folded
+    # in) and the up-samplers' transposed convolutions.
+    fused = {"sums": [], "transposed": 0}
+    real_sum, real_transposed = vae_conv.sum_partials, vae_upsample.F.conv_transpose2d
+    monkeypatch.setattr(vae_conv, "sum_partials",
+                        lambda parts, bias: fused["sums"].append(len(parts)) or real_sum(parts, bias))
+
+    def counting_transposed(*args, **kwargs):
+        fused["transposed"] += 1
+        return real_transposed(*args, **kwargs)
+
+    monkeypatch.setattr(vae_upsample.F, "conv_transpose2d", counting_transposed)
 
     torch._dynamo.reset()
     counters.clear()  # graph counts are process-wide: other tests' compiled functions must not count here
     pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=2), method, **METHODS[method])
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     eager = np.concatenate(list(pipe.stream("a red circle", num_frames=61, generator=gen())))
+    assert fused == {"sums": [], "transposed": 0}  # the plain path's decoder
     pipe.enable_compile()
     compiled = np.concatenate(list(pipe.stream("a red circle", num_frames=61, generator=gen())))
+    assert 4 in fused["sums"] and fused["transposed"] > 0
     assert compiled.shape == eager.shape == (61, 64, 64, 3)
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 1  # float32: at most one uint8 rounding step
     # The cache islands are opaque ops, not graph breaks: one graph, shared by every block and every chunk.

@@ -45,3 +45,58 @@ def test_remove_restores_the_original_forward_and_temporal_strides_are_left_alon
     assert strided and all("forward" not in m.__dict__ for m in strided)  # the encoder's temporal downsampling
     assert remove_conv2d_taps(vae) == patched
     assert all("forward" not in m.__dict__ for m in vae.modules())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_tap_sum_streams_the_same_pixels(dtype):
+    """The taps summed with the bias in one pass: float64 takes the reference sum, float32 the Triton kernel (on the
+    CPU under the interpreter); both against the streamed 3-D convolutions in float64."""
+    vae = tiny_wan_vae(seed=4).double()
+    z = torch.randn(1, 16, 7, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    reference = streamed(vae, z)
+    fused = streamed(vae.to(dtype), z.to(dtype), channels_last=True, conv2d_taps=True, fused_tap_sum=True)
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.double(), reference, **tol)
+    patched = [m for m in vae.decoder.modules() if "forward" in m.__dict__]
+    assert patched and all(m._genkv_fused_tap_sum for m in patched)
+    assert remove_conv2d_taps(vae.decoder) == len(patched)
+    assert not any("_genkv_fused_tap_sum" in m.__dict__ for m in vae.decoder.modules())
+
+
+def test_fused_tap_sum_runs_the_fused_kernel_and_not_the_add_chain(monkeypatch):
+    """The switch must reach the convolutions: count the fused sums one streamed decode makes."""
+    import genkv.pipelines.self_forcing.vae_conv as vae_conv
+
+    calls = []
+    real = vae_conv.sum_partials
+    monkeypatch.setattr(vae_conv, "sum_partials", lambda parts, bias: calls.append(len(parts)) or real(parts, bias))
+    vae = tiny_wan_vae(seed=4)
+    z = torch.randn(1, 16, 7, 4, 4, generator=torch.Generator().manual_seed(2))
+    streamed(vae, z, conv2d_taps=True)
+    assert calls == []
+    remove_conv2d_taps(vae.decoder)
+    streamed(vae, z, conv2d_taps=True, fused_tap_sum=True)
+    assert calls and set(calls) == {3}  # every 3-tap convolution of every decoder call
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fused_blocks_stream_the_same_pixels_and_add_the_shortcut_in_the_tap_sum(dtype, monkeypatch):
+    """The block fusions on (norm + SiLU one pass, shortcut inside the second conv's tap sum): float64 against the
+    plain streamed decoder exactly, float32 (Triton kernel under the interpreter) to float32 rounding. The tap sums
+    must take the shortcut as a fourth partial, not a separate add, wherever the layouts match."""
+    import genkv.pipelines.self_forcing.vae_conv as vae_conv
+
+    counts = []
+    real = vae_conv.sum_partials
+    monkeypatch.setattr(vae_conv, "sum_partials", lambda parts, bias: counts.append(len(parts)) or real(parts, bias))
+    vae = tiny_wan_vae(seed=4).double()
+    z = torch.randn(1, 16, 7, 4, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    reference = streamed(vae, z)
+    fused = streamed(vae.to(dtype), z.to(dtype), channels_last=True, conv2d_taps=True, fused_tap_sum=True,
+                     fused_norms=True, fused_blocks=True)
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.double(), reference, **tol)
+    # The tiny decoder's 1-channel up-sampler outputs leave some shortcuts channels-first (those are added after
+    # the sum); most blocks' shortcuts, and every one of the real decoder's after its input conv, are folded in.
+    blocks = sum(type(m).__name__ == "WanResidualBlock" for m in vae.decoder.modules())
+    assert counts.count(4) >= blocks * 2
