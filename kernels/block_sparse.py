@@ -647,6 +647,13 @@ def _use_fast_dequant(requested: bool | None, hist_kind: int, q_dtype: torch.dty
     return _switch(requested, "GENKV_FAST_DEQUANT", default=hist_kind == _HIST_KINDS["int4"])
 
 
+def _default_tile_n(hist_kind: int, block_n: int) -> int:
+    """The key tile of a launch that names none: the mask's block, but at most 64 keys for an int4 history (kind
+    3): 0.802 vs 0.849 ms on top-16 lists and 6.16 vs 6.46 ms with every block listed (H200, Wan shapes,
+    ``bench_quant_kv.py --launch-sweep`` under ``do_bench``), and its sm_90 build spills 296 bytes, not 664."""
+    return min(block_n, 64) if hist_kind == _HIST_KINDS["int4"] else block_n
+
+
 def _use_int8_qk(requested: bool | None, hist_kind: int, q_dtype: torch.dtype) -> bool:
     """Whether whole-history int8 tiles take their logits from int8 x int8 dots (see ``int8_qk`` below): int8
     histories (kind 2) with a 16-bit q only; default (``None``) env ``GENKV_INT8_QK`` (``1`` / ``0``) if set, else
@@ -697,8 +704,8 @@ def block_sparse_attention_triton(
     (B, S_h + S_cur, H) index the combined sequence; S_h need not be a multiple of the block size.
 
     ``tile_m`` / ``tile_n`` / ``num_warps`` / ``num_stages`` shape the launch (tiles divide the mask's
-    ``block_m`` / ``block_n``; defaults are the block sizes, 8 warps at head_dim 128, 3 stages), tuned on an H100
-    by ``eval/bench_kernels.py``. ``out`` (optional) is written in place: tests pass a NaN-filled tensor to catch
+    ``block_m`` / ``block_n``; defaults are the block sizes, 64-key tiles for an int4 history, 8 warps at head_dim
+    128, 3 stages), tuned by ``eval/bench_kernels.py`` and ``eval/bench_quant_kv.py --launch-sweep``. ``out`` (optional) is written in place: tests pass a NaN-filled tensor to catch
     unwritten elements.
 
     ``fast_dequant`` (int8 / int4 histories with a bf16 / fp16 q; default: env ``GENKV_FAST_DEQUANT`` = ``1`` /
@@ -744,7 +751,7 @@ def block_sparse_attention_triton(
     bias_strides = (bias.stride(0), bias.stride(1), bias.stride(2)) if key_bias is not None else (0, 0, 0)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     tile_m = min(tile_m or block_m, block_m)
-    tile_n = min(tile_n or block_n, block_n)
+    tile_n = min(tile_n or _default_tile_n(hist_kind, block_n), block_n)
     if block_m % tile_m or block_n % tile_n or tile_m < 16 or tile_n < 16:
         raise ValueError(f"tiles ({tile_m}, {tile_n}) must be powers of two >= 16 dividing the blocks "
                          f"({block_m}, {block_n})")

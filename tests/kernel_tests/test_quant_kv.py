@@ -415,3 +415,33 @@ def test_int8_qk_applies_to_int8_histories_with_a_16_bit_q_alone(monkeypatch):
     assert not _use_int8_qk(False, int8, torch.float16)
     monkeypatch.setenv("GENKV_INT8_QK", "0")
     assert not _use_int8_qk(None, int8, torch.float16) and _use_int8_qk(True, int8, torch.float16)
+
+
+def test_int4_histories_default_to_64_key_tiles_and_match_float64_at_wan_blocks():
+    """The int4 default launch splits each 128-key block into two 64-key tiles: with a history that ends inside a
+    block (a tile wholly in the history, one straddling, chunk tiles after) and a key bias, against float64."""
+    from genkv.kernels.block_sparse import _default_tile_n
+
+    int8, int4 = 2, 3
+    assert _default_tile_n(int4, 128) == 64 and _default_tile_n(int4, 32) == 32
+    assert _default_tile_n(int8, 128) == 128 and _default_tile_n(0, 128) == 128
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    g = torch.Generator().manual_seed(7)
+    b, h, d, bm, bn = 1, 2, 64, 16, 128
+    s_h, s_cur, s_q = 200, 56, 32  # the history ends 72 keys into block 1
+    hist = history_in_a_larger_buffer(outlier_keys(b, s_h, h, d, g), torch.randn(b, s_h, h, d, generator=g), "int4",
+                                      capacity=256)
+    q = torch.randn(b, s_q, h, d, generator=g).half()
+    k, v = (torch.randn(b, s_cur, h, d, generator=g).half() for _ in range(2))
+    bias = torch.randn(b, s_h + s_cur, h, generator=g)
+    idx = torch.tensor([[[0, 1], [1, 0]]], dtype=torch.int32).expand(b, h, 2, 2).contiguous()
+    counts = torch.tensor([[2, 1]], dtype=torch.int32).expand(b, h, 2).contiguous()
+    keys, values = dequantize(hist)
+    keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
+    mask = allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn)
+    want, _ = dense_reference(q, keys, values, mask, bias)
+    dev = device_for("triton")
+    got = block_sparse_attention(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist.to(dev),
+                                 block_m=bm, block_n=bn, backend="triton")
+    torch.testing.assert_close(got.cpu().double(), want, **tolerance(torch.float16, dev))
