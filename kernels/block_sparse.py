@@ -705,8 +705,8 @@ def block_sparse_attention_triton(
 
     ``tile_m`` / ``tile_n`` / ``num_warps`` / ``num_stages`` shape the launch (tiles divide the mask's
     ``block_m`` / ``block_n``; defaults are the block sizes, 64-key tiles for an int4 history, 8 warps at head_dim
-    128, 3 stages), tuned by ``eval/bench_kernels.py`` and ``eval/bench_quant_kv.py --launch-sweep``. ``out`` (optional) is written in place: tests pass a NaN-filled tensor to catch
-    unwritten elements.
+    128, 3 stages), tuned by ``eval/bench_kernels.py`` and ``eval/bench_quant_kv.py --launch-sweep``. ``out``
+    (optional) is written in place: tests pass a NaN-filled tensor to catch unwritten elements.
 
     ``fast_dequant`` (int8 / int4 histories with a bf16 / fp16 q; default: env ``GENKV_FAST_DEQUANT`` = ``1`` /
     ``0`` if set, else on for int4 only, the faster choice on an H100 by ``eval/bench_quant_kv.py --launch-sweep``):

@@ -38,3 +38,9 @@ def unpatch_forward(module: torch.nn.Module, forward: Callable) -> int:
             del child.forward
             count += 1
     return count
+
+
+def is_patched(module: torch.nn.Module, forward: Callable) -> bool:
+    """Whether :func:`patch_forward` bound ``forward`` to ``module`` itself."""
+    bound = module.__dict__.get("forward")
+    return isinstance(bound, types.MethodType) and bound.__func__ is forward

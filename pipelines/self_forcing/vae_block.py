@@ -30,15 +30,13 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import CACHE_T, WanResidualBlock
 
 from .forward_patch import patch_forward, unpatch_forward
-from .vae_conv import _causal_conv_by_taps
+from .vae_conv import computed_by_taps
 from .vae_norm import norm_silu
 
 
 def _conv_with_cache(conv, x: torch.Tensor, feat_cache, feat_idx, residual: torch.Tensor | None = None):
     """One of the block's causal convs, reading and then updating its slot of the decoder's frame cache (as
     diffusers' block does); ``residual`` is added to its output (inside the tap sum when ``conv`` allows)."""
-    bound = conv.__dict__.get("forward")
-    by_taps = bound is not None and bound.__func__ is _causal_conv_by_taps
     if feat_cache is None:
         cached = None
     else:
@@ -49,7 +47,7 @@ def _conv_with_cache(conv, x: torch.Tensor, feat_cache, feat_idx, residual: torc
             cache_x = torch.cat([cached[:, :, -1:].to(cache_x.device), cache_x], dim=2)
         feat_cache[idx] = cache_x
         feat_idx[0] += 1
-    if by_taps:
+    if computed_by_taps(conv):
         return conv(x, cached, residual=residual)
     out = conv(x, cached)
     return out if residual is None else out + residual

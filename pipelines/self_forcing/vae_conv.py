@@ -34,7 +34,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from genkv.kernels.tap_sum import same_layout, sum_partials
 
-from .forward_patch import patch_forward, unpatch_forward
+from .forward_patch import is_patched, patch_forward, unpatch_forward
 
 _FUSED_SUM = "_genkv_fused_tap_sum"  # per-convolution switch set by apply_conv2d_taps
 
@@ -103,6 +103,12 @@ def apply_conv2d_taps(module: torch.nn.Module, fused_sum: bool = False) -> int:
         if _convertible(child):
             setattr(child, _FUSED_SUM, fused_sum)
     return count
+
+
+def computed_by_taps(conv: torch.nn.Module) -> bool:
+    """Whether ``conv`` runs as per-tap ``conv2d`` calls (:func:`apply_conv2d_taps`), whose forward also takes a
+    ``residual`` to add."""
+    return is_patched(conv, _causal_conv_by_taps)
 
 
 def remove_conv2d_taps(module: torch.nn.Module) -> int:

@@ -23,7 +23,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanRMS_norm
 
 from genkv.compile import CompiledOnCuda
 
-from .forward_patch import patch_forward, unpatch_forward
+from .forward_patch import is_patched, patch_forward, unpatch_forward
 
 
 def rms_norm(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | float, scale: float, dim: int) -> torch.Tensor:
@@ -57,7 +57,7 @@ _rms_norm_silu_fused = CompiledOnCuda(rms_norm_silu, "VAE fused norm + SiLU", re
 
 def norm_silu(norm: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
     """``silu(norm(x))``: one fused pass when ``norm`` carries :func:`apply_fused_norms`, else the two modules'."""
-    if norm.__dict__.get("forward") is not None and norm.forward.__func__ is _fused_forward:
+    if is_patched(norm, _fused_forward):
         return _rms_norm_silu_fused(x, norm.gamma, norm.bias, norm.scale, 1 if norm.channel_first else -1)
     return torch.nn.functional.silu(norm(x))
 

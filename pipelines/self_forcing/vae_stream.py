@@ -16,6 +16,13 @@ from diffusers import AutoencoderKLWan
 class StreamingVAEDecoder:
     """Decode latent chunks of one (batch of) video(s) in order.
 
+    The decoder options each compute the same pixels (exactly in float64; to bf16 rounding in bf16) and patch the
+    VAE's decoder in place: ``channels_last`` (NDHWC activations), ``frames_per_call``, ``conv2d_taps`` (causal 3-D
+    convolutions as per-tap 2-D ones, ``vae_conv``), ``fused_norms`` (``vae_norm``), ``fused_tap_sum`` (the taps,
+    bias and shortcut summed in one pass; needs ``conv2d_taps``), ``transposed_upsample`` (``vae_upsample``) and
+    ``fused_blocks`` (norm + SiLU in one pass and the shortcut in the tap sum, where those pieces are on;
+    ``vae_block``). ``SelfForcingPipeline.enable_compile`` turns them all on.
+
     Example:
         >>> import torch
         >>> from genkv.testing import tiny_wan_vae
@@ -32,6 +39,8 @@ class StreamingVAEDecoder:
                  transposed_upsample: bool = False, fused_blocks: bool = False) -> None:
         if frames_per_call is not None and (isinstance(frames_per_call, bool) or frames_per_call < 1):
             raise ValueError(f"frames_per_call must be a positive integer or None, got {frames_per_call!r}")
+        if fused_tap_sum and not conv2d_taps:
+            raise ValueError("fused_tap_sum sums the per-tap convolutions: it needs conv2d_taps=True as well")
         self.vae = vae
         self.channels_last = channels_last
         # Latent frames per decoder call. Upstream decodes one at a time; the causal convolutions read their

@@ -100,3 +100,8 @@ def test_fused_blocks_stream_the_same_pixels_and_add_the_shortcut_in_the_tap_sum
     # the sum); most blocks' shortcuts, and every one of the real decoder's after its input conv, are folded in.
     blocks = sum(type(m).__name__ == "WanResidualBlock" for m in vae.decoder.modules())
     assert counts.count(4) >= blocks * 2
+
+
+def test_fused_tap_sum_without_the_taps_is_refused():
+    with pytest.raises(ValueError, match="needs conv2d_taps=True"):
+        StreamingVAEDecoder(tiny_wan_vae(seed=4), fused_tap_sum=True)
