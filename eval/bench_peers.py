@@ -13,7 +13,7 @@ Systems (``--systems``, default all):
                        frames, 81 output frames).
     flashdreams        NVIDIA FlashDreams' Self-Forcing recipe: not runnable here, the row says why.
     genkv              ``rolling:window_frames=21``, eager (``genkv render`` without options).
-    genkv-compile      the same with ``--compile`` (compiled blocks, CUDA graphs, fast Wan VAE decode).
+    genkv-compile      the same with ``--compile`` (compiled blocks, CUDA graphs, fused Wan VAE decoder).
     genkv-compile-fp8  ``--compile --fp8``.
     genkv-taehv        ``--decoder taehv`` (TAEHV at its published shapes, random weights, fp16).
     genkv-compile-taehv, genkv-compile-fp8-taehv   those flags together.

@@ -100,7 +100,8 @@ def render(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     compile: bool = typer.Option(
         False, "--compile", help="The fast path: compiled transformer blocks replayed from CUDA graphs, channels-last "
-        "VAE decode with per-tap 2-D convolutions and fused norms (CUDA; the first chunk pays ~15 s of compilation)."
+        "VAE decode with per-tap 2-D convolutions, fused norms, one-pass tap sums and transposed up-samplers (CUDA; the "
+        "first chunk pays ~15 s of compilation)."
     ),
     cuda_graphs: Optional[bool] = typer.Option(
         None, "--cuda-graphs/--no-cuda-graphs", help="Record each chunk's second transformer forward as a CUDA graph "
