@@ -588,9 +588,11 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
         fps_steady=sum(n for n, _ in steady) / sum(s for _, s in steady) if steady else None,
         peak_memory_bytes=clock.peak_bytes(),
         resident_memory_bytes_at_start=clock.resident_at_reset,
-        kv_bytes=genkv.cache_stats(pipe)["bytes"],  # the self-attention cache's buffers at the end (codes + scales)
         notes=[],
     )
+    stats = genkv.cache_stats(pipe)
+    row["kv_bytes"] = stats["bytes"]  # the self-attention cache's buffers at the end (codes + scales, staging)
+    row["kv_history_bytes"] = stats["used_bytes"]  # the committed tokens' K/V alone (compare across kv_dtype)
     genkv.remove_genkv(pipe)
     del pipe, embeds
     if variant["compile"]:

@@ -194,8 +194,9 @@ def cache_stats(pipe_or_transformer: Any) -> dict[str, Any]:
     """Tokens and bytes the KV cache holds, per layer and in total.
 
     Returns a dict with ``method``, ``config``, ``frames_committed``, ``tokens`` (kept now, all layers and
-    branches), ``tokens_seen`` (committed so far, before eviction), ``bytes`` (allocated buffers),
-    ``cross_bytes`` (per-prompt cross-attention K/V) and ``layers`` (one row per layer and CFG branch).
+    branches), ``tokens_seen`` (committed so far, before eviction), ``bytes`` (allocated buffers), ``used_bytes``
+    (the committed tokens' K/V: codes and scales for a quantized cache; the figure to compare across ``kv_dtype``
+    at equal tokens), ``cross_bytes`` (per-prompt cross-attention K/V) and ``layers`` (one row per layer and CFG branch).
 
     Example:
         >>> import genkv

@@ -872,7 +872,7 @@ class KVCacheStore:
     def stats(self) -> dict:
         """Tokens and bytes held per layer and in total (see :func:`genkv.cache_stats`)."""
         per_layer = []
-        total_bytes = total_tokens = total_seen = 0
+        total_bytes = total_used = total_tokens = total_seen = 0
         for branch, layers in sorted(self.caches.items()):
             for i, cache in enumerate(layers):
                 row = {
@@ -887,6 +887,7 @@ class KVCacheStore:
                 }
                 per_layer.append(row)
                 total_bytes += row["bytes"]
+                total_used += row["used_bytes"]
                 total_tokens += row["tokens"]
                 total_seen += row["tokens_seen"]
         cross_bytes = sum(k.numel() * k.element_size() * 2 for _, k, _ in self.cross.values())
@@ -900,6 +901,7 @@ class KVCacheStore:
             "tokens": total_tokens,
             "tokens_seen": total_seen,
             "bytes": total_bytes,
+            "used_bytes": total_used,
             "kv_dtype": self.kv_dtype,
             **({"budget": self.fitted_budget} if self.fitted_budget is not None else {}),
             "cross_bytes": cross_bytes,

@@ -104,6 +104,9 @@ def test_fastar_int4_stores_its_history_as_codes_in_less_than_half_the_bytes(tmp
     plain, int4 = rows["genkv@fastar"], rows["genkv@fastar-int4"]
     assert int4["settings"] == "fastar:kv_dtype=int4, eager" and int4["frames"] == plain["frames"] == 21
     assert 0 < int4["kv_bytes"] < 0.5 * plain["kv_bytes"]
+    # the committed history alone (no staging buffer, no records): codes and scales against bf16's K/V
+    assert plain["kv_history_bytes"] < plain["kv_bytes"] and 0 < int4["kv_history_bytes"] < int4["kv_bytes"]
+    assert int4["kv_history_bytes"] < 0.3 * plain["kv_history_bytes"]  # (the tiny model's history is fp32: ~0.19)
 
 
 def test_a_folder_that_is_no_checkout_is_a_skipped_row_not_a_crash(tmp_path):

@@ -159,7 +159,8 @@ def _kv_bytes(kind: str, chunks: int, heads: int = 12, dim: int = 128) -> list[t
         store.layer(0).stage(key, key)
         store.commit()
         stats = store.stats()
-        rows.append((stats["tokens"], stats["layers"][0]["used_bytes"], stats["bytes"]))
+        assert stats["used_bytes"] == sum(layer["used_bytes"] for layer in stats["layers"])
+        rows.append((stats["tokens"], stats["used_bytes"], stats["bytes"]))
     return rows
 
 
