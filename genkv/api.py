@@ -196,7 +196,8 @@ def cache_stats(pipe_or_transformer: Any) -> dict[str, Any]:
     Returns a dict with ``method``, ``config``, ``frames_committed``, ``tokens`` (kept now, all layers and
     branches), ``tokens_seen`` (committed so far, before eviction), ``bytes`` (allocated buffers), ``used_bytes``
     (the committed tokens' K/V: codes and scales for a quantized cache; the figure to compare across ``kv_dtype``
-    at equal tokens), ``cross_bytes`` (per-prompt cross-attention K/V) and ``layers`` (one row per layer and CFG branch).
+    at equal tokens), ``cross_bytes`` (per-prompt cross-attention K/V) and ``layers`` (one row per layer and CFG
+    branch).
 
     Example:
         >>> import genkv

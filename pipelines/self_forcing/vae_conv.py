@@ -34,9 +34,7 @@ from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from genkv.kernels.tap_sum import same_layout, sum_partials
 
-from .forward_patch import is_patched, patch_forward, unpatch_forward
-
-_FUSED_SUM = "_genkv_fused_tap_sum"  # per-convolution switch set by apply_conv2d_taps
+from .forward_patch import forward_option, is_patched, patch_forward, unpatch_forward
 
 
 def _causal_conv_by_taps(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.Tensor | None = None,
@@ -55,7 +53,7 @@ def _causal_conv_by_taps(self: WanCausalConv3d, x: torch.Tensor, cache_x: torch.
     # (B, C, T, H, W) -> (B, T, C, H, W): with channels-last-3d strides the (B*T, C, H, W) fold below is a view.
     by_frame = x.transpose(1, 2)
     padding = (self._padding[2], self._padding[0])  # (h, w): symmetric zero padding, as the original's F.pad
-    fused = getattr(self, _FUSED_SUM, False) and (taps > 1 or residual is not None)
+    fused = forward_option(self, "fused_sum", False) and (taps > 1 or residual is not None)
     out = None
     partials = []
     for j in range(taps):
@@ -98,11 +96,7 @@ def apply_conv2d_taps(module: torch.nn.Module, fused_sum: bool = False) -> int:
     ``fused_sum``: add the taps and the bias in one pass (float32, one rounding) rather than one ``add_`` each.
     Weights are untouched (they stay the checkpoint's); :func:`remove_conv2d_taps` restores the original forward.
     """
-    count = patch_forward(module, _convertible, _causal_conv_by_taps)
-    for child in module.modules():
-        if _convertible(child):
-            setattr(child, _FUSED_SUM, fused_sum)
-    return count
+    return patch_forward(module, _convertible, _causal_conv_by_taps, fused_sum=fused_sum)
 
 
 def computed_by_taps(conv: torch.nn.Module) -> bool:
@@ -113,7 +107,4 @@ def computed_by_taps(conv: torch.nn.Module) -> bool:
 
 def remove_conv2d_taps(module: torch.nn.Module) -> int:
     """Undo :func:`apply_conv2d_taps` under ``module``; returns how many convolutions were restored."""
-    for child in module.modules():
-        if _FUSED_SUM in child.__dict__:
-            delattr(child, _FUSED_SUM)
     return unpatch_forward(module, _causal_conv_by_taps)

@@ -55,15 +55,20 @@ def rms_norm_silu(x: torch.Tensor, gamma: torch.Tensor, bias: torch.Tensor | flo
 _rms_norm_silu_fused = CompiledOnCuda(rms_norm_silu, "VAE fused norm + SiLU", recompile_limit=64)
 
 
+def _norm_args(norm: WanRMS_norm) -> tuple:
+    """A ``WanRMS_norm``'s parameters as :func:`rms_norm` takes them (after x)."""
+    return norm.gamma, norm.bias, norm.scale, 1 if norm.channel_first else -1
+
+
 def norm_silu(norm: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
     """``silu(norm(x))``: one fused pass when ``norm`` carries :func:`apply_fused_norms`, else the two modules'."""
     if is_patched(norm, _fused_forward):
-        return _rms_norm_silu_fused(x, norm.gamma, norm.bias, norm.scale, 1 if norm.channel_first else -1)
+        return _rms_norm_silu_fused(x, *_norm_args(norm))
     return torch.nn.functional.silu(norm(x))
 
 
 def _fused_forward(self: WanRMS_norm, x: torch.Tensor) -> torch.Tensor:
-    return _rms_norm_fused(x, self.gamma, self.bias, self.scale, 1 if self.channel_first else -1)
+    return _rms_norm_fused(x, *_norm_args(self))
 
 
 def apply_fused_norms(module: torch.nn.Module) -> int:

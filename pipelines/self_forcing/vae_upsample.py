@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanUpsample
 
-from .forward_patch import patch_forward, unpatch_forward
+from .forward_patch import forward_option, patch_forward, unpatch_forward
 
 # Which of the 3x3 kernel's taps (rows) land on each of the transposed kernel's 4 taps, along one axis.
 _TAPS_BY_PHASE = torch.tensor([[0, 0, 1], [0, 1, 1], [1, 1, 0], [1, 0, 0]], dtype=torch.float64)
@@ -60,7 +60,7 @@ def _upsample_by_transposed_conv(self: torch.nn.Sequential, x: torch.Tensor) -> 
     :func:`apply_transposed_upsample`)."""
     conv = self[1]
     weight = conv.weight
-    if self.__dict__.get("_genkv_channels_last"):
+    if forward_option(self, "channels_last", False):
         # After upsample3d's frame interleave (a torch.stack) the activation is channels-first, so cuDNN would copy
         # it to its own layout anyway; doing it here makes the output, and so every later layer, channels-last.
         x = x.contiguous(memory_format=torch.channels_last)
@@ -78,16 +78,11 @@ def apply_transposed_upsample(module: torch.nn.Module, channels_last: bool = Fal
     """Compute every 2x nearest upsample + 3x3 convolution under ``module`` (the Wan decoder's ``WanResample``
     up-samplers) as one transposed convolution; returns how many. ``channels_last``: give them (and so the layers
     after them) channels-last inputs, as a channels-last decoder wants. :func:`remove_transposed_upsample` undoes it."""
-    count = patch_forward(module, _eligible, _upsample_by_transposed_conv)
-    for child in module.modules():
-        if _eligible(child):
-            child.__dict__["_genkv_channels_last"] = channels_last
-    return count
+    return patch_forward(module, _eligible, _upsample_by_transposed_conv, channels_last=channels_last)
 
 
 def remove_transposed_upsample(module: torch.nn.Module) -> int:
     """Undo :func:`apply_transposed_upsample` under ``module``; returns how many were restored."""
     for child in module.modules():
         child.__dict__.pop("_genkv_transposed_kernel", None)
-        child.__dict__.pop("_genkv_channels_last", None)
     return unpatch_forward(module, _upsample_by_transposed_conv)

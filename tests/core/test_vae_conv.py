@@ -5,6 +5,7 @@ import torch
 from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
 from genkv.pipelines import StreamingVAEDecoder
+from genkv.pipelines.self_forcing.forward_patch import forward_option
 from genkv.pipelines.self_forcing.vae_conv import apply_conv2d_taps, remove_conv2d_taps
 from genkv.testing import tiny_wan_vae
 
@@ -58,9 +59,9 @@ def test_fused_tap_sum_streams_the_same_pixels(dtype):
     tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(fused.double(), reference, **tol)
     patched = [m for m in vae.decoder.modules() if "forward" in m.__dict__]
-    assert patched and all(m._genkv_fused_tap_sum for m in patched)
+    assert patched and all(forward_option(m, "fused_sum") for m in patched)
     assert remove_conv2d_taps(vae.decoder) == len(patched)
-    assert not any("_genkv_fused_tap_sum" in m.__dict__ for m in vae.decoder.modules())
+    assert not any(forward_option(m, "fused_sum") is not None for m in vae.decoder.modules())
 
 
 def test_fused_tap_sum_runs_the_fused_kernel_and_not_the_add_chain(monkeypatch):
