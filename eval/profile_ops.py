@@ -3,6 +3,7 @@
     python eval/profile_ops.py --methods fastar rolling:window_frames=21 --frames 96 --out runs/ops.json
     python eval/profile_ops.py --compile --methods fastar --frames 120 --chunks 3   # compiled blocks
     python eval/profile_ops.py --fast --methods fastar --frames 240 --chunks 4      # as renders run: how busy
+    python eval/profile_ops.py --fast --fp8 --decoder taehv --methods fastar --frames 120 --chunks 3
 
 Also prints each chunk phase's host (wall) time next to the device time of the kernels it launched (the
 pipeline names its phases with ``record_function``: ``genkv.denoise``, ``genkv.kv_commit.forward``,
@@ -137,11 +138,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fast", action="store_true",
                         help="the whole fast path of render --compile (compiled blocks, CUDA graphs, fast VAE) with "
                         "the decode overlapped on its side stream, as renders run; adds how busy the GPU was")
+    parser.add_argument("--fp8", action="store_true", help="the transformer's linears in FP8 (as render --fp8)")
+    parser.add_argument("--decoder", choices=("wan", "taehv"), default="wan",
+                        help="taehv: TAEHV's architecture at random weights in fp16 (as render --decoder taehv)")
     parser.add_argument("--out", type=Path, default=Path("profile_ops.json"))
     args = parser.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, embeds = build_pipeline(args.model, device, dtype)
+    if args.decoder == "taehv":
+        from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
+
+        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=torch.float16 if device.type == "cuda" else dtype))
+    if args.fp8:  # before compiling, as render --fp8 does: Inductor fuses the activation quantization
+        from genkv.fp8 import enable_fp8
+
+        enable_fp8(pipe.transformer)
     frames_per_chunk = 4 * pipe.config.num_frames_per_chunk
     total_chunks = max(args.chunks + 1, args.frames // frames_per_chunk)
     result = {}
@@ -182,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         result[spec] |= {"by_device": top_ops(prof, key, args.top), "by_host": top_ops(prof, "self_host_ms", args.top)}
         kernels_ms = device_busy_ms(prof) / args.chunks
         busy_ms, span_ms = device_busy_union_ms(prof)
-        result[spec] |= {"compile": args.compile or args.fast, "fast": args.fast, "wall_ms_per_chunk": wall,
+        result[spec] |= {"compile": args.compile or args.fast, "fast": args.fast, "fp8": args.fp8,
+                         "decoder": args.decoder, "wall_ms_per_chunk": wall,
                          "kernel_ms_per_chunk": kernels_ms, "device_busy_ms_per_chunk": busy_ms / args.chunks,
                          "device_span_ms": span_ms, "phases": phase_split(prof, args.chunks)}
         label = " (fast path)" if args.fast else " (compiled blocks)" if args.compile else ""
