@@ -13,6 +13,7 @@ for scale, bf16 against float32 of the same weights.
 
     python eval/bench_fp8.py --out runs/fp8.json                  # on an H200: well under 3 minutes
     python eval/bench_fp8.py --device cpu --tiny                  # a CPU smoke run of the same code
+    python eval/bench_fp8.py --scaling row tensor --fast-accum both  # the four FP8 GEMM settings side by side
 """
 
 from __future__ import annotations
@@ -78,8 +79,19 @@ def time_ms(fn, args, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t) * 1e3 / iters
 
 
+def fp8_configs(scalings: list[str], fast_accum: str) -> list[tuple[str, bool]]:
+    """The (scaling, fast accumulation) pairs to compare: every scaling asked, with ``fast_accum`` off, on or
+    both."""
+    fast = {"off": [False], "on": [True], "both": [False, True]}[fast_accum]
+    return [(scaling, f) for scaling in scalings for f in fast]
+
+
+def config_label(scaling: str, fast: bool) -> str:
+    return f"FP8 {'per-row' if scaling == 'row' else 'per-tensor'}{' fast-accum' if fast else ''}"
+
+
 def bench_block(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bool, warmup: int, iters: int,
-                fast_accum: bool, mode: str | None) -> list[dict]:
+                configs: list[tuple[str, bool]], mode: str | None) -> list[dict]:
     from genkv.fp8 import enable_fp8
 
     torch.manual_seed(0)
@@ -89,22 +101,27 @@ def bench_block(shape: dict, device: torch.device, dtype: torch.dtype, compile_:
     gen = torch.Generator(device=device).manual_seed(0)
     args = [torch.randn(1, tokens, dim, device=device, dtype=dtype, generator=gen) for _ in range(3)]
     args += [0.1 * torch.randn(1, 1, dim, device=device, dtype=torch.float32, generator=gen) for _ in range(2)]
-    fp8 = copy.deepcopy(bf16)
-    replaced = enable_fp8(fp8, include="*", fast_accum=fast_accum, keep_originals=None)
-    variants = [("bf16 eager", bf16, False), ("FP8 eager (quantization unfused)", fp8, False)]
-    if compile_:
-        variants += [("bf16 compiled", bf16, True), ("FP8 compiled (quantization fused)", fp8, True)]
+    variants = [("bf16 eager", bf16, False, None)] + ([("bf16 compiled", bf16, True, None)] if compile_ else [])
+    replaced = 0
+    for scaling, fast in configs:
+        fp8 = copy.deepcopy(bf16)
+        replaced = enable_fp8(fp8, include="*", fast_accum=fast, keep_originals=None, scaling=scaling)
+        label = config_label(scaling, fast)
+        variants.append((f"{label} eager (quantization unfused)", fp8, False, (scaling, fast)))
+        if compile_:
+            variants.append((f"{label} compiled (quantization fused)", fp8, True, (scaling, fast)))
     flops = gemm_flops(dim, ffn, tokens)
     rows, outputs = [], {}
     with torch.inference_mode():
-        for name, module, compiled in variants:
+        for name, module, compiled, config in variants:
             fn = torch.compile(module, dynamic=False, mode=mode) if compiled else module
             t0 = time.perf_counter()
             outputs[name] = fn(*args)[0].float()
             first_s = time.perf_counter() - t0
             ms = time_ms(fn, args, device, warmup, iters)
             rows.append({"variant": name, "ms_per_block": ms, "ms_per_chunk_30x5": ms * 150,
-                         "gemm_tflops": flops / ms / 1e9, "first_call_s": first_s})
+                         "gemm_tflops": flops / ms / 1e9, "first_call_s": first_s, "compiled": compiled,
+                         "scaling": config and config[0], "fast_accum": config and config[1]})
     ref = outputs["bf16 eager"]
     for row in rows:
         row["ratio_to_bf16_eager"] = rows[0]["ms_per_block"] / row["ms_per_block"]
@@ -114,11 +131,15 @@ def bench_block(shape: dict, device: torch.device, dtype: torch.dtype, compile_:
         row["rel_error_of_block_update"] = ((out - ref).norm() / change.norm()).item()
     for row in rows:
         row["fp8_layers"] = replaced if row["variant"].startswith("FP8") else 0
+    bf16_compiled = next((r["ms_per_block"] for r in rows if r["variant"] == "bf16 compiled"), None)
+    for row in rows:
+        row["ratio_to_bf16_compiled"] = bf16_compiled / row["ms_per_block"] if bf16_compiled else None
     return rows
 
 
-def chunk_latent_errors(model: str, device: torch.device, fast_accum: bool) -> dict:
-    """One chunk's latents: FP8 vs bf16, and bf16 vs float32 of the same weights (for scale)."""
+def chunk_latent_errors(model: str, device: torch.device, configs: list[tuple[str, bool]]) -> dict:
+    """One chunk's latents: FP8 (each of ``configs``) vs bf16, and bf16 vs float32 of the same weights (for
+    scale). The first config's figures are also the flat keys of older runs."""
     import genkv
     from bench_rollout import build_pipeline
 
@@ -144,30 +165,39 @@ def chunk_latent_errors(model: str, device: torch.device, fast_accum: bool) -> d
     t0 = time.perf_counter()
     with torch.inference_mode():
         bf16 = latents(embeds)
-        replaced = enable_fp8(pipe.transformer, fast_accum=fast_accum, keep_originals="device")
-        skipped = len(fp8_summary(pipe.transformer)["skipped_dims"])
-        fp8 = latents(embeds)
-        disable_fp8(pipe.transformer)
+        fp8 = {}
+        for scaling, fast in configs:
+            replaced = enable_fp8(pipe.transformer, fast_accum=fast, keep_originals="device", scaling=scaling)
+            skipped = len(fp8_summary(pipe.transformer)["skipped_dims"])
+            fp8[(scaling, fast)] = latents(embeds)
+            disable_fp8(pipe.transformer)
         pipe.transformer.to(torch.float32)
         fp32 = latents(embeds.float())
     tokens = chunk * (height // s // 2) * (width // s // 2)
+    per_config = [{"scaling": scaling, "fast_accum": fast, "label": config_label(scaling, fast),
+                   "rel_error_fp8_vs_bf16": rel(out, bf16), "rel_error_fp8_vs_fp32": rel(out, fp32)}
+                  for (scaling, fast), out in fp8.items()]
     return {"model": model, "latent_frames": chunk, "tokens": tokens, "fp8_layers": replaced,
-            "fp8_skipped_dims": skipped, "rel_error_fp8_vs_bf16": rel(fp8, bf16),
-            "rel_error_bf16_vs_fp32": rel(bf16, fp32), "rel_error_fp8_vs_fp32": rel(fp8, fp32),
-            "seconds": time.perf_counter() - t0}
+            "fp8_skipped_dims": skipped, "rel_error_fp8_vs_bf16": per_config[0]["rel_error_fp8_vs_bf16"],
+            "rel_error_bf16_vs_fp32": rel(bf16, fp32), "rel_error_fp8_vs_fp32": per_config[0]["rel_error_fp8_vs_fp32"],
+            "configs": per_config, "seconds": time.perf_counter() - t0}
 
 
 def print_tables(block_rows: list[dict], shape: dict, latents: dict | None) -> None:
     print(f"\none block's linears at {shape['tokens']} tokens (dim {shape['dim']}, FFN {shape['ffn']}):")
-    print(f"{'variant':<36} {'ms/block':>9} {'x150/chunk':>11} {'TFLOP/s':>8} {'vs bf16':>8} {'rel err':>9}")
+    print(f"{'variant':<52} {'ms/block':>9} {'x150/chunk':>11} {'TFLOP/s':>8} {'vs bf16':>8} {'vs comp.':>9} "
+          f"{'rel err':>9}")
     for r in block_rows:
-        print(f"{r['variant']:<36} {r['ms_per_block']:9.3f} {r['ms_per_chunk_30x5']:11.1f} {r['gemm_tflops']:8.1f} "
-              f"{r['ratio_to_bf16_eager']:7.2f}x {r['rel_error_of_block_update']:9.2e}")
+        vs_compiled = f"{r['ratio_to_bf16_compiled']:8.2f}x" if r["ratio_to_bf16_compiled"] else f"{'-':>9}"
+        print(f"{r['variant']:<52} {r['ms_per_block']:9.3f} {r['ms_per_chunk_30x5']:11.1f} {r['gemm_tflops']:8.1f} "
+              f"{r['ratio_to_bf16_eager']:7.2f}x {vs_compiled} {r['rel_error_of_block_update']:9.2e}")
     if latents:
         print(f"\none chunk's latents ({latents['model']}, {latents['tokens']} tokens, {latents['fp8_layers']} FP8 "
-              f"layers, {latents['fp8_skipped_dims']} kept for their dims):")
-        print(f"  FP8 vs bf16 {latents['rel_error_fp8_vs_bf16']:.3e}   bf16 vs fp32 "
-              f"{latents['rel_error_bf16_vs_fp32']:.3e}   FP8 vs fp32 {latents['rel_error_fp8_vs_fp32']:.3e}")
+              f"layers, {latents['fp8_skipped_dims']} kept for their dims): bf16 vs fp32 "
+              f"{latents['rel_error_bf16_vs_fp32']:.3e}")
+        for c in latents["configs"]:
+            print(f"  {c['label']:<28} vs bf16 {c['rel_error_fp8_vs_bf16']:.3e}   vs fp32 "
+                  f"{c['rel_error_fp8_vs_fp32']:.3e}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +207,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", dest="compile_", action=argparse.BooleanOptionalAction, default=None,
                         help="also time the compiled variants (default: on CUDA only; a CPU compile takes minutes)")
     parser.add_argument("--mode", default=None, help="torch.compile mode for the compiled variants")
-    parser.add_argument("--fast-accum", action="store_true", help="_scaled_mm's fast accumulation (Hopper)")
+    parser.add_argument("--fast-accum", nargs="?", const="on", default="off", choices=("off", "on", "both"),
+                        help="_scaled_mm's fast accumulation (Hopper): off, on (the bare flag) or both")
+    parser.add_argument("--scaling", nargs="+", default=["row"], choices=("row", "tensor"),
+                        help="FP8 scalings to compare: per row (token / output channel) and / or per tensor")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--no-latents", action="store_true", help="skip (b), the chunk latents' error")
@@ -197,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     iters = args.iters if args.iters is not None else (50 if cuda else 5)
     dtype = torch.bfloat16
-    block_rows = bench_block(shape, device, dtype, compile_, warmup, iters, args.fast_accum, args.mode)
+    configs = fp8_configs(args.scaling, args.fast_accum)
+    block_rows = bench_block(shape, device, dtype, compile_, warmup, iters, configs, args.mode)
     latents = None if args.no_latents else chunk_latent_errors("tiny" if args.tiny else "wan-1.3b", device,
-                                                               args.fast_accum)
+                                                               configs)
     print_tables(block_rows, shape, latents)
     write_result(args.out, device, shape=shape, dtype="bf16", fast_accum=args.fast_accum, compile_mode=args.mode,
                  block=block_rows, latents=latents, fp8_support=reason)

@@ -55,13 +55,15 @@ Example (CPU, a tiny model; ``include`` defaults to every linear when the module
 from __future__ import annotations
 
 import fnmatch
+import os
 import warnings
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["FP8Linear", "enable_fp8", "disable_fp8", "fp8_supported", "fp8_summary", "quantize_rows"]
+__all__ = ["FP8Linear", "enable_fp8", "disable_fp8", "fp8_supported", "fp8_summary", "quantize_rows",
+           "quantize_tensor"]
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max; e4m3fn has no inf: values past it must be clamped
@@ -83,6 +85,20 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor e4m3 quantization: ``(q, scale)`` with ``x ~= q.float() * scale`` and one float32 ``scale =
+    max(amax of x, 1e-12) / 448`` (a 0-d tensor). e4m3 is a floating format, so small entries keep their relative
+    precision down to 2^-9 of the largest (below that they flush toward zero), not a few levels as int8 would.
+    """
+    xf = x.float()
+    scale = xf.abs().amax().clamp(min=AMAX_FLOOR) / E4M3_MAX
+    q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
+    return q, scale
+
+
+SCALINGS = ("row", "tensor")
+
+
 class FP8Linear(nn.Module):
     """An ``nn.Linear`` whose weight is stored in FP8 (e4m3, one float32 scale per output channel) and whose
     forward quantizes the activation per token and multiplies with ``torch._scaled_mm``.
@@ -90,18 +106,26 @@ class FP8Linear(nn.Module):
     Buffers: ``weight_fp8`` (out, in) ``float8_e4m3fn`` and ``weight_scale`` (1, out) float32; ``bias`` stays a
     high-precision parameter and follows the model's dtype. A model-wide ``.to(dtype)`` moves the buffers but
     keeps their dtypes. ``fast_accum``: ``_scaled_mm``'s faster, less exact accumulation on Hopper.
+    ``scaling``: ``"row"`` (the default: a scale per token and per output channel, CUTLASS's row-wise kernel on
+    CUDA) or ``"tensor"`` (one scale for the weight and one per activation tensor, cuBLASLt's FP8 GEMM on CUDA);
+    ``weight_scale`` is then (1, 1).
     """
 
-    def __init__(self, linear: nn.Linear, *, fast_accum: bool = False, keep_original: str | None = "cpu") -> None:
+    def __init__(self, linear: nn.Linear, *, fast_accum: bool = False, keep_original: str | None = "cpu",
+                 scaling: str = "row") -> None:
         super().__init__()
         if FP8_DTYPE is None or not hasattr(torch, "_scaled_mm"):
             raise RuntimeError(f"FP8 needs torch with float8_e4m3fn and torch._scaled_mm; torch {torch.__version__} "
                                "lacks them: run without --fp8")
+        if scaling not in SCALINGS:
+            raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}; got {scaling!r}")
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.fast_accum = fast_accum
+        self.scaling = scaling
+        self._quantize = quantize_rows if scaling == "row" else quantize_tensor
         with torch.no_grad():
-            q, scale = quantize_rows(linear.weight.detach())
+            q, scale = self._quantize(linear.weight.detach())
         self.register_buffer("weight_fp8", q)
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())
         if linear.bias is not None:
@@ -120,8 +144,9 @@ class FP8Linear(nn.Module):
         return cls(linear, **kwargs)
 
     def extra_repr(self) -> str:
+        scales = "per-channel weight, per-token activation" if self.scaling == "row" else "per-tensor scales"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " \
-               f"e4m3 per-channel weight, per-token activation"
+               f"e4m3 {scales}"
 
     def _apply(self, fn, recurse=True):
         # Module.to(dtype) casts every floating tensor, float8 included: put the storage dtypes back (fp8 -> bf16
@@ -136,21 +161,24 @@ class FP8Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the GEMM actually uses, in float32: ``weight_fp8 * weight_scale.T``."""
-        return self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)
+        return self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)  # (1, 1) per-tensor broadcasts too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xq, x_scale = quantize_rows(x2)
-        # CUDA's per-row kernel (f8f8bf16_rowwise) writes bf16 only; the CPU kernel writes any float dtype.
-        gemm_dtype = x.dtype if (x.device.type != "cuda" or x.dtype == torch.bfloat16) else torch.bfloat16
+        xq, x_scale = self._quantize(x2)
+        # CUDA's per-row kernel (f8f8bf16_rowwise) writes bf16 only; the per-tensor one and the CPU kernel write
+        # any float dtype.
+        any_dtype = x.device.type != "cuda" or x.dtype == torch.bfloat16 or self.scaling == "tensor"
+        gemm_dtype = x.dtype if any_dtype else torch.bfloat16
+        scale_b = self.weight_scale if self.scaling == "row" else self.weight_scale.reshape(())
         bias = self.bias
         fuse_bias = bias is not None and bias.dtype == gemm_dtype
         y = torch._scaled_mm(
             xq,
             self.weight_fp8.t(),  # (in, out), column-major, as the CUDA kernel wants
             scale_a=x_scale,
-            scale_b=self.weight_scale,
+            scale_b=scale_b,
             bias=bias if fuse_bias else None,
             out_dtype=gemm_dtype,
             use_fast_accum=self.fast_accum,
@@ -204,8 +232,18 @@ def _default_include(module: nn.Module) -> Selector:
     return "blocks.*" if isinstance(getattr(module, "blocks", None), nn.ModuleList) else None
 
 
-def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector = None, fast_accum: bool = False,
-               keep_originals: str | None = "cpu", align: int | None = None) -> int:
+def _setting(value, env: str, default, parse):
+    """An explicit value, else the environment variable ``env`` if set (benchmarks compare settings across
+    processes without new flags), else ``default``."""
+    if value is not None:
+        return value
+    raw = os.environ.get(env)
+    return default if raw in (None, "") else parse(raw)
+
+
+def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector = None,
+               fast_accum: bool | None = None, keep_originals: str | None = "cpu", align: int | None = None,
+               scaling: str | None = None) -> int:
     """Replace the selected ``nn.Linear`` layers of ``module`` by :class:`FP8Linear` in place; returns how many.
 
     ``include`` / ``exclude``: fnmatch patterns on qualified module names (``"blocks.*.ffn.*"``), a list of
@@ -213,8 +251,15 @@ def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector
     ``blocks`` list (the Wan transformer), every linear otherwise. Only exact ``nn.Linear`` layers are taken
     (not subclasses, e.g. LoRA wrappers). ``align``: in/out features must be multiples of it (default 16 on
     CUDA, as ``_scaled_mm`` requires, 1 elsewhere); layers that are not stay in high precision, are counted in
-    :func:`fp8_summary` and warned about. Raises ``RuntimeError`` (one line) where FP8 is not supported.
+    :func:`fp8_summary` and warned about. ``scaling``: ``"row"`` (per token and output channel) or ``"tensor"``
+    (:class:`FP8Linear`); default env ``GENKV_FP8_SCALING`` if set, else ``"row"``. ``fast_accum``: default env
+    ``GENKV_FP8_FAST_ACCUM`` (``1`` / ``0``) if set, else off. Raises ``RuntimeError`` (one line) where FP8 is
+    not supported.
     """
+    scaling = _setting(scaling, "GENKV_FP8_SCALING", "row", str)
+    fast_accum = _setting(fast_accum, "GENKV_FP8_FAST_ACCUM", False, lambda raw: raw not in ("0", "false", "off"))
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}; got {scaling!r}")
     device = _device_of(module)
     ok, reason = fp8_supported(device)
     if not ok:
@@ -236,7 +281,8 @@ def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector
             continue
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, FP8Linear(child, fast_accum=fast_accum, keep_original=keep_originals))
+        setattr(parent, attr, FP8Linear(child, fast_accum=fast_accum, keep_original=keep_originals,
+                                             scaling=scaling))
         replaced.append(plain)
     summary = getattr(module, "_genkv_fp8", {"replaced": [], "skipped_dims": []})
     summary["replaced"] = sorted(set(summary["replaced"]) | set(replaced))

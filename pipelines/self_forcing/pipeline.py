@@ -343,13 +343,15 @@ class SelfForcingPipeline(DiffusionPipeline):
                 module.to(self.vae_device)
         return self.vae_device
 
-    def enable_fp8(self, keep_originals: str | None = "cpu") -> "SelfForcingPipeline":
+    def enable_fp8(self, keep_originals: str | None = "cpu", *, scaling: str | None = None,
+                   fast_accum: bool | None = None) -> "SelfForcingPipeline":
         """FP8 (e4m3) linear layers in the transformer blocks (:mod:`genkv.fp8`: per-channel weight scales,
         per-token activation scales, ``torch._scaled_mm``). Opt-in: the output changes (a linear's relative error
         is ~3.7e-2). It pays only with :meth:`enable_compile` called after it, which fuses the activation
         quantization into the kernels that produce the activations. Refused in one line where the GPU has no FP8
         (compute capability below 8.9). ``keep_originals``: where the bf16 layers wait for :meth:`disable_fp8`
-        ("cpu", "device", or None to free them).
+        ("cpu", "device", or None to free them). ``scaling`` (``"row"`` / ``"tensor"``) and ``fast_accum``: the
+        GEMM's scales and accumulation (:func:`genkv.fp8.enable_fp8`; defaults: per row, exact accumulation).
 
         Example:
             >>> from genkv.testing import tiny_self_forcing_pipeline
@@ -361,7 +363,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         """
         from genkv.fp8 import enable_fp8
 
-        self.fp8_layers = enable_fp8(self.transformer, keep_originals=keep_originals)
+        self.fp8_layers = enable_fp8(self.transformer, keep_originals=keep_originals, scaling=scaling,
+                                     fast_accum=fast_accum)
         return self
 
     def disable_fp8(self) -> "SelfForcingPipeline":

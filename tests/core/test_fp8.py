@@ -65,6 +65,51 @@ def test_fp8_linear_equals_float64_on_the_same_quantized_operands(m, k, n):
     assert (err <= 4 * k * 2.0 ** -24 * magnitude + 1e-30).all(), (err / magnitude).max().item()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_tensor_fp8_linear_equals_float64_on_the_same_quantized_operands(dtype):
+    m, k, n = 29, 96, 40
+    lin = _linear(k, n, seed=3, dtype=dtype)
+    layer = FP8Linear(lin, keep_original="device", scaling="tensor")
+    assert layer.weight_scale.shape == (1, 1) and layer.weight_fp8.dtype == torch.float8_e4m3fn
+    g = torch.Generator().manual_seed(5)
+    x = (torch.randn(m, k, generator=g) * torch.logspace(-1, 1, m)[:, None]).to(dtype)
+    got = layer(x)
+    assert got.dtype == dtype
+
+    # The per-tensor rule in float64: one scale = max(|x|) / 448 (float32), q = e4m3(x / scale), for x and for W.
+    def quantize(t):
+        t64 = t.double()
+        scale = (t64.abs().max().clamp(min=1e-12) / 448.0).float().double()
+        return _round_e4m3_float64((t64 / scale).clamp(-448.0, 448.0)), scale
+
+    qx, sx = quantize(x)
+    qw, sw = quantize(lin.weight)
+    assert torch.equal(layer.weight_fp8.double(), qw) and layer.weight_scale.double().item() == sw.item()
+    want = (qx * sx) @ (qw * sw).T + lin.bias.double()
+    magnitude = (qx.abs() * sx) @ (qw.abs() * sw).T + lin.bias.double().abs()
+    out_rounding = 2.0 ** -8 if dtype == torch.bfloat16 else 0.0  # the GEMM writes the input's dtype
+    err = (got.double() - want).abs()
+    assert (err <= (4 * k * 2.0 ** -24 + out_rounding) * magnitude + 1e-30).all(), (err / magnitude).max().item()
+    # and it is an e4m3 quantization of the high-precision linear, within the same whole-tensor bound as per row
+    assert 0.01 < _rel(got, lin(x)) < FP8_LINEAR_BOUND
+
+
+def test_fp8_scaling_is_checked_and_read_from_the_environment(monkeypatch):
+    monkeypatch.setenv("GENKV_FP8_SCALING", "tensor")
+    monkeypatch.setenv("GENKV_FP8_FAST_ACCUM", "1")
+    model = torch.nn.Sequential(_linear(32, 16, seed=0), _linear(16, 16, seed=1))
+    assert enable_fp8(model, exclude="1") == 1
+    assert (model[0].scaling, model[0].fast_accum, tuple(model[0].weight_scale.shape)) == ("tensor", True, (1, 1))
+    enable_fp8(model, scaling="row", fast_accum=False)  # explicit arguments win over the environment
+    assert (model[1].scaling, model[1].fast_accum) == ("row", False)
+    monkeypatch.delenv("GENKV_FP8_SCALING")
+    monkeypatch.delenv("GENKV_FP8_FAST_ACCUM")
+    with pytest.raises(ValueError, match="scaling must be one of row, tensor"):
+        FP8Linear(_linear(32, 16, seed=0), scaling="block")
+    with pytest.raises(ValueError, match="scaling must be one of row, tensor"):
+        enable_fp8(torch.nn.Sequential(_linear(32, 16, seed=0)), scaling="channel")
+
+
 # Measured (CPU, this test's inputs, bias zero): whole-output error 0.028-0.037 in fp32 and bf16, 0.037 at Wan's
 # 1536 / 8960 shapes (the H200 measured 3.7e-2 for one FFN GEMM). Why ~0.037: e4m3 keeps 3 mantissa bits, so
 # round-to-nearest leaves an RMS relative error of ~0.026 on each normally-distributed operand, and the two
