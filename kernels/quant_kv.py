@@ -277,8 +277,9 @@ def select_slots(hist: QuantizedKV, slots: torch.Tensor) -> QuantizedKV:
 def write_quantized(hist: QuantizedKV, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Quantize tokens (B, n, H, D) into ``slots`` (1-D int64, n entries) of ``hist``, in place: a commit.
 
-    Pure tensor ops (no host sync, shapes fixed by ``n``), so it can be captured in a CUDA graph. Uses the
-    history's smoothing factors; equals :func:`quantize_kv` of the same tokens with those factors.
+    No host sync, shapes fixed by ``n``, so it can be captured in a CUDA graph (one Triton kernel on CUDA:
+    :func:`genkv.kernels.quant_write.write_rows`). Uses the history's smoothing factors; equals
+    :func:`quantize_kv` of the same tokens with those factors.
 
     Example:
         >>> k, v = torch.randn(1, 6, 2, 16), torch.randn(1, 6, 2, 16)
@@ -287,9 +288,9 @@ def write_quantized(hist: QuantizedKV, slots: torch.Tensor, k: torch.Tensor, v: 
         >>> bool((dequantize(hist)[0][:, 5] - k[:, 0]).abs().max() < 0.1)
         True
     """
-    new = _quantize_tokens(hist.kind, hist.key_channel_scale, k, v)
-    for target, source in zip(_fields(hist), (t for t in new if t is not None)):
-        _as_bytes(target).index_copy_(1, slots, _as_bytes(source))
+    from .quant_write import write_rows  # one Triton pass on CUDA, torch ops elsewhere (same codes)
+
+    write_rows(hist, slots, k[:, None], v[:, None], hist.key_channel_scale[:, None])
 
 
 def copy_slots(hist: QuantizedKV, src: torch.Tensor, dst: torch.Tensor) -> None:

@@ -270,10 +270,9 @@ class TemporalMerge(CacheKeeper):
             if group.quantized:
                 # Only the destination slots are dequantized; each written slot is quantized once, here. An
                 # unmatched token's slot gets its own staged value (what it holds), not a round trip of it.
-                v_src = group.chunk_v[:, :, j * tpf:(j + 1) * tpf].reshape(batch, layers * tpf, heads, dim).float()
-                v_dest = group.dequantized_values(flat)
-                mean_v = torch.where(merged, v_dest * w_old + v_src * (1 - w_old), v_src)
-                group.write(flat, group.chunk_k[:, :, j * tpf:(j + 1) * tpf], mean_v)
+                frame_rows = slice(j * tpf, (j + 1) * tpf)
+                group.write(flat, group.chunk_k[:, :, frame_rows], group.chunk_v[:, :, frame_rows],
+                            blend=(w_old.flatten(), match.flatten()))
             else:
                 v_dest = group.flat_v[:, flat].float()  # (B, L * T, H, D)
                 v_src = group.v[:, :, staged_rows].reshape(batch, layers * tpf, heads, dim).float()
@@ -513,20 +512,15 @@ class _LayerGroup:
         keys = dequantize_keys(select_slots(self.codes, flat)).unflatten(1, slots.shape)
         return (keys * self.channel[:, :, None]).flatten(1, 2)
 
-    def dequantized_values(self, flat: torch.Tensor) -> torch.Tensor:
-        """fp32 values (B, n, H, D) of flat slots ``flat`` (1-D)."""
-        from genkv.kernels.quant_kv import dequantize_values, select_slots
+    def write(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layers: slice = slice(None),
+              blend: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Quantize keys and values (B, L', T, H, D) of the group's layers ``layers`` into ``flat`` (L' * T,
+        layer-major): keys divided by their layer's factors first (exact: powers of two; the flat codes' own
+        factors are 1). ``blend`` ``(weight, merged)`` (L' * T,): where merged, the value written is the slot's
+        stored value times ``weight`` plus the new one times ``1 - weight`` (``write_rows``: one kernel on CUDA)."""
+        from genkv.kernels.quant_write import write_rows
 
-        return dequantize_values(select_slots(self.codes, flat))
-
-    def write(self, flat: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, layers: slice = slice(None)) -> None:
-        """Quantize keys (B, L', T, H, D) of the group's layers ``layers`` (layer-major, as ``flat`` (L' * T,))
-        and values (B, L' * T, H, D) into ``flat``: keys divided by their layer's factors first (exact: powers of
-        two), the flat codes' are 1."""
-        from genkv.kernels.quant_kv import write_quantized
-
-        smoothed = keys.float() / self.channel[:, layers, None]
-        write_quantized(self.codes, flat, smoothed.flatten(1, 2), values)
+        write_rows(self.codes, flat, keys, values, self.channel[:, layers], blend)
 
     def write_staged(self) -> None:
         """The chunk's codes into its staged slots of every layer (measuring each layer's key smoothing factors
@@ -546,8 +540,7 @@ class _LayerGroup:
         step = -(-self.layers // _WRITE_GROUPS)
         for first in range(0, self.layers, step):
             part = slice(first, first + step)
-            self.write(flat[part].flatten(), keys[:, part], self.chunk_v[:, part, : self.staged].flatten(1, 2),
-                       layers=part)
+            self.write(flat[part].flatten(), keys[:, part], self.chunk_v[:, part, : self.staged], layers=part)
 
     @classmethod
     def split(cls, caches: "list[LayerKVCache]") -> "list[_LayerGroup]":
