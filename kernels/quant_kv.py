@@ -364,7 +364,8 @@ def pool_quantized_blocks(hist: QuantizedKV, block_n: int, *, current_keys: torc
     """Block means (B, H, n_blocks, D) fp32 of the keys [history, current_keys] (what ``pool_blocks`` gives for
     the full-precision sequence), for ``route_blocks(..., key_summary=...)``.
 
-    History keys are dequantized ``chunk_tokens`` at a time (whole blocks), never all at once. The block that
+    Whole blocks are pooled from the codes (:func:`genkv.kernels.quant_pool.pool_code_blocks`: one Triton pass on
+    CUDA; elsewhere keys dequantized ``chunk_tokens`` at a time, never all at once). The block that
     straddles the end of the history averages its history tail and the first current keys together; a ragged
     last block averages only its real keys. ``current_keys`` (B, S_cur, H, D) may be None: the history alone.
     ``history_summary``: this function's result for the history alone, kept from the commit (history keys do not
@@ -387,11 +388,10 @@ def pool_quantized_blocks(hist: QuantizedKV, block_n: int, *, current_keys: torc
     parts = []
     if history_summary is not None:
         parts.append(history_summary[:, :, :n_full].permute(0, 2, 1, 3))
-    else:
-        step = max(1, chunk_tokens // block_n) * block_n
-        for start in range(0, n_full * block_n, step):
-            end = min(start + step, n_full * block_n)
-            parts.append(dequantize_keys(hist, start, end).unflatten(1, (-1, block_n)).mean(2))  # (B, nb, H, D)
+    elif n_full:  # one Triton pass over the codes on CUDA (quant_pool), slabs of dequantized keys elsewhere
+        from .quant_pool import pool_code_blocks
+
+        parts.append(pool_code_blocks(hist, n_full, block_n, chunk_tokens))  # (B, nb, H, D)
     s_cur = 0 if current_keys is None else current_keys.shape[1]
     head = min(block_n - tail, s_cur) if tail else 0
     if tail:  # the straddling block: history tail and current head together
