@@ -39,7 +39,7 @@ from .quant_kv import QuantizedKV, _fields, _as_bytes, _quantize_int4_asymmetric
 
 _KIND = {"fp8": 1, "int8": 2, "int4": 3}
 _ROWS = 16  # (token, head) rows per program: 16 x 128 channels, a few registers per thread at 4 warps
-_ROUND = 12582912.0  # 1.5 * 2^23: (x + R) - R rounds an fp32 |x| < 2^22 to the nearest integer, ties to even
+_ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + R) - R rounds an fp32 |x| < 2^22 to the nearest integer, ties to even
 
 
 @triton.jit
@@ -66,9 +66,10 @@ def _symmetric_codes(x, scale, KIND: tl.constexpr):
     # int8 codes, or fp8 codes as their bits (the history's fp8 tensors are passed as uint8)
     scaled = tl.math.div_rn(x, scale.to(tl.float32)[:, None])
     if KIND == 1:
-        return _e4m3_bits(tl.minimum(tl.maximum(scaled, -448.0), 448.0))
-    rounded = (scaled + _ROUND) - _ROUND
-    return tl.minimum(tl.maximum(rounded, -127.0), 127.0).to(tl.int8)
+        codes = _e4m3_bits(tl.minimum(tl.maximum(scaled, -448.0), 448.0))
+    else:
+        codes = tl.minimum(tl.maximum((scaled + _ROUND) - _ROUND, -127.0), 127.0).to(tl.int8)
+    return codes
 
 
 @triton.jit

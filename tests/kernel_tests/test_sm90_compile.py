@@ -1,0 +1,58 @@
+"""The small Triton kernels compiled for sm_90 (Hopper) on this CPU, no GPU: the interpreter runs a kernel's Python,
+so what only the compiler rejects (a module global read inside ``@triton.jit`` that is not a ``tl.constexpr``, a
+cast it has no rule for) passed every interpreter test once and failed on the first GPU run. A subprocess with
+``TRITON_INTERPRET=0`` compiles each launch shape the library uses (to PTX; no ptxas)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+CODE = textwrap.dedent("""
+    import itertools, sys
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from genkv.kernels.quant_pool import _pool_codes_kernel
+    from genkv.kernels.quant_write import _write_rows_kernel
+
+    TARGET = GPUTarget("cuda", 90, 32)
+    CODES = {1: "*u8", 2: "*i8", 3: "*u8"}  # fp8 codes go in as their bytes
+
+    def compile_(kernel, types, constexprs, **options):
+        names = list(kernel.arg_names)
+        sig = {n: ("constexpr" if n in constexprs else types.get(n, "i32")) for n in names}
+        src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in constexprs.items()})
+        triton.compile(src, target=TARGET, options=dict(num_warps=4, **options))
+
+    failed = []
+    for kind, blend, dim in itertools.product((1, 2, 3), (False, True), (64, 128)):
+        types = dict(K="*bf16", V="*bf16", Chan="*fp32", Slots="*i64", Weight="*fp32", Merged="*u8",
+                     KC=CODES[kind], KS="*fp16", VC=CODES[kind], VS="*fp16", VZ="*fp16")
+        try:
+            compile_(_write_rows_kernel, types, dict(KIND=kind, HEAD_DIM=dim, BLEND=blend, ROWS=16),
+                     enable_fp_fusion=False)
+        except Exception as error:
+            failed.append(f"write_rows kind={kind} blend={blend} dim={dim}: {str(error)[-600:]}")
+    for kind, dim in itertools.product((1, 2, 3), (64, 128)):
+        types = dict(KC=CODES[kind], KS="*fp16", Chan="*fp32", Out="*fp32")
+        try:
+            compile_(_pool_codes_kernel, types, dict(KIND=kind, HEAD_DIM=dim, BLOCK_N=128, ROWS=32))
+        except Exception as error:
+            failed.append(f"pool_codes kind={kind} dim={dim}: {str(error)[-600:]}")
+    print("\\n".join(failed))
+    sys.exit(1 if failed else 0)
+""")
+
+
+def test_quantized_cache_kernels_compile_for_hopper():
+    pytest.importorskip("triton")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("triton without its GPU backends")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
