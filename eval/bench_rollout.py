@@ -196,7 +196,9 @@ def run_method(
     decode_gpu = pipe.vae_device if pipe.vae_device not in (None, pipe._execution_device) else None
     decode_gpu = decode_gpu if decode_gpu is not None and decode_gpu.type == "cuda" else None
 
-    vae_flags = ("decode_channels_last", "decode_conv2d_taps", "decode_fused_norms")
+    # every decoder option enable_compile turns on (until 2026-12-05 this set only the first three, so the "fast
+    # VAE" rows of bench_rollout lacked the fused tap sums, transposed up-samplers and fused blocks)
+    vae_flags = type(pipe).FAST_DECODE_FLAGS
     saved_vae = {name: getattr(pipe, name) for name in vae_flags}
     if fast_vae is not None:  # the plain path's VAE (all off) or the fast path's (all on, as enable_compile)
         for name in vae_flags:

@@ -106,9 +106,11 @@ class FP8Linear(nn.Module):
     Buffers: ``weight_fp8`` (out, in) ``float8_e4m3fn`` and ``weight_scale`` (1, out) float32; ``bias`` stays a
     high-precision parameter and follows the model's dtype. A model-wide ``.to(dtype)`` moves the buffers but
     keeps their dtypes. ``fast_accum``: ``_scaled_mm``'s faster, less exact accumulation on Hopper.
-    ``scaling``: ``"row"`` (the default: a scale per token and per output channel, CUTLASS's row-wise kernel on
-    CUDA) or ``"tensor"`` (one scale for the weight and one per activation tensor, cuBLASLt's FP8 GEMM on CUDA);
-    ``weight_scale`` is then (1, 1).
+    ``scaling``: ``"row"`` (the default: a scale per token and per output channel) or ``"tensor"`` (one scale for
+    the weight and one per activation tensor; ``weight_scale`` is then (1, 1)). On an H100 with torch 2.11 both
+    run cuBLASLt FP8 GEMMs; per-tensor made a Wan block's linears 7% faster at the same error with random weights,
+    but one large token then squeezes every other token of the activation toward e4m3's subnormals
+    (docs/BENCHMARKS.md, 2026-12-05 seventh), so per-row stays the default.
     """
 
     def __init__(self, linear: nn.Linear, *, fast_accum: bool = False, keep_original: str | None = "cpu",
@@ -167,8 +169,7 @@ class FP8Linear(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         xq, x_scale = self._quantize(x2)
-        # CUDA's per-row kernel (f8f8bf16_rowwise) writes bf16 only; the per-tensor one and the CPU kernel write
-        # any float dtype.
+        # CUDA's row-wise scaled GEMM writes bf16 only; the per-tensor one and the CPU kernel write any float dtype.
         any_dtype = x.device.type != "cuda" or x.dtype == torch.bfloat16 or self.scaling == "tensor"
         gemm_dtype = x.dtype if any_dtype else torch.bfloat16
         scale_b = self.weight_scale if self.scaling == "row" else self.weight_scale.reshape(())
