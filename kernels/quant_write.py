@@ -206,6 +206,8 @@ def write_rows(hist: QuantizedKV, slots: torch.Tensor, k: torch.Tensor, v: torch
     if k.shape != v.shape or k.dim() != 5 or slots.numel() != k.shape[1] * k.shape[2]:
         raise ValueError(f"k, v must be (B, L, T, H, D) with L * T slots; got {tuple(k.shape)}, {tuple(v.shape)} "
                          f"and {slots.numel()} slots")
+    if slots.numel() == 0:  # nothing to write (and a CUDA launch of an empty grid is an error)
+        return
     if not _use_triton(hist, k, v):
         write_rows_reference(hist, slots, k, v, channel, blend)
         return

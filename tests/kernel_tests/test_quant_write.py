@@ -105,6 +105,14 @@ def test_blended_values_decode_to_the_float64_running_mean(kind):
         assert torch.equal(a[:, untouched], b[:, untouched])
 
 
+def test_no_slots_writes_nothing():
+    hist = QuantizedKV.empty("int4", 1, 8, 2, torch.ones(1, 2, 16, device=DEVICE))
+    before = _clone(hist)
+    k = torch.zeros(1, 1, 0, 2, 16, device=DEVICE)
+    write_rows(hist, torch.zeros(0, dtype=torch.long, device=DEVICE), k, k, torch.ones(1, 1, 2, 16, device=DEVICE))
+    assert all(torch.equal(a, b) for a, b in zip(code_fields(before), code_fields(hist)))
+
+
 def test_bad_shapes_are_refused():
     hist = QuantizedKV.empty("int8", 1, 8, 2, torch.ones(1, 2, 16, device=DEVICE))
     k = torch.zeros(1, 2, 3, 2, 16, device=DEVICE)
