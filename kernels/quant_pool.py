@@ -3,8 +3,9 @@
 Routing scores query blocks against key-block means (``pool_quantized_blocks``). Over a bf16 cache that is one
 reduction over the keys. Over codes, the torch path dequantizes a few thousand tokens at a time (convert, times the
 token scales, times the smoothing factors, mean: five passes over fp32 temporaries per slab); at Wan shapes, with a
-21-frame history routed once per chunk in each of 30 layers, that was ~1000 small kernels and ~34 ms a chunk on an
-H100 (`eval/profile_ops.py`, int8 ``fastar``, 2026-12-05), where the codes themselves are ~50 MB a layer.
+21-frame history routed once per chunk in each of 30 layers, that and the commit's torch-op quantization were ~1000
+small kernels and ~38 ms a chunk on an H100 (`eval/profile_ops.py`, int8 ``fastar``, 2026-12-05), where the codes
+themselves are ~50 MB a layer.
 
 :func:`pool_code_blocks` reads each code once: a program sums ``code * token scale`` over one block of one head in
 fp32 and multiplies by the head's smoothing factors (powers of two, so multiplying the sum equals summing the

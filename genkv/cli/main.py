@@ -133,6 +133,11 @@ def render(
         False, "--fp8", help="FP8 (e4m3) linear layers in the transformer blocks (CUDA compute capability 8.9+); "
         "changes the output slightly (docs/BENCHMARKS.md); pays only with --compile."
     ),
+    fp8_scaling: Optional[str] = typer.Option(
+        None, "--fp8-scaling", help="With --fp8: row (the default: a scale per token and output channel) or tensor "
+        "(one per activation and weight: 1.8% faster renders on an H100, but outlier tokens cost the others "
+        "precision; measure your checkpoint)."
+    ),
     recache: Recache = typer.Option(
         Recache.on, "--recache", help="What a prompt switch ('@FRAME prompt' line) does to the cached frames: on "
         "re-computes their K/V under the new prompt (LongLive's re-cache); off keeps them as they are; flush keeps "
@@ -185,6 +190,7 @@ def render(
         decoder=decoder,
         decoder_weights=decoder_weights,
         fp8=fp8,
+        fp8_scaling=fp8_scaling,
         recache=recache.value,
         vae_device=vae_device,
         pipeline_gpus=pipeline_gpus,

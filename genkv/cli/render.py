@@ -79,6 +79,7 @@ class RenderOptions:
     decoder: str = "wan"  # or "taehv" (with decoder_weights)
     decoder_weights: Path | None = None
     fp8: bool = False
+    fp8_scaling: str | None = None  # --fp8-scaling row | tensor (None: genkv.fp8's default, per row)
     recache: str = "on"  # a key of RECACHE: what a prompt switch does to the self-attention cache
     switches: list[list[Switch]] = field(default_factory=list)  # per prompt, from its "@FRAME prompt" lines
     switch_notes: dict[int, list[str]] = field(default_factory=dict)  # per prompt index: the pipeline's notes
@@ -107,6 +108,18 @@ def check_numbers(options: RenderOptions) -> None:
     if options.recache not in RECACHE:
         raise CLIError(f"--recache {options.recache!r} is not one of {', '.join(RECACHE)}")
     check_decoder(options)
+    if options.fp8_scaling is not None:
+        if options.fp8_scaling not in ("row", "tensor"):
+            raise CLIError(f"--fp8-scaling {options.fp8_scaling!r} is not one of row, tensor")
+        if not options.fp8:
+            raise CLIError("--fp8-scaling is for --fp8; add --fp8 or drop --fp8-scaling")
+
+
+def _fp8_scaling(pipe) -> str | None:
+    """The scaling of the transformer's FP8 layers (None without FP8)."""
+    from genkv.fp8 import FP8Linear
+
+    return next((m.scaling for m in pipe.transformer.modules() if isinstance(m, FP8Linear)), None)
 
 
 def check_decoder(options: RenderOptions) -> None:
@@ -587,7 +600,8 @@ def _run_loaded(options: RenderOptions, prompts, names, method, device, dtype) -
         pipe.set_vae_device(options.vae_device)  # checked in run_render
     if options.fp8:  # before compiling, so Inductor fuses the activation quantization
         try:
-            pipe.enable_fp8(keep_originals=None)  # a render never goes back: the bf16 layers are freed
+            # a render never goes back: the bf16 layers are freed
+            pipe.enable_fp8(keep_originals=None, scaling=options.fp8_scaling)
         except RuntimeError as err:
             raise CLIError(str(err)) from None
     if options.compile:
@@ -746,6 +760,7 @@ def _render_one(pipe, options, method, prompt, name, index, height, width, devic
         "context": ({("image" if "image" in options.contexts[index] else "extend"): options.contexts[index]["source"]}
                     if options.contexts and options.contexts[index] else None),
         "fp8_layers": getattr(pipe, "fp8_layers", 0),
+        "fp8_scaling": _fp8_scaling(pipe),
         "seed": options.seed + index,
         "height": height,
         "width": width,

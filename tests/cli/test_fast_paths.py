@@ -26,11 +26,25 @@ def test_taehv_decoder_from_a_weights_file(tmp_path, prompts, capsys):
     assert json.loads((out / "000-a-red-circle-bouncing.json").read_text())["decoder"] == "taehv"
 
 
-def test_fp8_render_on_the_cpu(tmp_path, prompts, capsys):
+@pytest.mark.parametrize("scaling", [None, "tensor"])
+def test_fp8_render_on_the_cpu(tmp_path, prompts, capsys, scaling):
     out = tmp_path / "o"
-    code, err = _render([prompts, "--frames", 9, "--out", out, "--fp8"], capsys)
+    code, err = _render([prompts, "--frames", 9, "--out", out, "--fp8",
+                         *(["--fp8-scaling", scaling] if scaling else [])], capsys)
     assert code == 0, err
-    assert json.loads((out / "000-a-red-circle-bouncing.json").read_text())["fp8_layers"] > 0
+    summary = json.loads((out / "000-a-red-circle-bouncing.json").read_text())
+    assert summary["fp8_layers"] > 0 and summary["fp8_scaling"] == (scaling or "row")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--fp8-scaling", "tensor"], "--fp8-scaling is for --fp8"),
+    (["--fp8", "--fp8-scaling", "block"], "--fp8-scaling 'block' is not one of row, tensor"),
+])
+def test_bad_fp8_arguments_are_one_line(tmp_path, prompts, capsys, args, message):
+    code, err = _render([prompts, "--frames", 9, "--out", tmp_path / "o", *args], capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
 
 
 @pytest.mark.parametrize("args, message", [
