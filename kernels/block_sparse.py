@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from .quant_kv import KIND_IDS
+
 try:  # triton is optional: CPU installs use the torch reference
     import triton
     import triton.language as tl
@@ -41,6 +43,11 @@ LOG2E = 1.4426950408889634
 
 def triton_available() -> bool:
     return triton is not None
+
+
+def triton_runs_on(tensor: torch.Tensor) -> bool:
+    """Whether a Triton kernel can take ``tensor``: Triton installed, and a CUDA tensor or the interpreter on."""
+    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 if triton is not None:
@@ -588,7 +595,7 @@ def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_
         raise ValueError(f"key_bias must be (B, S_kv, H) = {(b, s_kv, h)}, got {tuple(key_bias.shape)}")
 
 
-_HIST_KINDS = {"fp8": 1, "int8": 2, "int4": 3}
+_HIST_KINDS = KIND_IDS
 
 
 def _initial_args(initial, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:

@@ -60,6 +60,8 @@ from dataclasses import dataclass, replace
 import torch
 
 KINDS = ("fp8", "int8", "int4")
+#: Each kind's id in the Triton kernels' constexpr arguments (block_sparse, quant_write, quant_pool).
+KIND_IDS = {"fp8": 1, "int8": 2, "int4": 3}
 _QMAX = {"fp8": 448.0, "int8": 127.0, "int4": 7.0}
 _FP16_MAX = 65504.0
 _SMOOTHING_ALPHA = 0.5
@@ -206,7 +208,12 @@ def _quantize_int4_asymmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
 
 def _quantize_tokens(hist_kind: str, channel: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
     """Codes and scales of (B, n, H, D) tokens: (k_codes, k_scale, v_codes, v_scale, v_zero or None)."""
-    k_codes, k_scale = _quantize_symmetric(k.float() / channel[:, None], hist_kind)  # exact: powers of two
+    return _quantize_smoothed(hist_kind, k.float() / channel[:, None], v)  # exact: powers of two
+
+
+def _quantize_smoothed(hist_kind: str, k: torch.Tensor, v: torch.Tensor):
+    """:func:`_quantize_tokens` of keys already divided by their smoothing factors."""
+    k_codes, k_scale = _quantize_symmetric(k, hist_kind)
     if hist_kind == "int4":
         v_codes, v_scale, v_zero = _quantize_int4_asymmetric(v.float())
     else:

@@ -23,15 +23,14 @@ Example:
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .quant_kv import QuantizedKV, _as_bytes, dequantize_keys
+from .block_sparse import triton_runs_on
+from .quant_kv import KIND_IDS, QuantizedKV, _as_bytes, dequantize_keys
 
-_KIND = {"fp8": 1, "int8": 2, "int4": 3}
 _ROWS = 32  # tokens per step of a program's loop over its block
 
 
@@ -86,7 +85,7 @@ def pool_code_blocks_reference(hist: QuantizedKV, n_blocks: int, block_n: int, c
 
 
 def _use_triton(hist: QuantizedKV, block_n: int) -> bool:
-    if not (hist.k_codes.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+    if not triton_runs_on(hist.k_codes):
         return False
     return (hist.k_codes.stride(-1) == 1 and hist.key_channel_scale.stride(-1) == 1 and block_n % _ROWS == 0
             and hist.head_dim in (16, 32, 64, 128, 256))
@@ -111,7 +110,7 @@ def pool_code_blocks(hist: QuantizedKV, n_blocks: int, block_n: int, chunk_token
         channel.stride(0), channel.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         h,
-        KIND=_KIND[hist.kind], HEAD_DIM=hist.head_dim, BLOCK_N=block_n, ROWS=_ROWS,
+        KIND=KIND_IDS[hist.kind], HEAD_DIM=hist.head_dim, BLOCK_N=block_n, ROWS=_ROWS,
         num_warps=4,
     )
     return out

@@ -28,16 +28,14 @@ Example:
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-from .quant_kv import QuantizedKV, _fields, _as_bytes, _quantize_int4_asymmetric, _quantize_symmetric, \
-    dequantize_values, select_slots
+from .block_sparse import triton_runs_on
+from .quant_kv import KIND_IDS, QuantizedKV, _as_bytes, _fields, _quantize_smoothed, dequantize_values, select_slots
 
-_KIND = {"fp8": 1, "int8": 2, "int4": 3}
 _ROWS = 16  # (token, head) rows per program: 16 x 128 channels, a few registers per thread at 4 warps
 _ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + R) - R rounds an fp32 |x| < 2^22 to the nearest integer, ties to even
 
@@ -173,18 +171,13 @@ def write_rows_reference(hist: QuantizedKV, slots: torch.Tensor, k: torch.Tensor
         weight, merged = (t.view(1, -1, 1, 1) for t in blend)
         old = dequantize_values(select_slots(hist, slots))
         values = torch.where(merged, old * weight + values * (1 - weight), values)
-    k_codes, k_scale = _quantize_symmetric(smoothed, hist.kind)
-    if hist.kind == "int4":
-        v_codes, v_scale, v_zero = _quantize_int4_asymmetric(values)
-    else:
-        (v_codes, v_scale), v_zero = _quantize_symmetric(values, hist.kind), None
-    new = [t for t in (k_codes, k_scale, v_codes, v_scale, v_zero) if t is not None]
+    new = [t for t in _quantize_smoothed(hist.kind, smoothed, values) if t is not None]
     for target, source in zip(_fields(hist), new):
         _as_bytes(target).index_copy_(1, slots, _as_bytes(source))
 
 
 def _use_triton(hist: QuantizedKV, k: torch.Tensor, v: torch.Tensor) -> bool:
-    if not (k.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or k.dtype == torch.float64:
+    if not triton_runs_on(k) or k.dtype == torch.float64:
         return False
     codes_alike = hist.k_codes.stride() == hist.v_codes.stride() and hist.k_codes.stride(-1) == 1
     scales = [t for t in (hist.k_scale, hist.v_scale, hist.v_zero) if t is not None]
@@ -233,7 +226,7 @@ def write_rows(hist: QuantizedKV, slots: torch.Tensor, k: torch.Tensor, v: torch
         hist.k_codes.stride(0), hist.k_codes.stride(1), hist.k_codes.stride(2),
         hist.k_scale.stride(0), hist.k_scale.stride(1), hist.k_scale.stride(2),
         n_rows, tokens, heads,
-        KIND=_KIND[hist.kind], HEAD_DIM=dim, BLEND=blend is not None, ROWS=_ROWS,
+        KIND=KIND_IDS[hist.kind], HEAD_DIM=dim, BLEND=blend is not None, ROWS=_ROWS,
         num_warps=4,
         # no fused multiply-adds: the blend and the int4 decode round each product as torch does (bit-identical)
         enable_fp_fusion=False,

@@ -21,11 +21,12 @@ Example:
 
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from .block_sparse import triton_runs_on
 
 MAX_PARTIALS = 4  # a 3-tap convolution's partials and a residual
 _BLOCK = 2048
@@ -65,9 +66,8 @@ def sum_partials_reference(partials: list[torch.Tensor], bias: torch.Tensor | No
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
-    if tensor.dtype == torch.float64:  # Triton on the GPU has no fp64 tensor path worth taking here
-        return False
-    return tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    # (Triton on the GPU has no fp64 tensor path worth taking here)
+    return tensor.dtype != torch.float64 and triton_runs_on(tensor)
 
 
 def same_layout(a: torch.Tensor, b: torch.Tensor) -> bool:
