@@ -14,6 +14,7 @@ for scale, bf16 against float32 of the same weights.
     python eval/bench_fp8.py --out runs/fp8.json                  # on an H200: well under 3 minutes
     python eval/bench_fp8.py --device cpu --tiny                  # a CPU smoke run of the same code
     python eval/bench_fp8.py --scaling row tensor --fast-accum both  # the four FP8 GEMM settings side by side
+    python eval/bench_fp8.py --row-kernel both      # per-row FP8 with and without the one-pass quantization
 """
 
 from __future__ import annotations
@@ -41,19 +42,22 @@ class BlockLinears(nn.Module):
 
     def __init__(self, dim: int, ffn: int) -> None:
         super().__init__()
-        self.attn1 = nn.ModuleDict({name: nn.Linear(dim, dim) for name in ("to_q", "to_k", "to_v", "to_out")})
-        self.attn2 = nn.ModuleDict({name: nn.Linear(dim, dim) for name in ("to_q", "to_out")})
-        self.ffn = nn.ModuleDict({"up": nn.Linear(dim, ffn), "down": nn.Linear(ffn, dim)})
+        from diffusers.models.attention import FeedForward
+
+        self.attn1 = nn.ModuleDict({name: nn.Linear(dim, dim) for name in ("to_q", "to_k", "to_v")})
+        self.attn1["to_out"] = nn.ModuleList([nn.Linear(dim, dim)])
+        self.attn2 = nn.ModuleDict({"to_q": nn.Linear(dim, dim), "to_out": nn.ModuleList([nn.Linear(dim, dim)])})
+        self.ffn = FeedForward(dim, inner_dim=ffn, activation_fn="gelu-approximate")  # Wan's: net.0.proj, net.2
         self.dim = dim
 
     def forward(self, x, attn_out, cross_out, shift, scale):
         h = F.layer_norm(x.float(), (self.dim,)).mul(1 + scale).add(shift).type_as(x)  # norm1 + modulation
         q, k, v = self.attn1["to_q"](h), self.attn1["to_k"](h), self.attn1["to_v"](h)
-        x = x + self.attn1["to_out"](attn_out)
+        x = x + self.attn1["to_out"][0](attn_out)
         q2 = self.attn2["to_q"](F.layer_norm(x.float(), (self.dim,)).type_as(x))  # norm2 (affine in the model)
-        x = x + self.attn2["to_out"](cross_out)
+        x = x + self.attn2["to_out"][0](cross_out)
         h = F.layer_norm(x.float(), (self.dim,)).mul(1 + scale).add(shift).type_as(x)  # norm3 + modulation
-        x = x + self.ffn["down"](F.gelu(self.ffn["up"](h), approximate="tanh"))
+        x = x + self.ffn(h)
         return x, q, k, v, q2
 
 
@@ -79,19 +83,23 @@ def time_ms(fn, args, device: torch.device, warmup: int, iters: int) -> float:
     return (time.perf_counter() - t) * 1e3 / iters
 
 
-def fp8_configs(scalings: list[str], fast_accum: str) -> list[tuple[str, bool]]:
-    """The (scaling, fast accumulation) pairs to compare: every scaling asked, with ``fast_accum`` off, on or
-    both."""
-    fast = {"off": [False], "on": [True], "both": [False, True]}[fast_accum]
-    return [(scaling, f) for scaling in scalings for f in fast]
+SWITCH = {"off": [False], "on": [True], "both": [False, True]}
 
 
-def config_label(scaling: str, fast: bool) -> str:
-    return f"FP8 {'per-row' if scaling == 'row' else 'per-tensor'}{' fast-accum' if fast else ''}"
+def fp8_configs(scalings: list[str], fast_accum: str, row_kernel: str = "on") -> list[tuple[str, bool, bool]]:
+    """The (scaling, fast accumulation, row kernel) settings to compare: every scaling asked, with ``fast_accum``
+    and ``row_kernel`` (genkv's one-pass quantization and fused GELU; per-row scaling only) off, on or both."""
+    return [(scaling, fast, kernel) for scaling in scalings for fast in SWITCH[fast_accum]
+            for kernel in (SWITCH[row_kernel] if scaling == "row" else [False])]
+
+
+def config_label(scaling: str, fast: bool, row_kernel: bool = False) -> str:
+    return (f"FP8 {'per-row' if scaling == 'row' else 'per-tensor'}{' fast-accum' if fast else ''}"
+            f"{' row-kernel' if row_kernel else ''}")
 
 
 def bench_block(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bool, warmup: int, iters: int,
-                configs: list[tuple[str, bool]], mode: str | None) -> list[dict]:
+                configs: list[tuple[str, bool, bool]], mode: str | None) -> list[dict]:
     from genkv.fp8 import enable_fp8
 
     torch.manual_seed(0)
@@ -103,13 +111,14 @@ def bench_block(shape: dict, device: torch.device, dtype: torch.dtype, compile_:
     args += [0.1 * torch.randn(1, 1, dim, device=device, dtype=torch.float32, generator=gen) for _ in range(2)]
     variants = [("bf16 eager", bf16, False, None)] + ([("bf16 compiled", bf16, True, None)] if compile_ else [])
     replaced = 0
-    for scaling, fast in configs:
+    for scaling, fast, kernel in configs:
         fp8 = copy.deepcopy(bf16)
-        replaced = enable_fp8(fp8, include="*", fast_accum=fast, keep_originals=None, scaling=scaling)
-        label = config_label(scaling, fast)
-        variants.append((f"{label} eager (quantization unfused)", fp8, False, (scaling, fast)))
+        replaced = enable_fp8(fp8, include="*", fast_accum=fast, keep_originals=None, scaling=scaling,
+                              row_kernel=kernel)
+        label = config_label(scaling, fast, kernel)
+        variants.append((f"{label} eager", fp8, False, (scaling, fast, kernel)))
         if compile_:
-            variants.append((f"{label} compiled (quantization fused)", fp8, True, (scaling, fast)))
+            variants.append((f"{label} compiled", fp8, True, (scaling, fast, kernel)))
     flops = gemm_flops(dim, ffn, tokens)
     rows, outputs = [], {}
     with torch.inference_mode():
@@ -121,7 +130,8 @@ def bench_block(shape: dict, device: torch.device, dtype: torch.dtype, compile_:
             ms = time_ms(fn, args, device, warmup, iters)
             rows.append({"variant": name, "ms_per_block": ms, "ms_per_chunk_30x5": ms * 150,
                          "gemm_tflops": flops / ms / 1e9, "first_call_s": first_s, "compiled": compiled,
-                         "scaling": config and config[0], "fast_accum": config and config[1]})
+                         "scaling": config and config[0], "fast_accum": config and config[1],
+                         "row_kernel": config and config[2]})
     ref = outputs["bf16 eager"]
     for row in rows:
         row["ratio_to_bf16_eager"] = rows[0]["ms_per_block"] / row["ms_per_block"]
@@ -137,7 +147,7 @@ def bench_block(shape: dict, device: torch.device, dtype: torch.dtype, compile_:
     return rows
 
 
-def chunk_latent_errors(model: str, device: torch.device, configs: list[tuple[str, bool]]) -> dict:
+def chunk_latent_errors(model: str, device: torch.device, configs: list[tuple[str, bool, bool]]) -> dict:
     """One chunk's latents: FP8 (each of ``configs``) vs bf16, and bf16 vs float32 of the same weights (for
     scale). The first config's figures are also the flat keys of older runs."""
     import genkv
@@ -166,17 +176,19 @@ def chunk_latent_errors(model: str, device: torch.device, configs: list[tuple[st
     with torch.inference_mode():
         bf16 = latents(embeds)
         fp8 = {}
-        for scaling, fast in configs:
-            replaced = enable_fp8(pipe.transformer, fast_accum=fast, keep_originals="device", scaling=scaling)
+        for scaling, fast, kernel in configs:
+            replaced = enable_fp8(pipe.transformer, fast_accum=fast, keep_originals="device", scaling=scaling,
+                                  row_kernel=kernel)
             skipped = len(fp8_summary(pipe.transformer)["skipped_dims"])
-            fp8[(scaling, fast)] = latents(embeds)
+            fp8[(scaling, fast, kernel)] = latents(embeds)
             disable_fp8(pipe.transformer)
         pipe.transformer.to(torch.float32)
         fp32 = latents(embeds.float())
     tokens = chunk * (height // s // 2) * (width // s // 2)
-    per_config = [{"scaling": scaling, "fast_accum": fast, "label": config_label(scaling, fast),
+    per_config = [{"scaling": scaling, "fast_accum": fast, "row_kernel": kernel,
+                   "label": config_label(scaling, fast, kernel),
                    "rel_error_fp8_vs_bf16": rel(out, bf16), "rel_error_fp8_vs_fp32": rel(out, fp32)}
-                  for (scaling, fast), out in fp8.items()]
+                  for (scaling, fast, kernel), out in fp8.items()]
     return {"model": model, "latent_frames": chunk, "tokens": tokens, "fp8_layers": replaced,
             "fp8_skipped_dims": skipped, "rel_error_fp8_vs_bf16": per_config[0]["rel_error_fp8_vs_bf16"],
             "rel_error_bf16_vs_fp32": rel(bf16, fp32), "rel_error_fp8_vs_fp32": per_config[0]["rel_error_fp8_vs_fp32"],
@@ -211,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="_scaled_mm's fast accumulation (Hopper): off, on (the bare flag) or both")
     parser.add_argument("--scaling", nargs="+", default=["row"], choices=("row", "tensor"),
                         help="FP8 scalings to compare: per row (token / output channel) and / or per tensor")
+    parser.add_argument("--row-kernel", default="on", choices=("off", "on", "both"),
+                        help="per-row FP8 with genkv's one-pass quantization / fused GELU (enable_fp8's row_kernel)")
     parser.add_argument("--warmup", type=int, default=None)
     parser.add_argument("--iters", type=int, default=None)
     parser.add_argument("--no-latents", action="store_true", help="skip (b), the chunk latents' error")
@@ -230,12 +244,13 @@ def main(argv: list[str] | None = None) -> int:
     warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
     iters = args.iters if args.iters is not None else (50 if cuda else 5)
     dtype = torch.bfloat16
-    configs = fp8_configs(args.scaling, args.fast_accum)
+    configs = fp8_configs(args.scaling, args.fast_accum, args.row_kernel)
     block_rows = bench_block(shape, device, dtype, compile_, warmup, iters, configs, args.mode)
     latents = None if args.no_latents else chunk_latent_errors("tiny" if args.tiny else "wan-1.3b", device,
                                                                configs)
     print_tables(block_rows, shape, latents)
-    write_result(args.out, device, shape=shape, dtype="bf16", fast_accum=args.fast_accum, compile_mode=args.mode,
+    write_result(args.out, device, shape=shape, dtype="bf16", fast_accum=args.fast_accum, row_kernel=args.row_kernel,
+                 compile_mode=args.mode,
                  block=block_rows, latents=latents, fp8_support=reason)
     return 0
 

@@ -17,6 +17,8 @@ Systems (``--systems``, default all):
     genkv-compile-fp8  ``--compile --fp8``.
     genkv-taehv        ``--decoder taehv`` (TAEHV at its published shapes, random weights, fp16).
     genkv-compile-taehv, genkv-compile-fp8-taehv   those flags together.
+    genkv-compile-fp8torch-taehv   the last with FP8's activation quantization left to Inductor (torch ops;
+                       ``enable_fp8(row_kernel=False)``), not genkv's one-pass kernel and fused GELU.
     NAME@fastar        any genkv system with ``fastar`` (TempCache merges + routed block-sparse reads) instead of
                        upstream's rolling window: genkv's fastest method, a different cache from upstream's.
                        On CUDA its read is split (``chunk_attention="auto"``, the default): the chunk's own keys by
@@ -86,7 +88,7 @@ from bench_json import write_result  # noqa: E402
 from bench_rollout import WAN_1_3B, build_pipeline, parse_spec  # noqa: E402
 
 SYSTEMS = ("upstream", "flashdreams", "genkv", "genkv-compile", "genkv-compile-fp8", "genkv-taehv",
-           "genkv-compile-taehv", "genkv-compile-fp8-taehv")
+           "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv")
 WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstream: local_attn_size)
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
 GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
@@ -125,6 +127,7 @@ GENKV_VARIANTS: dict[str, dict[str, Any]] = {
     "genkv-taehv": dict(compile=False, fp8=False, decoder="taehv"),
     "genkv-compile-taehv": dict(compile=True, fp8=False, decoder="taehv"),
     "genkv-compile-fp8-taehv": dict(compile=True, fp8=True, decoder="taehv"),
+    "genkv-compile-fp8torch-taehv": dict(compile=True, fp8=True, decoder="taehv", row_kernel=False),
 }
 
 
@@ -553,7 +556,7 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
         pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=taehv_dtype).eval())
     if variant["fp8"]:
         try:  # before compiling, as `genkv render --fp8 --compile`: Inductor fuses the activation quantization
-            pipe.enable_fp8(keep_originals=None)
+            pipe.enable_fp8(keep_originals=None, row_kernel=variant.get("row_kernel"))
         except RuntimeError as err:
             raise Skip(f"{system}: {err}") from None
     if variant["compile"]:
@@ -613,6 +616,7 @@ def settings_of(system: str, shapes: Shapes) -> str:
     name, method = split_system(system)
     variant = GENKV_VARIANTS[name]
     flags = [flag for flag, on in (("--compile", variant["compile"]), ("--fp8", variant["fp8"]),
+                                   ("(GENKV_FP8_ROW_KERNEL=0)", variant.get("row_kernel") is False),
                                    ("--decoder taehv", variant["decoder"] == "taehv")) if on]
     return " ".join([method, *flags]) if flags else f"{method}, eager"
 

@@ -10,6 +10,13 @@ norm / modulation before q/k/v, the GELU before the second FFN linear). Eagerly 
 the activation; measured on an H200 at Wan2.1-1.3B shapes that unfused quantization (0.71 ms a block) costs
 more than the FP8 GEMMs save (0.54 -> 0.40 ms), so FP8 is meant for the compiled path.
 
+Two inputs have no compiled producer to fuse into, or one Inductor fuses badly, and get genkv's one-pass Triton
+kernel instead (``row_kernel``, on by default with per-row scaling; ``genkv.kernels.fp8_rows``): the attention
+outputs (genkv's attention ops produce them) and the FFN's GELU. :class:`FP8GeluFeedForward` replaces each
+diffusers ``FeedForward`` whose linears are FP8 and computes the GELU inside the down projection's quantization:
+one read of the up projection's output, where Inductor's looped reduction read its 8960-wide rows twice and
+recomputed the GELU (152 us a call on an H100, 4x its bytes).
+
 What stays in high precision (the default selection takes only the ``nn.Linear`` layers inside
 ``transformer.blocks``): the patch embedding (a conv, and the first thing every token passes through), the
 time and text embedders (tiny GEMMs, and their output modulates every block: an error there is an error
@@ -62,11 +69,15 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-__all__ = ["FP8Linear", "enable_fp8", "disable_fp8", "fp8_supported", "fp8_summary", "quantize_rows",
-           "quantize_tensor"]
+__all__ = ["FP8Linear", "FP8GeluFeedForward", "enable_fp8", "disable_fp8", "fp8_supported", "fp8_summary",
+           "quantize_rows", "quantize_tensor"]
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
 E4M3_MAX = 448.0  # torch.finfo(torch.float8_e4m3fn).max; e4m3fn has no inf: values past it must be clamped
+# The scale is amax times 1/448 (rounded to float32), not amax / 448: CUDA's torch divides a tensor by a Python
+# number that way, the CPU's divides exactly, and written as a product the rule is the same on every device (and in
+# genkv.kernels.fp8_rows).
+INV_E4M3_MAX = 1.0 / E4M3_MAX
 AMAX_FLOOR = 1e-12  # an all-zero row gets a tiny scale instead of a division by zero (it quantizes to zeros)
 
 Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
@@ -75,23 +86,24 @@ Selector = str | Iterable[str] | Callable[[str, nn.Module], bool] | None
 def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantization of a 2-D tensor: ``(q, scale)`` with ``x ~= q.float() * scale``.
 
-    ``scale = max(amax of the row, 1e-12) / 448`` in float32, shape ``(rows, 1)``; ``q = clamp(x / scale,
+    ``scale = max(amax of the row, 1e-12) * (1 / 448)`` in float32, shape ``(rows, 1)``; ``q = clamp(x / scale,
     -448, 448)`` cast (round to nearest even) to ``float8_e4m3fn``. The same rule quantizes the weight (its rows
     are the output channels) once and the activations (their rows are the tokens) at every forward.
     """
     xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) / E4M3_MAX
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=AMAX_FLOOR) * INV_E4M3_MAX
     q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
     return q, scale
 
 
 def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tensor e4m3 quantization: ``(q, scale)`` with ``x ~= q.float() * scale`` and one float32 ``scale =
-    max(amax of x, 1e-12) / 448`` (a 0-d tensor). e4m3 is a floating format, so small entries keep their relative
-    precision down to 2^-9 of the largest (below that they flush toward zero), not a few levels as int8 would.
+    max(amax of x, 1e-12) * (1 / 448)`` (a 0-d tensor). e4m3 is a floating format, so small entries keep their
+    relative precision down to 2^-9 of the largest (below that they flush toward zero), not a few levels as int8
+    would.
     """
     xf = x.float()
-    scale = xf.abs().amax().clamp(min=AMAX_FLOOR) / E4M3_MAX
+    scale = xf.abs().amax().clamp(min=AMAX_FLOOR) * INV_E4M3_MAX
     q = (xf / scale).clamp(-E4M3_MAX, E4M3_MAX).to(FP8_DTYPE)
     return q, scale
 
@@ -114,7 +126,7 @@ class FP8Linear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, *, fast_accum: bool = False, keep_original: str | None = "cpu",
-                 scaling: str = "row") -> None:
+                 scaling: str = "row", row_kernel: bool = False) -> None:
         super().__init__()
         if FP8_DTYPE is None or not hasattr(torch, "_scaled_mm"):
             raise RuntimeError(f"FP8 needs torch with float8_e4m3fn and torch._scaled_mm; torch {torch.__version__} "
@@ -125,6 +137,9 @@ class FP8Linear(nn.Module):
         self.out_features = linear.out_features
         self.fast_accum = fast_accum
         self.scaling = scaling
+        # quantize the input with genkv's one-pass kernel (the op genkv::fp8_quantize_rows) instead of torch ops:
+        # for inputs no compiled kernel produces (the attention ops' outputs), so Inductor has nothing to fuse into
+        self.row_kernel = row_kernel and scaling == "row" and _row_kernel_available()
         self._quantize = quantize_rows if scaling == "row" else quantize_tensor
         with torch.no_grad():
             q, scale = self._quantize(linear.weight.detach())
@@ -166,14 +181,26 @@ class FP8Linear(nn.Module):
         return self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)  # (1, 1) per-tensor broadcasts too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        xq, x_scale = self._quantize(x2)
+        if self.row_kernel:
+            xq, x_scale = torch.ops.genkv.fp8_quantize_rows(x2, "none")
+        else:
+            xq, x_scale = self._quantize(x2)
+        return self.matmul_codes(xq, x_scale, x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def matmul_codes(self, xq: torch.Tensor, x_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The layer applied to an already quantized 2-D input (codes ``(M, in)`` e4m3 and its scales: ``(M, 1)``
+        per row, ``()`` per tensor), plus the bias; ``(M, out)`` in ``dtype``."""
         # CUDA's row-wise scaled GEMM writes bf16 only; the per-tensor one and the CPU kernel write any float dtype.
-        any_dtype = x.device.type != "cuda" or x.dtype == torch.bfloat16 or self.scaling == "tensor"
-        gemm_dtype = x.dtype if any_dtype else torch.bfloat16
+        any_dtype = xq.device.type != "cuda" or dtype == torch.bfloat16 or self.scaling == "tensor"
+        gemm_dtype = dtype if any_dtype else torch.bfloat16
         scale_b = self.weight_scale if self.scaling == "row" else self.weight_scale.reshape(())
         bias = self.bias
+        if xq.device.type == "cpu" and self.scaling == "row" and not CPU_ROWWISE_SCALED_MM:
+            # this torch's CPU _scaled_mm takes per-tensor scales only: the same product in float32 (e4m3 x e4m3
+            # products are exact there, the sum accumulates in float32 as the GEMM's does), then the scales
+            y = (xq.float() @ self.weight_fp8.float().t()) * x_scale * scale_b
+            return (y + bias if bias is not None else y).to(dtype)
         fuse_bias = bias is not None and bias.dtype == gemm_dtype
         y = torch._scaled_mm(
             xq,
@@ -186,7 +213,74 @@ class FP8Linear(nn.Module):
         )
         if bias is not None and not fuse_bias:
             y = y + bias
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        return y.to(dtype)
+
+
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Whether this torch's CPU ``_scaled_mm`` takes per-row scales (2.13 does; 2.11's asserts per-tensor)."""
+    if FP8_DTYPE is None or not hasattr(torch, "_scaled_mm"):
+        return False
+    codes = torch.zeros(16, 16, dtype=FP8_DTYPE)
+    try:
+        torch._scaled_mm(codes, codes.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16),
+                         out_dtype=torch.float32)
+    except (RuntimeError, NotImplementedError):
+        return False
+    return True
+
+
+# Probed once at import, not inside forward: traced by torch.compile, the probe would run on fake tensors (which
+# never raise) and claim support.
+CPU_ROWWISE_SCALED_MM = _cpu_rowwise_scaled_mm()
+
+
+def _row_kernel_available() -> bool:
+    """Whether genkv's one-pass row quantization (``genkv.kernels.fp8_rows``, a Triton kernel) can be imported; the
+    op is registered on import."""
+    try:
+        import genkv.kernels.fp8_rows  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+_GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+class FP8GeluFeedForward(nn.Module):
+    """A diffusers ``FeedForward`` (``GELU`` up projection, dropout 0, linear down) whose two linears are
+    :class:`FP8Linear` (per-row), with the GELU and the down projection's input quantization done in one pass
+    (``genkv::fp8_quantize_rows`` with the activation; ``genkv.kernels.fp8_rows``) instead of a GELU kernel plus a
+    two-read quantization. Same parameters and state-dict names as the ``FeedForward`` it wraps (``net`` is that
+    module's list); :func:`disable_fp8` puts the original back.
+
+    What changes in the numbers: the GELU is quantized in float32 instead of after rounding it to the model's
+    dtype (one rounding fewer, tested against a float64 reference).
+    """
+
+    def __init__(self, feed_forward: nn.Module) -> None:
+        super().__init__()
+        self.net = feed_forward.net
+        self.activation = _GELU_APPROXIMATIONS[self.net[0].approximate]
+        object.__setattr__(self, "_original", feed_forward)  # not a submodule: its parameters are `net`'s
+
+    @staticmethod
+    def fusable(module: nn.Module) -> bool:
+        """A ``FeedForward`` of the layout above whose linears are both per-row :class:`FP8Linear`."""
+        net = getattr(module, "net", None)
+        if type(module).__name__ != "FeedForward" or not isinstance(net, nn.ModuleList) or len(net) not in (3, 4):
+            return False
+        up = getattr(net[0], "proj", None)
+        dropouts_off = all(isinstance(m, nn.Dropout) and m.p == 0 for m in list(net)[1:2] + list(net)[3:])
+        return (type(net[0]).__name__ == "GELU" and getattr(net[0], "approximate", None) in _GELU_APPROXIMATIONS
+                and dropouts_off and all(isinstance(m, FP8Linear) and m.scaling == "row" for m in (up, net[2])))
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        up, down = self.net[0].proj, self.net[2]
+        hidden = up(hidden_states)
+        codes, scale = torch.ops.genkv.fp8_quantize_rows(hidden.reshape(-1, up.out_features), self.activation)
+        out = down.matmul_codes(codes, scale, hidden_states.dtype)
+        return out.reshape(*hidden_states.shape[:-1], down.out_features)
 
 
 def fp8_supported(device: torch.device | str) -> tuple[bool, str]:
@@ -244,7 +338,7 @@ def _setting(value, env: str, default, parse):
 
 def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector = None,
                fast_accum: bool | None = None, keep_originals: str | None = "cpu", align: int | None = None,
-               scaling: str | None = None) -> int:
+               scaling: str | None = None, row_kernel: bool | None = None) -> int:
     """Replace the selected ``nn.Linear`` layers of ``module`` by :class:`FP8Linear` in place; returns how many.
 
     ``include`` / ``exclude``: fnmatch patterns on qualified module names (``"blocks.*.ffn.*"``), a list of
@@ -254,11 +348,16 @@ def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector
     CUDA, as ``_scaled_mm`` requires, 1 elsewhere); layers that are not stay in high precision, are counted in
     :func:`fp8_summary` and warned about. ``scaling``: ``"row"`` (per token and output channel) or ``"tensor"``
     (:class:`FP8Linear`); default env ``GENKV_FP8_SCALING`` if set, else ``"row"``. ``fast_accum``: default env
-    ``GENKV_FP8_FAST_ACCUM`` (``1`` / ``0``) if set, else off. Raises ``RuntimeError`` (one line) where FP8 is
-    not supported.
+    ``GENKV_FP8_FAST_ACCUM`` (``1`` / ``0``) if set, else off. ``row_kernel`` (per-row scaling only; default env
+    ``GENKV_FP8_ROW_KERNEL`` if set, else on): quantize the attention outputs (``*.to_out.0``'s input) with
+    genkv's one-pass kernel, and fuse each GELU feed-forward's activation into its down projection's
+    quantization (:class:`FP8GeluFeedForward`); the kernel runs on CUDA, the same math in torch elsewhere.
+    Raises ``RuntimeError`` (one line) where FP8 is not supported.
     """
     scaling = _setting(scaling, "GENKV_FP8_SCALING", "row", str)
     fast_accum = _setting(fast_accum, "GENKV_FP8_FAST_ACCUM", False, lambda raw: raw not in ("0", "false", "off"))
+    row_kernel = _setting(row_kernel, "GENKV_FP8_ROW_KERNEL", True, lambda raw: raw not in ("0", "false", "off"))
+    row_kernel = row_kernel and _row_kernel_available()  # per-row only: FP8Linear and fusable() check the scaling
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}; got {scaling!r}")
     device = _device_of(module)
@@ -283,11 +382,20 @@ def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, FP8Linear(child, fast_accum=fast_accum, keep_original=keep_originals,
-                                             scaling=scaling))
+                                        scaling=scaling, row_kernel=row_kernel and plain.endswith("to_out.0")))
         replaced.append(plain)
-    summary = getattr(module, "_genkv_fp8", {"replaced": [], "skipped_dims": []})
+    fused = []
+    if row_kernel:
+        for name, child in list(module.named_modules()):
+            if name and FP8GeluFeedForward.fusable(child):  # (the root itself cannot be replaced in place)
+                parent_name, _, attr = name.rpartition(".")
+                parent = module.get_submodule(parent_name) if parent_name else module
+                setattr(parent, attr, FP8GeluFeedForward(child))
+                fused.append(name.replace("_orig_mod.", ""))
+    summary = getattr(module, "_genkv_fp8", {"replaced": [], "skipped_dims": [], "fused_gelu": []})
     summary["replaced"] = sorted(set(summary["replaced"]) | set(replaced))
     summary["skipped_dims"] = sorted(set(summary["skipped_dims"]) | set(skipped))
+    summary["fused_gelu"] = sorted(set(summary.get("fused_gelu", [])) | set(fused))
     object.__setattr__(module, "_genkv_fp8", summary)
     if skipped:
         some = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
@@ -299,6 +407,11 @@ def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector
 def disable_fp8(module: nn.Module) -> int:
     """Put every :class:`FP8Linear` in ``module`` back to the ``nn.Linear`` it was built from (its weights bit for
     bit, moved to the device the FP8 layer is on); returns how many. Raises if an original was dropped."""
+    for name, child in list(module.named_modules()):
+        if isinstance(child, FP8GeluFeedForward):  # first: the FeedForward it wraps holds the FP8 linears
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, child._original)
     restored = 0
     for name, child in list(module.named_modules()):
         if not isinstance(child, FP8Linear):
@@ -316,7 +429,8 @@ def disable_fp8(module: nn.Module) -> int:
 
 
 def fp8_summary(module: nn.Module) -> dict:
-    """``{"replaced": [...], "skipped_dims": [...]}``: the layer names :func:`enable_fp8` converted and those it
-    left in high precision for their dimensions (empty lists when FP8 is off)."""
-    summary = getattr(module, "_genkv_fp8", None) or {"replaced": [], "skipped_dims": []}
+    """``{"replaced": [...], "skipped_dims": [...], "fused_gelu": [...]}``: the layer names :func:`enable_fp8`
+    converted, those it left in high precision for their dimensions, and the feed-forwards whose GELU it fused
+    into the quantization (empty lists when FP8 is off)."""
+    summary = getattr(module, "_genkv_fp8", None) or {"replaced": [], "skipped_dims": [], "fused_gelu": []}
     return {key: list(value) for key, value in summary.items()}

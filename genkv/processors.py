@@ -11,6 +11,7 @@ patched model is a drop-in replacement.
 from __future__ import annotations
 
 import itertools
+import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -67,6 +68,43 @@ def _(query, encoder_hidden_states, ident):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
+def _fused_norm_rope_kernel():
+    """``genkv.kernels.qk_norm_rope`` (which registers ``genkv::qk_norm_rope``), or None without Triton or when
+    ``GENKV_FUSED_NORM_ROPE=0`` (read once: compiled graphs must not depend on it changing)."""
+    if os.environ.get("GENKV_FUSED_NORM_ROPE", "1") in ("0", "false", "off"):
+        return None
+    try:
+        from genkv.kernels import qk_norm_rope
+    except ImportError:
+        return None
+    return qk_norm_rope
+
+
+_NORM_ROPE = _fused_norm_rope_kernel()
+
+
+def _upcast_rms_norm() -> type:
+    from genkv.pipelines.self_forcing.numerics import UpcastRMSNorm  # upstream Self-Forcing's numerics
+
+    return UpcastRMSNorm
+
+
+def _fused_norm_rope_applies(attn: "WanAttention", query: torch.Tensor,
+                             rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """Whether a self-attention's q/k RMSNorm + RoPE run as one kernel (``genkv::qk_norm_rope``): on CUDA, in
+    half precision (float32 keeps the module path, the one checked against upstream), with Wan's norms (RMSNorm
+    across heads, affine, one eps; torch's or upstream's ``UpcastRMSNorm``, both the same class) and tables the
+    kernel takes."""
+    norms = (attn.norm_q, attn.norm_k)
+    kinds = {type(n) for n in norms}
+    return (_NORM_ROPE is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)
+            and len(kinds) == 1 and kinds <= {torch.nn.RMSNorm, _upcast_rms_norm()}
+            and all(n.weight is not None
+                    and tuple(n.normalized_shape) == (query.shape[-1],) for n in norms)
+            and attn.norm_q.eps == attn.norm_k.eps
+            and _NORM_ROPE.qk_norm_rope_applies(query, rotary_emb[0], rotary_emb[1], attn.heads))
+
+
 class _GenKVProcessorBase:
     _attention_backend: Any = None
     _parallel_config: Any = None
@@ -96,12 +134,18 @@ class GenKVSelfAttnProcessor(_GenKVProcessorBase):
         rotary_emb: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         query, key, value = _get_qkv_projections(attn, hidden_states, None)
-        query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
-        key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
         value = value.unflatten(2, (attn.heads, -1))
-        if rotary_emb is not None:
-            query = apply_rotary_emb(query, *rotary_emb)
-            key = apply_rotary_emb(key, *rotary_emb)
+        if rotary_emb is not None and _fused_norm_rope_applies(attn, query, rotary_emb):
+            eps = attn.norm_q.eps if attn.norm_q.eps is not None else torch.finfo(query.dtype).eps
+            upcast = type(attn.norm_q) is not torch.nn.RMSNorm  # upstream's norm: rounded before the weight
+            query, key = torch.ops.genkv.qk_norm_rope(query, key, attn.norm_q.weight, attn.norm_k.weight, eps,
+                                                      *rotary_emb, attn.heads, upcast)
+        else:
+            query = attn.norm_q(query).unflatten(2, (attn.heads, -1))
+            key = attn.norm_k(key).unflatten(2, (attn.heads, -1))
+            if rotary_emb is not None:
+                query = apply_rotary_emb(query, *rotary_emb)
+                key = apply_rotary_emb(key, *rotary_emb)
 
         if self.store.active:
             if attention_mask is not None:

@@ -48,15 +48,24 @@ def _scale_for(amax, QMAX: tl.constexpr):
 
 
 @triton.jit
-def _e4m3_bits(x):
-    # Round fp32 |x| <= 448 to the nearest e4m3 value, ties to even, in fp32 arithmetic (3 mantissa bits: step
-    # 2^(exponent - 3), subnormal step 2^-9), then cast, exactly. A plain cast rounds once on the GPU, but the
-    # interpreter rounds through fp16 first (twice), so the grid is computed here and both agree with torch.
-    exponent = tl.maximum(((x.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127, -6)
+def _e4m3_bits(x, EMULATE: tl.constexpr):
+    # The float8 e4m3fn byte of fp32 x (|x| <= 448), rounded to nearest, ties to even, as torch's cast gives it, -0
+    # for a negative value that rounds to zero included. A GPU's conversion does exactly that in one instruction
+    # (EMULATE off). The interpreter's rounds twice (through fp16), so EMULATE computes the byte without a float8
+    # conversion: plain integer arithmetic once |x| is on e4m3's grid (3 mantissa bits: step 2^(exponent - 3);
+    # below 2^-6 the subnormal step 2^-9).
+    if not EMULATE:
+        return x.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    bits = x.to(tl.int32, bitcast=True)
+    exponent = tl.maximum(((bits >> 23) & 0xFF) - 127, -6)
     step = ((exponent - 3 + 127) << 23).to(tl.float32, bitcast=True)
     inverse = ((127 - exponent + 3) << 23).to(tl.float32, bitcast=True)
-    grid = ((x * inverse + _ROUND) - _ROUND) * step  # exact: products with powers of two
-    return grid.to(tl.float8e4nv).to(tl.uint8, bitcast=True)
+    grid = ((tl.abs(x) * inverse + _ROUND) - _ROUND) * step  # exact: products with powers of two
+    grid_bits = grid.to(tl.int32, bitcast=True)
+    normal = ((((grid_bits >> 23) & 0xFF) - 120) << 3) | ((grid_bits >> 20) & 0x7)  # e4m3 bias 7 = 127 - 120
+    subnormal = (grid * 512.0).to(tl.int32)  # 0..7 steps of 2^-9
+    code = tl.where(grid < 0.015625, subnormal, normal) | ((bits >> 24) & 0x80)
+    return code.to(tl.uint8)
 
 
 @triton.jit
@@ -64,7 +73,7 @@ def _symmetric_codes(x, scale, KIND: tl.constexpr):
     # int8 codes, or fp8 codes as their bits (the history's fp8 tensors are passed as uint8)
     scaled = tl.math.div_rn(x, scale.to(tl.float32)[:, None])
     if KIND == 1:
-        codes = _e4m3_bits(tl.minimum(tl.maximum(scaled, -448.0), 448.0))
+        codes = _e4m3_bits(tl.minimum(tl.maximum(scaled, -448.0), 448.0), True)  # measured and tested this way
     else:
         codes = tl.minimum(tl.maximum((scaled + _ROUND) - _ROUND, -127.0), 127.0).to(tl.int8)
     return codes

@@ -344,7 +344,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         return self.vae_device
 
     def enable_fp8(self, keep_originals: str | None = "cpu", *, scaling: str | None = None,
-                   fast_accum: bool | None = None) -> "SelfForcingPipeline":
+                   fast_accum: bool | None = None, row_kernel: bool | None = None) -> "SelfForcingPipeline":
         """FP8 (e4m3) linear layers in the transformer blocks (:mod:`genkv.fp8`: per-channel weight scales,
         per-token activation scales, ``torch._scaled_mm``). Opt-in: the output changes (a linear's relative error
         is ~3.7e-2). It pays only with :meth:`enable_compile` called after it, which fuses the activation
@@ -352,6 +352,8 @@ class SelfForcingPipeline(DiffusionPipeline):
         (compute capability below 8.9). ``keep_originals``: where the bf16 layers wait for :meth:`disable_fp8`
         ("cpu", "device", or None to free them). ``scaling`` (``"row"`` / ``"tensor"``) and ``fast_accum``: the
         GEMM's scales and accumulation (:func:`genkv.fp8.enable_fp8`; defaults: per row, exact accumulation).
+        ``row_kernel`` (default on): per-row quantization of the attention outputs, and of each FFN's GELU fused
+        with it, in genkv's one-pass kernel (:class:`genkv.fp8.FP8GeluFeedForward`).
 
         Example:
             >>> from genkv.testing import tiny_self_forcing_pipeline
@@ -364,7 +366,7 @@ class SelfForcingPipeline(DiffusionPipeline):
         from genkv.fp8 import enable_fp8
 
         self.fp8_layers = enable_fp8(self.transformer, keep_originals=keep_originals, scaling=scaling,
-                                     fast_accum=fast_accum)
+                                     fast_accum=fast_accum, row_kernel=row_kernel)
         return self
 
     def disable_fp8(self) -> "SelfForcingPipeline":

@@ -24,10 +24,17 @@ def _round_e4m3_float64(v: torch.Tensor) -> torch.Tensor:
     return torch.round(v / step) * step  # torch.round rounds half to even
 
 
+def _times_inverse_448(amax: torch.Tensor) -> torch.Tensor:
+    # a float32 amax times float32(1/448): the float64 product of two float32 numbers is exact, then rounded once
+    inverse = torch.tensor(1.0 / 448.0, dtype=torch.float32).double()
+    return (amax.float().double() * inverse).float().double()
+
+
 def _quantize_rows_float64(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The per-row rule in float64: scale = max(row amax, 1e-12) / 448, stored in float32; q = e4m3(x / scale)."""
+    """The per-row rule in float64: scale = max(row amax, 1e-12) * float32(1/448) rounded to float32 (exactly a
+    float32 product); q = e4m3(x / scale)."""
     x64 = x.double()
-    scale = (x64.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / 448.0).float().double()
+    scale = _times_inverse_448(x64.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12))
     q = _round_e4m3_float64((x64 / scale).clamp(-448.0, 448.0))
     return q, scale
 
@@ -79,7 +86,7 @@ def test_per_tensor_fp8_linear_equals_float64_on_the_same_quantized_operands(dty
     # The per-tensor rule in float64: one scale = max(|x|) / 448 (float32), q = e4m3(x / scale), for x and for W.
     def quantize(t):
         t64 = t.double()
-        scale = (t64.abs().max().clamp(min=1e-12) / 448.0).float().double()
+        scale = _times_inverse_448(t64.abs().max().clamp(min=1e-12))
         return _round_e4m3_float64((t64 / scale).clamp(-448.0, 448.0)), scale
 
     qx, sx = quantize(x)
@@ -240,3 +247,94 @@ def test_cpu_is_supported_and_other_devices_are_not():
     assert fp8_supported("cpu")[0]
     supported, reason = fp8_supported("mps")
     assert not supported and "run without --fp8" in reason and "\n" not in reason
+
+
+def _feed_forward(dtype=torch.float32, dropout: float = 0.0):
+    from diffusers.models.attention import FeedForward
+
+    torch.manual_seed(11)
+    return FeedForward(32, inner_dim=96, activation_fn="gelu-approximate", dropout=dropout).to(dtype)
+
+
+def test_fused_gelu_feed_forward_equals_the_unfused_fp8_one_in_float32_and_disable_restores_it():
+    from genkv.fp8 import FP8GeluFeedForward
+
+    model = torch.nn.Sequential(_feed_forward())
+    x = torch.randn(2, 5, 32)
+    before = model(x)
+    unfused = _feed_forward()
+    unfused.load_state_dict(model[0].state_dict())
+    enable_fp8(unfused, row_kernel=False)
+    assert enable_fp8(model) == 2
+    assert type(model[0]) is FP8GeluFeedForward and fp8_summary(model)["fused_gelu"] == ["0"]
+    assert list(model.state_dict()) == ["0.net.0.proj.bias", "0.net.0.proj.weight_fp8", "0.net.0.proj.weight_scale",
+                                        "0.net.2.bias", "0.net.2.weight_fp8", "0.net.2.weight_scale"]
+    # float32 model: the unfused path's GELU output is already float32, so quantizing the GELU in float32 inside
+    # the op changes nothing: the same codes, the same GEMM, bit for bit
+    fused_out = model(x)
+    assert torch.equal(fused_out, unfused(x))
+    assert 1e-3 < _rel(fused_out, before) < 0.1
+    assert disable_fp8(model) == 2
+    assert type(model[0]).__name__ == "FeedForward" and torch.equal(model(x), before)
+
+
+def test_fused_gelu_feed_forward_in_bfloat16_is_no_further_from_float64_than_the_unfused_one():
+    model, unfused = _feed_forward(torch.bfloat16), _feed_forward(torch.bfloat16)
+    reference = _feed_forward(torch.float64)
+    x = torch.randn(64, 32)
+    want = reference(x.double())
+    enable_fp8(model)
+    enable_fp8(unfused, row_kernel=False)
+    fused_error, unfused_error = _rel(model(x.bfloat16()), want), _rel(unfused(x.bfloat16()), want)
+    assert fused_error < 0.1 and fused_error <= unfused_error * 1.1, (fused_error, unfused_error)
+
+
+def test_what_the_row_kernel_option_covers(monkeypatch):
+    pipe = tiny_self_forcing_pipeline(seed=0)
+    t = pipe.transformer
+    enable_fp8(t)
+    summary = fp8_summary(t)
+    assert summary["fused_gelu"] == ["blocks.0.ffn", "blocks.1.ffn"]
+    with_kernel = sorted(name for name, m in t.named_modules() if isinstance(m, FP8Linear) and m.row_kernel)
+    assert with_kernel == [f"blocks.{b}.{a}.to_out.0" for b in (0, 1) for a in ("attn1", "attn2")]
+    disable_fp8(t)
+    enable_fp8(t, scaling="tensor")  # one scale for the whole activation: no one-pass row kernel, no fusion
+    assert fp8_summary(t)["fused_gelu"] == [] and not any(getattr(m, "row_kernel", False) for m in t.modules())
+    disable_fp8(t)
+    monkeypatch.setenv("GENKV_FP8_ROW_KERNEL", "0")
+    enable_fp8(t)
+    assert fp8_summary(t)["fused_gelu"] == [] and not any(getattr(m, "row_kernel", False) for m in t.modules())
+    disable_fp8(t)
+    monkeypatch.delenv("GENKV_FP8_ROW_KERNEL")
+    dropping = torch.nn.Sequential(_feed_forward(dropout=0.1))
+    enable_fp8(dropping)
+    assert fp8_summary(dropping)["fused_gelu"] == []  # a dropout between the linears is not skipped over
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not fp8_supported("cuda")[0], reason="needs an FP8 GPU")
+def test_fused_gelu_feed_forward_on_the_gpu_matches_the_unfused_one():
+    from genkv.fp8 import FP8GeluFeedForward
+
+    model = torch.nn.Sequential(_feed_forward(torch.bfloat16)).cuda()
+    unfused, reference = _feed_forward(torch.bfloat16).cuda(), _feed_forward(torch.float64).cuda()
+    x = torch.randn(300, 32, device="cuda")
+    enable_fp8(model)
+    enable_fp8(unfused, row_kernel=False)
+    assert type(model[0]) is FP8GeluFeedForward  # on CUDA its op runs the Triton kernel
+    want = reference(x.double())
+    fused_error, unfused_error = _rel(model(x.bfloat16()), want), _rel(unfused(x.bfloat16()), want)
+    assert fused_error < 0.1 and fused_error <= unfused_error * 1.1, (fused_error, unfused_error)
+
+
+def test_cpu_gemm_without_rowwise_scaled_mm_matches_the_scaled_mm_one(monkeypatch):
+    # torch 2.11's CPU _scaled_mm takes per-tensor scales only; FP8Linear then multiplies the codes in float32
+    import genkv.fp8 as fp8
+
+    layer = FP8Linear(_linear(96, 48, seed=4), keep_original=None)
+    x = torch.randn(3, 17, 96) * torch.logspace(-2, 2, 17)[:, None]
+    if not fp8.CPU_ROWWISE_SCALED_MM:
+        pytest.skip("this torch's CPU _scaled_mm has no per-row scales to compare with")
+    want = layer(x)
+    monkeypatch.setattr(fp8, "CPU_ROWWISE_SCALED_MM", False)
+    got = layer(x)
+    assert (got - want).abs().max().item() <= 1e-5 * want.abs().max().item()

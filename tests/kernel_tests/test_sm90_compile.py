@@ -17,6 +17,8 @@ CODE = textwrap.dedent("""
     from triton.compiler import ASTSource
     from genkv.kernels.quant_pool import _pool_codes_kernel
     from genkv.kernels.quant_write import _write_rows_kernel
+    from genkv.kernels.fp8_rows import _quantize_rows_kernel, _quantize_rows_tiled_kernel
+    from genkv.kernels.qk_norm_rope import _norm_rope_kernel
 
     TARGET = GPUTarget("cuda", 90, 32)
     CODES = {1: "*u8", 2: "*i8", 3: "*u8"}  # fp8 codes go in as their bytes
@@ -42,12 +44,31 @@ CODE = textwrap.dedent("""
             compile_(_pool_codes_kernel, types, dict(KIND=kind, HEAD_DIM=dim, BLOCK_N=128, ROWS=32))
         except Exception as error:
             failed.append(f"pool_codes kind={kind} dim={dim}: {str(error)[-600:]}")
+    for act, dtype, block, emulate in itertools.product((0, 1, 2), ("bf16", "fp16", "fp32"), (2048, 16384),
+                                                        (False, True)):
+        try:
+            compile_(_quantize_rows_kernel, dict(X="*" + dtype, Codes="*u8", Scale="*fp32"),
+                     dict(ACT=act, BLOCK=block, EMULATE=emulate))
+        except Exception as error:
+            failed.append(f"fp8_rows act={act} {dtype} block={block} emulate={emulate}: {str(error)[-600:]}")
+        try:
+            compile_(_quantize_rows_tiled_kernel, dict(X="*" + dtype, Codes="*u8", Scale="*fp32"),
+                     dict(ACT=act, TILE=block // 8, EMULATE=emulate))
+        except Exception as error:
+            failed.append(f"fp8_rows tiled act={act} {dtype} tile={block // 8}: {str(error)[-600:]}")
+    for dtype, heads, dim, upcast in itertools.product(("bf16", "fp16", "fp32"), (12, 3), (128, 16), (False, True)):
+        try:
+            compile_(_norm_rope_kernel, dict(X="*" + dtype, W="*" + dtype, Cos="*fp32", Sin="*fp32",
+                                             Out="*" + dtype, eps="fp32"),
+                     dict(HEADS=heads, HEAD_DIM=dim, BLOCK_H=16 if heads > 4 else 4, UPCAST=upcast))
+        except Exception as error:
+            failed.append(f"qk_norm_rope {dtype} heads={heads} dim={dim} upcast={upcast}: {str(error)[-600:]}")
     print("\\n".join(failed))
     sys.exit(1 if failed else 0)
 """)
 
 
-def test_quantized_cache_kernels_compile_for_hopper():
+def test_small_kernels_compile_for_hopper():
     pytest.importorskip("triton")
     try:
         from triton.backends.compiler import GPUTarget  # noqa: F401
