@@ -93,8 +93,8 @@ def _fused_norm_rope_applies(attn: "WanAttention", query: torch.Tensor,
                              rotary_emb: tuple[torch.Tensor, torch.Tensor]) -> bool:
     """Whether a self-attention's q/k RMSNorm + RoPE run as one kernel (``genkv::qk_norm_rope``): on CUDA, in
     half precision (float32 keeps the module path, the one checked against upstream), with Wan's norms (RMSNorm
-    across heads, affine, one eps; torch's or upstream's ``UpcastRMSNorm``, both the same class) and tables the
-    kernel takes."""
+    across heads, affine, one eps; q's and k's both torch's ``RMSNorm`` or both upstream's ``UpcastRMSNorm``) and
+    tables the kernel takes."""
     norms = (attn.norm_q, attn.norm_k)
     kinds = {type(n) for n in norms}
     return (_NORM_ROPE is not None and query.is_cuda and query.dtype in (torch.float16, torch.bfloat16)

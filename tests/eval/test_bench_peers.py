@@ -153,3 +153,26 @@ def test_a_genkv_video_drains_the_device_only_before_and_after_it(tmp_path, monk
     row = json.loads(out.read_text())["rows"][0]
     assert row["system"] == "genkv@fastar-sdpa" and row["frames"] == 33 and row["chunks"] >= 3
     assert len(drains) == 2 and len(row["chunk_ms"]) == row["chunks"]
+
+
+def test_the_torch_quantization_variant_turns_the_row_kernel_off_and_says_so(tmp_path, monkeypatch):
+    from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
+
+    bench_peers = _bench_peers()
+    calls = []
+    original = SelfForcingPipeline.enable_fp8
+
+    def recording(self, *args, **kwargs):
+        calls.append(kwargs.get("row_kernel"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelfForcingPipeline, "enable_fp8", recording)
+    monkeypatch.setattr(SelfForcingPipeline, "enable_compile", lambda self, *a, **k: self)  # a CPU compile: minutes
+    out = tmp_path / "peers.json"
+    bench_peers.main(["--tiny", "--systems", "genkv-compile-fp8torch-taehv@fastar", "genkv-compile-fp8-taehv@fastar",
+                      "--frames", "9", "--warmup-frames", "0", "--json", str(out), "--device", "cpu"])
+    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+    assert calls == [False, None]  # None: enable_fp8's default, the row kernel on
+    assert rows["genkv-compile-fp8torch-taehv@fastar"]["settings"] == (
+        "fastar --compile --fp8 (GENKV_FP8_ROW_KERNEL=0) --decoder taehv")
+    assert rows["genkv-compile-fp8-taehv@fastar"]["settings"] == "fastar --compile --fp8 --decoder taehv"
