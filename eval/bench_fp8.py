@@ -3,9 +3,11 @@
 (a) The linear layers of one Wan2.1-1.3B block at a chunk's 4680 tokens (dim 1536, FFN 8960, 12 heads x 128):
 self-attention q/k/v/out, cross-attention q/out (the prompt's k/v are projected once per prompt) and the FFN,
 each fed by the op that produces its input in the real block (LayerNorm + modulation before q/k/v and the FFN,
-tanh-GELU between the FFN's linears), so that under ``torch.compile`` the FP8 activation quantization can fuse
-into that producer. Timed with CUDA events after warm-up: bf16 eager, bf16 compiled, FP8 eager (quantization
-unfused: three extra passes per activation) and FP8 compiled. ms per block; x 30 blocks x 5 forwards per chunk.
+tanh-GELU between the FFN's linears; the FFN is diffusers' ``FeedForward``, as in Wan), so that under
+``torch.compile`` the FP8 activation quantization can fuse into that producer. Timed with CUDA events after
+warm-up: bf16 eager, bf16 compiled, FP8 eager (quantization unfused: three extra passes per activation) and FP8
+compiled, each FP8 setting with and / or without ``row_kernel`` (genkv's one-pass quantization of the attention
+outputs and the FFN's GELU; ``--row-kernel``). ms per block; x 30 blocks x 5 forwards per chunk.
 
 (b) The relative error of one chunk's denoised latents (3 latent frames, 480x832, 4 steps) with the block
 linears in FP8 against bf16, at Wan2.1-1.3B shapes with random weights (``bench_rollout.build_pipeline``), and,

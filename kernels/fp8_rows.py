@@ -52,7 +52,7 @@ ACTIVATIONS = {None: 0, "none": 0, "gelu": 1, "gelu_tanh": 2}  # "gelu": erf GEL
 _E4M3_MAX = tl.constexpr(448.0)
 _INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # genkv.fp8's rule: amax times float32(1/448), the same on every device
 _AMAX_FLOOR = tl.constexpr(1e-12)
-_MAX_COLS = 32768  # one row lives in registers: beyond this the torch reference runs
+_MAX_COLS = 32768  # the one-pass kernel holds a row in registers: longer rows take the two-sweep kernel
 
 
 @triton.jit
@@ -129,9 +129,9 @@ def _check(x: torch.Tensor, activation: str | None) -> None:
         raise ValueError(f"x must be 2-D (rows, columns); got shape {tuple(x.shape)}")
 
 
-#: rows at least this long take the two-sweep kernel (``tiled`` below; env ``GENKV_FP8_ROWS_TILED_FROM``, 0: never):
-#: a one-pass program holding a 8960-wide row uses 16 warps and most of an SM's registers, one row per SM at a time
-TILED_FROM_COLS: int | None = int(os.environ.get("GENKV_FP8_ROWS_TILED_FROM", "0")) or None
+#: rows at least this long take the two-sweep kernel (``tiled`` below; env ``GENKV_FP8_ROWS_TILED_FROM``). At Wan
+#: shapes one pass won (8960 columns: 78.4 against 85.7 us, H100), so only rows too long for registers sweep twice.
+TILED_FROM_COLS: int = int(os.environ.get("GENKV_FP8_ROWS_TILED_FROM", "0")) or _MAX_COLS + 1
 _TILE = 2048
 
 
@@ -140,22 +140,24 @@ def quantize_rows_fp8(x: torch.Tensor, activation: str | None = None, tiled: boo
     """Per-row e4m3 codes and float32 scales ``(M, 1)`` of ``activation(x)`` for a 2-D ``x``, in one Triton pass.
 
     Runs the kernel on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU ones (float32 / float16 there: the
-    interpreter computes bfloat16 wrongly); float64 inputs, rows longer than 32768 and devices Triton does not
-    run on get :func:`quantize_rows_fp8_reference`. ``tiled``: the two-sweep kernel (the same result; see
-    :data:`TILED_FROM_COLS` for the default).
+    interpreter computes bfloat16 wrongly); float64 inputs and devices Triton does not run on get
+    :func:`quantize_rows_fp8_reference`. ``tiled``: the two-sweep kernel (the same result; the default takes it for
+    rows from :data:`TILED_FROM_COLS` columns, and always past 32768).
     """
     from .block_sparse import triton_runs_on
 
     _check(x, activation)
     rows, cols = x.shape
-    if not triton_runs_on(x) or x.dtype == torch.float64 or cols > _MAX_COLS or rows == 0 or cols == 0:
+    if not triton_runs_on(x) or x.dtype == torch.float64 or rows == 0 or cols == 0:
         return quantize_rows_fp8_reference(x, activation)
     if x.stride(-1) != 1:
         x = x.contiguous()
     codes = torch.empty(rows, cols, device=x.device, dtype=torch.float8_e4m3fn)
     scale = torch.empty(rows, 1, device=x.device, dtype=torch.float32)
-    if tiled is None:
-        tiled = TILED_FROM_COLS is not None and cols >= TILED_FROM_COLS
+    if cols > _MAX_COLS:
+        tiled = True  # too long for one program's registers
+    elif tiled is None:
+        tiled = cols >= TILED_FROM_COLS
     if tiled:
         _quantize_rows_tiled_kernel[(rows,)](
             x, codes.view(torch.uint8), scale, cols, x.stride(0), codes.stride(0),

@@ -79,6 +79,22 @@ def test_codes_at_rounding_midpoints_round_to_even_with_the_sign_kept():
     assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
 
 
+def test_rows_too_long_for_registers_take_the_two_sweep_kernel(monkeypatch):
+    import genkv.kernels.fp8_rows as fp8_rows
+
+    launched = []
+    monkeypatch.setattr(fp8_rows, "_quantize_rows_kernel", None)  # the one-pass kernel must not be launched
+    tiled = fp8_rows._quantize_rows_tiled_kernel
+    monkeypatch.setattr(fp8_rows, "_quantize_rows_tiled_kernel",
+                        type("Spy", (), {"__getitem__": lambda self, grid: launched.append(grid) or tiled[grid]})())
+    x = _rows(2, 33000, torch.float32, seed=5)
+    codes, scale = quantize_rows_fp8(x, "gelu_tanh", tiled=False)  # asked one pass, but the row does not fit
+    assert launched == [(2,)]
+    want_codes, want_scale = quantize_rows_fp8_reference(x, "gelu_tanh")
+    assert torch.allclose(scale, want_scale, rtol=1e-6, atol=0)
+    assert (codes.view(torch.uint8) != want_codes.view(torch.uint8)).float().mean().item() < 1e-3
+
+
 def test_strided_rows_are_read_in_place():
     x = _rows(11, 160, torch.float32, seed=3)[:, 16:112]  # a column slice: row stride 160, 96 columns
     codes, scale = quantize_rows_fp8(x)
