@@ -44,14 +44,17 @@ import torch
 import triton
 import triton.language as tl
 
+from genkv.fp8 import AMAX_FLOOR, E4M3_MAX, INV_E4M3_MAX, quantize_rows
+
 from .quant_write import _e4m3_bits
 
 __all__ = ["ACTIVATIONS", "quantize_rows_fp8", "quantize_rows_fp8_reference", "fp8_quantize_rows_op"]
 
 ACTIVATIONS = {None: 0, "none": 0, "gelu": 1, "gelu_tanh": 2}  # "gelu": erf GELU; "gelu_tanh": tanh approximation
-_E4M3_MAX = tl.constexpr(448.0)
-_INV_E4M3_MAX = tl.constexpr(1.0 / 448.0)  # genkv.fp8's rule: amax times float32(1/448), the same on every device
-_AMAX_FLOOR = tl.constexpr(1e-12)
+# genkv.fp8's rule (the scale is amax times float32(1/448), the same on every device), as kernel constants
+_E4M3_MAX = tl.constexpr(E4M3_MAX)
+_INV_E4M3_MAX = tl.constexpr(INV_E4M3_MAX)
+_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 _MAX_COLS = 32768  # the one-pass kernel holds a row in registers: longer rows take the two-sweep kernel
 
 
@@ -70,6 +73,19 @@ def _activation(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _row_scale(amax):
+    # the row's float32 scale and its correctly rounded inverse: the codes multiply by the inverse rather than divide
+    # every element by the scale (within an ulp of x / scale)
+    scale = tl.maximum(amax, _AMAX_FLOOR) * _INV_E4M3_MAX
+    return scale, tl.math.div_rn(1.0, scale)
+
+
+@triton.jit
+def _codes(x, inverse, EMULATE: tl.constexpr):
+    return _e4m3_bits(tl.minimum(tl.maximum(x * inverse, -_E4M3_MAX), _E4M3_MAX), EMULATE)
+
+
+@triton.jit
 def _quantize_rows_kernel(X, Codes, Scale, n_cols, stride_x, stride_codes,
                           ACT: tl.constexpr, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
@@ -77,10 +93,8 @@ def _quantize_rows_kernel(X, Codes, Scale, n_cols, stride_x, stride_codes,
     inside = cols < n_cols
     x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
     x = _activation(x, ACT)  # both GELUs map the padding's 0 to 0, so it never raises the amax
-    scale = tl.maximum(tl.max(tl.abs(x), axis=0), _AMAX_FLOOR) * _INV_E4M3_MAX
-    # times the (correctly rounded) inverse, not an IEEE division per element: within an ulp of x / scale
-    scaled = tl.minimum(tl.maximum(x * tl.math.div_rn(1.0, scale), -_E4M3_MAX), _E4M3_MAX)
-    tl.store(Codes + row * stride_codes + cols, _e4m3_bits(scaled, EMULATE), mask=inside)
+    scale, inverse = _row_scale(tl.max(tl.abs(x), axis=0))
+    tl.store(Codes + row * stride_codes + cols, _codes(x, inverse, EMULATE), mask=inside)
     tl.store(Scale + row, scale)
 
 
@@ -97,13 +111,11 @@ def _quantize_rows_tiled_kernel(X, Codes, Scale, n_cols, stride_x, stride_codes,
         inside = start + cols < n_cols
         x = _activation(tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32), ACT)
         amax = tl.maximum(amax, tl.abs(x))
-    scale = tl.maximum(tl.max(amax, axis=0), _AMAX_FLOOR) * _INV_E4M3_MAX
-    inverse = tl.math.div_rn(1.0, scale)
+    scale, inverse = _row_scale(tl.max(amax, axis=0))
     for start in range(0, n_cols, TILE):
         inside = start + cols < n_cols
         x = _activation(tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32), ACT)
-        scaled = tl.minimum(tl.maximum(x * inverse, -_E4M3_MAX), _E4M3_MAX)
-        tl.store(Codes + row * stride_codes + start + cols, _e4m3_bits(scaled, EMULATE), mask=inside)
+        tl.store(Codes + row * stride_codes + start + cols, _codes(x, inverse, EMULATE), mask=inside)
     tl.store(Scale + row, scale)
 
 
@@ -117,8 +129,6 @@ def _activation_reference(x: torch.Tensor, activation: str | None) -> torch.Tens
 def quantize_rows_fp8_reference(x: torch.Tensor, activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What :func:`quantize_rows_fp8` computes, in torch: the activation in float32, then
     :func:`genkv.fp8.quantize_rows` (``(codes (M, N) float8_e4m3fn, scale (M, 1) float32)``)."""
-    from genkv.fp8 import quantize_rows
-
     return quantize_rows(_activation_reference(x, activation))
 
 

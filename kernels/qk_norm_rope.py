@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from genkv.rope import apply_rotary_emb
+
 __all__ = ["qk_norm_rope", "qk_norm_rope_reference", "qk_norm_rope_op", "qk_norm_rope_applies"]
 
 
@@ -62,12 +64,6 @@ def _norm_rope_kernel(X, W, Cos, Sin, Out, seq, stride_xb, stride_xs, stride_cs,
     tl.store(Out + b * stride_ob + s * stride_os + offs, out.to(Out.dtype.element_ty), mask=inside)
 
 
-def _rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)
-    cos, sin = cos[..., 0::2], sin[..., 1::2]
-    return torch.stack([x_even * cos - x_odd * sin, x_even * sin + x_odd * cos], dim=-1).flatten(-2)
-
-
 def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Tensor, weight_k: torch.Tensor,
                            eps: float, cos: torch.Tensor, sin: torch.Tensor, heads: int, upcast: bool = False
                            ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +80,7 @@ def qk_norm_rope_reference(q: torch.Tensor, k: torch.Tensor, weight_q: torch.Ten
             normed = normed.to(work)
         else:
             normed = torch.nn.functional.rms_norm(x.to(work), (x.shape[-1],), weight.to(work), eps)
-        return _rope_reference(normed.unflatten(-1, (heads, -1)), cos.to(work), sin.to(work)).to(x.dtype)
+        return apply_rotary_emb(normed.unflatten(-1, (heads, -1)), cos.to(work), sin.to(work)).to(x.dtype)
 
     return one(q, weight_q), one(k, weight_k)
 

@@ -33,6 +33,12 @@ def _rows(rows: int, cols: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     return x.to(dtype).to(DEVICE)
 
 
+def _e4m3_values() -> torch.Tensor:
+    """Every finite float8 e4m3fn value, ascending (float32)."""
+    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return values[values.isfinite()].sort().values
+
+
 def _e4m3_half_step(v: torch.Tensor) -> torch.Tensor:
     """Half the spacing of e4m3 values around |v| (float64): 2^(exponent - 4), exponent floored at -6."""
     exponent = torch.floor(torch.log2(v.abs().clamp(min=2.0 ** -6))).clamp(min=-6)
@@ -67,8 +73,7 @@ def test_codes_and_scales_equal_torch_without_activation(dtype, cols, tiled):
 def test_codes_at_rounding_midpoints_round_to_even_with_the_sign_kept():
     # rows whose x / scale land exactly on e4m3 values and on the midpoints between them (scale 1: amax 448),
     # negative ones included: ties to even, and -0 for a negative value rounding to zero
-    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    values = values[values.isfinite()].sort().values
+    values = _e4m3_values()
     midpoints = (values[1:] + values[:-1]) / 2
     row = torch.cat([values, midpoints, -midpoints, torch.tensor([-2.0 ** -11, 2.0 ** -11, -0.0])])
     x = torch.cat([row, torch.full((row.numel() % 2,), 448.0)]).reshape(2, -1).to(DEVICE)
@@ -146,8 +151,7 @@ def test_bad_activation_or_shape_is_refused_in_one_line():
 def _e4m3_probe_values() -> torch.Tensor:
     """Every finite e4m3 value, every midpoint between neighbours and the float32 numbers on either side of it,
     random values over the whole range and near zero, and signed zeros."""
-    values = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    values = values[values.isfinite()].sort().values
+    values = _e4m3_values()
     mids = (values[1:] + values[:-1]) / 2
     g = torch.Generator().manual_seed(0)
     return torch.cat([values, mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1),
