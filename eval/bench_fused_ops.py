@@ -7,7 +7,12 @@ shapes (4680 tokens, dim 1536, FFN 8960, 12 heads x 128): each op alone, timed w
 - ``fp8 quantize rows (attention output)``: the same without an activation at dim 1536;
 - each of those two also with the two-sweep kernel (``tiled``: 2048 columns at a time, the row read twice);
 - ``q/k RMSNorm + RoPE``: ``genkv.kernels.qk_norm_rope`` against the compiled module path (``rms_norm`` then
-  ``apply_rotary_emb``, for q and for k).
+  ``apply_rotary_emb``, for q and for k);
+- the Wan block's three norm stretches (``genkv.kernels.adaln``) against the compiled diffusers arithmetic:
+  ``norm1 + modulation``, ``gated residual + affine norm2``, ``residual + norm3 + modulation``, the first and the
+  last also with the FP8 codes of the result instead of the row (what the FP8 path's linears read);
+- ``tempcache merge scores``: ``genkv.kernels.pair_scores`` against the compiled ``genkv.keep.tempcache.pair_scores``
+  (30 layers x 3 frames x 1560 tokens x 9 candidates, content matching: the new key rotated per candidate).
 
     python eval/bench_fused_ops.py --out runs/fused_ops.json     # on a GPU: well under a minute
     python eval/bench_fused_ops.py --device cpu --tiny           # a CPU smoke run (interpreter, tiny shapes)
@@ -25,13 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_json import write_result  # noqa: E402
 from bench_kernels import timer as time_ms  # noqa: E402  (do_bench medians on CUDA)
 
-WAN = dict(tokens=4680, dim=1536, ffn=8960, heads=12)
-TINY = dict(tokens=40, dim=64, ffn=160, heads=4)
+WAN = dict(tokens=4680, dim=1536, ffn=8960, heads=12, layers=30, grid=(30, 52))
+TINY = dict(tokens=40, dim=64, ffn=160, heads=4, layers=2, grid=(4, 5))
 
 
 def rows_for(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bool) -> list[dict]:
     from genkv.fp8 import quantize_rows
+    from genkv.kernels.adaln import adaln
+    from genkv.keep.tempcache import _neighbourhood, pair_scores
     from genkv.kernels.fp8_rows import quantize_rows_fp8
+    from genkv.kernels.pair_scores import pair_scores_triton
     from genkv.kernels.qk_norm_rope import qk_norm_rope
     from genkv.rope import apply_rotary_emb
 
@@ -46,6 +54,48 @@ def rows_for(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bo
     weight_k = torch.rand(dim, device=device, dtype=dtype, generator=gen) + 0.5
     angle = torch.rand(1, tokens, 1, dim // heads // 2, device=device, generator=gen) * 6
     cos, sin = torch.cos(angle).repeat_interleave(2, -1), torch.sin(angle).repeat_interleave(2, -1)
+
+    # a block's hidden states, the attention output added to them, Wan's float32 modulation (views of one (1, 6, C)
+    # table) and norm2's affine weight and bias
+    states = torch.randn(1, tokens, dim, device=device, dtype=dtype, generator=gen)
+    attn_delta = torch.randn(1, tokens, dim, device=device, dtype=dtype, generator=gen)
+    shift, scale, gate = torch.randn(1, 6, dim, device=device, generator=gen).mul(0.3).chunk(6, dim=1)[:3]
+    norm_weight = torch.rand(dim, device=device, generator=gen) + 0.5
+    norm_bias = torch.randn(dim, device=device, generator=gen) * 0.1
+
+    def layer_norm(x, weight=None, bias=None):
+        return torch.nn.functional.layer_norm(x.float(), (dim,), weight, bias, 1e-6)
+
+    def norm1_torch(x):
+        return ((layer_norm(x) * (1 + scale) + shift).to(dtype),)
+
+    def norm1_codes_torch(x):
+        return quantize_rows(norm1_torch(x)[0].reshape(-1, dim))
+
+    def norm2_torch(x, delta):
+        h = (x.float() + delta * gate).to(dtype)
+        return h, layer_norm(h, norm_weight, norm_bias).to(dtype)
+
+    def norm3_torch(x, delta):
+        h = x + delta
+        return h, (layer_norm(h) * (1 + scale) + shift).to(dtype)
+
+    def norm3_codes_torch(x, delta):
+        h, y = norm3_torch(x, delta)
+        return (h, *quantize_rows(y.reshape(-1, dim)))
+
+    # TempCache's commit: every layer's staged frames against their 9 neighbours one frame earlier (the keys of one
+    # layer at l * capacity + slot), with the relative rotation per (token, candidate)
+    layers, grid, head_dim = shape["layers"], shape["grid"], dim // heads
+    frame = grid[0] * grid[1]
+    capacity = 4 * frame
+    cache_keys = torch.randn(1, layers * capacity, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    nbr = _neighbourhood(grid, 1, device)
+    slots = (torch.arange(3, device=device).view(1, 3, 1, 1) * frame + nbr
+             + (torch.arange(layers, device=device) * capacity).view(-1, 1, 1, 1))
+    staged = torch.randn(1, layers, 3, frame, heads, head_dim, device=device, dtype=dtype, generator=gen)
+    turn = torch.rand(frame, nbr.shape[1], head_dim // 2, device=device, generator=gen)
+    rotation = (torch.cos(turn).repeat_interleave(2, -1), torch.sin(turn).repeat_interleave(2, -1))
 
     def gelu_quant_torch(h):
         return quantize_rows(torch.nn.functional.gelu(h, approximate="tanh"))
@@ -68,10 +118,25 @@ def rows_for(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bo
          lambda: quantize_rows_fp8(attn_out, tiled=True)),
         ("q/k RMSNorm + RoPE", 2 * tokens * dim, maybe_compile(norm_rope_torch), (q, k),
          lambda: qk_norm_rope(q, k, weight_q, weight_k, 1e-6, cos, sin, heads)),
+        ("norm1 + modulation", tokens * dim, maybe_compile(norm1_torch), (states,),
+         lambda: adaln(states, None, None, None, None, scale, shift, 1e-6, True, True, False)[1:2]),
+        ("norm1 + modulation, fp8 codes", tokens * dim, maybe_compile(norm1_codes_torch), (states,),
+         lambda: adaln(states, None, None, None, None, scale, shift, 1e-6, True, False, True)[2:]),
+        ("gated residual + affine norm2", 2 * tokens * dim, maybe_compile(norm2_torch), (states, attn_delta),
+         lambda: adaln(states, attn_delta, gate, norm_weight, norm_bias, None, None, 1e-6, True, True, False)[:2]),
+        ("residual + norm3 + modulation", 2 * tokens * dim, maybe_compile(norm3_torch), (states, attn_delta),
+         lambda: adaln(states, attn_delta, None, None, None, scale, shift, 1e-6, True, True, False)[:2]),
+        ("residual + norm3 + modulation, fp8 codes", 2 * tokens * dim, maybe_compile(norm3_codes_torch),
+         (states, attn_delta),
+         lambda: (lambda out: (out[0], out[2], out[3]))(
+             adaln(states, attn_delta, None, None, None, scale, shift, 1e-6, True, False, True))),
+        ("tempcache merge scores", slots.numel() * dim, maybe_compile(pair_scores),
+         (cache_keys, slots, staged, rotation), lambda: (pair_scores_triton(cache_keys, slots, staged, rotation),)),
     ]
     rows = []
     for name, elements, torch_fn, args, genkv_fn in cases:
         want, got = torch_fn(*args), genkv_fn()
+        want = (want,) if isinstance(want, torch.Tensor) else want
         errors = [((g.float() - w.float()).abs().max() / w.float().abs().max().clamp(min=1e-12)).item()
                   for g, w in zip(got, want)]
         torch_ms, genkv_ms = time_ms(lambda: torch_fn(*args), device), time_ms(genkv_fn, device)
@@ -94,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if cuda else torch.float32
     rows = rows_for(shape, device, dtype, compile_=cuda)
     baseline = "torch compiled" if cuda else "torch eager"
-    print(f"\n{'op':<38} {baseline + ' us':>18} {'genkv us':>10} {'speedup':>8} {'genkv GB/s read':>16} "
+    print(f"\n{'op':<42} {baseline + ' us':>18} {'genkv us':>10} {'speedup':>8} {'genkv GB/s read':>16} "
           f"{'max rel diff':>13}")
     for r in rows:
         base = r.get("torch_compiled_us", r.get("torch_eager_us"))
-        print(f"{r['op']:<38} {base:18.1f} {r['genkv_us']:10.1f} {r['speedup']:7.2f}x {r['genkv_read_GBps']:16.0f} "
+        print(f"{r['op']:<42} {base:18.1f} {r['genkv_us']:10.1f} {r['speedup']:7.2f}x {r['genkv_read_GBps']:16.0f} "
               f"{r['max_rel_diff_vs_torch']:13.2e}")
     write_result(args.out, device, shape=shape, dtype=str(dtype).replace("torch.", ""), rows=rows)
     return 0

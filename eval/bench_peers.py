@@ -19,6 +19,11 @@ Systems (``--systems``, default all):
     genkv-compile-taehv, genkv-compile-fp8-taehv   those flags together.
     genkv-compile-fp8torch-taehv   the last with FP8's activation quantization left to Inductor (torch ops;
                        ``enable_fp8(row_kernel=False)``), not genkv's one-pass kernel and fused GELU.
+    genkv-compile-fused, genkv-compile-fp8-taehv-fused   ``genkv-compile`` / ``genkv-compile-fp8-taehv`` with the
+                       two kernels that are off by default until measured: the blocks' residual + LayerNorm +
+                       modulation in one pass (``pipe.enable_fused_blocks()``, ``GENKV_FUSED_ADALN=1``; with FP8 the
+                       pass also writes the codes q/k/v, the cross-attention query and the FFN read) and TempCache's
+                       merge scores in one pass (``GENKV_PAIR_SCORES_KERNEL=1``).
     NAME@fastar        any genkv system with ``fastar`` (TempCache merges + routed block-sparse reads) instead of
                        upstream's rolling window: genkv's fastest method, a different cache from upstream's.
                        On CUDA its read is split (``chunk_attention="auto"``, the default): the chunk's own keys by
@@ -88,7 +93,8 @@ from bench_json import write_result  # noqa: E402
 from bench_rollout import WAN_1_3B, build_pipeline, parse_spec  # noqa: E402
 
 SYSTEMS = ("upstream", "flashdreams", "genkv", "genkv-compile", "genkv-compile-fp8", "genkv-taehv",
-           "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv")
+           "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv", "genkv-compile-fused",
+           "genkv-compile-fp8-taehv-fused")
 WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstream: local_attn_size)
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
 GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
@@ -128,6 +134,8 @@ GENKV_VARIANTS: dict[str, dict[str, Any]] = {
     "genkv-compile-taehv": dict(compile=True, fp8=False, decoder="taehv"),
     "genkv-compile-fp8-taehv": dict(compile=True, fp8=True, decoder="taehv"),
     "genkv-compile-fp8torch-taehv": dict(compile=True, fp8=True, decoder="taehv", row_kernel=False),
+    "genkv-compile-fused": dict(compile=True, fp8=False, decoder="wan", fused=True),
+    "genkv-compile-fp8-taehv-fused": dict(compile=True, fp8=True, decoder="taehv", fused=True),
 }
 
 
@@ -543,9 +551,13 @@ def run_upstream(root: Path, shapes: Shapes, frames: int, warmup_frames: int, de
 def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, device: torch.device) -> dict:
     """Time one whole genkv video (plus a warm-up one) on a fresh random-weight pipeline set up as ``genkv render``."""
     import genkv
+    import genkv.keep.tempcache as tempcache
 
     name, method = split_system(system)
     variant = GENKV_VARIANTS[name]
+    pair_scores_kernel = None
+    if variant.get("fused", False):
+        from genkv.kernels import pair_scores as pair_scores_kernel
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, embeds = build_pipeline(shapes.genkv_model, device, dtype)
     genkv.apply_genkv(pipe, parse_spec(method))
@@ -559,6 +571,11 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
             pipe.enable_fp8(keep_originals=None, row_kernel=variant.get("row_kernel"))
         except RuntimeError as err:
             raise Skip(f"{system}: {err}") from None
+    # the two kernels off by default until measured, per row (the rows without them run diffusers' block forward
+    # and the compiled merge scores, whatever the environment says)
+    fused = variant.get("fused", False)
+    pipe.enable_fused_blocks(fused)
+    tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel if fused else None
     if variant["compile"]:
         pipe.enable_compile()
     clock = Clock(device)
@@ -617,6 +634,7 @@ def settings_of(system: str, shapes: Shapes) -> str:
     variant = GENKV_VARIANTS[name]
     flags = [flag for flag, on in (("--compile", variant["compile"]), ("--fp8", variant["fp8"]),
                                    ("(GENKV_FP8_ROW_KERNEL=0)", variant.get("row_kernel") is False),
+                                   ("(GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1)", variant.get("fused", False)),
                                    ("--decoder taehv", variant["decoder"] == "taehv")) if on]
     return " ".join([method, *flags]) if flags else f"{method}, eager"
 

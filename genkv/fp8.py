@@ -64,12 +64,13 @@ from __future__ import annotations
 import fnmatch
 import os
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-__all__ = ["FP8Linear", "FP8GeluFeedForward", "enable_fp8", "disable_fp8", "fp8_supported", "fp8_summary",
+__all__ = ["FP8Linear", "FP8GeluFeedForward", "FP8Rows", "enable_fp8", "disable_fp8", "fp8_supported", "fp8_summary",
            "quantize_rows", "quantize_tensor"]
 
 FP8_DTYPE = getattr(torch, "float8_e4m3fn", None)
@@ -109,6 +110,30 @@ def quantize_tensor(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 SCALINGS = ("row", "tensor")
+
+
+@dataclass
+class FP8Rows:
+    """An activation already quantized per row, handed to the linears that read it instead of the tensor.
+
+    Whoever produced the activation quantized it on the way (``genkv.kernels.adaln``: a Wan block's LayerNorm and
+    modulation), so the :class:`FP8Linear` layers reading it (q, k and v read one) skip their own quantization.
+    ``codes`` ``(M, C)`` e4m3 and ``scale`` ``(M, 1)`` float32 are :func:`quantize_rows` of the activation's rows;
+    ``shape`` / ``dtype`` are the activation's (``(..., C)``, M the product of the leading dimensions). Only
+    per-row :class:`FP8Linear` layers (and :class:`FP8GeluFeedForward`) take it.
+
+    Example:
+        >>> x = torch.randn(2, 3, 32)
+        >>> rows = FP8Rows(*quantize_rows(x.reshape(-1, 32)), x.shape, x.dtype)
+        >>> layer = FP8Linear(nn.Linear(32, 8))
+        >>> torch.equal(layer(rows), layer(x))
+        True
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    shape: torch.Size
+    dtype: torch.dtype
 
 
 class FP8Linear(nn.Module):
@@ -180,7 +205,11 @@ class FP8Linear(nn.Module):
         """The weight the GEMM actually uses, in float32: ``weight_fp8 * weight_scale.T``."""
         return self.weight_fp8.float() * self.weight_scale.reshape(-1, 1)  # (1, 1) per-tensor broadcasts too
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: "torch.Tensor | FP8Rows") -> torch.Tensor:
+        if isinstance(x, FP8Rows):  # quantized by its producer (q, k and v share one quantization)
+            if self.scaling != "row":
+                raise TypeError("a per-tensor FP8Linear cannot take rows quantized per row (FP8Rows)")
+            return self.matmul_codes(x.codes, x.scale, x.dtype).reshape(*x.shape[:-1], self.out_features)
         x2 = x.reshape(-1, self.in_features)
         if self.row_kernel:
             xq, x_scale = torch.ops.genkv.fp8_quantize_rows(x2, "none")
@@ -275,9 +304,9 @@ class FP8GeluFeedForward(nn.Module):
         return (type(net[0]).__name__ == "GELU" and getattr(net[0], "approximate", None) in _GELU_APPROXIMATIONS
                 and dropouts_off and all(isinstance(m, FP8Linear) and m.scaling == "row" for m in (up, net[2])))
 
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    def forward(self, hidden_states: "torch.Tensor | FP8Rows", *args, **kwargs) -> torch.Tensor:
         up, down = self.net[0].proj, self.net[2]
-        hidden = up(hidden_states)
+        hidden = up(hidden_states)  # an FP8Rows input (quantized by its producer) too
         codes, scale = torch.ops.genkv.fp8_quantize_rows(hidden.reshape(-1, up.out_features), self.activation)
         out = down.matmul_codes(codes, scale, hidden_states.dtype)
         return out.reshape(*hidden_states.shape[:-1], down.out_features)

@@ -33,6 +33,7 @@ if they sat at the newest frame, the approximation FAST-AR's TempCache makes.
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -97,7 +98,34 @@ def pair_scores(
     return cosine.amin(dim=-1).amin(dim=0)
 
 
-_pair_scores_fused = CompiledOnCuda(pair_scores, "tempcache merge scores")
+_pair_scores_compiled = CompiledOnCuda(pair_scores, "tempcache merge scores")
+
+
+def _pair_scores_kernel():
+    """``genkv.kernels.pair_scores.pair_scores_triton`` when ``GENKV_PAIR_SCORES_KERNEL=1`` (read once at import; off
+    by default until a GPU run measures it against the compiled scores) and Triton imports; else None."""
+    if os.environ.get("GENKV_PAIR_SCORES_KERNEL", "0") in ("0", "false", "off", ""):
+        return None
+    try:
+        from genkv.kernels import pair_scores as kernel
+    except ImportError:
+        return None
+    return kernel
+
+
+_PAIR_SCORES_KERNEL = _pair_scores_kernel()
+
+
+def _pair_scores_fused(k: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor,
+                       rotation: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """:func:`pair_scores` as fast as this device runs it: genkv's one-pass kernel where it is on and takes the keys
+    (CUDA; the CPU under ``TRITON_INTERPRET=1``, for tests), else ``torch.compile`` of the torch ops on CUDA, else
+    the ops eagerly."""
+    kernel = _PAIR_SCORES_KERNEL
+    if kernel is not None and kernel.pair_scores_applies(k, k_new) and kernel.triton_runs_on(k):
+        return kernel.pair_scores_triton(k, slots, k_new, rotation)
+    return _pair_scores_compiled(k, slots, k_new, rotation)
+
 
 #: how keys are compared (see the module docstring)
 MATCH_MODES = ("content", "stored")

@@ -18,6 +18,7 @@ from torch.profiler import record_function
 from genkv.api import apply_genkv, get_store, is_patched
 
 from .checkpoint import load_self_forcing_checkpoint
+from .fused_block import FUSED_ADALN, apply_fused_blocks, remove_fused_blocks
 from .numerics import apply_self_forcing_numerics
 from .noise import NOISE_MODES, RolloutNoise
 from .scheduler import SelfForcingScheduler
@@ -98,6 +99,10 @@ class SelfForcingPipeline(DiffusionPipeline):
         if noise not in NOISE_MODES:
             raise ValueError(f"noise must be one of {', '.join(map(repr, NOISE_MODES))}, got {noise!r}")
         apply_self_forcing_numerics(transformer)
+        #: How many blocks run their norm stretches fused (``fused_block``: residual + LayerNorm + modulation, and
+        #: the FP8 codes, in one pass each; CUDA, half precision). Off unless ``GENKV_FUSED_ADALN=1`` until measured
+        #: on a GPU; :meth:`enable_fused_blocks` turns it on.
+        self.fused_blocks = apply_fused_blocks(transformer) if FUSED_ADALN else 0
         #: Decode with channels-last 3-D convolutions (cuDNN tensor-core path): 259 vs 312 ms per chunk on an
         #: H100 at 480x832, same output up to bf16 rounding. Off by default so the default path is the reference.
         self.decode_channels_last = False
@@ -367,6 +372,24 @@ class SelfForcingPipeline(DiffusionPipeline):
 
         self.fp8_layers = enable_fp8(self.transformer, keep_originals=keep_originals, scaling=scaling,
                                      fast_accum=fast_accum, row_kernel=row_kernel)
+        return self
+
+    def enable_fused_blocks(self, enabled: bool = True) -> "SelfForcingPipeline":
+        """Run each Wan block's residual adds, LayerNorms and modulations as three fused passes (``genkv::adaln``;
+        with :meth:`enable_fp8` they also write the FP8 codes the next linears read), on CUDA in half precision;
+        ``enabled=False`` gives the blocks diffusers' forward back. Same arithmetic as diffusers' block, one
+        rounding at each point where it rounds (:mod:`genkv.pipelines.self_forcing.fused_block`).
+
+        Example:
+            >>> from genkv.testing import tiny_self_forcing_pipeline
+            >>> tiny_self_forcing_pipeline(seed=0).enable_fused_blocks().fused_blocks
+            2
+        """
+        if enabled:
+            self.fused_blocks += apply_fused_blocks(self.transformer)
+        else:
+            remove_fused_blocks(self.transformer)
+            self.fused_blocks = 0
         return self
 
     def disable_fp8(self) -> "SelfForcingPipeline":

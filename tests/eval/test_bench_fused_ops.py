@@ -19,8 +19,13 @@ def test_tiny_run_writes_rows_that_agree_with_torch(tmp_path, monkeypatch):
     rows = json.loads(out.read_text())["rows"]
     assert [r["op"] for r in rows] == ["fp8 quantize rows, GELU (FFN)", "fp8 quantize rows, GELU (FFN), tiled",
                                        "fp8 quantize rows (attention output)",
-                                       "fp8 quantize rows (attention output), tiled", "q/k RMSNorm + RoPE"]
-    # codes may sit one e4m3 step apart at a rounding midpoint; the norm + rope only by float32 rounding
-    assert all(r["max_rel_diff_vs_torch"] < 0.07 for r in rows[:4])
-    assert rows[4]["max_rel_diff_vs_torch"] < 1e-5
+                                       "fp8 quantize rows (attention output), tiled", "q/k RMSNorm + RoPE",
+                                       "norm1 + modulation", "norm1 + modulation, fp8 codes",
+                                       "gated residual + affine norm2", "residual + norm3 + modulation",
+                                       "residual + norm3 + modulation, fp8 codes", "tempcache merge scores"]
+    # codes may sit one e4m3 step apart at a rounding midpoint; the norms (+ rope) and the merge scores only by
+    # float32 rounding
+    codes = [0, 1, 2, 3, 6, 9]
+    assert all(r["max_rel_diff_vs_torch"] < 0.07 for i, r in enumerate(rows) if i in codes)
+    assert all(r["max_rel_diff_vs_torch"] < 1e-5 for i, r in enumerate(rows) if i not in codes)
     sys.modules.pop("bench_fused_ops", None)

@@ -19,6 +19,8 @@ CODE = textwrap.dedent("""
     from genkv.kernels.quant_write import _write_rows_kernel
     from genkv.kernels.fp8_rows import _quantize_rows_kernel, _quantize_rows_tiled_kernel
     from genkv.kernels.qk_norm_rope import _norm_rope_kernel
+    from genkv.kernels.adaln import _adaln_kernel
+    from genkv.kernels.pair_scores import _pair_scores_kernel
 
     TARGET = GPUTarget("cuda", 90, 32)
     CODES = {1: "*u8", 2: "*i8", 3: "*u8"}  # fp8 codes go in as their bytes
@@ -63,6 +65,27 @@ CODE = textwrap.dedent("""
                      dict(HEADS=heads, HEAD_DIM=dim, BLOCK_H=16 if heads > 4 else 4, UPCAST=upcast))
         except Exception as error:
             failed.append(f"qk_norm_rope {dtype} heads={heads} dim={dim} upcast={upcast}: {str(error)[-600:]}")
+    # the three Wan-block stretches (modulated, gated + affine, residual + modulated), each with and without codes
+    stretches = [dict(HAS_DELTA=False, HAS_GATE=False, HAS_AFFINE=False, HAS_MODULATION=True),
+                 dict(HAS_DELTA=True, HAS_GATE=True, HAS_AFFINE=True, HAS_MODULATION=False),
+                 dict(HAS_DELTA=True, HAS_GATE=False, HAS_AFFINE=False, HAS_MODULATION=True)]
+    for stretch, dtype, quantize, block in itertools.product(stretches, ("bf16", "fp16", "fp32"), (False, True),
+                                                              (2048, 8192)):
+        types = dict(X="*" + dtype, Delta="*" + dtype, Gate="*fp32", W="*fp32", Bias="*fp32", Scale="*fp32",
+                     Shift="*fp32", H="*" + dtype, Normed="*" + dtype, Codes="*u8", CodeScale="*fp32", eps="fp32")
+        flags = dict(stretch, NORMALIZE=True, WRITE_H=stretch["HAS_DELTA"], WRITE_NORMED=not quantize,
+                     QUANTIZE=quantize, BLOCK=block, EMULATE=False)
+        try:
+            compile_(_adaln_kernel, types, flags)
+        except Exception as error:
+            failed.append(f"adaln {stretch} {dtype} quantize={quantize} block={block}: {str(error)[-600:]}")
+    for dtype, heads, dim, rotate in itertools.product(("bf16", "fp16", "fp32"), (12, 3), (128, 16), (False, True)):
+        types = dict(K="*" + dtype, Slots="*i64", KNew="*" + dtype, Cos="*fp32", Sin="*fp32", Out="*fp32")
+        try:
+            compile_(_pair_scores_kernel, types, dict(HEADS=heads, HEAD_DIM=dim, BLOCK_H=16 if heads > 4 else 4,
+                                                      ROTATE=rotate))
+        except Exception as error:
+            failed.append(f"pair_scores {dtype} heads={heads} dim={dim} rotate={rotate}: {str(error)[-600:]}")
     print("\\n".join(failed))
     sys.exit(1 if failed else 0)
 """)

@@ -308,3 +308,41 @@ def test_eviction_keeps_the_sinks_and_the_newest_frames_in_place():
     # the sink frame, the only history that survives the last chunk, kept its slots
     assert [now[(0, p)] for p in range(tpf)] == [before[(0, p)] for p in range(tpf)]
     assert (cache.frame_index[~live] == -2).all()
+
+
+@pytest.mark.parametrize("match", ["content", "stored"])
+def test_the_merge_score_kernel_commits_what_the_torch_scores_commit(match, monkeypatch):
+    """GENKV_PAIR_SCORES_KERNEL=1's path (genkv.kernels.pair_scores, run here under the interpreter) leaves the same
+    cache as the torch scores: three chunks of noisy repeats under RoPE, merging and evicting."""
+    import genkv.keep.tempcache as tempcache
+    from genkv.kernels import pair_scores as kernel
+
+    rope = _rope(16)
+    grid, heads, dim = (3, 4), 2, 16
+    tpf = grid[0] * grid[1]
+
+    def run():
+        g = torch.Generator().manual_seed(4)
+        content = torch.randn(1, tpf, heads, dim, generator=g, dtype=torch.float64)
+        keeper = TemporalMerge(threshold=0.97, radius=1, sink_frames=1, budget_frames=5, max_tokens=None,
+                               match=match)
+        keeper.rope = rope
+        cache = LayerKVCache(5 * tpf, fixed=True)
+        for c in range(4):
+            noisy = content.repeat(1, 3, 1, 1) + 0.05 * torch.randn(1, 3 * tpf, heads, dim, generator=g,
+                                                                   dtype=torch.float64)
+            # content: the repeats differ as stored (RoPE) and match once rotated; stored: compared as they are
+            keys = (_rotated(rope, noisy, grid, 3 * c) if match == "content" else noisy).float()
+            _commit(keeper, cache, keys, torch.randn(1, 3 * tpf, heads, dim, generator=g), 3 * c, 3, grid)
+        return {name: getattr(cache, name).clone() for name in ("k", "v", "token_count", "frame_index", "token_pos")}
+
+    torch_path = run()
+    calls = []
+    monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", kernel)  # as GENKV_PAIR_SCORES_KERNEL=1 at import
+    monkeypatch.setattr(kernel, "pair_scores_triton",
+                        lambda *args, real=kernel.pair_scores_triton: calls.append(1) or real(*args))
+    with_kernel = run()
+    assert calls  # every merging commit scored by the kernel
+    assert (torch_path["token_count"] > 1).any()  # groups formed: the scores decided something
+    for name, want in torch_path.items():
+        assert torch.equal(with_kernel[name], want), name
