@@ -19,11 +19,12 @@ Systems (``--systems``, default all):
     genkv-compile-taehv, genkv-compile-fp8-taehv   those flags together.
     genkv-compile-fp8torch-taehv   the last with FP8's activation quantization left to Inductor (torch ops;
                        ``enable_fp8(row_kernel=False)``), not genkv's one-pass kernel and fused GELU.
-    genkv-compile-fused, genkv-compile-fp8-taehv-fused   ``genkv-compile`` / ``genkv-compile-fp8-taehv`` with the
-                       two kernels that are off by default until measured: the blocks' residual + LayerNorm +
+    genkv-compile-trial, genkv-compile-fp8-taehv-trial   ``genkv-compile`` / ``genkv-compile-fp8-taehv`` with the
+                       changes that are off by default until measured: the blocks' residual + LayerNorm +
                        modulation in one pass (``pipe.enable_fused_blocks()``, ``GENKV_FUSED_ADALN=1``; with FP8 the
-                       pass also writes the codes q/k/v, the cross-attention query and the FFN read) and TempCache's
-                       merge scores in one pass (``GENKV_PAIR_SCORES_KERNEL=1``).
+                       pass also writes the codes q/k/v, the cross-attention query and the FFN read), TempCache's
+                       merge scores in one pass (``GENKV_PAIR_SCORES_KERNEL=1``) and a channels-last TAEHV
+                       (``GENKV_TAEHV_CHANNELS_LAST=1``).
     NAME@fastar        any genkv system with ``fastar`` (TempCache merges + routed block-sparse reads) instead of
                        upstream's rolling window: genkv's fastest method, a different cache from upstream's.
                        On CUDA its read is split (``chunk_attention="auto"``, the default): the chunk's own keys by
@@ -93,8 +94,8 @@ from bench_json import write_result  # noqa: E402
 from bench_rollout import WAN_1_3B, build_pipeline, parse_spec  # noqa: E402
 
 SYSTEMS = ("upstream", "flashdreams", "genkv", "genkv-compile", "genkv-compile-fp8", "genkv-taehv",
-           "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv", "genkv-compile-fused",
-           "genkv-compile-fp8-taehv-fused")
+           "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv", "genkv-compile-trial",
+           "genkv-compile-fp8-taehv-trial")
 WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstream: local_attn_size)
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
 GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
@@ -134,8 +135,8 @@ GENKV_VARIANTS: dict[str, dict[str, Any]] = {
     "genkv-compile-taehv": dict(compile=True, fp8=False, decoder="taehv"),
     "genkv-compile-fp8-taehv": dict(compile=True, fp8=True, decoder="taehv"),
     "genkv-compile-fp8torch-taehv": dict(compile=True, fp8=True, decoder="taehv", row_kernel=False),
-    "genkv-compile-fused": dict(compile=True, fp8=False, decoder="wan", fused=True),
-    "genkv-compile-fp8-taehv-fused": dict(compile=True, fp8=True, decoder="taehv", fused=True),
+    "genkv-compile-trial": dict(compile=True, fp8=False, decoder="wan", trial=True),
+    "genkv-compile-fp8-taehv-trial": dict(compile=True, fp8=True, decoder="taehv", trial=True),
 }
 
 
@@ -555,8 +556,9 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
 
     name, method = split_system(system)
     variant = GENKV_VARIANTS[name]
+    trial = variant.get("trial", False)
     pair_scores_kernel = None
-    if variant.get("fused", False):
+    if trial:
         from genkv.kernels import pair_scores as pair_scores_kernel
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, embeds = build_pipeline(shapes.genkv_model, device, dtype)
@@ -565,17 +567,16 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
         from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
 
         taehv_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=taehv_dtype).eval())
+        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=taehv_dtype).eval().use_channels_last(trial))
     if variant["fp8"]:
         try:  # before compiling, as `genkv render --fp8 --compile`: Inductor fuses the activation quantization
             pipe.enable_fp8(keep_originals=None, row_kernel=variant.get("row_kernel"))
         except RuntimeError as err:
             raise Skip(f"{system}: {err}") from None
-    # the two kernels off by default until measured, per row (the rows without them run diffusers' block forward
-    # and the compiled merge scores, whatever the environment says)
-    fused = variant.get("fused", False)
-    pipe.enable_fused_blocks(fused)
-    tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel if fused else None
+    # the changes off by default until measured, per row (the rows without them run diffusers' block forward, the
+    # compiled merge scores and an NCHW TAEHV, whatever the environment says)
+    pipe.enable_fused_blocks(trial)
+    tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel if trial else None
     if variant["compile"]:
         pipe.enable_compile()
     clock = Clock(device)
@@ -634,7 +635,8 @@ def settings_of(system: str, shapes: Shapes) -> str:
     variant = GENKV_VARIANTS[name]
     flags = [flag for flag, on in (("--compile", variant["compile"]), ("--fp8", variant["fp8"]),
                                    ("(GENKV_FP8_ROW_KERNEL=0)", variant.get("row_kernel") is False),
-                                   ("(GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1)", variant.get("fused", False)),
+                                   ("(GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1)",
+                                    variant.get("trial", False)),
                                    ("--decoder taehv", variant["decoder"] == "taehv")) if on]
     return " ".join([method, *flags]) if flags else f"{method}, eager"
 

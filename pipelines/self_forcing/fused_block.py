@@ -16,12 +16,13 @@ Off by default until measured on a GPU (``GENKV_FUSED_ADALN=1`` turns it on for 
 :func:`apply_fused_blocks` / :func:`remove_fused_blocks` on any Wan transformer). Apply it before compiling or
 after: a compiled block calls the instance's ``forward``.
 
-Example (CPU: the patched forward runs diffusers' own there)::
-
-    from genkv.testing import tiny_self_forcing_pipeline
-    pipe = tiny_self_forcing_pipeline(seed=0)
-    apply_fused_blocks(pipe.transformer)      # 2 blocks patched
-    remove_fused_blocks(pipe.transformer)
+Example (CPU: the patched forward runs diffusers' own there):
+    >>> from genkv.testing import tiny_self_forcing_pipeline
+    >>> pipe = tiny_self_forcing_pipeline(seed=0)
+    >>> apply_fused_blocks(pipe.transformer), all(is_fused(block) for block in pipe.transformer.blocks)
+    (2, True)
+    >>> remove_fused_blocks(pipe.transformer)
+    2
 """
 
 from __future__ import annotations

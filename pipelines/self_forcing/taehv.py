@@ -17,6 +17,7 @@ unchanged; genkv never downloads them.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ WEIGHTS_HINT = (
     "https://github.com/madebyollin/taehv (folder safetensors/ for the .safetensors) and pass its path"
 )
 _SHOWN = 4  # keys named in an error message before "(+N more)"
+#: decoders loaded by :meth:`TAEHVDecoder.from_file` run channels-last (env ``GENKV_TAEHV_CHANNELS_LAST=1``, read at
+#: import; off until a GPU run measures it)
+CHANNELS_LAST: bool = os.environ.get("GENKV_TAEHV_CHANNELS_LAST", "0") not in ("0", "false", "off", "")
 
 
 def _conv3(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -70,8 +74,14 @@ class TGrow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
+        y = self.conv(x)
         # channel group k of frame t is output frame t * stride + k (frames are the flattened batch axis)
-        return self.conv(x).reshape(n * self.stride, c, h, w)
+        if self.stride > 1 and y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous():
+            # channels-last memory is (n, h, w, k, c): move k next to n in one copy and stay channels-last (a plain
+            # reshape would copy into NCHW, and the next convolution would convert back)
+            moved = y.permute(0, 2, 3, 1).unflatten(3, (self.stride, c)).permute(0, 3, 1, 2, 4)
+            return moved.reshape(n * self.stride, h, w, c).permute(0, 3, 1, 2)
+        return y.reshape(n * self.stride, c, h, w)
 
 
 @dataclass(frozen=True)
@@ -146,6 +156,26 @@ class TAEHVDecoder(nn.Module):
         # The decoder makes t_upscale frames per latent frame; the video's first latent frame stands for one
         # frame only (Wan's causal VAE), so the first t_upscale - 1 frames of a video are dropped.
         self.frames_to_trim = self.t_upscale - 1
+        #: Activations and convolution weights in channels-last memory (:meth:`use_channels_last`)
+        self.channels_last = False
+
+    def use_channels_last(self, enabled: bool = True) -> "TAEHVDecoder":
+        """Keep the activations (and the convolution weights) in channels-last memory, the layout cuDNN's fp16
+        convolutions use on a GPU, instead of converting every convolution's input and output (~5.8 ms of layout
+        conversions a chunk in the fp8 + TAEHV profile, H100, 2026-12-05). Same values, up to the convolutions' order
+        of summation. Off by default until a GPU run measures it (``GENKV_TAEHV_CHANNELS_LAST=1``: on for every
+        decoder :meth:`from_file` loads, so for ``genkv render --decoder taehv``).
+
+        Example:
+            >>> import torch
+            >>> taehv = TAEHVDecoder().eval()
+            >>> z = torch.randn(1, 16, 3, 2, 2)
+            >>> plain = taehv.decode_video(z)
+            >>> torch.allclose(taehv.use_channels_last().decode_video(z), plain, atol=1e-5)
+            True
+        """
+        self.channels_last = enabled
+        return self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
 
     # ---- decoding -------------------------------------------------------------------------------------------
 
@@ -166,6 +196,8 @@ class TAEHVDecoder(nn.Module):
         param = self.decoder[1].weight
         x = latents.to(device=param.device, dtype=param.dtype).transpose(1, 2)
         x = x.reshape(batch * frames, channels, height, width)  # frames on the batch axis: 2-D convs see them all
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         memory: dict[int, torch.Tensor] = {}
         for index, layer in enumerate(self.decoder):
             if isinstance(layer, MemBlock):
@@ -190,8 +222,14 @@ class TAEHVDecoder(nn.Module):
         # Each frame's "past" is the previous frame's input to this block; the chunk's first frame gets the
         # previous chunk's last one (zeros at the start of a video, as TAEHV).
         frames = x.reshape(batch, -1, *x.shape[1:])
-        first = torch.zeros_like(frames[:, 0]) if last is None else last
-        past = torch.cat([first[:, None], frames[:, :-1]], dim=1).reshape(x.shape)
+        # written into a tensor of x's memory layout (a cat of the 5-D views would come out NCHW whatever x is)
+        past = torch.empty_like(x)
+        past_frames = past.view(frames.shape)
+        if last is None:
+            past_frames[:, 0].zero_()
+        else:
+            past_frames[:, 0].copy_(last)
+        past_frames[:, 1:].copy_(frames[:, :-1])
         # clone: a view would keep the whole chunk's activation alive until the next chunk
         return block(x, past), frames[:, -1].clone()
 
@@ -226,7 +264,8 @@ class TAEHVDecoder(nn.Module):
         model = cls(**config)
         state_dict = read_state_dict(path)
         model.load_state_dict(model.check_state_dict(state_dict, source=str(path)), strict=True)
-        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        model = model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        return model.use_channels_last() if CHANNELS_LAST else model
 
     def check_state_dict(self, state_dict: Mapping[str, torch.Tensor], source: str = "state dict") -> dict:
         """The decoder part of a TAEHV state dict, adapted to this configuration, or one ValueError line."""

@@ -78,6 +78,29 @@ def test_streaming_is_exact_in_float64(decoder, latents):
     torch.testing.assert_close(streamed, decoder64.decode_video(z), rtol=0, atol=1e-12)
 
 
+def test_channels_last_decodes_the_same_clip_without_a_layout_conversion(latents):
+    # float64 (the sums' order is the only difference, and it vanishes there); batch 2, so the MemBlocks' past and
+    # the TGrows' frame order are checked across videos in one batch
+    plain = _conditioned(TAEHVDecoder()).double()
+    fast = _conditioned(TAEHVDecoder()).double().use_channels_last()
+    z = latents.double()
+    seen = []
+
+    def record(module, args, out):
+        seen.append((type(module).__name__,
+                     all(t.is_contiguous(memory_format=torch.channels_last) for t in (args[0], out))))
+
+    hooks = [m.register_forward_hook(record) for m in fast.modules() if isinstance(m, torch.nn.Conv2d)]
+    streamed = torch.cat(_streamed(fast, z, (3, 3, 1)), dim=2)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(streamed, plain.decode_video(z), rtol=0, atol=1e-12)
+    # every convolution read and wrote channels-last memory: cuDNN has nothing to convert
+    assert seen and all(ok for _, ok in seen), [name for name, ok in seen if not ok]
+    fast.use_channels_last(False)
+    torch.testing.assert_close(fast.decode_video(z), plain.decode_video(z), rtol=0, atol=1e-12)
+
+
 def test_the_state_passed_in_is_left_unchanged(decoder, latents):
     _, state = decoder.decode_chunk(latents[:, :, :3])
     again = [decoder.decode_chunk(latents[:, :, 3:6], state)[0] for _ in range(2)]
@@ -177,6 +200,18 @@ def test_a_published_layout_file_loads_strictly(tmp_path, suffix):
         assert value.dtype == torch.float64
         torch.testing.assert_close(value, sd[key].double(), rtol=0, atol=0)
     assert not decoder.training and not any(p.requires_grad for p in decoder.parameters())
+
+
+def test_the_environment_switch_loads_files_channels_last(tmp_path, monkeypatch):
+    import genkv.pipelines.self_forcing.taehv as taehv
+
+    path = tmp_path / "taew2_1.pth"
+    _save(_published_like(), path)
+    assert not TAEHVDecoder.from_file(path).channels_last
+    monkeypatch.setattr(taehv, "CHANNELS_LAST", True)  # as GENKV_TAEHV_CHANNELS_LAST=1 at import
+    decoder = TAEHVDecoder.from_file(path)
+    assert decoder.channels_last
+    assert decoder.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_older_files_with_a_two_frame_first_tgrow_keep_its_last_frame(tmp_path):

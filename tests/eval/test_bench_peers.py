@@ -178,7 +178,7 @@ def test_the_torch_quantization_variant_turns_the_row_kernel_off_and_says_so(tmp
     assert rows["genkv-compile-fp8-taehv@fastar"]["settings"] == "fastar --compile --fp8 --decoder taehv"
 
 
-def test_the_fused_variants_turn_on_both_kernels_and_the_others_neither(tmp_path, monkeypatch):
+def test_the_trial_variants_turn_on_the_three_changes_and_the_others_none(tmp_path, monkeypatch):
     import genkv.keep.tempcache as tempcache
     from genkv.kernels import pair_scores
     from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
@@ -187,18 +187,19 @@ def test_the_fused_variants_turn_on_both_kernels_and_the_others_neither(tmp_path
     seen = []
 
     def compile_stub(self, *args, **kwargs):  # what each row runs with, as it would compile (a CPU compile: minutes)
-        seen.append((self.fused_blocks, tempcache._PAIR_SCORES_KERNEL))
+        seen.append((self.fused_blocks, tempcache._PAIR_SCORES_KERNEL, self.taehv.channels_last))
         return self
 
     monkeypatch.setattr(SelfForcingPipeline, "enable_compile", compile_stub)
     monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", None)
     out = tmp_path / "peers.json"
-    bench_peers.main(["--tiny", "--systems", "genkv-compile-fused@fastar", "genkv-compile@fastar",
+    bench_peers.main(["--tiny", "--systems", "genkv-compile-fp8-taehv-trial@fastar", "genkv-compile-fp8-taehv@fastar",
                       "--frames", "9", "--warmup-frames", "0", "--json", str(out), "--device", "cpu"])
     rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
-    (blocks_fused, kernel_fused), (blocks_plain, kernel_plain) = seen
-    assert blocks_fused > 0 and kernel_fused is pair_scores
-    assert blocks_plain == 0 and kernel_plain is None
-    assert rows["genkv-compile-fused@fastar"]["settings"] == (
-        "fastar --compile (GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1)")
-    assert rows["genkv-compile@fastar"]["settings"] == "fastar --compile"
+    (blocks_trial, kernel_trial, nhwc_trial), (blocks_plain, kernel_plain, nhwc_plain) = seen
+    assert blocks_trial > 0 and kernel_trial is pair_scores and nhwc_trial
+    assert blocks_plain == 0 and kernel_plain is None and not nhwc_plain
+    assert rows["genkv-compile-fp8-taehv-trial@fastar"]["settings"] == (
+        "fastar --compile --fp8 (GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1) "
+        "--decoder taehv")
+    assert rows["genkv-compile-fp8-taehv@fastar"]["settings"] == "fastar --compile --fp8 --decoder taehv"
