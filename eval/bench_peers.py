@@ -13,6 +13,9 @@ Systems (``--systems``, default all):
                        frames, 81 output frames).
     flashdreams        NVIDIA FlashDreams' Self-Forcing recipe: not runnable here, the row says why.
     genkv              ``rolling:window_frames=21``, eager (``genkv render`` without options).
+    genkv-graphs, genkv-taehv-graphs   eager blocks with each chunk's repeated forwards replayed from CUDA graphs
+                       (``--cuda-graphs`` without ``--compile``): the eager paths are launch-bound, host time equal
+                       to GPU time (BENCHMARKS, 2026-12-01), which graphs take off the host.
     genkv-compile      the same with ``--compile`` (compiled blocks, CUDA graphs, fused Wan VAE decoder).
     genkv-compile-fp8  ``--compile --fp8``.
     genkv-taehv        ``--decoder taehv`` (TAEHV at its published shapes, random weights, fp16).
@@ -95,7 +98,7 @@ from bench_rollout import WAN_1_3B, build_pipeline, parse_spec  # noqa: E402
 
 SYSTEMS = ("upstream", "flashdreams", "genkv", "genkv-compile", "genkv-compile-fp8", "genkv-taehv",
            "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv", "genkv-compile-trial",
-           "genkv-compile-fp8-taehv-trial")
+           "genkv-compile-fp8-taehv-trial", "genkv-graphs", "genkv-taehv-graphs")
 WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstream: local_attn_size)
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
 GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
@@ -129,6 +132,8 @@ FLASHDREAMS_NEEDS = {"transformers": "transformers>=5", "tyro": "tyro", "loguru"
 
 GENKV_VARIANTS: dict[str, dict[str, Any]] = {
     "genkv": dict(compile=False, fp8=False, decoder="wan"),
+    "genkv-graphs": dict(compile=False, fp8=False, decoder="wan", graphs=True),
+    "genkv-taehv-graphs": dict(compile=False, fp8=False, decoder="taehv", graphs=True),
     "genkv-compile": dict(compile=True, fp8=False, decoder="wan"),
     "genkv-compile-fp8": dict(compile=True, fp8=True, decoder="wan"),
     "genkv-taehv": dict(compile=False, fp8=False, decoder="taehv"),
@@ -579,6 +584,8 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
     tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel if trial else None
     if variant["compile"]:
         pipe.enable_compile()
+    elif variant.get("graphs", False):
+        pipe.cuda_graphs = True  # as `genkv render --cuda-graphs` (a CPU says why not, once, and renders eagerly)
     clock = Clock(device)
     if warmup_frames:
         for _ in pipe.stream(prompt_embeds=embeds, num_frames=warmup_frames,
@@ -633,7 +640,8 @@ def settings_of(system: str, shapes: Shapes) -> str:
         return "self-forcing-wan2.1-t2v-1.3b recipe"
     name, method = split_system(system)
     variant = GENKV_VARIANTS[name]
-    flags = [flag for flag, on in (("--compile", variant["compile"]), ("--fp8", variant["fp8"]),
+    flags = [flag for flag, on in (("--compile", variant["compile"]), ("--cuda-graphs", variant.get("graphs", False)),
+                                   ("--fp8", variant["fp8"]),
                                    ("(GENKV_FP8_ROW_KERNEL=0)", variant.get("row_kernel") is False),
                                    ("(GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1)",
                                     variant.get("trial", False)),

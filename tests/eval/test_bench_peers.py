@@ -203,3 +203,27 @@ def test_the_trial_variants_turn_on_the_three_changes_and_the_others_none(tmp_pa
         "fastar --compile --fp8 (GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1) "
         "--decoder taehv")
     assert rows["genkv-compile-fp8-taehv@fastar"]["settings"] == "fastar --compile --fp8 --decoder taehv"
+
+
+def test_the_eager_graphs_variant_turns_graphs_on_without_compiling(tmp_path, monkeypatch):
+    from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
+
+    bench_peers = _bench_peers()
+    seen = []
+    original = SelfForcingPipeline.stream
+
+    def recording(self, *args, **kwargs):
+        seen.append(self.cuda_graphs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelfForcingPipeline, "stream", recording)
+    monkeypatch.setattr(SelfForcingPipeline, "enable_compile",
+                        lambda self, *a, **k: pytest.fail("the eager variants must not compile"))
+    out = tmp_path / "peers.json"
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):  # a CPU: said once, then eagerly
+        bench_peers.main(["--tiny", "--systems", "genkv-graphs@fastar", "genkv@fastar", "--frames", "9",
+                          "--warmup-frames", "0", "--json", str(out), "--device", "cpu"])
+    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+    assert seen == [True, False]
+    assert rows["genkv-graphs@fastar"]["settings"] == "fastar --cuda-graphs"
+    assert rows["genkv-graphs@fastar"]["frames"] == rows["genkv@fastar"]["frames"] == 9
