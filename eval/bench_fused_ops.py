@@ -12,7 +12,8 @@ shapes (4680 tokens, dim 1536, FFN 8960, 12 heads x 128): each op alone, timed w
   ``norm1 + modulation``, ``gated residual + affine norm2``, ``residual + norm3 + modulation``, the first and the
   last also with the FP8 codes of the result instead of the row (what the FP8 path's linears read);
 - ``tempcache merge scores``: ``genkv.kernels.pair_scores`` against the compiled ``genkv.keep.tempcache.pair_scores``
-  (30 layers x 3 frames x 1560 tokens x 9 candidates, content matching: the new key rotated per candidate).
+  (30 layers x 3 frames x 1560 tokens x 9 candidates, content matching: the new key rotated per candidate; its
+  "read" bandwidth counts every candidate row as gathered, 9 per token, most of them from L2).
 
     python eval/bench_fused_ops.py --out runs/fused_ops.json     # on a GPU: well under a minute
     python eval/bench_fused_ops.py --device cpu --tiny           # a CPU smoke run (interpreter, tiny shapes)
@@ -36,8 +37,8 @@ TINY = dict(tokens=40, dim=64, ffn=160, heads=4, layers=2, grid=(4, 5))
 
 def rows_for(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bool) -> list[dict]:
     from genkv.fp8 import quantize_rows
-    from genkv.kernels.adaln import adaln
     from genkv.keep.tempcache import _neighbourhood, pair_scores
+    from genkv.kernels.adaln import adaln
     from genkv.kernels.fp8_rows import quantize_rows_fp8
     from genkv.kernels.pair_scores import pair_scores_triton
     from genkv.kernels.qk_norm_rope import qk_norm_rope
