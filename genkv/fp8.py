@@ -70,6 +70,8 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .switches import env_flag, optional_kernel
+
 __all__ = ["FP8Linear", "FP8GeluFeedForward", "FP8Rows", "enable_fp8", "disable_fp8", "fp8_supported", "fp8_summary",
            "quantize_rows", "quantize_tensor"]
 
@@ -266,11 +268,7 @@ CPU_ROWWISE_SCALED_MM = _cpu_rowwise_scaled_mm()
 def _row_kernel_available() -> bool:
     """Whether genkv's one-pass row quantization (``genkv.kernels.fp8_rows``, a Triton kernel) can be imported; the
     op is registered on import."""
-    try:
-        import genkv.kernels.fp8_rows  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return optional_kernel("fp8_rows") is not None
 
 
 _GELU_APPROXIMATIONS = {"none": "gelu", "tanh": "gelu_tanh"}
@@ -356,15 +354,6 @@ def _default_include(module: nn.Module) -> Selector:
     return "blocks.*" if isinstance(getattr(module, "blocks", None), nn.ModuleList) else None
 
 
-def _setting(value, env: str, default, parse):
-    """An explicit value, else the environment variable ``env`` if set (benchmarks compare settings across
-    processes without new flags), else ``default``."""
-    if value is not None:
-        return value
-    raw = os.environ.get(env)
-    return default if raw in (None, "") else parse(raw)
-
-
 def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector = None,
                fast_accum: bool | None = None, keep_originals: str | None = "cpu", align: int | None = None,
                scaling: str | None = None, row_kernel: bool | None = None) -> int:
@@ -383,9 +372,10 @@ def enable_fp8(module: nn.Module, *, include: Selector = None, exclude: Selector
     quantization (:class:`FP8GeluFeedForward`); the kernel runs on CUDA, the same math in torch elsewhere.
     Raises ``RuntimeError`` (one line) where FP8 is not supported.
     """
-    scaling = _setting(scaling, "GENKV_FP8_SCALING", "row", str)
-    fast_accum = _setting(fast_accum, "GENKV_FP8_FAST_ACCUM", False, lambda raw: raw not in ("0", "false", "off"))
-    row_kernel = _setting(row_kernel, "GENKV_FP8_ROW_KERNEL", True, lambda raw: raw not in ("0", "false", "off"))
+    # unset arguments come from the environment (benchmarks compare settings across processes without new flags)
+    scaling = scaling if scaling is not None else (os.environ.get("GENKV_FP8_SCALING") or "row")
+    fast_accum = fast_accum if fast_accum is not None else env_flag("GENKV_FP8_FAST_ACCUM", False)
+    row_kernel = row_kernel if row_kernel is not None else env_flag("GENKV_FP8_ROW_KERNEL", True)
     row_kernel = row_kernel and _row_kernel_available()  # per-row only: FP8Linear and fusable() check the scaling
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {', '.join(SCALINGS)}; got {scaling!r}")

@@ -11,7 +11,6 @@ patched model is a drop-in replacement.
 from __future__ import annotations
 
 import itertools
-import os
 import weakref
 from typing import TYPE_CHECKING, Any
 
@@ -20,6 +19,7 @@ from diffusers.models.attention_dispatch import dispatch_attention_fn
 from diffusers.models.transformers.transformer_wan import _get_qkv_projections
 
 from .rope import apply_rotary_emb
+from .switches import env_flag, optional_kernel
 
 if TYPE_CHECKING:  # pragma: no cover
     from diffusers.models.transformers.transformer_wan import WanAttention
@@ -68,19 +68,9 @@ def _(query, encoder_hidden_states, ident):
     return torch.empty_like(query, memory_format=torch.contiguous_format)
 
 
-def _fused_norm_rope_kernel():
-    """``genkv.kernels.qk_norm_rope`` (which registers ``genkv::qk_norm_rope``), or None without Triton or when
-    ``GENKV_FUSED_NORM_ROPE=0`` (read once: compiled graphs must not depend on it changing)."""
-    if os.environ.get("GENKV_FUSED_NORM_ROPE", "1") in ("0", "false", "off"):
-        return None
-    try:
-        from genkv.kernels import qk_norm_rope
-    except ImportError:
-        return None
-    return qk_norm_rope
-
-
-_NORM_ROPE = _fused_norm_rope_kernel()
+# ``genkv.kernels.qk_norm_rope`` (which registers ``genkv::qk_norm_rope``), or None without Triton or when
+# ``GENKV_FUSED_NORM_ROPE=0``
+_NORM_ROPE = optional_kernel("qk_norm_rope") if env_flag("GENKV_FUSED_NORM_ROPE", True) else None
 
 
 def _upcast_rms_norm() -> type:

@@ -29,6 +29,8 @@ import os
 
 import torch
 
+from genkv.switches import env_flag
+
 from .quant_kv import KIND_IDS
 
 try:  # triton is optional: CPU installs use the torch reference
@@ -673,10 +675,7 @@ def _use_int8_qk(requested: bool | None, hist_kind: int, q_dtype: torch.dtype) -
 
 def _switch(requested: bool | None, env: str, default: bool) -> bool:
     """A launch switch: the argument if given, else env ``env`` (``1`` / ``0``) if set, else ``default``."""
-    if requested is not None:
-        return bool(requested)
-    value = os.environ.get(env)
-    return value == "1" if value in ("0", "1") else default
+    return bool(requested) if requested is not None else env_flag(env, default)
 
 
 def block_sparse_attention_triton(

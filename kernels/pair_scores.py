@@ -8,10 +8,11 @@ recomputes every candidate's norm: 8.2 ms a chunk on an H100 at Wan2.1-1.3B shap
 tokens x 9 candidates x 12 heads x 128; ``eval/profile_ops.py --fp8``, 2026-12-05), a third of the keeper's time.
 
 :func:`pair_scores_triton` runs one program per staged token (all layers and frames at once): it loads the new
-key once as a ``(heads, D)`` tile, and for each candidate loads the candidate's row contiguously, splits the
-channel pairs in registers, rotates the new key by the candidate's ``cos`` / ``sin``, and reduces the per-head dot
-and norms; the score is the minimum over heads (and batch) of ``dot / sqrt(max(|old|^2 |new|^2, 1e-24))``, 1.0 where
-the rotated new key equals the candidate element for element. float32 throughout, as the reference; the sums run
+key once (per batch row) as a ``(heads, D)`` tile with its norm, and for each candidate loads the candidate's row
+contiguously, splits the channel pairs in registers, rotates the new key by the candidate's ``cos`` / ``sin``, and
+reduces the per-head dot and the candidate's norm; the score is the minimum over heads (and batch) of
+``dot / sqrt(max(|old|^2 |new|^2, 1e-24))``, 1.0 where the rotated new key equals the candidate element for
+element. float32 throughout, as the reference; the sums run
 in another order, so scores differ from it by float32 rounding.
 
 The kernel runs on CUDA tensors and, under ``TRITON_INTERPRET=1``, on CPU ones; elsewhere
@@ -40,7 +41,7 @@ __all__ = ["pair_scores_triton", "pair_scores_applies", "triton_runs_on"]
 @triton.jit
 def _pair_scores_kernel(K, Slots, KNew, Cos, Sin, Out, n_frames, n_tokens, n_candidates, batch,
                         stride_kb, stride_ks, stride_nb, stride_nl, stride_nf, stride_nt, stride_ct, stride_cc,
-                        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                        HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                         ROTATE: tl.constexpr):
     program = tl.program_id(0)  # one staged token of one frame of one layer: (l, f, t) flattened
     t = program % n_tokens
@@ -52,31 +53,34 @@ def _pair_scores_kernel(K, Slots, KNew, Cos, Sin, Out, n_frames, n_tokens, n_can
     inside = (head < HEADS) & (channel < HEAD_DIM)
     pair = tl.arange(0, HEAD_DIM // 2)[None, :]
     padded_head = tl.arange(0, BLOCK_H) >= HEADS
+    candidate = tl.arange(0, BLOCK_K)
     new_base = KNew + layer.to(tl.int64) * stride_nl + f.to(tl.int64) * stride_nf + t.to(tl.int64) * stride_nt
-    out_base = Out + program.to(tl.int64) * n_candidates
     slot_base = Slots + program.to(tl.int64) * n_candidates
-    for c in range(0, n_candidates):
-        slot = tl.load(slot_base + c).to(tl.int64)
-        if ROTATE:  # the pair's angle, repeated in Wan's interleaved tables: cos at channel 2j, sin at 2j + 1
-            table = t.to(tl.int64) * stride_ct + c * stride_cc
-            cos = tl.load(Cos + table + 2 * pair)
-            sin = tl.load(Sin + table + 2 * pair + 1)
-        score = float("inf")
-        for b in range(0, batch):
-            new = tl.load(new_base + b * stride_nb + row, mask=inside, other=0.0).to(tl.float32)
+    scores = tl.full([BLOCK_K], float("inf"), tl.float32)  # per candidate, the minimum so far (in registers)
+    for b in range(0, batch):
+        # the staged key, its channel pairs and its norm once per batch row (a rotation keeps the norm)
+        new = tl.load(new_base + b * stride_nb + row, mask=inside, other=0.0).to(tl.float32)
+        new_even, new_odd = tl.split(tl.reshape(new, [BLOCK_H, HEAD_DIM // 2, 2]))
+        new_norm = tl.sum(new * new, axis=1)
+        for c in range(0, n_candidates):
+            slot = tl.load(slot_base + c).to(tl.int64)
             old = tl.load(K + b * stride_kb + slot * stride_ks + row, mask=inside, other=0.0).to(tl.float32)
-            new_even, new_odd = tl.split(tl.reshape(new, [BLOCK_H, HEAD_DIM // 2, 2]))
             old_even, old_odd = tl.split(tl.reshape(old, [BLOCK_H, HEAD_DIM // 2, 2]))
-            if ROTATE:
-                new_even, new_odd = new_even * cos - new_odd * sin, new_even * sin + new_odd * cos
-            dot = tl.sum(old_even * new_even + old_odd * new_odd, axis=1)
-            norms = tl.sum(old * old, axis=1) * tl.sum(new * new, axis=1)  # a rotation keeps the new key's norm
+            if ROTATE:  # the pair's angle, repeated in Wan's interleaved tables: cos at channel 2j, sin at 2j + 1
+                table = t.to(tl.int64) * stride_ct + c * stride_cc
+                cos = tl.load(Cos + table + 2 * pair)
+                sin = tl.load(Sin + table + 2 * pair + 1)
+                moved_even, moved_odd = new_even * cos - new_odd * sin, new_even * sin + new_odd * cos
+            else:
+                moved_even, moved_odd = new_even, new_odd
+            dot = tl.sum(old_even * moved_even + old_odd * moved_odd, axis=1)
+            norms = tl.sum(old * old, axis=1) * new_norm
             cosine = tl.math.div_rn(dot, tl.sqrt_rn(tl.maximum(norms, 1e-24)))
-            unequal = tl.sum(((old_even != new_even) | (old_odd != new_odd)).to(tl.int32), axis=1)
+            unequal = tl.sum(((old_even != moved_even) | (old_odd != moved_odd)).to(tl.int32), axis=1)
             cosine = tl.where(unequal == 0, 1.0, cosine)
             cosine = tl.where(padded_head, float("inf"), cosine)
-            score = tl.minimum(score, tl.min(cosine, axis=0))
-        tl.store(out_base + c, score)
+            scores = tl.where(candidate == c, tl.minimum(scores, tl.min(cosine, axis=0)), scores)
+    tl.store(Out + program.to(tl.int64) * n_candidates + candidate, scores, mask=candidate < n_candidates)
 
 
 def pair_scores_applies(k: torch.Tensor, k_new: torch.Tensor) -> bool:
@@ -116,6 +120,7 @@ def pair_scores_triton(k: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor
         k, slots, k_new, cos, sin, out, frames, tokens, candidates, batch,
         k.stride(0), k.stride(1), k_new.stride(0), k_new.stride(1), k_new.stride(2), k_new.stride(3),
         stride_ct, stride_cc,
-        HEADS=heads, HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(heads), ROTATE=rotation is not None, num_warps=4,
+        HEADS=heads, HEAD_DIM=dim, BLOCK_H=triton.next_power_of_2(heads), BLOCK_K=triton.next_power_of_2(candidates),
+        ROTATE=rotation is not None, num_warps=4,
     )
     return out if layered else out[0]

@@ -33,7 +33,6 @@ if they sat at the newest frame, the approximation FAST-AR's TempCache makes.
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -41,6 +40,7 @@ import torch
 
 from ..cache import EMPTY_FRAME
 from ..compile import CompiledOnCuda
+from ..switches import env_flag, optional_kernel
 from .base import CacheKeeper, largest_history_frames
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,19 +101,9 @@ def pair_scores(
 _pair_scores_compiled = CompiledOnCuda(pair_scores, "tempcache merge scores")
 
 
-def _pair_scores_kernel():
-    """``genkv.kernels.pair_scores.pair_scores_triton`` when ``GENKV_PAIR_SCORES_KERNEL=1`` (read once at import; off
-    by default until a GPU run measures it against the compiled scores) and Triton imports; else None."""
-    if os.environ.get("GENKV_PAIR_SCORES_KERNEL", "0") in ("0", "false", "off", ""):
-        return None
-    try:
-        from genkv.kernels import pair_scores as kernel
-    except ImportError:
-        return None
-    return kernel
-
-
-_PAIR_SCORES_KERNEL = _pair_scores_kernel()
+# ``genkv.kernels.pair_scores`` when ``GENKV_PAIR_SCORES_KERNEL=1`` (off by default until a GPU run measures it
+# against the compiled scores) and Triton imports; else None
+_PAIR_SCORES_KERNEL = optional_kernel("pair_scores") if env_flag("GENKV_PAIR_SCORES_KERNEL", False) else None
 
 
 def _pair_scores_fused(k: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor,

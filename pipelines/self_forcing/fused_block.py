@@ -27,10 +27,12 @@ Example (CPU: the patched forward runs diffusers' own there):
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
+
+from genkv.fp8 import FP8GeluFeedForward, FP8Linear, FP8Rows
+from genkv.processors import GenKVCrossAttnProcessor, GenKVSelfAttnProcessor
+from genkv.switches import env_flag, optional_kernel
 
 from .forward_patch import is_patched, patch_forward, unpatch_forward
 
@@ -39,15 +41,7 @@ __all__ = ["FUSED_ADALN", "apply_fused_blocks", "remove_fused_blocks", "fused_bl
 
 #: whether pipelines built from now on patch their blocks (env ``GENKV_FUSED_ADALN``, read at import; off until a
 #: GPU run measures it against Inductor's kernels)
-FUSED_ADALN: bool = os.environ.get("GENKV_FUSED_ADALN", "0") not in ("0", "false", "off", "")
-
-
-def _adaln_available() -> bool:
-    try:
-        import genkv.kernels.adaln  # noqa: F401  (registers genkv::adaln)
-    except ImportError:
-        return False
-    return True
+FUSED_ADALN: bool = env_flag("GENKV_FUSED_ADALN", False)
 
 
 def _is_layer_norm(norm: nn.Module, dim: int) -> bool:
@@ -70,7 +64,7 @@ def fusable_block(block: nn.Module) -> bool:
 def apply_fused_blocks(transformer: nn.Module) -> int:
     """Patch every fusable Wan block of ``transformer`` with :func:`fused_block_forward`; returns how many (0
     without Triton)."""
-    if not _adaln_available():
+    if optional_kernel("adaln") is None:  # no Triton (importing it registers genkv::adaln)
         return 0
     return patch_forward(transformer, fusable_block, fused_block_forward)
 
@@ -91,9 +85,6 @@ def fused_applies(block: nn.Module, hidden_states: torch.Tensor, temb: torch.Ten
 def _reads_fp8_rows(attn: nn.Module, cross: bool) -> bool:
     """Whether an attention can take its input as :class:`genkv.fp8.FP8Rows`: a genkv processor (it hands the
     input to the projections alone) and every projection reading the input a per-row FP8 linear."""
-    from genkv.fp8 import FP8Linear
-    from genkv.processors import GenKVCrossAttnProcessor, GenKVSelfAttnProcessor
-
     processor = getattr(attn, "processor", None)
     if not isinstance(processor, GenKVCrossAttnProcessor if cross else GenKVSelfAttnProcessor):
         return False
@@ -121,7 +112,6 @@ def fused_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states
     where :func:`fused_applies` says no."""
     if not fused_applies(self, hidden_states, temb):
         return type(self).forward(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
-    from genkv.fp8 import FP8GeluFeedForward, FP8Rows
 
     # the modulation, as diffusers computes it
     if temb.dim() == 4:  # (B, S, 6, C): a modulation per token (Wan2.2 TI2V)

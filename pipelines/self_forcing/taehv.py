@@ -17,7 +17,6 @@ unchanged; genkv never downloads them.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from genkv.switches import env_flag
+
 WEIGHTS_HINT = (
     "genkv never downloads weights: get taew2_1.safetensors (or taew2_1.pth) from "
     "https://github.com/madebyollin/taehv (folder safetensors/ for the .safetensors) and pass its path"
@@ -33,7 +34,7 @@ WEIGHTS_HINT = (
 _SHOWN = 4  # keys named in an error message before "(+N more)"
 #: decoders loaded by :meth:`TAEHVDecoder.from_file` run channels-last (env ``GENKV_TAEHV_CHANNELS_LAST=1``, read at
 #: import; off until a GPU run measures it)
-CHANNELS_LAST: bool = os.environ.get("GENKV_TAEHV_CHANNELS_LAST", "0") not in ("0", "false", "off", "")
+CHANNELS_LAST: bool = env_flag("GENKV_TAEHV_CHANNELS_LAST", False)
 
 
 def _conv3(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:

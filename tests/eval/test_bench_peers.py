@@ -24,6 +24,14 @@ def _bench_peers():
     return bench_peers
 
 
+def _tiny_rows(tmp_path, *systems: str) -> dict[str, dict]:
+    """The rows of a 9-frame ``bench_peers`` run of ``systems`` at tiny shapes on the CPU (no warm-up), by system."""
+    out = tmp_path / "peers.json"
+    _bench_peers().main(["--tiny", "--systems", *systems, "--frames", "9", "--warmup-frames", "0", "--json", str(out),
+                         "--device", "cpu"])
+    return {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+
+
 def test_upstream_makes_whole_three_frame_blocks():
     bench_peers = _bench_peers()
     assert bench_peers.latent_frames_for(2000) == 501 and bench_peers.output_frames_for(501) == 2001
@@ -158,7 +166,6 @@ def test_a_genkv_video_drains_the_device_only_before_and_after_it(tmp_path, monk
 def test_the_torch_quantization_variant_turns_the_row_kernel_off_and_says_so(tmp_path, monkeypatch):
     from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
 
-    bench_peers = _bench_peers()
     calls = []
     original = SelfForcingPipeline.enable_fp8
 
@@ -168,10 +175,7 @@ def test_the_torch_quantization_variant_turns_the_row_kernel_off_and_says_so(tmp
 
     monkeypatch.setattr(SelfForcingPipeline, "enable_fp8", recording)
     monkeypatch.setattr(SelfForcingPipeline, "enable_compile", lambda self, *a, **k: self)  # a CPU compile: minutes
-    out = tmp_path / "peers.json"
-    bench_peers.main(["--tiny", "--systems", "genkv-compile-fp8torch-taehv@fastar", "genkv-compile-fp8-taehv@fastar",
-                      "--frames", "9", "--warmup-frames", "0", "--json", str(out), "--device", "cpu"])
-    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+    rows = _tiny_rows(tmp_path, "genkv-compile-fp8torch-taehv@fastar", "genkv-compile-fp8-taehv@fastar")
     assert calls == [False, None]  # None: enable_fp8's default, the row kernel on
     assert rows["genkv-compile-fp8torch-taehv@fastar"]["settings"] == (
         "fastar --compile --fp8 (GENKV_FP8_ROW_KERNEL=0) --decoder taehv")
@@ -183,7 +187,6 @@ def test_the_trial_variants_turn_on_the_three_changes_and_the_others_none(tmp_pa
     from genkv.kernels import pair_scores
     from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
 
-    bench_peers = _bench_peers()
     seen = []
 
     def compile_stub(self, *args, **kwargs):  # what each row runs with, as it would compile (a CPU compile: minutes)
@@ -192,10 +195,7 @@ def test_the_trial_variants_turn_on_the_three_changes_and_the_others_none(tmp_pa
 
     monkeypatch.setattr(SelfForcingPipeline, "enable_compile", compile_stub)
     monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", None)
-    out = tmp_path / "peers.json"
-    bench_peers.main(["--tiny", "--systems", "genkv-compile-fp8-taehv-trial@fastar", "genkv-compile-fp8-taehv@fastar",
-                      "--frames", "9", "--warmup-frames", "0", "--json", str(out), "--device", "cpu"])
-    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+    rows = _tiny_rows(tmp_path, "genkv-compile-fp8-taehv-trial@fastar", "genkv-compile-fp8-taehv@fastar")
     (blocks_trial, kernel_trial, nhwc_trial), (blocks_plain, kernel_plain, nhwc_plain) = seen
     assert blocks_trial > 0 and kernel_trial is pair_scores and nhwc_trial
     assert blocks_plain == 0 and kernel_plain is None and not nhwc_plain
@@ -208,7 +208,6 @@ def test_the_trial_variants_turn_on_the_three_changes_and_the_others_none(tmp_pa
 def test_the_eager_graphs_variant_turns_graphs_on_without_compiling(tmp_path, monkeypatch):
     from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
 
-    bench_peers = _bench_peers()
     seen = []
     original = SelfForcingPipeline.stream
 
@@ -219,11 +218,8 @@ def test_the_eager_graphs_variant_turns_graphs_on_without_compiling(tmp_path, mo
     monkeypatch.setattr(SelfForcingPipeline, "stream", recording)
     monkeypatch.setattr(SelfForcingPipeline, "enable_compile",
                         lambda self, *a, **k: pytest.fail("the eager variants must not compile"))
-    out = tmp_path / "peers.json"
     with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):  # a CPU: said once, then eagerly
-        bench_peers.main(["--tiny", "--systems", "genkv-graphs@fastar", "genkv@fastar", "--frames", "9",
-                          "--warmup-frames", "0", "--json", str(out), "--device", "cpu"])
-    rows = {row["system"]: row for row in json.loads(out.read_text())["rows"]}
+        rows = _tiny_rows(tmp_path, "genkv-graphs@fastar", "genkv@fastar")
     assert seen == [True, False]
     assert rows["genkv-graphs@fastar"]["settings"] == "fastar --cuda-graphs"
     assert rows["genkv-graphs@fastar"]["frames"] == rows["genkv@fastar"]["frames"] == 9

@@ -83,7 +83,7 @@ CODE = textwrap.dedent("""
         types = dict(K="*" + dtype, Slots="*i64", KNew="*" + dtype, Cos="*fp32", Sin="*fp32", Out="*fp32")
         try:
             compile_(_pair_scores_kernel, types, dict(HEADS=heads, HEAD_DIM=dim, BLOCK_H=16 if heads > 4 else 4,
-                                                      ROTATE=rotate))
+                                                      BLOCK_K=16, ROTATE=rotate))
         except Exception as error:
             failed.append(f"pair_scores {dtype} heads={heads} dim={dim} rotate={rotate}: {str(error)[-600:]}")
     print("\\n".join(failed))
