@@ -86,15 +86,36 @@ def _codes(x, inverse, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _quantize_rows_kernel(X, Codes, Scale, n_cols, stride_x, stride_codes,
-                          ACT: tl.constexpr, BLOCK: tl.constexpr, EMULATE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
+def _piece(x_row, start, n_cols, SIZE: tl.constexpr, ACT: tl.constexpr):
+    cols = start + tl.arange(0, SIZE)
     inside = cols < n_cols
-    x = tl.load(X + row * stride_x + cols, mask=inside, other=0.0).to(tl.float32)
-    x = _activation(x, ACT)  # both GELUs map the padding's 0 to 0, so it never raises the amax
-    scale, inverse = _row_scale(tl.max(tl.abs(x), axis=0))
-    tl.store(Codes + row * stride_codes + cols, _codes(x, inverse, EMULATE), mask=inside)
+    x = _activation(tl.load(x_row + cols, mask=inside, other=0.0).to(tl.float32), ACT)
+    return x, cols, inside  # both GELUs map the padding's 0 to 0, so it never raises the amax
+
+
+@triton.jit
+def _quantize_rows_kernel(X, Codes, Scale, n_cols, stride_x, stride_codes, ACT: tl.constexpr,
+                          PIECE_A: tl.constexpr, PIECE_B: tl.constexpr, PIECE_C: tl.constexpr,
+                          EMULATE: tl.constexpr):
+    # The row is held in registers as up to three power-of-two pieces end to end (see _row_pieces): 8960 columns
+    # as 8192 + 512 + 256 rather than one 16384-wide block, whose padding would take the GELU's arithmetic too
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    codes_row = Codes + row * stride_codes
+    x_a, cols_a, inside_a = _piece(x_row, 0, n_cols, PIECE_A, ACT)
+    amax = tl.max(tl.abs(x_a), axis=0)
+    if PIECE_B > 0:
+        x_b, cols_b, inside_b = _piece(x_row, PIECE_A, n_cols, PIECE_B, ACT)
+        amax = tl.maximum(amax, tl.max(tl.abs(x_b), axis=0))
+    if PIECE_C > 0:
+        x_c, cols_c, inside_c = _piece(x_row, PIECE_A + PIECE_B, n_cols, PIECE_C, ACT)
+        amax = tl.maximum(amax, tl.max(tl.abs(x_c), axis=0))
+    scale, inverse = _row_scale(amax)
+    tl.store(codes_row + cols_a, _codes(x_a, inverse, EMULATE), mask=inside_a)
+    if PIECE_B > 0:
+        tl.store(codes_row + cols_b, _codes(x_b, inverse, EMULATE), mask=inside_b)
+    if PIECE_C > 0:
+        tl.store(codes_row + cols_c, _codes(x_c, inverse, EMULATE), mask=inside_c)
     tl.store(Scale + row, scale)
 
 
@@ -117,6 +138,18 @@ def _quantize_rows_tiled_kernel(X, Codes, Scale, n_cols, stride_x, stride_codes,
         x = _activation(tl.load(x_row + start + cols, mask=inside, other=0.0).to(tl.float32), ACT)
         tl.store(Codes + row * stride_codes + start + cols, _codes(x, inverse, EMULATE), mask=inside)
     tl.store(Scale + row, scale)
+
+
+def _row_pieces(cols: int) -> tuple[int, int, int]:
+    """``cols`` as up to three power-of-two pieces laid end to end (0 for an absent piece): the largest power of
+    two within it, the same of what is left, and the rest rounded up to a power of two (its tail masked). 1536 is
+    1024 + 512, 8960 is 8192 + 512 + 256, 13824 is 8192 + 4096 + 2048: the padding a single power-of-two block
+    would carry (16384 lanes for 8960 columns) is mostly gone."""
+    first = 1 << (cols.bit_length() - 1)
+    rest = cols - first
+    second = 1 << (rest.bit_length() - 1) if rest else 0
+    rest -= second
+    return first, second, triton.next_power_of_2(rest) if rest else 0
 
 
 def _activation_reference(x: torch.Tensor, activation: str | None) -> torch.Tensor:
@@ -175,10 +208,11 @@ def quantize_rows_fp8(x: torch.Tensor, activation: str | None = None, tiled: boo
             num_warps=4,
         )
         return codes, scale
-    block = triton.next_power_of_2(cols)
+    pieces = _row_pieces(cols)
     _quantize_rows_kernel[(rows,)](
-        x, codes.view(torch.uint8), scale, cols, x.stride(0), codes.stride(0),
-        ACT=ACTIVATIONS[activation], BLOCK=block, EMULATE=not x.is_cuda, num_warps=max(4, min(16, block // 1024)),
+        x, codes.view(torch.uint8), scale, cols, x.stride(0), codes.stride(0), ACT=ACTIVATIONS[activation],
+        PIECE_A=pieces[0], PIECE_B=pieces[1], PIECE_C=pieces[2], EMULATE=not x.is_cuda,
+        num_warps=max(4, min(16, pieces[0] // 512)),
     )
     return codes, scale
 

@@ -100,6 +100,29 @@ def test_rows_too_long_for_registers_take_the_two_sweep_kernel(monkeypatch):
     assert (codes.view(torch.uint8) != want_codes.view(torch.uint8)).float().mean().item() < 1e-3
 
 
+@pytest.mark.parametrize("cols", [1, 2, 3, 7, 96, 1000, 1536, 5120, 8960, 13824, 32768])
+def test_a_row_is_held_as_power_of_two_pieces_that_cover_it(cols):
+    from genkv.kernels.fp8_rows import _row_pieces
+
+    pieces = _row_pieces(cols)
+    assert all(p == 0 or p & (p - 1) == 0 for p in pieces)
+    assert pieces[0] <= cols <= sum(pieces) and pieces[0] + pieces[1] <= cols  # only the last piece is padded
+    assert sum(pieces) < 1.2 * cols + 1  # the padding is small (a single block holds up to 2x)
+    assert (pieces[1] == 0) <= (pieces[2] == 0)  # no gap
+
+
+@pytest.mark.parametrize("piece", [0, 1, 2])
+def test_the_amax_is_taken_over_every_piece_of_the_row(piece):
+    # 1000 columns are pieces of 512, 256 and 256 (232 of them inside): the row's largest value in each piece
+    cols, where = 1000, (100, 700, 990)[piece]
+    x = _rows(3, cols, torch.float32, seed=11)
+    x[:, where] = x.abs().amax(dim=-1) * 3
+    codes, scale = quantize_rows_fp8(x, "gelu_tanh", tiled=False)
+    want_codes, want_scale = quantize_rows_fp8_reference(x, "gelu_tanh")
+    assert torch.allclose(scale, want_scale, rtol=1e-6, atol=0)
+    assert (codes.view(torch.uint8) != want_codes.view(torch.uint8)).float().mean().item() < 1e-3
+
+
 def test_strided_rows_are_read_in_place():
     x = _rows(11, 160, torch.float32, seed=3)[:, 16:112]  # a column slice: row stride 160, 96 columns
     codes, scale = quantize_rows_fp8(x)

@@ -49,10 +49,11 @@ CODE = textwrap.dedent("""
     for act, dtype, block, emulate in itertools.product((0, 1, 2), ("bf16", "fp16", "fp32"), (2048, 16384),
                                                         (False, True)):
         try:
+            pieces = (8192, 512, 256) if block == 16384 else (1024, 512, 0)  # 8960 and 1536 columns
             compile_(_quantize_rows_kernel, dict(X="*" + dtype, Codes="*u8", Scale="*fp32"),
-                     dict(ACT=act, BLOCK=block, EMULATE=emulate))
+                     dict(ACT=act, PIECE_A=pieces[0], PIECE_B=pieces[1], PIECE_C=pieces[2], EMULATE=emulate))
         except Exception as error:
-            failed.append(f"fp8_rows act={act} {dtype} block={block} emulate={emulate}: {str(error)[-600:]}")
+            failed.append(f"fp8_rows act={act} {dtype} pieces={pieces} emulate={emulate}: {str(error)[-600:]}")
         try:
             compile_(_quantize_rows_tiled_kernel, dict(X="*" + dtype, Codes="*u8", Scale="*fp32"),
                      dict(ACT=act, TILE=block // 8, EMULATE=emulate))
