@@ -101,6 +101,19 @@ def rows_for(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bo
     def gelu_quant_torch(h):
         return quantize_rows(torch.nn.functional.gelu(h, approximate="tanh"))
 
+    def gelu_quant_one_block(h):  # the one-pass kernel as it was before its pieces: one power-of-two block a row
+        import triton
+
+        from genkv.kernels.fp8_rows import _quantize_rows_kernel
+
+        codes = torch.empty(h.shape, device=h.device, dtype=torch.float8_e4m3fn)
+        scale = torch.empty(h.shape[0], 1, device=h.device, dtype=torch.float32)
+        block = triton.next_power_of_2(h.shape[1])
+        _quantize_rows_kernel[(h.shape[0],)](h, codes.view(torch.uint8), scale, h.shape[1], h.stride(0),
+                                             codes.stride(0), ACT=2, PIECE_A=block, PIECE_B=0, PIECE_C=0,
+                                             EMULATE=not h.is_cuda, num_warps=max(4, min(16, block // 1024)))
+        return codes, scale
+
     def norm_rope_torch(q, k):
         out = []
         for x, w in ((q, weight_q), (k, weight_k)):
@@ -111,6 +124,8 @@ def rows_for(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bo
     cases = [
         ("fp8 quantize rows, GELU (FFN)", tokens * ffn, maybe_compile(gelu_quant_torch), (hidden,),
          lambda: quantize_rows_fp8(hidden, "gelu_tanh", tiled=False)),
+        ("fp8 quantize rows, GELU (FFN), one power-of-two block", tokens * ffn, maybe_compile(gelu_quant_torch),
+         (hidden,), lambda: gelu_quant_one_block(hidden)),
         ("fp8 quantize rows, GELU (FFN), tiled", tokens * ffn, maybe_compile(gelu_quant_torch), (hidden,),
          lambda: quantize_rows_fp8(hidden, "gelu_tanh", tiled=True)),
         ("fp8 quantize rows (attention output)", tokens * dim, maybe_compile(quantize_rows), (attn_out,),
