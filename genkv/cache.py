@@ -62,6 +62,44 @@ def to_device_index(index: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor.pin_memory().to(device, non_blocking=True)
 
 
+def _as_words(t: torch.Tensor) -> torch.Tensor | None:
+    """``t`` seen as 8-byte words along its last dim (the same memory), or None where its layout does not allow it
+    (a last dim not in whole words, not contiguous, or a stride or offset between words)."""
+    size = t.element_size()
+    if size >= 8 or t.dim() < 2 or t.dtype == torch.bool or t.is_complex():
+        return None
+    width = 8 // size
+    if t.stride(-1) != 1 or t.shape[-1] % width or t.storage_offset() % width:
+        return None
+    if any(stride % width for stride in t.stride()[:-1]):
+        return None
+    return t.view(torch.int64)
+
+
+def copy_rows_(target: torch.Tensor, dim: int, index: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
+    """``target.index_copy_(dim, index, source)`` for a ``dim`` before the last, done on 8-byte words where both
+    layouts allow it: the same bits land in the same places.
+
+    aten's index copy moves one element per lane, so bf16 rows go two bytes at a time: a TempCache commit's copy
+    of 30 layers' merged keys (144 MB) took ~340 us on an H100 (~0.85 TB/s; the eighth session's fp8 + TAEHV
+    profile, 8 such calls a chunk). As int64 words the same copy has a quarter of the elements.
+
+    Example:
+        >>> import torch
+        >>> target, source = torch.zeros(1, 4, 2, 8, dtype=torch.bfloat16), torch.randn(1, 2, 2, 8).bfloat16()
+        >>> index = torch.tensor([3, 0])
+        >>> torch.equal(copy_rows_(target.clone(), 1, index, source), target.index_copy_(1, index, source))
+        True
+    """
+    dim = dim % target.dim()
+    if dim < target.dim() - 1 and source.dtype == target.dtype:
+        target_words, source_words = _as_words(target), _as_words(source)
+        if target_words is not None and source_words is not None:
+            target_words.index_copy_(dim, index, source_words)
+            return target
+    return target.index_copy_(dim, index, source)
+
+
 #: bytes of a slot's per-token records (frame_index, token_pos int64; token_count float32)
 _RECORD_BYTES = 8 + 8 + 4
 
@@ -469,8 +507,8 @@ class LayerKVCache:
             self.quant.copy_slots(src, dst)  # codes and scales move as they are: no re-quantization
         else:
             assert self.k is not None and self.v is not None
-            self.k.index_copy_(1, dst, self.k.index_select(1, src))
-            self.v.index_copy_(1, dst, self.v.index_select(1, src))
+            copy_rows_(self.k, 1, dst, self.k.index_select(1, src))
+            copy_rows_(self.v, 1, dst, self.v.index_select(1, src))
         self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
         self.token_pos.index_copy_(0, dst, self.token_pos.index_select(0, src))
         self.token_count.index_copy_(0, dst, self.token_count.index_select(0, src))

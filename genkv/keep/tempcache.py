@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..cache import EMPTY_FRAME
+from ..cache import EMPTY_FRAME, copy_rows_
 from ..compile import CompiledOnCuda
 from ..switches import env_flag, optional_kernel
 from .base import CacheKeeper, largest_history_frames
@@ -295,9 +295,9 @@ class TemporalMerge(CacheKeeper):
                 v_dest = group.flat_v[:, flat].float()  # (B, L * T, H, D)
                 v_src = group.v[:, :, staged_rows].reshape(batch, layers * tpf, heads, dim).float()
                 mean_v = torch.where(merged, v_dest * w_old + v_src * (1 - w_old), v_dest)
-                group.flat_v.index_copy_(1, flat, mean_v.to(group.v.dtype))
+                copy_rows_(group.flat_v, 1, flat, mean_v.to(group.v.dtype))
                 # (copies: an unmatched token's source and destination are the same slot)
-                group.flat_k.index_copy_(1, flat, _merged_copy(group.k[:, :, staged_rows], 1))
+                copy_rows_(group.flat_k, 1, flat, _merged_copy(group.k[:, :, staged_rows], 1))
             group.flat_count.index_copy_(0, flat, c_new)
             group.flat_frame.index_copy_(0, flat, frame)
             group.flat_pos.index_copy_(0, flat, _merged_copy(group.token_pos[:, staged_rows], 0))
@@ -417,7 +417,7 @@ class TemporalMerge(CacheKeeper):
             copy_slots(group.codes, source, flat)
         else:
             for buffer, flat_buffer in ((group.k, group.flat_k), (group.v, group.flat_v)):
-                flat_buffer.index_copy_(1, flat, _merged_copy(buffer[:, :, hist:end], 1))
+                copy_rows_(flat_buffer, 1, flat, _merged_copy(buffer[:, :, hist:end], 1))
         for rows, flat_rows in ((frames, group.flat_frame), (counts, group.flat_count),
                                 (positions, group.flat_pos)):
             flat_rows.index_copy_(0, flat, _merged_copy(rows[:, hist:end], 0))

@@ -1,7 +1,10 @@
 """LayerKVCache storage rules: staging views, growth, atomic reallocation."""
 
+import re
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from genkv.cache import ChunkInfo, LayerKVCache
 
@@ -53,3 +56,63 @@ def test_batch_change_without_reset_is_an_error():
     cache.stage(*_kv(6, 0))
     with pytest.raises(ValueError, match="reset the cache"):
         cache.stage(torch.zeros(2, 6, 2, 4), torch.zeros(2, 6, 2, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.uint8])
+def test_copy_rows_moves_the_same_bits_as_index_copy(dtype):
+    from genkv.cache import _as_words, copy_rows_
+
+    g = torch.Generator().manual_seed(3)
+    buffer = (torch.randn(2, 40, 3, 16, generator=g) * 50).to(dtype)
+    chunk = (torch.randn(2, 9, 3, 16, generator=g) * 50).to(dtype)[:, 2:7]  # a strided source: a slice
+    index = torch.tensor([31, 0, 7, 39, 12])
+    want = buffer.clone().index_copy_(1, index, chunk)
+    target = buffer.clone()
+    with _IndexCopies() as copies:
+        got = copy_rows_(target, 1, index, chunk)
+    assert got is target and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert copies.dtypes == [torch.int64]  # one copy, of 8-byte words
+
+
+class _IndexCopies(TorchDispatchMode):
+    """Records the dtype of every aten index_copy under it."""
+
+    def __enter__(self):
+        self.dtypes = []
+        return super().__enter__()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.startswith("index_copy"):
+            self.dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["odd last dim", "row stride between words", "offset between words", "last dim",
+                                    "different dtypes"])
+def test_copy_rows_falls_back_to_index_copy_where_words_do_not_fit(layout):
+    from genkv.cache import _as_words, copy_rows_
+
+    g = torch.Generator().manual_seed(4)
+    buffer = torch.randn(1, 12, 2, 6, generator=g).bfloat16()
+    source = torch.randn(1, 3, 2, 6, generator=g).bfloat16()
+    index, dim = torch.tensor([5, 1, 10]), 1
+    if layout == "odd last dim":
+        buffer, source = buffer[..., :3], source[..., :3].contiguous()
+    elif layout == "row stride between words":  # one whole word a row, rows 6 bf16 apart
+        buffer, source = buffer[..., :4], source[..., :4]
+    elif layout == "offset between words":  # rows of two whole words, but the buffer starts one bf16 into a word
+        buffer = torch.randn(1 + 12 * 2 * 8, generator=g).bfloat16()[1:].view(1, 12, 2, 8)
+        source = torch.randn(1, 3, 2, 8, generator=g).bfloat16()
+    elif layout == "last dim":
+        index, dim, source = torch.tensor([4, 0]), 3, torch.randn(1, 12, 2, 2, generator=g).bfloat16()
+    else:
+        source = source.float()
+    if layout != "last dim":
+        assert _as_words(buffer) is None or layout == "different dtypes"
+    try:
+        want = buffer.clone().index_copy_(dim, index, source)
+    except RuntimeError as error:  # aten refuses mixed dtypes: so must copy_rows_
+        with pytest.raises(RuntimeError, match=re.escape(str(error))):
+            copy_rows_(buffer, dim, index, source)
+        return
+    assert torch.equal(copy_rows_(buffer, dim, index, source), want)  # in place, in the buffer's own layout
