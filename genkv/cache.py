@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
+from .switches import env_flag
+
 if TYPE_CHECKING:  # pragma: no cover
     from genkv.pipelines.self_forcing.step_graph import ChunkGraphs
 
@@ -60,6 +62,11 @@ def to_device_index(index: np.ndarray, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+#: whether :func:`copy_rows_` copies 8-byte words (env ``GENKV_WORD_COPIES``, read at import; ``0`` gives aten's
+#: element copy, for a benchmark's A/B: the bits are the same)
+WORD_COPIES: bool = env_flag("GENKV_WORD_COPIES", True)
 
 
 def _as_words(t: torch.Tensor) -> torch.Tensor | None:
@@ -92,7 +99,7 @@ def copy_rows_(target: torch.Tensor, dim: int, index: torch.Tensor, source: torc
         True
     """
     dim = dim % target.dim()
-    if dim < target.dim() - 1 and source.dtype == target.dtype:
+    if WORD_COPIES and dim < target.dim() - 1 and source.dtype == target.dtype:
         target_words, source_words = _as_words(target), _as_words(source)
         if target_words is not None and source_words is not None:
             target_words.index_copy_(dim, index, source_words)
