@@ -107,6 +107,24 @@ def copy_rows_(target: torch.Tensor, dim: int, index: torch.Tensor, source: torc
     return target.index_copy_(dim, index, source)
 
 
+def select_rows(source: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """``source.index_select(dim, index)`` for a ``dim`` before the last, gathered as 8-byte words where the layout
+    allows it (see :func:`copy_rows_`); the result is a new contiguous tensor of ``source``'s dtype.
+
+    Example:
+        >>> import torch
+        >>> source = torch.randn(1, 5, 2, 8).bfloat16()
+        >>> torch.equal(select_rows(source, 1, torch.tensor([4, 0])), source.index_select(1, torch.tensor([4, 0])))
+        True
+    """
+    dim = dim % source.dim()
+    if WORD_COPIES and dim < source.dim() - 1:
+        words = _as_words(source)
+        if words is not None:
+            return words.index_select(dim, index).view(source.dtype)
+    return source.index_select(dim, index)
+
+
 #: bytes of a slot's per-token records (frame_index, token_pos int64; token_count float32)
 _RECORD_BYTES = 8 + 8 + 4
 
@@ -514,8 +532,8 @@ class LayerKVCache:
             self.quant.copy_slots(src, dst)  # codes and scales move as they are: no re-quantization
         else:
             assert self.k is not None and self.v is not None
-            copy_rows_(self.k, 1, dst, self.k.index_select(1, src))
-            copy_rows_(self.v, 1, dst, self.v.index_select(1, src))
+            copy_rows_(self.k, 1, dst, select_rows(self.k, 1, src))
+            copy_rows_(self.v, 1, dst, select_rows(self.v, 1, src))
         self.frame_index.index_copy_(0, dst, self.frame_index.index_select(0, src))
         self.token_pos.index_copy_(0, dst, self.token_pos.index_select(0, src))
         self.token_count.index_copy_(0, dst, self.token_count.index_select(0, src))
@@ -779,9 +797,9 @@ class KVCacheStore:
                     self.rope.shift_key_positions(k, -delta)
                 else:
                     movable = to_device_index(movable, k.device)
-                    sub = k.index_select(1, movable)
+                    sub = select_rows(k, 1, movable)
                     self.rope.shift_key_positions(sub, -delta)
-                    k.index_copy_(1, movable, sub)
+                    copy_rows_(k, 1, movable, sub)
         self.position_shift += delta
 
     @contextlib.contextmanager

@@ -59,6 +59,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from genkv.cache import copy_rows_, select_rows
+
 KINDS = ("fp8", "int8", "int4")
 #: Each kind's id in the Triton kernels' constexpr arguments (block_sparse, quant_write, quant_pool).
 KIND_IDS = {"fp8": 1, "int8": 2, "int4": 3}
@@ -275,7 +277,7 @@ def select_slots(hist: QuantizedKV, slots: torch.Tensor) -> QuantizedKV:
         True
     """
     def rows(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else _as_bytes(t).index_select(1, slots).view(t.dtype)
+        return None if t is None else select_rows(_as_bytes(t), 1, slots).view(t.dtype)
 
     return replace(hist, k_codes=rows(hist.k_codes), v_codes=rows(hist.v_codes), k_scale=rows(hist.k_scale),
                    v_scale=rows(hist.v_scale), v_zero=rows(hist.v_zero))
@@ -313,7 +315,7 @@ def copy_slots(hist: QuantizedKV, src: torch.Tensor, dst: torch.Tensor) -> None:
     """
     for field in _fields(hist):
         raw = _as_bytes(field)
-        raw.index_copy_(1, dst, raw.index_select(1, src))
+        copy_rows_(raw, 1, dst, select_rows(raw, 1, src))
 
 
 def _dequantize_codes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, kind: str,

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..cache import EMPTY_FRAME, copy_rows_
+from ..cache import EMPTY_FRAME, copy_rows_, select_rows
 from ..compile import CompiledOnCuda
 from ..switches import env_flag, optional_kernel
 from .base import CacheKeeper, largest_history_frames
@@ -292,7 +292,7 @@ class TemporalMerge(CacheKeeper):
                 group.write(flat, group.chunk_k[:, :, frame_rows], group.chunk_v[:, :, frame_rows],
                             blend=(w_old.flatten(), match.flatten()))
             else:
-                v_dest = group.flat_v[:, flat].float()  # (B, L * T, H, D)
+                v_dest = select_rows(group.flat_v, 1, flat).float()  # (B, L * T, H, D)
                 v_src = group.v[:, :, staged_rows].reshape(batch, layers * tpf, heads, dim).float()
                 mean_v = torch.where(merged, v_dest * w_old + v_src * (1 - w_old), v_dest)
                 copy_rows_(group.flat_v, 1, flat, mean_v.to(group.v.dtype))

@@ -74,15 +74,35 @@ def test_copy_rows_moves_the_same_bits_as_index_copy(dtype):
     assert copies.dtypes == [torch.int64]  # one copy, of 8-byte words
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8])
+def test_select_rows_gathers_the_same_bits_as_index_select(dtype):
+    from genkv.cache import select_rows
+
+    g = torch.Generator().manual_seed(5)
+    buffer = (torch.randn(2, 40, 3, 16, generator=g) * 50).to(dtype)[:, 5:]  # a slice: offset by whole rows
+    index = torch.tensor([31, 0, 7, 34, 12, 7])
+    with _IndexCopies("index_select") as gathers:
+        got = select_rows(buffer, 1, index)
+    want = buffer.index_select(1, index)
+    assert got.dtype == dtype and got.is_contiguous() and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    assert gathers.dtypes == [torch.int64]  # one gather, of 8-byte words
+    odd = buffer[..., :6]  # rows of 6 elements, 16 apart: not whole words for bf16 / uint8
+    assert torch.equal(select_rows(odd, 1, index), odd.index_select(1, index))
+
+
 class _IndexCopies(TorchDispatchMode):
-    """Records the dtype of every aten index_copy under it."""
+    """Records the dtype of every aten op named ``op`` (index_copy by default) under it."""
+
+    def __init__(self, op: str = "index_copy"):
+        super().__init__()
+        self.op = op
 
     def __enter__(self):
         self.dtypes = []
         return super().__enter__()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func.__name__.startswith("index_copy"):
+        if func.__name__.startswith(self.op):
             self.dtypes.append(args[0].dtype)
         return func(*args, **(kwargs or {}))
 
