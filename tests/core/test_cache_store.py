@@ -1,4 +1,5 @@
-"""LayerKVCache storage rules: staging views, growth, atomic reallocation."""
+"""LayerKVCache storage rules: staging views, growth, atomic reallocation; rows copied and gathered as 8-byte
+words (copy_rows_, select_rows) with the same bits as aten's element copies."""
 
 import re
 
@@ -60,7 +61,7 @@ def test_batch_change_without_reset_is_an_error():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int8, torch.uint8])
 def test_copy_rows_moves_the_same_bits_as_index_copy(dtype):
-    from genkv.cache import _as_words, copy_rows_
+    from genkv.cache import copy_rows_
 
     g = torch.Generator().manual_seed(3)
     buffer = (torch.randn(2, 40, 3, 16, generator=g) * 50).to(dtype)
@@ -68,7 +69,7 @@ def test_copy_rows_moves_the_same_bits_as_index_copy(dtype):
     index = torch.tensor([31, 0, 7, 39, 12])
     want = buffer.clone().index_copy_(1, index, chunk)
     target = buffer.clone()
-    with _IndexCopies() as copies:
+    with _OpDtypes() as copies:
         got = copy_rows_(target, 1, index, chunk)
     assert got is target and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     assert copies.dtypes == [torch.int64]  # one copy, of 8-byte words
@@ -81,7 +82,7 @@ def test_select_rows_gathers_the_same_bits_as_index_select(dtype):
     g = torch.Generator().manual_seed(5)
     buffer = (torch.randn(2, 40, 3, 16, generator=g) * 50).to(dtype)[:, 5:]  # a slice: offset by whole rows
     index = torch.tensor([31, 0, 7, 34, 12, 7])
-    with _IndexCopies("index_select") as gathers:
+    with _OpDtypes("index_select") as gathers:
         got = select_rows(buffer, 1, index)
     want = buffer.index_select(1, index)
     assert got.dtype == dtype and got.is_contiguous() and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
@@ -90,7 +91,7 @@ def test_select_rows_gathers_the_same_bits_as_index_select(dtype):
     assert torch.equal(select_rows(odd, 1, index), odd.index_select(1, index))
 
 
-class _IndexCopies(TorchDispatchMode):
+class _OpDtypes(TorchDispatchMode):
     """Records the dtype of every aten op named ``op`` (index_copy by default) under it."""
 
     def __init__(self, op: str = "index_copy"):
