@@ -102,16 +102,11 @@ def rows_for(shape: dict, device: torch.device, dtype: torch.dtype, compile_: bo
         return quantize_rows(torch.nn.functional.gelu(h, approximate="tanh"))
 
     def gelu_quant_one_block(h):  # the one-pass kernel as it was before its pieces: one power-of-two block a row
-        import triton
-
-        from genkv.kernels.fp8_rows import _quantize_rows_kernel
+        from genkv.kernels.fp8_rows import _launch_one_pass
 
         codes = torch.empty(h.shape, device=h.device, dtype=torch.float8_e4m3fn)
         scale = torch.empty(h.shape[0], 1, device=h.device, dtype=torch.float32)
-        block = triton.next_power_of_2(h.shape[1])
-        _quantize_rows_kernel[(h.shape[0],)](h, codes.view(torch.uint8), scale, h.shape[1], h.stride(0),
-                                             codes.stride(0), ACT=2, PIECE_A=block, PIECE_B=0, PIECE_C=0,
-                                             EMULATE=not h.is_cuda, num_warps=max(4, min(16, block // 1024)))
+        _launch_one_pass(h, codes, scale, "gelu_tanh", (1 << (h.shape[1] - 1).bit_length(), 0, 0))
         return codes, scale
 
     def norm_rope_torch(q, k):

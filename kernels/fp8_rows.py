@@ -209,13 +209,19 @@ def quantize_rows_fp8(x: torch.Tensor, activation: str | None = None, tiled: boo
             num_warps=4,
         )
         return codes, scale
-    pieces = _row_pieces(cols)
-    _quantize_rows_kernel[(rows,)](
-        x, codes.view(torch.uint8), scale, cols, x.stride(0), codes.stride(0), ACT=ACTIVATIONS[activation],
+    _launch_one_pass(x, codes, scale, activation, _row_pieces(cols))
+    return codes, scale
+
+
+def _launch_one_pass(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, activation: str | None,
+                     pieces: tuple[int, int, int]) -> None:
+    """:func:`_quantize_rows_kernel` over ``x``'s rows held as ``pieces`` (``eval/bench_fused_ops.py`` also
+    launches it as one power-of-two block, the layout before the pieces)."""
+    _quantize_rows_kernel[(x.shape[0],)](
+        x, codes.view(torch.uint8), scale, x.shape[1], x.stride(0), codes.stride(0), ACT=ACTIVATIONS[activation],
         PIECE_A=pieces[0], PIECE_B=pieces[1], PIECE_C=pieces[2], EMULATE=not x.is_cuda,
         num_warps=max(4, min(16, pieces[0] // 512)),
     )
-    return codes, scale
 
 
 @torch.library.custom_op("genkv::fp8_quantize_rows", mutates_args=())
