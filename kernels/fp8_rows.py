@@ -220,7 +220,8 @@ def _launch_one_pass(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, 
     _quantize_rows_kernel[(x.shape[0],)](
         x, codes.view(torch.uint8), scale, x.shape[1], x.stride(0), codes.stride(0), ACT=ACTIVATIONS[activation],
         PIECE_A=pieces[0], PIECE_B=pieces[1], PIECE_C=pieces[2], EMULATE=not x.is_cuda,
-        num_warps=max(4, min(16, pieces[0] // 512)),
+        # warps by the row's power-of-two span, as measured before the pieces (16 for Wan's 8960 columns)
+        num_warps=max(4, min(16, triton.next_power_of_2(sum(pieces)) // 1024)),
     )
 
 
