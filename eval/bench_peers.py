@@ -16,6 +16,10 @@ Systems (``--systems``, default all):
     genkv-graphs, genkv-taehv-graphs   eager blocks with each chunk's repeated forwards replayed from CUDA graphs
                        (``--cuda-graphs`` without ``--compile``): the eager paths are launch-bound, host time equal
                        to GPU time (BENCHMARKS, 2026-12-01), which graphs take off the host.
+    genkv-graphs-fast, genkv-taehv-graphs-fast   the same, still without ``torch.compile`` on the blocks, with the
+                       compiled path's Wan decoder (``pipe.enable_fast_decode()``) and the changes the trial rows
+                       below turn on (fused norm stretches, merge-score kernel, channels-last TAEHV): how fast a
+                       user gets without a compile warm-up.
     genkv-compile      the same with ``--compile`` (compiled blocks, CUDA graphs, fused Wan VAE decoder).
     genkv-compile-fp8  ``--compile --fp8``.
     genkv-taehv        ``--decoder taehv`` (TAEHV at its published shapes, random weights, fp16).
@@ -98,7 +102,8 @@ from bench_rollout import WAN_1_3B, build_pipeline, parse_spec  # noqa: E402
 
 SYSTEMS = ("upstream", "flashdreams", "genkv", "genkv-compile", "genkv-compile-fp8", "genkv-taehv",
            "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv", "genkv-compile-trial",
-           "genkv-compile-fp8-taehv-trial", "genkv-graphs", "genkv-taehv-graphs")
+           "genkv-compile-fp8-taehv-trial", "genkv-graphs", "genkv-taehv-graphs", "genkv-graphs-fast",
+           "genkv-taehv-graphs-fast")
 WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstream: local_attn_size)
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
 GENKV_METHOD = f"rolling:window_frames={WINDOW_FRAMES}"  # upstream's setting; a system "NAME@METHOD" runs another
@@ -134,6 +139,8 @@ GENKV_VARIANTS: dict[str, dict[str, Any]] = {
     "genkv": dict(compile=False, fp8=False, decoder="wan"),
     "genkv-graphs": dict(compile=False, fp8=False, decoder="wan", graphs=True),
     "genkv-taehv-graphs": dict(compile=False, fp8=False, decoder="taehv", graphs=True),
+    "genkv-graphs-fast": dict(compile=False, fp8=False, decoder="wan", graphs=True, fast_decode=True, trial=True),
+    "genkv-taehv-graphs-fast": dict(compile=False, fp8=False, decoder="taehv", graphs=True, trial=True),
     "genkv-compile": dict(compile=True, fp8=False, decoder="wan"),
     "genkv-compile-fp8": dict(compile=True, fp8=True, decoder="wan"),
     "genkv-taehv": dict(compile=False, fp8=False, decoder="taehv"),
@@ -584,7 +591,9 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
     tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel if trial else None
     if variant["compile"]:
         pipe.enable_compile()
-    elif variant.get("graphs", False):
+    elif variant.get("fast_decode", False):
+        pipe.enable_fast_decode()  # the compiled path's decoder, eager blocks
+    if not variant["compile"] and variant.get("graphs", False):
         pipe.cuda_graphs = True  # as `genkv render --cuda-graphs` (a CPU says why not, once, and renders eagerly)
     clock = Clock(device)
     if warmup_frames:
@@ -641,6 +650,7 @@ def settings_of(system: str, shapes: Shapes) -> str:
     name, method = split_system(system)
     variant = GENKV_VARIANTS[name]
     flags = [flag for flag, on in (("--compile", variant["compile"]), ("--cuda-graphs", variant.get("graphs", False)),
+                                   ("(fast decode)", variant.get("fast_decode", False)),
                                    ("--fp8", variant["fp8"]),
                                    ("(GENKV_FP8_ROW_KERNEL=0)", variant.get("row_kernel") is False),
                                    ("(GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1)",

@@ -269,11 +269,27 @@ class SelfForcingPipeline(DiffusionPipeline):
         from genkv.compile import compile_transformer
 
         compile_transformer(self.transformer, mode=mode)
-        for flag in self.FAST_DECODE_FLAGS:
-            setattr(self, flag, True)
+        self.enable_fast_decode()
         if cuda_graphs is None:
             cuda_graphs = self.transformer.device.type == "cuda"
         self.cuda_graphs = cuda_graphs
+        return self
+
+    def enable_fast_decode(self, enabled: bool = True) -> "SelfForcingPipeline":
+        """The Wan VAE decoder's fast path without compiling the transformer (what :meth:`enable_compile` turns
+        on for the decoder): channels-last, per-tap 2-D convolutions with their taps, bias and residual summed in
+        one pass, fused RMS norms and norm + SiLU passes, transposed up-samplers (:attr:`FAST_DECODE_FLAGS`).
+        Each equals the plain decoder in float64; in bf16 they differ by the order of their sums.
+        ``enabled=False`` gives the reference decoder back.
+
+        Example:
+            >>> from genkv.testing import tiny_self_forcing_pipeline
+            >>> pipe = tiny_self_forcing_pipeline(seed=0).enable_fast_decode()
+            >>> all(getattr(pipe, flag) for flag in pipe.FAST_DECODE_FLAGS)
+            True
+        """
+        for flag in self.FAST_DECODE_FLAGS:
+            setattr(self, flag, enabled)
         return self
 
     def set_decoder(self, decoder: "str | torch.nn.Module" = "wan", weights: "str | Path | None" = None,

@@ -223,3 +223,27 @@ def test_the_eager_graphs_variant_turns_graphs_on_without_compiling(tmp_path, mo
     assert seen == [True, False]
     assert rows["genkv-graphs@fastar"]["settings"] == "fastar --cuda-graphs"
     assert rows["genkv-graphs@fastar"]["frames"] == rows["genkv@fastar"]["frames"] == 9
+
+
+def test_the_fast_eager_variant_turns_on_the_fast_decoder_and_graphs_without_compiling(tmp_path, monkeypatch):
+    from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
+
+    seen = []
+    original = SelfForcingPipeline.stream
+
+    def recording(self, *args, **kwargs):
+        seen.append((self.cuda_graphs, [getattr(self, flag) for flag in self.FAST_DECODE_FLAGS], self.fused_blocks))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(SelfForcingPipeline, "stream", recording)
+    monkeypatch.setattr(SelfForcingPipeline, "enable_compile",
+                        lambda self, *a, **k: pytest.fail("the eager variants must not compile"))
+    with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
+        rows = _tiny_rows(tmp_path, "genkv-graphs-fast@fastar", "genkv-graphs@fastar")
+    (graphs_fast, flags_fast, blocks_fast), (graphs_plain, flags_plain, blocks_plain) = seen
+    assert graphs_fast and graphs_plain
+    assert all(flags_fast) and not any(flags_plain)
+    assert blocks_fast > 0 and blocks_plain == 0
+    assert rows["genkv-graphs-fast@fastar"]["settings"] == (
+        "fastar --cuda-graphs (fast decode) (GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1)")
+    assert rows["genkv-graphs-fast@fastar"]["frames"] == rows["genkv-graphs@fastar"]["frames"] == 9
