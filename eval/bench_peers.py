@@ -12,26 +12,27 @@ Systems (``--systems``, default all):
                        leaves the default -1: a fixed 21-frame cache without eviction, which fails past 21 latent
                        frames, 81 output frames).
     flashdreams        NVIDIA FlashDreams' Self-Forcing recipe: not runnable here, the row says why.
-    genkv              ``rolling:window_frames=21``, eager (``genkv render`` without options).
+    genkv              ``rolling:window_frames=21``, eager, the pipeline's defaults (no CUDA graphs, the reference
+                       Wan decoder).
     genkv-graphs, genkv-taehv-graphs   eager blocks with each chunk's repeated forwards replayed from CUDA graphs
                        (``--cuda-graphs`` without ``--compile``): the eager paths are launch-bound, host time equal
                        to GPU time (BENCHMARKS, 2026-12-01), which graphs take off the host.
     genkv-graphs-fast, genkv-taehv-graphs-fast   the same, still without ``torch.compile`` on the blocks, with the
-                       compiled path's Wan decoder (``pipe.enable_fast_decode()``) and the changes the trial rows
-                       below turn on (fused norm stretches, merge-score kernel, channels-last TAEHV): how fast a
-                       user gets without a compile warm-up.
+                       compiled path's Wan decoder (``pipe.enable_fast_decode()``): what ``genkv render`` runs on
+                       CUDA without ``--compile`` (since 2026-12-06), fast without a compile warm-up.
     genkv-compile      the same with ``--compile`` (compiled blocks, CUDA graphs, fused Wan VAE decoder).
     genkv-compile-fp8  ``--compile --fp8``.
     genkv-taehv        ``--decoder taehv`` (TAEHV at its published shapes, random weights, fp16).
     genkv-compile-taehv, genkv-compile-fp8-taehv   those flags together.
     genkv-compile-fp8torch-taehv   the last with FP8's activation quantization left to Inductor (torch ops;
                        ``enable_fp8(row_kernel=False)``), not genkv's one-pass kernel and fused GELU.
-    genkv-compile-trial, genkv-compile-fp8-taehv-trial   ``genkv-compile`` / ``genkv-compile-fp8-taehv`` with the
-                       changes that are off by default until measured: the blocks' residual + LayerNorm +
-                       modulation in one pass (``pipe.enable_fused_blocks()``, ``GENKV_FUSED_ADALN=1``; with FP8 the
-                       pass also writes the codes q/k/v, the cross-attention query and the FFN read), TempCache's
-                       merge scores in one pass (``GENKV_PAIR_SCORES_KERNEL=1``) and a channels-last TAEHV
-                       (``GENKV_TAEHV_CHANNELS_LAST=1``).
+    genkv-compile-unfused, genkv-compile-fp8-taehv-unfused   ``genkv-compile`` / ``genkv-compile-fp8-taehv``
+                       without the three changes made default on 2026-12-06 (the "-trial" rows of earlier runs
+                       measured them on): the blocks' residual + LayerNorm + modulation in one pass
+                       (``GENKV_FUSED_ADALN``; with FP8 the pass also writes the codes q/k/v, the cross-attention
+                       query and the FFN read), TempCache's merge scores in one pass (``GENKV_PAIR_SCORES_KERNEL``)
+                       and a channels-last TAEHV (``GENKV_TAEHV_CHANNELS_LAST``). Every other row runs them on,
+                       whatever the environment says.
     NAME@fastar        any genkv system with ``fastar`` (TempCache merges + routed block-sparse reads) instead of
                        upstream's rolling window: genkv's fastest method, a different cache from upstream's.
                        On CUDA its read is split (``chunk_attention="auto"``, the default): the chunk's own keys by
@@ -101,8 +102,8 @@ from bench_json import write_result  # noqa: E402
 from bench_rollout import WAN_1_3B, build_pipeline, parse_spec  # noqa: E402
 
 SYSTEMS = ("upstream", "flashdreams", "genkv", "genkv-compile", "genkv-compile-fp8", "genkv-taehv",
-           "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv", "genkv-compile-trial",
-           "genkv-compile-fp8-taehv-trial", "genkv-graphs", "genkv-taehv-graphs", "genkv-graphs-fast",
+           "genkv-compile-taehv", "genkv-compile-fp8-taehv", "genkv-compile-fp8torch-taehv", "genkv-compile-unfused",
+           "genkv-compile-fp8-taehv-unfused", "genkv-graphs", "genkv-taehv-graphs", "genkv-graphs-fast",
            "genkv-taehv-graphs-fast")
 WINDOW_FRAMES = 21  # latent frames a chunk attends to, its own included (upstream: local_attn_size)
 CHUNK_FRAMES = 3  # latent frames per chunk (upstream: num_frame_per_block)
@@ -139,16 +140,16 @@ GENKV_VARIANTS: dict[str, dict[str, Any]] = {
     "genkv": dict(compile=False, fp8=False, decoder="wan"),
     "genkv-graphs": dict(compile=False, fp8=False, decoder="wan", graphs=True),
     "genkv-taehv-graphs": dict(compile=False, fp8=False, decoder="taehv", graphs=True),
-    "genkv-graphs-fast": dict(compile=False, fp8=False, decoder="wan", graphs=True, fast_decode=True, trial=True),
-    "genkv-taehv-graphs-fast": dict(compile=False, fp8=False, decoder="taehv", graphs=True, trial=True),
+    "genkv-graphs-fast": dict(compile=False, fp8=False, decoder="wan", graphs=True, fast_decode=True),
+    "genkv-taehv-graphs-fast": dict(compile=False, fp8=False, decoder="taehv", graphs=True),
     "genkv-compile": dict(compile=True, fp8=False, decoder="wan"),
     "genkv-compile-fp8": dict(compile=True, fp8=True, decoder="wan"),
     "genkv-taehv": dict(compile=False, fp8=False, decoder="taehv"),
     "genkv-compile-taehv": dict(compile=True, fp8=False, decoder="taehv"),
     "genkv-compile-fp8-taehv": dict(compile=True, fp8=True, decoder="taehv"),
     "genkv-compile-fp8torch-taehv": dict(compile=True, fp8=True, decoder="taehv", row_kernel=False),
-    "genkv-compile-trial": dict(compile=True, fp8=False, decoder="wan", trial=True),
-    "genkv-compile-fp8-taehv-trial": dict(compile=True, fp8=True, decoder="taehv", trial=True),
+    "genkv-compile-unfused": dict(compile=True, fp8=False, decoder="wan", unfused=True),
+    "genkv-compile-fp8-taehv-unfused": dict(compile=True, fp8=True, decoder="taehv", unfused=True),
 }
 
 
@@ -568,9 +569,9 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
 
     name, method = split_system(system)
     variant = GENKV_VARIANTS[name]
-    trial = variant.get("trial", False)
+    fused = not variant.get("unfused", False)
     pair_scores_kernel = None
-    if trial:
+    if fused:
         from genkv.kernels import pair_scores as pair_scores_kernel
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, embeds = build_pipeline(shapes.genkv_model, device, dtype)
@@ -579,16 +580,16 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
         from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
 
         taehv_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=taehv_dtype).eval().use_channels_last(trial))
+        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=taehv_dtype).eval().use_channels_last(fused))
     if variant["fp8"]:
         try:  # before compiling, as `genkv render --fp8 --compile`: Inductor fuses the activation quantization
             pipe.enable_fp8(keep_originals=None, row_kernel=variant.get("row_kernel"))
         except RuntimeError as err:
             raise Skip(f"{system}: {err}") from None
-    # the changes off by default until measured, per row (the rows without them run diffusers' block forward, the
-    # compiled merge scores and an NCHW TAEHV, whatever the environment says)
-    pipe.enable_fused_blocks(trial)
-    tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel if trial else None
+    # the three changes made default on 2026-12-06, per row whatever the environment says (the unfused rows run
+    # diffusers' block forward, the compiled merge scores and an NCHW TAEHV, as before)
+    pipe.enable_fused_blocks(fused)
+    tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel if fused else None
     if variant["compile"]:
         pipe.enable_compile()
     elif variant.get("fast_decode", False):
@@ -653,8 +654,8 @@ def settings_of(system: str, shapes: Shapes) -> str:
                                    ("(fast decode)", variant.get("fast_decode", False)),
                                    ("--fp8", variant["fp8"]),
                                    ("(GENKV_FP8_ROW_KERNEL=0)", variant.get("row_kernel") is False),
-                                   ("(GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1)",
-                                    variant.get("trial", False)),
+                                   ("(GENKV_FUSED_ADALN=0 GENKV_PAIR_SCORES_KERNEL=0 GENKV_TAEHV_CHANNELS_LAST=0)",
+                                    variant.get("unfused", False)),
                                    ("--decoder taehv", variant["decoder"] == "taehv")) if on]
     return " ".join([method, *flags]) if flags else f"{method}, eager"
 

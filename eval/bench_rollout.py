@@ -183,9 +183,10 @@ def run_method(
     from genkv.video import Mp4Writer
 
     if decoder == "taehv":  # TAEHV's architecture at random weights in fp16, as genkv runs the published file
-        from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
+        from genkv.pipelines.self_forcing.taehv import CHANNELS_LAST, TAEHVDecoder
 
-        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=torch.float16).eval())
+        taehv = TAEHVDecoder().to(device=device, dtype=torch.float16).eval()
+        pipe.set_decoder(taehv.use_channels_last(CHANNELS_LAST))  # the layout from_file gives a render
     if fp8:  # before compiling: Inductor then fuses the activation quantization into the producing kernels
         from genkv.fp8 import enable_fp8
 

@@ -147,9 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, embeds = build_pipeline(args.model, device, dtype)
     if args.decoder == "taehv":
-        from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
+        from genkv.pipelines.self_forcing.taehv import CHANNELS_LAST, TAEHVDecoder
 
-        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=torch.float16 if device.type == "cuda" else dtype))
+        taehv = TAEHVDecoder().to(device=device, dtype=torch.float16 if device.type == "cuda" else dtype)
+        pipe.set_decoder(taehv.use_channels_last(CHANNELS_LAST))  # the layout from_file gives a render
     if args.fp8:  # before compiling, as render --fp8 does: Inductor fuses the activation quantization
         from genkv.fp8 import enable_fp8
 

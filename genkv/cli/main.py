@@ -99,14 +99,14 @@ def render(
         None, "--guidance-scale", help="CFG scale (default: the model's; Self-Forcing samples without)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing output files."),
     compile: bool = typer.Option(
-        False, "--compile", help="The fast path: compiled transformer blocks replayed from CUDA graphs, channels-last "
-        "VAE decode with per-tap 2-D convolutions, fused norms, one-pass tap sums and transposed up-samplers (CUDA; the "
-        "first chunk pays ~15 s of compilation)."
+        False, "--compile", help="The fastest path: compiled transformer blocks (CUDA; the first chunk pays ~15 s of "
+        "compilation). Without it a CUDA render still replays CUDA graphs and decodes with the fast Wan VAE path "
+        "(channels-last, per-tap 2-D convolutions, fused norms, one-pass tap sums, transposed up-samplers)."
     ),
     cuda_graphs: Optional[bool] = typer.Option(
         None, "--cuda-graphs/--no-cuda-graphs", help="Record each chunk's second transformer forward as a CUDA graph "
-        "and replay it for the chunk's later forwards (default: on with --compile on CUDA; if recording fails the "
-        "render says why and goes on without graphs)."
+        "and replay it for the chunk's later forwards (default: on for CUDA renders, with or without --compile; if "
+        "recording fails the render says why and goes on without graphs)."
     ),
     profile: bool = typer.Option(
         False, "--profile", help="Print where each chunk's time goes (denoise, KV commit, decode, host copy, write); "

@@ -101,9 +101,10 @@ def pair_scores(
 _pair_scores_compiled = CompiledOnCuda(pair_scores, "tempcache merge scores")
 
 
-# ``genkv.kernels.pair_scores`` when ``GENKV_PAIR_SCORES_KERNEL=1`` (off by default until a GPU run measures it
-# against the compiled scores) and Triton imports; else None
-_PAIR_SCORES_KERNEL = optional_kernel("pair_scores") if env_flag("GENKV_PAIR_SCORES_KERNEL", False) else None
+# ``genkv.kernels.pair_scores`` unless ``GENKV_PAIR_SCORES_KERNEL=0``, where Triton imports; else None. On by
+# default since 2026-12-06: on an H200 the merge scores take 2.23 ms against 7.20 compiled, and the keeper's commit
+# 10.0 ms a chunk against 16.7 (docs/BENCHMARKS.md, eleventh session)
+_PAIR_SCORES_KERNEL = optional_kernel("pair_scores") if env_flag("GENKV_PAIR_SCORES_KERNEL", True) else None
 
 
 def _pair_scores_fused(k: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor,

@@ -100,8 +100,8 @@ class SelfForcingPipeline(DiffusionPipeline):
             raise ValueError(f"noise must be one of {', '.join(map(repr, NOISE_MODES))}, got {noise!r}")
         apply_self_forcing_numerics(transformer)
         #: How many blocks run their norm stretches fused (``fused_block``: residual + LayerNorm + modulation, and
-        #: the FP8 codes, in one pass each; CUDA, half precision). Off unless ``GENKV_FUSED_ADALN=1`` until measured
-        #: on a GPU; :meth:`enable_fused_blocks` turns it on.
+        #: the FP8 codes, in one pass each; CUDA, half precision; elsewhere diffusers' forward runs). On unless
+        #: ``GENKV_FUSED_ADALN=0``; :meth:`enable_fused_blocks` turns it on or off.
         self.fused_blocks = apply_fused_blocks(transformer) if FUSED_ADALN else 0
         #: Decode with channels-last 3-D convolutions (cuDNN tensor-core path): 259 vs 312 ms per chunk on an
         #: H100 at 480x832, same output up to bf16 rounding. Off by default so the default path is the reference.

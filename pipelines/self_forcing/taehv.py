@@ -32,9 +32,9 @@ WEIGHTS_HINT = (
     "https://github.com/madebyollin/taehv (folder safetensors/ for the .safetensors) and pass its path"
 )
 _SHOWN = 4  # keys named in an error message before "(+N more)"
-#: decoders loaded by :meth:`TAEHVDecoder.from_file` run channels-last (env ``GENKV_TAEHV_CHANNELS_LAST=1``, read at
-#: import; off until a GPU run measures it)
-CHANNELS_LAST: bool = env_flag("GENKV_TAEHV_CHANNELS_LAST", False)
+#: decoders loaded by :meth:`TAEHVDecoder.from_file` run channels-last (env ``GENKV_TAEHV_CHANNELS_LAST``, read at
+#: import; on unless ``GENKV_TAEHV_CHANNELS_LAST=0``, since it was part of the measured faster path, 2026-12-06)
+CHANNELS_LAST: bool = env_flag("GENKV_TAEHV_CHANNELS_LAST", True)
 
 
 def _conv3(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
@@ -164,8 +164,8 @@ class TAEHVDecoder(nn.Module):
         """Keep the activations (and the convolution weights) in channels-last memory, the layout cuDNN's fp16
         convolutions use on a GPU, instead of converting every convolution's input and output (~5.8 ms of layout
         conversions a chunk in the fp8 + TAEHV profile, H100, 2026-12-05). Same values, up to the convolutions' order
-        of summation. Off by default until a GPU run measures it (``GENKV_TAEHV_CHANNELS_LAST=1``: on for every
-        decoder :meth:`from_file` loads, so for ``genkv render --decoder taehv``).
+        of summation. On for every decoder :meth:`from_file` loads (so for ``genkv render --decoder taehv``) unless
+        ``GENKV_TAEHV_CHANNELS_LAST=0``; a decoder built in code starts without it.
 
         Example:
             >>> import torch

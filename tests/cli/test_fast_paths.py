@@ -63,3 +63,32 @@ def test_bad_decoder_arguments_are_one_line(tmp_path, prompts, capsys, args, mes
     lines = err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0] and "Traceback" not in err
     assert not any((tmp_path / "o").glob("*.mp4"))  # refused before anything was written
+
+
+def _speed_flags(device: str, staged: bool = False, **options):
+    from pathlib import Path
+
+    from genkv.cli.render import RenderOptions, apply_speed_options
+    from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
+    from genkv.testing import tiny_self_forcing_pipeline
+
+    pipe = tiny_self_forcing_pipeline(seed=0)
+    compiled = []
+    pipe.enable_compile = lambda: compiled.append(1) or SelfForcingPipeline.enable_fast_decode(pipe)  # no compile
+    apply_speed_options(pipe, RenderOptions(Path("prompts.txt"), **options), torch.device(device), staged=staged)
+    return pipe.cuda_graphs, [getattr(pipe, flag) for flag in pipe.FAST_DECODE_FLAGS], bool(compiled)
+
+
+def test_a_cuda_render_without_compile_gets_graphs_and_the_fast_decoder():
+    """Only flags are set, so a CPU checks the CUDA choice: graphs and every fast-decode flag on, nothing compiled;
+    --no-cuda-graphs and a split over GPUs keep the fast decoder without graphs; a CPU render keeps the reference."""
+    graphs, flags, compiled = _speed_flags("cuda")
+    assert graphs and all(flags) and not compiled
+    graphs, flags, _ = _speed_flags("cuda", cuda_graphs=False)
+    assert not graphs and all(flags)
+    graphs, flags, _ = _speed_flags("cuda", staged=True)
+    assert not graphs and all(flags)
+    graphs, flags, compiled = _speed_flags("cpu")
+    assert not graphs and not any(flags) and not compiled
+    graphs, flags, compiled = _speed_flags("cpu", compile=True, cuda_graphs=True)
+    assert graphs and all(flags) and compiled

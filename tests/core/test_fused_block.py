@@ -51,6 +51,7 @@ def _force_the_kernel(monkeypatch):
 
 def test_the_fused_block_gives_diffusers_rollout_on_the_cpu(monkeypatch):
     pipe = tiny_self_forcing_pipeline(seed=0)
+    assert fused_block.remove_fused_blocks(pipe.transformer) == 2  # patched as built (GENKV_FUSED_ADALN's default)
     _random_norms_and_modulation(pipe)
     plain = _rollout(pipe)
     assert fused_block.apply_fused_blocks(pipe.transformer) == len(pipe.transformer.blocks) == 2
@@ -127,6 +128,7 @@ def test_the_fused_block_traces_into_one_graph_with_fp8_codes(monkeypatch):
 
 def test_blocks_of_another_layout_are_left_alone():
     pipe = tiny_self_forcing_pipeline(seed=0)
+    fused_block.remove_fused_blocks(pipe.transformer)
     block = pipe.transformer.blocks[0]
     assert fused_block.fusable_block(block)
     block.norm1 = torch.nn.GroupNorm(1, block.scale_shift_table.shape[-1])

@@ -59,3 +59,27 @@ def test_fp8_changes_the_render_within_bounds_and_goes_back_bit_for_bit():
     assert 1e-4 < error < 5e-2, error  # quantized, and close (genkv.fp8's per-layer error is ~3.7e-2)
     pipe.disable_fp8()
     assert torch.equal(latents(), plain)
+
+
+def test_the_measured_kernels_are_on_by_default_and_each_switch_turns_one_off():
+    """GENKV_FUSED_ADALN, GENKV_PAIR_SCORES_KERNEL and GENKV_TAEHV_CHANNELS_LAST are on unless set to 0 (made default
+    after the 2026-12-06 H200 A/B); each is read at import, so a fresh interpreter sees what a user's process sees."""
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import genkv.keep.tempcache as t, genkv.pipelines.self_forcing.fused_block as f, "
+             "genkv.pipelines.self_forcing.taehv as h; "
+             "print(int(t._PAIR_SCORES_KERNEL is not None), int(f.FUSED_ADALN), int(h.CHANNELS_LAST))")
+
+    def switches(**env):
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("GENKV_")}
+        out = subprocess.run([sys.executable, "-c", probe], env={**clean, **env}, capture_output=True, text=True,
+                             check=True)
+        return out.stdout.split()
+
+    pytest.importorskip("triton")  # the merge-score kernel needs it
+    assert switches() == ["1", "1", "1"]
+    assert switches(GENKV_PAIR_SCORES_KERNEL="0") == ["0", "1", "1"]
+    assert switches(GENKV_FUSED_ADALN="0") == ["1", "0", "1"]
+    assert switches(GENKV_TAEHV_CHANNELS_LAST="0") == ["1", "1", "0"]

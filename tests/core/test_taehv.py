@@ -207,8 +207,9 @@ def test_the_environment_switch_loads_files_channels_last(tmp_path, monkeypatch)
 
     path = tmp_path / "taew2_1.pth"
     _save(_published_like(), path)
+    monkeypatch.setattr(taehv, "CHANNELS_LAST", False)  # as GENKV_TAEHV_CHANNELS_LAST=0 at import
     assert not TAEHVDecoder.from_file(path).channels_last
-    monkeypatch.setattr(taehv, "CHANNELS_LAST", True)  # as GENKV_TAEHV_CHANNELS_LAST=1 at import
+    monkeypatch.setattr(taehv, "CHANNELS_LAST", True)  # the default
     decoder = TAEHVDecoder.from_file(path)
     assert decoder.channels_last
     assert decoder.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)

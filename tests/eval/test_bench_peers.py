@@ -182,7 +182,7 @@ def test_the_torch_quantization_variant_turns_the_row_kernel_off_and_says_so(tmp
     assert rows["genkv-compile-fp8-taehv@fastar"]["settings"] == "fastar --compile --fp8 --decoder taehv"
 
 
-def test_the_trial_variants_turn_on_the_three_changes_and_the_others_none(tmp_path, monkeypatch):
+def test_the_unfused_variants_turn_the_three_changes_off_and_the_others_on(tmp_path, monkeypatch):
     import genkv.keep.tempcache as tempcache
     from genkv.kernels import pair_scores
     from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
@@ -194,13 +194,13 @@ def test_the_trial_variants_turn_on_the_three_changes_and_the_others_none(tmp_pa
         return self
 
     monkeypatch.setattr(SelfForcingPipeline, "enable_compile", compile_stub)
-    monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", None)
-    rows = _tiny_rows(tmp_path, "genkv-compile-fp8-taehv-trial@fastar", "genkv-compile-fp8-taehv@fastar")
-    (blocks_trial, kernel_trial, nhwc_trial), (blocks_plain, kernel_plain, nhwc_plain) = seen
-    assert blocks_trial > 0 and kernel_trial is pair_scores and nhwc_trial
-    assert blocks_plain == 0 and kernel_plain is None and not nhwc_plain
-    assert rows["genkv-compile-fp8-taehv-trial@fastar"]["settings"] == (
-        "fastar --compile --fp8 (GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1) "
+    monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", None)  # as GENKV_PAIR_SCORES_KERNEL=0: the rows decide
+    rows = _tiny_rows(tmp_path, "genkv-compile-fp8-taehv@fastar", "genkv-compile-fp8-taehv-unfused@fastar")
+    (blocks_on, kernel_on, nhwc_on), (blocks_off, kernel_off, nhwc_off) = seen
+    assert blocks_on > 0 and kernel_on is pair_scores and nhwc_on
+    assert blocks_off == 0 and kernel_off is None and not nhwc_off
+    assert rows["genkv-compile-fp8-taehv-unfused@fastar"]["settings"] == (
+        "fastar --compile --fp8 (GENKV_FUSED_ADALN=0 GENKV_PAIR_SCORES_KERNEL=0 GENKV_TAEHV_CHANNELS_LAST=0) "
         "--decoder taehv")
     assert rows["genkv-compile-fp8-taehv@fastar"]["settings"] == "fastar --compile --fp8 --decoder taehv"
 
@@ -232,7 +232,7 @@ def test_the_fast_eager_variant_turns_on_the_fast_decoder_and_graphs_without_com
     original = SelfForcingPipeline.stream
 
     def recording(self, *args, **kwargs):
-        seen.append((self.cuda_graphs, [getattr(self, flag) for flag in self.FAST_DECODE_FLAGS], self.fused_blocks))
+        seen.append((self.cuda_graphs, [getattr(self, flag) for flag in self.FAST_DECODE_FLAGS]))
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(SelfForcingPipeline, "stream", recording)
@@ -240,10 +240,8 @@ def test_the_fast_eager_variant_turns_on_the_fast_decoder_and_graphs_without_com
                         lambda self, *a, **k: pytest.fail("the eager variants must not compile"))
     with pytest.warns(RuntimeWarning, match="CUDA graphs need a CUDA device"):
         rows = _tiny_rows(tmp_path, "genkv-graphs-fast@fastar", "genkv-graphs@fastar")
-    (graphs_fast, flags_fast, blocks_fast), (graphs_plain, flags_plain, blocks_plain) = seen
+    (graphs_fast, flags_fast), (graphs_plain, flags_plain) = seen
     assert graphs_fast and graphs_plain
     assert all(flags_fast) and not any(flags_plain)
-    assert blocks_fast > 0 and blocks_plain == 0
-    assert rows["genkv-graphs-fast@fastar"]["settings"] == (
-        "fastar --cuda-graphs (fast decode) (GENKV_FUSED_ADALN=1 GENKV_PAIR_SCORES_KERNEL=1 GENKV_TAEHV_CHANNELS_LAST=1)")
+    assert rows["genkv-graphs-fast@fastar"]["settings"] == "fastar --cuda-graphs (fast decode)"
     assert rows["genkv-graphs-fast@fastar"]["frames"] == rows["genkv-graphs@fastar"]["frames"] == 9
