@@ -105,15 +105,19 @@ _pair_scores_compiled = CompiledOnCuda(pair_scores, "tempcache merge scores")
 # default since 2026-12-06: on an H200 the merge scores take 2.23 ms against 7.20 compiled, and the keeper's commit
 # 10.0 ms a chunk against 16.7 (docs/BENCHMARKS.md, eleventh session)
 _PAIR_SCORES_KERNEL = optional_kernel("pair_scores") if env_flag("GENKV_PAIR_SCORES_KERNEL", True) else None
+# CPU tensors go through the kernel only where a test asks (the Triton interpreter is orders of magnitude slower than
+# the torch ops: on by default, it ran every CPU rollout of TempCache and fastar through it)
+_KERNEL_ON_CPU = False
 
 
 def _pair_scores_fused(k: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor,
                        rotation: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """:func:`pair_scores` as fast as this device runs it: genkv's one-pass kernel where it is on and takes the keys
-    (CUDA; the CPU under ``TRITON_INTERPRET=1``, for tests), else ``torch.compile`` of the torch ops on CUDA, else
-    the ops eagerly."""
+    (CUDA; CPU tensors only when a test sets ``_KERNEL_ON_CPU`` under ``TRITON_INTERPRET=1``), else
+    ``torch.compile`` of the torch ops on CUDA, else the ops eagerly."""
     kernel = _PAIR_SCORES_KERNEL
-    if kernel is not None and kernel.pair_scores_applies(k, k_new) and kernel.triton_runs_on(k):
+    if kernel is not None and (k.is_cuda or _KERNEL_ON_CPU) and kernel.pair_scores_applies(k, k_new) \
+            and kernel.triton_runs_on(k):
         return kernel.pair_scores_triton(k, slots, k_new, rotation)
     return _pair_scores_compiled(k, slots, k_new, rotation)
 

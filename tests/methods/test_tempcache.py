@@ -341,6 +341,7 @@ def test_the_merge_score_kernel_commits_what_the_torch_scores_commit(match, monk
     torch_path = run()
     calls = []
     monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", kernel)  # as GENKV_PAIR_SCORES_KERNEL=1 at import
+    monkeypatch.setattr(tempcache, "_KERNEL_ON_CPU", True)  # CPU tensors through the interpreter
     monkeypatch.setattr(kernel, "pair_scores_triton",
                         lambda *args, real=kernel.pair_scores_triton: calls.append(1) or real(*args))
     with_kernel = run()
