@@ -41,6 +41,12 @@ Systems (``--systems``, default all):
     NAME@fastar-kernel the one-kernel read (``chunk_attention=kernel``, the default before 2026-12-05).
     NAME@fastar-int8, NAME@fastar-int4   ``fastar`` with its committed history stored as int8 / int4 codes
                        (``kv_dtype``, issue 22), read by the kernel without a full-precision copy.
+    NAME[@METHOD]~SWITCH[~SWITCH...]   the row with some of the default-on kernels turned off, for a per-change
+                       A/B inside one process (each row builds and compiles its own pipeline): ``adaln`` (the fused
+                       block stretches, ``GENKV_FUSED_ADALN``), ``pairs`` (the merge-score kernel,
+                       ``GENKV_PAIR_SCORES_KERNEL``), ``taehv-cl`` (channels-last TAEHV, ``GENKV_TAEHV_CHANNELS_LAST``),
+                       ``normrope`` (the q/k norm + RoPE kernel, ``GENKV_FUSED_NORM_ROPE``). The ``-unfused`` rows
+                       are ``~adaln~pairs~taehv-cl``.
 
 Shapes: 480x832, 21-latent-frame rolling window, 3-latent-frame chunks, 4 denoising steps, ``--frames`` output
 frames (upstream makes whole 3-latent blocks: 2001 frames for 2000). Every run is timed whole (wall clock,
@@ -153,23 +159,47 @@ GENKV_VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
+#: the default-on kernels a row can turn off with ``~NAME`` (a per-change A/B in one process)
+SWITCHES = ("adaln", "pairs", "taehv-cl", "normrope")
+SWITCH_ENV = {"adaln": "GENKV_FUSED_ADALN", "pairs": "GENKV_PAIR_SCORES_KERNEL", "taehv-cl": "GENKV_TAEHV_CHANNELS_LAST",
+              "normrope": "GENKV_FUSED_NORM_ROPE"}
+
+
 def split_system(system: str) -> tuple[str, str]:
     """``genkv-compile@fastar`` -> (``genkv-compile``, the fastar method spec); a bare name runs upstream's window.
 
     Example:
-        >>> split_system("genkv-compile@fastar"), split_system("genkv")
-        (('genkv-compile', 'fastar'), ('genkv', 'rolling:window_frames=21'))
+        >>> split_system("genkv-compile@fastar"), split_system("genkv"), split_system("genkv-compile~adaln")
+        (('genkv-compile', 'fastar'), ('genkv', 'rolling:window_frames=21'), ('genkv-compile', 'rolling:window_frames=21'))
     """
-    name, _, method = system.partition("@")
+    name, _, method = system.split("~")[0].partition("@")
     return name, GENKV_METHODS[method or "rolling"]
 
 
+def switches_off(system: str) -> set[str]:
+    """The default-on kernels a row runs without: its ``~NAME`` suffixes, plus all but ``normrope`` for ``-unfused``.
+
+    Example:
+        >>> sorted(switches_off("genkv-compile@fastar~adaln~normrope")), sorted(switches_off("genkv-compile-unfused"))
+        (['adaln', 'normrope'], ['adaln', 'pairs', 'taehv-cl'])
+    """
+    name, *off = system.split("~")
+    if GENKV_VARIANTS.get(name.partition("@")[0], {}).get("unfused", False):
+        off += ["adaln", "pairs", "taehv-cl"]
+    return set(off)
+
+
 def system_name(text: str) -> str:
-    """argparse type of ``--systems``: a known system, genkv ones optionally ``@rolling`` / ``@fastar``."""
-    name, at, method = text.partition("@")
+    """argparse type of ``--systems``: a known system, genkv ones optionally ``@METHOD`` and ``~SWITCH`` suffixes."""
+    head, *off = text.split("~")
+    name, at, method = head.partition("@")
     if name not in SYSTEMS or (at and (name not in GENKV_VARIANTS or method not in GENKV_METHODS)):
         raise argparse.ArgumentTypeError(
             f"{text!r}: pick one of {', '.join(SYSTEMS)}; a genkv one may end in @{' or @'.join(GENKV_METHODS)}")
+    bad = [switch for switch in off if switch not in SWITCHES or name not in GENKV_VARIANTS]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: ~{bad[0]} is not a switch of a genkv row; pick from ~{' ~'.join(SWITCHES)}")
     return text
 
 
@@ -567,12 +597,16 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
     import genkv
     import genkv.keep.tempcache as tempcache
 
+    import genkv.processors as processors
+
     name, method = split_system(system)
     variant = GENKV_VARIANTS[name]
-    fused = not variant.get("unfused", False)
-    pair_scores_kernel = None
-    if fused:
+    off = switches_off(system)
+    pair_scores_kernel = norm_rope_kernel = None
+    if "pairs" not in off:
         from genkv.kernels import pair_scores as pair_scores_kernel
+    if "normrope" not in off:
+        from genkv.kernels import qk_norm_rope as norm_rope_kernel
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     pipe, embeds = build_pipeline(shapes.genkv_model, device, dtype)
     genkv.apply_genkv(pipe, parse_spec(method))
@@ -580,16 +614,18 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
         from genkv.pipelines.self_forcing.taehv import TAEHVDecoder
 
         taehv_dtype = torch.float16 if device.type == "cuda" else torch.float32
-        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=taehv_dtype).eval().use_channels_last(fused))
+        pipe.set_decoder(TAEHVDecoder().to(device=device, dtype=taehv_dtype).eval()
+                         .use_channels_last("taehv-cl" not in off))
     if variant["fp8"]:
         try:  # before compiling, as `genkv render --fp8 --compile`: Inductor fuses the activation quantization
             pipe.enable_fp8(keep_originals=None, row_kernel=variant.get("row_kernel"))
         except RuntimeError as err:
             raise Skip(f"{system}: {err}") from None
-    # the three changes made default on 2026-12-06, per row whatever the environment says (the unfused rows run
-    # diffusers' block forward, the compiled merge scores and an NCHW TAEHV, as before)
-    pipe.enable_fused_blocks(fused)
-    tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel if fused else None
+    # the default-on kernels, per row whatever the environment says (a row's ~SWITCH turns one off: diffusers'
+    # block forward, the compiled merge scores, an NCHW TAEHV, the unfused q/k norm + RoPE)
+    pipe.enable_fused_blocks("adaln" not in off)
+    tempcache._PAIR_SCORES_KERNEL = pair_scores_kernel
+    processors._NORM_ROPE = norm_rope_kernel
     if variant["compile"]:
         pipe.enable_compile()
     elif variant.get("fast_decode", False):
@@ -654,8 +690,9 @@ def settings_of(system: str, shapes: Shapes) -> str:
                                    ("(fast decode)", variant.get("fast_decode", False)),
                                    ("--fp8", variant["fp8"]),
                                    ("(GENKV_FP8_ROW_KERNEL=0)", variant.get("row_kernel") is False),
-                                   ("(GENKV_FUSED_ADALN=0 GENKV_PAIR_SCORES_KERNEL=0 GENKV_TAEHV_CHANNELS_LAST=0)",
-                                    variant.get("unfused", False)),
+                                   ("(" + " ".join(f"{SWITCH_ENV[switch]}=0" for switch in SWITCHES
+                                                   if switch in switches_off(system)) + ")",
+                                    bool(switches_off(system))),
                                    ("--decoder taehv", variant["decoder"] == "taehv")) if on]
     return " ".join([method, *flags]) if flags else f"{method}, eager"
 

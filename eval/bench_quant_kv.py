@@ -12,6 +12,9 @@ Rows ``KIND+sdpa`` time the split read of ``chunk_attention="sdpa"`` on the same
 dense SDPA with LSE (cuDNN on CUDA), then the kernel resuming over the history blocks (the straddling one up to
 the history's end), as ``RoutedSelfAttention`` runs it; their ratio is to the single bf16 kernel call.
 
+Then routing's key-block means over each storage's history (what ``fastar`` pools once per chunk and layer): the
+one-pass kernel ``genkv.kernels.quant_pool`` against its torch reference (``pool_rows`` in the JSON).
+
     python eval/bench_quant_kv.py --out runs/quant_kv.json
     python eval/bench_quant_kv.py --small --device cpu          # a CPU smoke run (gather path)
 """
@@ -116,6 +119,25 @@ def launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, den
     return rows
 
 
+def pooling_rows(keys: torch.Tensor, values: torch.Tensor, block: int, device: torch.device,
+                 args: argparse.Namespace) -> list[dict]:
+    """Routing's key-block means over each storage's history: the one-pass kernel
+    (:func:`genkv.kernels.quant_pool.pool_code_blocks`) against its torch reference, timed, and their difference."""
+    from genkv.kernels import quantize_kv
+    from genkv.kernels.quant_pool import pool_code_blocks, pool_code_blocks_reference
+
+    rows = []
+    n_blocks = keys.shape[1] // block
+    for kind in args.kinds:
+        hist = quantize_kv(keys, values, kind)
+        kernel = lambda: pool_code_blocks(hist, n_blocks, block)  # noqa: E731
+        torch_ops = lambda: pool_code_blocks_reference(hist, n_blocks, block)  # noqa: E731
+        rows.append(dict(kind=kind, blocks=n_blocks, kernel_ms=timed(kernel, device, args.iters, args.warmup),
+                         torch_ms=timed(torch_ops, device, args.iters, args.warmup),
+                         max_abs_diff=float((kernel() - torch_ops()).abs().max())))
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import QuantizedKV, block_sparse_attention, key_channel_scales, quantize_kv  # noqa: F401
 
@@ -177,11 +199,18 @@ def main(argv: list[str] | None = None) -> int:
             out = fn().float()
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=held,
                              rel_err=float((out - ref).norm() / ref.norm())))
+    pool_rows = pooling_rows(keys[:, :n_h], values[:, :n_h], block, device, args)
     print(f"{'lists':>8s} {'history':>8s} {'launch':>24s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
     for r in (r for r in rows if "ms" in r):
         print(f"{r['density']:>8s} {r['kind']:>8s} {r.get('launch', 'default'):>24s} {r['ms']:8.3f} {r['ratio']:7.3f} "
               f"{r['history_bytes'] / 2**20:9.1f} {r['rel_err']:9.2e}")
-    write_result(args.out, device, shape=shape, block=block, top_k=args.top_k, dtype=str(dtype), rows=rows)
+    print(f"\nrouting's key-block means from the codes ({n_h // block} blocks of {block}): "
+          "genkv.kernels.quant_pool (one pass) vs its torch reference")
+    for r in pool_rows:
+        print(f"{r['kind']:>8s}  kernel {1000 * r['kernel_ms']:8.1f} us  torch {1000 * r['torch_ms']:8.1f} us  "
+              f"{r['torch_ms'] / r['kernel_ms']:6.2f}x  max |diff| {r['max_abs_diff']:.1e}")
+    write_result(args.out, device, shape=shape, block=block, top_k=args.top_k, dtype=str(dtype), rows=rows,
+                 pool_rows=pool_rows)
     return 0
 
 

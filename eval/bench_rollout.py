@@ -202,8 +202,7 @@ def run_method(
     vae_flags = type(pipe).FAST_DECODE_FLAGS
     saved_vae = {name: getattr(pipe, name) for name in vae_flags}
     if fast_vae is not None:  # the plain path's VAE (all off) or the fast path's (all on, as enable_compile)
-        for name in vae_flags:
-            setattr(pipe, name, fast_vae)
+        pipe.enable_fast_decode(fast_vae)
     method = parse_spec(spec)
     genkv.apply_genkv(pipe, method)
     if compile_blocks:

@@ -84,10 +84,12 @@ def _pair_scores_kernel(K, Slots, KNew, Cos, Sin, Out, n_frames, n_tokens, n_can
 
 
 def pair_scores_applies(k: torch.Tensor, k_new: torch.Tensor) -> bool:
-    """Whether the kernel takes these keys: float16/bfloat16/float32, ``D / 2`` a power of two (8 to 128)."""
+    """Whether the kernel takes these keys: float16/bfloat16/float32 (each its own: a quantized history's candidates
+    come dequantized in float32, its staged keys in bfloat16; both are read into float32, as the reference casts
+    them), ``D / 2`` a power of two (8 to 128)."""
     half = k.shape[-1] // 2
-    return (k.dtype in (torch.float16, torch.bfloat16, torch.float32) and k_new.dtype == k.dtype
-            and half in (4, 8, 16, 32, 64) and k.shape[-1] % 2 == 0)
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    return k.dtype in floats and k_new.dtype in floats and half in (4, 8, 16, 32, 64) and k.shape[-1] % 2 == 0
 
 
 def pair_scores_triton(k: torch.Tensor, slots: torch.Tensor, k_new: torch.Tensor,

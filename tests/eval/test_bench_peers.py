@@ -205,6 +205,37 @@ def test_the_unfused_variants_turn_the_three_changes_off_and_the_others_on(tmp_p
     assert rows["genkv-compile-fp8-taehv@fastar"]["settings"] == "fastar --compile --fp8 --decoder taehv"
 
 
+def test_a_switch_suffix_turns_that_kernel_off_for_its_row_alone(tmp_path, monkeypatch):
+    import genkv.keep.tempcache as tempcache
+    import genkv.processors as processors
+    from genkv.kernels import pair_scores, qk_norm_rope
+    from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
+
+    seen = []
+
+    def compile_stub(self, *args, **kwargs):  # what each row runs with, as it would compile (a CPU compile: minutes)
+        seen.append((self.fused_blocks > 0, tempcache._PAIR_SCORES_KERNEL is pair_scores, self.taehv.channels_last,
+                     processors._NORM_ROPE is qk_norm_rope))
+        return self
+
+    monkeypatch.setattr(SelfForcingPipeline, "enable_compile", compile_stub)
+    monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", None)  # as if the environment turned them off: rows decide
+    monkeypatch.setattr(processors, "_NORM_ROPE", None)
+    systems = ["genkv-compile-fp8-taehv@fastar", "genkv-compile-fp8-taehv@fastar~adaln",
+               "genkv-compile-fp8-taehv@fastar~pairs", "genkv-compile-fp8-taehv@fastar~taehv-cl",
+               "genkv-compile-fp8-taehv@fastar~normrope~adaln"]
+    rows = _tiny_rows(tmp_path, *systems)
+    assert seen == [(True, True, True, True), (False, True, True, True), (True, False, True, True),
+                    (True, True, False, True), (False, True, True, False)]
+    assert rows[systems[-1]]["settings"] == (
+        "fastar --compile --fp8 (GENKV_FUSED_ADALN=0 GENKV_FUSED_NORM_ROPE=0) --decoder taehv")
+    bench_peers = _bench_peers()
+    with pytest.raises(Exception, match="~rope is not a switch"):
+        bench_peers.system_name("genkv-compile@fastar~rope")
+    with pytest.raises(Exception, match="not a switch of a genkv row"):
+        bench_peers.system_name("upstream~adaln")
+
+
 def test_the_eager_graphs_variant_turns_graphs_on_without_compiling(tmp_path, monkeypatch):
     from genkv.pipelines.self_forcing.pipeline import SelfForcingPipeline
 

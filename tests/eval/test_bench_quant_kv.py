@@ -22,3 +22,7 @@ def test_split_rows_compute_what_the_single_call_computes(tmp_path):
             assert abs(split["rel_err"] - alone["rel_err"]) < 1e-5, (density, kind, split, alone)
             assert split["history_bytes"] == alone["history_bytes"] and split["ms"] > 0
     assert single[("top-16", "int4")]["rel_err"] > 0.1 > single[("top-16", "int8")]["rel_err"]  # really quantized
+    pools = {r["kind"]: r for r in json.loads((tmp_path / "q.json").read_text())["pool_rows"]}
+    assert set(pools) == {"fp8", "int8", "int4"}
+    for r in pools.values():  # the one-pass kernel (interpreted here) and the torch reference pool the same means
+        assert r["blocks"] > 0 and r["kernel_ms"] > 0 and r["torch_ms"] > 0 and r["max_abs_diff"] < 1e-5

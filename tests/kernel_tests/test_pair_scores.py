@@ -60,6 +60,21 @@ def test_scores_equal_float64_and_the_torch_path(shape, dtype, rotate):
     assert (got - torch_path).abs().max().item() < 2e-6
 
 
+@pytest.mark.parametrize("new_dtype", [torch.float16, torch.bfloat16])
+def test_float32_candidates_against_16_bit_staged_keys(new_dtype):
+    # a quantized history: candidates dequantized in float32, the staged chunk's keys as the model made them
+    k, slots, k_new, rotation = _case(1, 2, 3, 5, 9, 3, 16, torch.float32, seed=11)
+    k_new = k_new.to(new_dtype)
+    k_new[:, 0, 0, 1] = k[:, slots[0, 0, 1, 2]].to(new_dtype)  # a duplicate as far as 16 bits can say
+    k[:, slots[0, 0, 1, 2]] = k_new[:, 0, 0, 1].float()  # ... and the candidate holding exactly those values
+    for rot in (None, rotation):
+        got = pair_scores_triton(k, slots, k_new, rot)
+        want = _float64_scores(k, slots, k_new, rot)
+        assert (got.double() - want).abs().max().item() < 2e-6
+        assert (got - pair_scores(k, slots, k_new, rot)).abs().max().item() < 2e-6
+    assert pair_scores_triton(k, slots, k_new, None)[0, 0, 1, 2].item() == 1.0
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_duplicates_score_exactly_one_and_a_zero_key_zero(dtype):
     k, slots, k_new, _ = _case(1, 1, 1, 6, 4, 2, 16, dtype, seed=7)

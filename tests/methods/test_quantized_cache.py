@@ -261,8 +261,10 @@ def test_rolling_rebases_a_quantized_window():
     assert np.abs(video - reference).max() < 0.15  # int8 history: close to the bf16 rollout
 
 
-def _tempcache_rollout(kind: str, chunks: int = 6, layers: int = 2, tpf: int = 8) -> KVCacheStore:
-    """A TempCache commit sequence on near-duplicate keys (frames repeat one frame plus noise: many merges)."""
+def _tempcache_rollout(kind: str, chunks: int = 6, layers: int = 2, tpf: int = 8,
+                       dtype: torch.dtype = torch.float32) -> KVCacheStore:
+    """A TempCache commit sequence on near-duplicate keys (frames repeat one frame plus noise: many merges), staged
+    in ``dtype``."""
     keeper = TemporalMerge(0.9, 1, 1, 5, None, match="stored")
     store = KVCacheStore(keeper, num_layers=layers, rope=None, kv_dtype=kind)
     store.reset()
@@ -272,7 +274,7 @@ def _tempcache_rollout(kind: str, chunks: int = 6, layers: int = 2, tpf: int = 8
         store.begin_chunk(2 * chunk, 2, tpf, grid=(2, 4))
         for layer in range(layers):
             k = torch.cat([base + 0.05 * torch.randn(1, tpf, 2, 32, generator=g) for _ in range(2)], 1)
-            store.layer(layer).stage(k, torch.randn(1, 2 * tpf, 2, 32, generator=g))
+            store.layer(layer).stage(k.to(dtype), torch.randn(1, 2 * tpf, 2, 32, generator=g).to(dtype))
         store.commit()
     return store
 
@@ -290,6 +292,31 @@ def test_tempcache_merges_over_codes_like_the_bf16_cache(kind, bound):
         k_hat, v_hat = dequantize(coded.quantized_history())
         for stored, exact in ((k_hat, plain.k[:, :n]), (v_hat, plain.v[:, :n])):
             assert ((stored - exact)[:, live].norm() / exact[:, live].norm()) < bound
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_the_merge_score_kernel_scores_a_quantized_history_as_the_torch_scores_do(kind, monkeypatch):
+    """The candidates of a quantized history come dequantized in float32, the staged keys in their own dtype: the
+    one-pass kernel takes the pair (run here under the interpreter) and commits what the torch scores commit."""
+    import genkv.keep.tempcache as tempcache
+    from genkv.kernels import pair_scores as kernel
+
+    if not kernel.triton_runs_on(torch.empty(1)):  # a GPU machine: CPU tensors reach Triton only when interpreted
+        pytest.skip("the kernel takes CPU tensors under TRITON_INTERPRET=1 only; test_pair_scores runs it on CUDA")
+    monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", None)
+    torch_path = _tempcache_rollout(kind, dtype=torch.float16)  # staged in 16 bits, as a model's keys
+    calls = []
+    monkeypatch.setattr(tempcache, "_PAIR_SCORES_KERNEL", kernel)
+    monkeypatch.setattr(tempcache, "_KERNEL_ON_CPU", True)
+    monkeypatch.setattr(kernel, "pair_scores_triton",
+                        lambda *args, real=kernel.pair_scores_triton: calls.append(args[0].dtype) or real(*args))
+    with_kernel = _tempcache_rollout(kind, dtype=torch.float16)
+    assert calls and set(calls) == {torch.float32}  # every merging commit scored by the kernel, on dequantized keys
+    for a, b in zip(torch_path.caches["cond"], with_kernel.caches["cond"]):
+        assert int((a.token_count > 1).sum()) > 0  # groups formed: the scores decided something
+        assert torch.equal(a.frame_index, b.frame_index) and torch.equal(a.token_count, b.token_count)
+        for x, y in zip(dequantize(a.quantized_history()), dequantize(b.quantized_history())):
+            assert torch.equal(x, y)
 
 
 def _core_test_module(name: str):
