@@ -596,7 +596,6 @@ def run_genkv(system: str, shapes: Shapes, frames: int, warmup_frames: int, devi
     """Time one whole genkv video (plus a warm-up one) on a fresh random-weight pipeline set up as ``genkv render``."""
     import genkv
     import genkv.keep.tempcache as tempcache
-
     import genkv.processors as processors
 
     name, method = split_system(system)

@@ -53,8 +53,8 @@ def _pool_codes_kernel(
     WIDTH: tl.constexpr = HEAD_DIM // 2 if KIND == 3 else HEAD_DIM
     cols = tl.arange(0, WIDTH)
     # (ROWS, WIDTH) partial sums, reduced over rows once after the loop: a reduction per step synchronised the
-    # program's warps through shared memory at every step (4 per block), and the pass ran at ~10% of the memory
-    # bandwidth (129 us a layer at Wan shapes, int8, H100)
+    # program's warps through shared memory at every step (4 per block); at Wan shapes (220 blocks x 12 heads) one
+    # layer took 61.8 us (int8) / 74.1 us (int4) that way and takes 34.1 / 31.0 now (H100, 2026-12-06)
     acc = tl.zeros([ROWS, WIDTH], dtype=tl.float32)
     acc_hi = tl.zeros([ROWS, WIDTH], dtype=tl.float32)  # int4: channels HEAD_DIM / 2 + j (the high nibbles)
     for start in tl.static_range(0, BLOCK_N, ROWS):
