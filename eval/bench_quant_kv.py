@@ -2,7 +2,9 @@
 
 One attention call at Wan2.1-1.3B shapes (a 3-frame chunk of 4680 queries, 12 heads x 128, a history of 21
 frames = 32760 keys plus the chunk's own 4680), at the same tokens and block lists for every storage: every
-block listed (dense) and top-k routed lists (``--top-k``, fastar's 16 blocks of 128 plus the chunk's own).
+block listed (dense), top-k routed lists (``--top-k``, 16 random history blocks of 128 plus the chunk's own) and
+``fastar``'s lists as a rollout reads them (the sink frame's 13 blocks besides the top-k, and a log-count key bias:
+merged history tokens weigh log 1-3).
 bf16 runs the kernel on one contiguous (history + chunk) buffer, as genkv's bf16 cache does; fp8 / int8 / int4
 pass the history as ``QuantizedKV`` and the chunk in bf16. Also the output's relative error against float32
 attention over the *unquantized* keys (what quantization costs) and the bytes the history holds. Median of
@@ -32,8 +34,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_json import write_result  # noqa: E402
 
-WAN = dict(queries=4680, history=32760, heads=12, dim=128)
-SMALL = dict(queries=96, history=400, heads=2, dim=64)
+WAN = dict(queries=4680, history=32760, heads=12, dim=128, frame=1560)
+SMALL = dict(queries=96, history=400, heads=2, dim=64, frame=40)
 
 
 def timed(fn, device: torch.device, iters: int, warmup: int) -> float:
@@ -61,16 +63,17 @@ def timed(fn, device: torch.device, iters: int, warmup: int) -> float:
 
 
 def lists(batch: int, heads: int, n_q: int, n_kv: int, n_hist_blocks: int, top_k: int | None,
-          device: torch.device, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block lists: every block, or ``top_k`` random history blocks plus every block of the chunk (ascending)."""
+          device: torch.device, generator: torch.Generator, sink: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block lists: every block, or ``top_k`` random history blocks plus every block of the chunk (ascending), and
+    with ``sink`` the history's first ``sink`` blocks too (fastar's sink frame, read by every query block)."""
     if top_k is None:
         idx = torch.arange(n_kv, device=device, dtype=torch.int32).expand(batch, heads, n_q, n_kv)
         return idx.contiguous(), torch.full((batch, heads, n_q), n_kv, dtype=torch.int32, device=device)
     own = torch.arange(n_hist_blocks, n_kv)
     rows = []
     for _ in range(batch * heads * n_q):
-        picked = torch.randperm(n_hist_blocks, generator=generator)[:top_k]
-        rows.append(torch.cat([picked, own]).sort().values)
+        picked = sink + torch.randperm(n_hist_blocks - sink, generator=generator)[:top_k]
+        rows.append(torch.cat([torch.arange(sink), picked, own]).sort().values)
     idx = torch.stack(rows).view(batch, heads, n_q, -1).to(device=device, dtype=torch.int32)
     return idx, torch.full((batch, heads, n_q), idx.shape[-1], dtype=torch.int32, device=device)
 
@@ -167,9 +170,16 @@ def main(argv: list[str] | None = None) -> int:
     chunk_blocks = n_kv - math.ceil(n_h / block)  # blocks wholly inside the chunk: the split read's dense part
     cur_k, cur_v = keys[:, n_h:].contiguous(), values[:, n_h:].contiguous()
     rows = []
-    for density, top_k in (("dense", None), (f"top-{args.top_k}", args.top_k)):
-        idx, cnt = lists(1, heads, math.ceil(n_q / block), n_kv, n_hist_blocks, top_k, device, g)
-        kw = dict(block_m=block, block_n=block)
+    sink = math.ceil(shape["frame"] / block)
+    # merged history tokens carry log(count) (TempCache's groups of 1-3 here), the chunk's own 0
+    counts = torch.randint(1, 4, (1, n_h, heads), generator=g).float()
+    log_counts = torch.cat([counts.log(), torch.zeros(1, n_q, heads)], 1).to(device)
+    for density, top_k, sink_blocks, bias in (("dense", None, 0, None), (f"top-{args.top_k}", args.top_k, 0, None),
+                                              ("fastar", args.top_k, sink, log_counts)):
+        idx, cnt = lists(1, heads, math.ceil(n_q / block), n_kv, n_hist_blocks, top_k, device, g, sink_blocks)
+        kw = dict(block_m=block, block_n=block, key_bias=bias)
+        # the split read's kernel call sees the history alone: its bias is the history's part
+        split_kw = dict(kw, key_bias=None if bias is None else bias[:, :n_h])
         ref = block_sparse_attention(q.float(), keys.float(), values.float(), idx, cnt, backend="torch", **kw) \
             if args.small or device.type != "cuda" else None
         base_fn = lambda: block_sparse_attention(q, keys, values, idx, cnt, **kw)  # noqa: E731
@@ -182,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(dict(density=density, kind="bf16", ms=base_ms, ratio=1.0, history_bytes=hist_bytes,
                          rel_err=float((base_out - ref).norm() / ref.norm())))
         split_fns = {"bf16+sdpa": (lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
-                                                      values[:, n_h:], idx, cnt, chunk_blocks, None, kw), hist_bytes)}
+                                                      values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw), hist_bytes)}
         for kind in args.kinds:
             hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
             fn = lambda: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731
@@ -191,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
                              rel_err=float((out - ref).norm() / ref.norm())))
             split_fns[f"{kind}+sdpa"] = (lambda hist=hist: split_read(q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v,
-                                                                      idx, cnt, chunk_blocks, hist, kw), hist.nbytes)
+                                                                      idx, cnt, chunk_blocks, hist, split_kw),
+                                         hist.nbytes)
             if args.launch_sweep and device.type == "cuda":
                 rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref)
         for kind, (fn, held) in split_fns.items():

@@ -15,7 +15,7 @@ def test_split_rows_compute_what_the_single_call_computes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads((tmp_path / "q.json").read_text())["rows"]
     single = {(r["density"], r["kind"]): r for r in rows}
-    for density in ("dense", "top-16"):
+    for density in ("dense", "top-16", "fastar"):
         for kind in ("bf16", "fp8", "int8", "int4"):
             alone, split = single[(density, kind)], single[(density, f"{kind}+sdpa")]
             # the error against float32 attention over the unquantized keys: quantization's, equal in both
