@@ -9,6 +9,7 @@ here, exactly what the H200 refused (docs/BENCHMARKS.md, 2026-12-04 afternoon).
 
     TRITON_INTERPRET=0 python eval/kernel_resources.py --out runs/kernel_resources.json
     TRITON_INTERPRET=0 python eval/kernel_resources.py --kinds int8 int4 --stages 3 --fast both
+    TRITON_INTERPRET=0 python eval/kernel_resources.py --kinds int8 int4 --stages 3 --resume --bias --scales fp16 fp32
 
 Use the GPU image's Triton for its numbers (``pip install --target DIR triton==3.6.0`` and ``PYTHONPATH=DIR``); 3.6
 and 3.7 agreed on every shared-memory figure checked (2026-12-05).
@@ -39,11 +40,12 @@ DIVISIBLE = {"stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "s
              "stride_xh", "stride_zb", "stride_zs", "stride_zh", "stride_sb"}
 
 
-def signature(kernel, kind: str) -> dict[str, str]:
-    """Triton types of the kernel's arguments for a bf16 model with history ``kind``."""
+def signature(kernel, kind: str, scales: str = "fp16") -> dict[str, str]:
+    """Triton types of the kernel's arguments for a bf16 model with history ``kind``, its per-token scales stored as
+    ``scales`` (``GENKV_KV_SCALES``)."""
     pointers = {"Q": "bf16", "K": "bf16", "V": "bf16", "Bias": "fp32", "Out": "bf16", "Lse": "fp32", "Idx": "i32",
-                "Cnt": "i32", "HK": CODE_TYPES[kind], "HV": CODE_TYPES[kind], "HKS": "fp16", "HVS": "fp16",
-                "HVZ": "fp16", "HC": "fp32", "Init": "bf16", "InitLse": "fp32"}
+                "Cnt": "i32", "HK": CODE_TYPES[kind], "HV": CODE_TYPES[kind], "HKS": scales, "HVS": scales,
+                "HVZ": scales, "HC": "fp32", "Init": "bf16", "InitLse": "fp32"}
     constexprs = {kernel.arg_names[i] for i in kernel.constexprs}
     sig = {}
     for name in kernel.arg_names:
@@ -70,15 +72,18 @@ def load_kernel(path: Path | None):
     return module._block_sparse_fwd
 
 
-def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8_qk: bool = False) -> dict:
-    """Compile one launch shape for sm_90 and read its resources (ptxas -v on the PTX)."""
+def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8_qk: bool = False,
+                    scales: str = "fp16") -> dict:
+    """Compile one launch shape for sm_90 and read its resources (ptxas -v on the PTX) and, from the SASS
+    (nvdisasm), its instruction count and its 2-byte global loads (``LDG.E.U16``: scalar, synchronous loads, what
+    fp16 scale columns at a stride of H compile to; 4-byte ones become asynchronous copies)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     kernel = load_kernel(args.kernel_file)
     names = list(kernel.arg_names)
-    sig = signature(kernel, kind)
+    sig = signature(kernel, kind, scales)
     consts = dict(HAS_BIAS=args.bias, STORE_LSE=False, MASK_BLOCK_M=128, MASK_BLOCK_N=128, TILE_M=args.tile_m,
                   TILE_N=args.tile_n, HEAD_DIM=args.head_dim, RAGGED=True, WARP_SPECIALIZE=False,
                   USE_TMA=kind == "bf16", HIST_KIND=HIST_KIND[kind], HAS_INIT=resume, FAST_DEQUANT=fast,
@@ -87,24 +92,29 @@ def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8
     # (constants a kernel does not take are dropped: an older checkout's kernel compiles too, for comparisons)
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names},
                     attrs=attrs)
-    row = dict(kind=kind, stages=stages, fast_dequant=fast, resume=resume, int8_qk=int8_qk)
+    row = dict(kind=kind, stages=stages, fast_dequant=fast, resume=resume, int8_qk=int8_qk, scales=scales)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=args.warps, num_stages=stages))
     except Exception as error:  # noqa: BLE001 - a variant that does not compile is a row, not a crash
         return {**row, "error": str(error).splitlines()[0][:200]}
     shared = int(compiled.metadata.shared)
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    tools = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "k.ptx").write_text(compiled.asm["ptx"])
-        report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(Path(tmp) / "k.ptx"), "-o",
+        report = subprocess.run([str(tools / "ptxas"), "-arch=sm_90a", "-v", str(Path(tmp) / "k.ptx"), "-o",
                                  str(Path(tmp) / "k.cubin")], capture_output=True, text=True)
+        sass = subprocess.run([str(tools / "nvdisasm"), "-c", str(Path(tmp) / "k.cubin")], capture_output=True,
+                              text=True).stdout if (tools / "nvdisasm").exists() else ""
     text = report.stdout + report.stderr
+    instructions = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", sass)
     number = lambda pattern: int(m.group(1)) if (m := re.search(pattern, text)) else None  # noqa: E731
     return {**row, "shared_bytes": shared, "fits": shared <= SHARED_LIMIT,
             "registers": number(r"Used (\d+) registers"), "spill_store_bytes": number(r"(\d+) bytes spill stores"),
             "spill_load_bytes": number(r"(\d+) bytes spill loads"),
-            "warnings": sorted(set(re.findall(r"\((C\d+)\)", text)))}
+            "warnings": sorted(set(re.findall(r"\((C\d+)\)", text))),
+            "sass_instructions": len(instructions) if sass else None,
+            "global_u16_loads": sum(op == "LDG.E.U16" for op in instructions) if sass else None}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warps", type=int, default=8)
     parser.add_argument("--list-width", type=int, default=64, help="a list's padded width (top-16 at Wan shapes: 64)")
     parser.add_argument("--bias", action="store_true", help="with a key bias (fastar's log counts)")
+    parser.add_argument("--scales", nargs="+", choices=("fp16", "fp32"), default=["fp16"],
+                        help="the per-token scales' storage (GENKV_KV_SCALES), one variant each")
     parser.add_argument("--kernel-file", type=Path, default=None,
                         help="another checkout's kernels/block_sparse.py, to compare (default: this one's)")
     parser.add_argument("--out", type=Path, default=Path("kernel_resources.json"))
@@ -135,19 +147,23 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"needs triton with its NVIDIA backend ({error})")
     fast_options, qk_options = SWITCH_VALUES[args.fast], SWITCH_VALUES[args.int8_qk]
     rows = []
-    for kind, stages, fast, resume, int8_qk in itertools.product(args.kinds, args.stages, fast_options,
-                                                                 [False, True] if args.resume else [False], qk_options):
-        if (fast and kind not in ("int8", "int4")) or (int8_qk and kind != "int8"):
+    for kind, stages, fast, resume, int8_qk, scales in itertools.product(
+            args.kinds, args.stages, fast_options, [False, True] if args.resume else [False], qk_options, args.scales):
+        if (fast and kind not in ("int8", "int4")) or (int8_qk and kind != "int8") or (kind == "bf16" and
+                                                                                       scales != args.scales[0]):
             continue
-        rows.append(compile_variant(kind, stages, fast, resume, args, int8_qk))
+        rows.append(compile_variant(kind, stages, fast, resume, args, int8_qk, scales))
         r = rows[-1]
-        name = f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s} int8_qk {int8_qk!s:5s}"
+        name = (f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s} int8_qk {int8_qk!s:5s} "
+                f"scales {scales}")
         if "error" in r:
             print(f"{name}: {r['error']}", flush=True)
         else:
             print(f"{name}: shared {r['shared_bytes']:6d} "
                   f"({'fits' if r['fits'] else 'TOO BIG'}), {r['registers']} registers, spills "
-                  f"{r['spill_store_bytes']} / {r['spill_load_bytes']} B, warnings {r['warnings'] or '-'}", flush=True)
+                  f"{r['spill_store_bytes']} / {r['spill_load_bytes']} B, warnings {r['warnings'] or '-'}, "
+                  f"{r['sass_instructions']} SASS instructions, {r['global_u16_loads']} 2-byte global loads",
+                  flush=True)
     import triton
 
     write_result(args.out, "cpu", triton=triton.__version__, target="cuda sm_90 (compiled here, not run)", shared_limit=SHARED_LIMIT,

@@ -143,8 +143,8 @@ def layer_cache_bytes(history_tokens: int, chunk_tokens: int, kv_dtype: str, sha
     """Bytes one layer cache allocates for a bounded history of ``history_tokens`` slots and a staged chunk of
     ``chunk_tokens``: what :meth:`LayerKVCache.nbytes` reports once a bounded keeper has allocated.
 
-    bf16 keeps history and chunk in one buffer of the model's dtype; a quantized cache keeps codes and fp16
-    scales for history and chunk slots (the commit writes the chunk there first), the chunk itself in the
+    bf16 keeps history and chunk in one buffer of the model's dtype; a quantized cache keeps codes and scales
+    (fp16, or fp32 under ``GENKV_KV_SCALES=fp32``) for history and chunk slots (the commit writes the chunk there first), the chunk itself in the
     model's dtype, and fp32 smoothing factors (genkv.kernels.quant_kv's format).
 
     Example:
@@ -160,7 +160,10 @@ def layer_cache_bytes(history_tokens: int, chunk_tokens: int, kv_dtype: str, sha
     full_precision = 2 * h * d * shape.dtype_bytes * b  # keys + values of one token
     if kv_dtype == "bf16":
         return slots * (full_precision + _RECORD_BYTES)
-    per_token = h * b * ((d + 6) if kv_dtype == "int4" else (2 * d + 4))  # codes + fp16 scales (+ int4 zeros)
+    from genkv.kernels.quant_kv import SCALE_DTYPE
+
+    scale = SCALE_DTYPE.itemsize
+    per_token = h * b * ((d + 3 * scale) if kv_dtype == "int4" else (2 * d + 2 * scale))  # codes, scales (int4 zeros)
     return slots * (per_token + _RECORD_BYTES) + chunk_tokens * full_precision + b * h * d * 4
 
 

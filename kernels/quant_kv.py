@@ -20,8 +20,10 @@ Keys are additionally divided, before the per-token scale, by a per-(batch, head
 would otherwise set every token's scale and leave the other channels a few levels (KIVI / SmoothQuant). The
 factors are powers of two (dividing and multiplying by them is exact) and equal within a RoPE pair.
 
-Bytes per (token, head) at D = 128, keys + values, scales included (bf16: 512):
-fp8 and int8: 2 * (128 + 2) = 260 (0.51x); int4: (64 + 2) + (64 + 2 + 2) = 134 (0.26x).
+Scales and zero points hold fp16 values, stored as fp16 (default) or, with ``GENKV_KV_SCALES=fp32``, in fp32 (see
+:data:`SCALE_DTYPE`: the same values, 4-byte loads for the kernel). Bytes per (token, head) at D = 128, keys +
+values, scales included (bf16: 512): fp8 and int8: 2 * (128 + 2) = 260 (0.51x); int4: (64 + 2) + (64 + 2 + 2) = 134
+(0.26x); with fp32 storage 264 (0.52x) and 140 (0.27x).
 
 Measured relative round-trip error ``|x - x̂| / |x|`` (4096 tokens, 4 heads, D = 128; keys: Gaussian with four
 RoPE pairs per head scaled 10-30x, a per-channel offset, then RoPE; values: Gaussian):
@@ -55,6 +57,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -70,12 +73,29 @@ _SMOOTHING_ALPHA = 0.5
 _SMOOTHING_RANGE = 6  # factors in [2^-6, 2^6]: fp8 codes (<= 448) times 2^6 stay inside fp16 in the kernel
 
 
+def _scale_storage(value: str) -> torch.dtype:
+    if value not in ("fp16", "fp32"):
+        raise ValueError(f"GENKV_KV_SCALES={value!r}: use fp16 (the default) or fp32")
+    return torch.float32 if value == "fp32" else torch.float16
+
+
+#: What the per-token scales and int4 zero points are stored in (env ``GENKV_KV_SCALES``, read at import): ``fp16``
+#: (default) or ``fp32``. Their values are fp16 either way (rounded to fp16, so codes, dequantized keys and values
+#: and attention are bit-identical); fp32 storage costs 2 bytes more per scale (int4: 140 bytes per token and head
+#: instead of 134, 0.273x bf16; int8 / fp8: 264, 0.516x) but lets the kernel read a tile's scale columns with 4-byte
+#: asynchronous copies: 2-byte elements at a stride of H cannot be, and sm_90 code of the kernel's whole-history
+#: loops issues them as scalar global loads in the loop, 96 a thread per 128-key int4 block, 64 int8
+#: (``eval/kernel_resources.py --scales fp16 fp32``, 2026-12-06). An A/B for the next GPU session.
+SCALE_DTYPE: torch.dtype = _scale_storage(os.environ.get("GENKV_KV_SCALES", "fp16"))
+
+
 @dataclass
 class QuantizedKV:
     """A quantized history of ``length`` tokens for one layer (see the module docstring for the format).
 
     ``k_codes`` / ``v_codes``: (B, S_h, H, D) fp8 / int8, or (B, S_h, H, D // 2) uint8 for int4;
-    ``k_scale`` / ``v_scale``: (B, S_h, H) fp16; ``v_zero``: (B, S_h, H) fp16 for int4 values, else None;
+    ``k_scale`` / ``v_scale``: (B, S_h, H) fp16 values (stored as :data:`SCALE_DTYPE`); ``v_zero``: likewise for
+    int4 values, else None;
     ``key_channel_scale``: (B, H, D) fp32 smoothing factors (powers of two, equal within a RoPE pair).
     Views (``prefix``) are fine everywhere: readers take strides.
     """
@@ -138,8 +158,8 @@ class QuantizedKV:
         code_shape = (batch, capacity, heads, dim // 2 if kind == "int4" else dim)
         code_dtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}[kind]
         codes = [torch.zeros(code_shape, dtype=code_dtype, device=device) for _ in range(2)]
-        scales = [torch.ones(batch, capacity, heads, dtype=torch.float16, device=device) for _ in range(2)]
-        zero = torch.zeros(batch, capacity, heads, dtype=torch.float16, device=device) if kind == "int4" else None
+        scales = [torch.ones(batch, capacity, heads, dtype=SCALE_DTYPE, device=device) for _ in range(2)]
+        zero = torch.zeros(batch, capacity, heads, dtype=SCALE_DTYPE, device=device) if kind == "int4" else None
         channel = key_channel_scale.float().expand(batch, heads, dim).contiguous()
         return cls(kind, codes[0], codes[1], scales[0], scales[1], channel, zero)
 
@@ -172,9 +192,10 @@ def key_channel_scales(k: torch.Tensor) -> torch.Tensor:
 
 
 def _scale_for(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    """fp16 scale ``amax / qmax``; 1 where it would be 0 (all-zero or underflowing rows: every code is 0)."""
+    """Scale ``amax / qmax`` rounded to fp16 (stored as :data:`SCALE_DTYPE`); 1 where it would be 0 (all-zero or
+    underflowing rows: every code is 0)."""
     scale = (amax / qmax).clamp(max=_FP16_MAX).to(torch.float16)
-    return torch.where(scale == 0, torch.ones_like(scale), scale)
+    return torch.where(scale == 0, torch.ones_like(scale), scale).to(SCALE_DTYPE)
 
 
 def _pack_int4(nibbles: torch.Tensor) -> torch.Tensor:
@@ -202,7 +223,7 @@ def _quantize_symmetric(x: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch
 
 def _quantize_int4_asymmetric(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row asymmetric int4: nibble ``u`` means ``u * scale + zero``, ``zero`` the row minimum in fp16."""
-    zero = x.amin(-1).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
+    zero = x.amin(-1).clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(SCALE_DTYPE)
     scale = _scale_for(x.amax(-1) - zero.float(), 15.0)
     codes = ((x - zero.float()[..., None]) / scale.float()[..., None]).round().clamp(0, 15)
     return _pack_int4(codes.to(torch.uint8)), scale, zero

@@ -41,6 +41,19 @@ def test_quantized_launches_fit_hopper_shared_memory_at_three_stages_and_int4_ke
     assert "C7515" not in by_kind["int4"]["warnings"], by_kind["int4"]
 
 
+def test_float32_scales_take_the_scalar_scale_loads_out_of_the_int4_loops(tmp_path):
+    # fp16 scale columns (2 bytes at a stride of H) compile to scalar global loads inside the loops; 4-byte ones
+    # to asynchronous copies (GENKV_KV_SCALES=fp32, the layout the next GPU session times)
+    rows = _run(tmp_path, "--kinds", "int4", "--tile-n", "64", "--stages", "3", "--fast", "on", "--bias",
+                "--scales", "fp16", "fp32")
+    by_scales = {row["scales"]: row for row in rows}
+    if by_scales["fp16"]["global_u16_loads"] is None:
+        pytest.skip("triton without nvdisasm")
+    assert by_scales["fp16"]["global_u16_loads"] > 0 and by_scales["fp32"]["global_u16_loads"] == 0
+    assert by_scales["fp32"]["sass_instructions"] < by_scales["fp16"]["sass_instructions"]
+    assert by_scales["fp32"]["fits"] and by_scales["fp32"]["registers"] <= 255
+
+
 def test_the_interpreter_is_refused_in_one_line(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True,

@@ -445,3 +445,31 @@ def test_int4_histories_default_to_64_key_tiles_and_match_float64_at_wan_blocks(
     got = block_sparse_attention(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=hist.to(dev),
                                  block_m=bm, block_n=bn, backend="triton")
     torch.testing.assert_close(got.cpu().double(), want, **tolerance(torch.float16, dev))
+
+
+def _float32_scales(hist: QuantizedKV) -> QuantizedKV:
+    """The same history with its scales and zero points stored in float32 (``GENKV_KV_SCALES=fp32``'s format)."""
+    return QuantizedKV(hist.kind, hist.k_codes, hist.v_codes, hist.k_scale.float(), hist.v_scale.float(),
+                       hist.key_channel_scale, None if hist.v_zero is None else hist.v_zero.float())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_float32_stored_scales_attend_bit_for_bit_as_float16_ones(backend, kind):
+    # the values are fp16's either way; only the container (and so the kernel's loads of a tile's scale columns)
+    # differs, so the attention must be identical, through every loop of the kernel (whole-history, straddling,
+    # current) and with the log-count bias
+    g = torch.Generator().manual_seed(5)
+    b, h, d, bm, bn, s_h, s_cur, s_q = 1, 2, 64, 16, 32, 70, 26, 20
+    hist = quantize_kv(outlier_keys(b, s_h, h, d, g), torch.randn(b, s_h, h, d, generator=g) + 0.3, kind)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).to(torch.float16) for n in (s_q, s_cur, s_cur))
+    idx = torch.tensor([[0, 1, 2], [2, 1, 0]], dtype=torch.int32).expand(b, h, 2, 3)
+    counts = torch.full((b, h, 2), 3, dtype=torch.int32)
+    bias = torch.randint(1, 4, (b, s_h + s_cur, h), generator=g).float().log()
+    dev = device_for(backend)
+    outs = []
+    for stored in (hist, _float32_scales(hist)):
+        outs.append(block_sparse_attention(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev),
+                                           history=stored.to(dev), block_m=bm, block_n=bn, backend=backend))
+    assert torch.equal(outs[0], outs[1])
+    assert _float32_scales(hist).nbytes - hist.nbytes == 2 * (3 if kind == "int4" else 2) * b * s_h * h

@@ -64,6 +64,28 @@ def test_kernel_codes_are_bit_identical_to_the_torch_reference(kind, blend, laye
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("blend", [False, True])
+def test_float32_scale_storage_holds_the_same_codes_and_scale_values(kind, blend):
+    # GENKV_KV_SCALES=fp32: the kernel stores its fp16-rounded scales into float32 slots, and a blend reads them
+    # back from there: codes bit-identical, scale values equal
+    batch, layers, tokens, heads, dim, capacity = 1, 2, 6, 2, 32, 40
+    base = _history(kind, batch, capacity, heads, dim, seed=4)
+    k, v, channel = _inputs(batch, layers, tokens, heads, dim, seed=11)
+    g = torch.Generator().manual_seed(3)
+    slots = torch.randperm(capacity, generator=g)[: layers * tokens].to(DEVICE)
+    mix = (torch.rand(layers * tokens, generator=g).to(DEVICE), (torch.rand(layers * tokens, generator=g) < 0.6)
+           .to(DEVICE)) if blend else None
+    half, single = _clone(base), _clone(base)
+    single.k_scale, single.v_scale = single.k_scale.float(), single.v_scale.float()
+    if single.v_zero is not None:
+        single.v_zero = single.v_zero.float()
+    write_rows(half, slots, k, v, channel, mix)
+    write_rows(single, slots, k, v, channel, mix)
+    for a, b in zip(code_fields(half), code_fields(single)):
+        assert torch.equal(a.float() if a.dtype == torch.float16 else a, b)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_blended_values_decode_to_the_float64_running_mean(kind):
     # Independent of the reference's arithmetic: what the kernel stores must decode to old * w + new * (1 - w)
     # (old: the slot's value as stored before) where merged, to the new value elsewhere, within half a step; keys

@@ -375,6 +375,44 @@ def test_budget_bytes_takes_the_most_frames_that_fit(method, kind):
         assert fitted["history_tokens"] >= 3 * genkv.cache_stats(plain)["budget"]["history_tokens"]
 
 
+_SCALES_PROBE = """
+import hashlib, json, sys, torch, genkv
+from genkv.testing import tiny_self_forcing_pipeline
+pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), "fastar", kv_dtype="int4", budget_bytes=60_000)
+video = pipe(prompt="a red circle", num_frames=33, output_type="np", generator=torch.Generator().manual_seed(0)).frames
+stats = genkv.cache_stats(pipe)
+hist = genkv.get_store(pipe).caches["cond"][0].quantized_history()
+print(json.dumps(dict(bytes=stats["bytes"], predicted=stats["budget"]["bytes"], tokens=stats["budget"]["history_tokens"],
+                      scales=str(hist.k_scale.dtype),
+                      zeros=str(hist.v_zero.dtype), frames=hashlib.sha256(video.tobytes()).hexdigest())))
+"""
+
+
+def test_float32_stored_scales_render_the_same_video_and_budget_what_they_allocate():
+    """``GENKV_KV_SCALES=fp32`` (read at import, so each storage in its own process): the same frames bit for bit
+    (the scale values are fp16's either way), the byte budget predicting what the caches allocate with 4-byte
+    scales, and fewer history tokens fitting the same budget."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    runs = {}
+    for storage in ("fp16", "fp32"):
+        env = dict(os.environ, GENKV_KV_SCALES=storage)
+        proc = subprocess.run([sys.executable, "-c", _SCALES_PROBE], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs[storage] = json.loads(proc.stdout.strip().splitlines()[-1])
+    half, single = runs["fp16"], runs["fp32"]
+    assert (half["scales"], half["zeros"], single["scales"], single["zeros"]) == (
+        "torch.float16", "torch.float16", "torch.float32", "torch.float32")
+    assert single["frames"] == half["frames"]
+    for run in (half, single):
+        assert run["bytes"] == run["predicted"] <= 60_000
+    assert single["tokens"] <= half["tokens"]
+
+
 def test_budget_bytes_is_refused_by_methods_that_keep_every_token():
     with pytest.raises(ValueError, match="^annsa: budget_bytes needs a bounded method"):
         genkv.get_method("annsa", budget_bytes=10**9)
