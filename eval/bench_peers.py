@@ -161,16 +161,18 @@ GENKV_VARIANTS: dict[str, dict[str, Any]] = {
 
 #: the default-on kernels a row can turn off with ``~NAME`` (a per-change A/B in one process)
 SWITCHES = ("adaln", "pairs", "taehv-cl", "normrope")
-SWITCH_ENV = {"adaln": "GENKV_FUSED_ADALN", "pairs": "GENKV_PAIR_SCORES_KERNEL", "taehv-cl": "GENKV_TAEHV_CHANNELS_LAST",
-              "normrope": "GENKV_FUSED_NORM_ROPE"}
+SWITCH_ENV = {"adaln": "GENKV_FUSED_ADALN", "pairs": "GENKV_PAIR_SCORES_KERNEL",
+              "taehv-cl": "GENKV_TAEHV_CHANNELS_LAST", "normrope": "GENKV_FUSED_NORM_ROPE"}
 
 
 def split_system(system: str) -> tuple[str, str]:
     """``genkv-compile@fastar`` -> (``genkv-compile``, the fastar method spec); a bare name runs upstream's window.
 
     Example:
-        >>> split_system("genkv-compile@fastar"), split_system("genkv"), split_system("genkv-compile~adaln")
-        (('genkv-compile', 'fastar'), ('genkv', 'rolling:window_frames=21'), ('genkv-compile', 'rolling:window_frames=21'))
+        >>> split_system("genkv-compile@fastar"), split_system("genkv")
+        (('genkv-compile', 'fastar'), ('genkv', 'rolling:window_frames=21'))
+        >>> split_system("genkv-compile@fastar~adaln")
+        ('genkv-compile', 'fastar')
     """
     name, _, method = system.split("~")[0].partition("@")
     return name, GENKV_METHODS[method or "rolling"]

@@ -192,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(dict(density=density, kind="bf16", ms=base_ms, ratio=1.0, history_bytes=hist_bytes,
                          rel_err=float((base_out - ref).norm() / ref.norm())))
         split_fns = {"bf16+sdpa": (lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
-                                                      values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw), hist_bytes)}
+                                                      values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw),
+                                   hist_bytes)}
         for kind in args.kinds:
             hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
             fn = lambda: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731

@@ -144,8 +144,8 @@ def layer_cache_bytes(history_tokens: int, chunk_tokens: int, kv_dtype: str, sha
     ``chunk_tokens``: what :meth:`LayerKVCache.nbytes` reports once a bounded keeper has allocated.
 
     bf16 keeps history and chunk in one buffer of the model's dtype; a quantized cache keeps codes and scales
-    (fp16, or fp32 under ``GENKV_KV_SCALES=fp32``) for history and chunk slots (the commit writes the chunk there first), the chunk itself in the
-    model's dtype, and fp32 smoothing factors (genkv.kernels.quant_kv's format).
+    (fp16, or fp32 under ``GENKV_KV_SCALES=fp32``) for history and chunk slots (the commit writes the chunk there
+    first), the chunk itself in the model's dtype, and fp32 smoothing factors (genkv.kernels.quant_kv's format).
 
     Example:
         Wan2.1-1.3B shapes (12 heads of 128; 1560 tokens a frame): 18 history frames and a 3-frame chunk

@@ -382,8 +382,8 @@ pipe = genkv.apply_genkv(tiny_self_forcing_pipeline(seed=0), "fastar", kv_dtype=
 video = pipe(prompt="a red circle", num_frames=33, output_type="np", generator=torch.Generator().manual_seed(0)).frames
 stats = genkv.cache_stats(pipe)
 hist = genkv.get_store(pipe).caches["cond"][0].quantized_history()
-print(json.dumps(dict(bytes=stats["bytes"], predicted=stats["budget"]["bytes"], tokens=stats["budget"]["history_tokens"],
-                      scales=str(hist.k_scale.dtype),
+print(json.dumps(dict(bytes=stats["bytes"], predicted=stats["budget"]["bytes"],
+                      tokens=stats["budget"]["history_tokens"], scales=str(hist.k_scale.dtype),
                       zeros=str(hist.v_zero.dtype), frames=hashlib.sha256(video.tobytes()).hexdigest())))
 """
 
