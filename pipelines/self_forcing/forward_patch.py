@@ -9,6 +9,7 @@ import torch
 
 
 _OPTIONS = "_forward_options"  # per-instance settings a patched forward reads (see patch_forward's ``options``)
+_REPLACED = "_replaced_forward"  # the class's forward a patch replaced, as a plain function (see replaced_forward)
 
 
 def patch_forward(module: torch.nn.Module, eligible: Callable[[torch.nn.Module], bool], forward: Callable,
@@ -33,11 +34,19 @@ def patch_forward(module: torch.nn.Module, eligible: Callable[[torch.nn.Module],
         if not eligible(child):
             continue
         if "forward" not in child.__dict__:
+            child.__dict__[_REPLACED] = type(child).forward
             child.forward = types.MethodType(forward, child)
             count += 1
         if is_patched(child, forward) and options:
             child.__dict__[_OPTIONS] = dict(options)
     return count
+
+
+def replaced_forward(module: torch.nn.Module) -> Callable:
+    """The class's ``forward`` that :func:`patch_forward` replaced on ``module``, for a patched forward to fall back
+    on. Kept on the instance when it was patched: Dynamo traces a call of it, but not ``type(self).forward`` on some
+    classes (diffusers' Wan block: a graph break)."""
+    return module.__dict__[_REPLACED]
 
 
 def forward_option(module: torch.nn.Module, name: str, default=None):
@@ -53,6 +62,7 @@ def unpatch_forward(module: torch.nn.Module, forward: Callable) -> int:
         if is_patched(child, forward):
             del child.forward
             child.__dict__.pop(_OPTIONS, None)
+            child.__dict__.pop(_REPLACED, None)
             count += 1
     return count
 

@@ -36,7 +36,7 @@ from genkv.fp8 import FP8GeluFeedForward, FP8Linear, FP8Rows
 from genkv.processors import GenKVCrossAttnProcessor, GenKVSelfAttnProcessor
 from genkv.switches import env_flag, optional_kernel
 
-from .forward_patch import forward_option, is_patched, patch_forward, unpatch_forward
+from .forward_patch import is_patched, patch_forward, replaced_forward, unpatch_forward
 
 __all__ = ["FUSED_ADALN", "apply_fused_blocks", "remove_fused_blocks", "fused_block_forward", "fusable_block",
            "fused_applies", "is_fused"]
@@ -68,13 +68,7 @@ def apply_fused_blocks(transformer: nn.Module) -> int:
     without Triton)."""
     if optional_kernel("adaln") is None:  # no Triton (importing it registers genkv::adaln)
         return 0
-    count = 0
-    for cls in {type(block) for block in transformer.modules() if fusable_block(block)}:
-        # each block keeps its class's own forward as a plain function, for where the fused one does not apply:
-        # Dynamo traces that call, but not ``type(self).forward`` on diffusers' block class (a graph break)
-        count += patch_forward(transformer, lambda block, cls=cls: type(block) is cls and fusable_block(block),
-                               fused_block_forward, diffusers_forward=cls.forward)
-    return count
+    return patch_forward(transformer, fusable_block, fused_block_forward)
 
 
 def remove_fused_blocks(transformer: nn.Module) -> int:
@@ -119,7 +113,7 @@ def fused_block_forward(self, hidden_states: torch.Tensor, encoder_hidden_states
     """``WanTransformerBlock.forward`` with its three norm stretches fused (``genkv::adaln``); diffusers' forward
     where :func:`fused_applies` says no."""
     if not fused_applies(self, hidden_states, temb):
-        return forward_option(self, "diffusers_forward")(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
+        return replaced_forward(self)(self, hidden_states, encoder_hidden_states, temb, rotary_emb)
 
     # the modulation, as diffusers computes it
     if temb.dim() == 4:  # (B, S, 6, C): a modulation per token (Wan2.2 TI2V)
