@@ -14,6 +14,10 @@ Rows ``KIND+sdpa`` time the split read of ``chunk_attention="sdpa"`` on the same
 dense SDPA with LSE (cuDNN on CUDA), then the kernel resuming over the history blocks (the straddling one up to
 the history's end), as ``RoutedSelfAttention`` runs it; their ratio is to the single bf16 kernel call.
 
+``--scales fp16 fp32`` times each quantized history with its scales stored both ways (``GENKV_KV_SCALES``; the same
+values, rows ``KIND/s32`` for fp32), and ``--int4-asm both`` the int4 kernel with its inline-PTX nibble unpacking
+off and on (``GENKV_INT4_ASM``; rows ``int4/asm``, ``int4/noasm``): A/Bs in one process, on one GPU's clock.
+
 Then routing's key-block means over each storage's history (what ``fastar`` pools once per chunk and layer): the
 one-pass kernel ``genkv.kernels.quant_pool`` against its torch reference (``pool_rows`` in the JSON).
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -141,6 +146,49 @@ def pooling_rows(keys: torch.Tensor, values: torch.Tensor, block: int, device: t
     return rows
 
 
+def variants(args: argparse.Namespace) -> list[tuple[str, str | None, bool | None]]:
+    """(kind, scale storage, int4_asm) per quantized row: None keeps the process's default."""
+    out = []
+    for kind in args.kinds:
+        for scales in args.scales or [None]:
+            asms = [False, True] if args.int4_asm == "both" and kind == "int4" else [None]
+            out += [(kind, scales, asm) for asm in asms]
+    return out
+
+
+def quantize_with_scales(k: torch.Tensor, v: torch.Tensor, kind: str, scales: str | None):
+    """``quantize_kv`` with the per-token scales stored as ``scales`` (fp16 / fp32; None: the process's
+    ``GENKV_KV_SCALES``): the module's storage dtype is swapped for the call (the values are fp16 either way)."""
+    from genkv.kernels import quant_kv
+
+    if scales is None:
+        return quant_kv.quantize_kv(k, v, kind)
+    saved = quant_kv.SCALE_DTYPE
+    quant_kv.SCALE_DTYPE = torch.float32 if scales == "fp32" else torch.float16
+    try:
+        return quant_kv.quantize_kv(k, v, kind)
+    finally:
+        quant_kv.SCALE_DTYPE = saved
+
+
+def with_int4_asm(asm: bool | None, fn):
+    """``fn`` run with ``GENKV_INT4_ASM`` set to ``asm`` (None: as the process has it)."""
+    if asm is None:
+        return fn
+
+    def run():
+        saved = os.environ.get("GENKV_INT4_ASM")
+        os.environ["GENKV_INT4_ASM"] = "1" if asm else "0"
+        try:
+            return fn()
+        finally:
+            if saved is None:
+                del os.environ["GENKV_INT4_ASM"]
+            else:
+                os.environ["GENKV_INT4_ASM"] = saved
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import QuantizedKV, block_sparse_attention, key_channel_scales, quantize_kv  # noqa: F401
 
@@ -152,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=5, help="CPU: untimed calls; CUDA: 5 ms of calls each")
     parser.add_argument("--kinds", nargs="+", default=["fp8", "int8", "int4"])
     parser.add_argument("--out", type=Path, default=Path("bench_quant_kv.json"))
+    parser.add_argument("--scales", nargs="+", choices=("fp16", "fp32"), default=None,
+                        help="scale storage of the quantized histories (default: GENKV_KV_SCALES's)")
+    parser.add_argument("--int4-asm", choices=("default", "both"), default="default",
+                        help="both: int4 rows with GENKV_INT4_ASM=0 and =1")
+    parser.add_argument("--densities", nargs="+", choices=("dense", "top-k", "fastar"),
+                        default=["dense", "top-k", "fastar"], help="which block lists to time (default: all three)")
     parser.add_argument("--launch-sweep", action="store_true",
                         help="also time the Triton kernel at other launch shapes (stages, warps, key tile) per kind")
     args = parser.parse_args(argv)
@@ -176,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     log_counts = torch.cat([counts.log(), torch.zeros(1, n_q, heads)], 1).to(device)
     for density, top_k, sink_blocks, bias in (("dense", None, 0, None), (f"top-{args.top_k}", args.top_k, 0, None),
                                               ("fastar", args.top_k, sink, log_counts)):
+        if (density if density in ("dense", "fastar") else "top-k") not in args.densities:
+            continue
         idx, cnt = lists(1, heads, math.ceil(n_q / block), n_kv, n_hist_blocks, top_k, device, g, sink_blocks)
         kw = dict(block_m=block, block_n=block, key_bias=bias)
         # the split read's kernel call sees the history alone: its bias is the history's part
@@ -194,17 +250,19 @@ def main(argv: list[str] | None = None) -> int:
         split_fns = {"bf16+sdpa": (lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
                                                       values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw),
                                    hist_bytes)}
-        for kind in args.kinds:
-            hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
-            fn = lambda: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731
+        for kind, scales, asm in variants(args):
+            name = kind + ("/s32" if scales == "fp32" and len(args.scales or []) > 1 else "") + \
+                ("" if asm is None else "/asm" if asm else "/noasm")
+            hist = quantize_with_scales(keys[:, :n_h], values[:, :n_h], kind, scales)
+            fn = with_int4_asm(asm, lambda hist=hist: block_sparse_attention(q, cur_k, cur_v, idx, cnt,  # noqa: E731
+                                                                             history=hist, **kw))
             ms = timed(fn, device, args.iters, args.warmup)
             out = fn().float()
-            rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
+            rows.append(dict(density=density, kind=name, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
                              rel_err=float((out - ref).norm() / ref.norm())))
-            split_fns[f"{kind}+sdpa"] = (lambda hist=hist: split_read(q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v,
-                                                                      idx, cnt, chunk_blocks, hist, split_kw),
-                                         hist.nbytes)
-            if args.launch_sweep and device.type == "cuda":
+            split_fns[f"{name}+sdpa"] = (with_int4_asm(asm, lambda hist=hist: split_read(
+                q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v, idx, cnt, chunk_blocks, hist, split_kw)), hist.nbytes)
+            if args.launch_sweep and device.type == "cuda" and asm is None and scales is None:
                 rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref)
         for kind, (fn, held) in split_fns.items():
             ms = timed(fn, device, args.iters, args.warmup)
@@ -212,9 +270,9 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=held,
                              rel_err=float((out - ref).norm() / ref.norm())))
     pool_rows = pooling_rows(keys[:, :n_h], values[:, :n_h], block, device, args)
-    print(f"{'lists':>8s} {'history':>8s} {'launch':>24s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
+    print(f"{'lists':>8s} {'history':>14s} {'launch':>24s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
     for r in (r for r in rows if "ms" in r):
-        print(f"{r['density']:>8s} {r['kind']:>8s} {r.get('launch', 'default'):>24s} {r['ms']:8.3f} {r['ratio']:7.3f} "
+        print(f"{r['density']:>8s} {r['kind']:>14s} {r.get('launch', 'default'):>24s} {r['ms']:8.3f} {r['ratio']:7.3f} "
               f"{r['history_bytes'] / 2**20:9.1f} {r['rel_err']:9.2e}")
     print(f"\nrouting's key-block means from the codes ({n_h // block} blocks of {block}): "
           "genkv.kernels.quant_pool (one pass) vs its torch reference")

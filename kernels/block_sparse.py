@@ -111,9 +111,45 @@ if triton is not None:
         codes = tl.load(base + offs_n[:, None] * stride_s + offs_d[None, :], mask=in_hist[:, None])
         return codes.to(dtype)
 
+    # Four bytes of int4 codes (one 32-bit register: 4 channels' low and high nibbles) to fp16 ``nibble - OFFSET``,
+    # two values per instruction: PRMT spreads bytes 0 and 1 (then 2 and 3) to the two 16-bit halves of a word, LOP3
+    # sets a nibble as the mantissa of 1024.0 in both halves at once (the low one as 1024 + u, the high one as
+    # 1024 + 16u, not shifted), and one packed fp16 subtract (low) or fma (high: x / 16 - 64) leaves u - OFFSET,
+    # exactly. Outputs: $0 $1 the low nibbles of bytes 0-1 and 2-3, $2 $3 the high ones; $4 the input word.
+    _INT4_TO_FP16_ASM = """{{
+        .reg .b32 pair, bits, k_low, k_scale, k_high;
+        mov.b32 k_low, {low};
+        mov.b32 k_scale, 0x2C002C00;
+        mov.b32 k_high, {high};
+        prmt.b32 pair, $4, 0, 0x4140;
+        lop3.b32 bits, pair, 0x000F000F, 0x64006400, 0xEA;
+        sub.rn.f16x2 $0, bits, k_low;
+        lop3.b32 bits, pair, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 $2, bits, k_scale, k_high;
+        prmt.b32 pair, $4, 0, 0x4342;
+        lop3.b32 bits, pair, 0x000F000F, 0x64006400, 0xEA;
+        sub.rn.f16x2 $1, bits, k_low;
+        lop3.b32 bits, pair, 0x00F000F0, 0x64006400, 0xEA;
+        fma.rn.f16x2 $3, bits, k_scale, k_high;
+    }}"""
+    # (fp16 bit patterns: 1024 0x6400, 1032 0x6408, 1/16 0x2C00, -64 0xD400, -72 0xD480)
+    _INT4_KEYS_ASM = tl.constexpr(_INT4_TO_FP16_ASM.format(low="0x64086408", high="0xD480D480"))  # OFFSET 8: keys
+    _INT4_VALUES_ASM = tl.constexpr(_INT4_TO_FP16_ASM.format(low="0x64006400", high="0xD400D400"))  # OFFSET 0
+
+    @triton.jit
+    def _int4_unpack_asm(packed, OFFSET: tl.constexpr):
+        """``_int4_halves``' ``ASM`` path: the (low, high) nibbles of a uint8 tile as fp16 ``nibble - OFFSET`` (8 or
+        0), four bytes per inline-PTX call (see ``_INT4_TO_FP16_ASM``). CUDA only: the interpreter runs no PTX."""
+        if OFFSET == 8.0:
+            return tl.inline_asm_elementwise(_INT4_KEYS_ASM, "=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        else:
+            return tl.inline_asm_elementwise(_INT4_VALUES_ASM, "=r,=r,=r,=r,r", [packed],
+                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+
     @triton.jit
     def _int4_halves(base, offs_n, in_hist, stride_s, HALF: tl.constexpr, dtype: tl.constexpr,
-                     OFFSET: tl.constexpr, FAST: tl.constexpr = False):
+                     OFFSET: tl.constexpr, FAST: tl.constexpr = False, ASM: tl.constexpr = False):
         """The first and second halves of a (TILE_N, 2 * HALF) int4 tile's channels, as two (TILE_N, HALF) tiles
         of ``dtype`` minus ``OFFSET`` (8 for keys, stored offset; 0 for values). Byte j holds channel j in its
         low nibble and channel HALF + j in its high one, so one load feeds both halves and nothing is
@@ -124,6 +160,8 @@ if triton is not None:
         ``1024 + OFFSET``), whatever ``dtype``."""
         offs_h = tl.arange(0, HALF)
         packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :], mask=in_hist[:, None], other=0)
+        if ASM:
+            return _int4_unpack_asm(packed, OFFSET)
         packed = packed.to(tl.int32)
         if FAST:
             low = ((packed & 15) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - (1024.0 + OFFSET)
@@ -206,14 +244,14 @@ if triton is not None:
     @triton.jit
     def _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, ch_lo, ch_hi, offs_n,
                         hist_len, kv_len, HALF: tl.constexpr, SCALE_KEYS: tl.constexpr, dtype: tl.constexpr,
-                        FAST: tl.constexpr = False):
+                        FAST: tl.constexpr = False, ASM: tl.constexpr = False):
         """K/V halves (channels [0, HALF), [HALF, 2 HALF)) of a tile over combined positions, int4 history then
         current chunk. A tile wholly inside the history (``SCALE_KEYS`` False: the caller folded the smoothing
         factors into q) loads codes only; otherwise both sources are loaded with masks and merged, history keys
         times the smoothing factors."""
         in_hist = offs_n < hist_len
-        k_lo, k_hi = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0, FAST)
-        v_lo, v_hi = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0, FAST)
+        k_lo, k_hi = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0, FAST, ASM)
+        v_lo, v_hi = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0, FAST, ASM)
         if SCALE_KEYS:
             in_cur = (offs_n >= hist_len) & (offs_n < kv_len)
             cur_n = offs_n - hist_len
@@ -253,7 +291,8 @@ if triton is not None:
                      stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                      bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
                      TILE_N: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, MERGED: tl.constexpr,
-                     RAGGED: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr = False):
+                     RAGGED: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr = False,
+                     ASM: tl.constexpr = False):
         """List entries [first, last) of an int4-history head. ``MERGED`` False: blocks wholly inside the
         history, q already times the smoothing factors, no ragged mask; True: any block, both sources merged.
         ``STAGES``: the loop's software-pipelining depth. ``FAST`` (whole-history blocks only): codes built as
@@ -264,7 +303,7 @@ if triton is not None:
                 offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
                 k_lo, k_hi, v_lo, v_hi = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base,
                                                          stride_hs, ch_lo, ch_hi, offs_n, hist_len, kv_len, HALF,
-                                                         MERGED, q_lo.dtype, FAST)
+                                                         MERGED, q_lo.dtype, FAST, ASM)
                 k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
                                                      offs_n < hist_len, True)
                 acc_lo, acc_hi, zsum, m_i, l_i = _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col,
@@ -367,6 +406,7 @@ if triton is not None:
         HAS_INIT: tl.constexpr,
         FAST_DEQUANT: tl.constexpr,
         INT8_QK: tl.constexpr,
+        INT4_ASM: tl.constexpr,
         LIST_WIDTH: tl.constexpr,
         NUM_STAGES: tl.constexpr,
     ):
@@ -477,7 +517,7 @@ if triton is not None:
                     idx_row, 0, n_whole, qc_lo, qc_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base,
                     stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                     bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2,
-                    HAS_BIAS, False, False, NUM_STAGES, FAST_DEQUANT)
+                    HAS_BIAS, False, False, NUM_STAGES, FAST_DEQUANT, INT4_ASM)
                 acc_lo, acc_hi, zsum, m_i, l_i = _int4_blocks(
                     idx_row, n_whole, merged_end, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base,
                     v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base,
@@ -673,6 +713,16 @@ def _use_int8_qk(requested: bool | None, hist_kind: int, q_dtype: torch.dtype) -
     return _switch(requested, "GENKV_INT8_QK", default=True)
 
 
+def _use_int4_asm(requested: bool | None, hist_kind: int, fast_dequant: bool, device: torch.device) -> bool:
+    """Whether whole-history int4 tiles unpack their nibbles with inline PTX (see ``int4_asm`` below): int4
+    histories (kind 3) on ``fast_dequant``'s path (its fp16 tiles, its q in fp16), on a CUDA device, not under the
+    interpreter (it runs no PTX). Default (``None``): env ``GENKV_INT4_ASM`` (``1`` / ``0``) if set, else on."""
+    if hist_kind != _HIST_KINDS["int4"] or not fast_dequant or device.type != "cuda" \
+            or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _switch(requested, "GENKV_INT4_ASM", default=True)
+
+
 def _switch(requested: bool | None, env: str, default: bool) -> bool:
     """A launch switch: the argument if given, else env ``env`` (``1`` / ``0``) if set, else ``default``."""
     return bool(requested) if requested is not None else env_flag(env, default)
@@ -701,6 +751,7 @@ def block_sparse_attention_triton(
     initial: tuple[torch.Tensor, torch.Tensor] | None = None,
     fast_dequant: bool | None = None,
     int8_qk: bool | None = None,
+    int4_asm: bool | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
@@ -731,6 +782,11 @@ def block_sparse_attention_triton(
     ``max |row| / 64516`` per entry, below a bf16 q's own rounding for entries above 1/126 of the row's largest),
     for two int8 dots, which Hopper runs at twice the bf16 rate.
 
+    ``int4_asm`` (int4 histories on ``fast_dequant``'s path, CUDA only; default: env ``GENKV_INT4_ASM`` = ``1`` /
+    ``0`` if set, else on): the whole-history tiles' nibbles become fp16 two per instruction in inline PTX (byte
+    permutes, then one LOP3 and one packed fp16 subtract or fma per pair, the high nibble unshifted), the same
+    values as ``fast_dequant``'s per-element bit operations.
+
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
     softmax and returns the attention over both key sets, as :func:`merge_attention_partials` would, with no
@@ -748,6 +804,7 @@ def block_sparse_attention_triton(
     init_out, init_lse, init_strides = _initial_args(initial, q)
     fast_dequant = _use_fast_dequant(fast_dequant, hist_kind, q.dtype)
     int8_qk = _use_int8_qk(int8_qk, hist_kind, q.dtype)
+    int4_asm = _use_int4_asm(int4_asm, hist_kind, fast_dequant, q.device)
     b, s_q, h, d = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -801,6 +858,7 @@ def block_sparse_attention_triton(
         HAS_INIT=initial is not None,
         FAST_DEQUANT=fast_dequant,
         INT8_QK=int8_qk,
+        INT4_ASM=int4_asm,
         LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
         NUM_STAGES=stages,
         num_warps=num_warps or (8 if d >= 128 else 4),

@@ -54,6 +54,18 @@ def test_float32_scales_take_the_scalar_scale_loads_out_of_the_int4_loops(tmp_pa
     assert by_scales["fp32"]["fits"] and by_scales["fp32"]["registers"] <= 255
 
 
+def test_int4_inline_ptx_unpacking_compiles_with_fewer_instructions(tmp_path):
+    # the inline PTX is checked by ptxas here (the interpreter never sees it); two nibbles per instruction
+    rows = _run(tmp_path, "--kinds", "int4", "--tile-n", "64", "--stages", "3", "--fast", "on", "--bias",
+                "--scales", "fp32", "--int4-asm", "both")
+    by_asm = {row["int4_asm"]: row for row in rows}
+    assert set(by_asm) == {False, True} and not any("error" in row for row in rows), rows
+    assert by_asm[True]["fits"] and by_asm[True]["registers"] <= 255
+    if by_asm[True]["sass_instructions"] is None:
+        pytest.skip("triton without nvdisasm")
+    assert by_asm[True]["sass_instructions"] < by_asm[False]["sass_instructions"]
+
+
 def test_the_interpreter_is_refused_in_one_line(tmp_path):
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True,

@@ -343,6 +343,116 @@ def test_fast_dequant_defaults_to_int4_with_a_16_bit_q_and_follows_the_env(monke
     assert not _use_fast_dequant(None, int4, torch.bfloat16) and _use_fast_dequant(True, int4, torch.bfloat16)
 
 
+def test_int4_asm_applies_to_int4_fast_tiles_on_cuda_alone_and_follows_the_env(monkeypatch):
+    """Inline PTX runs on a GPU only: never under the interpreter, on a CPU tensor, off ``fast_dequant``'s path
+    or for another kind; on by default there, env ``GENKV_INT4_ASM`` = 0 / 1 and the argument override."""
+    from genkv.kernels.block_sparse import _use_int4_asm
+
+    int8, int4, cuda, cpu = 2, 3, torch.device("cuda"), torch.device("cpu")
+    monkeypatch.delenv("GENKV_INT4_ASM", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert _use_int4_asm(None, int4, True, cuda)
+    assert not _use_int4_asm(None, int4, False, cuda) and not _use_int4_asm(None, int8, True, cuda)
+    assert not _use_int4_asm(True, int4, True, cpu)
+    monkeypatch.setenv("GENKV_INT4_ASM", "0")
+    assert not _use_int4_asm(None, int4, True, cuda) and _use_int4_asm(True, int4, True, cuda)
+    monkeypatch.setenv("GENKV_INT4_ASM", "1")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _use_int4_asm(True, int4, True, cuda)
+
+
+def _run_ptx(asm: str, word: int) -> list[int]:
+    """The inline PTX of ``_INT4_TO_FP16_ASM`` executed instruction by instruction as the PTX ISA defines them
+    (mov, prmt's default mode, lop3's lookup table, f16x2 sub / fma rounded to nearest) on one input word ``$4``;
+    returns the output registers $0-$3."""
+    import numpy as np
+
+    regs = {"$4": word}
+    value = lambda x: regs[x] if x in regs else int(x, 0)  # noqa: E731
+
+    def halves(x):
+        return np.array([x & 0xFFFF, x >> 16], dtype=np.uint16).view(np.float16)
+
+    def word_of(h):
+        bits = h.astype(np.float16).view(np.uint16).astype(np.uint32)
+        return int(bits[0]) | int(bits[1]) << 16
+
+    for line in asm.splitlines():
+        line = line.strip().rstrip(";")
+        if not line or line[0] in "{}." or line.startswith(".reg"):
+            continue
+        op, rest = line.split(None, 1)
+        args = [a.strip() for a in rest.split(",")]
+        if op == "mov.b32":
+            regs[args[0]] = value(args[1])
+        elif op == "prmt.b32":
+            src = value(args[1]) | value(args[2]) << 32
+            sel = value(args[3])
+            regs[args[0]] = sum(((src >> 8 * ((sel >> 4 * i) & 7)) & 0xFF) << 8 * i for i in range(4))
+        elif op == "lop3.b32":
+            a, b, c, lut = (value(x) for x in args[1:])
+            regs[args[0]] = sum(((lut >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1))) & 1) << i
+                                for i in range(32))
+        elif op == "sub.rn.f16x2":
+            regs[args[0]] = word_of(halves(value(args[1])) - halves(value(args[2])))
+        elif op == "fma.rn.f16x2":  # exact in float64 for these operands, then one rounding to fp16
+            a, b, c = (halves(value(x)).astype(np.float64) for x in args[1:])
+            regs[args[0]] = word_of(a * b + c)
+        else:
+            raise AssertionError(f"instruction not emulated: {line}")
+    return [regs[f"${i}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("offset", [8, 0])
+def test_int4_inline_ptx_maps_every_byte_to_its_nibbles_minus_the_offset(offset):
+    """The PTX the kernel pastes (keys: offset 8, values: 0), run by the ISA's rules on words holding every byte
+    value in every position: outputs $0 $1 are bytes 0-3's low nibbles minus the offset as fp16 (two per word),
+    $2 $3 their high nibbles. A wrong constant, selector or lookup table fails here, on the CPU; the GPU test
+    below runs the same PTX in the kernel."""
+    import numpy as np
+
+    from genkv.kernels import block_sparse
+
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    asm = (block_sparse._INT4_KEYS_ASM if offset == 8 else block_sparse._INT4_VALUES_ASM).value
+    for first in range(0, 256, 4):
+        data = [(first + i * 67) % 256 for i in range(4)]
+        out = _run_ptx(asm, sum(byte << 8 * i for i, byte in enumerate(data)))
+        got = np.array([[w & 0xFFFF, w >> 16] for w in out], dtype=np.uint16).view(np.float16).reshape(-1)
+        want = [(byte & 15) - offset for byte in data] + [(byte >> 4) - offset for byte in data]
+        assert got.tolist() == want, (data, got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inline PTX: CUDA only")
+@pytest.mark.parametrize("d", [64, 128])
+def test_int4_asm_unpacks_every_nibble_as_the_bit_operations_do(d):
+    """Every byte value in every channel position: keys and values whose codes cycle through 0..255, read with
+    the inline-PTX unpacking and without it (``fast_dequant``'s bit operations, exact): bit-equal outputs, and
+    float64 over the dequantized history within fp16's tolerance."""
+    from genkv.kernels.block_sparse import block_sparse_attention_triton as run
+
+    g = torch.Generator().manual_seed(90 + d)
+    b, h, bm, bn, s_h, s_cur, s_q = 1, 2, 64, 64, 512, 64, 64
+    hist = quantize_kv(outlier_keys(b, s_h, h, d, g), torch.randn(b, s_h, h, d, generator=g), "int4")
+    codes = torch.arange(s_h * h * d // 2).remainder(256).to(torch.uint8).view(b, s_h, h, d // 2)
+    hist.k_codes.copy_(codes)
+    hist.v_codes.copy_(codes.flip(1))
+    q, k, v = (torch.randn(b, n, h, d, generator=g).half() for n in (s_q, s_cur, s_cur))
+    n_blocks = (s_h + s_cur) // bn
+    idx = torch.arange(n_blocks, dtype=torch.int32).expand(b, h, 1, n_blocks).contiguous()
+    counts = torch.full((b, h, 1), n_blocks, dtype=torch.int32)
+    args = on("cuda", q, k, v, idx, counts)
+    hist_dev = hist.to("cuda")
+    outs = [run(*args, history=hist_dev, block_m=bm, block_n=bn, fast_dequant=True, int4_asm=asm)
+            for asm in (False, True)]
+    assert torch.equal(outs[0], outs[1])
+    keys, values = dequantize(hist)
+    keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
+    want, _ = dense_reference(q, keys, values, allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn), None)
+    torch.testing.assert_close(outs[1].cpu().double(), want, **tolerance(torch.float16, "cuda"))
+
+
 def reference_with_rounded_q(q, q_hist, keys, values, allowed, bias, whole):
     """float64 attention in which keys of whole-history blocks (``whole``, (S_kv,) bool) meet ``q_hist`` and the
     other keys meet ``q``: what ``int8_qk`` computes, spelled out."""
