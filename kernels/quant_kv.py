@@ -85,7 +85,9 @@ def _scale_storage(value: str) -> torch.dtype:
 #: instead of 134, 0.273x bf16; int8 / fp8: 264, 0.516x) but lets the kernel read a tile's scale columns with 4-byte
 #: asynchronous copies: 2-byte elements at a stride of H cannot be, and sm_90 code of the kernel's whole-history
 #: loops issues them as scalar global loads in the loop, 96 a thread per 128-key int4 block, 64 int8
-#: (``eval/kernel_resources.py --scales fp16 fp32``, 2026-12-06). An A/B for the next GPU session.
+#: (``eval/kernel_resources.py --scales fp16 fp32``, 2026-12-06). Timed on an H100 all the same (``bench_quant_kv.py
+#: --scales fp16 fp32``, Wan shapes, split read), fp32 storage is slower for int4 (fastar's lists 1.097 ms vs 1.001)
+#: and within 3% either way for int8, so fp16 stays the default.
 SCALE_DTYPE: torch.dtype = _scale_storage(os.environ.get("GENKV_KV_SCALES", "fp16"))
 
 
