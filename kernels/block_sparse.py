@@ -115,7 +115,8 @@ if triton is not None:
     # two values per instruction: PRMT spreads bytes 0 and 1 (then 2 and 3) to the two 16-bit halves of a word, LOP3
     # sets a nibble as the mantissa of 1024.0 in both halves at once (the low one as 1024 + u, the high one as
     # 1024 + 16u, not shifted), and one packed fp16 subtract (low: x - 1024 - OFFSET) or fma (high: x / 16 - 64 -
-    # OFFSET) leaves u - OFFSET, exactly. Outputs: $0 $1 the low nibbles of bytes 0-1 and 2-3, $2 $3 the high ones; $4 the input word.
+    # OFFSET) leaves u - OFFSET, exactly. Outputs: $0 $1 the low nibbles of bytes 0-1 and 2-3, $2 $3 the high ones;
+    # $4 the input word.
     _INT4_TO_FP16_ASM = """{{
         .reg .b32 pair, bits, k_low, k_scale, k_high;
         mov.b32 k_low, {low};
