@@ -28,11 +28,13 @@ one-pass kernel ``genkv.kernels.quant_pool`` against its torch reference (``pool
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -156,41 +158,20 @@ def variants(args: argparse.Namespace) -> list[tuple[str, str | None, bool | Non
     return out
 
 
-def quantize_with_scales(k: torch.Tensor, v: torch.Tensor, kind: str, scales: str | None):
-    """``quantize_kv`` with the per-token scales stored as ``scales`` (fp16 / fp32; None: the process's
-    ``GENKV_KV_SCALES``): the module's storage dtype is swapped for the call (the values are fp16 either way)."""
-    from genkv.kernels import quant_kv
-
-    if scales is None:
-        return quant_kv.quantize_kv(k, v, kind)
-    saved = quant_kv.SCALE_DTYPE
-    quant_kv.SCALE_DTYPE = torch.float32 if scales == "fp32" else torch.float16
-    try:
-        return quant_kv.quantize_kv(k, v, kind)
-    finally:
-        quant_kv.SCALE_DTYPE = saved
-
-
-def with_int4_asm(asm: bool | None, fn):
-    """``fn`` run with ``GENKV_INT4_ASM`` set to ``asm`` (None: as the process has it)."""
+@contextlib.contextmanager
+def int4_asm_env(asm: bool | None):
+    """``GENKV_INT4_ASM`` set to ``asm`` while a variant is timed (None: as the process has it). The launch reads it
+    per call, so it is set around the timing loop, not inside the timed calls."""
     if asm is None:
-        return fn
-
-    def run():
-        saved = os.environ.get("GENKV_INT4_ASM")
-        os.environ["GENKV_INT4_ASM"] = "1" if asm else "0"
-        try:
-            return fn()
-        finally:
-            if saved is None:
-                del os.environ["GENKV_INT4_ASM"]
-            else:
-                os.environ["GENKV_INT4_ASM"] = saved
-    return run
+        yield
+        return
+    with mock.patch.dict(os.environ, {"GENKV_INT4_ASM": "1" if asm else "0"}):
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import QuantizedKV, block_sparse_attention, key_channel_scales, quantize_kv  # noqa: F401
+    from genkv.kernels.quant_kv import with_scale_storage
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -249,25 +230,29 @@ def main(argv: list[str] | None = None) -> int:
                          rel_err=float((base_out - ref).norm() / ref.norm())))
         split_fns = {"bf16+sdpa": (lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
                                                       values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw),
-                                   hist_bytes)}
+                                   hist_bytes, None)}
         swept = set()
         for kind, scales, asm in variants(args):
             name = kind + ("/s32" if scales == "fp32" else "") + ("" if asm is None else "/asm" if asm else "/noasm")
-            hist = quantize_with_scales(keys[:, :n_h], values[:, :n_h], kind, scales)
-            fn = with_int4_asm(asm, lambda hist=hist: block_sparse_attention(q, cur_k, cur_v, idx, cnt,  # noqa: E731
-                                                                             history=hist, **kw))
-            ms = timed(fn, device, args.iters, args.warmup)
-            out = fn().float()
+            hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
+            if scales is not None:
+                hist = with_scale_storage(hist, torch.float32 if scales == "fp32" else torch.float16)
+            fn = lambda hist=hist: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731
+            with int4_asm_env(asm):
+                ms = timed(fn, device, args.iters, args.warmup)
+                out = fn().float()
             rows.append(dict(density=density, kind=name, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
                              rel_err=float((out - ref).norm() / ref.norm())))
-            split_fns[f"{name}+sdpa"] = (with_int4_asm(asm, lambda hist=hist: split_read(
-                q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v, idx, cnt, chunk_blocks, hist, split_kw)), hist.nbytes)
+            split_fns[f"{name}+sdpa"] = (lambda hist=hist: split_read(q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v,
+                                                                      idx, cnt, chunk_blocks, hist, split_kw),
+                                         hist.nbytes, asm)
             if args.launch_sweep and device.type == "cuda" and kind not in swept:  # each kind's first variant
                 swept.add(kind)
                 rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref)
-        for kind, (fn, held) in split_fns.items():
-            ms = timed(fn, device, args.iters, args.warmup)
-            out = fn().float()
+        for kind, (fn, held, asm) in split_fns.items():
+            with int4_asm_env(asm):
+                ms = timed(fn, device, args.iters, args.warmup)
+                out = fn().float()
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=held,
                              rel_err=float((out - ref).norm() / ref.norm())))
     pool_rows = pooling_rows(keys[:, :n_h], values[:, :n_h], block, device, args)

@@ -118,6 +118,13 @@ def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8
             "global_u16_loads": sum(op == "LDG.E.U16" for op in instructions) if sass else None}
 
 
+def applies(kind: str, fast: bool, int8_qk: bool, int4_asm: bool) -> bool:
+    """Whether a switch combination is a launch the library makes: ``fast_dequant`` for int8 / int4, ``int8_qk``
+    for int8, ``int4_asm`` for int4 on ``fast_dequant``'s path."""
+    return (not fast or kind in ("int8", "int4")) and (not int8_qk or kind == "int8") and \
+        (not int4_asm or (kind == "int4" and fast))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kinds", nargs="+", default=["bf16", "fp8", "int8", "int4"], choices=tuple(HIST_KIND))
@@ -153,10 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind, stages, fast, resume, int8_qk, scales, int4_asm in itertools.product(
             args.kinds, args.stages, fast_options, [False, True] if args.resume else [False], qk_options, args.scales,
             SWITCH_VALUES[args.int4_asm]):
-        if (fast and kind not in ("int8", "int4")) or (int8_qk and kind != "int8") or (kind == "bf16" and
-                                                                                       scales != args.scales[0]) \
-                or (int4_asm and not (kind == "int4" and fast)):
-            continue
+        if not applies(kind, fast, int8_qk, int4_asm) or (kind == "bf16" and scales != args.scales[0]):
+            continue  # (a bf16 history has no scales: one variant)
         rows.append(compile_variant(kind, stages, fast, resume, args, int8_qk, scales, int4_asm))
         r = rows[-1]
         name = (f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s} int8_qk {int8_qk!s:5s} "

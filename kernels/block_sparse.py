@@ -47,9 +47,14 @@ def triton_available() -> bool:
     return triton is not None
 
 
+def _interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``: CPU tensors, no PTX)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def triton_runs_on(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can take ``tensor``: Triton installed, and a CUDA tensor or the interpreter on."""
-    return triton is not None and (tensor.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+    return triton is not None and (tensor.is_cuda or _interpreting())
 
 
 if triton is not None:
@@ -141,12 +146,9 @@ if triton is not None:
     def _int4_unpack_asm(packed, OFFSET: tl.constexpr):
         """``_int4_halves``' ``ASM`` path: the (low, high) nibbles of a uint8 tile as fp16 ``nibble - OFFSET`` (8 or
         0), four bytes per inline-PTX call (see ``_INT4_TO_FP16_ASM``). CUDA only: the interpreter runs no PTX."""
-        if OFFSET == 8.0:
-            return tl.inline_asm_elementwise(_INT4_KEYS_ASM, "=r,=r,=r,=r,r", [packed],
-                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
-        else:
-            return tl.inline_asm_elementwise(_INT4_VALUES_ASM, "=r,=r,=r,=r,r", [packed],
-                                             dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+        asm: tl.constexpr = _INT4_KEYS_ASM if OFFSET == 8.0 else _INT4_VALUES_ASM
+        return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,r", [packed], dtype=(tl.float16, tl.float16), is_pure=True,
+                                         pack=4)
 
     @triton.jit
     def _int4_halves(base, offs_n, in_hist, stride_s, HALF: tl.constexpr, dtype: tl.constexpr,
@@ -586,7 +588,7 @@ if triton is not None:
 
 def _tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
     """Device-side tensor descriptors: Hopper or newer (or the interpreter), 16-byte aligned bases and rows."""
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = _interpreting()
     if not interpreting and not (k.is_cuda and torch.cuda.get_device_capability(k.device)[0] >= 9):
         return False
     size = k.element_size()
@@ -609,7 +611,7 @@ def _install_descriptor_allocator() -> None:
 
 
 def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len: int = 0) -> None:
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreting = _interpreting()
     if not interpreting and not all(t.is_cuda for t in (q, k, v, kv_block_indices, kv_block_counts)):
         raise ValueError("triton block-sparse attention needs CUDA tensors (or TRITON_INTERPRET=1 to run the kernel "
                          "on the CPU); use backend='gather' for CPU tensors")
@@ -720,8 +722,7 @@ def _use_int4_asm(requested: bool | None, hist_kind: int, fast_dequant: bool, de
     histories (kind 3) on ``fast_dequant``'s path (its fp16 tiles, its q in fp16), on a CUDA device, not under the
     interpreter (it runs no PTX). Default (``None``): env ``GENKV_INT4_ASM`` (``1`` / ``0``) if set, else on, as
     timed on an H100 (Wan shapes, split read: top-16 lists 0.639 ms vs 0.654 without, fastar's 1.001 vs 1.050)."""
-    if hist_kind != _HIST_KINDS["int4"] or not fast_dequant or device.type != "cuda" \
-            or os.environ.get("TRITON_INTERPRET") == "1":
+    if hist_kind != _HIST_KINDS["int4"] or not fast_dequant or device.type != "cuda" or _interpreting():
         return False
     return _switch(requested, "GENKV_INT4_ASM", default=True)
 

@@ -289,6 +289,22 @@ def code_fields(hist: QuantizedKV) -> list[torch.Tensor]:
     return [_as_bytes(t) for t in _fields(hist)]
 
 
+def with_scale_storage(hist: QuantizedKV, dtype: torch.dtype) -> QuantizedKV:
+    """``hist`` with its scales and zero points stored as ``dtype`` (fp16 / fp32; codes shared): the same fp16 values
+    either way (see :data:`SCALE_DTYPE`), so an A/B of the two storages in one process attends bit for bit alike.
+
+    Example:
+        >>> hist = quantize_kv(torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16), "int4")
+        >>> wide = with_scale_storage(hist, torch.float32)
+        >>> wide.v_zero.dtype, torch.equal(wide.k_scale.half(), hist.k_scale), wide.k_codes is hist.k_codes
+        (torch.float32, True, True)
+    """
+    def stored(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else t.to(dtype)
+
+    return replace(hist, k_scale=stored(hist.k_scale), v_scale=stored(hist.v_scale), v_zero=stored(hist.v_zero))
+
+
 def select_slots(hist: QuantizedKV, slots: torch.Tensor) -> QuantizedKV:
     """The slots ``slots`` (1-D int64) of ``hist`` as a new ``QuantizedKV`` (codes and scales gathered, nothing
     decoded; the smoothing factors shared), e.g. to dequantize a few slots only.
