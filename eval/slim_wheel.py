@@ -5,8 +5,11 @@ The GPU image has torch, triton, einops, accelerate and imageio, but neither dif
 ``eval/train_tiny.py`` needs transformers for its UMT5 text encoder. The whole transformers 5.25 wheel is 13.8 MB,
 92% of it ``transformers/models/*``, one folder per architecture. A training run imports ``umt5`` / ``t5`` (the
 text encoder, its tokenizer) and ``auto``; diffusers 0.42.1 imports the configs of ``dinov2_with_registers``,
-``siglip`` and ``vit_mae`` when it loads a pipeline. Kept to those, the wheel is 2.3 MB. Every other file is kept
-as it is; the wheel's RECORD lists exactly what is left.
+``siglip`` and ``vit_mae`` when it loads a pipeline. Where peft is installed (the GPU image has it), diffusers
+imports it, and peft imports ``AutoTokenizer`` (whose module imports ``encoder_decoder``) and, from 0.21,
+``BloomPreTrainedModel``: the first slim wheel lacked those two folders and a training run stopped at its imports
+(checked since against peft 0.15.2 and 0.21.2 on the CPU). Kept to those, the wheel is 2.3 MB. Every other file is
+kept as it is; the wheel's RECORD lists exactly what is left.
 
     pip download -d /tmp/w --no-deps transformers==5.25.0 tokenizers==0.23.3 huggingface_hub==2.4.0 ...
     python eval/slim_wheel.py /tmp/w/transformers-5.25.0-py3-none-any.whl .whl-train/
@@ -26,7 +29,7 @@ import sys
 import zipfile
 from pathlib import Path
 
-KEEP = ("umt5", "t5", "auto", "dinov2_with_registers", "siglip", "vit_mae")
+KEEP = ("umt5", "t5", "auto", "encoder_decoder", "bloom", "dinov2_with_registers", "siglip", "vit_mae")
 _MODEL_DIR = re.compile(r"^[^/]+/models/([^/]+)/")
 
 

@@ -273,7 +273,6 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
     # An exponential moving average of the weights is what gets sampled and saved: in a run of a few thousand
     # steps the raw weights still carry the last steps' noise (murky backgrounds, sprites that come and go).
     averaged = [p.detach().float().clone() for p in params] if args.ema else None
-    n_chunks = latents.shape[2] // CHUNK
     tpf = (latents.shape[3] // 2) * (latents.shape[4] // 2)
     deadline = time.time() + args.minutes * 60
     step = 0
@@ -287,12 +286,7 @@ def train_transformer(transformer, text_encoder, tokenizer, latents, prompts, ar
         # causal VAE encodes from the first video frame alone, is a block of its own at position 0, and 3-frame
         # chunks follow from latent 1, as ``SelfForcingPipeline(image=...)`` commits an image. Without these a model
         # trained on 3-frame blocks only loses the image's sprite a few chunks on (it never saw a 1-frame block).
-        lead = 0
-        if args.image_blocks > 0 and float(torch.rand(1, generator=g)) < args.image_blocks:
-            lead = 1
-            n_ctx = int(torch.randint(0, (latents.shape[2] - 1) // CHUNK, (1,), generator=g))
-        else:
-            n_ctx = int(torch.randint(0, n_chunks, (1,), generator=g))
+        lead, n_ctx = sample_context(latents.shape[2], args, g)
         idx = torch.randint(0, len(latents), (args.batch,), generator=g).to(device)
         x0 = latents[idx, :, : lead + (n_ctx + 1) * CHUNK]
         b = x0.shape[0]
@@ -360,6 +354,29 @@ def block_of_frame(frames: int, lead: int) -> torch.Tensor:
     """Block index of each latent frame of a training sequence, as the pipeline commits them: after a 1-frame image
     block (``lead=1``) 0, 1, 1, 1, 2, 2, 2, ...; without one 0, 0, 0, 1, 1, 1, ... (3-frame chunks)."""
     return (torch.arange(frames) + (CHUNK - 1) * lead) // CHUNK
+
+
+def sample_context(latent_frames: int, args, g: torch.Generator) -> tuple[int, int]:
+    """A step's sequence: ``(lead, n_ctx)``, a 1-latent image block or not (``--image-blocks``) and the number of
+    clean context chunks before the one being denoised. ``--first-chunk-share`` S: a share S of the steps denoise
+    the first chunk (no context), the rest draw ``n_ctx`` uniformly as before; unset, every chunk is equally
+    likely. Only the first chunk learns a sprite's direction from the prompt alone (later ones see its motion in
+    the context), and uniform draws give it a quarter of the steps at 45-frame clips.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> args = SimpleNamespace(image_blocks=0.0, first_chunk_share=1.0)
+        >>> sample_context(12, args, torch.Generator().manual_seed(0))
+        (0, 0)
+    """
+    lead = 0
+    if args.image_blocks > 0 and float(torch.rand(1, generator=g)) < args.image_blocks:
+        lead = 1
+    chunks = (latent_frames - lead) // CHUNK
+    share = getattr(args, "first_chunk_share", None)
+    if share is not None and float(torch.rand(1, generator=g)) < share:
+        return lead, 0
+    return lead, int(torch.randint(0, chunks, (1,), generator=g))
 
 
 def learning_rate_factor(step: int, elapsed: float, args) -> float:
@@ -457,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context-noise", type=float, default=0.1)
     parser.add_argument("--image-blocks", type=float, default=0.0,
                         help="share of steps whose sequence starts with a 1-latent image block (image-to-video)")
+    parser.add_argument("--first-chunk-share", type=float, default=None,
+                        help="share of steps that denoise a clip's first chunk, from the prompt alone (default: "
+                        "every chunk equally often)")
     parser.add_argument("--max-text", type=int, default=32)
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
@@ -487,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.clip_frames < 9 or (args.clip_frames + 3) % (4 * CHUNK):
         parser.error(f"--clip-frames {args.clip_frames}: a clip must be whole chunks of {CHUNK} latent frames, "
                      f"12k - 3 video frames (9, 21, 45, 105, ...)")
+    if args.first_chunk_share is not None and not 0 <= args.first_chunk_share <= 1:
+        parser.error(f"--first-chunk-share {args.first_chunk_share}: a share of the steps, between 0 and 1")
     if args.smoke:
         args.pool, args.batch, args.vae_batch, args.check_seeds = 16, 4, 2, 1
         args.max_steps = args.max_steps or 3
@@ -615,11 +637,15 @@ def load_vae(source: Path):
 def load_pipeline_parts(source: Path):
     """Tokenizer, text encoder, transformer and VAE of a saved model (``--resume-from``), in float32."""
     from genkv.pipelines import SelfForcingPipeline
+    from genkv.pipelines.self_forcing.fused_block import remove_fused_blocks
 
     folder = unpack(source, "model_index.json", "--resume-from")
     if not (folder / "model_index.json").is_file():
         raise SystemExit(f"--resume-from {source}: no model_index.json there; pass a folder this script saved")
     pipe = SelfForcingPipeline.from_pretrained(folder, torch_dtype=torch.float32)
+    # The pipeline patches its blocks with the fused inference kernels (CUDA, half precision: under training's
+    # autocast too), which have no backward: training needs diffusers' own forward back.
+    remove_fused_blocks(pipe.transformer)
     return pipe.tokenizer, pipe.text_encoder, pipe.transformer, pipe.vae
 
 

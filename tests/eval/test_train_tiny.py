@@ -68,6 +68,11 @@ def test_resume_continues_a_saved_model_with_its_vae_and_latent_statistics(tmp_p
     moved = [n for (n, x), y in zip(a.transformer.state_dict().items(), b.transformer.state_dict().values())
              if not torch.equal(x, y)]
     assert moved  # the transformer did train on
+    from genkv.pipelines.self_forcing.fused_block import is_fused
+
+    assert any(is_fused(block) for block in a.transformer.blocks)  # a pipeline patches its blocks as it is built,
+    transformer = train_tiny.load_pipeline_parts(tmp_path / "a.tar")[2]
+    assert not any(is_fused(block) for block in transformer.blocks)  # training gets diffusers' forward (a backward)
 
 
 def test_learning_rate_warms_up_then_decays_to_the_final_share():
@@ -148,3 +153,25 @@ def test_sprite_pixels_weigh_more_in_the_reconstruction_loss():
     assert torch.isclose(loss(on_sprite, x, 1.0), (on_sprite - x).abs().mean() + (on_sprite - x).square().mean())
     assert torch.isclose(loss(on_sprite, x, 10.0) / loss(on_background, x, 10.0), torch.tensor(10.0))
     assert torch.isclose(loss(on_sprite, x, 1.0), loss(on_background, x, 1.0))
+
+
+@pytest.mark.parametrize("lead_share", [0.0, 1.0])
+def test_context_draws_every_chunk_uniformly_unless_a_first_chunk_share_is_given(lead_share):
+    from types import SimpleNamespace
+
+    g = torch.Generator().manual_seed(0)
+    uniform = SimpleNamespace(image_blocks=lead_share, first_chunk_share=None)
+    draws = [train_tiny.sample_context(12, uniform, g) for _ in range(4000)]
+    chunks = 4 - int(lead_share)  # 12 latent frames: four 3-frame chunks, or an image block and three
+    assert {lead for lead, _ in draws} == {int(lead_share)}
+    counts = torch.bincount(torch.tensor([n for _, n in draws]), minlength=chunks)
+    assert len(counts) == chunks and counts.min() > 0.8 * 4000 / chunks  # each chunk about as often
+    weighted = SimpleNamespace(image_blocks=lead_share, first_chunk_share=0.5)
+    first = sum(n == 0 for _, n in (train_tiny.sample_context(12, weighted, g) for _ in range(4000))) / 4000
+    assert abs(first - (0.5 + 0.5 / chunks)) < 0.03  # the share, plus the uniform draw's own first chunks
+
+
+def test_first_chunk_share_outside_zero_to_one_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        train_tiny.main(["--out", "unused", "--smoke", "--first-chunk-share", "1.5"])
+    assert "--first-chunk-share 1.5" in capsys.readouterr().err
