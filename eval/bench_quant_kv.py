@@ -16,7 +16,9 @@ the history's end), as ``RoutedSelfAttention`` runs it; their ratio is to the si
 
 ``--scales fp16 fp32`` times each quantized history with its scales stored both ways (``GENKV_KV_SCALES``; the same
 values, rows ``KIND/s32`` for fp32), and ``--int4-asm both`` the int4 kernel with its inline-PTX nibble unpacking
-off and on (``GENKV_INT4_ASM``; rows ``int4/asm``, ``int4/noasm``): A/Bs in one process, on one GPU's clock.
+off and on (``GENKV_INT4_ASM``; rows ``int4/asm``, ``int4/noasm``), ``--int4-zero-in-v both`` with the zero
+points in the value tiles off and on (``GENKV_INT4_ZERO_IN_V``; rows ``.../zv``, ``.../nozv``): A/Bs in one process,
+on one GPU's clock.
 
 Then routing's key-block means over each storage's history (what ``fastar`` pools once per chunk and layer): the
 one-pass kernel ``genkv.kernels.quant_pool`` against its torch reference (``pool_rows`` in the JSON).
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import math
 import os
 import sys
@@ -148,24 +151,38 @@ def pooling_rows(keys: torch.Tensor, values: torch.Tensor, block: int, device: t
     return rows
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, str | None, bool | None]]:
-    """(kind, scale storage, int4_asm) per quantized row: None keeps the process's default."""
+def variants(args: argparse.Namespace) -> list[tuple[str, str | None, dict]]:
+    """(kind, scale storage, int4 switches) per quantized row: scale storage None keeps the process's default;
+    the switches map ``asm`` / ``zero_in_v`` to on or off where ``both`` asks for the two rows."""
     out = []
     for kind in args.kinds:
+        axes = [(name, [False, True]) for name, both in (("asm", args.int4_asm), ("zero_in_v", args.int4_zero_in_v))
+                if both == "both" and kind == "int4"]
         for scales in args.scales or [None]:
-            asms = [False, True] if args.int4_asm == "both" and kind == "int4" else [None]
-            out += [(kind, scales, asm) for asm in asms]
+            out += [(kind, scales, dict(zip([n for n, _ in axes], values)))
+                    for values in itertools.product(*[v for _, v in axes])]
     return out
 
 
+def variant_name(kind: str, scales: str | None, switches: dict) -> str:
+    """A row's name: ``int4/s32/asm/zv`` and the like."""
+    name = kind + ("/s32" if scales == "fp32" else "")
+    if "asm" in switches:
+        name += "/asm" if switches["asm"] else "/noasm"
+    if "zero_in_v" in switches:
+        name += "/zv" if switches["zero_in_v"] else "/nozv"
+    return name
+
+
+_SWITCH_ENV = {"asm": "GENKV_INT4_ASM", "zero_in_v": "GENKV_INT4_ZERO_IN_V"}
+
+
 @contextlib.contextmanager
-def int4_asm_env(asm: bool | None):
-    """``GENKV_INT4_ASM`` set to ``asm`` while a variant is timed (None: as the process has it). The launch reads it
-    per call, so it is set around the timing loop, not inside the timed calls."""
-    if asm is None:
-        yield
-        return
-    with mock.patch.dict(os.environ, {"GENKV_INT4_ASM": "1" if asm else "0"}):
+def int4_env(switches: dict):
+    """The int4 launch switches' env (``GENKV_INT4_ASM``, ``GENKV_INT4_ZERO_IN_V``) set while a variant is timed
+    (switches not given: as the process has them). The launch reads them per call, so they are set around the
+    timing loop, not inside the timed calls."""
+    with mock.patch.dict(os.environ, {_SWITCH_ENV[k]: "1" if on else "0" for k, on in switches.items()}):
         yield
 
 
@@ -185,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="scale storage of the quantized histories (default: GENKV_KV_SCALES's)")
     parser.add_argument("--int4-asm", choices=("default", "both"), default="default",
                         help="both: int4 rows with GENKV_INT4_ASM=0 and =1")
+    parser.add_argument("--int4-zero-in-v", choices=("default", "both"), default="default",
+                        help="both: int4 rows with GENKV_INT4_ZERO_IN_V=0 and =1")
     parser.add_argument("--densities", nargs="+", choices=("dense", "top-k", "fastar"),
                         default=["dense", "top-k", "fastar"], help="which block lists to time (default: all three)")
     parser.add_argument("--launch-sweep", action="store_true",
@@ -230,27 +249,27 @@ def main(argv: list[str] | None = None) -> int:
                          rel_err=float((base_out - ref).norm() / ref.norm())))
         split_fns = {"bf16+sdpa": (lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
                                                       values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw),
-                                   hist_bytes, None)}
+                                   hist_bytes, {})}
         swept = set()
-        for kind, scales, asm in variants(args):
-            name = kind + ("/s32" if scales == "fp32" else "") + ("" if asm is None else "/asm" if asm else "/noasm")
+        for kind, scales, switches in variants(args):
+            name = variant_name(kind, scales, switches)
             hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
             if scales is not None:
                 hist = with_scale_storage(hist, torch.float32 if scales == "fp32" else torch.float16)
             fn = lambda hist=hist: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731
-            with int4_asm_env(asm):
+            with int4_env(switches):
                 ms = timed(fn, device, args.iters, args.warmup)
                 out = fn().float()
             rows.append(dict(density=density, kind=name, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
                              rel_err=float((out - ref).norm() / ref.norm())))
             split_fns[f"{name}+sdpa"] = (lambda hist=hist: split_read(q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v,
                                                                       idx, cnt, chunk_blocks, hist, split_kw),
-                                         hist.nbytes, asm)
+                                         hist.nbytes, switches)
             if args.launch_sweep and device.type == "cuda" and kind not in swept:  # each kind's first variant
                 swept.add(kind)
                 rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref)
-        for kind, (fn, held, asm) in split_fns.items():
-            with int4_asm_env(asm):
+        for kind, (fn, held, switches) in split_fns.items():
+            with int4_env(switches):
                 ms = timed(fn, device, args.iters, args.warmup)
                 out = fn().float()
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=held,

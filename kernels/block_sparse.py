@@ -231,19 +231,35 @@ if triton is not None:
     @triton.jit
     def _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col, v_col, v_zero, acc_lo, acc_hi, zsum, m_i,
                             l_i, bias_base, offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS: tl.constexpr,
-                            RAGGED: tl.constexpr):
+                            RAGGED: tl.constexpr, ZSUM: tl.constexpr = True):
         """One tile of an int4-history head held as two channel halves: logits are the sum of the two halves'
         dots; each half of the output gets its own PV dot. int4 values' zero points add ``sum_j p_j zero_j`` to
         every channel: that goes to ``zsum``, a per-row accumulator rescaled like ``l`` (0 on current columns).
-        Added to the dot's accumulator instead, it serialised the wgmmas and spilled registers (ptxas C7515)."""
+        Added to the dot's accumulator instead, it serialised the wgmmas and spilled registers (ptxas C7515).
+        ``ZSUM`` False: the value tiles already hold their zero points (``_zero_in_values``), so only the
+        rescale is left."""
         qk = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * (qk_scale * k_col)[None, :]
         qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
         p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
         pw = (p * v_col[None, :]).to(v_lo.dtype)
-        zsum = zsum * alpha + tl.sum(p * v_zero[None, :], 1)
+        if ZSUM:
+            zsum = zsum * alpha + tl.sum(p * v_zero[None, :], 1)
+        else:
+            zsum = zsum * alpha
         acc_lo = tl.dot(pw, v_lo, acc_lo * alpha[:, None])
         acc_hi = tl.dot(pw, v_hi, acc_hi * alpha[:, None])
         return acc_lo, acc_hi, zsum, m_new, l_i
+
+    @triton.jit
+    def _zero_in_values(v_lo, v_hi, hvs_base, hvz_base, stride_ss, offs_n):
+        """Whole-history fp16 value tiles (codes ``u``) as ``u + zero / scale`` per key row, so that p times the
+        value scale gives ``p (u scale + zero)`` in the PV dot itself and no ``zsum`` is kept. ``zero / scale`` is
+        at most ~1024 in size (``quant_kv.ZERO_STEPS``), so the fp16 sum is off by at most half its spacing: 1/256
+        of a step where ``|u + zero / scale| < 16``, as in attention values (rows straddle 0)."""
+        v_scale = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
+        v_zero = tl.load(hvz_base + offs_n * stride_ss).to(tl.float32)
+        shift = (v_zero / v_scale).to(tl.float16)[:, None]
+        return v_lo + shift, v_hi + shift
 
     @triton.jit
     def _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, ch_lo, ch_hi, offs_n,
@@ -296,11 +312,12 @@ if triton is not None:
                      bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
                      TILE_N: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, MERGED: tl.constexpr,
                      RAGGED: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr = False,
-                     ASM: tl.constexpr = False):
+                     ASM: tl.constexpr = False, ZERO_IN_V: tl.constexpr = False):
         """List entries [first, last) of an int4-history head. ``MERGED`` False: blocks wholly inside the
         history, q already times the smoothing factors, no ragged mask; True: any block, both sources merged.
         ``STAGES``: the loop's software-pipelining depth. ``FAST`` (whole-history blocks only): codes built as
-        fp16 from bits, q in fp16; ``ASM``: those bits set by inline PTX (see ``_int4_halves``)."""
+        fp16 from bits, q in fp16; ``ASM``: those bits set by inline PTX (see ``_int4_halves``); ``ZERO_IN_V``
+        (with ``FAST``): the zero points added to the value tiles (``_zero_in_values``) instead of ``zsum``."""
         for i in tl.range(first, last, num_stages=STAGES):
             block = tl.load(idx_row + i)
             for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
@@ -308,12 +325,14 @@ if triton is not None:
                 k_lo, k_hi, v_lo, v_hi = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base,
                                                          stride_hs, ch_lo, ch_hi, offs_n, hist_len, kv_len, HALF,
                                                          MERGED, q_lo.dtype, FAST, ASM)
+                if ZERO_IN_V:
+                    v_lo, v_hi = _zero_in_values(v_lo, v_hi, hvs_base, hvz_base, stride_ss, offs_n)
                 k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
-                                                     offs_n < hist_len, True)
+                                                     offs_n < hist_len, not ZERO_IN_V)
                 acc_lo, acc_hi, zsum, m_i, l_i = _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col,
                                                                      v_col, v_zero, acc_lo, acc_hi, zsum, m_i, l_i,
                                                                      bias_base, offs_n, kv_len, qk_scale, stride_bs,
-                                                                     HAS_BIAS, RAGGED)
+                                                                     HAS_BIAS, RAGGED, not ZERO_IN_V)
         return acc_lo, acc_hi, zsum, m_i, l_i
 
     @triton.jit
@@ -411,6 +430,7 @@ if triton is not None:
         FAST_DEQUANT: tl.constexpr,
         INT8_QK: tl.constexpr,
         INT4_ASM: tl.constexpr,
+        INT4_ZERO_IN_V: tl.constexpr,
         LIST_WIDTH: tl.constexpr,
         NUM_STAGES: tl.constexpr,
     ):
@@ -521,7 +541,7 @@ if triton is not None:
                     idx_row, 0, n_whole, qc_lo, qc_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base,
                     stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                     bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2,
-                    HAS_BIAS, False, False, NUM_STAGES, FAST_DEQUANT, INT4_ASM)
+                    HAS_BIAS, False, False, NUM_STAGES, FAST_DEQUANT, INT4_ASM, INT4_ZERO_IN_V)
                 acc_lo, acc_hi, zsum, m_i, l_i = _int4_blocks(
                     idx_row, n_whole, merged_end, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base,
                     v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base,
@@ -727,6 +747,17 @@ def _use_int4_asm(requested: bool | None, hist_kind: int, fast_dequant: bool, de
     return _switch(requested, "GENKV_INT4_ASM", default=True)
 
 
+def _use_int4_zero_in_v(requested: bool | None, hist_kind: int, fast_dequant: bool) -> bool:
+    """Whether whole-history int4 tiles carry their zero points in the value tiles (see ``int4_zero_in_v``
+    below): int4 histories (kind 3) on ``fast_dequant``'s path (fp16 value tiles). Default (``None``): env
+    ``GENKV_INT4_ZERO_IN_V`` (``1`` / ``0``) if set, else on, as timed on an H100 (Wan shapes, the split read:
+    ``fastar``'s lists 0.958 ms vs 1.002 without, top-16 0.625 vs 0.636; one call on top-16 lists, not the CUDA
+    default, 0.798 vs 0.779)."""
+    if hist_kind != _HIST_KINDS["int4"] or not fast_dequant:
+        return False
+    return _switch(requested, "GENKV_INT4_ZERO_IN_V", default=True)
+
+
 def _switch(requested: bool | None, env: str, default: bool) -> bool:
     """A launch switch: the argument if given, else env ``env`` (``1`` / ``0``) if set, else ``default``."""
     return bool(requested) if requested is not None else env_flag(env, default)
@@ -756,6 +787,7 @@ def block_sparse_attention_triton(
     fast_dequant: bool | None = None,
     int8_qk: bool | None = None,
     int4_asm: bool | None = None,
+    int4_zero_in_v: bool | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
@@ -791,6 +823,12 @@ def block_sparse_attention_triton(
     permutes, then one LOP3 and one packed fp16 subtract or fma per pair, the high nibble unshifted), the same
     values as ``fast_dequant``'s per-element bit operations.
 
+    ``int4_zero_in_v`` (int4 histories on ``fast_dequant``'s path; default: env ``GENKV_INT4_ZERO_IN_V`` = ``1`` /
+    ``0`` if set, else on): the whole-history tiles add each key's ``zero / scale`` to its value codes in fp16,
+    so the PV dot carries the zero points and the per-row ``sum_j p_j zero_j`` (a multiply and a row reduction
+    per logit, and the zero points' loads in the logits' layout) goes. Off the exact path by at most half an
+    fp16 spacing of ``u + zero / scale`` per value (see ``quant_kv.ZERO_STEPS``).
+
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
     softmax and returns the attention over both key sets, as :func:`merge_attention_partials` would, with no
@@ -809,6 +847,7 @@ def block_sparse_attention_triton(
     fast_dequant = _use_fast_dequant(fast_dequant, hist_kind, q.dtype)
     int8_qk = _use_int8_qk(int8_qk, hist_kind, q.dtype)
     int4_asm = _use_int4_asm(int4_asm, hist_kind, fast_dequant, q.device)
+    int4_zero_in_v = _use_int4_zero_in_v(int4_zero_in_v, hist_kind, fast_dequant)
     b, s_q, h, d = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -863,6 +902,7 @@ def block_sparse_attention_triton(
         FAST_DEQUANT=fast_dequant,
         INT8_QK=int8_qk,
         INT4_ASM=int4_asm,
+        INT4_ZERO_IN_V=int4_zero_in_v,
         LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
         NUM_STAGES=stages,
         num_warps=num_warps or (8 if d >= 128 else 4),

@@ -143,7 +143,8 @@ def _write_rows_kernel(
         v_min = tl.minimum(tl.maximum(tl.minimum(tl.min(v_lo, 1), tl.min(v_hi, 1)), -65504.0), 65504.0)
         v_zero = v_min.to(tl.float16)
         low = v_zero.to(tl.float32)
-        v_scale = _scale_for(tl.maximum(tl.max(v_lo, 1), tl.max(v_hi, 1)) - low, 15.0)
+        span = tl.maximum(tl.max(v_lo, 1), tl.max(v_hi, 1)) - low
+        v_scale = _scale_for(tl.maximum(span, tl.abs(low) * (15.0 / 1024.0)), 15.0)  # quant_kv.ZERO_STEPS
         n_lo = _int4_codes(v_lo, v_scale, low, 0.0, 15.0).to(tl.uint8)
         n_hi = _int4_codes(v_hi, v_scale, low, 0.0, 15.0).to(tl.uint8)
         tl.store(VC + q_row[:, None] + offs[None, :], n_lo | (n_hi << 4), mask=m2)

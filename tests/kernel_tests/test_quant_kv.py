@@ -361,6 +361,77 @@ def test_int4_asm_applies_to_int4_fast_tiles_on_cuda_alone_and_follows_the_env(m
     assert not _use_int4_asm(True, int4, True, cuda)
 
 
+def test_int4_zero_in_v_applies_to_int4_fast_tiles_and_follows_the_env(monkeypatch):
+    """Folding the zero points into the value tiles needs fp16 value tiles (``fast_dequant``) of an int4 history;
+    on by default there, env ``GENKV_INT4_ZERO_IN_V`` = 0 / 1 and the argument override. It runs under the
+    interpreter too (no PTX), so the CPU tests run it."""
+    from genkv.kernels.block_sparse import _use_int4_zero_in_v
+
+    int8, int4 = 2, 3
+    monkeypatch.delenv("GENKV_INT4_ZERO_IN_V", raising=False)
+    assert _use_int4_zero_in_v(None, int4, True) and not _use_int4_zero_in_v(False, int4, True)
+    assert not _use_int4_zero_in_v(True, int4, False) and not _use_int4_zero_in_v(True, int8, True)
+    monkeypatch.setenv("GENKV_INT4_ZERO_IN_V", "0")
+    assert not _use_int4_zero_in_v(None, int4, True) and _use_int4_zero_in_v(True, int4, True)
+
+
+def test_int4_value_span_keeps_the_zero_point_within_zero_steps_of_the_scale():
+    """Rows whose values sit far from 0 against their spread get a span of at least ``|zero| * 15 / ZERO_STEPS``,
+    so ``|zero / scale|`` stays ~1024 (the fp16 spacing of ``u + zero / scale`` at most 1) and the round trip is
+    off by at most half a step; ordinary rows (straddling 0) keep their own span."""
+    from genkv.kernels.quant_kv import ZERO_STEPS
+
+    g = torch.Generator().manual_seed(5)
+    v = torch.randn(1, 64, 2, 64, generator=g)
+    v[:, :16] = 300 + 0.001 * v[:, :16]  # far: the floor binds
+    v[:, 16:32] = -40 + 0.5 * v[:, 16:32]  # negative, farther than the floor's reach? |zero| 41: span 0.6 binds too
+    hist = quantize_kv(torch.randn(1, 64, 2, 64, generator=g), v, "int4")
+    ratio = (hist.v_zero.float() / hist.v_scale.float()).abs()
+    assert ratio.max() <= ZERO_STEPS * (1 + 2**-10)
+    assert ratio[:, :16].min() > ZERO_STEPS * (1 - 2**-9)  # where it binds, it is what sets the scale
+    _, values = dequantize(hist)
+    step = hist.v_scale.float()[..., None]
+    assert ((values.float() - v).abs() <= 0.5 * step * (1 + 2**-8) + 1e-6).all()
+    ordinary = torch.randn(1, 64, 2, 64, generator=g) + 0.3
+    plain = quantize_kv(torch.randn(1, 64, 2, 64, generator=g), ordinary, "int4")
+    span = ordinary.amax(-1) - plain.v_zero.float()
+    torch.testing.assert_close(plain.v_scale.float(), (span / 15).half().float(), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("bias", [False, True])
+def test_int4_zero_in_v_matches_float64_over_the_dequantized_history(bias):
+    """Zero points added to the value tiles (``int4_zero_in_v``), on whole-history blocks, a block straddling the
+    history's end and the current chunk's; values offset from 0 and some far from it (the span floor binds): the
+    kernel equals float64 attention over the dequantized history within fp16's tolerance, and the zsum path within
+    a few fp16 spacings (it is a different rounding of the same sum)."""
+    from genkv.kernels.block_sparse import block_sparse_attention_triton as run
+
+    g = torch.Generator().manual_seed(31 + bias)
+    b, h, d, bm, bn, s_h, s_cur, s_q = 1, 2, 64, 16, 32, 100, 30, 32
+    v_hist = torch.randn(b, s_h, h, d, generator=g) + 2.0
+    v_hist[:, 40:48] = 30 + 0.01 * v_hist[:, 40:48]
+    hist = quantize_kv(outlier_keys(b, s_h, h, d, g), v_hist, "int4")
+    q, k, v = (torch.randn(b, n, h, d, generator=g).half() for n in (s_q, s_cur, s_cur))
+    n_kv = math.ceil((s_h + s_cur) / bn)  # 5 blocks: 0-2 whole history, 3 straddles (96..127), 4 current
+    idx = torch.arange(n_kv, dtype=torch.int32).expand(b, h, s_q // bm, n_kv).contiguous()
+    counts = torch.full((b, h, s_q // bm), n_kv, dtype=torch.int32)
+    counts[0, 1, 1] = 3  # a row that reads the history alone
+    key_bias = torch.randn(b, s_h + s_cur, h, generator=g).log_softmax(1) if bias else None
+    dev = device_for("triton")
+    args = on(dev, q, k, v, idx, counts)
+    hist_dev = hist.to(dev)
+    kw = dict(history=hist_dev, block_m=bm, block_n=bn, fast_dequant=True,
+              key_bias=None if key_bias is None else key_bias.to(dev))
+    folded, summed = (run(*args, int4_zero_in_v=zero_in_v, **kw).cpu() for zero_in_v in (True, False))
+    keys, values = dequantize(hist)
+    keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
+    want, _ = dense_reference(q, keys, values, allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn), key_bias)
+    torch.testing.assert_close(folded.double(), want, **tolerance(torch.float16, dev))
+    assert not torch.equal(folded, summed)  # the fold ran: another rounding of the same sums
+    torch.testing.assert_close(folded, summed, rtol=4e-3, atol=4e-3)
+
+
 def _run_ptx(asm: str, word: int) -> list[int]:
     """The inline PTX of ``_INT4_TO_FP16_ASM`` executed instruction by instruction as the PTX ISA defines them
     (mov, prmt's default mode, lop3's lookup table, f16x2 sub / fma rounded to nearest) on one input word ``$4``;

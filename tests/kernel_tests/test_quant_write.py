@@ -39,6 +39,7 @@ def _inputs(batch, layers, tokens, heads, dim, seed, dtype=torch.float16):
     k = torch.randn(batch, layers, tokens, heads, dim, generator=g)
     k[..., 2:4] *= 20
     v = torch.randn(batch, layers, tokens, heads, dim, generator=g) * 2 + 0.7
+    v[:, :, 0] = 50 + 0.01 * v[:, :, 0]  # tokens far from 0 against their spread: int4's span floor (ZERO_STEPS)
     channel = torch.exp2(torch.randint(-2, 4, (batch, layers, heads, dim), generator=g).float())
     return k.to(DEVICE, dtype), v.to(DEVICE, dtype), channel.to(DEVICE)
 
