@@ -384,7 +384,7 @@ def test_int4_value_span_keeps_the_zero_point_within_zero_steps_of_the_scale():
     g = torch.Generator().manual_seed(5)
     v = torch.randn(1, 64, 2, 64, generator=g)
     v[:, :16] = 300 + 0.001 * v[:, :16]  # far: the floor binds
-    v[:, 16:32] = -40 + 0.5 * v[:, 16:32]  # negative, farther than the floor's reach? |zero| 41: span 0.6 binds too
+    v[:, 16:32] = -40 + 0.5 * v[:, 16:32]  # offset, but spread: their span (~2.4) is above the floor (~0.6)
     hist = quantize_kv(torch.randn(1, 64, 2, 64, generator=g), v, "int4")
     ratio = (hist.v_zero.float() / hist.v_scale.float()).abs()
     assert ratio.max() <= ZERO_STEPS * (1 + 2**-10)
