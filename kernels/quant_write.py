@@ -34,7 +34,8 @@ import triton
 import triton.language as tl
 
 from .block_sparse import triton_runs_on
-from .quant_kv import KIND_IDS, QuantizedKV, _as_bytes, _fields, _quantize_smoothed, dequantize_values, select_slots
+from .quant_kv import (KIND_IDS, ZERO_STEPS, QuantizedKV, _as_bytes, _fields, _quantize_smoothed, dequantize_values,
+                       select_slots)
 
 _ROWS = 16  # (token, head) rows per program: 16 x 128 channels, a few registers per thread at 4 warps
 _ROUND = tl.constexpr(12582912.0)  # 1.5 * 2^23: (x + R) - R rounds an fp32 |x| < 2^22 to the nearest integer, ties to even
@@ -98,6 +99,7 @@ def _write_rows_kernel(
     stride_sb, stride_ss, stride_sh,  # scales and zero points (B, S, H)
     n_rows, tokens_per_layer, heads,
     KIND: tl.constexpr, HEAD_DIM: tl.constexpr, BLEND: tl.constexpr, ROWS: tl.constexpr,
+    ZERO_STEPS: tl.constexpr,  # int4 values' span floor (quant_kv.ZERO_STEPS)
 ):
     batch = tl.program_id(1).to(tl.int64)
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -144,7 +146,7 @@ def _write_rows_kernel(
         v_zero = v_min.to(tl.float16)
         low = v_zero.to(tl.float32)
         span = tl.maximum(tl.max(v_lo, 1), tl.max(v_hi, 1)) - low
-        v_scale = _scale_for(tl.maximum(span, tl.abs(low) * (15.0 / 1024.0)), 15.0)  # quant_kv.ZERO_STEPS
+        v_scale = _scale_for(tl.maximum(span, tl.abs(low) * (15.0 / ZERO_STEPS)), 15.0)
         n_lo = _int4_codes(v_lo, v_scale, low, 0.0, 15.0).to(tl.uint8)
         n_hi = _int4_codes(v_hi, v_scale, low, 0.0, 15.0).to(tl.uint8)
         tl.store(VC + q_row[:, None] + offs[None, :], n_lo | (n_hi << 4), mask=m2)
@@ -237,7 +239,7 @@ def write_rows(hist: QuantizedKV, slots: torch.Tensor, k: torch.Tensor, v: torch
         hist.k_codes.stride(0), hist.k_codes.stride(1), hist.k_codes.stride(2),
         hist.k_scale.stride(0), hist.k_scale.stride(1), hist.k_scale.stride(2),
         n_rows, tokens, heads,
-        KIND=KIND_IDS[hist.kind], HEAD_DIM=dim, BLEND=blend is not None, ROWS=_ROWS,
+        KIND=KIND_IDS[hist.kind], HEAD_DIM=dim, BLEND=blend is not None, ROWS=_ROWS, ZERO_STEPS=ZERO_STEPS,
         num_warps=4,
         # no fused multiply-adds: the blend and the int4 decode round each product as torch does (bit-identical)
         enable_fp_fusion=False,
