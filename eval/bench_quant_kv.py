@@ -17,8 +17,9 @@ the history's end), as ``RoutedSelfAttention`` runs it; their ratio is to the si
 ``--scales fp16 fp32`` times each quantized history with its scales stored both ways (``GENKV_KV_SCALES``; the same
 values, rows ``KIND/s32`` for fp32), and ``--int4-asm both`` the int4 kernel with its inline-PTX nibble unpacking
 off and on (``GENKV_INT4_ASM``; rows ``int4/asm``, ``int4/noasm``), ``--int4-zero-in-v both`` with the zero
-points in the value tiles off and on (``GENKV_INT4_ZERO_IN_V``; rows ``.../zv``, ``.../nozv``): A/Bs in one process,
-on one GPU's clock.
+points in the value tiles off and on (``GENKV_INT4_ZERO_IN_V``; rows ``.../zv``, ``.../nozv``), ``--int4-scale-in-v
+both`` with their scales there too off and on (``GENKV_INT4_SCALE_IN_V``; rows ``.../sv``, ``.../nosv``; not with
+the zero points off, where it does not apply): A/Bs in one process, on one GPU's clock.
 
 Then routing's key-block means over each storage's history (what ``fastar`` pools once per chunk and layer): the
 one-pass kernel ``genkv.kernels.quant_pool`` against its torch reference (``pool_rows`` in the JSON).
@@ -153,14 +154,15 @@ def pooling_rows(keys: torch.Tensor, values: torch.Tensor, block: int, device: t
 
 def variants(args: argparse.Namespace) -> list[tuple[str, str | None, dict]]:
     """(kind, scale storage, int4 switches) per quantized row: scale storage None keeps the process's default;
-    the switches map ``asm`` / ``zero_in_v`` to on or off where ``both`` asks for the two rows."""
+    the switches map ``asm`` / ``zero_in_v`` / ``scale_in_v`` to on or off where ``both`` asks for the two rows
+    (``scale_in_v`` on only with ``zero_in_v`` not off: the launch ignores it there)."""
     out = []
     for kind in args.kinds:
-        axes = [(name, [False, True]) for name, both in (("asm", args.int4_asm), ("zero_in_v", args.int4_zero_in_v))
-                if both == "both" and kind == "int4"]
+        asked = (("asm", args.int4_asm), ("zero_in_v", args.int4_zero_in_v), ("scale_in_v", args.int4_scale_in_v))
+        axes = [(name, [False, True]) for name, both in asked if both == "both" and kind == "int4"]
         for scales in args.scales or [None]:
-            out += [(kind, scales, dict(zip([n for n, _ in axes], values)))
-                    for values in itertools.product(*[v for _, v in axes])]
+            combos = [dict(zip([n for n, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
+            out += [(kind, scales, c) for c in combos if not (c.get("scale_in_v") and c.get("zero_in_v") is False)]
     return out
 
 
@@ -171,17 +173,19 @@ def variant_name(kind: str, scales: str | None, switches: dict) -> str:
         name += "/asm" if switches["asm"] else "/noasm"
     if "zero_in_v" in switches:
         name += "/zv" if switches["zero_in_v"] else "/nozv"
+    if "scale_in_v" in switches:
+        name += "/sv" if switches["scale_in_v"] else "/nosv"
     return name
 
 
-_SWITCH_ENV = {"asm": "GENKV_INT4_ASM", "zero_in_v": "GENKV_INT4_ZERO_IN_V"}
+_SWITCH_ENV = {"asm": "GENKV_INT4_ASM", "zero_in_v": "GENKV_INT4_ZERO_IN_V", "scale_in_v": "GENKV_INT4_SCALE_IN_V"}
 
 
 @contextlib.contextmanager
 def int4_env(switches: dict):
-    """The int4 launch switches' env (``GENKV_INT4_ASM``, ``GENKV_INT4_ZERO_IN_V``) set while a variant is timed
-    (switches not given: as the process has them). The launch reads them per call, so they are set around the
-    timing loop, not inside the timed calls."""
+    """The int4 launch switches' env (``GENKV_INT4_ASM``, ``GENKV_INT4_ZERO_IN_V``, ``GENKV_INT4_SCALE_IN_V``) set
+    while a variant is timed (switches not given: as the process has them). The launch reads them per call, so they
+    are set around the timing loop, not inside the timed calls."""
     with mock.patch.dict(os.environ, {_SWITCH_ENV[k]: "1" if on else "0" for k, on in switches.items()}):
         yield
 
@@ -204,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="both: int4 rows with GENKV_INT4_ASM=0 and =1")
     parser.add_argument("--int4-zero-in-v", choices=("default", "both"), default="default",
                         help="both: int4 rows with GENKV_INT4_ZERO_IN_V=0 and =1")
+    parser.add_argument("--int4-scale-in-v", choices=("default", "both"), default="default",
+                        help="both: int4 rows with GENKV_INT4_SCALE_IN_V=0 and =1 (zero points in V not off)")
     parser.add_argument("--densities", nargs="+", choices=("dense", "top-k", "fastar"),
                         default=["dense", "top-k", "fastar"], help="which block lists to time (default: all three)")
     parser.add_argument("--launch-sweep", action="store_true",

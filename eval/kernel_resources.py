@@ -24,6 +24,7 @@ import re
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -73,7 +74,8 @@ def load_kernel(path: Path | None):
 
 
 def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8_qk: bool = False,
-                    scales: str = "fp16", int4_asm: bool = False, zero_in_v: bool = False) -> dict:
+                    scales: str = "fp16", int4_asm: bool = False, zero_in_v: bool = False,
+                    scale_in_v: bool = False) -> dict:
     """Compile one launch shape for sm_90 and read its resources (ptxas -v on the PTX) and, from the SASS
     (nvdisasm), its instruction count and its 2-byte global loads (``LDG.E.U16``: scalar, synchronous loads, what
     fp16 scale columns at a stride of H compile to; 4-byte ones become asynchronous copies)."""
@@ -87,14 +89,15 @@ def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8
     consts = dict(HAS_BIAS=args.bias, STORE_LSE=False, MASK_BLOCK_M=128, MASK_BLOCK_N=128, TILE_M=args.tile_m,
                   TILE_N=args.tile_n, HEAD_DIM=args.head_dim, RAGGED=True, WARP_SPECIALIZE=False,
                   USE_TMA=kind == "bf16", HIST_KIND=HIST_KIND[kind], HAS_INIT=resume, FAST_DEQUANT=fast,
-                  INT8_QK=int8_qk, INT4_ASM=int4_asm, INT4_ZERO_IN_V=zero_in_v, LIST_WIDTH=args.list_width,
+                  INT8_QK=int8_qk, INT4_ASM=int4_asm, INT4_ZERO_IN_V=zero_in_v, INT4_SCALE_IN_V=scale_in_v,
+                  LIST_WIDTH=args.list_width,
                   NUM_STAGES=stages)
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in DIVISIBLE}
     # (constants a kernel does not take are dropped: an older checkout's kernel compiles too, for comparisons)
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names},
                     attrs=attrs)
     row = dict(kind=kind, stages=stages, fast_dequant=fast, resume=resume, int8_qk=int8_qk, scales=scales,
-               int4_asm=int4_asm, int4_zero_in_v=zero_in_v)
+               int4_asm=int4_asm, int4_zero_in_v=zero_in_v, int4_scale_in_v=scale_in_v)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                                   options=dict(num_warps=args.warps, num_stages=stages))
@@ -116,14 +119,17 @@ def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8
             "spill_load_bytes": number(r"(\d+) bytes spill loads"),
             "warnings": sorted(set(re.findall(r"\((C\d+)\)", text))),
             "sass_instructions": len(instructions) if sass else None,
-            "global_u16_loads": sum(op == "LDG.E.U16" for op in instructions) if sass else None}
+            "global_u16_loads": sum(op == "LDG.E.U16" for op in instructions) if sass else None,
+            "opcodes": dict(Counter(op.split(".")[0] for op in instructions).most_common()) if sass else None}
 
 
-def applies(kind: str, fast: bool, int8_qk: bool, int4_asm: bool, zero_in_v: bool = False) -> bool:
+def applies(kind: str, fast: bool, int8_qk: bool, int4_asm: bool, zero_in_v: bool = False,
+            scale_in_v: bool = False) -> bool:
     """Whether a switch combination is a launch the library makes: ``fast_dequant`` for int8 / int4, ``int8_qk``
-    for int8, ``int4_asm`` and ``int4_zero_in_v`` for int4 on ``fast_dequant``'s path."""
+    for int8, ``int4_asm`` and ``int4_zero_in_v`` for int4 on ``fast_dequant``'s path, ``int4_scale_in_v`` on
+    ``int4_zero_in_v``'s."""
     return (not fast or kind in ("int8", "int4")) and (not int8_qk or kind == "int8") and \
-        (not (int4_asm or zero_in_v) or (kind == "int4" and fast))
+        (not (int4_asm or zero_in_v) or (kind == "int4" and fast)) and (not scale_in_v or zero_in_v)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="int4 with --fast on: nibbles unpacked by inline PTX (int4_asm)")
     parser.add_argument("--int4-zero-in-v", choices=("off", "on", "both"), default="off",
                         help="int4 with --fast on: zero points added to the value tiles (int4_zero_in_v)")
+    parser.add_argument("--int4-scale-in-v", choices=("off", "on", "both"), default="off",
+                        help="with --int4-zero-in-v on: the value tiles dequantized whole (int4_scale_in_v)")
     parser.add_argument("--int8-qk", choices=("off", "on", "both"), default="off",
                         help="int8_qk variants (int8 histories only: logits from an int8 x int8 dot)")
     parser.add_argument("--head-dim", type=int, default=128)
@@ -160,15 +168,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"needs triton with its NVIDIA backend ({error})")
     fast_options, qk_options = SWITCH_VALUES[args.fast], SWITCH_VALUES[args.int8_qk]
     rows = []
-    for kind, stages, fast, resume, int8_qk, scales, int4_asm, zero_in_v in itertools.product(
+    for kind, stages, fast, resume, int8_qk, scales, int4_asm, zero_in_v, scale_in_v in itertools.product(
             args.kinds, args.stages, fast_options, [False, True] if args.resume else [False], qk_options, args.scales,
-            SWITCH_VALUES[args.int4_asm], SWITCH_VALUES[args.int4_zero_in_v]):
-        if not applies(kind, fast, int8_qk, int4_asm, zero_in_v) or (kind == "bf16" and scales != args.scales[0]):
+            SWITCH_VALUES[args.int4_asm], SWITCH_VALUES[args.int4_zero_in_v], SWITCH_VALUES[args.int4_scale_in_v]):
+        if not applies(kind, fast, int8_qk, int4_asm, zero_in_v, scale_in_v) or \
+                (kind == "bf16" and scales != args.scales[0]):
             continue  # (a bf16 history has no scales: one variant)
-        rows.append(compile_variant(kind, stages, fast, resume, args, int8_qk, scales, int4_asm, zero_in_v))
+        rows.append(compile_variant(kind, stages, fast, resume, args, int8_qk, scales, int4_asm, zero_in_v,
+                                    scale_in_v))
         r = rows[-1]
         name = (f"{kind:>5s} stages {stages} fast {fast!s:5s} resume {resume!s:5s} int8_qk {int8_qk!s:5s} "
-                f"scales {scales} int4_asm {int4_asm!s:5s} zero_in_v {zero_in_v!s:5s}")
+                f"scales {scales} int4_asm {int4_asm!s:5s} zero_in_v {zero_in_v!s:5s} scale_in_v {scale_in_v!s:5s}")
         if "error" in r:
             print(f"{name}: {r['error']}", flush=True)
         else:

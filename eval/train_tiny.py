@@ -219,7 +219,12 @@ def finetune_decoder(vae, pool: np.ndarray, args, device, log: list) -> None:
         x = to_video_tensor(pool[rng.integers(0, len(pool), args.vae_batch)], device)  # whole clips
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
             with torch.no_grad():
-                z = vae.encode(x).latent_dist.sample()  # sampled, as in the VAE phase: some slack for generated latents
+                # Sampled (noise 1), as in the VAE phase: slack for generated latents. The posterior's std is as
+                # large as the means' own spread in some channels (sprites-vae-v3), so a decoder trained on samples
+                # learns to ignore them and draws blurred, washed-out sprites from the means the transformer
+                # learned; --decoder-noise below 1 trains it closer to those means.
+                posterior = vae.encode(x).latent_dist
+                z = posterior.mean + args.decoder_noise * posterior.std * torch.randn_like(posterior.std)
             recon = vae.decode(z).sample
         recon = recon.float()
         loss = reconstruction_loss(recon, x, args.sprite_weight)
@@ -469,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decoder-minutes", type=float, default=0.0,
                         help="then train the VAE decoder alone on whole clips (encoder frozen; see finetune_decoder)")
     parser.add_argument("--decoder-lr", type=float, default=3e-4)
+    parser.add_argument("--decoder-noise", type=float, default=1.0,
+                        help="posterior noise in the decoder phase's latents, as a share of its std (1: samples, "
+                        "0: the means, as the transformer learned them)")
     parser.add_argument("--sprite-weight", type=float, default=1.0,
                         help="weight of sprite pixels against the background in the VAE / decoder loss")
     parser.add_argument("--context-noise", type=float, default=0.1)

@@ -122,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--lr-final", type=float, default=0.1, help="learning rate at the end, as a share of --lr")
     parser.add_argument("--sprite-weight", type=float, default=10.0)
+    parser.add_argument("--latent-noise", type=float, default=1.0,
+                        help="posterior noise in the training latents, as a share of its std (1: samples, 0: means)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--log", type=Path, default=None, help="write the training log here (JSON)")
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         idx = rng.integers(0, len(clips), args.batch)
         first = int(rng.integers(0, positions)) * CHUNK
         stop = first + args.window * CHUNK
-        z = mean[idx] + std[idx] * torch.randn_like(mean[idx])
+        z = mean[idx] + args.latent_noise * std[idx] * torch.randn_like(mean[idx])
         recon = decode_window(vae, z, first, stop)
         a, b = pixel_span(first, stop)
         x = to_video_tensor(clips[idx, a:b], vae.device)

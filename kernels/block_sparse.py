@@ -176,11 +176,16 @@ if triton is not None:
         return low, high
 
     @triton.jit
-    def _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n, in_hist, HAS_ZERO: tl.constexpr):
+    def _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n, in_hist, HAS_ZERO: tl.constexpr,
+                      HAS_V: tl.constexpr = True):
         """Per-token key scale, value scale and (int4) value zero point as column vectors: 1, 1 and 0 on
-        columns outside the history (the current chunk's full-precision keys)."""
+        columns outside the history (the current chunk's full-precision keys). ``HAS_V`` False: the value tiles
+        hold their scales already (``_dequantized_values``): the key scales stand in, never read."""
         k_col = tl.load(hks_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
-        v_col = tl.load(hvs_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
+        if HAS_V:
+            v_col = tl.load(hvs_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
+        else:
+            v_col = k_col
         if HAS_ZERO:
             v_zero = tl.load(hvz_base + offs_n * stride_ss, mask=in_hist, other=0.0).to(tl.float32)
         else:
@@ -231,17 +236,21 @@ if triton is not None:
     @triton.jit
     def _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col, v_col, v_zero, acc_lo, acc_hi, zsum, m_i,
                             l_i, bias_base, offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS: tl.constexpr,
-                            RAGGED: tl.constexpr, ZSUM: tl.constexpr = True):
+                            RAGGED: tl.constexpr, ZSUM: tl.constexpr = True, P_SCALED: tl.constexpr = True):
         """One tile of an int4-history head held as two channel halves: logits are the sum of the two halves'
         dots; each half of the output gets its own PV dot. int4 values' zero points add ``sum_j p_j zero_j`` to
         every channel: that goes to ``zsum``, a per-row accumulator rescaled like ``l`` (0 on current columns).
         Added to the dot's accumulator instead, it serialised the wgmmas and spilled registers (ptxas C7515).
         ``ZSUM`` False: the value tiles already hold their zero points (``_zero_in_values``), so only the
-        rescale is left."""
+        rescale is left. ``P_SCALED`` False: they hold their scales too (``_dequantized_values``), so p goes into
+        the PV dots as it is."""
         qk = (tl.dot(q_lo, tl.trans(k_lo)) + tl.dot(q_hi, tl.trans(k_hi))) * (qk_scale * k_col)[None, :]
         qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
         p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
-        pw = (p * v_col[None, :]).to(v_lo.dtype)
+        if P_SCALED:
+            pw = (p * v_col[None, :]).to(v_lo.dtype)
+        else:
+            pw = p.to(v_lo.dtype)
         if ZSUM:
             zsum = zsum * alpha + tl.sum(p * v_zero[None, :], 1)
         else:
@@ -260,6 +269,17 @@ if triton is not None:
         v_zero = tl.load(hvz_base + offs_n * stride_ss).to(tl.float32)
         shift = (v_zero / v_scale).to(tl.float16)[:, None]
         return v_lo + shift, v_hi + shift
+
+    @triton.jit
+    def _dequantized_values(v_lo, v_hi, hvs_base, hvz_base, stride_ss, offs_n):
+        """Whole-history fp16 value tiles (codes ``u``) as ``u * scale + zero`` per key row, one fp16 fma an element:
+        the values themselves, so p enters the PV dots unscaled (no multiply per logit, one scale load a tile, not
+        two). The rounding is ``_zero_in_values``' (half an fp16 spacing of the value, with ``zero`` rounded to fp16
+        first: ``|zero| <= 1024 scale`` keeps both within 1/4 step; ``quant_kv.ZERO_STEPS``); a value must be
+        within fp16's range (|v| < 65504), as q already must on this path."""
+        v_scale = tl.load(hvs_base + offs_n * stride_ss).to(tl.float16)[:, None]
+        v_zero = tl.load(hvz_base + offs_n * stride_ss).to(tl.float16)[:, None]
+        return v_lo * v_scale + v_zero, v_hi * v_scale + v_zero
 
     @triton.jit
     def _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, ch_lo, ch_hi, offs_n,
@@ -312,12 +332,14 @@ if triton is not None:
                      bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N: tl.constexpr,
                      TILE_N: tl.constexpr, HALF: tl.constexpr, HAS_BIAS: tl.constexpr, MERGED: tl.constexpr,
                      RAGGED: tl.constexpr, STAGES: tl.constexpr, FAST: tl.constexpr = False,
-                     ASM: tl.constexpr = False, ZERO_IN_V: tl.constexpr = False):
+                     ASM: tl.constexpr = False, ZERO_IN_V: tl.constexpr = False,
+                     SCALE_IN_V: tl.constexpr = False):
         """List entries [first, last) of an int4-history head. ``MERGED`` False: blocks wholly inside the
         history, q already times the smoothing factors, no ragged mask; True: any block, both sources merged.
         ``STAGES``: the loop's software-pipelining depth. ``FAST`` (whole-history blocks only): codes built as
         fp16 from bits, q in fp16; ``ASM``: those bits set by inline PTX (see ``_int4_halves``); ``ZERO_IN_V``
-        (with ``FAST``): the zero points added to the value tiles (``_zero_in_values``) instead of ``zsum``."""
+        (with ``FAST``): the zero points added to the value tiles (``_zero_in_values``) instead of ``zsum``;
+        ``SCALE_IN_V`` (with ``ZERO_IN_V``): the value tiles dequantized whole (``_dequantized_values``), p unscaled."""
         for i in tl.range(first, last, num_stages=STAGES):
             block = tl.load(idx_row + i)
             for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
@@ -325,14 +347,16 @@ if triton is not None:
                 k_lo, k_hi, v_lo, v_hi = _load_int4_tile(k_base, v_base, stride_ks, stride_vs, hk_base, hv_base,
                                                          stride_hs, ch_lo, ch_hi, offs_n, hist_len, kv_len, HALF,
                                                          MERGED, q_lo.dtype, FAST, ASM)
-                if ZERO_IN_V:
+                if SCALE_IN_V:
+                    v_lo, v_hi = _dequantized_values(v_lo, v_hi, hvs_base, hvz_base, stride_ss, offs_n)
+                elif ZERO_IN_V:
                     v_lo, v_hi = _zero_in_values(v_lo, v_hi, hvs_base, hvz_base, stride_ss, offs_n)
                 k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
-                                                     offs_n < hist_len, not ZERO_IN_V)
+                                                     offs_n < hist_len, not ZERO_IN_V, not SCALE_IN_V)
                 acc_lo, acc_hi, zsum, m_i, l_i = _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col,
                                                                      v_col, v_zero, acc_lo, acc_hi, zsum, m_i, l_i,
                                                                      bias_base, offs_n, kv_len, qk_scale, stride_bs,
-                                                                     HAS_BIAS, RAGGED, not ZERO_IN_V)
+                                                                     HAS_BIAS, RAGGED, not ZERO_IN_V, not SCALE_IN_V)
         return acc_lo, acc_hi, zsum, m_i, l_i
 
     @triton.jit
@@ -431,6 +455,7 @@ if triton is not None:
         INT8_QK: tl.constexpr,
         INT4_ASM: tl.constexpr,
         INT4_ZERO_IN_V: tl.constexpr,
+        INT4_SCALE_IN_V: tl.constexpr,
         LIST_WIDTH: tl.constexpr,
         NUM_STAGES: tl.constexpr,
     ):
@@ -541,7 +566,8 @@ if triton is not None:
                     idx_row, 0, n_whole, qc_lo, qc_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base,
                     stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                     bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2,
-                    HAS_BIAS, False, False, NUM_STAGES, FAST_DEQUANT, INT4_ASM, INT4_ZERO_IN_V)
+                    HAS_BIAS, False, False, NUM_STAGES, FAST_DEQUANT, INT4_ASM, INT4_ZERO_IN_V,
+                    INT4_SCALE_IN_V)
                 acc_lo, acc_hi, zsum, m_i, l_i = _int4_blocks(
                     idx_row, n_whole, merged_end, q_lo, q_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base,
                     v_base, stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base,
@@ -758,6 +784,15 @@ def _use_int4_zero_in_v(requested: bool | None, hist_kind: int, fast_dequant: bo
     return _switch(requested, "GENKV_INT4_ZERO_IN_V", default=True)
 
 
+def _use_int4_scale_in_v(requested: bool | None, hist_kind: int, zero_in_v: bool) -> bool:
+    """Whether whole-history int4 tiles carry their scales in the value tiles too (see ``int4_scale_in_v``
+    below): on ``int4_zero_in_v``'s path only. Default (``None``): env ``GENKV_INT4_SCALE_IN_V`` (``1`` / ``0``)
+    if set, else off until timed on a GPU."""
+    if hist_kind != _HIST_KINDS["int4"] or not zero_in_v:
+        return False
+    return _switch(requested, "GENKV_INT4_SCALE_IN_V", default=False)
+
+
 def _switch(requested: bool | None, env: str, default: bool) -> bool:
     """A launch switch: the argument if given, else env ``env`` (``1`` / ``0``) if set, else ``default``."""
     return bool(requested) if requested is not None else env_flag(env, default)
@@ -788,6 +823,7 @@ def block_sparse_attention_triton(
     int8_qk: bool | None = None,
     int4_asm: bool | None = None,
     int4_zero_in_v: bool | None = None,
+    int4_scale_in_v: bool | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
@@ -829,6 +865,12 @@ def block_sparse_attention_triton(
     per logit, and the zero points' loads in the logits' layout) goes. Off the exact path by at most half an
     fp16 spacing of ``u + zero / scale`` per value (see ``quant_kv.ZERO_STEPS``).
 
+    ``int4_scale_in_v`` (with ``int4_zero_in_v``; default: env ``GENKV_INT4_SCALE_IN_V`` = ``1`` / ``0`` if set,
+    else off): the whole-history value tiles become the values themselves, ``u * scale + zero`` in one fp16 fma
+    an element (which replaces ``int4_zero_in_v``'s add), so p enters the PV dots unscaled: no multiply per
+    logit, and one load of the value scales a tile instead of two. Off the exact path by the same bound (half an
+    fp16 spacing of the value, ``zero`` itself rounded to fp16); the values must lie within fp16's range.
+
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
     softmax and returns the attention over both key sets, as :func:`merge_attention_partials` would, with no
@@ -848,6 +890,7 @@ def block_sparse_attention_triton(
     int8_qk = _use_int8_qk(int8_qk, hist_kind, q.dtype)
     int4_asm = _use_int4_asm(int4_asm, hist_kind, fast_dequant, q.device)
     int4_zero_in_v = _use_int4_zero_in_v(int4_zero_in_v, hist_kind, fast_dequant)
+    int4_scale_in_v = _use_int4_scale_in_v(int4_scale_in_v, hist_kind, int4_zero_in_v)
     b, s_q, h, d = q.shape
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
@@ -903,6 +946,7 @@ def block_sparse_attention_triton(
         INT8_QK=int8_qk,
         INT4_ASM=int4_asm,
         INT4_ZERO_IN_V=int4_zero_in_v,
+        INT4_SCALE_IN_V=int4_scale_in_v,
         LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
         NUM_STAGES=stages,
         num_warps=num_warps or (8 if d >= 128 else 4),

@@ -46,3 +46,21 @@ def test_scale_storage_and_int4_switch_variants_are_rows_of_one_process(tmp_path
         assert rows[wide]["rel_err"] == rows[kind]["rel_err"]
         assert rows[wide]["history_bytes"] - rows[kind]["history_bytes"] == 2 * scale_fields * tokens_heads
     assert len({rows[k]["rel_err"] for k in int4}) == 1
+
+
+def test_scale_in_v_rows_come_only_where_the_zero_points_are_in_v_too():
+    """``--int4-scale-in-v both``: a row with it off and one with it on, but none with the zero points off and the
+    scales on (the launch ignores the scales switch there: two rows would time one kernel)."""
+    import argparse
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    import bench_quant_kv
+
+    def names(zero, scale):
+        args = argparse.Namespace(kinds=["int8", "int4"], scales=None, int4_asm="default", int4_zero_in_v=zero,
+                                  int4_scale_in_v=scale)
+        return [bench_quant_kv.variant_name(*v) for v in bench_quant_kv.variants(args)]
+
+    assert names("both", "both") == ["int8", "int4/nozv/nosv", "int4/zv/nosv", "int4/zv/sv"]
+    assert names("default", "both") == ["int8", "int4/nosv", "int4/sv"]
+    assert names("default", "default") == ["int8", "int4"]

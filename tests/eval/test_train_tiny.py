@@ -175,3 +175,33 @@ def test_first_chunk_share_outside_zero_to_one_is_refused(capsys):
     with pytest.raises(SystemExit):
         train_tiny.main(["--out", "unused", "--smoke", "--first-chunk-share", "1.5"])
     assert "--first-chunk-share 1.5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.5])
+def test_decoder_phase_draws_its_latents_at_the_asked_share_of_the_posterior_noise(noise, monkeypatch):
+    """`--decoder-noise s`: the decoder trains on ``mean + s * std * eps`` of the frozen encoder's posterior (0:
+    the means the transformer learned; 1, the default: samples). Checked against the posterior itself: the
+    residual over s * std is standard normal noise (none at all at 0)."""
+    import argparse
+
+    import numpy as np
+
+    from genkv.testing import tiny_wan_vae
+
+    vae = tiny_wan_vae(seed=3)
+    pool = np.random.default_rng(0).integers(0, 256, (4, 9, 16, 16, 3), dtype=np.uint8)
+    seen = []
+    decode = vae.decode
+    monkeypatch.setattr(vae, "decode", lambda z: seen.append(z.detach().clone()) or decode(z))
+    args = argparse.Namespace(decoder_lr=0.0, seed=0, decoder_minutes=1.0, max_steps=1, vae_batch=2,
+                              sprite_weight=1.0, decoder_noise=noise)
+    train_tiny.finetune_decoder(vae, pool, args, torch.device("cpu"), [])
+    idx = np.random.default_rng(args.seed + 1).integers(0, len(pool), args.vae_batch)  # the clips it drew
+    with torch.no_grad():
+        posterior = vae.encode(train_tiny.to_video_tensor(pool[idx], "cpu")).latent_dist
+    (z,) = seen
+    if noise == 0:
+        torch.testing.assert_close(z, posterior.mean, rtol=0, atol=1e-5)
+    else:
+        eps = (z - posterior.mean) / (noise * posterior.std)
+        assert abs(eps.mean().item()) < 0.1 and 0.9 < eps.std().item() < 1.1

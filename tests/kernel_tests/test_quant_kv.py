@@ -398,13 +398,28 @@ def test_int4_value_span_keeps_the_zero_point_within_zero_steps_of_the_scale():
     torch.testing.assert_close(plain.v_scale.float(), (span / 15).half().float(), rtol=0, atol=0)
 
 
+def test_int4_scale_in_v_rides_on_zero_in_v_and_follows_the_env(monkeypatch):
+    """The value tiles take their scales (``int4_scale_in_v``) only where they already take their zero points;
+    off by default (untimed), env ``GENKV_INT4_SCALE_IN_V`` = 1 / 0 and the argument override."""
+    from genkv.kernels.block_sparse import _use_int4_scale_in_v
+
+    int8, int4 = 2, 3
+    monkeypatch.delenv("GENKV_INT4_SCALE_IN_V", raising=False)
+    assert not _use_int4_scale_in_v(None, int4, True) and _use_int4_scale_in_v(True, int4, True)
+    assert not _use_int4_scale_in_v(True, int4, False) and not _use_int4_scale_in_v(True, int8, True)
+    monkeypatch.setenv("GENKV_INT4_SCALE_IN_V", "1")
+    assert _use_int4_scale_in_v(None, int4, True) and not _use_int4_scale_in_v(False, int4, True)
+
+
 @pytest.mark.skipif(not triton_available(), reason="triton is not installed")
+@pytest.mark.parametrize("scale_in_v", [False, True], ids=["zero_in_v", "scale_in_v"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_int4_zero_in_v_matches_float64_over_the_dequantized_history(bias):
-    """Zero points added to the value tiles (``int4_zero_in_v``), on whole-history blocks, a block straddling the
-    history's end and the current chunk's; values offset from 0 and some far from it (the span floor binds): the
-    kernel equals float64 attention over the dequantized history within fp16's tolerance, and the zsum path within
-    a few fp16 spacings (it is a different rounding of the same sum)."""
+def test_int4_zero_in_v_matches_float64_over_the_dequantized_history(bias, scale_in_v):
+    """Zero points added to the value tiles (``int4_zero_in_v``), and with ``int4_scale_in_v`` the value tiles
+    dequantized whole (p unscaled), on whole-history blocks, a block straddling the history's end and the current
+    chunk's; values offset from 0 and some far from it (the span floor binds): the kernel equals float64 attention
+    over the dequantized history within fp16's tolerance, and the zsum path within a few fp16 spacings (it is a
+    different rounding of the same sum)."""
     from genkv.kernels.block_sparse import block_sparse_attention_triton as run
 
     g = torch.Generator().manual_seed(31 + bias)
@@ -423,13 +438,16 @@ def test_int4_zero_in_v_matches_float64_over_the_dequantized_history(bias):
     hist_dev = hist.to(dev)
     kw = dict(history=hist_dev, block_m=bm, block_n=bn, fast_dequant=True,
               key_bias=None if key_bias is None else key_bias.to(dev))
-    folded, summed = (run(*args, int4_zero_in_v=zero_in_v, **kw).cpu() for zero_in_v in (True, False))
+    folded, summed = (run(*args, int4_zero_in_v=zero_in_v, int4_scale_in_v=scale_in_v, **kw).cpu()
+                      for zero_in_v in (True, False))
     keys, values = dequantize(hist)
     keys, values = torch.cat([keys.double(), k.double()], 1), torch.cat([values.double(), v.double()], 1)
     want, _ = dense_reference(q, keys, values, allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn), key_bias)
     torch.testing.assert_close(folded.double(), want, **tolerance(torch.float16, dev))
     assert not torch.equal(folded, summed)  # the fold ran: another rounding of the same sums
     torch.testing.assert_close(folded, summed, rtol=4e-3, atol=4e-3)
+    if scale_in_v:  # and it is not zero_in_v's fold either
+        assert not torch.equal(folded, run(*args, int4_zero_in_v=True, int4_scale_in_v=False, **kw).cpu())
 
 
 def _run_ptx(asm: str, word: int) -> list[int]:
