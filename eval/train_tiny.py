@@ -220,9 +220,9 @@ def finetune_decoder(vae, pool: np.ndarray, args, device, log: list) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=AUTOCAST):
             with torch.no_grad():
                 # Sampled (noise 1), as in the VAE phase: slack for generated latents. The posterior's std is as
-                # large as the means' own spread in some channels (sprites-vae-v3), so a decoder trained on samples
-                # learns to ignore them and draws blurred, washed-out sprites from the means the transformer
-                # learned; --decoder-noise below 1 trains it closer to those means.
+                # large as the means' own spread in some channels (sprites-vae-v3), so --decoder-noise below 1
+                # trains nearer the means the transformer learned (a short CPU A/B of 0 vs 1 in tune_decoder.py:
+                # no consistent difference yet).
                 posterior = vae.encode(x).latent_dist
                 z = posterior.mean + args.decoder_noise * posterior.std * torch.randn_like(posterior.std)
             recon = vae.decode(z).sample

@@ -274,9 +274,10 @@ if triton is not None:
     def _dequantized_values(v_lo, v_hi, hvs_base, hvz_base, stride_ss, offs_n):
         """Whole-history fp16 value tiles (codes ``u``) as ``u * scale + zero`` per key row, one fp16 fma an element:
         the values themselves, so p enters the PV dots unscaled (no multiply per logit, one scale load a tile, not
-        two). The rounding is ``_zero_in_values``' (half an fp16 spacing of the value, with ``zero`` rounded to fp16
-        first: ``|zero| <= 1024 scale`` keeps both within 1/4 step; ``quant_kv.ZERO_STEPS``); a value must be
-        within fp16's range (|v| < 65504), as q already must on this path."""
+        two). Two roundings, ``zero`` to fp16 and the fma's result, each within half an fp16 spacing: < 1/128 of a
+        step where the values straddle 0 (``|zero| <= 15 scale``), at most half a step where ``quant_kv.ZERO_STEPS``'
+        floor binds (``|zero|`` up to 1024 steps), as for ``_zero_in_values``. A value must lie within fp16's range
+        (|v| < 65504), as q already must on this path."""
         v_scale = tl.load(hvs_base + offs_n * stride_ss).to(tl.float16)[:, None]
         v_zero = tl.load(hvz_base + offs_n * stride_ss).to(tl.float16)[:, None]
         return v_lo * v_scale + v_zero, v_hi * v_scale + v_zero
