@@ -80,3 +80,20 @@ def test_script_tunes_a_saved_pipeline_and_keeps_the_rest(tmp_path):
         tune_decoder.main(["--model", str(model), "--out", str(model)])
     with pytest.raises(SystemExit):
         tune_decoder.main(["--model", str(model), "--out", str(out), "--clip-frames", "20"])
+
+
+def test_window_loss_weights_frame_0_as_a_frame_weighted_mean():
+    """``--first-frame-weight``: in a window at the video's start the loss is the frame-weighted mean of the
+    per-frame L1 + MSE (frame 0 weighted w, the others 1), float64 per-frame reference; later windows, and w = 1,
+    are the plain loss."""
+    g = torch.Generator().manual_seed(0)
+    recon, x = (torch.rand(2, 3, 9, 8, 8, generator=g, dtype=torch.float64) * 2 - 1 for _ in range(2))
+    per_frame = ((recon - x).abs() + (recon - x).square()).mean(dim=(0, 1, 3, 4))
+    weights = torch.ones(9, dtype=torch.float64)
+    weights[0] = 9.0
+    expected = (per_frame * weights).sum() / weights.sum()
+    torch.testing.assert_close(tune_decoder.window_loss(recon, x, 0, 1.0, 9.0), expected, rtol=1e-12, atol=0)
+    plain = tune_decoder.reconstruction_loss(recon, x, 1.0)
+    assert not torch.isclose(expected, plain)
+    torch.testing.assert_close(tune_decoder.window_loss(recon, x, 3, 1.0, 9.0), plain, rtol=0, atol=0)
+    torch.testing.assert_close(tune_decoder.window_loss(recon, x, 0, 1.0, 1.0), plain, rtol=0, atol=0)
