@@ -117,16 +117,19 @@ def plot(results: dict, path: Path) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.5))
-    for spec, r in results.items():
+    # One colour per method in every panel: the reference has no PSNR / SSIM curve, so the default colour cycle
+    # would give a method one colour in the first two panels and another in the last two.
+    for i, (spec, r) in enumerate(results.items()):
+        colour = f"C{i}"
         if "psnr" in r:
-            axes[0].plot(np.minimum(r["psnr"], 60), label=spec)
-            axes[1].plot(r["ssim"], label=spec)
-        axes[2].plot(r["persistence"]["objects_per_frame"], label=spec)
-        axes[3].plot(r["flicker"], label=spec)
+            axes[0].plot(np.minimum(r["psnr"], 60), label=spec, color=colour)
+            axes[1].plot(r["ssim"], label=spec, color=colour)
+        axes[2].plot(r["persistence"]["objects_per_frame"], label=spec, color=colour)
+        axes[3].plot(r["flicker"], label=spec, color=colour)
     for ax, title in zip(axes, ("PSNR vs full (dB, capped 60)", "SSIM vs full", "sprites present", "flicker")):
         ax.set_title(title)
         ax.set_xlabel("frame")
-    axes[0].legend(fontsize=7)
+    axes[3].legend(fontsize=7)  # the last panel has every method, the reference too
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True

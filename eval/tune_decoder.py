@@ -88,8 +88,8 @@ def window_loss(recon: torch.Tensor, x: torch.Tensor, first_latent: int, sprite_
     Why: frame 0 is decoded alone from a cold cache (the one latent frame that holds one pixel frame), and it is
     the frame image-to-video shows first and a single-image round trip reproduces. A window of one chunk holds 9
     frames at the start and windows start there a quarter of the time (45-frame clips), so frame 0 is 1/36 of the
-    signal: m3's decoder tuned that way lost 6.6 dB on a single image (26.3 -> 19.7 dB, a red circle). Weighting
-    it 9 times gives it about as much as the other 8 frames of its chunk together.
+    signal: m3d (m3 with its decoder tuned that way) round-tripped a single image (a red circle) at 19.7 dB, v2
+    at 26.3. Weighting it 9 times gives it about as much as the other 8 frames of its chunk together.
 
     Example:
         >>> import torch
@@ -153,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latent-noise", type=float, default=1.0,
                         help="posterior noise in the training latents, as a share of its std (1: samples, 0: means)")
     parser.add_argument("--first-frame-weight", type=float, default=1.0,
-                        help="the video's frame 0 weighted this many times the others (see window_loss; 9: its chunk's share)")
+                        help="the video's frame 0 weighted this many times the others (window_loss; 9: as the rest "
+                             "of its chunk)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--log", type=Path, default=None, help="write the training log here (JSON)")
