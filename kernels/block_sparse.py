@@ -791,7 +791,7 @@ def _use_int4_scale_in_v(requested: bool | None, hist_kind: int, zero_in_v: bool
     if set, else on, as timed on an H100 (Wan shapes, one run, 2026-12-06): on ``fastar``'s lists the split read (the
     CUDA default) 0.896 ms vs 0.967 without, one kernel call 1.232 vs 1.289; on top-16 lists 0.599 vs 0.629 and
     0.746 vs 0.787; the compiled ``fastar`` rollout's int4 chunk 354.5 ms vs 359.5 (1.055x vs 1.073x its bf16
-    chunk)."""
+    chunk; 1.057x over 2000 frames)."""
     if hist_kind != _HIST_KINDS["int4"] or not zero_in_v:
         return False
     return _switch(requested, "GENKV_INT4_SCALE_IN_V", default=True)
