@@ -91,6 +91,9 @@ def window_loss(recon: torch.Tensor, x: torch.Tensor, first_latent: int, sprite_
     signal: m3d (m3 with its decoder tuned that way) round-tripped a single image (a red circle) at 19.7 dB, v2
     at 26.3. Weighting it 9 times gives it about as much as the other 8 frames of its chunk together.
 
+    The frame weight is exact at ``sprite_weight`` 1; above it each of the two terms normalises its own sprite
+    weights (``reconstruction_loss``), so frame 0's share also moves with how much of it is sprite.
+
     Example:
         >>> import torch
         >>> recon, x = torch.zeros(1, 3, 9, 4, 4), torch.zeros(1, 3, 9, 4, 4)
