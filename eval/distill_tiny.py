@@ -142,6 +142,22 @@ def distill(student, pipe, prompts: list[str], latents: torch.Tensor, states: to
     end_training(student, params, averaged)
 
 
+def student_from(pipe):
+    """A trainable copy of the teacher's transformer: diffusers' own block forward and attention processors back.
+    The pipeline patches its blocks with the fused inference kernels (CUDA, half precision, autocast included),
+    which have no backward, and its processors read and write the rollout's cache; the teacher keeps both."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from genkv.pipelines.self_forcing.fused_block import remove_fused_blocks
+
+    student = copy.deepcopy(pipe.transformer)
+    remove_fused_blocks(student)
+    for block in student.blocks:
+        block.attn1.set_processor(WanAttnProcessor())
+        block.attn2.set_processor(WanAttnProcessor())
+    return student
+
+
 def student_pipeline(pipe, student):
     """The teacher's pipeline with the student's transformer, a 4-step Euler scheduler and guidance 1."""
     from genkv.pipelines import SelfForcingPipeline, SelfForcingScheduler
@@ -191,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         latents, states = teacher_trajectories(pipe, prompts, args.frames, args.teacher_batch, args.seed, record)
     log.append({"phase": "teacher_done", "clips": len(prompts), "seconds": time.time() - t0,
                 "latent_shape": list(latents.shape)})
-    student = copy.deepcopy(pipe.transformer)
+    student = student_from(pipe)
     distill(student, pipe, prompts, latents, states, args, log)
     out = student_pipeline(pipe, student)
     out.to("cpu", torch.float16)

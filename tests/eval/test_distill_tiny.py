@@ -57,3 +57,19 @@ def test_the_smoke_run_saves_a_four_step_student_without_guidance(tmp_path):
     student.transformer.register_forward_hook(lambda *args: forwards.append(1))
     frames = student("a red circle moving left", num_frames=9, output_type="uint8").frames[0]
     assert frames.shape[0] == 9 and len(forwards) == 5  # 4 steps, one forward each (no guidance), + the clean pass
+
+
+def test_the_student_is_a_trainable_copy_and_the_teacher_keeps_its_inference_blocks(teacher):
+    """The pipeline patches its blocks with the fused inference kernels (no backward on CUDA, where training's
+    first backward failed): the student gets diffusers' forward and processors back, the teacher keeps them."""
+    from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+    from genkv.pipelines.self_forcing.fused_block import is_fused
+
+    assert any(is_fused(block) for block in teacher.transformer.blocks)
+    student = distill_tiny.student_from(teacher)
+    assert not any(is_fused(block) for block in student.blocks)
+    assert all(is_fused(block) for block in teacher.transformer.blocks)
+    assert all(type(block.attn1.processor) is WanAttnProcessor and type(block.attn2.processor) is WanAttnProcessor
+               for block in student.blocks)
+    assert student.blocks[0].attn1 is not teacher.transformer.blocks[0].attn1
