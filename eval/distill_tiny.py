@@ -145,11 +145,15 @@ def distill(student, pipe, prompts: list[str], latents: torch.Tensor, states: to
 def student_from(pipe):
     """A trainable copy of the teacher's transformer: diffusers' own block forward and attention processors back.
     The pipeline patches its blocks with the fused inference kernels (CUDA, half precision, autocast included),
-    which have no backward, and its processors read and write the rollout's cache; the teacher keeps both."""
+    which have no backward, and its processors read and write the rollout's cache; the teacher keeps both. The
+    teacher's last rollout cache (GBs after a batch of 256 clips) is dropped first, not copied: every rollout
+    starts by resetting it anyway."""
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+    from genkv.api import get_store
     from genkv.pipelines.self_forcing.fused_block import remove_fused_blocks
 
+    get_store(pipe.transformer).reset()
     student = copy.deepcopy(pipe.transformer)
     remove_fused_blocks(student)
     for block in student.blocks:
