@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--radius", type=float, nargs=2, default=list(TRAINING_RADIUS), metavar=("LOW", "HIGH"),
                         help="sprite radius range of the reference videos, fractions of the frame (the training "
                         "clips')")
+    parser.add_argument("--room-frames", type=int, default=0,
+                        help="the reference videos' sprites start with this many frames of room the asked way "
+                             "(train_tiny's --room-frames; the prompts do not change)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     if args.seeds < 0:
@@ -87,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     size = pipe.config.default_height
     try:
         data = [make_video(seed=s, num_frames=args.frames, max_objects=2, size=size,
-                           backgrounds=tuple(args.backgrounds), radius=tuple(args.radius)) for s in range(args.prompts)]
-    except ValueError as error:  # an unknown background or a radius outside (0, 0.5)
+                           backgrounds=tuple(args.backgrounds), radius=tuple(args.radius), room_frames=args.room_frames)
+                for s in range(args.prompts)]
+    except ValueError as error:  # an unknown background, a radius outside (0, 0.5), a negative room
         parser.error(str(error))
     rendered, references = [], []
     spans = {"before": [], "from": []}  # the renders measured over frames [0, split) and [split, end)
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"model": args.model, "method": args.method, "frames": args.frames, "prompts": args.prompts,
               "denoising_step_list": [int(t) for t in pipe.scheduler.config.denoising_step_list],
               "seeds": args.seeds, "guidance_scale": args.guidance, "backgrounds": args.backgrounds,
-              "radius": args.radius, "model_summary": summarize(rendered),
+              "radius": args.radius, "room_frames": args.room_frames, "model_summary": summarize(rendered),
               "data_summary": summarize(references),
               "videos": rendered, "data_videos": references}
     if split is not None:

@@ -77,14 +77,30 @@ class SpriteVideo:
 
 def sample_scene(seed: int, size: int = 64, max_objects: int = 3,
                  backgrounds: tuple[str, ...] = BACKGROUNDS,
-                 radius: tuple[float, float] = RADIUS) -> tuple[list[SpriteObject], str, np.ndarray]:
+                 radius: tuple[float, float] = RADIUS,
+                 room_frames: int = 0) -> tuple[list[SpriteObject], str, np.ndarray]:
     """Objects (distinct colours), a background name (one of ``backgrounds``) and its base colour, all from
-    ``seed``. Sprite radii are drawn from ``radius`` (fractions of ``size``)."""
+    ``seed``. Sprite radii are drawn from ``radius`` (fractions of ``size``).
+
+    ``room_frames`` R > 0: every sprite starts where it can travel R frames the way its prompt says before it
+    reaches a wall (where the frame is too small for that, at the wall behind it), so a clip's first R frames
+    move as its prompt asks instead of bouncing early against it. Only the start positions change, each mapped
+    from the same uniform draw onto the shorter range: colours, shapes, directions, speeds, the background and
+    so the prompt are those of ``room_frames=0`` for the same seed.
+
+    Example:
+        >>> a, _, _ = sample_scene(5)
+        >>> b, _, _ = sample_scene(5, room_frames=16)
+        >>> [o.words() for o in a] == [o.words() for o in b]
+        True
+    """
     unknown = set(backgrounds) - set(BACKGROUNDS)
     if not backgrounds or unknown:
         raise ValueError(f"backgrounds must be a non-empty subset of {BACKGROUNDS}, got {backgrounds!r}")
     if not 0 < radius[0] <= radius[1] < 0.5:
         raise ValueError(f"radius must be (low, high) fractions of the frame, 0 < low <= high < 0.5; got {radius!r}")
+    if room_frames < 0:
+        raise ValueError(f"room_frames must be >= 0 (frames of travel before the first wall), got {room_frames}")
     rng = np.random.default_rng(seed)
     n = int(rng.integers(1, max_objects + 1))
     colors = rng.choice(list(COLORS), size=n, replace=False)
@@ -96,10 +112,25 @@ def sample_scene(seed: int, size: int = 64, max_objects: int = 3,
         speed = float(rng.uniform(0.8, 2.0) * size / 64)
         dx, dy = DIRECTIONS[direction]
         x, y = (float(v) for v in rng.uniform(radius_px, size - radius_px, size=2))
+        if room_frames:
+            x = _with_room(x, dx * speed, radius_px, size, room_frames)
+            y = _with_room(y, dy * speed, radius_px, size, room_frames)
         objects.append(SpriteObject(str(color), shape, direction, radius_px, x, y, dx * speed, dy * speed))
     background = tuple(backgrounds)[int(rng.integers(len(backgrounds)))]
     base = rng.integers(20, 80, size=3)  # dark, low-saturation: never mistaken for a sprite colour
     return objects, background, base
+
+
+def _with_room(pos: float, vel: float, r: float, size: int, frames: int) -> float:
+    """``pos``, uniform on [r, size - r], mapped linearly onto the starts from which ``frames`` steps of ``vel``
+    stay inside (no reflection in ``_step``); a still axis keeps its position."""
+    lo, hi = r, size - r
+    travel = min(abs(vel) * frames, hi - lo)
+    if vel < 0:
+        lo += travel
+    elif vel > 0:
+        hi -= travel
+    return lo + (pos - r) / (size - 2 * r) * (hi - lo)
 
 
 def prompt_for(objects: list[SpriteObject]) -> str:
@@ -172,10 +203,12 @@ def render_frames(objects: list[SpriteObject], background: str, base: np.ndarray
 
 
 def make_video(seed: int, num_frames: int = 45, size: int = 64, max_objects: int = 3, start: int = 0,
-               backgrounds: tuple[str, ...] = BACKGROUNDS, radius: tuple[float, float] = RADIUS) -> SpriteVideo:
+               backgrounds: tuple[str, ...] = BACKGROUNDS, radius: tuple[float, float] = RADIUS,
+               room_frames: int = 0) -> SpriteVideo:
     """A deterministic sprite video (see the module docstring). ``start`` skips that many frames first, so long
-    videos can be produced piece by piece with the same result as in one go."""
-    objects, background, base = sample_scene(seed, size, max_objects, backgrounds, radius)
+    videos can be produced piece by piece with the same result as in one go; ``room_frames`` as in
+    :func:`sample_scene`."""
+    objects, background, base = sample_scene(seed, size, max_objects, backgrounds, radius, room_frames)
     frames, tracks = render_frames(objects, background, base, num_frames, size, start)
     return SpriteVideo(frames, prompt_for(objects), objects, tracks, background, seed, size)
 

@@ -58,3 +58,35 @@ def test_radius_range_sets_the_sprite_sizes_and_a_bad_range_is_refused():
     assert area > 0.4 * np.pi * (0.24 * 64) ** 2  # a large sprite covers a large area (triangles: ~41% of the disc)
     with pytest.raises(ValueError, match="radius must be"):
         make_video(0, 1, radius=(0.3, 0.1))
+
+
+def test_room_frames_starts_every_sprite_where_it_moves_the_asked_way_that_long_and_keeps_the_prompt():
+    room, checked, bounced_without = 16, 0, 0
+    for seed in range(60):
+        plain, roomy = make_video(seed, room + 1, max_objects=2), make_video(seed, room + 1, max_objects=2,
+                                                                              room_frames=room)
+        # The same draws: prompt, background, looks and speeds; only the start positions move.
+        assert roomy.prompt == plain.prompt and roomy.background == plain.background
+        for a, b in zip(plain.objects, roomy.objects):
+            assert (a.radius, a.vx, a.vy) == (b.radius, b.vx, b.vy)
+        for i, obj in enumerate(roomy.objects):
+            # Frame to frame, every step over the first `room` frames goes the asked way at full speed: no
+            # reflection, which would reverse a component (an independent check: the rendered tracks).
+            steps = np.diff(roomy.tracks[:, i, :2], axis=0)
+            assert np.allclose(steps, [obj.vx, obj.vy], atol=1e-4), (seed, i, obj.direction)
+            checked += 1
+            bounced_without += not np.allclose(np.diff(plain.tracks[:, i, :2], axis=0), [obj.vx, obj.vy], atol=1e-4)
+    # Uniform starts bounce within those frames often (what room_frames is for), so the check above can fail.
+    assert checked > 80 and bounced_without > 10
+
+
+def test_room_frames_zero_is_the_generator_as_it_was_and_a_negative_room_is_refused():
+    import pytest
+
+    from genkv.data import sample_scene
+
+    for seed in range(10):
+        a, b = make_video(seed, 12), make_video(seed, 12, room_frames=0)
+        assert np.array_equal(a.frames, b.frames)
+    with pytest.raises(ValueError, match="room_frames must be >= 0"):
+        sample_scene(0, room_frames=-1)

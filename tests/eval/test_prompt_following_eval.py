@@ -51,6 +51,23 @@ def test_the_data_reference_is_drawn_like_the_training_clips(tmp_path):
         prompt_following.main(["--model", "tiny-random", "--radius", "0.3", "0.6", "--out", str(tmp_path / "x")])
 
 
+def test_room_frames_draws_the_reference_with_that_room_and_the_same_prompts(tmp_path):
+    from genkv.data import make_video
+    from genkv.metrics.prompt_following import prompt_following as measure
+
+    out = tmp_path / "room.json"
+    assert prompt_following.main(["--model", "tiny-random", "--prompts", "4", "--seeds", "0", "--frames", "17",
+                                  "--room-frames", "16", "--out", str(out)]) == 0
+    run = json.loads(out.read_text())
+    videos = [make_video(seed=s, num_frames=17, max_objects=2, backgrounds=("plain",), radius=(0.13, 0.21),
+                         room_frames=16) for s in range(4)]
+    assert run["room_frames"] == 16
+    assert run["data_videos"] == [json.loads(json.dumps(dict(prompt=v.prompt, **measure(v.frames, v.prompt))))
+                                  for v in videos]
+    with pytest.raises(SystemExit):
+        prompt_following.main(["--model", "tiny-random", "--room-frames", "-1", "--out", str(tmp_path / "x")])
+
+
 def test_steps_samples_with_that_many_evenly_spaced_steps(tmp_path, monkeypatch):
     from genkv.pipelines import SelfForcingPipeline
 

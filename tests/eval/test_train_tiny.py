@@ -4,6 +4,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -205,3 +206,14 @@ def test_decoder_phase_draws_its_latents_at_the_asked_share_of_the_posterior_noi
     else:
         eps = (z - posterior.mean) / (noise * posterior.std)
         assert abs(eps.mean().item()) < 0.1 and 0.9 < eps.std().item() < 1.1
+
+
+def test_the_pool_draws_its_clips_with_the_asked_room():
+    from genkv.data import make_video
+
+    pool, prompts = train_tiny.make_pool(6, 17, seed=3, workers=1, max_objects=2, backgrounds=("plain",),
+                                         radius=(0.13, 0.21), room_frames=16)
+    for i in range(6):
+        video = make_video(3 * 1_000_003 + i, 17, max_objects=2, backgrounds=("plain",), radius=(0.13, 0.21),
+                           room_frames=16)
+        assert np.array_equal(pool[i], video.frames) and prompts[i] == video.prompt
