@@ -6,8 +6,9 @@ colour tracking (``genkv.metrics.prompt_following``), next to the data's own vid
 
 The prompts are the scenes of data seeds 0, 1, ... (one or two sprites each: ``genkv.data.sample_scene``), so
 every render has a reference video of the data with the same prompt; the data's figures are the ceiling the
-metric allows (its sprites bounce off walls, so even the data moves against the prompt's sign sometimes). The
-reference videos are drawn like the sprite model's training clips (``--backgrounds plain --radius 0.13 0.21``,
+metric allows (its sprites bounce off walls, so even the data moves against the prompt's sign sometimes;
+``--room-frames 16`` draws them as ``train_tiny --room-frames 16`` does, each with a second's room). The reference
+videos are drawn like the sprite model's training clips (``--backgrounds plain --radius 0.13 0.21``,
 train_tiny's defaults), so edge energy compares like with like; the prompts do not depend on either. Before
 2026-12-05 the reference used the generator's defaults (all backgrounds, radius 0.09-0.16).
 Prints per colour word the share of frames it is present where asked (and shown where not asked), two-sprite

@@ -507,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="sprite radius range as fractions of the frame")
     # A clip's prompt says "moving left"; a sprite drawn at uniform positions starts near the wall it heads for
     # often enough that the training data's own first second moves the asked way in only 0.70 of its sprites
-    # (eval/prompt_following.py's data column), so the model learns a prompt that its clips half contradict.
+    # (eval/prompt_following.py's data column): three sprites in ten move against their prompt there.
     parser.add_argument("--room-frames", type=int, default=0,
                         help="clips start where each sprite travels this many frames the asked way before a wall "
                              "(genkv.data.sample_scene's room_frames; 0: uniform starts, as v1-v4 were trained)")
@@ -520,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="continue training a model this script saved (folder or tar); its VAE is kept")
     parser.add_argument("--check-seeds", type=int, default=3, help="seeds per prompt in the sample check")
     args = parser.parse_args(argv)
+    if args.room_frames < 0:
+        parser.error(f"--room-frames {args.room_frames}: frames of travel before a wall must be >= 0")
     if args.clip_frames < 9 or (args.clip_frames + 3) % (4 * CHUNK):
         parser.error(f"--clip-frames {args.clip_frames}: a clip must be whole chunks of {CHUNK} latent frames, "
                      f"12k - 3 video frames (9, 21, 45, 105, ...)")

@@ -217,3 +217,5 @@ def test_the_pool_draws_its_clips_with_the_asked_room():
         video = make_video(3 * 1_000_003 + i, 17, max_objects=2, backgrounds=("plain",), radius=(0.13, 0.21),
                            room_frames=16)
         assert np.array_equal(pool[i], video.frames) and prompts[i] == video.prompt
+    with pytest.raises(SystemExit):  # a one-line usage error, before any pool is drawn
+        train_tiny.main(["--out", "unused", "--smoke", "--room-frames", "-1"])
