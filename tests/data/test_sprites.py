@@ -1,6 +1,7 @@
 """The procedural sprite generator: determinism, piecewise generation, tracks that match the pixels."""
 
 import numpy as np
+import pytest
 
 from genkv.data import COLORS, make_video, vocabulary
 
@@ -80,9 +81,7 @@ def test_room_frames_starts_every_sprite_where_it_moves_the_asked_way_that_long_
     assert checked > 80 and bounced_without > 10
 
 
-def test_room_frames_zero_is_the_generator_as_it_was_and_a_negative_room_is_refused():
-    import pytest
-
+def test_room_frames_defaults_to_uniform_starts_and_a_negative_room_is_refused():
     from genkv.data import sample_scene
 
     for seed in range(10):
