@@ -146,9 +146,11 @@ def test_gelu_then_quantize_matches_the_float64_gelu_within_half_a_step(dtype, a
     # half an e4m3 step of the scaled value, plus the float32 GELU's own error (a few ulps of the row's amax)
     bound = _e4m3_half_step(gelu / scale64) * scale64 * (1 + 1e-6) + 4e-7 * amax
     assert bool((error <= bound).all()), (error - bound).max().item()
-    # and the torch computation of the same thing (float32 GELU, torch's cast) agrees code for code almost
-    # everywhere: only values within a float32 GELU's error of a rounding boundary may differ, by one step
-    want, _ = quantize_rows_fp8_reference(x, activation)
+    # and the float64 GELU rounded to float32 (the correctly rounded float32 GELU), cast by torch, agrees code for
+    # code almost everywhere: only values within the kernel's float32 GELU error of a rounding boundary may differ,
+    # by one step. Not torch's own float32 GELU: its vectorised erf depends on the CPU (with AVX2 alone it is off
+    # by up to 8% in the far negative tail and gives gelu(-0.0) = +0.0), which moved 13-19% of the codes there.
+    want, _ = quantize_rows(gelu.float())
     differ = codes.view(torch.uint8) != want.view(torch.uint8)
     assert differ.float().mean().item() < 1e-3
     assert ((codes.double() - want.double()).abs() * scale64 <= 2 * _e4m3_half_step(gelu / scale64) * scale64
