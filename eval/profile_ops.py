@@ -52,6 +52,26 @@ def device_busy_ms(prof) -> float:
     return total / 1e3
 
 
+def is_device_copy(name: str) -> bool:
+    """Whether a device-side profiler row is a device copy: a CUPTI copy record (``Memcpy DtoD (Device ->
+    Device)``, ``Memcpy HtoD ...``) or one of the kernels the driver runs a copy captured in a CUDA graph as
+    (``memcpy128``, ``memcpy32_post``, ...). Which of the two a replayed graph's copy shows up as depends on when
+    the profiler attached (pytorch/pytorch#191284): counting the records alone can move hundreds of copies a
+    chunk from "copies" to "kernels" between two profiles of the same work."""
+    return name.startswith("Memcpy") or name.startswith("memcpy")
+
+
+def device_copies(prof) -> tuple[int, float]:
+    """(rows, milliseconds) of device copies over the profiled chunks, records and copy kernels together (see
+    :func:`is_device_copy`); a host op such as ``aten::copy_`` is not counted (its device time is its kernels')."""
+    calls, total = 0, 0.0
+    for evt in prof.key_averages():
+        if evt.device_type != torch.autograd.DeviceType.CPU and is_device_copy(evt.key):
+            calls += evt.count
+            total += getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
+    return calls, total / 1e3
+
+
 def device_busy_union_ms(prof) -> tuple[float, float]:
     """(milliseconds during which at least one device activity ran, span from the first to the last one): the
     union of kernel / copy / fill intervals over all streams, so concurrent work (the decode on its side
@@ -195,10 +215,13 @@ def main(argv: list[str] | None = None) -> int:
         result[spec] |= {"by_device": top_ops(prof, key, args.top), "by_host": top_ops(prof, "self_host_ms", args.top)}
         kernels_ms = device_busy_ms(prof) / args.chunks
         busy_ms, span_ms = device_busy_union_ms(prof)
+        copy_rows, copy_ms = device_copies(prof)
         result[spec] |= {"compile": args.compile or args.fast, "fast": args.fast, "fp8": args.fp8,
                          "decoder": args.decoder, "wall_ms_per_chunk": wall,
                          "kernel_ms_per_chunk": kernels_ms, "device_busy_ms_per_chunk": busy_ms / args.chunks,
-                         "device_span_ms": span_ms, "phases": phase_split(prof, args.chunks)}
+                         "device_span_ms": span_ms, "phases": phase_split(prof, args.chunks),
+                         "device_copies_per_chunk": copy_rows / args.chunks,
+                         "device_copy_ms_per_chunk": copy_ms / args.chunks}
         label = " (fast path)" if args.fast else " (compiled blocks)" if args.compile else ""
         print(f"\n== {spec}{label}: per chunk, profiled: wall {wall:.1f} ms, kernels {kernels_ms:.1f} ms summed over "
               f"streams, device busy {busy_ms / args.chunks:.1f} ms ({100 * busy_ms / max(span_ms, 1e-9):.0f}% of "
@@ -206,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         for r in result[spec]["phases"]:
             print(f"{r['phase']:28s} host {r['host_ms_per_chunk']:8.1f} ms   "
                   f"kernels {r['device_ms_per_chunk']:8.1f} ms")
+        if device.type == "cuda":
+            print(f"device copies (records and graph copy kernels): {copy_rows / args.chunks:.0f} rows, "
+                  f"{copy_ms / args.chunks:.1f} ms a chunk")
         if args.stacks:
             sites = []
             for evt in prof.key_averages(group_by_stack_n=12):

@@ -49,8 +49,6 @@ def test_prompt_follows_the_grammar():
 
 
 def test_radius_range_sets_the_sprite_sizes_and_a_bad_range_is_refused():
-    import pytest
-
     radii = [o.radius for seed in range(30) for o in make_video(seed, 1, radius=(0.2, 0.25)).objects]
     assert min(radii) >= 0.2 * 64 and max(radii) <= 0.25 * 64
     big = make_video(7, 1, max_objects=1, radius=(0.24, 0.24))
