@@ -29,13 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_rollout import build_pipeline, parse_spec  # noqa: E402
 
 
+def _self_device_us(evt) -> float:
+    """An averaged profiler row's self device time in microseconds (``self_cuda_time_total`` before torch 2.4)."""
+    return getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
+
+
 def top_ops(prof, key: str, limit: int) -> list[dict]:
     rows = []
     for evt in prof.key_averages():
         rows.append({
             "name": evt.key[:90],
             "calls": evt.count,
-            "self_device_ms": getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0)) / 1e3,
+            "self_device_ms": _self_device_us(evt) / 1e3,
             "self_host_ms": evt.self_cpu_time_total / 1e3,
         })
     rows.sort(key=lambda r: -r[key])
@@ -48,7 +53,7 @@ def device_busy_ms(prof) -> float:
     total = 0.0
     for evt in prof.key_averages():
         if evt.device_type != torch.autograd.DeviceType.CPU and not evt.key.startswith(("genkv.", "ProfilerStep")):
-            total += getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
+            total += _self_device_us(evt)
     return total / 1e3
 
 
@@ -58,7 +63,7 @@ def is_device_copy(name: str) -> bool:
     (``memcpy128``, ``memcpy32_post``, ...). Which of the two a replayed graph's copy shows up as depends on when
     the profiler attached (pytorch/pytorch#191284): counting the records alone can move hundreds of copies a
     chunk from "copies" to "kernels" between two profiles of the same work."""
-    return name.startswith("Memcpy") or name.startswith("memcpy")
+    return name.lower().startswith("memcpy")
 
 
 def device_copies(prof) -> tuple[int, float]:
@@ -68,7 +73,7 @@ def device_copies(prof) -> tuple[int, float]:
     for evt in prof.key_averages():
         if evt.device_type != torch.autograd.DeviceType.CPU and is_device_copy(evt.key):
             calls += evt.count
-            total += getattr(evt, "self_device_time_total", getattr(evt, "self_cuda_time_total", 0))
+            total += _self_device_us(evt)
     return calls, total / 1e3
 
 

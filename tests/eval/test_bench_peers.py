@@ -7,21 +7,15 @@ docstring); CI has none, so that test is skipped there and the ratio is checked 
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-EVAL = Path(__file__).resolve().parents[2] / "eval"
+from . import EVAL, import_eval_script
 
 
 def _bench_peers():
-    sys.path.insert(0, str(EVAL))
-    try:
-        import bench_peers
-    finally:
-        sys.path.remove(str(EVAL))
-    return bench_peers
+    return import_eval_script("bench_peers")
 
 
 def _tiny_rows(tmp_path, *systems: str) -> dict[str, dict]:

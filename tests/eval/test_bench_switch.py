@@ -2,12 +2,12 @@
 prompt-switch path, with the asked --recache mode, and the JSON counts them."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-EVAL = Path(__file__).resolve().parents[2] / "eval"
+from . import import_eval_script
+
 # 69 frames = chunks of 9, 12, 12, 12, 12, 12 frames; a switch every 24 frames lands on the chunks that start at
 # frames 21 (latent frame 6, holding output frames 21-24) and 45 (latent 12); 72 is past the end.
 ARGS = ["--model", "tiny", "--device", "cpu", "--frames", "69", "--switch-every", "24", "--no-mp4",
@@ -15,12 +15,7 @@ ARGS = ["--model", "tiny", "--device", "cpu", "--frames", "69", "--switch-every"
 
 
 def _bench_rollout():
-    sys.path.insert(0, str(EVAL))
-    try:
-        import bench_rollout
-    finally:
-        sys.path.remove(str(EVAL))
-    return bench_rollout
+    return import_eval_script("bench_rollout")
 
 
 @pytest.fixture

@@ -2,22 +2,15 @@
 copy record or as the kernel a CUDA graph runs it as, and host ops or fused Inductor kernels named "copy" do not
 count."""
 
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-EVAL = Path(__file__).resolve().parents[2] / "eval"
+from . import import_eval_script
 
 
 def _profile_ops():
-    sys.path.insert(0, str(EVAL))
-    try:
-        import profile_ops
-    finally:
-        sys.path.remove(str(EVAL))
-    return profile_ops
+    return import_eval_script("profile_ops")
 
 
 @dataclass

@@ -3,19 +3,12 @@ tests/data/test_persistence.py)."""
 
 import json
 import math
-import sys
-from pathlib import Path
 
-EVAL = Path(__file__).resolve().parents[2] / "eval"
+from . import import_eval_script
 
 
 def _quality_rollout():
-    sys.path.insert(0, str(EVAL))
-    try:
-        import quality_rollout
-    finally:
-        sys.path.remove(str(EVAL))
-    return quality_rollout
+    return import_eval_script("quality_rollout")
 
 
 def test_full_against_itself_is_identical_and_a_sparse_method_is_not(tmp_path):
