@@ -17,6 +17,23 @@ from .routing import pool_blocks, route_blocks
 _BACKENDS = ("auto", "torch", "gather", "flex", "triton")
 
 
+def auto_backend(on_cuda: bool, triton_fits: bool, *, history: bool = False, merges: bool = False) -> str:
+    """The backend ``backend="auto"`` picks: the Triton kernel on CUDA where it fits (fp16/bf16, head dim 16-128
+    in powers of two), else FlexAttention on CUDA, else the gather path. Flex reads neither a quantized
+    ``history`` nor partial results (``initial`` / ``return_lse``: ``merges``), so calls that need them fall back
+    to gather, which does both; a float32 or head-dim-48 model on a GPU (``sprites-tiny``) makes such calls.
+
+    Example:
+        >>> auto_backend(on_cuda=True, triton_fits=False, merges=True)
+        'gather'
+    """
+    if not on_cuda:
+        return "gather"
+    if triton_fits:
+        return "triton"
+    return "gather" if history or merges else "flex"
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -79,8 +96,8 @@ def block_sparse_attention(
         from .block_sparse import triton_available
 
         triton_fits = triton_available() and q.shape[-1] in (16, 32, 64, 128) and q.dtype != torch.float32
-        fallback = "flex" if history is None else "gather"  # flex cannot read a quantized history
-        choice = ("triton" if triton_fits else fallback) if q.is_cuda else "gather"
+        choice = auto_backend(q.is_cuda, triton_fits, history=history is not None,
+                              merges=initial is not None or return_lse)
     if choice == "triton":
         from .block_sparse import block_sparse_attention_triton
 
@@ -116,6 +133,7 @@ def block_sparse_attention(
 
 __all__ = [
     "QuantizedKV",
+    "auto_backend",
     "block_sparse_attention",
     "block_sparse_attention_gather",
     "block_sparse_attention_torch",

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from genkv.kernels import block_sparse_attention, dense_attention_with_lse, dequantize, quantize_kv
+from genkv.kernels import auto_backend, block_sparse_attention, dense_attention_with_lse, dequantize, quantize_kv
 from genkv.kernels.block_sparse import triton_available
 
 from .test_block_sparse import allowed_mask, dense_reference, device_for, on, tolerance
@@ -128,3 +128,42 @@ def test_dense_attention_with_lse_refuses_what_it_cannot_run():
         dense_attention_with_lse(q, q, q, backend="cudnn")
     with pytest.raises(ValueError, match="must be"):
         dense_attention_with_lse(q, q[:, :, :1], q, backend="math")
+
+
+@pytest.mark.parametrize("history", [False, True])
+@pytest.mark.parametrize("merges", [False, True])
+@pytest.mark.parametrize("triton_fits", [False, True])
+@pytest.mark.parametrize("on_cuda", [False, True])
+def test_auto_backend_only_picks_a_backend_that_takes_the_call(on_cuda, triton_fits, merges, history):
+    """``backend="auto"``'s choice for every case: the Triton kernel on CUDA where it fits; where it does not (a
+    float32 model, or head dim 48 as ``sprites-tiny``'s), FlexAttention only for a plain call, since it reads
+    neither a partial (``initial`` / ``return_lse``) nor a quantized history: ``fastar``'s split read on such a
+    model once stopped with "initial is not available on the flex backend". Off CUDA, always gather."""
+    choice = auto_backend(on_cuda, triton_fits, history=history, merges=merges)
+    if not on_cuda:
+        assert choice == "gather"
+    elif triton_fits:
+        assert choice == "triton"
+    else:
+        assert choice == ("gather" if merges or history else "flex")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the auto backend's CUDA choice needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_auto_backend_resumes_a_partial_where_triton_does_not_fit_on_cuda(dtype):
+    """A head-dim-48 (``sprites-tiny``) resumed read on CUDA under ``backend="auto"`` equals float64 over both key
+    sets (fp32 and head dim 48 both miss the Triton kernel)."""
+    g = torch.Generator().manual_seed(71)
+    b, s_h, s_cur, h, d = 1, 64, 32, 2, 48
+    q, k, v = (torch.randn(b, s_cur, h, d, generator=g) for _ in range(3))
+    k_hist, v_hist = torch.randn(b, s_h, h, d, generator=g), torch.randn(b, s_h, h, d, generator=g)
+    idx = torch.tensor([0, 1], dtype=torch.int32).expand(b, h, 2, 2).contiguous()
+    counts = torch.full((b, h, 2), 2, dtype=torch.int32)
+    cuda = [t.to("cuda", dtype) for t in (q, k, v, k_hist, v_hist)]
+    part = dense_attention_with_lse(cuda[0], cuda[1], cuda[2])
+    out = block_sparse_attention(cuda[0], cuda[3], cuda[4], idx.cuda(), counts.cuda(), block_m=16, block_n=32,
+                                 initial=part, backend="auto").double().cpu()
+    keys, values = torch.cat([k_hist, k], 1).double(), torch.cat([v_hist, v], 1).double()
+    want = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q.double(), keys) / math.sqrt(d), -1)
+    want = torch.einsum("bhqk,bkhd->bqhd", want, values)
+    assert (out - want).abs().max() < (2e-3 if dtype == torch.float16 else 1e-4)
