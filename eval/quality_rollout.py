@@ -156,6 +156,15 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     pipe = load_pipeline(args.model, device)
     results, reference, history = {}, None, None
+    payload = {"model": args.model, "prompt": args.prompt, "frames": args.frames, "seed": args.seed,
+               "device": str(device), "complete": False, "results": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:
+        # After every method, so a run stopped by a later method (an error, a time limit) keeps what it measured;
+        # "complete" turns true only at the end.
+        args.out.write_text(json.dumps(payload, indent=1))
+
     for spec in args.methods:
         # Each method's free-running render as chunk latents (the same rollout `pipe(...)` runs, same seed and
         # noise), decoded as the pipeline streams them; full's latents are also the teacher-forced history, so
@@ -169,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f", PSNR vs full {psnr:.2f} dB" if psnr is not None else " (the reference)"), flush=True)
         if reference is None:
             reference, history = video, chunks
+        save()
     if args.teacher_forced:
         for spec in args.methods[1:]:
             start = time.perf_counter()
@@ -178,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             results[spec]["teacher_forced_psnr_mean"] = psnr_of_mean_error(psnr)
             print(f"{spec}: teacher-forced PSNR vs full {results[spec]['teacher_forced_psnr_mean']:.2f} dB "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
+            save()
     print(f"{'method':44s} {'PSNR':>7s} {'SSIM':>6s} {'kept':>5s} {'breaks':>6s} {'drift':>6s} {'flicker':>7s}"
           + (f" {'TF PSNR':>8s}" if args.teacher_forced else ""))
     for spec, r in results.items():
@@ -188,10 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{spec:44s} {psnr:>7s} {ssim:>6s} {p['objects_kept']:>2d}/{p['objects_first_second']:<2d} "
               f"{p['track_breaks']:>6d} {drift:>6s} {np.mean(r['flicker']):7.2f}"
               + (f" {r['teacher_forced_psnr_mean']:8.2f}" if r.get("teacher_forced_psnr_mean") is not None else ""))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": args.model, "prompt": args.prompt, "frames": args.frames, "seed": args.seed,
-               "device": str(device), "results": results}
-    args.out.write_text(json.dumps(payload, indent=1))
+    payload["complete"] = True
+    save()
     drawn = plot(results, args.out.with_suffix(".png"))
     print(f"json: {args.out}" + (f"; plot: {args.out.with_suffix('.png')}" if drawn else ""))
     return 0

@@ -78,3 +78,20 @@ def test_the_renders_are_the_pipelines_own_output():
     genkv.apply_genkv(pipe, "rolling", window_frames=3)
     want = np.concatenate(list(pipe.stream("a red circle", num_frames=21, generator=torch.Generator().manual_seed(4))))
     assert got.shape == want.shape == (21, 64, 64, 3) and np.array_equal(got, want)
+
+
+def test_a_run_stopped_by_a_later_method_keeps_what_it_measured(tmp_path):
+    """The JSON is written after every method: a run that a later method stops (here a spec the method refuses)
+    still holds the methods before it, marked incomplete; a finished run is marked complete."""
+    import pytest
+
+    quality_rollout = _quality_rollout()
+    out = tmp_path / "q.json"
+    with pytest.raises(ValueError):
+        quality_rollout.main(["--model", "tiny-random", "--frames", "9", "--methods", "full",
+                              "rolling:window_frames=3", "rolling:window_frames=0", "--out", str(out)])
+    kept = json.loads(out.read_text())
+    assert kept["complete"] is False and list(kept["results"]) == ["full", "rolling:window_frames=3"]
+    assert len(kept["results"]["rolling:window_frames=3"]["psnr"]) == 9
+    quality_rollout.main(["--model", "tiny-random", "--frames", "9", "--methods", "full", "--out", str(out)])
+    assert json.loads(out.read_text())["complete"] is True
