@@ -1,6 +1,6 @@
 """The model bundled with genkv (``genkv.zoo``): it is installed, fits the size budget, is what ``genkv render``
-uses without ``--model``, renders deterministically on a CPU, and draws each colour a prompt asks for and not the
-others."""
+uses without ``--model``, renders deterministically on a CPU, draws each colour a prompt asks for and not the others, keeps two sprites apart
+and moves them the way the prompt says."""
 
 import json
 
@@ -76,21 +76,43 @@ def test_each_colour_asked_appears_and_is_absent_where_not_asked(renders, colour
     assert asked > 4 * not_asked
 
 
+OPPOSITE = {"left": "right", "right": "left", "up": "down", "down": "up"}
+
+
+def test_single_sprites_move_the_asked_way_and_not_the_opposite(renders):
+    """Issue 24's motion target on the renders above (16 frames: the first second at 16 fps), seeds 0-1: the
+    sprite moves the asked way (``genkv.metrics.prompt_following``'s measure) in at least 10 of the 12 videos, and
+    in at most one of them would it pass for the opposite word. v6 moves the asked way in 0.96 of the sprites on
+    the 32 x 2 protocol (v5 0.80, v4 0.62) and in all 12 here; a model or pipeline that ignores the direction word
+    or plays its frames backwards fails."""
+    from genkv.metrics.prompt_following import prompt_following
+
+    asked = opposite = 0
+    for colour, prompt in ASKED.items():
+        word = prompt.split()[-1]
+        flipped = prompt.replace(word, OPPOSITE[word])
+        for frames in renders[colour]:
+            asked += all(prompt_following(frames, prompt)["direction_matches"].values())
+            opposite += all(prompt_following(frames, flipped)["direction_matches"].values())
+    assert asked >= 10, asked
+    assert opposite <= 1, opposite
+
+
 PAIRS = ("a red circle moving left and a blue square moving down",
          "a green square moving right and a yellow circle moving up")
 
 
 def test_two_sprite_prompts_keep_both_colours(pipe):
     """The issue's two-sprite target on the first 48 frames (past the training clips' 45), seeds 0-1: both asked
-    colours present (``genkv.metrics.prompt_following``'s measure, >= 12 px each) in >= 80% of the frames of every
-    video. v3 keeps both in 0.96 of the frames on the 32 x 2 protocol; v2 (0.53) draws red and blue as blue and
-    magenta blobs, and its yellow turns magenta."""
+    colours present (``genkv.metrics.prompt_following``'s measure, >= 12 px each) in >= 90% of the frames of every
+    video (the issue asks 80% on average; v6: 0.92-1.00 here, 0.97 on the 32 x 2 protocol; v3 0.96 there). v2
+    (0.53) draws red and blue as blue and magenta blobs, and its yellow turns magenta."""
     from genkv.metrics.prompt_following import prompt_following
 
     for prompt in PAIRS:
         for seed in (0, 1):
             both = prompt_following(render(pipe, prompt, seed, frames=48), prompt)["all_present"]
-            assert both >= 0.8, (prompt, seed, both)
+            assert both >= 0.9, (prompt, seed, both)
 
 
 def test_render_without_model_uses_the_shipped_model(tmp_path):
