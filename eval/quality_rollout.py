@@ -165,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         # "complete" turns true only at the end.
         args.out.write_text(json.dumps(payload, indent=1))
 
+    save()  # at once: an older file at --out must not outlive a run that stops at its first method
     for spec in args.methods:
         # Each method's free-running render as chunk latents (the same rollout `pipe(...)` runs, same seed and
         # noise), decoded as the pipeline streams them; full's latents are also the teacher-forced history, so

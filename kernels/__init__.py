@@ -1,8 +1,10 @@
 """genkv kernels (installed as ``genkv.kernels``): block-sparse attention over KV block lists and routing.
 
-``block_sparse_attention`` dispatches by device: the Triton kernel (``kernels/block_sparse.py``) on CUDA, compiled
-FlexAttention on CUDA where the kernel does not apply (head dims other than 16/32/64/128), and on other devices
-gathering each query block's listed key blocks (``kernels/gather.py``: work independent of the cache length);
+``block_sparse_attention`` dispatches by device (``auto_backend``): the Triton kernel (``kernels/block_sparse.py``) on
+CUDA, compiled FlexAttention on CUDA where the kernel does not apply (float32, head dims other than 16/32/64/128)
+unless the call resumes from a partial (``initial``), returns the LSE or reads a quantized history, which flex
+cannot, and gathering each query block's listed key blocks (``kernels/gather.py``: work independent of the cache
+length) for those calls and on other devices;
 ``GENKV_KERNEL_BACKEND=torch|gather|flex|triton|auto`` (or ``backend=``) forces one (``torch`` is the dense-mask
 reference the others are tested against). On an H100 the kernel is
 1.1x faster than compiled FlexAttention given a prebuilt ``BlockMask`` and needs no mask build or compilation per

@@ -1,4 +1,5 @@
 """Tests of the scripts under ``eval/`` (benchmarks, evaluations, training), which are not part of the package."""
+
 import importlib
 import sys
 from pathlib import Path
@@ -8,8 +9,8 @@ EVAL = Path(__file__).resolve().parents[2] / "eval"
 
 
 def import_eval_script(name: str) -> ModuleType:
-    """The script ``eval/<name>.py`` as a module, imported with ``eval/`` on ``sys.path`` only for the import (the
-    scripts import their siblings by plain name, and a lasting path entry would let them shadow test modules)."""
+    """The script ``eval/<name>.py`` as a module. ``eval/`` is put on ``sys.path`` for the import and taken off
+    after it (the scripts import their siblings by plain name); a script that adds it itself keeps its own entry."""
     sys.path.insert(0, str(EVAL))
     try:
         return importlib.import_module(name)

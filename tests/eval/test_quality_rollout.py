@@ -4,6 +4,8 @@ tests/data/test_persistence.py)."""
 import json
 import math
 
+import pytest
+
 from . import import_eval_script
 
 
@@ -54,8 +56,8 @@ def test_teacher_forcing_gives_each_chunk_the_full_history():
 def test_teacher_forced_table_column(tmp_path):
     quality_rollout = _quality_rollout()
     out = tmp_path / "q.json"
-    quality_rollout.main(["--model", "tiny-random", "--frames", "21", "--methods", "full", "rolling:window_frames=3", "--teacher-forced",
-                          "--out", str(out)])
+    quality_rollout.main(["--model", "tiny-random", "--frames", "21", "--methods", "full", "rolling:window_frames=3",
+                          "--teacher-forced", "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     assert len(results["rolling:window_frames=3"]["teacher_forced_psnr"]) == 21
 
@@ -83,8 +85,6 @@ def test_the_renders_are_the_pipelines_own_output():
 def test_a_run_stopped_by_a_later_method_keeps_what_it_measured(tmp_path):
     """The JSON is written after every method: a run that a later method stops (here a spec the method refuses)
     still holds the methods before it, marked incomplete; a finished run is marked complete."""
-    import pytest
-
     quality_rollout = _quality_rollout()
     out = tmp_path / "q.json"
     with pytest.raises(ValueError):

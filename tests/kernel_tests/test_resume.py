@@ -130,22 +130,54 @@ def test_dense_attention_with_lse_refuses_what_it_cannot_run():
         dense_attention_with_lse(q, q[:, :, :1], q, backend="math")
 
 
-@pytest.mark.parametrize("history", [False, True])
-@pytest.mark.parametrize("merges", [False, True])
-@pytest.mark.parametrize("triton_fits", [False, True])
-@pytest.mark.parametrize("on_cuda", [False, True])
-def test_auto_backend_only_picks_a_backend_that_takes_the_call(on_cuda, triton_fits, merges, history):
+# (on_cuda, triton_fits, merges, history) -> the backend "auto" must pick. Flex reads neither a partial
+# (``initial`` / ``return_lse``: merges) nor a quantized history, so it may serve only plain calls.
+AUTO_CHOICES = {
+    (False, False, False, False): "gather", (False, False, False, True): "gather",
+    (False, False, True, False): "gather", (False, False, True, True): "gather",
+    (False, True, False, False): "gather", (False, True, False, True): "gather",
+    (False, True, True, False): "gather", (False, True, True, True): "gather",
+    (True, False, False, False): "flex", (True, False, False, True): "gather",
+    (True, False, True, False): "gather", (True, False, True, True): "gather",
+    (True, True, False, False): "triton", (True, True, False, True): "triton",
+    (True, True, True, False): "triton", (True, True, True, True): "triton",
+}
+
+
+@pytest.mark.parametrize("case", list(AUTO_CHOICES))
+def test_auto_backend_only_picks_a_backend_that_takes_the_call(case):
     """``backend="auto"``'s choice for every case: the Triton kernel on CUDA where it fits; where it does not (a
-    float32 model, or head dim 48 as ``sprites-tiny``'s), FlexAttention only for a plain call, since it reads
-    neither a partial (``initial`` / ``return_lse``) nor a quantized history: ``fastar``'s split read on such a
-    model once stopped with "initial is not available on the flex backend". Off CUDA, always gather."""
-    choice = auto_backend(on_cuda, triton_fits, history=history, merges=merges)
-    if not on_cuda:
-        assert choice == "gather"
-    elif triton_fits:
-        assert choice == "triton"
-    else:
-        assert choice == ("gather" if merges or history else "flex")
+    float32 model, or head dim 48 as ``sprites-tiny``'s), FlexAttention only for a plain call: ``fastar``'s split
+    read on such a model once stopped with "initial is not available on the flex backend". Off CUDA, gather."""
+    on_cuda, triton_fits, merges, history = case
+    assert auto_backend(on_cuda, triton_fits, history=history, merges=merges) == AUTO_CHOICES[case]
+
+
+def test_block_sparse_attention_tells_auto_what_the_call_needs(monkeypatch):
+    """``block_sparse_attention`` passes ``auto_backend`` the call's needs: a partial (``initial``) or an LSE to
+    return counts as a merge, a quantized history as a history (the CPU runs gather either way, so the choice is
+    recorded, not its effect)."""
+    import genkv.kernels.dispatch as dispatch
+
+    seen = []
+    real = dispatch.auto_backend
+
+    def record(on_cuda, triton_fits, *, history=False, merges=False):
+        seen.append((history, merges))
+        return real(on_cuda, triton_fits, history=history, merges=merges)
+
+    monkeypatch.setattr(dispatch, "auto_backend", record)
+    g = torch.Generator().manual_seed(72)
+    q, k, v = (torch.randn(1, 32, 2, 16, generator=g) for _ in range(3))
+    idx = torch.tensor([0, 1], dtype=torch.int32).expand(1, 2, 2, 2).contiguous()
+    counts = torch.full((1, 2, 2), 2, dtype=torch.int32)
+    kwargs = dict(block_m=16, block_n=16, backend="auto")
+    block_sparse_attention(q, k, v, idx, counts, **kwargs)
+    block_sparse_attention(q, k, v, idx, counts, return_lse=True, **kwargs)
+    block_sparse_attention(q, k, v, idx, counts, initial=dense_attention_with_lse(q, v, k), **kwargs)  # other keys
+    block_sparse_attention(q, k[:, 16:], v[:, 16:], idx, counts, history=quantize_kv(k[:, :16], v[:, :16], "int8"),
+                           **kwargs)
+    assert seen == [(False, False), (False, True), (False, True), (True, False)]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the auto backend's CUDA choice needs a GPU")
