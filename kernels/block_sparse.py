@@ -52,6 +52,16 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+KERNEL_HEAD_DIMS = (16, 32, 64, 128)  # the head dims the kernel is compiled for (one register tile each)
+
+
+def kernel_fits(q: torch.Tensor) -> bool:
+    """Whether the fast path should hand ``q`` (B, S, H, D) to this kernel: Triton installed, fp16 / bf16 (it
+    takes fp32 too, but an fp32 model is a reference run, better served exactly elsewhere) and a head dim it is
+    compiled for. The device is the caller's to check."""
+    return triton is not None and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in KERNEL_HEAD_DIMS
+
+
 def triton_runs_on(tensor: torch.Tensor) -> bool:
     """Whether a Triton kernel can take ``tensor``: Triton installed, and a CUDA tensor or the interpreter on."""
     return triton is not None and (tensor.is_cuda or _interpreting())
@@ -668,8 +678,9 @@ def _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_
         raise TypeError(f"triton block-sparse attention takes {', '.join(map(str, allowed))} q/k/v{hint}; "
                         f"got {q.dtype}")
     d = q.shape[-1]
-    if d not in (16, 32, 64, 128):
-        raise ValueError(f"triton block-sparse attention supports head_dim 16, 32, 64, 128; got {d} "
+    if d not in KERNEL_HEAD_DIMS:
+        dims = ", ".join(map(str, KERNEL_HEAD_DIMS))
+        raise ValueError(f"triton block-sparse attention supports head_dim {dims}; got {d} "
                          "(use backend='torch')")
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < 16 or size & (size - 1):

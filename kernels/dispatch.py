@@ -93,10 +93,9 @@ def block_sparse_attention(
     if kv_block_indices.dtype != torch.int32 or kv_block_counts.dtype != torch.int32:
         raise TypeError("kv_block_indices and kv_block_counts must be int32 (FlexAttention's BlockMask convention)")
     if choice == "auto":
-        from .block_sparse import triton_available
+        from .block_sparse import kernel_fits
 
-        triton_fits = triton_available() and q.shape[-1] in (16, 32, 64, 128) and q.dtype != torch.float32
-        choice = auto_backend(q.is_cuda, triton_fits, history=history is not None,
+        choice = auto_backend(q.is_cuda, kernel_fits(q), history=history is not None,
                               merges=initial is not None or return_lse)
     if choice == "triton":
         from .block_sparse import block_sparse_attention_triton

@@ -57,10 +57,9 @@ def _biased_dense_on_triton(query: torch.Tensor) -> bool:
     """SDPA with a float mask falls back to slow kernels that materialise (B, H, S_q, S_kv) logits; the
     block-sparse kernel takes the per-key bias natively, so on CUDA dense + bias runs there, every block with a
     visible key listed."""
-    from genkv.kernels.block_sparse import triton_available
+    from genkv.kernels.block_sparse import kernel_fits
 
-    return (query.is_cuda and triton_available() and query.shape[-1] in (16, 32, 64, 128)
-            and query.dtype in (torch.float16, torch.bfloat16))
+    return query.is_cuda and kernel_fits(query)
 
 
 def empty_key_blocks(key_bias: torch.Tensor, block: int) -> torch.Tensor:
