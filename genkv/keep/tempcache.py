@@ -29,6 +29,15 @@ history's empty slots, so every forward of every chunk sees the same buffers and
 
 A group keeps its newest key, position included: in ``content`` mode its older members are then attended as
 if they sat at the newest frame, the approximation FAST-AR's TempCache makes.
+
+``max_count`` (off by default) caps what a group stands for. Uncapped, a group that has merged a static region for
+hundreds of frames carries a ``log(count)`` logit bias beyond any count a trained window held (Self-Forcing attends
+to at most 21 frames) and a value averaged evenly over all those frames. Capped, a group's count stops at
+``max_count``: its bias stays ``log(max_count)`` and each new member's value gets weight ``1 / max_count`` (the older
+ones fade by ``(max_count - 1) / max_count`` a frame: a running average). No longer exact for long exact
+duplicates, by design; ``cache_stats``' "tokens represented" then counts at most ``max_count`` per group. On the
+trained sprite model's 1000-frame rollouts, uncapped merging slows the render's motion; docs/BENCHMARKS.md
+(twenty-first session) has what caps of 3 and 21 did to that.
 """
 
 from __future__ import annotations
@@ -134,11 +143,14 @@ class TemporalMerge(CacheKeeper):
 
     def __init__(
         self, threshold: float, radius: int, sink_frames: int, budget_frames: int, max_tokens: int | None,
-        match: str = "content",
+        match: str = "content", max_count: int | None = None,
     ) -> None:
         if match not in MATCH_MODES:
             raise ValueError(f"tempcache: match must be 'content' or 'stored', got {match!r}")
+        if max_count is not None and max_count < 1:
+            raise ValueError(f"tempcache: max_count must be at least 1 (or None for no cap), got {max_count}")
         self.match = match
+        self.max_count = max_count
         self.threshold = threshold
         self.radius = radius
         self.sink_frames = sink_frames
@@ -287,6 +299,11 @@ class TemporalMerge(CacheKeeper):
             flat = (dest + offsets).flatten()  # ... on the all-layer token axis
             c_old = group.flat_count[flat]
             c_new = c_old + match.flatten()  # + 1 where merged
+            if self.max_count is not None:
+                # A capped group weighs its members as if it held max_count: the newest frame's value gets
+                # 1 / max_count, so past the cap the value is a running average (older frames fade geometrically).
+                c_new = c_new.clamp(max=float(self.max_count))
+                c_old = c_new - match.flatten().to(c_new.dtype)
             staged_rows = slice(first + j * tpf, first + (j + 1) * tpf)
             w_old = (c_old / c_new).view(1, -1, 1, 1)
             merged = match.flatten().view(1, -1, 1, 1)

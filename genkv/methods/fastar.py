@@ -18,8 +18,8 @@ from .base import GenKVMethod
 class FastAR(SparseReadFields, GenKVMethod):
     """The three FAST-AR parts together: merged, budgeted keys; routed self-attention; top-k prompt tokens.
 
-    Fields are those of ``tempcache`` (threshold, radius, sink_frames, budget_frames, max_tokens, match), ``annsa``
-    (top_k, top_p, block sizes, dense_steps, refresh, sparse_clean_pass) and ``annca`` (prompt_top_k, per).
+    Fields are those of ``tempcache`` (threshold, radius, sink_frames, budget_frames, max_tokens, match, max_count),
+    ``annsa`` (top_k, top_p, block sizes, dense_steps, refresh, sparse_clean_pass) and ``annca`` (prompt_top_k, per).
     Presets: ``configs/fastar.yaml`` (default), ``fastar_fast.yaml``, ``fastar_fidelity.yaml``.
 
     Example:
@@ -36,6 +36,7 @@ class FastAR(SparseReadFields, GenKVMethod):
     budget_frames: int = 18
     max_tokens: int | None = None
     match: str = "content"
+    max_count: int | None = None
     prompt_top_k: int = 32
     per: str = "frame"
 
@@ -48,6 +49,8 @@ class FastAR(SparseReadFields, GenKVMethod):
             self.require_int("max_tokens", minimum=1)
         if self.match not in MATCH_MODES:
             self._fail("match", "'content' or 'stored'")
+        if self.max_count is not None:
+            self.require_int("max_count", minimum=1)
         validate_sparse_read(self)
         self.require_int("prompt_top_k", minimum=1)
         if self.per not in ("frame", "chunk"):
@@ -55,7 +58,8 @@ class FastAR(SparseReadFields, GenKVMethod):
 
     def build_keeper(self) -> TemporalMerge:
         keeper = TemporalMerge(
-            self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens, self.match
+            self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens, self.match,
+            self.max_count,
         )
         keeper.method_name = "fastar"
         return keeper

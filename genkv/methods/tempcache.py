@@ -26,6 +26,10 @@ class TempCache(GenKVMethod):
         budget_frames: history token budget per layer, in frames' worth of tokens (18 history frames + the
             3-frame chunk = the KV memory of Self-Forcing's 21-frame window, ``rolling``'s default).
         max_tokens: token budget per layer in tokens; overrides ``budget_frames`` when set.
+        max_count: cap on the tokens a group stands for (None: no cap, exact for exact duplicates). Capped, its
+            ``log(count)`` bias stops at ``log(max_count)`` and its value becomes a running average that gives
+            each new member ``1 / max_count`` (see ``genkv.keep.tempcache``): long static stretches no longer
+            outweigh the present.
 
     Example:
         >>> import genkv
@@ -41,6 +45,7 @@ class TempCache(GenKVMethod):
     budget_frames: int = 18
     max_tokens: int | None = None
     match: str = "content"
+    max_count: int | None = None
 
     def validate(self) -> None:
         self.require_float("threshold", -1.0, 2.0)
@@ -51,8 +56,11 @@ class TempCache(GenKVMethod):
             self.require_int("max_tokens", minimum=1)
         if self.match not in MATCH_MODES:
             self._fail("match", "'content' or 'stored'")
+        if self.max_count is not None:
+            self.require_int("max_count", minimum=1)
 
     def build_keeper(self) -> TemporalMerge:
         return TemporalMerge(
-            self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens, self.match
+            self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens, self.match,
+            self.max_count,
         )

@@ -262,10 +262,10 @@ def test_rolling_rebases_a_quantized_window():
 
 
 def _tempcache_rollout(kind: str, chunks: int = 6, layers: int = 2, tpf: int = 8,
-                       dtype: torch.dtype = torch.float32) -> KVCacheStore:
+                       dtype: torch.dtype = torch.float32, max_count: int | None = None) -> KVCacheStore:
     """A TempCache commit sequence on near-duplicate keys (frames repeat one frame plus noise: many merges), staged
     in ``dtype``."""
-    keeper = TemporalMerge(0.9, 1, 1, 5, None, match="stored")
+    keeper = TemporalMerge(0.9, 1, 1, 5, None, match="stored", max_count=max_count)
     store = KVCacheStore(keeper, num_layers=layers, rope=None, kv_dtype=kind)
     store.reset()
     g = torch.Generator().manual_seed(0)
@@ -279,9 +279,12 @@ def _tempcache_rollout(kind: str, chunks: int = 6, layers: int = 2, tpf: int = 8
     return store
 
 
+@pytest.mark.parametrize("max_count", [None, 2])
 @pytest.mark.parametrize("kind,bound", [("int8", 0.01), ("fp8", 0.04), ("int4", 0.12)])
-def test_tempcache_merges_over_codes_like_the_bf16_cache(kind, bound):
-    reference, quantized = _tempcache_rollout("bf16"), _tempcache_rollout(kind)
+def test_tempcache_merges_over_codes_like_the_bf16_cache(kind, bound, max_count):
+    """Capped too: a capped group's running average is blended over codes with the weights the bf16 cache uses."""
+    reference = _tempcache_rollout("bf16", max_count=max_count)
+    quantized = _tempcache_rollout(kind, max_count=max_count)
     for plain, coded in zip(reference.caches["cond"], quantized.caches["cond"]):
         n = plain.length
         # the same merges and evictions: identical slots, frames and counts
@@ -289,6 +292,8 @@ def test_tempcache_merges_over_codes_like_the_bf16_cache(kind, bound):
         assert torch.equal(plain.token_count[:n], coded.token_count[:n])
         live = plain.token_count[:n] > 0
         assert int((plain.token_count[:n] > 1).sum()) > 0  # merged groups exist
+        if max_count is not None:
+            assert plain.token_count[:n].max() == max_count  # groups met the cap
         k_hat, v_hat = dequantize(coded.quantized_history())
         for stored, exact in ((k_hat, plain.k[:, :n]), (v_hat, plain.v[:, :n])):
             assert ((stored - exact)[:, live].norm() / exact[:, live].norm()) < bound

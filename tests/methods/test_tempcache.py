@@ -140,9 +140,43 @@ def test_long_rollout_stays_under_budget(method):
 def test_validation_names_the_field():
     for overrides, field in (({"threshold": 3}, "threshold"), ({"radius": -1}, "radius"),
                              ({"budget_frames": 0}, "budget_frames"), ({"max_tokens": 0}, "max_tokens"),
-                             ({"sink_frames": 3, "budget_frames": 2}, "budget_frames")):
+                             ({"sink_frames": 3, "budget_frames": 2}, "budget_frames"), ({"max_count": 0}, "max_count")):
         with pytest.raises(ValueError, match=field):
             genkv.get_method("tempcache", **overrides)
+
+
+@pytest.mark.parametrize("cap", [1, 2, 4])
+def test_a_capped_group_is_a_running_average_with_a_capped_bias(cap):
+    """max_count: nine frames of one exactly repeated key per position (values all differ) merge into one group
+    per position. Capped at ``cap``, its count stops at cap, its value is the first ``cap`` frames' mean faded by
+    ``(cap - 1) / cap`` a frame with each later frame weighted ``1 / cap`` (float64 weights written out, not the
+    running update), and attention sees that value under a log(cap) bias."""
+    g = torch.Generator().manual_seed(5)
+    grid, heads, dim, frames = (2, 3), 2, 8, 9
+    tpf = grid[0] * grid[1]
+    key = torch.randn(1, tpf, heads, dim, generator=g)
+    values = torch.randn(1, frames, tpf, heads, dim, generator=g, dtype=torch.float64)
+    keeper = TemporalMerge(threshold=1.0, radius=1, sink_frames=0, budget_frames=100, max_tokens=None,
+                           match="stored", max_count=cap)
+    cache = LayerKVCache(keeper.budget(ChunkInfo(0, 3, tpf, 0, grid)), fixed=True)
+    for c in range(frames // 3):
+        _commit(keeper, cache, key.repeat(1, 3, 1, 1), values[:, 3 * c : 3 * c + 3].flatten(1, 2).float(),
+                3 * c, 3, grid)
+    k, v, bias = cache.history()
+    live = torch.nonzero(cache.token_count[: cache.length] > 0).flatten()
+    assert len(live) == tpf and (cache.token_count[live] == cap).all()
+    weights = torch.tensor([((cap - 1) / cap) ** (frames - cap) / cap] * cap
+                           + [((cap - 1) / cap) ** (frames - 1 - f) / cap for f in range(cap, frames)],
+                           dtype=torch.float64)
+    assert abs(weights.sum().item() - 1.0) < 1e-12
+    want_v = torch.einsum("f,bfthd->bthd", weights, values)  # (1, tpf, heads, dim), by position
+    order = cache.token_pos[live].argsort()
+    torch.testing.assert_close(v[:, live[order]].double(), want_v, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(k[:, live[order]], key, rtol=0, atol=0)
+    q = torch.randn(1, 5, heads, dim, generator=g)
+    want = _attend(q, key, want_v, torch.full((1, tpf, heads), float(cap)).log())
+    got = DenseSelfAttention().attend(q, k, v, bias).double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_merging_methods_hold_exactly_the_memory_of_the_rolling_window_they_replace():
