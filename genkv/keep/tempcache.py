@@ -14,9 +14,9 @@ rotated by the relative position of the candidate (``R(p_old - p_new)``, from th
 which is the similarity of the keys before RoPE. ``match="stored"`` compares the keys as attention sees them:
 with ``threshold=1.0`` only true duplicates merge, and attention is exact.
 A match joins that group: the group takes the newest key (and its frame and position, so the next frame can
-match it again), the count-weighted mean value and count + 1; the new token's slot is freed. Matching is
-decided jointly over heads and batch (the minimum similarity must pass), so every slot means the same thing in
-every head and the buffer stays a plain ``(B, S, H, D)`` tensor.
+match it again), the count-weighted mean value and count + 1 (see ``max_count`` below); the new token's slot is
+freed. Matching is decided jointly over heads and batch (the minimum similarity must pass), so every slot means
+the same thing in every head and the buffer stays a plain ``(B, S, H, D)`` tensor.
 
 Budget: after merging, if a layer holds more than ``max_tokens``, the least recently seen slots go first
 (oldest ``frame_index``: a group refreshed by a match counts as recent), unmerged before merged among equals,
@@ -33,8 +33,9 @@ if they sat at the newest frame, the approximation FAST-AR's TempCache makes.
 ``max_count`` (off by default) caps what a group stands for. Uncapped, a group that has merged a static region for
 hundreds of frames carries a ``log(count)`` logit bias beyond any count a trained window held (Self-Forcing attends
 to at most 21 frames) and a value averaged evenly over all those frames. Capped, a group's count stops at
-``max_count``: its bias stays ``log(max_count)`` and each new member's value gets weight ``1 / max_count`` (the older
-ones fade by ``(max_count - 1) / max_count`` a frame: a running average). No longer exact for long exact
+``max_count``: its bias stays ``log(max_count)``; until then its value is the plain mean, from then on each new
+member's value gets weight ``1 / max_count`` (the older ones fade by ``(max_count - 1) / max_count`` a frame: a running
+average). No longer exact for long exact
 duplicates, by design; ``cache_stats``' "tokens represented" then counts at most ``max_count`` per group. On the
 trained sprite model's 1000-frame rollouts, uncapped merging slows the render's motion; docs/BENCHMARKS.md
 (twenty-first session) has what caps of 3 and 21 did to that.
@@ -147,8 +148,8 @@ class TemporalMerge(CacheKeeper):
     ) -> None:
         if match not in MATCH_MODES:
             raise ValueError(f"tempcache: match must be 'content' or 'stored', got {match!r}")
-        if max_count is not None and max_count < 1:
-            raise ValueError(f"tempcache: max_count must be at least 1 (or None for no cap), got {max_count}")
+        if max_count is not None and (not isinstance(max_count, int) or isinstance(max_count, bool) or max_count < 1):
+            raise ValueError(f"tempcache: max_count must be an integer >= 1 (or None for no cap), got {max_count!r}")
         self.match = match
         self.max_count = max_count
         self.threshold = threshold

@@ -27,8 +27,8 @@ class TempCache(GenKVMethod):
             3-frame chunk = the KV memory of Self-Forcing's 21-frame window, ``rolling``'s default).
         max_tokens: token budget per layer in tokens; overrides ``budget_frames`` when set.
         max_count: cap on the tokens a group stands for (None: no cap, exact for exact duplicates). Capped, its
-            ``log(count)`` bias stops at ``log(max_count)`` and its value becomes a running average that gives
-            each new member ``1 / max_count`` (see ``genkv.keep.tempcache``): long static stretches no longer
+            ``log(count)`` bias stops at ``log(max_count)`` and, once full, its value is a running average that
+            gives each new member ``1 / max_count`` (see ``genkv.keep.tempcache``): long static stretches no longer
             outweigh the present.
 
     Example:

@@ -53,6 +53,8 @@ def test_a_rerun_measures_only_the_missing_pairs_and_refuses_another_runs_file(t
     rows = [payload["rows"][f"rolling:window_frames=3@{s}"] for s in (0, 1)]
     assert summary["flicker"] == pytest.approx((rows[0]["flicker"] + rows[1]["flicker"]) / 2)
     assert summary["regions_500_800"] is None  # 9 frames have no frames 500-800
-    with pytest.raises(SystemExit):
-        rollout_seeds.main(["--model", "tiny-random", "--frames", "12", "--device", "cpu", "--out", str(out),
-                            "--methods", "full", "--seeds", "0"])
+    for other in (["--frames", "12"], ["--frames", "9", "--fps", "8"]):  # measured otherwise: not added to
+        with pytest.raises(SystemExit):
+            rollout_seeds.main(["--model", "tiny-random", "--device", "cpu", "--out", str(out), "--methods", "full",
+                                "--seeds", "2"] + other)
+    assert json.loads(out.read_text()) == payload

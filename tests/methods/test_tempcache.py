@@ -140,9 +140,37 @@ def test_long_rollout_stays_under_budget(method):
 def test_validation_names_the_field():
     for overrides, field in (({"threshold": 3}, "threshold"), ({"radius": -1}, "radius"),
                              ({"budget_frames": 0}, "budget_frames"), ({"max_tokens": 0}, "max_tokens"),
-                             ({"sink_frames": 3, "budget_frames": 2}, "budget_frames"), ({"max_count": 0}, "max_count")):
+                             ({"sink_frames": 3, "budget_frames": 2}, "budget_frames"),
+                             ({"max_count": 0}, "max_count")):
         with pytest.raises(ValueError, match=field):
             genkv.get_method("tempcache", **overrides)
+
+
+def test_a_cap_no_group_reaches_leaves_the_cache_bit_identical():
+    """Near-duplicate keys under RoPE (content matching, merging and evicting): a cap above every count changes no
+    bit of keys, values, counts, frames or positions."""
+    rope = _rope(16)
+    grid, heads, dim = (3, 4), 2, 16
+    tpf = grid[0] * grid[1]
+
+    def run(max_count):
+        g = torch.Generator().manual_seed(6)
+        content = torch.randn(1, tpf, heads, dim, generator=g, dtype=torch.float64)
+        keeper = TemporalMerge(threshold=0.97, radius=1, sink_frames=1, budget_frames=5, max_tokens=None,
+                               max_count=max_count)
+        keeper.rope = rope
+        cache = LayerKVCache(5 * tpf, fixed=True)
+        for c in range(5):
+            noisy = content.repeat(1, 3, 1, 1) + 0.05 * torch.randn(1, 3 * tpf, heads, dim, generator=g,
+                                                                   dtype=torch.float64)
+            _commit(keeper, cache, _rotated(rope, noisy, grid, 3 * c).float(),
+                    torch.randn(1, 3 * tpf, heads, dim, generator=g), 3 * c, 3, grid)
+        return {name: getattr(cache, name).clone() for name in ("k", "v", "token_count", "frame_index", "token_pos")}
+
+    plain, capped = run(None), run(10**6)
+    assert plain["token_count"].max() > 2  # groups grew
+    for name, tensor in plain.items():
+        assert torch.equal(tensor, capped[name]), name
 
 
 @pytest.mark.parametrize("cap", [1, 2, 4])
