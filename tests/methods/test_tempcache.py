@@ -146,33 +146,6 @@ def test_validation_names_the_field():
             genkv.get_method("tempcache", **overrides)
 
 
-def test_a_cap_no_group_reaches_leaves_the_cache_bit_identical():
-    """Near-duplicate keys under RoPE (content matching, merging and evicting): a cap above every count changes no
-    bit of keys, values, counts, frames or positions."""
-    rope = _rope(16)
-    grid, heads, dim = (3, 4), 2, 16
-    tpf = grid[0] * grid[1]
-
-    def run(max_count):
-        g = torch.Generator().manual_seed(6)
-        content = torch.randn(1, tpf, heads, dim, generator=g, dtype=torch.float64)
-        keeper = TemporalMerge(threshold=0.97, radius=1, sink_frames=1, budget_frames=5, max_tokens=None,
-                               max_count=max_count)
-        keeper.rope = rope
-        cache = LayerKVCache(5 * tpf, fixed=True)
-        for c in range(5):
-            noisy = content.repeat(1, 3, 1, 1) + 0.05 * torch.randn(1, 3 * tpf, heads, dim, generator=g,
-                                                                   dtype=torch.float64)
-            _commit(keeper, cache, _rotated(rope, noisy, grid, 3 * c).float(),
-                    torch.randn(1, 3 * tpf, heads, dim, generator=g), 3 * c, 3, grid)
-        return {name: getattr(cache, name).clone() for name in ("k", "v", "token_count", "frame_index", "token_pos")}
-
-    plain, capped = run(None), run(10**6)
-    assert plain["token_count"].max() > 2  # groups grew
-    for name, tensor in plain.items():
-        assert torch.equal(tensor, capped[name]), name
-
-
 @pytest.mark.parametrize("cap", [1, 2, 4])
 def test_a_capped_group_is_a_running_average_with_a_capped_bias(cap):
     """max_count: nine frames of one exactly repeated key per position (values all differ) merge into one group
@@ -372,33 +345,47 @@ def test_eviction_keeps_the_sinks_and_the_newest_frames_in_place():
     assert (cache.frame_index[~live] == -2).all()
 
 
+def _noisy_repeats_rollout(seed: int, chunks: int, match: str = "content", max_count: int | None = None) -> dict:
+    """The cache after ``chunks`` chunks of noisy repeats of one frame under RoPE (merging and evicting: budget 5
+    frames, 1 sink). ``content``: the repeats differ as stored and match once rotated; ``stored``: compared as they
+    are."""
+    rope = _rope(16)
+    grid, heads, dim = (3, 4), 2, 16
+    tpf = grid[0] * grid[1]
+    g = torch.Generator().manual_seed(seed)
+    content = torch.randn(1, tpf, heads, dim, generator=g, dtype=torch.float64)
+    keeper = TemporalMerge(threshold=0.97, radius=1, sink_frames=1, budget_frames=5, max_tokens=None, match=match,
+                           max_count=max_count)
+    keeper.rope = rope
+    cache = LayerKVCache(5 * tpf, fixed=True)
+    for c in range(chunks):
+        noisy = content.repeat(1, 3, 1, 1) + 0.05 * torch.randn(1, 3 * tpf, heads, dim, generator=g,
+                                                               dtype=torch.float64)
+        keys = (_rotated(rope, noisy, grid, 3 * c) if match == "content" else noisy).float()
+        _commit(keeper, cache, keys, torch.randn(1, 3 * tpf, heads, dim, generator=g), 3 * c, 3, grid)
+    return {name: getattr(cache, name).clone() for name in ("k", "v", "token_count", "frame_index", "token_pos")}
+
+
+def test_a_cap_no_group_reaches_leaves_the_cache_bit_identical():
+    """A cap above every count changes no bit of keys, values, counts, frames or positions."""
+    plain, capped = _noisy_repeats_rollout(seed=6, chunks=5), _noisy_repeats_rollout(seed=6, chunks=5, max_count=10**6)
+    assert plain["token_count"].max() > 2  # groups grew
+    for name, tensor in plain.items():
+        assert torch.equal(tensor, capped[name]), name
+
+
 @pytest.mark.parametrize("match", ["content", "stored"])
 def test_the_merge_score_kernel_commits_what_the_torch_scores_commit(match, monkeypatch):
     """GENKV_PAIR_SCORES_KERNEL=1's path (genkv.kernels.pair_scores, run here under the interpreter) leaves the same
-    cache as the torch scores: three chunks of noisy repeats under RoPE, merging and evicting."""
+    cache as the torch scores: four chunks of noisy repeats under RoPE, merging and evicting."""
     import genkv.keep.tempcache as tempcache
     from genkv.kernels import pair_scores as kernel
 
     if not kernel.triton_runs_on(torch.empty(1)):  # a GPU machine: CPU tensors reach Triton only when interpreted
         pytest.skip("the kernel takes CPU tensors under TRITON_INTERPRET=1 only; test_pair_scores runs it on CUDA")
-    rope = _rope(16)
-    grid, heads, dim = (3, 4), 2, 16
-    tpf = grid[0] * grid[1]
 
     def run():
-        g = torch.Generator().manual_seed(4)
-        content = torch.randn(1, tpf, heads, dim, generator=g, dtype=torch.float64)
-        keeper = TemporalMerge(threshold=0.97, radius=1, sink_frames=1, budget_frames=5, max_tokens=None,
-                               match=match)
-        keeper.rope = rope
-        cache = LayerKVCache(5 * tpf, fixed=True)
-        for c in range(4):
-            noisy = content.repeat(1, 3, 1, 1) + 0.05 * torch.randn(1, 3 * tpf, heads, dim, generator=g,
-                                                                   dtype=torch.float64)
-            # content: the repeats differ as stored (RoPE) and match once rotated; stored: compared as they are
-            keys = (_rotated(rope, noisy, grid, 3 * c) if match == "content" else noisy).float()
-            _commit(keeper, cache, keys, torch.randn(1, 3 * tpf, heads, dim, generator=g), 3 * c, 3, grid)
-        return {name: getattr(cache, name).clone() for name in ("k", "v", "token_count", "frame_index", "token_pos")}
+        return _noisy_repeats_rollout(seed=4, chunks=4, match=match)
 
     torch_path = run()
     calls = []
