@@ -35,10 +35,9 @@ hundreds of frames carries a ``log(count)`` logit bias beyond any count a traine
 to at most 21 frames) and a value averaged evenly over all those frames. Capped, a group's count stops at
 ``max_count``: its bias stays ``log(max_count)``; until then its value is the plain mean, from then on each new
 member's value gets weight ``1 / max_count`` (the older ones fade by ``(max_count - 1) / max_count`` a frame: a running
-average). No longer exact for long exact
-duplicates, by design; ``cache_stats``' "tokens represented" then counts at most ``max_count`` per group. On the
-trained sprite model's 1000-frame rollouts, uncapped merging slows the render's motion; docs/BENCHMARKS.md
-(twenty-first session) has what caps of 3 and 21 did to that.
+average). No longer exact for long exact duplicates, by design; ``cache_stats``' "tokens represented" then counts at
+most ``max_count`` per group. On the trained sprite model's 1000-frame rollouts, uncapped merging slows the render's
+motion; docs/BENCHMARKS.md (twenty-first session) has what caps of 3 and 21 did to that.
 """
 
 from __future__ import annotations

@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..keep.tempcache import MATCH_MODES, TemporalMerge
+from ..keep.tempcache import TemporalMerge
 from ..read.annca import TopKPromptAttention
 from ..read.annsa import RoutedSelfAttention
 from ..registry import register_method
 from .annsa import SparseReadFields, build_sparse_reader, validate_sparse_read
 from .base import GenKVMethod
+from .tempcache import build_temporal_merge, validate_temporal_merge
 
 
 @register_method
@@ -41,26 +42,14 @@ class FastAR(SparseReadFields, GenKVMethod):
     per: str = "frame"
 
     def validate(self) -> None:
-        self.require_float("threshold", -1.0, 2.0)
-        self.require_int("radius", minimum=0, maximum=8)
-        self.require_int("sink_frames", minimum=0)
-        self.require_int("budget_frames", minimum=self.sink_frames + 1)
-        if self.max_tokens is not None:
-            self.require_int("max_tokens", minimum=1)
-        if self.match not in MATCH_MODES:
-            self._fail("match", "'content' or 'stored'")
-        if self.max_count is not None:
-            self.require_int("max_count", minimum=1)
+        validate_temporal_merge(self)
         validate_sparse_read(self)
         self.require_int("prompt_top_k", minimum=1)
         if self.per not in ("frame", "chunk"):
             self._fail("per", "'frame' or 'chunk'")
 
     def build_keeper(self) -> TemporalMerge:
-        keeper = TemporalMerge(
-            self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens, self.match,
-            self.max_count,
-        )
+        keeper = build_temporal_merge(self)
         keeper.method_name = "fastar"
         return keeper
 

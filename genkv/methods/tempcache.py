@@ -10,6 +10,26 @@ from ..registry import register_method
 from .base import GenKVMethod
 
 
+def validate_temporal_merge(method: GenKVMethod) -> None:
+    """The merge fields ``tempcache`` and ``fastar`` share (threshold ... max_count), checked in one place."""
+    method.require_float("threshold", -1.0, 2.0)
+    method.require_int("radius", minimum=0, maximum=8)
+    method.require_int("sink_frames", minimum=0)
+    method.require_int("budget_frames", minimum=method.sink_frames + 1)
+    if method.max_tokens is not None:
+        method.require_int("max_tokens", minimum=1)
+    if method.match not in MATCH_MODES:
+        method._fail("match", "'content' or 'stored'")
+    if method.max_count is not None:
+        method.require_int("max_count", minimum=1)
+
+
+def build_temporal_merge(method: GenKVMethod) -> TemporalMerge:
+    """The TempCache keeper of a method with the shared merge fields."""
+    return TemporalMerge(method.threshold, method.radius, method.sink_frames, method.budget_frames,
+                         method.max_tokens, method.match, method.max_count)
+
+
 @register_method
 @dataclass
 class TempCache(GenKVMethod):
@@ -48,19 +68,7 @@ class TempCache(GenKVMethod):
     max_count: int | None = None
 
     def validate(self) -> None:
-        self.require_float("threshold", -1.0, 2.0)
-        self.require_int("radius", minimum=0, maximum=8)
-        self.require_int("sink_frames", minimum=0)
-        self.require_int("budget_frames", minimum=self.sink_frames + 1)
-        if self.max_tokens is not None:
-            self.require_int("max_tokens", minimum=1)
-        if self.match not in MATCH_MODES:
-            self._fail("match", "'content' or 'stored'")
-        if self.max_count is not None:
-            self.require_int("max_count", minimum=1)
+        validate_temporal_merge(self)
 
     def build_keeper(self) -> TemporalMerge:
-        return TemporalMerge(
-            self.threshold, self.radius, self.sink_frames, self.budget_frames, self.max_tokens, self.match,
-            self.max_count,
-        )
+        return build_temporal_merge(self)
