@@ -96,6 +96,16 @@ def parse_spec(spec: str):
     return genkv.get_method(name, **overrides)
 
 
+def check_specs(parser: argparse.ArgumentParser, specs: list[str]) -> None:
+    """Parse every method spec before any work starts: a bad one (an unknown name, a value its method refuses)
+    stops the run at once with one line, not after the methods before it have rendered."""
+    for spec in specs:
+        try:
+            parse_spec(spec)
+        except (ValueError, TypeError) as error:
+            parser.error(f"--methods {spec}: {error}")
+
+
 def flatness(chunk_seconds: list[float]) -> float | None:
     """Median of the last 20 chunks over the median of chunks 20-40 (1.0 = perfectly flat)."""
     if len(chunk_seconds) < 60:

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_rollout import parse_spec  # noqa: E402
+from bench_rollout import check_specs, parse_spec  # noqa: E402
 
 
 def load_pipeline(model: str, device: torch.device):
@@ -151,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also: each method's chunks with the full render's history in its cache, PSNR vs full "
                              "per chunk (one chunk's error, not compounded by diverging trajectories)")
     args = parser.parse_args(argv)
+    check_specs(parser, args.methods)
     if parse_spec(args.methods[0]).name != "full":
         parser.error("the first --methods entry must be full (the reference)")
     device = torch.device(args.device)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_rollout import check_specs  # noqa: E402
 from quality_rollout import decode_chunks, load_pipeline, measure, teacher_forced_latents  # noqa: E402
 
 #: The per-video figures averaged over seeds in the printed table (and kept per video in the JSON).
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, default=Path("rollout_seeds.json"))
     args = parser.parse_args(argv)
+    check_specs(parser, args.methods)
     device = torch.device(args.device)
     payload = {"model": args.model, "prompt": args.prompt, "frames": args.frames, "fps": args.fps,
                "device": str(device), "rows": {}}

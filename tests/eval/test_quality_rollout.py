@@ -82,16 +82,38 @@ def test_the_renders_are_the_pipelines_own_output():
     assert got.shape == want.shape == (21, 64, 64, 3) and np.array_equal(got, want)
 
 
-def test_a_run_stopped_by_a_later_method_keeps_what_it_measured(tmp_path):
-    """The JSON is written after every method: a run that a later method stops (here a spec the method refuses)
-    still holds the methods before it, marked incomplete; a finished run is marked complete."""
+def test_a_run_stopped_by_a_later_method_keeps_what_it_measured(tmp_path, monkeypatch):
+    """The JSON is written after every method: a run that a later method stops (here its render fails) still
+    holds the methods before it, marked incomplete; a finished run is marked complete."""
     quality_rollout = _quality_rollout()
     out = tmp_path / "q.json"
-    with pytest.raises(ValueError):
+    render = quality_rollout.teacher_forced_latents
+
+    def failing_render(pipe, spec, *args):
+        if spec == "rolling:window_frames=2":
+            raise RuntimeError("out of memory (simulated)")
+        return render(pipe, spec, *args)
+
+    monkeypatch.setattr(quality_rollout, "teacher_forced_latents", failing_render)
+    with pytest.raises(RuntimeError, match="simulated"):
         quality_rollout.main(["--model", "tiny-random", "--frames", "9", "--methods", "full",
-                              "rolling:window_frames=3", "rolling:window_frames=0", "--out", str(out)])
+                              "rolling:window_frames=3", "rolling:window_frames=2", "--out", str(out)])
+    monkeypatch.setattr(quality_rollout, "teacher_forced_latents", render)
     kept = json.loads(out.read_text())
     assert kept["complete"] is False and list(kept["results"]) == ["full", "rolling:window_frames=3"]
     assert len(kept["results"]["rolling:window_frames=3"]["psnr"]) == 9
     quality_rollout.main(["--model", "tiny-random", "--frames", "9", "--methods", "full", "--out", str(out)])
     assert json.loads(out.read_text())["complete"] is True
+
+
+@pytest.mark.parametrize("script", ["quality_rollout", "rollout_seeds"])
+def test_a_bad_method_spec_stops_the_run_before_anything_renders(script, tmp_path, capsys, monkeypatch):
+    """Every --methods entry is checked before the model loads: a value a method refuses, third in the list,
+    exits at once with one line naming it (not after the first two methods have rendered)."""
+    module = import_eval_script(script)
+    monkeypatch.setattr(module, "load_pipeline", lambda *a: pytest.fail("the model loaded before the check"))
+    with pytest.raises(SystemExit) as stop:
+        module.main(["--model", "tiny-random", "--frames", "9", "--methods", "full", "rolling:window_frames=3",
+                     "tempcache:max_count=0", "--out", str(tmp_path / "o.json")])
+    assert stop.value.code == 2
+    assert "--methods tempcache:max_count=0: " in capsys.readouterr().err
