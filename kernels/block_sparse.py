@@ -20,6 +20,12 @@ together with the softmax scale (the one multiply per logit the plain path alrea
 scale multiplies p before the PV dot, and int4's per-token zero point adds ``sum_j p_j zero_j`` to the
 accumulator. Current-chunk columns get scale 1, zero 0.
 The plain path (no history) compiles exactly as before (``HIST_KIND = 0`` removes every history op).
+
+Split reads (``num_splits``): a third grid axis cuts each list into contiguous shares, one program each; every
+share writes its normalised partial output and LSE in fp32, and ``_merge_split_partials`` combines them
+(weights ``exp(lse_s - max lse)``). At head dim 128 one program fills a Hopper SM, so a grid of 444 programs
+(Wan's 37 query tiles x 12 heads) runs 3.36 waves on 132 SMs; two shares make it 6.73, and the fourth wave's
+idle SMs get work.
 """
 
 from __future__ import annotations
@@ -97,11 +103,23 @@ if triton is not None:
     def _attend_tile(q, k, v, acc, m_i, l_i, bias_base, offs_n, kv_len, qk_scale, stride_bs,
                      HAS_BIAS: tl.constexpr, RAGGED: tl.constexpr):
         """One key tile of the online softmax (logits in base 2): returns the updated (acc, m_i, l_i)."""
-        # Scale in fp32 (not folded into the bf16 q, which would round it twice); fuses into one FMA.
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-        qk = _masked_logits(qk, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
-        p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        qk = tl.dot(q, tl.trans(k))
+        if HAS_BIAS:
+            # Scale in fp32 (not folded into the bf16 q, which would round it twice), then the bias.
+            qk = _masked_logits(qk * qk_scale, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
+            p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
+        else:
+            # Without a bias the scale (> 0) commutes with the max: the row max is scaled once, and each logit
+            # takes one FMA, qk * scale - m, on its way into exp2 (the fused-attention tutorial's form).
+            if RAGGED:
+                qk = tl.where((offs_n < kv_len)[None, :], qk, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
+            alpha = tl.math.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, 1)
+        # The rescaled accumulator goes into the dot as its addend: the tensor cores accumulate in place.
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         return acc, m_new, l_i
 
     @triton.jit
@@ -449,6 +467,7 @@ if triton is not None:
         stride_xb, stride_xh,
         stride_zb, stride_zs, stride_zh,
         stride_yb, stride_yh,
+        stride_op, stride_lp,
         num_heads, q_len, kv_len, hist_len, qk_scale,
         HAS_BIAS: tl.constexpr,
         STORE_LSE: tl.constexpr,
@@ -469,11 +488,16 @@ if triton is not None:
         INT4_SCALE_IN_V: tl.constexpr,
         LIST_WIDTH: tl.constexpr,
         NUM_STAGES: tl.constexpr,
+        SPLIT: tl.constexpr = False,
     ):
-        # One program per (query tile, batch x head). The block lists are at the mask's granularity
+        # One program per (query tile, batch x head, split). The block lists are at the mask's granularity
         # (MASK_BLOCK_M x MASK_BLOCK_N); tiles may be smaller, so the kernel's shape is tuned independently.
+        # With several splits, split s reads the s-th contiguous share of each list and writes its partial
+        # (normalised output, LSE) to slot s of Out / Lse (fp32 workspaces, stride_op / stride_lp apart), which
+        # _merge_split_partials combines.
         pid_m = tl.program_id(0)
         pid_bh = tl.program_id(1)
+        pid_s = tl.program_id(2) if SPLIT else 0
         b = pid_bh // num_heads
         h = pid_bh % num_heads
         offs_m = pid_m * TILE_M + tl.arange(0, TILE_M)
@@ -492,7 +516,9 @@ if triton is not None:
             # Resume from a partial attention over other keys (out0, lse0; e.g. cuDNN over the chunk's own keys):
             # in base 2, m = lse0 * log2(e) and l = 1 make acc / l = out0 and m + log2(l) = lse0, so the loop
             # continues that softmax exactly. Rows the partial saw nothing in (lse0 = -inf) start empty.
-            lse0 = tl.load(InitLse + b * stride_yb + h * stride_yh + offs_m, mask=row_ok, other=float("-inf"))
+            # Only the first split resumes; the others start empty and are merged with it afterwards.
+            first_share = row_ok & (pid_s == 0) if SPLIT else row_ok
+            lse0 = tl.load(InitLse + b * stride_yb + h * stride_yh + offs_m, mask=first_share, other=float("-inf"))
             seen = lse0 > float("-inf")
             m_i = tl.where(seen, lse0 * 1.4426950408889634, float("-inf"))
             l_i = tl.where(seen, 1.0, 0.0)
@@ -500,6 +526,15 @@ if triton is not None:
 
         mask_row = (pid_m * TILE_M) // MASK_BLOCK_M
         count = tl.load(Cnt + b * stride_cb + h * stride_ch + mask_row)
+        # This split's share of the list: entries [first, last). One split compiles as before the split axis
+        # existed (SPLIT constexpr): the int4 path sits at 255 registers, where a few more live values made ptxas
+        # serialise its wgmmas (C7515).
+        first = 0
+        last = count
+        if SPLIT:
+            share = tl.cdiv(count, tl.num_programs(2))
+            first = tl.minimum(pid_s * share, count)
+            last = tl.minimum(first + share, count)
         idx_row = Idx + b * stride_ib + h * stride_ih + mask_row * stride_iq
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
@@ -513,7 +548,7 @@ if triton is not None:
                                                    block_shape=[TILE_N, HEAD_DIM])
                 v_desc = tl.make_tensor_descriptor(v_base, shape=[kv_len, HEAD_DIM], strides=[stride_vs, 1],
                                                    block_shape=[TILE_N, HEAD_DIM])
-            for i in tl.range(0, count, warp_specialize=WARP_SPECIALIZE):
+            for i in tl.range(first, last, warp_specialize=WARP_SPECIALIZE):
                 block = tl.load(idx_row + i)
                 for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                     start_n = block * MASK_BLOCK_N + sub * TILE_N
@@ -556,6 +591,10 @@ if triton is not None:
             current = tl.sum((listed & (ids * MASK_BLOCK_N >= hist_len)).to(tl.int32), 0)
             n_whole = tl.where(unordered == 0, whole, 0)
             merged_end = tl.where(unordered == 0, count - current, count)
+            # The three runs [0, n_whole), [n_whole, merged_end), [merged_end, count), cut to this split's share.
+            if SPLIT:
+                n_whole = tl.minimum(tl.maximum(n_whole, first), last)
+                merged_end = tl.minimum(tl.maximum(merged_end, first), last)
             if HIST_KIND == 3:
                 # int4: the head is held as two channel halves end to end (see _int4_halves).
                 offs_h = tl.arange(0, HEAD_DIM // 2)
@@ -574,7 +613,7 @@ if triton is not None:
                     qc_hi = qc_hi.to(tl.float16)
                 zsum = tl.zeros([TILE_M], dtype=tl.float32)  # sum_j p_j zero_j (see _attend_int4_halves)
                 acc_lo, acc_hi, zsum, m_i, l_i = _int4_blocks(
-                    idx_row, 0, n_whole, qc_lo, qc_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base,
+                    idx_row, first, n_whole, qc_lo, qc_hi, ch_lo, ch_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base,
                     stride_ks, stride_vs, hk_base, hv_base, stride_hs, hks_base, hvs_base, hvz_base, stride_ss,
                     bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM // 2,
                     HAS_BIAS, False, False, NUM_STAGES, FAST_DEQUANT, INT4_ASM, INT4_ZERO_IN_V,
@@ -585,7 +624,7 @@ if triton is not None:
                     stride_ss, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N,
                     HEAD_DIM // 2, HAS_BIAS, True, RAGGED, 1)
                 acc_lo, acc_hi, zsum, m_i, l_i = _int4_current_blocks(
-                    idx_row, merged_end, count, q_lo, q_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base, stride_ks,
+                    idx_row, merged_end, last, q_lo, q_hi, acc_lo, acc_hi, zsum, m_i, l_i, k_base, v_base, stride_ks,
                     stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len, qk_scale, MASK_BLOCK_N, TILE_N,
                     HEAD_DIM // 2, HAS_BIAS, RAGGED)
             else:
@@ -603,7 +642,7 @@ if triton is not None:
                     q_rest = tl.minimum(tl.maximum(tl.floor(rest + 0.5), -127.0), 127.0).to(tl.int8)
                 else:
                     qc_codes = qc.to(tl.float16) if FAST_DEQUANT else qc  # int8 only (fp8 converts in hardware)
-                for i in tl.range(0, n_whole):
+                for i in tl.range(first, n_whole):
                     block = tl.load(idx_row + i)
                     for sub in tl.static_range(0, MASK_BLOCK_N // TILE_N):
                         offs_n = block * MASK_BLOCK_N + sub * TILE_N + offs_n0
@@ -622,12 +661,12 @@ if triton is not None:
                                                                 channel, offs_n, hist_len, kv_len, HEAD_DIM)
                         acc, m_i, l_i = _attend_history_tile(q, k, v, k_col, v_col, acc, m_i, l_i, bias_base,
                                                              offs_n, kv_len, qk_scale, stride_bs, HAS_BIAS, RAGGED)
-                acc, m_i, l_i = _current_blocks(idx_row, merged_end, count, q, acc, m_i, l_i, k_base, v_base,
+                acc, m_i, l_i = _current_blocks(idx_row, merged_end, last, q, acc, m_i, l_i, k_base, v_base,
                                                 stride_ks, stride_vs, bias_base, stride_bs, offs_n0, hist_len, kv_len,
                                                 qk_scale, MASK_BLOCK_N, TILE_N, HEAD_DIM, HAS_BIAS, RAGGED)
 
         denom = tl.where(l_i == 0.0, 1.0, l_i)
-        o_rows = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
+        o_rows = Out + (pid_s * stride_op if SPLIT else 0) + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os
         if HIST_KIND == 3:
             acc_lo += zsum[:, None]
             acc_hi += zsum[:, None]
@@ -640,7 +679,48 @@ if triton is not None:
                      mask=row_ok[:, None])
         if STORE_LSE:
             lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(denom)) / 1.4426950408889634)
-            tl.store(Lse + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
+            tl.store(Lse + (pid_s * stride_lp if SPLIT else 0) + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
+
+    @triton.jit(do_not_specialize=["q_len"])
+    def _merge_split_partials(
+        PartOut, PartLse, Out, Lse,
+        stride_pp, stride_pb, stride_ps, stride_ph,
+        stride_lp, stride_lb, stride_lh,
+        stride_ob, stride_os, stride_oh,
+        stride_yb, stride_yh,
+        num_heads, q_len,
+        N_SPLITS: tl.constexpr,
+        TILE_M: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        STORE_LSE: tl.constexpr,
+    ):
+        """Softmax-weighted sum of the splits' normalised partial outputs: weights exp(lse_s - max_s lse_s);
+        the result's LSE is max + log(sum of weights). Rows no split saw (every lse -inf) get zeros and -inf."""
+        pid_m = tl.program_id(0)
+        pid_bh = tl.program_id(1)
+        b = pid_bh // num_heads
+        h = pid_bh % num_heads
+        offs_m = pid_m * TILE_M + tl.arange(0, TILE_M)
+        offs_d = tl.arange(0, HEAD_DIM)
+        row_ok = offs_m < q_len
+        lse_rows = PartLse + b * stride_lb + h * stride_lh + offs_m
+        m = tl.full([TILE_M], float("-inf"), dtype=tl.float32)
+        for s in tl.static_range(N_SPLITS):
+            m = tl.maximum(m, tl.load(lse_rows + s * stride_lp, mask=row_ok, other=float("-inf")))
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        total = tl.zeros([TILE_M], dtype=tl.float32)
+        acc = tl.zeros([TILE_M, HEAD_DIM], dtype=tl.float32)
+        out_rows = PartOut + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_ps + offs_d[None, :]
+        for s in tl.static_range(N_SPLITS):
+            weight = tl.exp(tl.load(lse_rows + s * stride_lp, mask=row_ok, other=float("-inf")) - m_safe)
+            total += weight
+            acc += weight[:, None] * tl.load(out_rows + s * stride_pp, mask=row_ok[:, None], other=0.0)
+        denom = tl.where(total == 0.0, 1.0, total)
+        o_rows = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+        tl.store(o_rows, (acc / denom[:, None]).to(Out.dtype.element_ty), mask=row_ok[:, None])
+        if STORE_LSE:
+            lse = tl.where(total == 0.0, float("-inf"), m + tl.log(denom))
+            tl.store(Lse + b * stride_yb + h * stride_yh + offs_m, lse, mask=row_ok)
 
 
 def _tma_usable(k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -808,6 +888,61 @@ def _use_int4_scale_in_v(requested: bool | None, hist_kind: int, zero_in_v: bool
     return _switch(requested, "GENKV_INT4_SCALE_IN_V", default=True)
 
 
+MAX_SPLITS = 4
+# What a launch that names no split count gets (env GENKV_NUM_SPLITS overrides it): "auto" (the wave rule of
+# _num_splits) or a count.
+DEFAULT_SPLITS: int | str = "auto"
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _num_splits(requested: int | str | None, programs: int, list_width: int, head_dim: int,
+                device: torch.device, short_reads: bool = False) -> int:
+    """How many contiguous shares each block list is read in (see ``num_splits`` below).
+
+    ``requested`` None: env ``GENKV_NUM_SPLITS`` (a count or ``auto``) if set, else ``DEFAULT_SPLITS``. ``"auto"``
+    chooses from the launch's shape alone (no device sync, so CUDA graphs and compiled code can record it): at
+    head dim 128 a program takes a whole Hopper SM (its 3-stage K/V ring fills shared memory:
+    ``eval/kernel_resources.py``), so the grid runs in waves of one program per SM, and a grid of 444 programs
+    (Wan's 37 query tiles x 12 heads) on 132 SMs leaves its fourth wave a third full (84% busy). Each split
+    count n in 1..4 gives ``programs * n`` programs; the one whose waves are fullest wins, less 3 points per
+    extra split for the merge pass, with at least 2 list entries per split. 1 off CUDA (the interpreter), at
+    other head dims, whose occupancy this rule does not model, and for ``short_reads``: the history part of a
+    split read (a resumed call; the chunk's own keys went to SDPA) lists ~30 blocks, too few to pay for the
+    merge pass and the per-program prologue run once per split (H100, ``fastar``'s lists, one call split / not:
+    bf16 0.666 / 0.656 ms, int8 0.923 / 0.879; int4 0.870 / 0.912, yet its compiled rollout's chunk 358.1 /
+    357.1 ms, so no kind splits there)."""
+    if requested is None:
+        requested = os.environ.get("GENKV_NUM_SPLITS", "").strip().lower() or DEFAULT_SPLITS
+    if requested != "auto":
+        try:
+            count = int(requested)
+        except (TypeError, ValueError):
+            count = 0
+        if not 1 <= count <= MAX_SPLITS or isinstance(requested, bool):
+            raise ValueError(f"num_splits must be 'auto' or a count from 1 to {MAX_SPLITS}, got {requested!r} "
+                             "(argument or GENKV_NUM_SPLITS)")
+        return count
+    if device.type != "cuda" or _interpreting() or head_dim != 128 or short_reads:
+        return 1
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    sms = _SM_COUNTS[index]
+
+    def busy(n: int) -> float:  # the fraction of SM slots the grid's waves fill
+        units = programs * n
+        return units / (sms * math.ceil(units / sms))
+
+    best, best_score = 1, busy(1)
+    for n in range(2, MAX_SPLITS + 1):
+        if list_width < 2 * n:
+            break
+        score = busy(n) - 0.03 * (n - 1)
+        if score > best_score:
+            best, best_score = n, score
+    return best
+
+
 def _switch(requested: bool | None, env: str, default: bool) -> bool:
     """A launch switch: the argument if given, else env ``env`` (``1`` / ``0``) if set, else ``default``."""
     return bool(requested) if requested is not None else env_flag(env, default)
@@ -839,6 +974,7 @@ def block_sparse_attention_triton(
     int4_asm: bool | None = None,
     int4_zero_in_v: bool | None = None,
     int4_scale_in_v: bool | None = None,
+    num_splits: int | str | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
@@ -886,6 +1022,12 @@ def block_sparse_attention_triton(
     logit, and one load of the value scales a tile instead of two. Off the exact path by the same bound (half an
     fp16 spacing of the value, ``zero`` itself rounded to fp16); the values must lie within fp16's range.
 
+    ``num_splits`` (1-4 or ``"auto"``; default: env ``GENKV_NUM_SPLITS`` if set, else ``DEFAULT_SPLITS``;
+    ``"auto"`` chooses from the grid's size and the GPU's SM count, see ``_num_splits``): each list is read in
+    that many contiguous shares by as many programs, whose fp32 partials (output, LSE) one more small kernel
+    merges. It fills the last wave of a grid that is a few waves long; the result equals one program's read up
+    to fp32 rounding.
+
     ``initial`` (optional): ``(out0 (B, S_q, H, D), lse0 (B, H, S_q))``, a partial attention of the same queries
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
     softmax and returns the attention over both key sets, as :func:`merge_attention_partials` would, with no
@@ -914,6 +1056,8 @@ def block_sparse_attention_triton(
         bias = key_bias.float()
     bias_strides = (bias.stride(0), bias.stride(1), bias.stride(2)) if key_bias is not None else (0, 0, 0)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    if not scale > 0:  # the kernel scales the row max, not each logit: that needs a positive scale
+        raise ValueError(f"scale must be positive, got {scale}")
     tile_m = min(tile_m or block_m, block_m)
     tile_n = min(tile_n or _default_tile_n(hist_kind, block_n), block_n)
     if block_m % tile_m or block_n % tile_n or tile_m < 16 or tile_n < 16:
@@ -924,29 +1068,40 @@ def block_sparse_attention_triton(
     use_tma = history is None and (_tma_usable(k, v) if tma is None else tma)
     if use_tma and not _tma_usable(k, v):
         raise ValueError("tma=True needs a Hopper-class GPU (or the interpreter) and 16-byte aligned K/V rows")
-    grid = (math.ceil(s_q / tile_m), b * h)
+    idx = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
+    splits = _num_splits(num_splits, math.ceil(s_q / tile_m) * b * h, idx.shape[-1], d, q.device,
+                         short_reads=initial is not None)
+    grid = (math.ceil(s_q / tile_m), b * h, splits)
+    # Where the kernel writes: the output itself, or (split) fp32 partials for the merge, one slot per split.
+    kernel_out, kernel_lse, split_strides = out, lse, (0, 0)
+    if splits > 1:
+        kernel_out = torch.empty(splits, b, s_q, h, d, device=q.device, dtype=torch.float32)
+        kernel_lse = torch.empty(splits, b, h, s_q, device=q.device, dtype=torch.float32)
+        split_strides = (kernel_out.stride(0), kernel_lse.stride(0))
+        kernel_out, kernel_lse = kernel_out[0], kernel_lse[0]  # slot 0; the kernel steps by split_strides
     # 3 stages with a history too, now that its merged loop runs unpipelined (it fits shared memory): top-16 lists
     # at Wan shapes, int8 0.84 ms at 3 stages vs 0.93 at 2 (H100, `bench_quant_kv.py --launch-sweep`).
     stages = num_stages or 3
     # The kernel walks a row's list and the counts with unit stride (other strides may be 0: broadcast lists).
-    idx = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
     cnt = kv_block_counts if kv_block_counts.stride(-1) == 1 else kv_block_counts.contiguous()
+    store_lse = return_lse or splits > 1
     _block_sparse_fwd[grid](
-        q, k, v, bias, out, lse, idx, cnt,
+        q, k, v, bias, kernel_out, kernel_lse, idx, cnt,
         *hist_pointers, init_out, init_lse,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
+        kernel_out.stride(0), kernel_out.stride(1), kernel_out.stride(2),
         *bias_strides,
         idx.stride(0), idx.stride(1), idx.stride(2),
         cnt.stride(0), cnt.stride(1),
-        lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+        kernel_lse.stride(0) if store_lse else 0, kernel_lse.stride(1) if store_lse else 0,
         *hist_strides,
         *init_strides,
+        *split_strides,
         h, s_q, hist_len + k.shape[1], hist_len, scale * LOG2E,
         HAS_BIAS=key_bias is not None,
-        STORE_LSE=return_lse,
+        STORE_LSE=store_lse,
         MASK_BLOCK_M=block_m,
         MASK_BLOCK_N=block_n,
         TILE_M=tile_m,
@@ -964,7 +1119,20 @@ def block_sparse_attention_triton(
         INT4_SCALE_IN_V=int4_scale_in_v,
         LIST_WIDTH=triton.next_power_of_2(max(idx.shape[-1], 1)),  # the history's entry sort reads whole lists
         NUM_STAGES=stages,
+        SPLIT=splits > 1,
         num_warps=num_warps or (8 if d >= 128 else 4),
         num_stages=stages,
     )
+    if splits > 1:
+        merge_tile = 64 if d >= 128 else 128
+        _merge_split_partials[(math.ceil(s_q / merge_tile), b * h)](
+            kernel_out, kernel_lse, out, lse,
+            split_strides[0], kernel_out.stride(0), kernel_out.stride(1), kernel_out.stride(2),
+            split_strides[1], kernel_lse.stride(0), kernel_lse.stride(1),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+            h, s_q,
+            N_SPLITS=splits, TILE_M=merge_tile, HEAD_DIM=d, STORE_LSE=return_lse,
+            num_warps=4,
+        )
     return (out, lse) if return_lse else out
