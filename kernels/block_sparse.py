@@ -679,7 +679,8 @@ if triton is not None:
                      mask=row_ok[:, None])
         if STORE_LSE:
             lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(denom)) / 1.4426950408889634)
-            tl.store(Lse + (pid_s * stride_lp if SPLIT else 0) + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
+            lse_rows = Lse + (pid_s * stride_lp if SPLIT else 0) + b * stride_lb + h * stride_lh + offs_m
+            tl.store(lse_rows, lse, mask=row_ok)
 
     @triton.jit(do_not_specialize=["q_len"])
     def _merge_split_partials(
@@ -892,11 +893,11 @@ MAX_SPLITS = 4
 # What a launch that names no split count gets (env GENKV_NUM_SPLITS overrides it): "auto" (the wave rule of
 # _num_splits) or a count.
 DEFAULT_SPLITS: int | str = "auto"
-_SM_COUNTS: dict[int, int] = {}
+_SM_COUNTS: dict[int, tuple[int, int]] = {}  # device index -> (SM count, compute capability major)
 
 
 def _num_splits(requested: int | str | None, programs: int, list_width: int, head_dim: int,
-                device: torch.device, short_reads: bool = False) -> int:
+                device: torch.device, short_reads: bool = False, out_elements: int = 0) -> int:
     """How many contiguous shares each block list is read in (see ``num_splits`` below).
 
     ``requested`` None: env ``GENKV_NUM_SPLITS`` (a count or ``auto``) if set, else ``DEFAULT_SPLITS``. ``"auto"``
@@ -905,29 +906,35 @@ def _num_splits(requested: int | str | None, programs: int, list_width: int, hea
     ``eval/kernel_resources.py``), so the grid runs in waves of one program per SM, and a grid of 444 programs
     (Wan's 37 query tiles x 12 heads) on 132 SMs leaves its fourth wave a third full (84% busy). Each split
     count n in 1..4 gives ``programs * n`` programs; the one whose waves are fullest wins, less 3 points per
-    extra split for the merge pass, with at least 2 list entries per split. 1 off CUDA (the interpreter), at
-    other head dims, whose occupancy this rule does not model, and for ``short_reads``: the history part of a
-    split read (a resumed call; the chunk's own keys went to SDPA) lists ~30 blocks, too few to pay for the
-    merge pass and the per-program prologue run once per split (H100, ``fastar``'s lists, one call split / not:
-    bf16 0.666 / 0.656 ms, int8 0.923 / 0.879; int4 0.870 / 0.912, yet its compiled rollout's chunk 358.1 /
-    357.1 ms, so no kind splits there)."""
+    extra split for the merge pass, with at least 2 list entries per split, and the partials (``out_elements``
+    fp32 values each) within int32 offsets. 1 off CUDA (the interpreter), off Hopper (compute capability 9) and
+    at other head dims, whose occupancy this rule does not model, for an empty grid, and for ``short_reads``: the
+    history part of a split read (a resumed call; the chunk's own keys went to SDPA) lists ~30 blocks, too few
+    to pay for the merge pass and the per-program prologue run once per split (H100, ``fastar``'s lists, one
+    call split / not: bf16 0.666 / 0.656 ms, int8 0.923 / 0.879; int4 0.870 / 0.912, yet its compiled rollout's
+    chunk 358.1 / 357.1 ms, so no kind splits there)."""
     if requested is None:
-        requested = os.environ.get("GENKV_NUM_SPLITS", "").strip().lower() or DEFAULT_SPLITS
+        requested = os.environ.get("GENKV_NUM_SPLITS", "") or DEFAULT_SPLITS
+    if isinstance(requested, str):
+        requested = requested.strip().lower()
+        requested = int(requested) if requested.isascii() and requested.isdigit() else requested
     if requested != "auto":
-        try:
-            count = int(requested)
-        except (TypeError, ValueError):
-            count = 0
-        if not 1 <= count <= MAX_SPLITS or isinstance(requested, bool):
+        if isinstance(requested, bool) or not isinstance(requested, int) or not 1 <= requested <= MAX_SPLITS:
             raise ValueError(f"num_splits must be 'auto' or a count from 1 to {MAX_SPLITS}, got {requested!r} "
                              "(argument or GENKV_NUM_SPLITS)")
-        return count
-    if device.type != "cuda" or _interpreting() or head_dim != 128 or short_reads:
+        if requested > 1 and requested * out_elements >= 2**31:
+            raise ValueError(f"num_splits={requested}: the fp32 partials ({requested} x {out_elements} elements) "
+                             "pass int32 offsets; use num_splits=1")
+        return requested
+    if device.type != "cuda" or _interpreting() or head_dim != 128 or short_reads or programs == 0:
         return 1
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SM_COUNTS:
-        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    sms = _SM_COUNTS[index]
+        props = torch.cuda.get_device_properties(index)
+        _SM_COUNTS[index] = (props.multi_processor_count, props.major)
+    sms, major = _SM_COUNTS[index]
+    if major != 9:
+        return 1
 
     def busy(n: int) -> float:  # the fraction of SM slots the grid's waves fill
         units = programs * n
@@ -935,7 +942,7 @@ def _num_splits(requested: int | str | None, programs: int, list_width: int, hea
 
     best, best_score = 1, busy(1)
     for n in range(2, MAX_SPLITS + 1):
-        if list_width < 2 * n:
+        if list_width < 2 * n or n * out_elements >= 2**31:
             break
         score = busy(n) - 0.03 * (n - 1)
         if score > best_score:
@@ -1056,8 +1063,8 @@ def block_sparse_attention_triton(
         bias = key_bias.float()
     bias_strides = (bias.stride(0), bias.stride(1), bias.stride(2)) if key_bias is not None else (0, 0, 0)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    if not scale > 0:  # the kernel scales the row max, not each logit: that needs a positive scale
-        raise ValueError(f"scale must be positive, got {scale}")
+    if not (math.isfinite(scale) and scale > 0):  # the kernel scales the row max, not each logit
+        raise ValueError(f"scale must be positive and finite, got {scale}")
     tile_m = min(tile_m or block_m, block_m)
     tile_n = min(tile_n or _default_tile_n(hist_kind, block_n), block_n)
     if block_m % tile_m or block_n % tile_n or tile_m < 16 or tile_n < 16:
@@ -1070,7 +1077,7 @@ def block_sparse_attention_triton(
         raise ValueError("tma=True needs a Hopper-class GPU (or the interpreter) and 16-byte aligned K/V rows")
     idx = kv_block_indices if kv_block_indices.stride(-1) == 1 else kv_block_indices.contiguous()
     splits = _num_splits(num_splits, math.ceil(s_q / tile_m) * b * h, idx.shape[-1], d, q.device,
-                         short_reads=initial is not None)
+                         short_reads=initial is not None, out_elements=q.numel())
     grid = (math.ceil(s_q / tile_m), b * h, splits)
     # Where the kernel writes: the output itself, or (split) fp32 partials for the merge, one slot per split.
     kernel_out, kernel_lse, split_strides = out, lse, (0, 0)

@@ -107,7 +107,7 @@ def test_the_split_count_fills_the_last_wave(monkeypatch):
     monkeypatch.delenv("GENKV_NUM_SPLITS", raising=False)
     monkeypatch.setattr(bs, "DEFAULT_SPLITS", "auto")
     monkeypatch.setattr(bs, "_interpreting", lambda: False)
-    monkeypatch.setitem(bs._SM_COUNTS, 0, 132)
+    monkeypatch.setitem(bs._SM_COUNTS, 0, (132, 9))  # an H100 / H200: 132 SMs, compute capability 9
     cuda = torch.device("cuda", 0)
     assert bs._num_splits(None, 444, 256, 128, cuda) == 2
     assert bs._num_splits(None, 396, 256, 128, cuda) == 1  # three full waves: nothing to fill
@@ -116,13 +116,21 @@ def test_the_split_count_fills_the_last_wave(monkeypatch):
     assert bs._num_splits(None, 444, 256, 64, cuda) == 1  # occupancy not modelled at other head dims
     assert bs._num_splits(None, 444, 256, 128, cuda, short_reads=True) == 1  # a split read's history part
     assert bs._num_splits(None, 444, 256, 128, torch.device("cpu")) == 1
+    assert bs._num_splits(None, 0, 256, 128, cuda) == 1  # an empty grid
+    assert bs._num_splits(None, 444, 256, 128, cuda, out_elements=2**30) == 1  # 2 x 2^30 partials: past int32
     assert bs._num_splits(3, 444, 256, 128, torch.device("cpu")) == 3
+    assert bs._num_splits(" 3 ", 444, 256, 128, cuda) == 3 and bs._num_splits("AUTO", 444, 256, 128, cuda) == 2
+    with pytest.raises(ValueError, match="pass int32 offsets"):
+        bs._num_splits(2, 444, 256, 128, cuda, out_elements=2**30)
+    monkeypatch.setitem(bs._SM_COUNTS, 0, (108, 8))  # an A100: the one-program-per-SM model is Hopper's
+    assert bs._num_splits(None, 444, 256, 128, cuda) == 1
+    monkeypatch.setitem(bs._SM_COUNTS, 0, (132, 9))
     monkeypatch.setenv("GENKV_NUM_SPLITS", "1")
     assert bs._num_splits(None, 444, 256, 128, cuda) == 1
     assert bs._num_splits("auto", 444, 256, 128, cuda) == 2  # an argument outranks the env
     monkeypatch.setenv("GENKV_NUM_SPLITS", "Auto")
     assert bs._num_splits(None, 444, 256, 128, cuda) == 2
-    for bad in (5, 0, "two", True):
+    for bad in (5, 0, "two", True, 2.7, "2.7"):
         with pytest.raises(ValueError, match="num_splits must be 'auto' or a count from 1 to 4"):
             bs._num_splits(bad, 444, 256, 128, cuda)
 
@@ -131,5 +139,45 @@ def test_a_non_positive_scale_is_refused():
     q = torch.randn(1, 16, 1, 16)
     idx, counts = torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32)
     dev = device_for("triton")
-    with pytest.raises(ValueError, match="scale must be positive"):
-        bs.block_sparse_attention_triton(*on(dev, q, q, q, idx, counts), block_m=16, block_n=16, scale=-0.5)
+    for scale in (-0.5, 0.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="scale must be positive and finite"):
+            bs.block_sparse_attention_triton(*on(dev, q, q, q, idx, counts), block_m=16, block_n=16, scale=scale)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_split_reads_of_fast_dequant_tiles_match_float64(kind):
+    """An fp16 q turns on the 16-bit paths (int8: int8 x int8 logits; int4: codes from bits, zero points and
+    scales in the value tiles): split three ways, against float64 over the dequantized history."""
+    g = torch.Generator().manual_seed(90 + (kind == "int4"))
+    b, h, d, bm, bn, s_h, s_cur, s_q = 1, 2, 64, 16, 32, 100, 40, 32
+    k_hist, v_hist = torch.randn(b, s_h, h, d, generator=g), torch.randn(b, s_h, h, d, generator=g) + 0.3
+    history = quantize_kv(k_hist, v_hist, kind)
+    k_hist, v_hist = dequantize(history)
+    q, k_cur, v_cur = (torch.randn(b, n, h, d, generator=g).to(torch.float16) for n in (s_q, s_cur, s_cur))
+    idx = torch.tensor([[0, 1, 2, 3, 4], [4, 2, 0, 3, 1]], dtype=torch.int32).expand(b, h, 2, 5).contiguous()
+    counts = torch.tensor([5, 3], dtype=torch.int32).expand(b, h, 2).contiguous()
+    dev = device_for("triton")
+    got = bs.block_sparse_attention_triton(*on(dev, q, k_cur, v_cur, idx, counts), block_m=bm, block_n=bn,
+                                           tile_n=16, history=history.to(dev), num_splits=3)
+    keys, values = torch.cat([k_hist, k_cur.float()], 1), torch.cat([v_hist, v_cur.float()], 1)
+    want, _ = dense_reference(q, keys, values, allowed_mask(idx, counts, s_q, s_h + s_cur, bm, bn))
+    torch.testing.assert_close(got.cpu().double(), want, **tolerance(torch.float16, dev))
+
+
+def test_the_env_reaches_a_call_through_dispatch(monkeypatch):
+    """``GENKV_NUM_SPLITS`` read by ``block_sparse_attention`` (backend triton): the launch splits, and the result
+    is float64's."""
+    from genkv.kernels import block_sparse_attention
+
+    chosen = []
+    choose = bs._num_splits
+    monkeypatch.setattr(bs, "_num_splits", lambda *a, **kw: chosen.append(choose(*a, **kw)) or chosen[-1])
+    monkeypatch.setenv("GENKV_NUM_SPLITS", "3")
+    g = torch.Generator().manual_seed(91)
+    q, k, v = (torch.randn(1, n, 2, 64, generator=g) for n in (32, 128, 128))
+    idx = torch.arange(4, dtype=torch.int32).expand(1, 2, 2, 4).contiguous()
+    counts = torch.full((1, 2, 2), 4, dtype=torch.int32)
+    dev = device_for("triton")
+    got = block_sparse_attention(*on(dev, q, k, v, idx, counts), block_m=16, block_n=32, backend="triton")
+    assert chosen == [3]
+    torch.testing.assert_close(got.cpu().double(), dense_reference(q, k, v)[0], **tolerance(torch.float32, dev))
