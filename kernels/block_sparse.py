@@ -89,12 +89,15 @@ if triton is not None:
         return qk
 
     @triton.jit
-    def _softmax_step(qk, m_i, l_i):
-        """Online-softmax update for one tile of base-2 logits: returns (p, alpha, m_new, l_new)."""
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
+    def _softmax_step(qk, m_i, l_i, scale=1.0):
+        """Online-softmax update for one tile of base-2 logits ``qk * scale`` (``scale`` > 0; 1 where the caller
+        scaled them already): returns (p, alpha, m_new, l_new). The scale commutes with the max, so the row max
+        is scaled once and each logit takes one FMA, ``qk * scale - m``, on its way into exp2 (the fused-attention
+        tutorial's form)."""
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * scale)
         # A row that has seen no finite logit yet (bias -inf holes) keeps m = -inf: subtract 0 there, not -inf.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(qk - m_safe[:, None])
+        p = tl.math.exp2(qk * scale - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         return p, alpha, m_new, l_i
@@ -108,16 +111,10 @@ if triton is not None:
             # Scale in fp32 (not folded into the bf16 q, which would round it twice), then the bias.
             qk = _masked_logits(qk * qk_scale, bias_base, offs_n, kv_len, stride_bs, HAS_BIAS, RAGGED)
             p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i)
-        else:
-            # Without a bias the scale (> 0) commutes with the max: the row max is scaled once, and each logit
-            # takes one FMA, qk * scale - m, on its way into exp2 (the fused-attention tutorial's form).
+        else:  # unscaled logits: the step scales the row max once and fuses the rest into one FMA a logit
             if RAGGED:
                 qk = tl.where((offs_n < kv_len)[None, :], qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(qk * qk_scale - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_new, l_i = _softmax_step(qk, m_i, l_i, qk_scale)
         # The rescaled accumulator goes into the dot as its addend: the tensor cores accumulate in place.
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         return acc, m_new, l_i
@@ -1079,13 +1076,13 @@ def block_sparse_attention_triton(
     splits = _num_splits(num_splits, math.ceil(s_q / tile_m) * b * h, idx.shape[-1], d, q.device,
                          short_reads=initial is not None, out_elements=q.numel())
     grid = (math.ceil(s_q / tile_m), b * h, splits)
-    # Where the kernel writes: the output itself, or (split) fp32 partials for the merge, one slot per split.
+    # Where the kernel writes: the output itself, or (split) slot 0 of fp32 partials for the merge, one slot per
+    # split, split_strides apart.
     kernel_out, kernel_lse, split_strides = out, lse, (0, 0)
     if splits > 1:
-        kernel_out = torch.empty(splits, b, s_q, h, d, device=q.device, dtype=torch.float32)
-        kernel_lse = torch.empty(splits, b, h, s_q, device=q.device, dtype=torch.float32)
-        split_strides = (kernel_out.stride(0), kernel_lse.stride(0))
-        kernel_out, kernel_lse = kernel_out[0], kernel_lse[0]  # slot 0; the kernel steps by split_strides
+        part_out = torch.empty(splits, b, s_q, h, d, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(splits, b, h, s_q, device=q.device, dtype=torch.float32)
+        kernel_out, kernel_lse, split_strides = part_out[0], part_lse[0], (part_out.stride(0), part_lse.stride(0))
     # 3 stages with a history too, now that its merged loop runs unpipelined (it fits shared memory): top-16 lists
     # at Wan shapes, int8 0.84 ms at 3 stages vs 0.93 at 2 (H100, `bench_quant_kv.py --launch-sweep`).
     stages = num_stages or 3
@@ -1133,9 +1130,9 @@ def block_sparse_attention_triton(
     if splits > 1:
         merge_tile = 64 if d >= 128 else 128
         _merge_split_partials[(math.ceil(s_q / merge_tile), b * h)](
-            kernel_out, kernel_lse, out, lse,
-            split_strides[0], kernel_out.stride(0), kernel_out.stride(1), kernel_out.stride(2),
-            split_strides[1], kernel_lse.stride(0), kernel_lse.stride(1),
+            part_out, part_lse, out, lse,
+            *part_out.stride()[:4],
+            *part_lse.stride()[:3],
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
             h, s_q,
