@@ -72,6 +72,7 @@ def flex_with_mask(q, k, v, idx, counts, block):
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import block_sparse_attention, route_blocks
     from genkv.kernels.block_sparse import block_sparse_attention_triton, triton_available
+    from genkv.kernels.block_sparse_hopper import block_sparse_attention_hopper, hopper_kernel_applies
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench_kernels.json"))
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                 # the same launch read in one share per list (num_splits=1): what the split read gains
                 runs["triton_1split"] = lambda: block_sparse_attention_triton(  # noqa: E731
                     q, k, v, idx, counts, block_m=block, block_n=block, num_splits=1, **triton_kw)
+            if cuda and block == 128 and hopper_kernel_applies(q, k, v):
+                # the Gluon kernel for Hopper (kernels/block_sparse_hopper.py), same lists and split rule
+                runs["hopper"] = lambda: block_sparse_attention_hopper(q, k, v, idx, counts)  # noqa: E731
             reference = None
             for name, fn in runs.items():
                 out = fn()
@@ -190,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
                 row["triton_speedup_vs_best_dense"] = min(dense.values()) / row["triton"]["ms"]
                 row["triton_1split_speedup_vs_best_dense"] = min(dense.values()) / row["triton_1split"]["ms"]
                 row["triton_speedup_vs_1split"] = row["triton_1split"]["ms"] / row["triton"]["ms"]
+            if "hopper" in row:
+                row["hopper_speedup_vs_triton"] = row["triton"]["ms"] / row["hopper"]["ms"]
+                if "flex" in row:
+                    row["hopper_speedup_vs_flex"] = row["flex"]["ms"] / row["hopper"]["ms"]
+                if dense:
+                    row["hopper_speedup_vs_best_dense"] = min(dense.values()) / row["hopper"]["ms"]
             result["rows"].append(row)
             save()
             parts = "  ".join(f"{n} {row[n]['ms']:.3f} ms ({row[n]['tflops']:.0f} TF/s, "

@@ -947,6 +947,25 @@ def _num_splits(requested: int | str | None, programs: int, list_width: int, hea
     return best
 
 
+DEFAULT_HOPPER = False
+
+
+def _takes_hopper_kernel(requested, q, k, v, history, block_m, block_n, tile_m, tile_n, num_warps, num_stages,
+                         warp_specialize, tma) -> bool:
+    """Whether a call goes to the Gluon kernel: switched on, no quantized history, the default launch shape, and
+    ``hopper_kernel_applies`` (Gluon, compute capability 9, fp16 / bf16, head dim 64 / 128, TMA-copyable rows)."""
+    if _interpreting() or not _switch(requested, "GENKV_HOPPER_KERNEL", DEFAULT_HOPPER):
+        return False
+    plain = history is None and tma is not False and not warp_specialize
+    default_shape = (block_m, block_n) == (128, 128) and tile_m in (None, 128) and tile_n in (None, 128) and \
+        num_warps in (None, 8) and num_stages is None
+    if not (plain and default_shape):
+        return False
+    from .block_sparse_hopper import hopper_kernel_applies
+
+    return hopper_kernel_applies(q, k, v)
+
+
 def _switch(requested: bool | None, env: str, default: bool) -> bool:
     """A launch switch: the argument if given, else env ``env`` (``1`` / ``0``) if set, else ``default``."""
     return bool(requested) if requested is not None else env_flag(env, default)
@@ -979,6 +998,7 @@ def block_sparse_attention_triton(
     int4_zero_in_v: bool | None = None,
     int4_scale_in_v: bool | None = None,
     num_splits: int | str | None = None,
+    hopper: bool | None = None,
 ):
     """Launch the kernel on (B, S, H, D) tensors; see the module docstring. Returns ``out`` or ``(out, lse)``.
 
@@ -1036,6 +1056,11 @@ def block_sparse_attention_triton(
     over keys *not* in the lists (natural-log LSE, ``-inf`` for rows that saw nothing). The kernel resumes its
     softmax and returns the attention over both key sets, as :func:`merge_attention_partials` would, with no
     merge pass. ``out`` may be ``out0`` itself (each program reads its rows before writing them).
+
+    ``hopper`` (default: env ``GENKV_HOPPER_KERNEL`` = ``1`` / ``0`` if set, else ``DEFAULT_HOPPER``): a read with
+    no quantized history (a key bias and ``initial`` are fine) at 128 x 128 blocks and the default launch shape, on
+    a compute-capability-9 GPU, takes the Gluon kernel of ``kernels/block_sparse_hopper.py`` instead, whose tensor
+    cores run the PV product while the next tile's softmax runs; same lists, shares and results.
     """
     if triton is None:
         raise RuntimeError("triton is not installed; use backend='torch'")
@@ -1045,6 +1070,13 @@ def block_sparse_attention_triton(
         k = v = q[:, :0]  # no current keys: a valid (non-null) pointer for the masked loads that never happen
     hist_len = 0 if history is None else history.length
     _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, block_m, block_n, hist_len)
+    if _takes_hopper_kernel(hopper, q, k, v, history, block_m, block_n, tile_m, tile_n, num_warps, num_stages,
+                            warp_specialize, tma):
+        from .block_sparse_hopper import block_sparse_attention_hopper
+
+        return block_sparse_attention_hopper(q, k, v, kv_block_indices, kv_block_counts, key_bias=key_bias,
+                                             scale=scale, return_lse=return_lse, out=out, num_splits=num_splits,
+                                             initial=initial)
     hist_pointers, hist_strides, hist_kind = _history_args(history, q)
     init_out, init_lse, init_strides = _initial_args(initial, q)
     fast_dequant = _use_fast_dequant(fast_dequant, hist_kind, q.dtype)
@@ -1078,11 +1110,7 @@ def block_sparse_attention_triton(
     grid = (math.ceil(s_q / tile_m), b * h, splits)
     # Where the kernel writes: the output itself, or (split) slot 0 of fp32 partials for the merge, one slot per
     # split, split_strides apart.
-    kernel_out, kernel_lse, split_strides = out, lse, (0, 0)
-    if splits > 1:
-        part_out = torch.empty(splits, b, s_q, h, d, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(splits, b, h, s_q, device=q.device, dtype=torch.float32)
-        kernel_out, kernel_lse, split_strides = part_out[0], part_lse[0], (part_out.stride(0), part_lse.stride(0))
+    part_out, part_lse, kernel_out, kernel_lse, split_strides = _split_workspace(splits, q, out, lse)
     # 3 stages with a history too, now that its merged loop runs unpipelined (it fits shared memory): top-16 lists
     # at Wan shapes, int8 0.84 ms at 3 stages vs 0.93 at 2 (H100, `bench_quant_kv.py --launch-sweep`).
     stages = num_stages or 3
@@ -1128,15 +1156,34 @@ def block_sparse_attention_triton(
         num_stages=stages,
     )
     if splits > 1:
-        merge_tile = 64 if d >= 128 else 128
-        _merge_split_partials[(math.ceil(s_q / merge_tile), b * h)](
-            part_out, part_lse, out, lse,
-            *part_out.stride()[:4],
-            *part_lse.stride()[:3],
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
-            h, s_q,
-            N_SPLITS=splits, TILE_M=merge_tile, HEAD_DIM=d, STORE_LSE=return_lse,
-            num_warps=4,
-        )
+        _merge_splits(part_out, part_lse, out, lse, return_lse)
     return (out, lse) if return_lse else out
+
+
+def _split_workspace(splits: int, q: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> tuple:
+    """Where a split launch writes: fp32 partials (output, LSE), one slot per split, ``split_strides`` apart, the
+    kernel given slot 0; one split writes ``out`` / ``lse`` themselves. Returns (part_out, part_lse, kernel_out,
+    kernel_lse, split_strides)."""
+    if splits == 1:
+        return None, None, out, lse, (0, 0)
+    b, s_q, h, d = q.shape
+    part_out = torch.empty(splits, b, s_q, h, d, device=q.device, dtype=torch.float32)
+    part_lse = torch.empty(splits, b, h, s_q, device=q.device, dtype=torch.float32)
+    return part_out, part_lse, part_out[0], part_lse[0], (part_out.stride(0), part_lse.stride(0))
+
+
+def _merge_splits(part_out: torch.Tensor, part_lse: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                  return_lse: bool) -> None:
+    """Launch ``_merge_split_partials``: the splits' partials into ``out`` (and ``lse`` if ``return_lse``)."""
+    splits, b, s_q, h, d = part_out.shape
+    merge_tile = 64 if d >= 128 else 128
+    _merge_split_partials[(math.ceil(s_q / merge_tile), b * h)](
+        part_out, part_lse, out, lse,
+        *part_out.stride()[:4],
+        *part_lse.stride()[:3],
+        out.stride(0), out.stride(1), out.stride(2),
+        lse.stride(0) if return_lse else 0, lse.stride(1) if return_lse else 0,
+        h, s_q,
+        N_SPLITS=splits, TILE_M=merge_tile, HEAD_DIM=d, STORE_LSE=return_lse,
+        num_warps=4,
+    )

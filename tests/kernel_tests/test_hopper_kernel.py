@@ -1,0 +1,184 @@
+"""The Gluon kernel for Hopper (``kernels/block_sparse_hopper.py``): float64 attention over the listed keys on a
+compute-capability-9 GPU (dense, random, unordered and empty lists; ragged key lengths; every split count; strided
+inputs; the LSE), and, on any machine with Triton's NVIDIA backend, its sm_90 build: shared memory within an SM's,
+no register spills, no serialised wgmma (ptxas C7514 / C7515).
+"""
+
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from genkv.kernels import block_sparse_hopper as bsh
+
+from .test_block_sparse import allowed_mask, dense_reference, random_lists
+
+pytestmark = pytest.mark.skipif(not bsh.gluon_available(), reason="this Triton has no Gluon")
+ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a compute-capability-9 GPU (H100 / H200)")
+
+
+def _case(seed, b, h, d, s_q, s_kv, max_blocks, dtype, unordered=False):
+    g = torch.Generator().manual_seed(seed)
+    # Slices of larger buffers, as the cache hands them over (non-contiguous along S).
+    q = torch.randn(b, s_q + 3, h, d, generator=g)[:, :s_q]
+    k = torch.randn(b, s_kv + 5, h, d, generator=g)[:, :s_kv]
+    v = torch.randn(b, s_kv + 5, h, d, generator=g)[:, :s_kv]
+    n_q, n_kv = math.ceil(s_q / 128), math.ceil(s_kv / 128)
+    idx, counts = random_lists(b, h, n_q, n_kv, min(max_blocks, n_kv), g)
+    if unordered:
+        idx = idx.flip(-1).contiguous()
+        counts.fill_(idx.shape[-1])
+    return q.to(dtype), k.to(dtype), v.to(dtype), idx, counts
+
+
+@hopper_only
+@pytest.mark.parametrize("splits", [1, 2, 3, 4, "auto"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_random_lists_match_float64(splits, dtype, head_dim):
+    """Ragged keys (the last block 61 long), random sorted lists of up to 5 of 6 blocks, some rows empty."""
+    b, h, s_q, s_kv = 2, 3, 300, 701
+    q, k, v, idx, counts = _case(head_dim + len(str(splits)), b, h, head_dim, s_q, s_kv, 5, dtype)
+    counts[0, 0, 0], counts[1, 2, 1] = 0, idx.shape[-1]  # an empty row, a full one
+    poisoned = torch.full_like(q, float("nan"), device="cuda")
+    got, lse = bsh.block_sparse_attention_hopper(*(t.cuda() for t in (q, k, v, idx, counts)), return_lse=True,
+                                                 out=poisoned, num_splits=splits)
+    assert got is poisoned
+    want, want_lse = dense_reference(q, k, v, allowed_mask(idx, counts, s_q, s_kv, 128, 128))
+    empty = ~torch.isfinite(want_lse)
+    assert empty.any() and not torch.isnan(got).any()
+    want = torch.where(empty.permute(0, 2, 1)[..., None], 0.0, want)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse.cpu()[~empty].double(), want_lse[~empty], rtol=5e-3, atol=5e-3)
+    assert torch.isneginf(lse.cpu()[empty]).all()
+
+
+@hopper_only
+@pytest.mark.parametrize("splits", [1, 3])
+def test_every_block_listed_and_unordered_lists_match_float64(splits):
+    """Dense lists (every block, the ring refilled many times over) in reverse order, at Wan's head dim."""
+    b, h, s_q, s_kv = 1, 2, 256, 128 * 11
+    q, k, v, idx, counts = _case(7, b, h, 128, s_q, s_kv, 11, torch.bfloat16, unordered=True)
+    got = bsh.block_sparse_attention_hopper(*(t.cuda() for t in (q, k, v, idx, counts)), num_splits=splits)
+    want, _ = dense_reference(q, k, v)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
+
+
+@hopper_only
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_a_key_bias_with_holes_and_a_resumed_partial_match_float64(splits):
+    """TempCache's log-count bias (with -inf holes: a whole block, part of one) and the split read's resume: a
+    partial over 40 other keys (rows it never saw: lse -inf) continued over the listed ones, out aliasing it."""
+    b, h, s_q, s_kv, s_x = 1, 2, 200, 530, 40
+    q, k, v, idx, counts = _case(11 + splits, b, h, 128, s_q, s_kv, 4, torch.bfloat16)
+    g = torch.Generator().manual_seed(splits)
+    bias = torch.randn(b, s_kv, h, generator=g)
+    bias[:, 128:256] = -float("inf")
+    bias[:, 300:330] = -float("inf")
+    k_x, v_x = (torch.randn(b, s_x, h, 128, generator=g).bfloat16() for _ in range(2))
+    seen_x = torch.ones(b, h, s_q, s_x, dtype=torch.bool)
+    seen_x[:, :, :7] = False
+    out0, lse0 = dense_reference(q, k_x, v_x, seen_x)
+    out0 = torch.where(torch.isfinite(lse0).permute(0, 2, 1)[..., None], out0, 0.0)
+    init = (out0.to(torch.bfloat16).cuda(), lse0.float().cuda())
+    got, lse = bsh.block_sparse_attention_hopper(*(t.cuda() for t in (q, k, v, idx, counts)), key_bias=bias.cuda(),
+                                                 initial=init, out=init[0], return_lse=True, num_splits=splits)
+    assert got is init[0]
+    allowed = torch.cat([seen_x, allowed_mask(idx, counts, s_q, s_kv, 128, 128)], -1)
+    bias_all = torch.cat([torch.zeros(b, s_x, h), bias], 1)
+    want, want_lse = dense_reference(q, torch.cat([k_x, k], 1), torch.cat([v_x, v], 1), allowed, bias_all)
+    empty = ~torch.isfinite(want_lse)
+    want = torch.where(empty.permute(0, 2, 1)[..., None], 0.0, want)
+    torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(lse.cpu()[~empty].double(), want_lse[~empty], rtol=5e-3, atol=5e-3)
+
+
+@hopper_only
+def test_it_matches_the_triton_kernel_to_bf16_rounding():
+    from genkv.kernels.block_sparse import block_sparse_attention_triton
+
+    q, k, v, idx, counts = (t.cuda() for t in _case(3, 1, 4, 128, 640, 128 * 9 + 17, 7, torch.bfloat16))
+    got = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, num_splits=1).float()
+    want = block_sparse_attention_triton(q, k, v, idx, counts, num_splits=1).float()
+    assert ((got - want).norm() / want.norm()).item() < 4e-3
+
+
+def test_it_refuses_what_it_does_not_cover():
+    q = torch.zeros(1, 128, 1, 128)
+    idx, counts = torch.zeros(1, 1, 1, 1, dtype=torch.int32), torch.ones(1, 1, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="use block_sparse_attention_triton"):
+        bsh.block_sparse_attention_hopper(q, q, q, idx, counts)
+    assert not bsh.hopper_kernel_applies(q, q, q)
+
+
+@pytest.mark.parametrize("head_dim,split,bias_resume", [(128, False, False), (128, True, False), (128, True, True),
+                                                       (64, True, True)])
+def test_the_sm90_build_fits_an_sm_without_spills_or_serialised_wgmma(head_dim, split, bias_resume, tmp_path):
+    triton = pytest.importorskip("triton")
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists():
+        pytest.skip("this Triton wheel ships no ptxas")
+    # In a process of its own: the suite runs Triton's interpreter, whose kernels cannot be compiled.
+    code = ("import sys; from genkv.kernels.block_sparse_hopper import compile_for_sm90; "
+            f"c = compile_for_sm90({head_dim}, {split}, bias={bias_resume}, resume={bias_resume}); "
+            "print(c.metadata.shared); "
+            "open(sys.argv[1], 'w').write(c.asm['ptx'])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "k.ptx")], capture_output=True, text=True,
+                          env={**os.environ, "TRITON_INTERPRET": "0"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert int(proc.stdout.split()[-1]) <= 232448  # bytes of shared memory one block may use on sm_90
+    ptx = (tmp_path / "k.ptx").read_text()
+    # The overlap itself: one wait leaves a product in flight (the PV product under the next tile's softmax).
+    assert "wgmma.wait_group.sync.aligned 1;" in ptx
+    report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o",
+                             str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    text = report.stdout + report.stderr
+    assert report.returncode == 0, text[-2000:]
+    assert re.search(r"0 bytes spill stores, 0 bytes spill loads", text), text
+    assert not re.search(r"\(C751[45]\)", text), text
+
+
+@hopper_only
+def test_the_switch_sends_reads_at_the_default_launch_shape_only(monkeypatch):
+    from genkv.kernels.block_sparse import block_sparse_attention_triton
+
+    calls = []
+    real = bsh.block_sparse_attention_hopper
+    monkeypatch.setattr(bsh, "block_sparse_attention_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    q, k, v, idx, counts = (t.cuda() for t in _case(5, 1, 2, 128, 256, 600, 4, torch.bfloat16))
+    routed = block_sparse_attention_triton(q, k, v, idx, counts, hopper=True)
+    assert calls == [1] and torch.equal(routed, real(q, k, v, idx, counts))
+    block_sparse_attention_triton(q, k, v, idx, counts, hopper=True, key_bias=torch.zeros(1, 600, 2, device="cuda"))
+    assert calls == [1, 1]
+    block_sparse_attention_triton(q, k, v, idx, counts, hopper=True, tile_n=64)
+    block_sparse_attention_triton(q, k, v, idx, counts, hopper=False)
+    assert calls == [1, 1]
+
+
+def test_only_unquantized_reads_at_the_default_launch_shape_are_sent(monkeypatch):
+    """The routing rule on its own (any machine): the switch, then no quantized history and no launch options."""
+    from genkv.kernels import block_sparse as bs
+
+    monkeypatch.setattr(bs, "_interpreting", lambda: False)
+    monkeypatch.setattr(bsh, "hopper_kernel_applies", lambda q, k, v: True)
+    plain = dict(history=None, block_m=128, block_n=128, tile_m=None, tile_n=None, num_warps=None, num_stages=None,
+                 warp_specialize=False, tma=None)
+
+    def takes(requested, **change):
+        return bs._takes_hopper_kernel(requested, None, None, None, **{**plain, **change})
+
+    assert takes(True) and not takes(False)
+    monkeypatch.setenv("GENKV_HOPPER_KERNEL", "1")
+    assert takes(None)
+    monkeypatch.setenv("GENKV_HOPPER_KERNEL", "0")
+    assert not takes(None) and takes(True)
+    for change in (dict(history=object()), dict(block_n=64),
+                   dict(tile_n=64), dict(num_warps=4), dict(num_stages=2), dict(warp_specialize=True),
+                   dict(tma=False)):
+        assert not takes(True, **change), change
