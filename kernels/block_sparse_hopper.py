@@ -3,15 +3,19 @@ tensor cores and the exp2 units work at the same time.
 
 Why a second kernel: the Triton kernel (``kernels/block_sparse.py``) waits for each tile's logits before its softmax
 and for the softmax before the next tile's logits, so the SM's tensor cores idle while its CUDA cores run exp2
-(Triton's pipeliner cannot keep a logit product in flight across the softmax: a dot whose result is read before the
-loop's next full wait must complete at once). Here the order of one step, list entry j, is FlashAttention-3's
-intra-warpgroup overlap:
+(Triton's pipeliner cannot keep a product in flight across the softmax: a dot whose result is read before the loop's
+next full wait completes at once; the sm_90 PTX of its loop has only ``wgmma.wait_group 0``). Here one step, list
+entry j, holding entry j's probabilities p_j from the step before, is FlashAttention-3's intra-warpgroup order:
 
 1. issue the logits of entry j + 1 (``warpgroup_mma``, asynchronous);
-2. softmax of entry j's logits, while the tensor cores compute 1. and the previous PV product;
-3. wait until one product is left in flight: entry j - 1's PV product is done, so the accumulator may be rescaled and
-   the slot that held entry j - 1's keys and values is refilled (TMA, entry j + 2);
-4. issue entry j's PV product (asynchronous), then wait for 1.'s logits only.
+2. rescale the accumulator and issue entry j's PV product (p_j from registers), asynchronous too;
+3. wait until one product is left in flight: entry j + 1's logits are done, and their softmax runs on the CUDA cores
+   while the tensor cores finish the PV product;
+4. wait for the PV product; entry j's slot is refilled (TMA, entry j + 3), and p_{j + 1} converted to the PV
+   product's operand layout.
+
+No register a product in flight reads or writes is touched between its issue and its wait (an earlier order that
+rescaled the accumulator under a running PV product made ptxas serialise the wgmmas: warning C7514).
 
 Keys and values stream through a ring of ``NUM_BUF`` = 3 shared-memory slots, one mbarrier per slot and operand,
 so the logits of entry j + 1 start as soon as its keys land. One program per (query block, batch x head, split); at
