@@ -14,8 +14,8 @@ entry j, holding entry j's probabilities p_j from the step before, is FlashAtten
 4. wait for the PV product; entry j's slot is refilled (TMA, entry j + 3), and p_{j + 1} converted to the PV
    product's operand layout.
 
-No register a product in flight reads or writes is touched between its issue and its wait (an earlier order that
-rescaled the accumulator under a running PV product made ptxas serialise the wgmmas: warning C7514).
+(A first draft that ran the softmax of entry j while entry j + 1's logits were in flight, refilling the ring
+between, made ptxas serialise the wgmmas, warning C7514; the CPU suite checks the build for it.)
 
 Keys and values stream through a ring of ``NUM_BUF`` = 3 shared-memory slots, one mbarrier per slot and operand,
 so the logits of entry j + 1 start as soon as its keys land. One program per (query block, batch x head, split); at
