@@ -219,7 +219,9 @@ if gluon is not None:
             p, alpha, m_i, l_i = _softmax_step(qk, m_i, l_i, block * BLOCK_N + cols, kv_len, qk_scale, bias_base,
                                                stride_bs, RAGGED, HAS_BIAS)
             # 4. the PV product is done: entry j's slot takes entry j + NUM_BUF, and p may be overwritten
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            # (p_op in the deps: its registers stay the product's until this wait. The refill below must stay after
+            # the wait: the other warpgroup's half of the product may still read the slot until then.)
+            acc, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p_op))
             _load_entry(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, idx_row, j + NUM_BUF, n, slot, BLOCK_N,
                         HEAD_DIM)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -253,8 +255,7 @@ if gluon is not None:
 
 def hopper_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int = 128,
                           block_n: int = 128) -> bool:
-    """Whether a plain read (no bias, history or resume: the caller checks those) can take the Gluon kernel: Gluon
-    present, CUDA tensors on a compute-capability-9 GPU, fp16 / bf16, head dim 64 or 128, 128 x 128 blocks, and
+    """Whether a read with no quantized history (the caller checks that) can take the Gluon kernel: Gluon present, CUDA tensors on a compute-capability-9 GPU, fp16 / bf16, head dim 64 or 128, 128 x 128 blocks, and
     K / V rows that TMA can copy (16-byte aligned bases and row strides, unit stride within a head)."""
     if gluon is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
@@ -292,11 +293,13 @@ def block_sparse_attention_hopper(
         counts = torch.full((1, 2, 2), 2, device="cuda", dtype=torch.int32)
         out = block_sparse_attention_hopper(q, k, v, idx, counts)  # dense attention over all 256 keys
     """
-    from .block_sparse import _initial_args, _install_descriptor_allocator, _merge_splits, _num_splits, _split_workspace
+    from .block_sparse import _check, _initial_args, _install_descriptor_allocator, _merge_splits, _num_splits
+    from .block_sparse import _split_workspace
 
     if not hopper_kernel_applies(q, k, v):
         raise ValueError("the Hopper kernel needs fp16/bf16 CUDA tensors on a compute-capability-9 GPU, head dim 64 "
                          "or 128 and 16-byte aligned rows; use block_sparse_attention_triton")
+    _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, 128, 128)
     b, s_q, h, d = q.shape
     block = 128
     if kv_block_counts.shape[-1] != math.ceil(s_q / block):

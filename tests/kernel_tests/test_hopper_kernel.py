@@ -23,18 +23,20 @@ ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] 
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a compute-capability-9 GPU (H100 / H200)")
 
 
-def _case(seed, b, h, d, s_q, s_kv, max_blocks, dtype, unordered=False):
+def _case(seed, b, h, d, s_q, s_kv, max_blocks, dtype, unordered=False, device="cuda"):
+    """q, k, v on ``device`` as slices of larger buffers, as a fused QKV projection and the cache hand them over
+    (strided along S and H: moving a slice would make it contiguous, so the buffers move first), and lists."""
     g = torch.Generator().manual_seed(seed)
-    # Slices of larger buffers, as the cache hands them over (non-contiguous along S).
-    q = torch.randn(b, s_q + 3, h, d, generator=g)[:, :s_q]
-    k = torch.randn(b, s_kv + 5, h, d, generator=g)[:, :s_kv]
-    v = torch.randn(b, s_kv + 5, h, d, generator=g)[:, :s_kv]
+    q = torch.randn(b, s_q + 3, h, 2 * d, generator=g).to(device, dtype)[:, :s_q, :, :d]
+    k = torch.randn(b, s_kv + 5, h, 2 * d, generator=g).to(device, dtype)[:, :s_kv, :, d:]
+    v = torch.randn(b, s_kv + 5, h, d, generator=g).to(device, dtype)[:, :s_kv]
     n_q, n_kv = math.ceil(s_q / 128), math.ceil(s_kv / 128)
     idx, counts = random_lists(b, h, n_q, n_kv, min(max_blocks, n_kv), g)
     if unordered:
         idx = idx.flip(-1).contiguous()
         counts.fill_(idx.shape[-1])
-    return q.to(dtype), k.to(dtype), v.to(dtype), idx, counts
+    assert not q.is_contiguous() and q.stride(2) == 2 * d and k.stride(2) == 2 * d
+    return q, k, v, idx.to(device), counts.to(device)
 
 
 @hopper_only
@@ -47,10 +49,11 @@ def test_random_lists_match_float64(splits, dtype, head_dim):
     q, k, v, idx, counts = _case(head_dim + len(str(splits)), b, h, head_dim, s_q, s_kv, 5, dtype)
     counts[0, 0, 0], counts[1, 2, 1] = 0, idx.shape[-1]  # an empty row, a full one
     poisoned = torch.full_like(q, float("nan"), device="cuda")
-    got, lse = bsh.block_sparse_attention_hopper(*(t.cuda() for t in (q, k, v, idx, counts)), return_lse=True,
+    got, lse = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, return_lse=True,
                                                  out=poisoned, num_splits=splits)
     assert got is poisoned
-    want, want_lse = dense_reference(q, k, v, allowed_mask(idx, counts, s_q, s_kv, 128, 128))
+    want, want_lse = dense_reference(q.cpu(), k.cpu(), v.cpu(), allowed_mask(idx.cpu(), counts.cpu(), s_q, s_kv, 128,
+                                                                              128))
     empty = ~torch.isfinite(want_lse)
     assert empty.any() and not torch.isnan(got).any()
     want = torch.where(empty.permute(0, 2, 1)[..., None], 0.0, want)
@@ -65,8 +68,8 @@ def test_every_block_listed_and_unordered_lists_match_float64(splits):
     """Dense lists (every block, the ring refilled many times over) in reverse order, at Wan's head dim."""
     b, h, s_q, s_kv = 1, 2, 256, 128 * 11
     q, k, v, idx, counts = _case(7, b, h, 128, s_q, s_kv, 11, torch.bfloat16, unordered=True)
-    got = bsh.block_sparse_attention_hopper(*(t.cuda() for t in (q, k, v, idx, counts)), num_splits=splits)
-    want, _ = dense_reference(q, k, v)
+    got = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, num_splits=splits)
+    want, _ = dense_reference(q.cpu(), k.cpu(), v.cpu())
     torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
 
 
@@ -84,15 +87,16 @@ def test_a_key_bias_with_holes_and_a_resumed_partial_match_float64(splits):
     k_x, v_x = (torch.randn(b, s_x, h, 128, generator=g).bfloat16() for _ in range(2))
     seen_x = torch.ones(b, h, s_q, s_x, dtype=torch.bool)
     seen_x[:, :, :7] = False
-    out0, lse0 = dense_reference(q, k_x, v_x, seen_x)
+    out0, lse0 = dense_reference(q.cpu(), k_x, v_x, seen_x)
     out0 = torch.where(torch.isfinite(lse0).permute(0, 2, 1)[..., None], out0, 0.0)
     init = (out0.to(torch.bfloat16).cuda(), lse0.float().cuda())
-    got, lse = bsh.block_sparse_attention_hopper(*(t.cuda() for t in (q, k, v, idx, counts)), key_bias=bias.cuda(),
+    got, lse = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, key_bias=bias.cuda(),
                                                  initial=init, out=init[0], return_lse=True, num_splits=splits)
     assert got is init[0]
-    allowed = torch.cat([seen_x, allowed_mask(idx, counts, s_q, s_kv, 128, 128)], -1)
+    allowed = torch.cat([seen_x, allowed_mask(idx.cpu(), counts.cpu(), s_q, s_kv, 128, 128)], -1)
     bias_all = torch.cat([torch.zeros(b, s_x, h), bias], 1)
-    want, want_lse = dense_reference(q, torch.cat([k_x, k], 1), torch.cat([v_x, v], 1), allowed, bias_all)
+    want, want_lse = dense_reference(q.cpu(), torch.cat([k_x, k.cpu()], 1), torch.cat([v_x, v.cpu()], 1), allowed,
+                                     bias_all)
     empty = ~torch.isfinite(want_lse)
     want = torch.where(empty.permute(0, 2, 1)[..., None], 0.0, want)
     torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
@@ -103,9 +107,9 @@ def test_a_key_bias_with_holes_and_a_resumed_partial_match_float64(splits):
 def test_it_matches_the_triton_kernel_to_bf16_rounding():
     from genkv.kernels.block_sparse import block_sparse_attention_triton
 
-    q, k, v, idx, counts = (t.cuda() for t in _case(3, 1, 4, 128, 640, 128 * 9 + 17, 7, torch.bfloat16))
+    q, k, v, idx, counts = _case(3, 1, 4, 128, 640, 128 * 9 + 17, 7, torch.bfloat16)
     got = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, num_splits=1).float()
-    want = block_sparse_attention_triton(q, k, v, idx, counts, num_splits=1).float()
+    want = block_sparse_attention_triton(q, k, v, idx, counts, num_splits=1, hopper=False).float()
     assert ((got - want).norm() / want.norm()).item() < 4e-3
 
 
@@ -151,7 +155,7 @@ def test_the_switch_sends_reads_at_the_default_launch_shape_only(monkeypatch):
     calls = []
     real = bsh.block_sparse_attention_hopper
     monkeypatch.setattr(bsh, "block_sparse_attention_hopper", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    q, k, v, idx, counts = (t.cuda() for t in _case(5, 1, 2, 128, 256, 600, 4, torch.bfloat16))
+    q, k, v, idx, counts = _case(5, 1, 2, 128, 256, 600, 4, torch.bfloat16)
     routed = block_sparse_attention_triton(q, k, v, idx, counts, hopper=True)
     assert calls == [1] and torch.equal(routed, real(q, k, v, idx, counts))
     block_sparse_attention_triton(q, k, v, idx, counts, hopper=True, key_bias=torch.zeros(1, 600, 2, device="cuda"))
