@@ -966,6 +966,15 @@ def _takes_hopper_kernel(requested, q, k, v, history, block_m, block_n, tile_m, 
     return hopper_kernel_applies(q, k, v)
 
 
+def _checked_scale(scale: float | None, head_dim: int) -> float:
+    """The logit scale, 1 / sqrt(head_dim) by default; positive and finite (the kernels scale the row max, not each
+    logit)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(head_dim)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return scale
+
+
 def _switch(requested: bool | None, env: str, default: bool) -> bool:
     """A launch switch: the argument if given, else env ``env`` (``1`` / ``0``) if set, else ``default``."""
     return bool(requested) if requested is not None else env_flag(env, default)
@@ -1091,9 +1100,7 @@ def block_sparse_attention_triton(
     if key_bias is not None and key_bias.dtype != torch.float32:
         bias = key_bias.float()
     bias_strides = (bias.stride(0), bias.stride(1), bias.stride(2)) if key_bias is not None else (0, 0, 0)
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    if not (math.isfinite(scale) and scale > 0):  # the kernel scales the row max, not each logit
-        raise ValueError(f"scale must be positive and finite, got {scale}")
+    scale = _checked_scale(scale, d)
     tile_m = min(tile_m or block_m, block_m)
     tile_n = min(tile_n or _default_tile_n(hist_kind, block_n), block_n)
     if block_m % tile_m or block_n % tile_n or tile_m < 16 or tile_n < 16:

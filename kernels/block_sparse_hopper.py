@@ -257,13 +257,13 @@ if gluon is not None:
             gl.store(Lse + lse_offset + b * stride_lb + h * stride_lh + offs_m, lse, mask=row_ok)
 
 
-def hopper_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, block_m: int = 128,
-                          block_n: int = 128) -> bool:
-    """Whether a read with no quantized history (the caller checks that) can take the Gluon kernel: Gluon present, CUDA tensors on a compute-capability-9 GPU, fp16 / bf16, head dim 64 or 128, 128 x 128 blocks, and
-    K / V rows that TMA can copy (16-byte aligned bases and row strides, unit stride within a head)."""
+def hopper_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether a read with no quantized history and 128 x 128 blocks (the caller checks those) can take the Gluon
+    kernel: Gluon present, CUDA tensors on a compute-capability-9 GPU, fp16 / bf16, head dim 64 or 128, and K / V
+    rows that TMA can copy (16-byte aligned bases and row strides, unit stride within a head)."""
     if gluon is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if k.dtype != q.dtype or v.dtype != q.dtype or q.shape[-1] not in (64, 128) or (block_m, block_n) != (128, 128):
+    if k.dtype != q.dtype or v.dtype != q.dtype or q.shape[-1] not in (64, 128):
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
@@ -297,8 +297,8 @@ def block_sparse_attention_hopper(
         counts = torch.full((1, 2, 2), 2, device="cuda", dtype=torch.int32)
         out = block_sparse_attention_hopper(q, k, v, idx, counts)  # dense attention over all 256 keys
     """
-    from .block_sparse import _check, _initial_args, _install_descriptor_allocator, _merge_splits, _num_splits
-    from .block_sparse import _split_workspace
+    from .block_sparse import _check, _checked_scale, _initial_args, _install_descriptor_allocator, _merge_splits
+    from .block_sparse import _num_splits, _split_workspace
 
     if not hopper_kernel_applies(q, k, v):
         raise ValueError("the Hopper kernel needs fp16/bf16 CUDA tensors on a compute-capability-9 GPU, head dim 64 "
@@ -306,19 +306,10 @@ def block_sparse_attention_hopper(
     _check(q, k, v, kv_block_indices, kv_block_counts, key_bias, 128, 128)
     b, s_q, h, d = q.shape
     block = 128
-    if kv_block_counts.shape[-1] != math.ceil(s_q / block):
-        raise ValueError(f"kv_block_counts has {kv_block_counts.shape[-1]} query blocks, q has "
-                         f"{math.ceil(s_q / block)} of {block}")
-    scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be positive and finite, got {scale}")
+    scale = _checked_scale(scale, d)
     _install_descriptor_allocator()
     init_out, init_lse, init_strides = _initial_args(initial, q)
-    bias = q  # placeholder pointer, never read
-    if key_bias is not None:
-        if tuple(key_bias.shape) != (b, k.shape[1], h):
-            raise ValueError(f"key_bias must be (B, S_kv, H) = {(b, k.shape[1], h)}, got {tuple(key_bias.shape)}")
-        bias = key_bias.float()
+    bias = q if key_bias is None else key_bias.float()  # (q: a placeholder pointer, never read)
     bias_strides = (bias.stride(0), bias.stride(1), bias.stride(2)) if key_bias is not None else (0, 0, 0)
     out = torch.empty_like(q) if out is None else out
     lse = torch.empty(b, h, s_q, device=q.device, dtype=torch.float32) if return_lse else out
