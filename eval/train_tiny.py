@@ -171,8 +171,10 @@ def train_vae(vae, pool: np.ndarray, args, device, log: list) -> None:
     vae.eval()
 
 
-def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, sprite_weight: float = 1.0) -> torch.Tensor:
-    """L1 + MSE, with the sprites' pixels weighted ``sprite_weight`` times the background's.
+def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, sprite_weight: float = 1.0,
+                        edge_weight: float = 0.0) -> torch.Tensor:
+    """L1 + MSE, with the sprites' pixels weighted ``sprite_weight`` times the background's, plus ``edge_weight``
+    times :func:`edge_loss`.
 
     Why: sprites cover ~5% of a frame, so a plain mean lets the decoder trade their colour for the dark background.
     The shipped VAE (runs 5-6) reached 20 dB yet decoded a green sprite (40, 200, 60) as (48, 110, 52) over the
@@ -182,10 +184,36 @@ def reconstruction_loss(recon: torch.Tensor, x: torch.Tensor, sprite_weight: flo
     brightest channel is above 0.2 (153 of 255): backgrounds are dark (every channel below 80), sprites are not.
     """
     if sprite_weight == 1.0:
-        return (recon - x).abs().mean() + F.mse_loss(recon, x)
-    weight = 1.0 + (sprite_weight - 1.0) * sprite_pixels(x).unsqueeze(1).to(x.dtype)
-    weight = weight / weight.mean()  # the loss keeps its scale: a re-weighting, not a larger learning rate
-    return ((recon - x).abs() * weight).mean() + ((recon - x).square() * weight).mean()
+        loss = (recon - x).abs().mean() + F.mse_loss(recon, x)
+    else:
+        weight = 1.0 + (sprite_weight - 1.0) * sprite_pixels(x).unsqueeze(1).to(x.dtype)
+        weight = weight / weight.mean()  # the loss keeps its scale: a re-weighting, not a larger learning rate
+        loss = ((recon - x).abs() * weight).mean() + ((recon - x).square() * weight).mean()
+    return loss + edge_weight * edge_loss(recon, x) if edge_weight else loss
+
+
+def edge_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Mean |difference| of the horizontal and vertical pixel steps of ``recon`` and ``x`` (B, 3, T, H, W), per
+    colour channel.
+
+    Why: L1 and MSE on pixels are met best, where the decoder is unsure of an edge's place, by a ramp across it,
+    so the shipped VAE round-trips its training clips at edge energy 96 against their 207 (BENCHMARKS,
+    twenty-first). A ramp's steps are small where the clip's one step is large, so matching the steps themselves
+    pays for the edge; per channel, so a red core with green fringes (a yellow sprite's R and G misplaced) costs
+    on both channels. Measured (BENCHMARKS, twenty-fourth: two 4.5-minute decoder fine-tunes of v6's VAE side by
+    side, weight 1 against 0): it did not raise edge energy (round trip 106 against 110, renders 142 against 148)
+    but lowered stray green and blue; v7 ships the decoder trained without it. Default 0.
+
+    Example:
+        >>> import torch
+        >>> x = torch.zeros(1, 3, 1, 4, 4); x[..., 2:] = 1.0                  # a vertical edge
+        >>> ramp = torch.zeros(1, 3, 1, 4, 4); ramp[..., 1:] = torch.tensor([1 / 3, 2 / 3, 1.0])
+        >>> edge_loss(x, x).item(), round(edge_loss(ramp, x).item(), 4)
+        (0.0, 0.2222)
+    """
+    dx = (recon.diff(dim=-1) - x.diff(dim=-1)).abs().mean()
+    dy = (recon.diff(dim=-2) - x.diff(dim=-2)).abs().mean()
+    return (dx + dy) / 2
 
 
 def sprite_pixels(x: torch.Tensor) -> torch.Tensor:
@@ -229,7 +257,7 @@ def finetune_decoder(vae, pool: np.ndarray, args, device, log: list) -> None:
                 z = posterior.mean + args.decoder_noise * posterior.std * torch.randn_like(posterior.std)
             recon = vae.decode(z).sample
         recon = recon.float()
-        loss = reconstruction_loss(recon, x, args.sprite_weight)
+        loss = reconstruction_loss(recon, x, args.sprite_weight, args.edge_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -481,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
                         "0: the means, as the transformer learned them)")
     parser.add_argument("--sprite-weight", type=float, default=1.0,
                         help="weight of sprite pixels against the background in the VAE / decoder loss")
+    parser.add_argument("--edge-weight", type=float, default=0.0,
+                        help="weight of the pixel-step (edge) term in the decoder fine-tune's loss (edge_loss)")
     parser.add_argument("--context-noise", type=float, default=0.1)
     parser.add_argument("--image-blocks", type=float, default=0.0,
                         help="share of steps whose sequence starts with a 1-latent image block (image-to-video)")

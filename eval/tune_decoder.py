@@ -81,7 +81,7 @@ def decode_window(vae, z: torch.Tensor, window_start: int, window_stop: int) -> 
 
 
 def window_loss(recon: torch.Tensor, x: torch.Tensor, first_latent: int, sprite_weight: float,
-                first_frame_weight: float = 1.0) -> torch.Tensor:
+                first_frame_weight: float = 1.0, edge_weight: float = 0.0) -> torch.Tensor:
     """``train_tiny.reconstruction_loss`` over a window's frames, the video's frame 0 (in a window at the start)
     weighted ``first_frame_weight`` times the others.
 
@@ -103,11 +103,11 @@ def window_loss(recon: torch.Tensor, x: torch.Tensor, first_latent: int, sprite_
         >>> round(window_loss(recon, x, 3, 1.0, 9.0).item(), 4)   # a later window has no frame 0
         0.0833
     """
-    loss = reconstruction_loss(recon, x, sprite_weight)
+    loss = reconstruction_loss(recon, x, sprite_weight, edge_weight)
     if first_latent != 0 or first_frame_weight == 1.0:
         return loss
     frames = recon.shape[2]
-    first = reconstruction_loss(recon[:, :, :1], x[:, :, :1], sprite_weight)
+    first = reconstruction_loss(recon[:, :, :1], x[:, :, :1], sprite_weight, edge_weight)
     return (loss * frames + (first_frame_weight - 1.0) * first) / (frames + first_frame_weight - 1.0)
 
 
@@ -158,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-frame-weight", type=float, default=1.0,
                         help="the video's frame 0 weighted this many times the others (window_loss; 9: as the rest "
                              "of its chunk)")
+    parser.add_argument("--edge-weight", type=float, default=0.0,
+                        help="weight of train_tiny.edge_loss (pixel steps), for sharper edges")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--log", type=Path, default=None, help="write the training log here (JSON)")
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         recon = decode_window(vae, z, first, stop)
         a, b = pixel_span(first, stop)
         x = to_video_tensor(clips[idx, a:b], vae.device)
-        loss = window_loss(recon, x, first, args.sprite_weight, args.first_frame_weight)
+        loss = window_loss(recon, x, first, args.sprite_weight, args.first_frame_weight, args.edge_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

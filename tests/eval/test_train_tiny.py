@@ -156,6 +156,21 @@ def test_sprite_pixels_weigh_more_in_the_reconstruction_loss():
     assert torch.isclose(loss(on_sprite, x, 1.0), loss(on_background, x, 1.0))
 
 
+def test_the_edge_term_matches_numpy_pixel_steps_and_prices_a_blurred_edge():
+    """``edge_loss`` is the mean |step of recon - step of x| over horizontal and vertical pixel steps, per channel
+    (float64 numpy reference); ``reconstruction_loss`` adds it times ``edge_weight`` and is unchanged at 0."""
+    g = torch.Generator().manual_seed(0)
+    recon, x = torch.rand(2, 3, 2, 5, 7, generator=g), torch.rand(2, 3, 2, 5, 7, generator=g)
+    r, t = recon.double().numpy(), x.double().numpy()
+    expected = (np.abs(np.diff(r, axis=-1) - np.diff(t, axis=-1)).mean()
+                + np.abs(np.diff(r, axis=-2) - np.diff(t, axis=-2)).mean()) / 2
+    assert abs(train_tiny.edge_loss(recon, x).item() - expected) < 1e-6
+    loss = train_tiny.reconstruction_loss
+    for weight in (1.0, 3.0):
+        assert torch.equal(loss(recon, x, weight, 0.0), loss(recon, x, weight))
+        assert torch.isclose(loss(recon, x, weight, 0.5), loss(recon, x, weight) + 0.5 * train_tiny.edge_loss(recon, x))
+
+
 @pytest.mark.parametrize("lead_share", [0.0, 1.0])
 def test_context_draws_every_chunk_uniformly_unless_a_first_chunk_share_is_given(lead_share):
     from types import SimpleNamespace
@@ -195,7 +210,7 @@ def test_decoder_phase_draws_its_latents_at_the_asked_share_of_the_posterior_noi
     decode = vae.decode
     monkeypatch.setattr(vae, "decode", lambda z: seen.append(z.detach().clone()) or decode(z))
     args = argparse.Namespace(decoder_lr=0.0, seed=0, decoder_minutes=1.0, max_steps=1, vae_batch=2,
-                              sprite_weight=1.0, decoder_noise=noise)
+                              sprite_weight=1.0, edge_weight=0.0, decoder_noise=noise)
     train_tiny.finetune_decoder(vae, pool, args, torch.device("cpu"), [])
     idx = np.random.default_rng(args.seed + 1).integers(0, len(pool), args.vae_batch)  # the clips it drew
     with torch.no_grad():
