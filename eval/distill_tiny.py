@@ -1,13 +1,17 @@
 """Distil the sprite model into Self-Forcing's regime: 4 denoising steps, no guidance (issue 24).
 
-    python eval/distill_tiny.py --teacher genkv/assets/sprites-tiny --out /tmp/d --clips 4096 --minutes 6 \
-        --tar $OUT/d.tar                                           # one GPU
-    python eval/distill_tiny.py --out /tmp/d --smoke              # seconds on a CPU (plumbing check)
+    python eval/distill_tiny.py --teacher runs/v6 --out /tmp/d --clips 3072 --minutes 4 --tar $OUT/d.tar   # one GPU
+    python eval/distill_tiny.py --teacher-steps 16 --out /tmp/d --smoke   # seconds on a CPU (plumbing check)
+
+``sprites-tiny`` v7 is this script's student of v6 (16 steps of DPM-Solver++(2M), guidance 4.5; v6 is the folder
+``genkv/assets/sprites-tiny`` at commit c36a601: ``git archive c36a601 genkv/assets/sprites-tiny | tar -x -C
+runs/v6``), so the bundled model is a 4-step model: distilling it again needs ``--teacher-steps 16`` (it
+re-samples the teacher at 16 steps with its own sampler).
 
 Trajectory regression, the first stage of CausVid's and Self-Forcing's own distillations (their DMD stage is not
 done here):
 
-1. The teacher, with its own sampler (the shipped model: DPM-Solver++(2M), 16 steps, guidance 4.5), renders
+1. The teacher, with its own sampler (v6: DPM-Solver++(2M), 16 steps, guidance 4.5), renders
    ``--clips`` videos of grammar prompts (``genkv.data``: one or two sprites) in batches through the cached
    pipeline, chunk by chunk. Each chunk's sample is recorded at the student's steps, timesteps 1000 / 750 / 500 /
    250 (steps 0, 4, 8, 12 of the teacher's 16: the same warped noise levels), with its clean latents: points on
@@ -54,6 +58,10 @@ def student_step_indices(teacher_steps: list[int]) -> list[int]:
     missing = [t for t in STUDENT_STEPS if t not in teacher_steps]
     if missing:
         raise SystemExit(f"the teacher's denoising_step_list {teacher_steps} lacks the student's steps {missing}")
+    if teacher_steps.index(STUDENT_STEPS[-1]) == len(teacher_steps) - 1:
+        # The last step returns its x0 without a next sample, so nothing would be recorded there.
+        raise SystemExit(f"the teacher's denoising_step_list {teacher_steps} ends at the student's last step "
+                         f"{STUDENT_STEPS[-1]}: it is a 4-step model already; pass --teacher-steps 16")
     return [teacher_steps.index(t) for t in STUDENT_STEPS]
 
 
@@ -179,6 +187,9 @@ def student_pipeline(pipe, student):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="sprites-tiny", help="a bundled model, or a saved pipeline folder / tar")
+    parser.add_argument("--teacher-steps", type=int, default=None,
+                        help="sample the teacher at this many even steps (its own sampler) instead of its own list; "
+                             "a multiple of 4 above 4 (sprites-tiny v7 ships the 4-step student: 16 re-samples it)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--clips", type=int, default=4096, help="teacher videos (grammar prompts of data seeds)")
     parser.add_argument("--frames", type=int, default=45, help="frames per teacher video (45: 4 chunks)")
@@ -193,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tar", type=Path, default=None)
     parser.add_argument("--smoke", action="store_true", help="2 clips of 21 frames, 3 steps (CPU check)")
     args = parser.parse_args(argv)
+    if args.teacher_steps is not None and (args.teacher_steps <= 4 or args.teacher_steps % 4):
+        parser.error(f"--teacher-steps {args.teacher_steps}: a multiple of 4 above 4 (the student's steps must be "
+                     f"among the teacher's, with more after the last)")
     if args.smoke:
         args.clips, args.frames, args.teacher_batch, args.batch, args.max_steps, args.minutes = 2, 21, 2, 2, 3, 0
 
@@ -202,6 +216,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_teacher(args.teacher, device)
+    if args.teacher_steps is not None:
+        from prompt_following import even_steps
+
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, denoising_step_list=even_steps(
+            args.teacher_steps, pipe.scheduler.config.num_train_timesteps))
     record = student_step_indices([int(t) for t in pipe.scheduler.config.denoising_step_list])
     size = pipe.config.default_height
     prompts = [prompt_for(sample_scene(1_000_000 + s, size=size, max_objects=args.max_objects)[0])

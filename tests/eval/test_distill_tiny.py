@@ -17,7 +17,15 @@ PROMPTS = ["a red circle moving left", "a blue square moving down"]
 
 @pytest.fixture(scope="module")
 def teacher():
-    return distill_tiny.load_teacher("sprites-tiny", torch.device("cpu"))
+    """The bundled model re-sampled at 16 steps with DPM-Solver++(2M), as v6 (the teacher of v7, the bundled
+    4-step student) sampled: the recording is checked on a many-step trajectory whatever the bundled model."""
+    from prompt_following import even_steps
+
+    from genkv.pipelines import SelfForcingScheduler
+
+    pipe = distill_tiny.load_teacher("sprites-tiny", torch.device("cpu"))
+    pipe.scheduler = SelfForcingScheduler(denoising_step_list=even_steps(16), shift=2.0, sampler="dpmpp_2m")
+    return pipe
 
 
 def test_recorded_samples_sit_at_the_student_noise_levels_of_the_teacher_trajectory(teacher):
@@ -35,21 +43,29 @@ def test_recorded_samples_sit_at_the_student_noise_levels_of_the_teacher_traject
         clean = latents[:, :, 3 * chunk : 3 * chunk + 3].float()
         for k, index in enumerate(record):
             # A flow-matching sample at noise level s is (1 - s) x0 + s * noise: what is left over after the clean
-            # chunk's share has the spread of s (unit-variance noise) at exactly the student's levels.
-            sigma = float(teacher.scheduler.sigmas[index])
+            # chunk's share has the spread of s (unit-variance noise) at the student's levels. Nearly: the
+            # trajectory's end is not exactly the x0 each step aims at (v6, guided: within 3%; v7 re-sampled
+            # unguided: 4.4% at 250), so the check is that the spread is nearer this step's level than either
+            # neighbouring step's, which a sample recorded one step early or late is not.
+            sigmas = [float(v) for v in teacher.scheduler.sigmas]
+            sigma = sigmas[index]
             rest = states[:, chunk, k].float() - (1 - sigma) * clean
-            assert rest.std().item() == pytest.approx(sigma, rel=0.03), (chunk, k)
+            gap = min(abs(sigma - sigmas[i]) for i in (index - 1, index + 1) if 0 <= i < len(steps))
+            assert abs(rest.std().item() - sigma) < gap / 2, (chunk, k, rest.std().item(), sigma, gap)
 
 
 def test_a_teacher_without_the_student_steps_is_refused():
     with pytest.raises(SystemExit, match=r"lacks the student's steps \[750, 250\]"):
         distill_tiny.student_step_indices([1000, 500])
+    with pytest.raises(SystemExit, match=r"ends at the student's last step 250: .* --teacher-steps 16"):
+        distill_tiny.student_step_indices([1000, 750, 500, 250])  # nothing is sampled after the last step
+    assert distill_tiny.student_step_indices([1000, 750, 500, 250, 125]) == [0, 1, 2, 3]
 
 
 def test_the_smoke_run_saves_a_four_step_student_without_guidance(tmp_path):
     from genkv.pipelines import SelfForcingPipeline
 
-    assert distill_tiny.main(["--out", str(tmp_path / "student"), "--smoke"]) == 0
+    assert distill_tiny.main(["--out", str(tmp_path / "student"), "--smoke", "--teacher-steps", "16"]) == 0
     student = SelfForcingPipeline.from_pretrained(tmp_path / "student", torch_dtype=torch.float32)
     assert list(student.scheduler.config.denoising_step_list) == [1000, 750, 500, 250]
     assert student.scheduler.config.sampler == "euler" and student.config.default_guidance_scale == 1.0
