@@ -5,8 +5,9 @@
 
 ``sprites-tiny`` v7 is this script's student of v6 (16 steps of DPM-Solver++(2M), guidance 4.5; v6 is the folder
 ``genkv/assets/sprites-tiny`` at commit c36a601: ``git archive c36a601 genkv/assets/sprites-tiny | tar -x -C
-runs/v6``), so the bundled model is a 4-step model: distilling it again needs ``--teacher-steps 16`` (it
-re-samples the teacher at 16 steps with its own sampler).
+runs/v6 --strip-components=3``), so the bundled model is a 4-step model: distil from v6, or pass
+``--teacher-steps 16``, which re-samples a teacher at 16 steps with its own sampler and guidance (for v7 Euler
+without guidance: a plumbing check, not v6's trajectory).
 
 Trajectory regression, the first stage of CausVid's and Self-Forcing's own distillations (their DMD stage is not
 done here):
@@ -61,8 +62,17 @@ def student_step_indices(teacher_steps: list[int]) -> list[int]:
     if teacher_steps.index(STUDENT_STEPS[-1]) == len(teacher_steps) - 1:
         # The last step returns its x0 without a next sample, so nothing would be recorded there.
         raise SystemExit(f"the teacher's denoising_step_list {teacher_steps} ends at the student's last step "
-                         f"{STUDENT_STEPS[-1]}: it is a 4-step model already; pass --teacher-steps 16")
+                         f"{STUDENT_STEPS[-1]}: it is a 4-step model already (sprites-tiny v7 is v6's student: distil "
+                         f"from v6, the folder at commit c36a601, or pass --teacher-steps 16)")
     return [teacher_steps.index(t) for t in STUDENT_STEPS]
+
+
+def resample(pipe, steps: int) -> None:
+    """Give the teacher ``pipe`` ``steps`` even denoising steps, its sampler, shift and guidance kept (``--teacher-steps``)."""
+    from prompt_following import even_steps
+
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, denoising_step_list=even_steps(
+        steps, pipe.scheduler.config.num_train_timesteps))
 
 
 def teacher_trajectories(pipe, prompts: list[str], frames: int, batch: int, seed: int, record: list[int]):
@@ -188,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", default="sprites-tiny", help="a bundled model, or a saved pipeline folder / tar")
     parser.add_argument("--teacher-steps", type=int, default=None,
-                        help="sample the teacher at this many even steps (its own sampler) instead of its own list; "
-                             "a multiple of 4 above 4 (sprites-tiny v7 ships the 4-step student: 16 re-samples it)")
+                        help="sample the teacher at this many even steps instead of its own list, with its own "
+                             "sampler and guidance (for v7, Euler without guidance: not v6's trajectory); a multiple of "
+                             "4 above 4")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--clips", type=int, default=4096, help="teacher videos (grammar prompts of data seeds)")
     parser.add_argument("--frames", type=int, default=45, help="frames per teacher video (45: 4 chunks)")
@@ -217,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_teacher(args.teacher, device)
     if args.teacher_steps is not None:
-        from prompt_following import even_steps
-
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, denoising_step_list=even_steps(
-            args.teacher_steps, pipe.scheduler.config.num_train_timesteps))
+        resample(pipe, args.teacher_steps)
     record = student_step_indices([int(t) for t in pipe.scheduler.config.denoising_step_list])
     size = pipe.config.default_height
     prompts = [prompt_for(sample_scene(1_000_000 + s, size=size, max_objects=args.max_objects)[0])

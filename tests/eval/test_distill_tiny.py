@@ -17,14 +17,10 @@ PROMPTS = ["a red circle moving left", "a blue square moving down"]
 
 @pytest.fixture(scope="module")
 def teacher():
-    """The bundled model re-sampled at 16 steps with DPM-Solver++(2M), as v6 (the teacher of v7, the bundled
-    4-step student) sampled: the recording is checked on a many-step trajectory whatever the bundled model."""
-    from prompt_following import even_steps
-
-    from genkv.pipelines import SelfForcingScheduler
-
+    """The bundled model re-sampled at 16 steps by ``--teacher-steps``' code (v7: Euler, no guidance), so the
+    recording is checked on a many-step trajectory whatever the bundled model."""
     pipe = distill_tiny.load_teacher("sprites-tiny", torch.device("cpu"))
-    pipe.scheduler = SelfForcingScheduler(denoising_step_list=even_steps(16), shift=2.0, sampler="dpmpp_2m")
+    distill_tiny.resample(pipe, 16)
     return pipe
 
 
@@ -44,8 +40,8 @@ def test_recorded_samples_sit_at_the_student_noise_levels_of_the_teacher_traject
         for k, index in enumerate(record):
             # A flow-matching sample at noise level s is (1 - s) x0 + s * noise: what is left over after the clean
             # chunk's share has the spread of s (unit-variance noise) at the student's levels. Nearly: the
-            # trajectory's end is not exactly the x0 each step aims at (v6, guided: within 3%; v7 re-sampled
-            # unguided: 4.4% at 250), so the check is that the spread is nearer this step's level than either
+            # trajectory's end is not exactly the x0 each step aims at (v6 within 3%; v7 re-sampled unguided with
+            # 2M 4.4% off at 250), so the check is that the spread is nearer this step's level than either
             # neighbouring step's, which a sample recorded one step early or late is not.
             sigmas = [float(v) for v in teacher.scheduler.sigmas]
             sigma = sigmas[index]
