@@ -67,14 +67,6 @@ def student_step_indices(teacher_steps: list[int]) -> list[int]:
     return [teacher_steps.index(t) for t in STUDENT_STEPS]
 
 
-def resample(pipe, steps: int) -> None:
-    """Give the teacher ``pipe`` ``steps`` even denoising steps, its sampler, shift and guidance kept (``--teacher-steps``)."""
-    from prompt_following import even_steps
-
-    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, denoising_step_list=even_steps(
-        steps, pipe.scheduler.config.num_train_timesteps))
-
-
 def teacher_trajectories(pipe, prompts: list[str], frames: int, batch: int, seed: int, record: list[int]):
     """For every prompt: the teacher's clean latents (N, C, T, h, w) and each chunk's sample at the teacher steps
     ``record`` (N, chunks, len(record), C, CHUNK, h, w), in float16 on the pipeline's device."""
@@ -228,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pipe = load_teacher(args.teacher, device)
     if args.teacher_steps is not None:
-        resample(pipe, args.teacher_steps)
+        from prompt_following import use_even_steps
+
+        use_even_steps(pipe, args.teacher_steps)
     record = student_step_indices([int(t) for t in pipe.scheduler.config.denoising_step_list])
     size = pipe.config.default_height
     prompts = [prompt_for(sample_scene(1_000_000 + s, size=size, max_objects=args.max_objects)[0])

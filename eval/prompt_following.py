@@ -43,6 +43,13 @@ def even_steps(steps: int, train_timesteps: int = 1000) -> list[int]:
     return [round(train_timesteps * (steps - i) / steps) for i in range(steps)]
 
 
+def use_even_steps(pipe, steps: int) -> None:
+    """Give ``pipe``'s scheduler :func:`even_steps` ``steps`` denoising steps, its sampler, shift and the pipeline's
+    guidance kept (``--steps`` here, ``distill_tiny --teacher-steps``)."""
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, denoising_step_list=even_steps(
+        steps, pipe.scheduler.config.num_train_timesteps))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="sprites-tiny", help="a bundled model, a model folder, or tiny-random")
@@ -85,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pipe = load_pipeline(args.model, torch.device(args.device))
     if args.steps is not None:
-        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, denoising_step_list=even_steps(
-            args.steps, pipe.scheduler.config.num_train_timesteps))
+        use_even_steps(pipe, args.steps)
     genkv.apply_genkv(pipe, args.method)
     size = pipe.config.default_height
     try:

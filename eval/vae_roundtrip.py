@@ -31,11 +31,11 @@ from train_tiny import TRAINING_BACKGROUNDS, TRAINING_RADIUS, to_video_tensor  #
 @torch.no_grad()
 def round_trip(vae, frames: np.ndarray) -> np.ndarray:
     """One clip (T, H, W, 3) uint8 through ``vae``: posterior mean, decoded whole, back to uint8."""
-    device = next(vae.parameters()).device
-    x = to_video_tensor(frames[None], device)
+    from genkv.pipelines.self_forcing.vae_stream import to_uint8_frames
+
+    x = to_video_tensor(frames[None], next(vae.parameters()).device)
     z = vae.encode(x).latent_dist.mean
-    y = vae.decode(z).sample.float().clamp(-1, 1)
-    return ((y[0].permute(1, 2, 3, 0) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return to_uint8_frames(vae.decode(z).sample)[0].cpu().numpy()
 
 
 def measure(model: str, clips: list, device: torch.device) -> dict:

@@ -19,8 +19,10 @@ PROMPTS = ["a red circle moving left", "a blue square moving down"]
 def teacher():
     """The bundled model re-sampled at 16 steps by ``--teacher-steps``' code (v7: Euler, no guidance), so the
     recording is checked on a many-step trajectory whatever the bundled model."""
+    from prompt_following import use_even_steps
+
     pipe = distill_tiny.load_teacher("sprites-tiny", torch.device("cpu"))
-    distill_tiny.resample(pipe, 16)
+    use_even_steps(pipe, 16)
     return pipe
 
 
