@@ -11,7 +11,10 @@ Flex (relative error) before timing. Times are medians of ``triton.testing.do_be
 work, ``4 * H * S_q * S_kv_selected * D / t``. Routing (torch) is timed at the largest KV as a fraction of the
 sparse attention it feeds. Prints a table, writes JSON. ``triton`` runs the kernel as callers get it (the split
 count chosen from the grid: ``num_splits`` of ``block_sparse_attention_triton``); ``triton_1split`` the same
-launch reading each list in one share, as the kernel did before split reads.
+launch reading each list in one share, as the kernel did before split reads. On a Hopper GPU ``hopper`` and
+``hopper_ws`` / ``hopper_pingpong`` time the Gluon kernels of ``kernels/block_sparse_hopper.py`` (plain;
+warp-specialised: a producer warp for the TMA loads; and that with two consumer warpgroups in ping-pong) on the same
+lists.
 """
 
 from __future__ import annotations
@@ -177,10 +180,23 @@ def main(argv: list[str] | None = None) -> int:
                     q, k, v, idx, counts, block_m=block, block_n=block, num_splits=1, **triton_kw)
             if cuda and block == 128 and hopper_kernel_applies(q, k, v):
                 # the Gluon kernel for Hopper (kernels/block_sparse_hopper.py), same lists and split rule
-                runs["hopper"] = lambda: block_sparse_attention_hopper(q, k, v, idx, counts)  # noqa: E731
+                runs["hopper"] = lambda: block_sparse_attention_hopper(  # noqa: E731
+                    q, k, v, idx, counts, warp_specialize=False, pingpong=False)
+                runs["hopper_ws"] = lambda: block_sparse_attention_hopper(  # noqa: E731
+                    q, k, v, idx, counts, warp_specialize=True, pingpong=False)
+                runs["hopper_pingpong"] = lambda: block_sparse_attention_hopper(  # noqa: E731
+                    q, k, v, idx, counts, warp_specialize=True, pingpong=True)
             reference = None
             for name, fn in runs.items():
-                out = fn()
+                try:
+                    out = fn()
+                except Exception as exc:  # noqa: BLE001 - an untimed Gluon variant failing is a row, not the run
+                    if not name.startswith("hopper_"):
+                        raise
+                    first_line = (str(exc).splitlines() or [""])[0][:200]
+                    row[name] = {"error": f"{type(exc).__name__}: {first_line}"}
+                    print(f"{name} failed: {row[name]['error']}")
+                    continue
                 if reference is None:
                     reference = out.float()
                 err = ((out.float() - reference).norm() / reference.norm()).item()
@@ -194,17 +210,23 @@ def main(argv: list[str] | None = None) -> int:
                 row["triton_speedup_vs_best_dense"] = min(dense.values()) / row["triton"]["ms"]
                 row["triton_1split_speedup_vs_best_dense"] = min(dense.values()) / row["triton_1split"]["ms"]
                 row["triton_speedup_vs_1split"] = row["triton_1split"]["ms"] / row["triton"]["ms"]
-            if "hopper" in row:
-                row["hopper_speedup_vs_triton"] = row["triton"]["ms"] / row["hopper"]["ms"]
+            for name in ("hopper", "hopper_ws", "hopper_pingpong"):
+                if "ms" not in row.get(name, {}):
+                    continue
+                row[f"{name}_speedup_vs_triton"] = row["triton"]["ms"] / row[name]["ms"]
                 if "flex" in row:
-                    row["hopper_speedup_vs_flex"] = row["flex"]["ms"] / row["hopper"]["ms"]
+                    row[f"{name}_speedup_vs_flex"] = row["flex"]["ms"] / row[name]["ms"]
                 if dense:
-                    row["hopper_speedup_vs_best_dense"] = min(dense.values()) / row["hopper"]["ms"]
+                    row[f"{name}_speedup_vs_best_dense"] = min(dense.values()) / row[name]["ms"]
+                    if "cudnn" in dense:
+                        row[f"{name}_speedup_vs_cudnn"] = dense["cudnn"] / row[name]["ms"]
+            if "triton" in row and "cudnn" in dense:
+                row["triton_speedup_vs_cudnn"] = dense["cudnn"] / row["triton"]["ms"]
             result["rows"].append(row)
             save()
             parts = "  ".join(f"{n} {row[n]['ms']:.3f} ms ({row[n]['tflops']:.0f} TF/s, "
                               f"err {row[n]['rel_err_vs_first']:.1e})"
-                              for n in runs)
+                              for n in runs if "ms" in row[n])
             dense_part = "  ".join(f"{n} {ms:.3f} ms" for n, ms in dense.items())
             print(f"KV {s_kv:7d} density {row['density']:.2f}: {parts}  | dense {dense_part}")
     # 2. Routing cost at the largest KV, relative to the sparse attention it feeds (density ~0.1 and ~0.25).

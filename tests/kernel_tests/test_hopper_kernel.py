@@ -1,7 +1,8 @@
 """The Gluon kernel for Hopper (``kernels/block_sparse_hopper.py``): float64 attention over the listed keys on a
 compute-capability-9 GPU (dense, random, unordered and empty lists; ragged key lengths; every split count; strided
 inputs; the LSE), and, on any machine with Triton's NVIDIA backend, its sm_90 build: shared memory within an SM's,
-no register spills, no serialised wgmma (ptxas C7514 / C7515).
+no register spills, no serialised wgmma (ptxas C7514 / C7515). Each check runs the three kernels: the plain one, the
+warp-specialised one (``warp_specialize=True``) and its ping-pong form (``pingpong=True``).
 """
 
 import math
@@ -21,6 +22,9 @@ from .test_block_sparse import allowed_mask, dense_reference, random_lists
 pytestmark = pytest.mark.skipif(not bsh.gluon_available(), reason="this Triton has no Gluon")
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 hopper_only = pytest.mark.skipif(not ON_HOPPER, reason="needs a compute-capability-9 GPU (H100 / H200)")
+VARIANTS = {"plain": dict(warp_specialize=False, pingpong=False), "ws": dict(warp_specialize=True, pingpong=False),
+            "pingpong": dict(warp_specialize=True, pingpong=True)}
+every_kernel = pytest.mark.parametrize("variant", list(VARIANTS))
 
 
 def _case(seed, b, h, d, s_q, s_kv, max_blocks, dtype, unordered=False, device="cuda"):
@@ -40,17 +44,18 @@ def _case(seed, b, h, d, s_q, s_kv, max_blocks, dtype, unordered=False, device="
 
 
 @hopper_only
+@every_kernel
 @pytest.mark.parametrize("splits", [1, 2, 3, 4, "auto"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_random_lists_match_float64(splits, dtype, head_dim):
+def test_random_lists_match_float64(splits, dtype, head_dim, variant):
     """Ragged keys (the last block 61 long), random sorted lists of up to 5 of 6 blocks, some rows empty."""
     b, h, s_q, s_kv = 2, 3, 300, 701
     q, k, v, idx, counts = _case(head_dim + len(str(splits)), b, h, head_dim, s_q, s_kv, 5, dtype)
     counts[0, 0, 0], counts[1, 2, 1] = 0, idx.shape[-1]  # an empty row, a full one
     poisoned = torch.full_like(q, float("nan"), device="cuda")
     got, lse = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, return_lse=True,
-                                                 out=poisoned, num_splits=splits)
+                                                 out=poisoned, num_splits=splits, **VARIANTS[variant])
     assert got is poisoned
     want, want_lse = dense_reference(q.cpu(), k.cpu(), v.cpu(), allowed_mask(idx.cpu(), counts.cpu(), s_q, s_kv, 128,
                                                                               128))
@@ -63,19 +68,21 @@ def test_random_lists_match_float64(splits, dtype, head_dim):
 
 
 @hopper_only
+@every_kernel
 @pytest.mark.parametrize("splits", [1, 3])
-def test_every_block_listed_and_unordered_lists_match_float64(splits):
+def test_every_block_listed_and_unordered_lists_match_float64(splits, variant):
     """Dense lists (every block, the ring refilled many times over) in reverse order, at Wan's head dim."""
     b, h, s_q, s_kv = 1, 2, 256, 128 * 11
     q, k, v, idx, counts = _case(7, b, h, 128, s_q, s_kv, 11, torch.bfloat16, unordered=True)
-    got = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, num_splits=splits)
+    got = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, num_splits=splits, **VARIANTS[variant])
     want, _ = dense_reference(q.cpu(), k.cpu(), v.cpu())
     torch.testing.assert_close(got.cpu().double(), want, rtol=2e-2, atol=2e-2)
 
 
 @hopper_only
+@every_kernel
 @pytest.mark.parametrize("splits", [1, 2, 3])
-def test_a_key_bias_with_holes_and_a_resumed_partial_match_float64(splits):
+def test_a_key_bias_with_holes_and_a_resumed_partial_match_float64(splits, variant):
     """TempCache's log-count bias (with -inf holes: a whole block, part of one) and the split read's resume: a
     partial over 40 other keys (rows it never saw: lse -inf) continued over the listed ones, out aliasing it."""
     b, h, s_q, s_kv, s_x = 1, 2, 200, 530, 40
@@ -91,7 +98,8 @@ def test_a_key_bias_with_holes_and_a_resumed_partial_match_float64(splits):
     out0 = torch.where(torch.isfinite(lse0).permute(0, 2, 1)[..., None], out0, 0.0)
     init = (out0.to(torch.bfloat16).cuda(), lse0.float().cuda())
     got, lse = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, key_bias=bias.cuda(),
-                                                 initial=init, out=init[0], return_lse=True, num_splits=splits)
+                                                 initial=init, out=init[0], return_lse=True, num_splits=splits,
+                                                 **VARIANTS[variant])
     assert got is init[0]
     allowed = torch.cat([seen_x, allowed_mask(idx.cpu(), counts.cpu(), s_q, s_kv, 128, 128)], -1)
     bias_all = torch.cat([torch.zeros(b, s_x, h), bias], 1)
@@ -104,13 +112,52 @@ def test_a_key_bias_with_holes_and_a_resumed_partial_match_float64(splits):
 
 
 @hopper_only
-def test_it_matches_the_triton_kernel_to_bf16_rounding():
+@every_kernel
+def test_it_matches_the_triton_kernel_to_bf16_rounding(variant):
     from genkv.kernels.block_sparse import block_sparse_attention_triton
 
     q, k, v, idx, counts = _case(3, 1, 4, 128, 640, 128 * 9 + 17, 7, torch.bfloat16)
-    got = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, num_splits=1).float()
+    got = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, num_splits=1, **VARIANTS[variant]).float()
     want = block_sparse_attention_triton(q, k, v, idx, counts, num_splits=1, hopper=False).float()
     assert ((got - want).norm() / want.norm()).item() < 4e-3
+
+
+@hopper_only
+@pytest.mark.parametrize("variant", ["ws", "pingpong"])
+def test_the_warp_specialised_kernels_match_the_plain_one(variant, monkeypatch):
+    """The same softmax steps in the same order: the kernels agree to float rounding, on long lists (the ring
+    refilled many times over, an odd count for the ping-pong's turns) with a split, a bias and the LSE; the env
+    switches pick the same kernels as the arguments."""
+    q, k, v, idx, counts = _case(9, 2, 3, 128, 500, 128 * 13 + 5, 13, torch.bfloat16)
+    bias = torch.randn(2, k.shape[1], 3, device="cuda")
+    kw = dict(key_bias=bias, return_lse=True, num_splits=2)
+    plain, plain_lse = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, **VARIANTS["plain"], **kw)
+    got, got_lse = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, **VARIANTS[variant], **kw)
+    assert ((got.float() - plain.float()).norm() / plain.float().norm()).item() < 1e-3
+    torch.testing.assert_close(got_lse, plain_lse, rtol=1e-5, atol=1e-5)
+    monkeypatch.setenv("GENKV_HOPPER_WS", "1")
+    monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "1" if variant == "pingpong" else "0")
+    env, _ = bsh.block_sparse_attention_hopper(q, k, v, idx, counts, **kw)
+    assert torch.equal(env, got)
+
+
+def test_the_kernel_switches(monkeypatch):
+    """Plain by default; each argument wins over its env; ping-pong implies warp specialisation."""
+    monkeypatch.delenv("GENKV_HOPPER_WS", raising=False)
+    monkeypatch.delenv("GENKV_HOPPER_PINGPONG", raising=False)
+    assert not bsh.DEFAULT_WS and not bsh.DEFAULT_PINGPONG
+    assert bsh.kernel_variant() == "plain"
+    assert bsh.kernel_variant(True) == "ws" and bsh.kernel_variant(None, True) == "pingpong"
+    assert bsh.kernel_variant(True, True) == "pingpong"
+    with pytest.raises(ValueError, match="pingpong"):
+        bsh.kernel_variant(False, True)
+    monkeypatch.setenv("GENKV_HOPPER_WS", "1")
+    assert bsh.kernel_variant() == "ws" and bsh.kernel_variant(False) == "plain"
+    monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "1")
+    assert bsh.kernel_variant() == "pingpong" and bsh.kernel_variant(True, False) == "ws"
+    monkeypatch.setenv("GENKV_HOPPER_WS", "0")
+    monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "0")
+    assert bsh.kernel_variant() == "plain" and bsh.kernel_variant(True) == "ws"
 
 
 def test_it_refuses_what_it_does_not_cover():
@@ -121,16 +168,19 @@ def test_it_refuses_what_it_does_not_cover():
     assert not bsh.hopper_kernel_applies(q, q, q)
 
 
+@every_kernel
 @pytest.mark.parametrize("head_dim,split,bias_resume", [(128, False, False), (128, True, False), (128, True, True),
                                                        (64, True, True)])
-def test_the_sm90_build_fits_an_sm_without_spills_or_serialised_wgmma(head_dim, split, bias_resume, tmp_path):
+def test_the_sm90_build_fits_an_sm_without_spills_or_serialised_wgmma(head_dim, split, bias_resume, variant,
+                                                                      tmp_path):
     triton = pytest.importorskip("triton")
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("this Triton wheel ships no ptxas")
     # In a process of its own: the suite runs Triton's interpreter, whose kernels cannot be compiled.
     code = ("import sys; from genkv.kernels.block_sparse_hopper import compile_for_sm90; "
-            f"c = compile_for_sm90({head_dim}, {split}, bias={bias_resume}, resume={bias_resume}); "
+            f"c = compile_for_sm90({head_dim}, {split}, bias={bias_resume}, resume={bias_resume}, "
+            f"**{VARIANTS[variant]!r}); "
             "print(c.metadata.shared); "
             "open(sys.argv[1], 'w').write(c.asm['ptx'])")
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "k.ptx")], capture_output=True, text=True,
@@ -140,6 +190,11 @@ def test_the_sm90_build_fits_an_sm_without_spills_or_serialised_wgmma(head_dim, 
     ptx = (tmp_path / "k.ptx").read_text()
     # The overlap itself: one wait leaves a product in flight (the PV product under the next tile's softmax).
     assert "wgmma.wait_group.sync.aligned 1;" in ptx
+    if variant != "plain":
+        # 12 warps: the producer's warpgroup drops to WS_LOAD_REGS registers, the consumers rise to 240 (setmaxnreg;
+        # ptxas' "Used N registers" below is the launch's 168, the consumers' share is checked by the spill count)
+        assert re.search(rf"setmaxnreg\.dec\.sync\.aligned\.u32\s+{bsh.WS_LOAD_REGS};", ptx), "no register split"
+        assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+240;", ptx), "the consumers got fewer than 240"
     report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(tmp_path / "k.ptx"), "-o",
                              str(tmp_path / "k.cubin")], capture_output=True, text=True)
     text = report.stdout + report.stderr

@@ -101,3 +101,48 @@ def test_small_kernels_compile_for_hopper():
     env = {**os.environ, "TRITON_INTERPRET": "0"}
     proc = subprocess.run([sys.executable, "-c", CODE], capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+
+
+HOPPER_WS_CODE = textwrap.dedent("""
+    import itertools, sys
+    from genkv.kernels.block_sparse_hopper import compile_for_sm90
+
+    failed = []
+    # every combination on one consumer; the ping-pong form (the same consumer code twice) with bias and resume both
+    # off or both on
+    shapes = [(False, *shape) for shape in itertools.product(("bf16", "fp16"), (64, 128), (False, True),
+                                                             (False, True), (False, True))]
+    shapes += [(True, dtype, dim, split, extras, extras)
+               for dtype, dim, split, extras in itertools.product(("bf16", "fp16"), (64, 128), (False, True),
+                                                                  (False, True))]
+    for pingpong, dtype, dim, split, bias, resume in shapes:
+        name = f"pingpong={pingpong} {dtype} dim={dim} split={split} bias={bias} resume={resume}"
+        try:
+            c = compile_for_sm90(dim, split, dtype=dtype, bias=bias, resume=resume, warp_specialize=True,
+                                 pingpong=pingpong)
+            if c.metadata.shared > 232448:
+                failed.append(f"{name}: shared {c.metadata.shared}")
+        except Exception as error:
+            failed.append(f"{name}: {str(error)[-600:]}")
+    print("\\n".join(failed))
+    sys.exit(1 if failed else 0)
+""")
+
+
+def test_the_warp_specialised_hopper_kernel_compiles_for_every_launch_shape():
+    """The Gluon kernel's warp-specialised variant (``block_sparse_hopper``, ``warp_specialize=True``) at every
+    switch combination a launch can make: fp16 / bf16, head dim 64 / 128, split or not, key bias, resume; and its
+    ping-pong form (``pingpong=True``). (Their ptxas resources at four shapes: ``test_hopper_kernel.py``.)"""
+    pytest.importorskip("triton")
+    from genkv.kernels import block_sparse_hopper
+
+    if not block_sparse_hopper.gluon_available():
+        pytest.skip("this Triton has no Gluon")
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except ImportError:
+        pytest.skip("triton without its GPU backends")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    proc = subprocess.run([sys.executable, "-c", HOPPER_WS_CODE], capture_output=True, text=True, timeout=900,
+                          env=env)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
