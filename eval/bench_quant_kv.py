@@ -15,11 +15,13 @@ dense SDPA with LSE (cuDNN on CUDA), then the kernel resuming over the history b
 the history's end), as ``RoutedSelfAttention`` runs it; their ratio is to the single bf16 kernel call.
 
 ``--scales fp16 fp32`` times each quantized history with its scales stored both ways (``GENKV_KV_SCALES``; the same
-values, rows ``KIND/s32`` for fp32), and ``--int4-asm both`` the int4 kernel with its inline-PTX nibble unpacking
-off and on (``GENKV_INT4_ASM``; rows ``int4/asm``, ``int4/noasm``), ``--int4-zero-in-v both`` with the zero
-points in the value tiles off and on (``GENKV_INT4_ZERO_IN_V``; rows ``.../zv``, ``.../nozv``), ``--int4-scale-in-v
-both`` with their scales there too off and on (``GENKV_INT4_SCALE_IN_V``; rows ``.../sv``, ``.../nosv``; not with
-the zero points off, where it does not apply): A/Bs in one process, on one GPU's clock.
+values, rows ``KIND/s32`` for fp32), ``--scale-layouts heads tokens`` with the scales laid out both ways
+(``GENKV_KV_SCALE_LAYOUT``; the same values, rows ``KIND/hd`` and ``KIND/tok``), ``--int4-asm both`` the int4 kernel
+with its inline-PTX nibble unpacking off and on (``GENKV_INT4_ASM``; rows ``int4/asm``, ``int4/noasm``),
+``--int4-zero-in-v both`` with the zero points in the value tiles off and on (``GENKV_INT4_ZERO_IN_V``; rows
+``.../zv``, ``.../nozv``), ``--int4-scale-in-v both`` with their scales there too off and on
+(``GENKV_INT4_SCALE_IN_V``; rows ``.../sv``, ``.../nosv``; not with the zero points off, where it does not apply):
+A/Bs in one process, on one GPU's clock.
 
 Then routing's key-block means over each storage's history (what ``fastar`` pools once per chunk and layer): the
 one-pass kernel ``genkv.kernels.quant_pool`` against its torch reference (``pool_rows`` in the JSON).
@@ -152,23 +154,24 @@ def pooling_rows(keys: torch.Tensor, values: torch.Tensor, block: int, device: t
     return rows
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, str | None, dict]]:
-    """(kind, scale storage, int4 switches) per quantized row: scale storage None keeps the process's default;
-    the switches map ``asm`` / ``zero_in_v`` / ``scale_in_v`` to on or off where ``both`` asks for the two rows
-    (``scale_in_v`` on only with ``zero_in_v`` not off: the launch ignores it there)."""
+def variants(args: argparse.Namespace) -> list[tuple[str, str | None, str | None, dict]]:
+    """(kind, scale storage, scale layout, int4 switches) per quantized row: scale storage or layout None keeps the
+    process's default; the switches map ``asm`` / ``zero_in_v`` / ``scale_in_v`` to on or off where ``both`` asks
+    for the two rows (``scale_in_v`` on only with ``zero_in_v`` not off: the launch ignores it there)."""
     out = []
     for kind in args.kinds:
         asked = (("asm", args.int4_asm), ("zero_in_v", args.int4_zero_in_v), ("scale_in_v", args.int4_scale_in_v))
         axes = [(name, [False, True]) for name, both in asked if both == "both" and kind == "int4"]
-        for scales in args.scales or [None]:
+        for scales, layout in itertools.product(args.scales or [None], args.scale_layouts or [None]):
             combos = [dict(zip([n for n, _ in axes], values)) for values in itertools.product(*[v for _, v in axes])]
-            out += [(kind, scales, c) for c in combos if not (c.get("scale_in_v") and c.get("zero_in_v") is False)]
+            out += [(kind, scales, layout, c) for c in combos
+                    if not (c.get("scale_in_v") and c.get("zero_in_v") is False)]
     return out
 
 
-def variant_name(kind: str, scales: str | None, switches: dict) -> str:
-    """A row's name: ``int4/s32/asm/zv`` and the like."""
-    name = kind + ("/s32" if scales == "fp32" else "")
+def variant_name(kind: str, scales: str | None, layout: str | None, switches: dict) -> str:
+    """A row's name: ``int4/s32/tok/asm/zv`` and the like (``/tok`` / ``/hd``: the scale layout, where asked)."""
+    name = kind + ("/s32" if scales == "fp32" else "") + {"tokens": "/tok", "heads": "/hd", None: ""}[layout]
     if "asm" in switches:
         name += "/asm" if switches["asm"] else "/noasm"
     if "zero_in_v" in switches:
@@ -192,7 +195,7 @@ def int4_env(switches: dict):
 
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import QuantizedKV, block_sparse_attention, key_channel_scales, quantize_kv  # noqa: F401
-    from genkv.kernels.quant_kv import with_scale_storage
+    from genkv.kernels.quant_kv import with_scale_layout, with_scale_storage
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -204,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("bench_quant_kv.json"))
     parser.add_argument("--scales", nargs="+", choices=("fp16", "fp32"), default=None,
                         help="scale storage of the quantized histories (default: GENKV_KV_SCALES's)")
+    parser.add_argument("--scale-layouts", nargs="+", choices=("heads", "tokens"), default=None,
+                        help="layout of the histories' scales, one row each (default: GENKV_KV_SCALE_LAYOUT's)")
     parser.add_argument("--int4-asm", choices=("default", "both"), default="default",
                         help="both: int4 rows with GENKV_INT4_ASM=0 and =1")
     parser.add_argument("--int4-zero-in-v", choices=("default", "both"), default="default",
@@ -257,11 +262,13 @@ def main(argv: list[str] | None = None) -> int:
                                                       values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw),
                                    hist_bytes, {})}
         swept = set()
-        for kind, scales, switches in variants(args):
-            name = variant_name(kind, scales, switches)
+        for kind, scales, layout, switches in variants(args):
+            name = variant_name(kind, scales, layout, switches)
             hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
             if scales is not None:
                 hist = with_scale_storage(hist, torch.float32 if scales == "fp32" else torch.float16)
+            if layout is not None:
+                hist = with_scale_layout(hist, layout)
             fn = lambda hist=hist: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731
             with int4_env(switches):
                 ms = timed(fn, device, args.iters, args.warmup)

@@ -35,7 +35,8 @@ SHARED_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (H100
 CODE_TYPES = {"bf16": "bf16", "fp8": "fp8e4nv", "int8": "i8", "int4": "u8"}
 HIST_KIND = {"bf16": 0, "fp8": 1, "int8": 2, "int4": 3}
 # Integer arguments a Wan-shaped launch has divisible by 16 (12 heads x 128: the rows of q / K / V / codes / out);
-# the per-token scales' (B, S, H) strides are not (H = 12).
+# the per-token scales' (B, S, H) strides are not (H = 12) in the ``tokens`` layout; in ``heads`` their batch and head
+# strides are (rows padded to 16 slots) and their slot stride is 1 (see compile_variant).
 DIVISIBLE = {"stride_qb", "stride_qs", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
              "stride_vh", "stride_ob", "stride_os", "stride_oh", "stride_hb", "stride_hs", "stride_hh", "stride_xb",
              "stride_xh", "stride_zb", "stride_zs", "stride_zh", "stride_sb"}
@@ -92,11 +93,19 @@ def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8
                   INT8_QK=int8_qk, INT4_ASM=int4_asm, INT4_ZERO_IN_V=zero_in_v, INT4_SCALE_IN_V=scale_in_v,
                   LIST_WIDTH=args.list_width,
                   NUM_STAGES=stages)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in DIVISIBLE}
+    divisible = set(DIVISIBLE)
+    if args.scale_layout == "heads" and kind != "bf16" and "stride_ss" in names:
+        # quant_kv's ``heads`` layout: a (batch, head)'s scales contiguous over tokens (stride 1, which Triton's
+        # launcher specialises as a constant), rows padded to 16 slots
+        consts["stride_ss"] = 1
+        sig["stride_ss"] = "constexpr"
+        divisible |= {"stride_sb", "stride_sh"}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*") or n in divisible}
     # (constants a kernel does not take are dropped: an older checkout's kernel compiles too, for comparisons)
     src = ASTSource(fn=kernel, signature=sig, constexprs={(names.index(k),): v for k, v in consts.items() if k in names},
                     attrs=attrs)
     row = dict(kind=kind, stages=stages, fast_dequant=fast, resume=resume, int8_qk=int8_qk, scales=scales,
+               scale_layout=args.scale_layout,
                int4_asm=int4_asm, int4_zero_in_v=zero_in_v, int4_scale_in_v=scale_in_v)
     try:
         compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
@@ -120,7 +129,24 @@ def compile_variant(kind: str, stages: int, fast: bool, resume: bool, args, int8
             "warnings": sorted(set(re.findall(r"\((C\d+)\)", text))),
             "sass_instructions": len(instructions) if sass else None,
             "global_u16_loads": sum(op == "LDG.E.U16" for op in instructions) if sass else None,
-            "opcodes": dict(Counter(op.split(".")[0] for op in instructions).most_common()) if sass else None}
+            "opcodes": dict(Counter(op.split(".")[0] for op in instructions).most_common()) if sass else None,
+            "loops": loop_bodies(sass) if sass else None}
+
+
+def loop_bodies(sass: str) -> list[dict[str, int]]:
+    """The opcodes of each loop in nvdisasm output, in code order: the instructions from a label to a branch back to
+    it (its last one). The block-sparse kernel's first loop over a quantized history is its whole-history loop."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"\s*(\.L_x_\d+):", line))}
+    loops = []
+    for i, line in enumerate(lines):
+        m = re.search(r"BRA\s+(?:`\()?(\.L_x_\d+)", line)
+        if m and m.group(1) in labels and labels[m.group(1)] < i:
+            ops = [op.group(1).split(".")[0] for x in lines[labels[m.group(1)]:i + 1]
+                   if (op := re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]+)", x))]
+            if len(ops) > 1:  # (not a one-instruction spin, e.g. the trap loop at the end)
+                loops.append(dict(Counter(ops)))
+    return loops
 
 
 def applies(kind: str, fast: bool, int8_qk: bool, int4_asm: bool, zero_in_v: bool = False,
@@ -155,10 +181,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bias", action="store_true", help="with a key bias (fastar's log counts)")
     parser.add_argument("--scales", nargs="+", choices=("fp16", "fp32"), default=["fp16"],
                         help="the per-token scales' storage (GENKV_KV_SCALES), one variant each")
+    parser.add_argument("--scale-layout", choices=("heads", "tokens"), default=None,
+                        help="the per-token scales' layout (default: the library's, GENKV_KV_SCALE_LAYOUT's)")
     parser.add_argument("--kernel-file", type=Path, default=None,
                         help="another checkout's kernels/block_sparse.py, to compare (default: this one's)")
     parser.add_argument("--out", type=Path, default=Path("kernel_resources.json"))
     args = parser.parse_args(argv)
+    if args.scale_layout is None:
+        from genkv.kernels.quant_kv import SCALE_LAYOUT
+
+        args.scale_layout = SCALE_LAYOUT
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("run with TRITON_INTERPRET=0: the interpreter's kernels cannot be compiled")
     try:

@@ -177,7 +177,8 @@ if triton is not None:
 
     @triton.jit
     def _int4_halves(base, offs_n, in_hist, stride_s, HALF: tl.constexpr, dtype: tl.constexpr,
-                     OFFSET: tl.constexpr, FAST: tl.constexpr = False, ASM: tl.constexpr = False):
+                     OFFSET: tl.constexpr, FAST: tl.constexpr = False, ASM: tl.constexpr = False,
+                     MASKED: tl.constexpr = True):
         """The first and second halves of a (TILE_N, 2 * HALF) int4 tile's channels, as two (TILE_N, HALF) tiles
         of ``dtype`` minus ``OFFSET`` (8 for keys, stored offset; 0 for values). Byte j holds channel j in its
         low nibble and channel HALF + j in its high one, so one load feeds both halves and nothing is
@@ -186,9 +187,13 @@ if triton is not None:
         the output are contiguous rows, loaded and stored without strides. ``FAST``: fp16 tiles built from bits
         (see ``_int8_as_fp16``: nibble ``u`` as the mantissa of 1024.0, then one exact fp16 subtraction of
         ``1024 + OFFSET``), whatever ``dtype``. ``ASM`` (with ``FAST``, CUDA only): the same fp16 tiles from inline
-        PTX, two values per instruction (``_int4_unpack_asm``)."""
+        PTX, two values per instruction (``_int4_unpack_asm``). ``MASKED`` False: a tile wholly inside the
+        history, loaded without a mask."""
         offs_h = tl.arange(0, HALF)
-        packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :], mask=in_hist[:, None], other=0)
+        if MASKED:
+            packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :], mask=in_hist[:, None], other=0)
+        else:
+            packed = tl.load(base + offs_n[:, None] * stride_s + offs_h[None, :])
         if ASM:
             return _int4_unpack_asm(packed, OFFSET)
         packed = packed.to(tl.int32)
@@ -202,17 +207,28 @@ if triton is not None:
 
     @triton.jit
     def _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n, in_hist, HAS_ZERO: tl.constexpr,
-                      HAS_V: tl.constexpr = True):
+                      HAS_V: tl.constexpr = True, MASKED: tl.constexpr = True):
         """Per-token key scale, value scale and (int4) value zero point as column vectors: 1, 1 and 0 on
         columns outside the history (the current chunk's full-precision keys). ``HAS_V`` False: the value tiles
-        hold their scales already (``_dequantized_values``): the key scales stand in, never read."""
-        k_col = tl.load(hks_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
+        hold their scales already (``_dequantized_values``): the key scales stand in, never read. ``MASKED``
+        False: a tile wholly inside the history, loaded without a mask (a per-key mask on a length the kernel
+        is not specialised on keeps each load scalar and out of the software pipeline)."""
+        if MASKED:
+            k_col = tl.load(hks_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
+        else:
+            k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
         if HAS_V:
-            v_col = tl.load(hvs_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
+            if MASKED:
+                v_col = tl.load(hvs_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
+            else:
+                v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
         else:
             v_col = k_col
         if HAS_ZERO:
-            v_zero = tl.load(hvz_base + offs_n * stride_ss, mask=in_hist, other=0.0).to(tl.float32)
+            if MASKED:
+                v_zero = tl.load(hvz_base + offs_n * stride_ss, mask=in_hist, other=0.0).to(tl.float32)
+            else:
+                v_zero = tl.load(hvz_base + offs_n * stride_ss).to(tl.float32)
         else:
             v_zero = v_col
         return k_col, v_col, v_zero
@@ -316,8 +332,8 @@ if triton is not None:
         factors into q) loads codes only; otherwise both sources are loaded with masks and merged, history keys
         times the smoothing factors."""
         in_hist = offs_n < hist_len
-        k_lo, k_hi = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0, FAST, ASM)
-        v_lo, v_hi = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0, FAST, ASM)
+        k_lo, k_hi = _int4_halves(hk_base, offs_n, in_hist, stride_hs, HALF, dtype, 8.0, FAST, ASM, SCALE_KEYS)
+        v_lo, v_hi = _int4_halves(hv_base, offs_n, in_hist, stride_hs, HALF, dtype, 0.0, FAST, ASM, SCALE_KEYS)
         if SCALE_KEYS:
             in_cur = (offs_n >= hist_len) & (offs_n < kv_len)
             cur_n = offs_n - hist_len
@@ -378,7 +394,7 @@ if triton is not None:
                 elif ZERO_IN_V:
                     v_lo, v_hi = _zero_in_values(v_lo, v_hi, hvs_base, hvz_base, stride_ss, offs_n)
                 k_col, v_col, v_zero = _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n,
-                                                     offs_n < hist_len, not ZERO_IN_V, not SCALE_IN_V)
+                                                     offs_n < hist_len, not ZERO_IN_V, not SCALE_IN_V, MERGED)
                 acc_lo, acc_hi, zsum, m_i, l_i = _attend_int4_halves(q_lo, q_hi, k_lo, k_hi, v_lo, v_hi, k_col,
                                                                      v_col, v_zero, acc_lo, acc_hi, zsum, m_i, l_i,
                                                                      bias_base, offs_n, kv_len, qk_scale, stride_bs,

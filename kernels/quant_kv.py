@@ -22,9 +22,11 @@ would otherwise set every token's scale and leave the other channels a few level
 factors are powers of two (dividing and multiplying by them is exact) and equal within a RoPE pair.
 
 Scales and zero points hold fp16 values, stored as fp16 (default) or, with ``GENKV_KV_SCALES=fp32``, in fp32 (see
-:data:`SCALE_DTYPE`: the same values, 4-byte loads for the kernel). Bytes per (token, head) at D = 128, keys +
-values, scales included (bf16: 512): fp8 and int8: 2 * (128 + 2) = 260 (0.51x); int4: (64 + 2) + (64 + 2 + 2) = 134
-(0.26x); with fp32 storage 264 (0.52x) and 140 (0.27x).
+:data:`SCALE_DTYPE`: the same values, 4-byte loads for the kernel). They are (B, S, H) tensors, stored as such
+(:data:`SCALE_LAYOUT` ``tokens``) or, with ``GENKV_KV_SCALE_LAYOUT=heads``, with each (batch, head)'s tokens
+contiguous (a transposed view), which is what the kernel reads a tile of at once. Bytes per (token, head) at
+D = 128, keys + values, scales included (bf16: 512): fp8 and int8: 2 * (128 + 2) = 260 (0.51x); int4:
+(64 + 2) + (64 + 2 + 2) = 134 (0.26x); with fp32 storage 264 (0.52x) and 140 (0.27x).
 
 Measured relative round-trip error ``|x - x̂| / |x|`` (4096 tokens, 4 heads, D = 128; keys: Gaussian with four
 RoPE pairs per head scaled 10-30x, a per-channel offset, then RoPE; values: Gaussian):
@@ -91,6 +93,67 @@ def _scale_storage(value: str) -> torch.dtype:
 #: and within 3% either way for int8, so fp16 stays the default.
 SCALE_DTYPE: torch.dtype = _scale_storage(os.environ.get("GENKV_KV_SCALES", "fp16"))
 
+SCALE_LAYOUTS = ("tokens", "heads")
+
+
+def _scale_layout(value: str) -> str:
+    if value not in SCALE_LAYOUTS:
+        raise ValueError(f"GENKV_KV_SCALE_LAYOUT={value!r}: use tokens (the default) or heads")
+    return value
+
+
+#: How the per-token scales and int4 zero points lie in memory (env ``GENKV_KV_SCALE_LAYOUT``, read at import). Their
+#: shape is (B, S, H) either way, and every reader takes strides, so the values and the attention are the same bit for
+#: bit. ``tokens`` (default): plain (B, S, H) storage, a kernel tile's scales H elements apart, which sm_90 code loads
+#: as scalar, synchronous 2-byte loads inside the whole-history loop (36 a block for int4's launch, 64 for int8's).
+#: ``heads``: each (batch, head)'s scales contiguous over tokens, (B, H, S) storage seen through a transposed view,
+#: slots padded to a multiple of :data:`SCALE_ALIGN`; a tile's scale columns are then one contiguous run that the
+#: kernel's software pipeline copies asynchronously a tile ahead, and the int4 whole-history loop shrinks from 1298 to
+#: 1177 SASS instructions, with 4 synchronous loads instead of 36 (int8: 1387 -> 1273, 64 -> 0;
+#: ``eval/kernel_resources.py --scale-layout``, 2026-12-08). Opt-in until timed on a GPU: fp32 scale storage, the
+#: last change predicted from SASS alone, was slower when timed.
+SCALE_LAYOUT: str = _scale_layout(os.environ.get("GENKV_KV_SCALE_LAYOUT", "tokens"))
+#: Slots of a ``heads`` scale buffer are padded to a multiple of this (so each (batch, head) row starts 16-byte
+#: aligned, what the kernel's vector copies need; at most 15 unused slots a row, not counted in ``nbytes``).
+SCALE_ALIGN = 16
+
+
+def scale_buffer(batch: int, slots: int, heads: int, *, fill: float = 1.0, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None, layout: str | None = None) -> torch.Tensor:
+    """A (B, ``slots``, H) tensor for per-token scales or zero points, filled with ``fill``, in ``layout`` (default
+    :data:`SCALE_LAYOUT`) and ``dtype`` (default :data:`SCALE_DTYPE`).
+
+    Example:
+        >>> t = scale_buffer(1, 40, 3, layout="heads")
+        >>> tuple(t.shape), t.stride()
+        ((1, 40, 3), (144, 1, 48))
+        >>> scale_buffer(1, 40, 3, layout="tokens").stride()
+        (120, 3, 1)
+    """
+    layout = _scale_layout(layout or SCALE_LAYOUT)
+    dtype = dtype or SCALE_DTYPE
+    if layout == "tokens":
+        return torch.full((batch, slots, heads), fill, dtype=dtype, device=device)
+    padded = -(-slots // SCALE_ALIGN) * SCALE_ALIGN
+    return torch.full((batch, heads, padded), fill, dtype=dtype, device=device)[:, :, :slots].transpose(1, 2)
+
+
+def scale_layout_of(t: torch.Tensor) -> str:
+    """``heads`` where a (B, S, H) scale tensor's tokens are contiguous (slot stride 1, more than one slot), else
+    ``tokens`` (with one head the two layouts coincide)."""
+    return "heads" if t.stride(1) == 1 and t.shape[1] > 1 else "tokens"
+
+
+def _laid_out(t: torch.Tensor | None, layout: str | None = None, dtype: torch.dtype | None = None,
+              device: torch.device | str | None = None) -> torch.Tensor | None:
+    """A copy of scale tensor ``t`` (B, S, H) in ``layout`` / ``dtype`` / on ``device`` (defaults: :data:`SCALE_LAYOUT`,
+    ``t``'s dtype and device)."""
+    if t is None:
+        return None
+    out = scale_buffer(t.shape[0], t.shape[1], t.shape[2], dtype=dtype or t.dtype, device=device or t.device,
+                       layout=layout)
+    return out.copy_(t)
+
 
 @dataclass
 class QuantizedKV:
@@ -139,6 +202,9 @@ class QuantizedKV:
             torch.int8
         """
         moved = {name: value.to(device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
+        for name in ("k_scale", "v_scale", "v_zero"):  # in the layout they had (.to would make them contiguous)
+            if getattr(self, name) is not None:
+                moved[name] = _laid_out(getattr(self, name), scale_layout_of(getattr(self, name)), device=device)
         return replace(self, **moved)
 
     def fill_empty(self) -> None:
@@ -161,8 +227,8 @@ class QuantizedKV:
         code_shape = (batch, capacity, heads, dim // 2 if kind == "int4" else dim)
         code_dtype = {"fp8": torch.float8_e4m3fn, "int8": torch.int8, "int4": torch.uint8}[kind]
         codes = [torch.zeros(code_shape, dtype=code_dtype, device=device) for _ in range(2)]
-        scales = [torch.ones(batch, capacity, heads, dtype=SCALE_DTYPE, device=device) for _ in range(2)]
-        zero = torch.zeros(batch, capacity, heads, dtype=SCALE_DTYPE, device=device) if kind == "int4" else None
+        scales = [scale_buffer(batch, capacity, heads, device=device) for _ in range(2)]
+        zero = scale_buffer(batch, capacity, heads, fill=0.0, device=device) if kind == "int4" else None
         channel = key_channel_scale.float().expand(batch, heads, dim).contiguous()
         return cls(kind, codes[0], codes[1], scales[0], scales[1], channel, zero)
 
@@ -275,7 +341,7 @@ def quantize_kv(k: torch.Tensor, v: torch.Tensor, kind: str,
     channel = key_channel_scales(k) if key_channel_scale is None else key_channel_scale.float()
     channel = channel.expand(k.shape[0], k.shape[2], k.shape[3]).contiguous()
     k_codes, k_scale, v_codes, v_scale, v_zero = _quantize_tokens(kind, channel, k, v)
-    return QuantizedKV(kind, k_codes, v_codes, k_scale, v_scale, channel, v_zero)
+    return QuantizedKV(kind, k_codes, v_codes, _laid_out(k_scale), _laid_out(v_scale), channel, _laid_out(v_zero))
 
 
 def _as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -310,9 +376,24 @@ def with_scale_storage(hist: QuantizedKV, dtype: torch.dtype) -> QuantizedKV:
         (torch.float32, True, True)
     """
     def stored(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(dtype)
+        return None if t is None else _laid_out(t, scale_layout_of(t), dtype=dtype)
 
     return replace(hist, k_scale=stored(hist.k_scale), v_scale=stored(hist.v_scale), v_zero=stored(hist.v_zero))
+
+
+def with_scale_layout(hist: QuantizedKV, layout: str) -> QuantizedKV:
+    """``hist`` with its scales and zero points copied into ``layout`` (``heads`` / ``tokens``, see
+    :data:`SCALE_LAYOUT`; codes shared): the same values, so an A/B of the two layouts in one process attends bit
+    for bit alike.
+
+    Example:
+        >>> hist = quantize_kv(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16), "int4")
+        >>> flat = with_scale_layout(hist, "tokens")
+        >>> flat.k_scale.stride(), torch.equal(flat.v_zero, hist.v_zero), flat.k_codes is hist.k_codes
+        ((8, 2, 1), True, True)
+    """
+    return replace(hist, k_scale=_laid_out(hist.k_scale, layout), v_scale=_laid_out(hist.v_scale, layout),
+                   v_zero=_laid_out(hist.v_zero, layout))
 
 
 def select_slots(hist: QuantizedKV, slots: torch.Tensor) -> QuantizedKV:
@@ -497,5 +578,7 @@ __all__ = [
     "key_channel_scales",
     "pool_quantized_blocks",
     "quantize_kv",
+    "scale_buffer",
+    "with_scale_layout",
     "write_quantized",
 ]

@@ -48,6 +48,21 @@ def test_scale_storage_and_int4_switch_variants_are_rows_of_one_process(tmp_path
     assert len({rows[k]["rel_err"] for k in int4}) == 1
 
 
+def test_scale_layout_rows_hold_the_same_values_and_bytes(tmp_path):
+    # ``--scale-layouts heads tokens``: the same fp16 scales laid out two ways (bit-identical attention, so equal
+    # errors, and the same bytes), one row each, named /hd and /tok
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--small", "--device", "cpu", "--iters", "1", "--warmup", "0",
+                           "--densities", "fastar", "--kinds", "int8", "int4", "--scale-layouts", "heads", "tokens",
+                           "--out", str(tmp_path / "q.json")], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["kind"]: r for r in json.loads((tmp_path / "q.json").read_text())["rows"]}
+    assert set(rows) >= {"int8/hd", "int8/tok", "int4/hd", "int4/tok", "int4/hd+sdpa", "int4/tok+sdpa"}
+    for kind in ("int8", "int4", "int4+sdpa"):
+        heads, tokens = rows[kind.replace("int4", "int4/hd").replace("int8", "int8/hd")], \
+            rows[kind.replace("int4", "int4/tok").replace("int8", "int8/tok")]
+        assert heads["rel_err"] == tokens["rel_err"] and heads["history_bytes"] == tokens["history_bytes"]
+
+
 def test_scale_in_v_rows_come_only_where_the_zero_points_are_in_v_too():
     """``--int4-scale-in-v both``: a row with it off and one with it on, but none with the zero points off and the
     scales on (the launch ignores the scales switch there: two rows would time one kernel)."""
@@ -57,8 +72,8 @@ def test_scale_in_v_rows_come_only_where_the_zero_points_are_in_v_too():
     import bench_quant_kv
 
     def names(zero, scale):
-        args = argparse.Namespace(kinds=["int8", "int4"], scales=None, int4_asm="default", int4_zero_in_v=zero,
-                                  int4_scale_in_v=scale)
+        args = argparse.Namespace(kinds=["int8", "int4"], scales=None, scale_layouts=None, int4_asm="default",
+                                  int4_zero_in_v=zero, int4_scale_in_v=scale)
         return [bench_quant_kv.variant_name(*v) for v in bench_quant_kv.variants(args)]
 
     assert names("both", "both") == ["int8", "int4/nozv/nosv", "int4/zv/nosv", "int4/zv/sv"]

@@ -45,7 +45,7 @@ def test_float32_scales_take_the_scalar_scale_loads_out_of_the_int4_loops(tmp_pa
     # fp16 scale columns (2 bytes at a stride of H) compile to scalar global loads inside the loops; 4-byte ones
     # to asynchronous copies (GENKV_KV_SCALES=fp32; timed on an H100 it was slower all the same, so it is off)
     rows = _run(tmp_path, "--kinds", "int4", "--tile-n", "64", "--stages", "3", "--fast", "on", "--bias",
-                "--scales", "fp16", "fp32")
+                "--scales", "fp16", "fp32", "--scale-layout", "tokens")
     by_scales = {row["scales"]: row for row in rows}
     if by_scales["fp16"]["global_u16_loads"] is None:
         pytest.skip("triton without nvdisasm")
@@ -86,3 +86,26 @@ def test_the_interpreter_is_refused_in_one_line(tmp_path):
     proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "x.json")], capture_output=True,
                           text=True, timeout=120, env=env)
     assert proc.returncode == 2 and "TRITON_INTERPRET=0" in proc.stderr
+
+
+def test_scales_contiguous_over_tokens_take_the_scalar_loads_out_of_the_whole_history_loop(tmp_path):
+    # GENKV_KV_SCALE_LAYOUT=heads: a tile's scale columns are one contiguous run (slot stride 1, specialised), so the
+    # whole-history loop copies them asynchronously instead of 2-byte scalar loads (at these launches int4 36 a block,
+    # int8 64; the straddling block's masked loads stay scalar), in fewer instructions
+    for kind, extra in (("int4", ["--tile-n", "64", "--fast", "on", "--int4-asm", "on", "--int4-zero-in-v", "on",
+                                  "--int4-scale-in-v", "on"]), ("int8", ["--fast", "off", "--int8-qk", "on"])):
+        rows = {layout: _run(tmp_path, "--kinds", kind, "--stages", "3", "--bias", "--resume", *extra,
+                             "--scale-layout", layout)[-1] for layout in ("heads", "tokens")}
+        heads, tokens = rows["heads"], rows["tokens"]
+        assert heads["scale_layout"] == "heads" and tokens["scale_layout"] == "tokens"
+        assert heads["fits"] and heads["registers"] <= 255 and "C7515" not in heads["warnings"], heads
+        if heads["sass_instructions"] is None:
+            pytest.skip("triton without nvdisasm")
+        assert heads["global_u16_loads"] < tokens["global_u16_loads"], (kind, heads, tokens)
+        # the first loop is the whole-history one: most of its synchronous global loads (LDG) go (int4 36 -> 4: the
+        # value tiles' scale and zero point, one 2-byte element a thread in their layout, stay scalar), its copies
+        # are async
+        whole_heads, whole_tokens = heads["loops"][0], tokens["loops"][0]
+        assert 4 * whole_heads.get("LDG", 0) < whole_tokens.get("LDG", 0), (kind, whole_heads, whole_tokens)
+        assert whole_heads.get("LDGSTS", 0) > whole_tokens.get("LDGSTS", 0), (kind, whole_heads, whole_tokens)
+        assert sum(whole_heads.values()) < sum(whole_tokens.values()), (kind, whole_heads, whole_tokens)

@@ -672,3 +672,44 @@ def test_float32_stored_scales_attend_bit_for_bit_as_float16_ones(backend, kind)
                                            history=stored.to(dev), block_m=bm, block_n=bn, backend=backend))
     assert torch.equal(outs[0], outs[1])
     assert _float32_scales(hist).nbytes - hist.nbytes == 2 * (3 if kind == "int4" else 2) * b * s_h * h
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_scale_layouts_attend_bit_for_bit_alike_and_write_alike(backend, kind):
+    """Scales and zero points with each (batch, head)'s tokens contiguous (``heads``, the default) or as plain
+    (B, S, H) storage (``tokens``) hold the same values: commits into either give the same codes and scales, and the
+    attention over them is identical through every loop of the kernel (whole-history, straddling, current) with the
+    log-count bias."""
+    from genkv.kernels.quant_kv import SCALE_ALIGN, scale_buffer, scale_layout_of, with_scale_layout
+
+    g = torch.Generator().manual_seed(6)
+    b, h, d, bm, bn, s_h, s_cur, s_q = 1, 3, 64, 16, 32, 70, 26, 20
+    keys, values = outlier_keys(b, s_h, h, d, g), torch.randn(b, s_h, h, d, generator=g) + 0.3
+    dev = device_for(backend)
+    slots = torch.randperm(75, generator=g)[:s_h].to(dev)
+    written = {}
+    for layout in ("heads", "tokens"):
+        hist = with_scale_layout(QuantizedKV.empty(kind, b, 75, h, key_channel_scales(keys)), layout).to(dev)
+        assert scale_layout_of(hist.k_scale) == layout and hist.k_scale.shape == (b, 75, h)
+        write_quantized(hist, slots, keys.to(dev), values.to(dev))
+        written[layout] = hist
+    for a, c in zip(written["heads"].__dict__.values(), written["tokens"].__dict__.values()):
+        assert not isinstance(a, torch.Tensor) or torch.equal(a, c)
+    heads = scale_buffer(2, 70, h, layout="heads")
+    assert heads.stride() == (h * 80, 1, 80) and 80 % SCALE_ALIGN == 0 and heads.shape == (2, 70, h)
+    hist = quantize_kv(keys, values, kind)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).to(torch.float16) for n in (s_q, s_cur, s_cur))
+    idx = torch.tensor([[0, 1, 2], [2, 1, 0]], dtype=torch.int32).expand(b, h, 2, 3)
+    counts = torch.full((b, h, 2), 3, dtype=torch.int32)
+    bias = torch.randint(1, 4, (b, s_h + s_cur, h), generator=g).float().log()
+    outs = []
+    for layout in ("heads", "tokens", None):  # None: as quantize_kv laid it out
+        laid = (hist if layout is None else with_scale_layout(hist, layout)).to(dev)
+        assert layout is None or scale_layout_of(laid.v_scale) == layout
+        assert all(torch.equal(getattr(laid, f).cpu(), getattr(hist, f)) for f in ("k_scale", "v_scale", "v_zero")
+                   if getattr(hist, f) is not None)
+        outs.append(block_sparse_attention(*on(dev, q, k, v, idx, counts), key_bias=bias.to(dev), history=laid,
+                                           block_m=bm, block_n=bn, backend=backend))
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    assert with_scale_layout(hist, "heads").nbytes == with_scale_layout(hist, "tokens").nbytes
