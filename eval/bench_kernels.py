@@ -14,7 +14,8 @@ count chosen from the grid: ``num_splits`` of ``block_sparse_attention_triton``)
 launch reading each list in one share, as the kernel did before split reads. On a Hopper GPU ``hopper`` and
 ``hopper_ws`` / ``hopper_pingpong`` time the Gluon kernels of ``kernels/block_sparse_hopper.py`` (plain;
 warp-specialised: a producer warp for the TMA loads; and that with two consumer warpgroups in ping-pong) on the same
-lists.
+lists, each first checked against SDPA in a child process: one that faults, hangs or disagrees there is left out
+(``gluon_left_out`` in the JSON says why) instead of poisoning the benchmark's own CUDA context.
 """
 
 from __future__ import annotations
@@ -72,6 +73,68 @@ def flex_with_mask(q, k, v, idx, counts, block):
     return lambda: flex(qt, kt, vt, block_mask=mask).transpose(1, 2)
 
 
+GLUON_VARIANTS = {  # column -> block_sparse_attention_hopper's switches
+    "hopper": dict(warp_specialize=False, pingpong=False),
+    "hopper_ws": dict(warp_specialize=True, pingpong=False),
+    "hopper_pingpong": dict(warp_specialize=True, pingpong=True),
+}
+
+
+def run_probe(command: list[str], timeout_s: float) -> tuple[str | None, str]:
+    """Run ``command`` in its own process: (None if it exited 0, else one line saying why not: exit status or
+    timeout and its last line of output; its stdout so far). A kernel that faults or hangs there cannot take the
+    benchmark's own CUDA context down with it (after an illegal address every later launch of a process fails)."""
+    import subprocess
+
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return f"probe timed out after {timeout_s:.0f} s (a hang?)", out
+    if done.returncode == 0:
+        return None, done.stdout
+    lines = done.stderr.strip().splitlines()  # (a traceback's last line names the error)
+    return f"probe exited {done.returncode}: {lines[-1][:200] if lines else '(no error output)'}", done.stdout
+
+
+def probe_variants(names: list[str], timeout_s: float, command: list[str] | None = None) -> dict[str, str]:
+    """Probe Gluon variants ``names`` in order in child processes (``command`` + names; default this script's
+    ``--probe-variants``), each printing ``ok NAME`` once it agrees with SDPA: the variants that did not, each
+    with why. After a failure the probe goes on with the variants after it in a fresh process."""
+    command = command or [sys.executable, str(Path(__file__).resolve()), "--probe-variants"]
+    broken, remaining = {}, list(names)
+    while remaining:
+        why, out = run_probe([*command, *remaining], timeout_s)
+        passed = {line.split()[1] for line in out.splitlines() if line.startswith("ok ")}
+        failed = next((n for n in remaining if n not in passed), None)
+        if failed is None:
+            break
+        broken[failed] = why or "probe exited 0 without reporting it"
+        remaining = remaining[remaining.index(failed) + 1:]
+    return broken
+
+
+def probe(names: list[str]) -> int:
+    """One call of each Gluon variant in ``names`` against dense SDPA (every block listed, a ragged KV), printing
+    ``ok NAME`` for each that agrees; exit 1 at the first that does not."""
+    from genkv.kernels.block_sparse_hopper import block_sparse_attention_hopper
+
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, 4, 128, generator=g).cuda().bfloat16() for n in (600, 1000, 1000))
+    n_q, n_kv = math.ceil(600 / 128), math.ceil(1000 / 128)
+    idx = torch.arange(n_kv, dtype=torch.int32).expand(1, 4, n_q, n_kv).contiguous().cuda()
+    counts = torch.full((1, 4, n_q), n_kv, dtype=torch.int32).cuda()
+    want = torch.nn.functional.scaled_dot_product_attention(*(x.transpose(1, 2).float() for x in (q, k, v)))
+    for name in names:
+        got = block_sparse_attention_hopper(q, k, v, idx, counts, **GLUON_VARIANTS[name]).float()
+        err = ((got - want.transpose(1, 2)).norm() / want.norm()).item()
+        if not err < 2e-2:
+            print(f"{name}: relative error {err:.1e} against SDPA", flush=True)
+            return 1
+        print(f"ok {name} (relative error {err:.1e})", flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import block_sparse_attention, route_blocks
     from genkv.kernels.block_sparse import block_sparse_attention_triton, triton_available
@@ -82,7 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the launch sweep: 128 x 128 tiles, 8 warps, 3 stages (its pick on H100 and H200)")
+    parser.add_argument("--probe-timeout", type=float, default=240.0,
+                        help="seconds the Gluon variants' probe (its own process, run first) may take")
+    parser.add_argument("--probe-variants", nargs="+", choices=sorted(GLUON_VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe_variants:
+        return probe(args.probe_variants)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -108,6 +176,19 @@ def main(argv: list[str] | None = None) -> int:
         k = torch.randn(1, s_kv, heads, dim, generator=g).to(device, dtype)
         v = torch.randn(1, s_kv, heads, dim, generator=g).to(device, dtype)
         return q, k, v
+
+    # 0. The Gluon variants run once in a child process first; one that faults, hangs or disagrees is left out
+    #    (its columns say why) rather than poisoning this process's CUDA context for every row after it.
+    gluon_broken = {}
+    if cuda and not args.small:
+        q = torch.empty(1, s_q, heads, dim, device=device, dtype=dtype)  # (not from g: later draws stay as they were)
+        k = v = torch.empty(1, kv_sizes[0], heads, dim, device=device, dtype=dtype)
+        if block == 128 and hopper_kernel_applies(q, k, v):
+            gluon_broken = probe_variants(list(GLUON_VARIANTS), args.probe_timeout)
+            for name, why in gluon_broken.items():
+                print(f"{name} left out: {why}")
+        result["gluon_left_out"] = gluon_broken
+        del q, k, v
 
     # 1. Pick the Triton launch shape on the largest KV at density 0.25 (outputs checked against Flex).
     triton_kw = {}
@@ -180,18 +261,17 @@ def main(argv: list[str] | None = None) -> int:
                     q, k, v, idx, counts, block_m=block, block_n=block, num_splits=1, **triton_kw)
             if cuda and block == 128 and hopper_kernel_applies(q, k, v):
                 # the Gluon kernel for Hopper (kernels/block_sparse_hopper.py), same lists and split rule
-                runs["hopper"] = lambda: block_sparse_attention_hopper(  # noqa: E731
-                    q, k, v, idx, counts, warp_specialize=False, pingpong=False)
-                runs["hopper_ws"] = lambda: block_sparse_attention_hopper(  # noqa: E731
-                    q, k, v, idx, counts, warp_specialize=True, pingpong=False)
-                runs["hopper_pingpong"] = lambda: block_sparse_attention_hopper(  # noqa: E731
-                    q, k, v, idx, counts, warp_specialize=True, pingpong=True)
+                for name, switches in GLUON_VARIANTS.items():
+                    if name in gluon_broken:
+                        row[name] = {"error": gluon_broken[name]}
+                    else:
+                        runs[name] = lambda kw=switches: block_sparse_attention_hopper(q, k, v, idx, counts, **kw)
             reference = None
             for name, fn in runs.items():
                 try:
                     out = fn()
-                except Exception as exc:  # noqa: BLE001 - an untimed Gluon variant failing is a row, not the run
-                    if not name.startswith("hopper_"):
+                except Exception as exc:  # noqa: BLE001 - a Gluon variant failing is a row, not the run
+                    if not name.startswith("hopper"):
                         raise
                     first_line = (str(exc).splitlines() or [""])[0][:200]
                     row[name] = {"error": f"{type(exc).__name__}: {first_line}"}
@@ -210,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                 row["triton_speedup_vs_best_dense"] = min(dense.values()) / row["triton"]["ms"]
                 row["triton_1split_speedup_vs_best_dense"] = min(dense.values()) / row["triton_1split"]["ms"]
                 row["triton_speedup_vs_1split"] = row["triton_1split"]["ms"] / row["triton"]["ms"]
-            for name in ("hopper", "hopper_ws", "hopper_pingpong"):
+            for name in GLUON_VARIANTS:
                 if "ms" not in row.get(name, {}):
                     continue
                 row[f"{name}_speedup_vs_triton"] = row["triton"]["ms"] / row[name]["ms"]

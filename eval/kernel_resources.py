@@ -67,9 +67,17 @@ def load_kernel(path: Path | None):
 
         return _block_sparse_fwd
     import importlib.util
+    import types
 
-    spec = importlib.util.spec_from_file_location("block_sparse_under_test", path)
+    # A package of its own over the file's folder, so its relative imports (``from .quant_kv import ...``) load
+    # that checkout's modules, not this one's (and its __init__, which imports everything, never runs).
+    folder = Path(path).resolve().parent
+    package = types.ModuleType(f"kernels_under_test_{abs(hash(str(folder)))}")
+    package.__path__ = [str(folder)]
+    sys.modules[package.__name__] = package
+    spec = importlib.util.spec_from_file_location(f"{package.__name__}.{Path(path).stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module._block_sparse_fwd
 

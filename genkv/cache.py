@@ -611,12 +611,17 @@ class LayerStack:
         (layer ``l``'s slot ``s`` at ``l * capacity + s``) whose smoothing factors are 1, the layers' own factors
         in ``channel`` (B, L, H, D), and the staged chunks in one (B, L, n, H, D) buffer pair. A keeper then
         writes every layer's slots with one ``write_quantized`` (keys divided by their layer's factors first:
-        exact, they are powers of two)."""
+        exact, they are powers of two). With ``heads``-laid-out scales (``GENKV_KV_SCALE_LAYOUT``) the capacity is
+        rounded up to a multiple of ``SCALE_ALIGN``, so that each layer's scale rows start on the 16-byte boundary
+        the kernel's asynchronous copies need (else it falls back to synchronous loads)."""
+        from genkv.kernels import quant_kv
         from genkv.kernels.quant_kv import QuantizedKV, code_fields
 
         b, n, h, d = like.shape
         count, device = len(self.layers), like.device
         kind = self.layers[0].quant.kind
+        if quant_kv.SCALE_LAYOUT == "heads":
+            capacity = -(-capacity // quant_kv.SCALE_ALIGN) * quant_kv.SCALE_ALIGN
         flat = QuantizedKV.empty(kind, b, count * capacity, h, torch.ones(b, h, d, device=device))
         flat.fill_empty()  # (int4: an empty slot's key decodes to 0, as a bf16 cache's zeros: routing pools it)
         channel = torch.ones(b, count, h, d, device=device)

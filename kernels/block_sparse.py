@@ -206,6 +206,14 @@ if triton is not None:
         return low, high
 
     @triton.jit
+    def _scale_column(base, stride_ss, offs_n, in_hist, other: tl.constexpr, MASKED: tl.constexpr):
+        """One per-token column (scales or zero points) as fp32; ``other`` on columns outside the history where
+        ``MASKED`` (else every column is read: a tile wholly inside the history)."""
+        if MASKED:
+            return tl.load(base + offs_n * stride_ss, mask=in_hist, other=other).to(tl.float32)
+        return tl.load(base + offs_n * stride_ss).to(tl.float32)
+
+    @triton.jit
     def _token_scales(hks_base, hvs_base, hvz_base, stride_ss, offs_n, in_hist, HAS_ZERO: tl.constexpr,
                       HAS_V: tl.constexpr = True, MASKED: tl.constexpr = True):
         """Per-token key scale, value scale and (int4) value zero point as column vectors: 1, 1 and 0 on
@@ -213,24 +221,9 @@ if triton is not None:
         hold their scales already (``_dequantized_values``): the key scales stand in, never read. ``MASKED``
         False: a tile wholly inside the history, loaded without a mask (a per-key mask on a length the kernel
         is not specialised on keeps each load scalar and out of the software pipeline)."""
-        if MASKED:
-            k_col = tl.load(hks_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
-        else:
-            k_col = tl.load(hks_base + offs_n * stride_ss).to(tl.float32)
-        if HAS_V:
-            if MASKED:
-                v_col = tl.load(hvs_base + offs_n * stride_ss, mask=in_hist, other=1.0).to(tl.float32)
-            else:
-                v_col = tl.load(hvs_base + offs_n * stride_ss).to(tl.float32)
-        else:
-            v_col = k_col
-        if HAS_ZERO:
-            if MASKED:
-                v_zero = tl.load(hvz_base + offs_n * stride_ss, mask=in_hist, other=0.0).to(tl.float32)
-            else:
-                v_zero = tl.load(hvz_base + offs_n * stride_ss).to(tl.float32)
-        else:
-            v_zero = v_col
+        k_col = _scale_column(hks_base, stride_ss, offs_n, in_hist, 1.0, MASKED)
+        v_col = _scale_column(hvs_base, stride_ss, offs_n, in_hist, 1.0, MASKED) if HAS_V else k_col
+        v_zero = _scale_column(hvz_base, stride_ss, offs_n, in_hist, 0.0, MASKED) if HAS_ZERO else v_col
         return k_col, v_col, v_zero
 
     @triton.jit

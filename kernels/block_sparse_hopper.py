@@ -556,10 +556,17 @@ def kernel_variant(warp_specialize: bool | None = None, pingpong: bool | None = 
     """Which kernel a call takes: ``"plain"``, ``"ws"`` (warp-specialised, one 8-warp consumer) or ``"pingpong"``
     (warp-specialised, two 4-warp consumers taking turns). Each switch is its argument if given, else its env
     (``GENKV_HOPPER_WS`` / ``GENKV_HOPPER_PINGPONG`` = ``1`` / ``0``) if set, else ``DEFAULT_WS`` /
-    ``DEFAULT_PINGPONG``; ping-pong implies warp specialisation, and asking for it with ``warp_specialize=False``
-    is an error."""
+    ``DEFAULT_PINGPONG``; ping-pong implies warp specialisation. ``warp_specialize=False`` wins over a ping-pong
+    env or default (plain); with ``pingpong=True`` as well it is an error.
+
+    Example:
+        >>> kernel_variant(warp_specialize=True, pingpong=False), kernel_variant(False, None)
+        ('ws', 'plain')
+    """
     from .block_sparse import _switch
 
+    if warp_specialize is False and pingpong is None:  # the argument wins over GENKV_HOPPER_PINGPONG=1
+        return "plain"
     if _switch(pingpong, "GENKV_HOPPER_PINGPONG", DEFAULT_PINGPONG):
         if warp_specialize is False:
             raise ValueError("pingpong is a warp-specialised kernel: it cannot run with warp_specialize=False")

@@ -140,18 +140,40 @@ def scale_buffer(batch: int, slots: int, heads: int, *, fill: float = 1.0, dtype
 
 def scale_layout_of(t: torch.Tensor) -> str:
     """``heads`` where a (B, S, H) scale tensor's tokens are contiguous (slot stride 1, more than one slot), else
-    ``tokens`` (with one head the two layouts coincide)."""
+    ``tokens``. A tensor with one head or one slot can be either: it reads as ``tokens`` unless its slot stride is 1.
+
+    Example:
+        >>> scale_layout_of(scale_buffer(1, 40, 3, layout="heads")), scale_layout_of(torch.ones(1, 40, 3))
+        ('heads', 'tokens')
+    """
     return "heads" if t.stride(1) == 1 and t.shape[1] > 1 else "tokens"
+
+
+def _is_laid_out(t: torch.Tensor, layout: str) -> bool:
+    """Whether ``t`` (B, S, H) is stored as :func:`scale_buffer` lays out ``layout``: ``tokens`` contiguous;
+    ``heads`` slot stride 1, each (batch, head) row a whole number of :data:`SCALE_ALIGN` slots from the last
+    and starting on an aligned address."""
+    if layout == "tokens":
+        return t.is_contiguous()
+    b, s, h = t.shape
+    row = t.stride(2)
+    return (t.stride(1) == 1 and row >= s and row % SCALE_ALIGN == 0 and t.stride(0) == h * row
+            and t.data_ptr() % (SCALE_ALIGN * t.element_size()) == 0)
 
 
 def _laid_out(t: torch.Tensor | None, layout: str | None = None, dtype: torch.dtype | None = None,
               device: torch.device | str | None = None) -> torch.Tensor | None:
-    """A copy of scale tensor ``t`` (B, S, H) in ``layout`` / ``dtype`` / on ``device`` (defaults: :data:`SCALE_LAYOUT`,
-    ``t``'s dtype and device)."""
+    """Scale tensor ``t`` (B, S, H) in ``layout`` / ``dtype`` / on ``device`` (defaults: :data:`SCALE_LAYOUT`,
+    ``t``'s dtype and device): ``t`` itself where it already is, else a copy. One copy at most (a move to
+    another device and a change of layout or dtype happen together)."""
     if t is None:
         return None
-    out = scale_buffer(t.shape[0], t.shape[1], t.shape[2], dtype=dtype or t.dtype, device=device or t.device,
-                       layout=layout)
+    layout = _scale_layout(layout or SCALE_LAYOUT)
+    dtype = dtype or t.dtype
+    device = t.device if device is None else torch.device(device)
+    if dtype == t.dtype and device == t.device and _is_laid_out(t, layout):
+        return t
+    out = scale_buffer(t.shape[0], t.shape[1], t.shape[2], dtype=dtype, device=device, layout=layout)
     return out.copy_(t)
 
 
@@ -201,10 +223,10 @@ class QuantizedKV:
             >>> quantize_kv(k, v, "int8").to("cpu").k_codes.dtype
             torch.int8
         """
-        moved = {name: value.to(device) for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
-        for name in ("k_scale", "v_scale", "v_zero"):  # in the layout they had (.to would make them contiguous)
-            if getattr(self, name) is not None:
-                moved[name] = _laid_out(getattr(self, name), scale_layout_of(getattr(self, name)), device=device)
+        scales = ("k_scale", "v_scale", "v_zero")  # kept in their layout (.to would make them contiguous)
+        moved = {name: (_laid_out(value, scale_layout_of(value), device=device) if name in scales
+                        else value.to(device))
+                 for name, value in vars(self).items() if isinstance(value, torch.Tensor)}
         return replace(self, **moved)
 
     def fill_empty(self) -> None:
@@ -366,8 +388,9 @@ def code_fields(hist: QuantizedKV) -> list[torch.Tensor]:
 
 
 def with_scale_storage(hist: QuantizedKV, dtype: torch.dtype) -> QuantizedKV:
-    """``hist`` with its scales and zero points stored as ``dtype`` (fp16 / fp32; codes shared): the same fp16 values
-    either way (see :data:`SCALE_DTYPE`), so an A/B of the two storages in one process attends bit for bit alike.
+    """``hist`` with its scales and zero points stored as ``dtype`` (fp16 / fp32; codes shared, and scales already so
+    stored too): the same fp16 values either way (see :data:`SCALE_DTYPE`), so an A/B of the two storages in one
+    process attends bit for bit alike.
 
     Example:
         >>> hist = quantize_kv(torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16), "int4")
@@ -383,8 +406,8 @@ def with_scale_storage(hist: QuantizedKV, dtype: torch.dtype) -> QuantizedKV:
 
 def with_scale_layout(hist: QuantizedKV, layout: str) -> QuantizedKV:
     """``hist`` with its scales and zero points copied into ``layout`` (``heads`` / ``tokens``, see
-    :data:`SCALE_LAYOUT`; codes shared): the same values, so an A/B of the two layouts in one process attends bit
-    for bit alike.
+    :data:`SCALE_LAYOUT`; codes shared, and scales already so laid out too): the same values, so an A/B of the two
+    layouts in one process attends bit for bit alike.
 
     Example:
         >>> hist = quantize_kv(torch.randn(1, 4, 2, 16), torch.randn(1, 4, 2, 16), "int4")

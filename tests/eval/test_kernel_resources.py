@@ -109,3 +109,17 @@ def test_scales_contiguous_over_tokens_take_the_scalar_loads_out_of_the_whole_hi
         assert 4 * whole_heads.get("LDG", 0) < whole_tokens.get("LDG", 0), (kind, whole_heads, whole_tokens)
         assert whole_heads.get("LDGSTS", 0) > whole_tokens.get("LDGSTS", 0), (kind, whole_heads, whole_tokens)
         assert sum(whole_heads.values()) < sum(whole_tokens.values()), (kind, whole_heads, whole_tokens)
+
+
+def test_another_checkouts_kernel_file_compiles_with_its_own_modules(tmp_path):
+    """``--kernel-file`` loads a copy of ``kernels/block_sparse.py`` with its relative imports resolved in the copy's
+    folder (a checkout to compare with): a copy of this checkout's kernel compiles to the same resources."""
+    copy = tmp_path / "other" / "kernels"
+    copy.mkdir(parents=True)
+    here = SCRIPT.parents[1] / "kernels"
+    for name in ("block_sparse.py", "quant_kv.py"):
+        (copy / name).write_text((here / name).read_text())
+    argv = ("--kinds", "bf16", "--stages", "2")
+    ours = _run(tmp_path, *argv)
+    theirs = _run(tmp_path, *argv, "--kernel-file", str(copy / "block_sparse.py"))
+    assert ours == theirs and not any("error" in row for row in ours)

@@ -155,6 +155,7 @@ def test_the_kernel_switches(monkeypatch):
     assert bsh.kernel_variant() == "ws" and bsh.kernel_variant(False) == "plain"
     monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "1")
     assert bsh.kernel_variant() == "pingpong" and bsh.kernel_variant(True, False) == "ws"
+    assert bsh.kernel_variant(False) == "plain"  # the argument wins over the ping-pong env too
     monkeypatch.setenv("GENKV_HOPPER_WS", "0")
     monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "0")
     assert bsh.kernel_variant() == "plain" and bsh.kernel_variant(True) == "ws"

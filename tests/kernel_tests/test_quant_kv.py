@@ -6,6 +6,7 @@ TRITON_INTERPRET on the CPU (fp16 / fp32 only: the interpreter computes bf16 wro
 """
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -713,3 +714,38 @@ def test_scale_layouts_attend_bit_for_bit_alike_and_write_alike(backend, kind):
                                            block_m=bm, block_n=bn, backend=backend))
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
     assert with_scale_layout(hist, "heads").nbytes == with_scale_layout(hist, "tokens").nbytes
+
+
+def test_scales_are_copied_only_where_layout_storage_or_device_change():
+    """Re-laying out scales that already are in the layout, dtype and device asked for returns them as they are
+    (no copy a commit or a move would pay for nothing); any change, or a ``heads`` view whose rows do not start
+    on a :data:`SCALE_ALIGN` boundary (what the kernel's vector copies need), gives an aligned copy of the same
+    values."""
+    from genkv.kernels.quant_kv import SCALE_ALIGN, scale_layout_of, with_scale_layout, with_scale_storage
+
+    g = torch.Generator().manual_seed(8)
+    hist = quantize_kv(torch.randn(1, 40, 3, 16, generator=g), torch.randn(1, 40, 3, 16, generator=g), "int4")
+    for layout in ("tokens", "heads"):
+        laid = with_scale_layout(hist, layout)
+        again = with_scale_layout(laid, layout)
+        assert all(getattr(again, f) is getattr(laid, f) for f in ("k_scale", "v_scale", "v_zero"))
+        moved = laid.to("cpu")
+        assert moved.k_scale is laid.k_scale and moved.v_zero is laid.v_zero and moved.k_codes is laid.k_codes
+        assert with_scale_storage(laid, laid.k_scale.dtype).v_scale is laid.v_scale
+        wide = with_scale_storage(laid, torch.float32)
+        assert wide.k_scale is not laid.k_scale and scale_layout_of(wide.k_scale) == layout
+        assert torch.equal(wide.k_scale, laid.k_scale.float())
+        other = with_scale_layout(laid, "heads" if layout == "tokens" else "tokens")
+        assert other.k_scale.data_ptr() != laid.k_scale.data_ptr() and torch.equal(other.k_scale, laid.k_scale)
+    heads = with_scale_layout(hist, "heads")
+
+    def from_slot(h: QuantizedKV, start: int) -> QuantizedKV:  # a view of the slots from ``start`` on
+        return replace(h, **{f: getattr(h, f)[:, start:] for f in ("k_codes", "v_codes", "k_scale", "v_scale",
+                                                                       "v_zero")})
+
+    aligned = from_slot(heads, SCALE_ALIGN)  # rows still start on a boundary: kept
+    assert with_scale_layout(aligned, "heads").v_zero is aligned.v_zero
+    odd = from_slot(heads, 3)
+    copied = with_scale_layout(odd, "heads").v_zero
+    assert copied is not odd.v_zero and torch.equal(copied, odd.v_zero) and scale_layout_of(copied) == "heads"
+    assert copied.data_ptr() % (SCALE_ALIGN * copied.element_size()) == 0 and copied.stride(2) % SCALE_ALIGN == 0

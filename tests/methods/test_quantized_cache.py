@@ -502,3 +502,36 @@ def test_tempcache_scores_each_quantized_candidate_slot_once(kind, monkeypatch):
     commit(3)
     assert dequantized == [layers * 3 * tpf]  # one pass: the previous frame and the 2 staged frames before the last
     assert int(caches[0].info["merged_groups"]) > 0  # the scoring ran and merged
+
+
+def test_stacked_layers_scale_rows_start_aligned_with_heads_layout(monkeypatch):
+    """A ``LayerStack`` lays every layer's slots end to end, so with ``heads``-laid-out scales a layer's scale rows
+    start ``capacity`` slots after the previous layer's: the capacity is rounded up to ``SCALE_ALIGN`` slots, so each
+    row starts on the 16-byte boundary the kernel's asynchronous copies need, and commits land as in a lone cache."""
+    import genkv.kernels.quant_kv as quant_kv
+    from genkv.cache import ChunkInfo, LayerStack
+
+    monkeypatch.setattr(quant_kv, "SCALE_LAYOUT", "heads")
+    g = torch.Generator().manual_seed(3)
+    tpf, heads, dim = 10, 2, 16  # 3-frame chunks of 30 tokens: no capacity here is a multiple of 16 by itself
+    caches = [LayerKVCache(4 * tpf, fixed=True, kv_dtype="int4") for _ in range(3)]
+    LayerStack(caches)
+    lone = LayerKVCache(4 * tpf, fixed=True, kv_dtype="int4")
+    keys, values = torch.randn(1, 3 * tpf, heads, dim, generator=g), torch.randn(1, 3 * tpf, heads, dim, generator=g)
+    chunk = ChunkInfo(0, 3, tpf, 0, (2, 5))
+    keeper = TemporalMerge(threshold=0.9, radius=1, sink_frames=1, budget_frames=4, max_tokens=None)
+    for group in (caches, [lone]):
+        for cache in group:
+            cache.stage(keys, values)
+            cache.label_staged(chunk)
+        keeper.commit_layers(group, chunk)
+    assert caches[0].capacity % quant_kv.SCALE_ALIGN == 0 and caches[0].capacity >= 4 * tpf + 3 * tpf
+    for cache in caches:
+        hist = cache.quantized_history()
+        for t in (hist.k_scale, hist.v_scale, hist.v_zero):
+            assert quant_kv.scale_layout_of(t) == "heads"
+            assert t.data_ptr() % (quant_kv.SCALE_ALIGN * t.element_size()) == 0
+        live = lone.frame_index[: lone.length] >= 0  # (holes left by merges hold whatever an empty slot holds)
+        assert torch.equal(cache.frame_index[: cache.length], lone.frame_index[: lone.length]) and live.any()
+        for got, want in zip(dequantize(hist), dequantize(lone.quantized_history())):
+            assert torch.equal(got[:, live], want[:, live])
