@@ -93,18 +93,23 @@ def run_probe(command: list[str], timeout_s: float) -> tuple[str | None, str]:
         return f"probe timed out after {timeout_s:.0f} s (a hang?)", out
     if done.returncode == 0:
         return None, done.stdout
-    lines = done.stderr.strip().splitlines()  # (a traceback's last line names the error)
-    return f"probe exited {done.returncode}: {lines[-1][:200] if lines else '(no error output)'}", done.stdout
+    lines = done.stderr.strip().splitlines()
+    # a traceback's last line names the error; a warning printed after it must not stand in for it
+    errors = [line for line in lines if "Error" in line or "Exception" in line]
+    why = (errors or lines or ["(no error output)"])[-1]
+    return f"probe exited {done.returncode}: {why[:200]}", done.stdout
 
 
 def probe_variants(names: list[str], timeout_s: float, command: list[str] | None = None) -> dict[str, str]:
     """Probe Gluon variants ``names`` in order in child processes (``command`` + names; default this script's
     ``--probe-variants``), each printing ``ok NAME`` once it agrees with SDPA: the variants that did not, each
-    with why. After a failure the probe goes on with the variants after it in a fresh process."""
+    with why. ``timeout_s`` is each variant's share (a process gets it times the variants it has left, so one
+    slow compile does not use up the others'). After a failure the probe goes on with the variants after it in a
+    fresh process."""
     command = command or [sys.executable, str(Path(__file__).resolve()), "--probe-variants"]
     broken, remaining = {}, list(names)
     while remaining:
-        why, out = run_probe([*command, *remaining], timeout_s)
+        why, out = run_probe([*command, *remaining], timeout_s * len(remaining))
         passed = {line.split()[1] for line in out.splitlines() if line.startswith("ok ")}
         failed = next((n for n in remaining if n not in passed), None)
         if failed is None:
@@ -145,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small", action="store_true")
     parser.add_argument("--no-sweep", action="store_true",
                         help="skip the launch sweep: 128 x 128 tiles, 8 warps, 3 stages (its pick on H100 and H200)")
-    parser.add_argument("--probe-timeout", type=float, default=240.0,
-                        help="seconds the Gluon variants' probe (its own process, run first) may take")
+    parser.add_argument("--probe-timeout", type=float, default=100.0,
+                        help="seconds each Gluon variant's probe (compile and one call, in a child process run "
+                             "first) may take")
     parser.add_argument("--probe-variants", nargs="+", choices=sorted(GLUON_VARIANTS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe_variants:

@@ -129,6 +129,23 @@ def select_rows(source: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Te
 _RECORD_BYTES = 8 + 8 + 4
 
 
+def quantized_slots(capacity: int) -> int:
+    """Slots a quantized cache allocates for ``capacity`` tokens: with ``heads``-laid-out scales
+    (``GENKV_KV_SCALE_LAYOUT``) a multiple of ``SCALE_ALIGN``, so that the layers of a :class:`LayerStack`, laid end
+    to end, each start their scale rows on the 16-byte boundary the kernel's asynchronous copies need (else it
+    falls back to synchronous loads); ``capacity`` itself with ``tokens`` scales.
+
+    Example:
+        >>> quantized_slots(64)  # a multiple of 16 stays as it is under either layout
+        64
+    """
+    from genkv.kernels import quant_kv
+
+    if quant_kv.SCALE_LAYOUT != "heads":
+        return capacity
+    return -(-capacity // quant_kv.SCALE_ALIGN) * quant_kv.SCALE_ALIGN
+
+
 @dataclass(frozen=True)
 class ModelShape:
     """What sizes a layer cache: self-attention heads and head dim, bytes of the model's dtype, batch size."""
@@ -160,6 +177,7 @@ def layer_cache_bytes(history_tokens: int, chunk_tokens: int, kv_dtype: str, sha
     full_precision = 2 * h * d * shape.dtype_bytes * b  # keys + values of one token
     if kv_dtype == "bf16":
         return slots * (full_precision + _RECORD_BYTES)
+    slots = quantized_slots(slots)
     from genkv.kernels.quant_kv import SCALE_DTYPE
 
     scale = SCALE_DTYPE.itemsize
@@ -376,8 +394,10 @@ class LayerKVCache:
         self._adopt(k, v, frame_index, token_pos, token_count)
 
     def _allocate_quantized(self, like: torch.Tensor, capacity: int) -> None:
-        """History codes for ``capacity`` slots (the committed ones copied over) and new per-token records."""
+        """History codes for ``capacity`` slots (rounded by :func:`quantized_slots`; the committed ones copied over)
+        and new per-token records."""
         assert self.quant is not None
+        capacity = quantized_slots(capacity)
         self.quant.reserve(like, capacity, self.length)
         device = like.device
         records = (torch.empty(capacity, dtype=torch.int64, device=device),
@@ -611,17 +631,14 @@ class LayerStack:
         (layer ``l``'s slot ``s`` at ``l * capacity + s``) whose smoothing factors are 1, the layers' own factors
         in ``channel`` (B, L, H, D), and the staged chunks in one (B, L, n, H, D) buffer pair. A keeper then
         writes every layer's slots with one ``write_quantized`` (keys divided by their layer's factors first:
-        exact, they are powers of two). With ``heads``-laid-out scales (``GENKV_KV_SCALE_LAYOUT``) the capacity is
-        rounded up to a multiple of ``SCALE_ALIGN``, so that each layer's scale rows start on the 16-byte boundary
-        the kernel's asynchronous copies need (else it falls back to synchronous loads)."""
-        from genkv.kernels import quant_kv
+        exact, they are powers of two). The capacity is rounded by :func:`quantized_slots` (each layer's scale rows
+        then start aligned)."""
         from genkv.kernels.quant_kv import QuantizedKV, code_fields
 
         b, n, h, d = like.shape
         count, device = len(self.layers), like.device
         kind = self.layers[0].quant.kind
-        if quant_kv.SCALE_LAYOUT == "heads":
-            capacity = -(-capacity // quant_kv.SCALE_ALIGN) * quant_kv.SCALE_ALIGN
+        capacity = quantized_slots(capacity)
         flat = QuantizedKV.empty(kind, b, count * capacity, h, torch.ones(b, h, d, device=device))
         flat.fill_empty()  # (int4: an empty slot's key decodes to 0, as a bf16 cache's zeros: routing pools it)
         channel = torch.ones(b, count, h, d, device=device)

@@ -504,14 +504,17 @@ def test_tempcache_scores_each_quantized_candidate_slot_once(kind, monkeypatch):
     assert int(caches[0].info["merged_groups"]) > 0  # the scoring ran and merged
 
 
-def test_stacked_layers_scale_rows_start_aligned_with_heads_layout(monkeypatch):
+@pytest.mark.parametrize("layout", ["heads", "tokens"])
+def test_stacked_layers_scale_rows_start_aligned_and_bytes_stay_as_predicted(monkeypatch, layout):
     """A ``LayerStack`` lays every layer's slots end to end, so with ``heads``-laid-out scales a layer's scale rows
-    start ``capacity`` slots after the previous layer's: the capacity is rounded up to ``SCALE_ALIGN`` slots, so each
-    row starts on the 16-byte boundary the kernel's asynchronous copies need, and commits land as in a lone cache."""
+    start ``capacity`` slots after the previous layer's: the capacity is rounded up to ``SCALE_ALIGN`` slots (lone
+    caches too, and again when a longer chunk re-allocates), so each row starts on the 16-byte boundary the kernel's
+    asynchronous copies need; commits land as in a lone cache, and ``layer_cache_bytes`` (what ``budget_bytes``
+    fits frames by) still predicts the bytes held exactly, under either layout."""
     import genkv.kernels.quant_kv as quant_kv
-    from genkv.cache import ChunkInfo, LayerStack
+    from genkv.cache import ChunkInfo, LayerStack, ModelShape, layer_cache_bytes
 
-    monkeypatch.setattr(quant_kv, "SCALE_LAYOUT", "heads")
+    monkeypatch.setattr(quant_kv, "SCALE_LAYOUT", layout)
     g = torch.Generator().manual_seed(3)
     tpf, heads, dim = 10, 2, 16  # 3-frame chunks of 30 tokens: no capacity here is a multiple of 16 by itself
     caches = [LayerKVCache(4 * tpf, fixed=True, kv_dtype="int4") for _ in range(3)]
@@ -525,13 +528,26 @@ def test_stacked_layers_scale_rows_start_aligned_with_heads_layout(monkeypatch):
             cache.stage(keys, values)
             cache.label_staged(chunk)
         keeper.commit_layers(group, chunk)
-    assert caches[0].capacity % quant_kv.SCALE_ALIGN == 0 and caches[0].capacity >= 4 * tpf + 3 * tpf
+    predicted = layer_cache_bytes(4 * tpf, 3 * tpf, "int4", ModelShape(heads, dim, dtype_bytes=4))
+    assert caches[0].nbytes() == lone.nbytes() == predicted
+
+    def assert_aligned(cache):
+        assert cache.capacity >= 7 * tpf and (layout == "tokens" or cache.capacity % quant_kv.SCALE_ALIGN == 0)
+        hist = cache.quant.codes
+        for t in (hist.k_scale, hist.v_scale, hist.v_zero):
+            assert quant_kv.scale_layout_of(t) == layout
+            if layout == "heads":
+                assert t.data_ptr() % (quant_kv.SCALE_ALIGN * t.element_size()) == 0
+
+    for cache in [*caches, lone]:
+        assert_aligned(cache)
     for cache in caches:
         hist = cache.quantized_history()
-        for t in (hist.k_scale, hist.v_scale, hist.v_zero):
-            assert quant_kv.scale_layout_of(t) == "heads"
-            assert t.data_ptr() % (quant_kv.SCALE_ALIGN * t.element_size()) == 0
         live = lone.frame_index[: lone.length] >= 0  # (holes left by merges hold whatever an empty slot holds)
         assert torch.equal(cache.frame_index[: cache.length], lone.frame_index[: lone.length]) and live.any()
         for got, want in zip(dequantize(hist), dequantize(lone.quantized_history())):
             assert torch.equal(got[:, live], want[:, live])
+    longer = torch.randn(1, 5 * tpf, heads, dim, generator=g)  # a longer chunk re-allocates the stack
+    for cache in caches:
+        cache.stage(longer, longer)
+        assert_aligned(cache)
