@@ -956,7 +956,10 @@ def _num_splits(requested: int | str | None, programs: int, list_width: int, hea
     return best
 
 
-DEFAULT_HOPPER = False  # the Gluon kernel is correct on an H100 but 1.08-1.16x the Triton kernel's time (BENCHMARKS)
+# The Gluon kernel in its ping-pong form: 1.04-1.14x the Triton kernel's speed on an H100 at every density, 1.02x
+# cuDNN dense with every block of 131040 keys listed, and 0.978x the chunk time of `fastar --compile` (BENCHMARKS,
+# 2026-12-08). GENKV_HOPPER_KERNEL=0 keeps the Triton kernel.
+DEFAULT_HOPPER = True
 
 
 def _takes_hopper_kernel(requested, q, k, v, history, block_m, block_n, tile_m, tile_n, num_warps, num_stages,

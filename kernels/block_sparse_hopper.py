@@ -29,8 +29,12 @@ shapes take the Triton kernel. Split shares and their merge are the Triton kerne
 Gluon has no CPU interpreter: the kernel is compiled for sm_90 in the CPU suite (``tests/kernel_tests``) and checked
 against float64 attention on CUDA machines (all pass on an H100, 2026-12-07).
 
-Status (H100, every block listed, Wan shapes, docs/BENCHMARKS.md twenty-third): correct, but 1.08-1.16x the Triton
-kernel's time, so it is opt-in (``DEFAULT_HOPPER`` off).
+Status (H100, Wan shapes, docs/BENCHMARKS.md twenty-sixth): this plain kernel is correct but 1.03-1.13x the Triton
+kernel's time; the ping-pong variant below is the fastest block-sparse kernel genkv has (0.88-0.96x the Triton
+kernel's time at every density; 1.02x cuDNN dense's speed with every block of a 131040-key KV listed, 0.93x at 32760),
+so it is the variant taken. Since 2026-12-08 the Gluon kernel serves the reads it covers on Hopper by default
+(``DEFAULT_HOPPER`` in ``block_sparse.py``; env ``GENKV_HOPPER_KERNEL=0`` keeps the Triton kernel): ``fastar
+--compile`` (CUDA graphs) over 480 frames on an H100 took 0.978x the Triton kernel's chunk time.
 
 Warp-specialised variants (``warp_specialize=True`` / env ``GENKV_HOPPER_WS=1``; ``pingpong=True`` / env
 ``GENKV_HOPPER_PINGPONG=1``), FlashAttention-3's division of labour through ``gl.warp_specialize``:
@@ -48,9 +52,10 @@ Warp-specialised variants (``warp_specialize=True`` / env ``GENKV_HOPPER_WS=1``;
   other's products hold the tensor cores.
 
 Both cover every feature of the plain kernel (key bias, resume, splits, LSE, ragged lengths, head dim 64 / 128,
-fp16 / bf16) and build for sm_90 under Triton 3.6 and 3.7 with no spills and no serialised wgmma (CPU suite). They
-are UNTIMED and UNVERIFIED on a GPU: neither has run yet (their float64 checks are in ``tests/kernel_tests``), so both
-are off by default. What FlashAttention-3 has and neither variant does yet: a persistent grid (a program per SM that
+fp16 / bf16) and build for sm_90 under Triton 3.6 and 3.7 with no spills and no serialised wgmma (CPU suite). Both
+pass their float64 checks on an H100 (``tests/kernel_tests``, 2026-12-08). Timed there: WS alone is the Triton
+kernel's speed (0.97-1.08x it), ping-pong 1.04-1.14x it, so ``DEFAULT_PINGPONG`` is on. What FlashAttention-3 has and
+neither variant does yet: a persistent grid (a program per SM that
 walks the query tiles, overlapping one tile's epilogue with the next one's loads) and named hardware barriers for
 the ping-pong (an mbarrier turn costs an arrive and a wait where a ``bar.sync`` would do).
 """
@@ -77,8 +82,8 @@ NUM_BUF = 3  # key / value slots: entry j + 1's keys land while entry j is read;
 WS_LOAD_REGS = 24
 # Ping-pong: 4 default warps, a 4-warp consumer and the producer (12 warps again): each consumer warpgroup asks 240.
 WS_CONSUMER_REGS = 240
-DEFAULT_WS = False  # untimed on a GPU yet (module docstring): opt-in through ``warp_specialize`` / GENKV_HOPPER_WS
-DEFAULT_PINGPONG = False  # likewise: ``pingpong`` / GENKV_HOPPER_PINGPONG
+DEFAULT_WS = False  # the single 8-warp consumer: no faster than the Triton kernel on an H100 (module docstring)
+DEFAULT_PINGPONG = True  # two consumer warpgroups taking turns: 1.04-1.14x the Triton kernel (H100, 2026-12-08)
 
 
 def gluon_available() -> bool:
@@ -602,8 +607,9 @@ def block_sparse_attention_hopper(
 
     ``warp_specialize`` (default: env ``GENKV_HOPPER_WS`` = ``1`` / ``0`` if set, else ``DEFAULT_WS``, off): the
     warp-specialised kernel (a producer warp issuing the TMA loads, the consumer warps only waiting on barriers),
-    same arguments and results, every feature covered. ``pingpong`` (env ``GENKV_HOPPER_PINGPONG``, default off):
-    that kernel with two consumer warpgroups taking turns at the tensor cores (``kernel_variant``).
+    same arguments and results, every feature covered. ``pingpong`` (env ``GENKV_HOPPER_PINGPONG``, else
+    ``DEFAULT_PINGPONG``, on): that kernel with two consumer warpgroups taking turns at the tensor cores; pass
+    ``pingpong=False`` (or ``warp_specialize=False``) for the others (``kernel_variant``).
 
     Example (an H100 or H200)::
 

@@ -98,21 +98,23 @@ SCALE_LAYOUTS = ("tokens", "heads")
 
 def _scale_layout(value: str) -> str:
     if value not in SCALE_LAYOUTS:
-        raise ValueError(f"GENKV_KV_SCALE_LAYOUT={value!r}: use tokens (the default) or heads")
+        raise ValueError(f"GENKV_KV_SCALE_LAYOUT={value!r}: use heads (the default) or tokens")
     return value
 
 
 #: How the per-token scales and int4 zero points lie in memory (env ``GENKV_KV_SCALE_LAYOUT``, read at import). Their
 #: shape is (B, S, H) either way, and every reader takes strides, so the values and the attention are the same bit for
-#: bit. ``tokens`` (default): plain (B, S, H) storage, a kernel tile's scales H elements apart, which sm_90 code loads
+#: bit. ``tokens``: plain (B, S, H) storage, a kernel tile's scales H elements apart, which sm_90 code loads
 #: as scalar, synchronous 2-byte loads inside the whole-history loop (36 a block for int4's launch, 64 for int8's).
-#: ``heads``: each (batch, head)'s scales contiguous over tokens, (B, H, S) storage seen through a transposed view,
+#: ``heads`` (default since 2026-12-08): each (batch, head)'s scales contiguous over tokens, (B, H, S) storage seen through a transposed view,
 #: slots padded to a multiple of :data:`SCALE_ALIGN`; a tile's scale columns are then one contiguous run that the
 #: kernel's software pipeline copies asynchronously a tile ahead, and the int4 whole-history loop shrinks from 1298 to
 #: 1177 SASS instructions, with 4 synchronous loads instead of 36 (int8: 1387 -> 1273, 64 -> 0;
-#: ``eval/kernel_resources.py --scale-layout``, 2026-12-08). Opt-in until timed on a GPU: fp32 scale storage, the
-#: last change predicted from SASS alone, was slower when timed.
-SCALE_LAYOUT: str = _scale_layout(os.environ.get("GENKV_KV_SCALE_LAYOUT", "tokens"))
+#: ``eval/kernel_resources.py --scale-layout``, 2026-12-08). Timed on an H100 (``bench_quant_kv.py --scale-layouts
+#: heads tokens``, same process, Wan shapes): the int8 read 8-11% faster, int4's within 1.5% either way; ``fastar
+#: --compile`` over 480 frames, int8 1.020x and int4 1.046x bf16's chunk time (int4 ``tokens`` 1.051x). A quantized
+#: cache then rounds its capacity to SCALE_ALIGN slots (``genkv.cache.quantized_slots``).
+SCALE_LAYOUT: str = _scale_layout(os.environ.get("GENKV_KV_SCALE_LAYOUT", "heads"))
 #: Slots of a ``heads`` scale buffer are padded to a multiple of this (so each (batch, head) row starts 16-byte
 #: aligned, what the kernel's vector copies need; at most 15 unused slots a row, not counted in ``nbytes``).
 SCALE_ALIGN = 16

@@ -142,10 +142,14 @@ def test_the_warp_specialised_kernels_match_the_plain_one(variant, monkeypatch):
 
 
 def test_the_kernel_switches(monkeypatch):
-    """Plain by default; each argument wins over its env; ping-pong implies warp specialisation."""
+    """Ping-pong by default (the fastest on an H100); each argument wins over its env and the defaults; ping-pong
+    implies warp specialisation."""
     monkeypatch.delenv("GENKV_HOPPER_WS", raising=False)
     monkeypatch.delenv("GENKV_HOPPER_PINGPONG", raising=False)
-    assert not bsh.DEFAULT_WS and not bsh.DEFAULT_PINGPONG
+    assert not bsh.DEFAULT_WS and bsh.DEFAULT_PINGPONG
+    assert bsh.kernel_variant() == "pingpong" and bsh.kernel_variant(None, False) == "plain"
+    assert bsh.kernel_variant(False) == "plain" and bsh.kernel_variant(True, False) == "ws"
+    monkeypatch.setattr(bsh, "DEFAULT_PINGPONG", False)
     assert bsh.kernel_variant() == "plain"
     assert bsh.kernel_variant(True) == "ws" and bsh.kernel_variant(None, True) == "pingpong"
     assert bsh.kernel_variant(True, True) == "pingpong"

@@ -679,7 +679,7 @@ def test_float32_stored_scales_attend_bit_for_bit_as_float16_ones(backend, kind)
 @pytest.mark.parametrize("kind", KINDS)
 def test_scale_layouts_attend_bit_for_bit_alike_and_write_alike(backend, kind):
     """Scales and zero points with each (batch, head)'s tokens contiguous (``heads``) or as plain (B, S, H) storage
-    (``tokens``, the default) hold the same values: commits into either give the same codes and scales, and the
+    (``tokens``) hold the same values: commits into either give the same codes and scales, and the
     attention over them is identical through every loop of the kernel (whole-history, straddling, current) with the
     log-count bias."""
     from genkv.kernels.quant_kv import SCALE_ALIGN, scale_buffer, scale_layout_of, with_scale_layout
