@@ -12,7 +12,10 @@ CUDA-event timings after warm-up; prints a table, writes JSON.
 
 Rows ``KIND+sdpa`` time the split read of ``chunk_attention="sdpa"`` on the same lists: the chunk's own keys by
 dense SDPA with LSE (cuDNN on CUDA), then the kernel resuming over the history blocks (the straddling one up to
-the history's end), as ``RoutedSelfAttention`` runs it; their ratio is to the single bf16 kernel call.
+the history's end), as ``RoutedSelfAttention`` runs it; their ratio is to the single bf16 kernel call. Every row
+reads through the Triton kernel (``GENKV_HOPPER_KERNEL=0``: quantized histories always take it, so their bf16
+baseline does too); on CUDA ``bf16/gluon+sdpa`` times the bf16 split read as the library runs it by default on Hopper
+(the Gluon kernel; elsewhere it is the Triton kernel again).
 
 ``--scales fp16 fp32`` times each quantized history with its scales stored both ways (``GENKV_KV_SCALES``; the same
 values, rows ``KIND/s32`` for fp32), ``--scale-layouts heads tokens`` with the scales laid out both ways
@@ -181,7 +184,8 @@ def variant_name(kind: str, scales: str | None, layout: str | None, switches: di
     return name
 
 
-_SWITCH_ENV = {"asm": "GENKV_INT4_ASM", "zero_in_v": "GENKV_INT4_ZERO_IN_V", "scale_in_v": "GENKV_INT4_SCALE_IN_V"}
+_SWITCH_ENV = {"asm": "GENKV_INT4_ASM", "zero_in_v": "GENKV_INT4_ZERO_IN_V", "scale_in_v": "GENKV_INT4_SCALE_IN_V",
+               "hopper": "GENKV_HOPPER_KERNEL"}
 
 
 @contextlib.contextmanager
@@ -190,6 +194,15 @@ def int4_env(switches: dict):
     while a variant is timed (switches not given: as the process has them). The launch reads them per call, so they
     are set around the timing loop, not inside the timed calls."""
     with mock.patch.dict(os.environ, {_SWITCH_ENV[k]: "1" if on else "0" for k, on in switches.items()}):
+        yield
+
+
+@contextlib.contextmanager
+def triton_kernel_only():
+    """Every read through the Triton kernel (``GENKV_HOPPER_KERNEL=0``): quantized histories always take it, so the
+    bf16 rows they are divided by do too (on Hopper the library's default bf16 read is the Gluon kernel; the
+    ``bf16/gluon+sdpa`` row times that one)."""
+    with mock.patch.dict(os.environ, {"GENKV_HOPPER_KERNEL": "0"}):
         yield
 
 
@@ -239,6 +252,8 @@ def main(argv: list[str] | None = None) -> int:
     # merged history tokens carry log(count) (TempCache's groups of 1-3 here), the chunk's own 0
     counts = torch.randint(1, 4, (1, n_h, heads), generator=g).float()
     log_counts = torch.cat([counts.log(), torch.zeros(1, n_q, heads)], 1).to(device)
+    triton_only = contextlib.ExitStack()
+    triton_only.enter_context(triton_kernel_only())
     for density, top_k, sink_blocks, bias in (("dense", None, 0, None), (f"top-{args.top_k}", args.top_k, 0, None),
                                               ("fastar", args.top_k, sink, log_counts)):
         if (density if density in ("dense", "fastar") else "top-k") not in args.densities:
@@ -261,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         split_fns = {"bf16+sdpa": (lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
                                                       values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw),
                                    hist_bytes, {})}
+        if device.type == "cuda":  # the bf16 read as a rollout on Hopper takes it: the Gluon kernel where it applies
+            split_fns["bf16/gluon+sdpa"] = (split_fns["bf16+sdpa"][0], hist_bytes, {"hopper": True})
         swept = set()
         for kind, scales, layout, switches in variants(args):
             name = variant_name(kind, scales, layout, switches)
@@ -287,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
                 out = fn().float()
             rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=held,
                              rel_err=float((out - ref).norm() / ref.norm())))
+    triton_only.close()
     pool_rows = pooling_rows(keys[:, :n_h], values[:, :n_h], block, device, args)
     print(f"{'lists':>8s} {'history':>20s} {'launch':>24s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
     for r in (r for r in rows if "ms" in r):

@@ -528,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import diffusers
 
+    from genkv.kernels import block_sparse, block_sparse_hopper, quant_kv
+
     results = {
         "date": datetime.date.today().isoformat(),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
@@ -548,6 +550,10 @@ def main(argv: list[str] | None = None) -> int:
             "torch": torch.__version__,
             "diffusers": diffusers.__version__,
             "cuda": torch.version.cuda,
+            # the library's switches as this run had them (env and the defaults they override)
+            "genkv_env": {name: value for name, value in sorted(os.environ.items()) if name.startswith("GENKV_")},
+            "kv_scale_layout": quant_kv.SCALE_LAYOUT,
+            "hopper_kernel": {"default": block_sparse.DEFAULT_HOPPER, "variant": block_sparse_hopper.kernel_variant()},
         },
         "runs": [],
     }

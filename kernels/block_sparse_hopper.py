@@ -29,15 +29,15 @@ shapes take the Triton kernel. Split shares and their merge are the Triton kerne
 Gluon has no CPU interpreter: the kernel is compiled for sm_90 in the CPU suite (``tests/kernel_tests``) and checked
 against float64 attention on CUDA machines (all pass on an H100, 2026-12-07).
 
-Status (H100, Wan shapes, docs/BENCHMARKS.md twenty-sixth): this plain kernel is correct but 1.03-1.13x the Triton
+Status (H100, Wan shapes, docs/BENCHMARKS.md twenty-sixth): this plain kernel is correct but 1.02-1.14x the Triton
 kernel's time; the ping-pong variant below is the fastest block-sparse kernel genkv has (0.88-0.96x the Triton
 kernel's time at every density; 1.02x cuDNN dense's speed with every block of a 131040-key KV listed, 0.93x at 32760),
 so it is the variant taken. Since 2026-12-08 the Gluon kernel serves the reads it covers on Hopper by default
 (``DEFAULT_HOPPER`` in ``block_sparse.py``; env ``GENKV_HOPPER_KERNEL=0`` keeps the Triton kernel): ``fastar
 --compile`` (CUDA graphs) over 480 frames on an H100 took 0.978x the Triton kernel's chunk time.
 
-Warp-specialised variants (``warp_specialize=True`` / env ``GENKV_HOPPER_WS=1``; ``pingpong=True`` / env
-``GENKV_HOPPER_PINGPONG=1``), FlashAttention-3's division of labour through ``gl.warp_specialize``:
+Warp-specialised variants (``warp_specialize=True``; ``pingpong=True``, the default; the env rules are
+``kernel_variant``'s), FlashAttention-3's division of labour through ``gl.warp_specialize``:
 
 * a producer partition of one warp (``WS_LOAD_REGS`` = 24 registers a thread) makes the TMA descriptors, loads the
   query tile, then each list entry's key and value tiles into the ring of ``NUM_BUF`` slots. Every slot has four
@@ -63,6 +63,7 @@ the ping-pong (an mbarrier turn costs an arrive and a wait where a ``bar.sync`` 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -542,15 +543,40 @@ if gluon is not None:
             ], [1], [LOAD_REGS])
 
 
+#: The oldest Triton whose Gluon has what the kernel uses (``tma.make_tensor_descriptor``, ``gl.warp_specialize``'s
+#: list form): 3.5's Gluon imports but cannot compile it. Built and checked on 3.6 (GPU) and 3.7 (sm_90 builds).
+MIN_TRITON = (3, 6)
+
+
+def gluon_supported(version: str | None = None) -> bool:
+    """Whether this Triton can build the Gluon kernel (Gluon importable, Triton >= MIN_TRITON); a ``version`` given
+    is judged by the version alone.
+
+    Example:
+        >>> gluon_supported("3.5.1"), gluon_supported("3.6.0"), gluon_supported("3.7.1+git1a2b")
+        (False, True, True)
+    """
+    if version is None:
+        if gluon is None:
+            return False
+        version = triton.__version__
+    parts = []
+    for piece in version.split("+")[0].split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
+        parts.append(int(digits))
+    return tuple(parts) >= MIN_TRITON
+
+
 def hopper_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether a read with no quantized history and 128 x 128 blocks (the caller checks those) can take the Gluon
-    kernel: Gluon present, CUDA tensors on a compute-capability-9 GPU, fp16 / bf16, head dim 64 or 128, and K / V
-    rows that TMA can copy (16-byte aligned bases and row strides, unit stride within a head)."""
-    if gluon is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+    kernel: a Triton whose Gluon builds it (:func:`gluon_supported`), CUDA tensors on an NVIDIA compute-capability-9
+    GPU (ROCm reports 9.x for some AMD GPUs), fp16 / bf16, head dim 64 or 128, and K / V rows that TMA can copy
+    (16-byte aligned bases and row strides, unit stride within a head)."""
+    if not gluon_supported() or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if k.dtype != q.dtype or v.dtype != q.dtype or q.shape[-1] not in (64, 128):
         return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9:
+    if torch.version.hip is not None or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     # Each (batch, head)'s rows are a TMA descriptor's base and row stride: 16-byte aligned.
     return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and
@@ -561,22 +587,33 @@ def kernel_variant(warp_specialize: bool | None = None, pingpong: bool | None = 
     """Which kernel a call takes: ``"plain"``, ``"ws"`` (warp-specialised, one 8-warp consumer) or ``"pingpong"``
     (warp-specialised, two 4-warp consumers taking turns). Each switch is its argument if given, else its env
     (``GENKV_HOPPER_WS`` / ``GENKV_HOPPER_PINGPONG`` = ``1`` / ``0``) if set, else ``DEFAULT_WS`` /
-    ``DEFAULT_PINGPONG``; ping-pong implies warp specialisation. ``warp_specialize=False`` wins over a ping-pong
-    env or default (plain); with ``pingpong=True`` as well it is an error.
+    ``DEFAULT_PINGPONG``; ping-pong implies warp specialisation. Warp specialisation switched off (the argument
+    ``False``, or ``GENKV_HOPPER_WS=0`` where nothing asks for ping-pong at the same level) wins over a ping-pong
+    default or env: plain; asked for together with ping-pong at the same level it is an error. So, by env:
+    ``GENKV_HOPPER_WS=0`` or ``GENKV_HOPPER_PINGPONG=0`` the plain kernel, ``GENKV_HOPPER_PINGPONG=0
+    GENKV_HOPPER_WS=1`` the single consumer.
 
     Example:
         >>> kernel_variant(warp_specialize=True, pingpong=False), kernel_variant(False, None)
         ('ws', 'plain')
     """
-    from .block_sparse import _switch
+    from genkv.switches import env_flag
 
-    if warp_specialize is False and pingpong is None:  # the argument wins over GENKV_HOPPER_PINGPONG=1
+    def env(name: str) -> bool | None:  # the env's value, None where unset
+        return env_flag(name, True) if os.environ.get(name) is not None else None
+
+    if warp_specialize is False and pingpong is None:  # the argument wins over a ping-pong env or default
         return "plain"
-    if _switch(pingpong, "GENKV_HOPPER_PINGPONG", DEFAULT_PINGPONG):
-        if warp_specialize is False:
+    ws = warp_specialize if warp_specialize is not None else env("GENKV_HOPPER_WS")
+    env_pingpong = env("GENKV_HOPPER_PINGPONG")
+    if ws is False and pingpong is None and env_pingpong is None:  # GENKV_HOPPER_WS=0 wins over the default
+        return "plain"
+    if pingpong if pingpong is not None else (env_pingpong if env_pingpong is not None else DEFAULT_PINGPONG):
+        # (an argument wins over the env: only switches of one level contradict each other)
+        if warp_specialize is False or (pingpong is None and ws is False):
             raise ValueError("pingpong is a warp-specialised kernel: it cannot run with warp_specialize=False")
         return "pingpong"
-    return "ws" if _switch(warp_specialize, "GENKV_HOPPER_WS", DEFAULT_WS) else "plain"
+    return "ws" if (ws if ws is not None else DEFAULT_WS) else "plain"
 
 
 def _ws_constexprs(pingpong: bool) -> dict:

@@ -22,11 +22,11 @@ would otherwise set every token's scale and leave the other channels a few level
 factors are powers of two (dividing and multiplying by them is exact) and equal within a RoPE pair.
 
 Scales and zero points hold fp16 values, stored as fp16 (default) or, with ``GENKV_KV_SCALES=fp32``, in fp32 (see
-:data:`SCALE_DTYPE`: the same values, 4-byte loads for the kernel). They are (B, S, H) tensors, stored as such
-(:data:`SCALE_LAYOUT` ``tokens``) or, with ``GENKV_KV_SCALE_LAYOUT=heads``, with each (batch, head)'s tokens
-contiguous (a transposed view), which is what the kernel reads a tile of at once. Bytes per (token, head) at
-D = 128, keys + values, scales included (bf16: 512): fp8 and int8: 2 * (128 + 2) = 260 (0.51x); int4:
-(64 + 2) + (64 + 2 + 2) = 134 (0.26x); with fp32 storage 264 (0.52x) and 140 (0.27x).
+:data:`SCALE_DTYPE`: the same values, 4-byte loads for the kernel). They are (B, S, H) tensors, stored with each
+(batch, head)'s tokens contiguous (a transposed view, :data:`SCALE_LAYOUT` ``heads``, the default), which is what the
+kernel reads a tile of at once, or, with ``GENKV_KV_SCALE_LAYOUT=tokens``, as plain (B, S, H) storage. Bytes per
+(token, head) at D = 128, keys + values, scales included (bf16: 512): fp8 and int8: 2 * (128 + 2) = 260 (0.51x);
+int4: (64 + 2) + (64 + 2 + 2) = 134 (0.26x); with fp32 storage 264 (0.52x) and 140 (0.27x).
 
 Measured relative round-trip error ``|x - x̂| / |x|`` (4096 tokens, 4 heads, D = 128; keys: Gaussian with four
 RoPE pairs per head scaled 10-30x, a per-channel offset, then RoPE; values: Gaussian):
@@ -112,7 +112,8 @@ def _scale_layout(value: str) -> str:
 #: 1177 SASS instructions, with 4 synchronous loads instead of 36 (int8: 1387 -> 1273, 64 -> 0;
 #: ``eval/kernel_resources.py --scale-layout``, 2026-12-08). Timed on an H100 (``bench_quant_kv.py --scale-layouts
 #: heads tokens``, same process, Wan shapes): the int8 read 8-11% faster, int4's within 1.5% either way; ``fastar
-#: --compile`` over 480 frames, int8 1.020x and int4 1.046x bf16's chunk time (int4 ``tokens`` 1.051x). A quantized
+#: --compile`` over 480 frames, int8 1.020x and int4 1.046x the chunk time of bf16 on the Triton kernel (int4 ``tokens``
+#: 1.051x). A quantized
 #: cache then rounds its capacity to SCALE_ALIGN slots (``genkv.cache.quantized_slots``).
 SCALE_LAYOUT: str = _scale_layout(os.environ.get("GENKV_KV_SCALE_LAYOUT", "heads"))
 #: Slots of a ``heads`` scale buffer are padded to a multiple of this (so each (batch, head) row starts 16-byte

@@ -149,6 +149,14 @@ def test_the_kernel_switches(monkeypatch):
     assert not bsh.DEFAULT_WS and bsh.DEFAULT_PINGPONG
     assert bsh.kernel_variant() == "pingpong" and bsh.kernel_variant(None, False) == "plain"
     assert bsh.kernel_variant(False) == "plain" and bsh.kernel_variant(True, False) == "ws"
+    monkeypatch.setenv("GENKV_HOPPER_WS", "0")  # by env too, switching warp specialisation off gives the plain one
+    assert bsh.kernel_variant() == "plain" and bsh.kernel_variant(None, True) == "pingpong"
+    monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "0")
+    monkeypatch.setenv("GENKV_HOPPER_WS", "1")
+    assert bsh.kernel_variant() == "ws"
+    monkeypatch.delenv("GENKV_HOPPER_WS")
+    assert bsh.kernel_variant() == "plain"
+    monkeypatch.delenv("GENKV_HOPPER_PINGPONG")
     monkeypatch.setattr(bsh, "DEFAULT_PINGPONG", False)
     assert bsh.kernel_variant() == "plain"
     assert bsh.kernel_variant(True) == "ws" and bsh.kernel_variant(None, True) == "pingpong"
@@ -163,6 +171,24 @@ def test_the_kernel_switches(monkeypatch):
     monkeypatch.setenv("GENKV_HOPPER_WS", "0")
     monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "0")
     assert bsh.kernel_variant() == "plain" and bsh.kernel_variant(True) == "ws"
+
+
+def test_only_a_triton_that_builds_the_kernel_and_an_nvidia_sm90_gpu_take_it(monkeypatch):
+    """Triton 3.5's Gluon imports but lacks what the kernel uses (a read would raise instead of taking the Triton
+    kernel); ROCm reports compute capability 9.x for some AMD GPUs."""
+    assert not bsh.gluon_supported("3.5.1") and bsh.gluon_supported("3.6.0") and bsh.gluon_supported("3.7.1+gitabc")
+    assert bsh.gluon_supported("4.0.0") and not bsh.gluon_supported("2.9.9")
+    q = torch.zeros(1, 128, 1, 128, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(bsh, "gluon_supported", lambda version=None: True)
+    assert bsh.hopper_kernel_applies(q, q, q)
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    assert not bsh.hopper_kernel_applies(q, q, q)
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(bsh, "gluon_supported", lambda version=None: False)
+    assert not bsh.hopper_kernel_applies(q, q, q)
 
 
 def test_it_refuses_what_it_does_not_cover():
