@@ -208,6 +208,7 @@ def triton_kernel_only():
 
 def main(argv: list[str] | None = None) -> int:
     from genkv.kernels import QuantizedKV, block_sparse_attention, key_channel_scales, quantize_kv  # noqa: F401
+    from genkv.kernels.block_sparse_hopper import hopper_kernel_applies
     from genkv.kernels.quant_kv import with_scale_layout, with_scale_storage
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -252,59 +253,59 @@ def main(argv: list[str] | None = None) -> int:
     # merged history tokens carry log(count) (TempCache's groups of 1-3 here), the chunk's own 0
     counts = torch.randint(1, 4, (1, n_h, heads), generator=g).float()
     log_counts = torch.cat([counts.log(), torch.zeros(1, n_q, heads)], 1).to(device)
-    triton_only = contextlib.ExitStack()
-    triton_only.enter_context(triton_kernel_only())
-    for density, top_k, sink_blocks, bias in (("dense", None, 0, None), (f"top-{args.top_k}", args.top_k, 0, None),
-                                              ("fastar", args.top_k, sink, log_counts)):
-        if (density if density in ("dense", "fastar") else "top-k") not in args.densities:
-            continue
-        idx, cnt = lists(1, heads, math.ceil(n_q / block), n_kv, n_hist_blocks, top_k, device, g, sink_blocks)
-        kw = dict(block_m=block, block_n=block, key_bias=bias)
-        # the split read's kernel call sees the history alone: its bias is the history's part
-        split_kw = dict(kw, key_bias=None if bias is None else bias[:, :n_h])
-        ref = block_sparse_attention(q.float(), keys.float(), values.float(), idx, cnt, backend="torch", **kw) \
-            if args.small or device.type != "cuda" else None
-        base_fn = lambda: block_sparse_attention(q, keys, values, idx, cnt, **kw)  # noqa: E731
-        base_ms = timed(base_fn, device, args.iters, args.warmup)
-        base_out = base_fn().float()
-        ref = base_out if ref is None else ref
-        hist_bytes = 2 * keys[:, :n_h].numel() * 2
-        if args.launch_sweep and device.type == "cuda":
-            rows += launch_sweep(q, keys, values, idx, cnt, None, kw, base_ms, device, args, density, "bf16", ref)
-        rows.append(dict(density=density, kind="bf16", ms=base_ms, ratio=1.0, history_bytes=hist_bytes,
-                         rel_err=float((base_out - ref).norm() / ref.norm())))
-        split_fns = {"bf16+sdpa": (lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
-                                                      values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw),
-                                   hist_bytes, {})}
-        if device.type == "cuda":  # the bf16 read as a rollout on Hopper takes it: the Gluon kernel where it applies
-            split_fns["bf16/gluon+sdpa"] = (split_fns["bf16+sdpa"][0], hist_bytes, {"hopper": True})
-        swept = set()
-        for kind, scales, layout, switches in variants(args):
-            name = variant_name(kind, scales, layout, switches)
-            hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
-            if scales is not None:
-                hist = with_scale_storage(hist, torch.float32 if scales == "fp32" else torch.float16)
-            if layout is not None:
-                hist = with_scale_layout(hist, layout)
-            fn = lambda hist=hist: block_sparse_attention(q, cur_k, cur_v, idx, cnt, history=hist, **kw)  # noqa: E731
-            with int4_env(switches):
-                ms = timed(fn, device, args.iters, args.warmup)
-                out = fn().float()
-            rows.append(dict(density=density, kind=name, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
-                             rel_err=float((out - ref).norm() / ref.norm())))
-            split_fns[f"{name}+sdpa"] = (lambda hist=hist: split_read(q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v,
-                                                                      idx, cnt, chunk_blocks, hist, split_kw),
-                                         hist.nbytes, switches)
-            if args.launch_sweep and device.type == "cuda" and kind not in swept:  # each kind's first variant
-                swept.add(kind)
-                rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref)
-        for kind, (fn, held, switches) in split_fns.items():
-            with int4_env(switches):
-                ms = timed(fn, device, args.iters, args.warmup)
-                out = fn().float()
-            rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=held,
-                             rel_err=float((out - ref).norm() / ref.norm())))
-    triton_only.close()
+    with triton_kernel_only():
+        for density, top_k, sink_blocks, bias in (("dense", None, 0, None), (f"top-{args.top_k}", args.top_k, 0, None),
+                                                  ("fastar", args.top_k, sink, log_counts)):
+            if (density if density in ("dense", "fastar") else "top-k") not in args.densities:
+                continue
+            idx, cnt = lists(1, heads, math.ceil(n_q / block), n_kv, n_hist_blocks, top_k, device, g, sink_blocks)
+            kw = dict(block_m=block, block_n=block, key_bias=bias)
+            # the split read's kernel call sees the history alone: its bias is the history's part
+            split_kw = dict(kw, key_bias=None if bias is None else bias[:, :n_h])
+            ref = block_sparse_attention(q.float(), keys.float(), values.float(), idx, cnt, backend="torch", **kw) \
+                if args.small or device.type != "cuda" else None
+            base_fn = lambda: block_sparse_attention(q, keys, values, idx, cnt, **kw)  # noqa: E731
+            base_ms = timed(base_fn, device, args.iters, args.warmup)
+            base_out = base_fn().float()
+            ref = base_out if ref is None else ref
+            hist_bytes = 2 * keys[:, :n_h].numel() * 2
+            if args.launch_sweep and device.type == "cuda":
+                rows += launch_sweep(q, keys, values, idx, cnt, None, kw, base_ms, device, args, density, "bf16", ref)
+            rows.append(dict(density=density, kind="bf16", ms=base_ms, ratio=1.0, history_bytes=hist_bytes,
+                             rel_err=float((base_out - ref).norm() / ref.norm())))
+            bf16_split = lambda: split_read(q, keys[:, :n_h], values[:, :n_h], keys[:, n_h:],  # noqa: E731
+                                            values[:, n_h:], idx, cnt, chunk_blocks, None, split_kw)
+            split_fns = {"bf16+sdpa": (bf16_split, hist_bytes, {})}
+            if device.type == "cuda" and block == 128 and hopper_kernel_applies(q, keys, values):
+                # the bf16 read as a rollout on Hopper takes it by default: the Gluon kernel
+                split_fns["bf16/gluon+sdpa"] = (split_fns["bf16+sdpa"][0], hist_bytes, {"hopper": True})
+            swept = set()
+            for kind, scales, layout, switches in variants(args):
+                name = variant_name(kind, scales, layout, switches)
+                hist = quantize_kv(keys[:, :n_h], values[:, :n_h], kind)
+                if scales is not None:
+                    hist = with_scale_storage(hist, torch.float32 if scales == "fp32" else torch.float16)
+                if layout is not None:
+                    hist = with_scale_layout(hist, layout)
+                fn = lambda hist=hist: block_sparse_attention(  # noqa: E731
+                    q, cur_k, cur_v, idx, cnt, history=hist, **kw)
+                with int4_env(switches):
+                    ms = timed(fn, device, args.iters, args.warmup)
+                    out = fn().float()
+                rows.append(dict(density=density, kind=name, ms=ms, ratio=ms / base_ms, history_bytes=hist.nbytes,
+                                 rel_err=float((out - ref).norm() / ref.norm())))
+                split_fns[f"{name}+sdpa"] = (lambda hist=hist: split_read(q, cur_k[:, :0], cur_v[:, :0], cur_k, cur_v,
+                                                                          idx, cnt, chunk_blocks, hist, split_kw),
+                                             hist.nbytes, switches)
+                if args.launch_sweep and device.type == "cuda" and kind not in swept:  # each kind's first variant
+                    swept.add(kind)
+                    rows += launch_sweep(q, cur_k, cur_v, idx, cnt, hist, kw, base_ms, device, args, density, kind, ref)
+            for kind, (fn, held, switches) in split_fns.items():
+                with int4_env(switches):
+                    ms = timed(fn, device, args.iters, args.warmup)
+                    out = fn().float()
+                rows.append(dict(density=density, kind=kind, ms=ms, ratio=ms / base_ms, history_bytes=held,
+                                 rel_err=float((out - ref).norm() / ref.norm())))
     pool_rows = pooling_rows(keys[:, :n_h], values[:, :n_h], block, device, args)
     print(f"{'lists':>8s} {'history':>20s} {'launch':>24s} {'ms':>8s} {'x bf16':>7s} {'hist MiB':>9s} {'rel err':>9s}")
     for r in (r for r in rows if "ms" in r):

@@ -459,6 +459,20 @@ def print_table(results: dict) -> None:
             print(f"    median ms per chunk: {split}")
 
 
+def hopper_kernel_state(block_sparse, block_sparse_hopper) -> dict:
+    """What the run's bf16 reads on Hopper take: the Gluon kernel switched on (env or default), buildable by this
+    Triton, and its variant (or why the switches contradict each other: recorded, not raised, so a bad env does
+    not stop a run that may never read through it)."""
+    from genkv.switches import env_flag
+
+    try:
+        variant = block_sparse_hopper.kernel_variant()
+    except ValueError as error:
+        variant = f"error: {error}"
+    return {"switched_on": env_flag("GENKV_HOPPER_KERNEL", block_sparse.DEFAULT_HOPPER),
+            "triton_builds_it": block_sparse_hopper.gluon_supported(), "variant": variant}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=["full", "rolling:window_frames=21"])
@@ -553,7 +567,7 @@ def main(argv: list[str] | None = None) -> int:
             # the library's switches as this run had them (env and the defaults they override)
             "genkv_env": {name: value for name, value in sorted(os.environ.items()) if name.startswith("GENKV_")},
             "kv_scale_layout": quant_kv.SCALE_LAYOUT,
-            "hopper_kernel": {"default": block_sparse.DEFAULT_HOPPER, "variant": block_sparse_hopper.kernel_variant()},
+            "hopper_kernel": hopper_kernel_state(block_sparse, block_sparse_hopper),
         },
         "runs": [],
     }

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 
 import torch
 
@@ -560,10 +561,7 @@ def gluon_supported(version: str | None = None) -> bool:
         if gluon is None:
             return False
         version = triton.__version__
-    parts = []
-    for piece in version.split("+")[0].split(".")[:2]:
-        digits = "".join(ch for ch in piece if ch.isdigit()) or "0"
-        parts.append(int(digits))
+    parts = [int(m.group()) if (m := re.match(r"\d+", piece)) else 0 for piece in version.split("+")[0].split(".")[:2]]
     return tuple(parts) >= MIN_TRITON
 
 
@@ -599,8 +597,8 @@ def kernel_variant(warp_specialize: bool | None = None, pingpong: bool | None = 
     """
     from genkv.switches import env_flag
 
-    def env(name: str) -> bool | None:  # the env's value, None where unset
-        return env_flag(name, True) if os.environ.get(name) is not None else None
+    def env(name: str) -> bool | None:  # the env's value, None where unset or unclear (as env_flag: the default)
+        return env_flag(name, None)
 
     if warp_specialize is False and pingpong is None:  # the argument wins over a ping-pong env or default
         return "plain"

@@ -68,3 +68,21 @@ def test_recache_off_switches_without_recaching(tmp_path, switch_calls):
 def test_switch_every_shorter_than_a_chunk_is_refused():
     with pytest.raises(SystemExit, match="at least a chunk's 12 frames"):
         _bench_rollout().main([*ARGS[:6], "--switch-every", "5", "--no-mp4"])
+
+
+def test_the_json_records_the_kernel_switches_and_a_contradiction_does_not_stop_the_run(monkeypatch):
+    """bench_rollout writes what its bf16 reads on Hopper take; switches that contradict each other (the Gluon
+    kernel's ping-pong asked for with warp specialisation off) are recorded, not raised: the run may never read
+    through that kernel (a CPU, another GPU, GENKV_HOPPER_KERNEL=0)."""
+    from genkv.kernels import block_sparse, block_sparse_hopper
+
+    bench = _bench_rollout()
+    monkeypatch.setenv("GENKV_HOPPER_WS", "0")
+    monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "1")
+    monkeypatch.setenv("GENKV_HOPPER_KERNEL", "0")
+    state = bench.hopper_kernel_state(block_sparse, block_sparse_hopper)
+    assert state["variant"].startswith("error: pingpong") and state["switched_on"] is False
+    assert state["triton_builds_it"] == block_sparse_hopper.gluon_supported()
+    monkeypatch.delenv("GENKV_HOPPER_WS")
+    monkeypatch.delenv("GENKV_HOPPER_KERNEL")
+    assert bench.hopper_kernel_state(block_sparse, block_sparse_hopper)["variant"] == "pingpong"

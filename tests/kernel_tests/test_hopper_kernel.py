@@ -156,6 +156,12 @@ def test_the_kernel_switches(monkeypatch):
     assert bsh.kernel_variant() == "ws"
     monkeypatch.delenv("GENKV_HOPPER_WS")
     assert bsh.kernel_variant() == "plain"
+    monkeypatch.setenv("GENKV_HOPPER_WS", "junk")  # a value neither on nor off leaves its default, as env_flag's rule
+    assert bsh.kernel_variant() == "plain"
+    monkeypatch.setenv("GENKV_HOPPER_WS", "0")
+    monkeypatch.setenv("GENKV_HOPPER_PINGPONG", "auto")
+    assert bsh.kernel_variant() == "plain"
+    monkeypatch.delenv("GENKV_HOPPER_WS")
     monkeypatch.delenv("GENKV_HOPPER_PINGPONG")
     monkeypatch.setattr(bsh, "DEFAULT_PINGPONG", False)
     assert bsh.kernel_variant() == "plain"
@@ -177,7 +183,8 @@ def test_only_a_triton_that_builds_the_kernel_and_an_nvidia_sm90_gpu_take_it(mon
     """Triton 3.5's Gluon imports but lacks what the kernel uses (a read would raise instead of taking the Triton
     kernel); ROCm reports compute capability 9.x for some AMD GPUs."""
     assert not bsh.gluon_supported("3.5.1") and bsh.gluon_supported("3.6.0") and bsh.gluon_supported("3.7.1+gitabc")
-    assert bsh.gluon_supported("4.0.0") and not bsh.gluon_supported("2.9.9")
+    assert bsh.gluon_supported("4.0.0") and not bsh.gluon_supported("2.9.9") and not bsh.gluon_supported("3.5rc1")
+    assert bsh.gluon_supported("3.6.0rc1") and bsh.gluon_supported("3.7.0.dev20260101")
     q = torch.zeros(1, 128, 1, 128, dtype=torch.bfloat16)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
