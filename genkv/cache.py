@@ -141,9 +141,7 @@ def quantized_slots(capacity: int) -> int:
     """
     from genkv.kernels import quant_kv
 
-    if quant_kv.SCALE_LAYOUT != "heads":
-        return capacity
-    return -(-capacity // quant_kv.SCALE_ALIGN) * quant_kv.SCALE_ALIGN
+    return quant_kv.aligned_slots(capacity) if quant_kv.SCALE_LAYOUT == "heads" else capacity
 
 
 @dataclass(frozen=True)

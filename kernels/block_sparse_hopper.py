@@ -62,8 +62,8 @@ the ping-pong (an mbarrier turn costs an arrive and a wait where a ``bar.sync`` 
 
 from __future__ import annotations
 
+import functools
 import math
-import os
 import re
 
 import torch
@@ -557,12 +557,15 @@ def gluon_supported(version: str | None = None) -> bool:
         >>> gluon_supported("3.5.1"), gluon_supported("3.6.0"), gluon_supported("3.7.1+git1a2b")
         (False, True, True)
     """
-    if version is None:
-        if gluon is None:
-            return False
-        version = triton.__version__
+    if version is None:  # (asked on every read: this Triton's answer is worked out once)
+        return _this_triton_builds_it()
     parts = [int(m.group()) if (m := re.match(r"\d+", piece)) else 0 for piece in version.split("+")[0].split(".")[:2]]
     return tuple(parts) >= MIN_TRITON
+
+
+@functools.cache
+def _this_triton_builds_it() -> bool:
+    return gluon is not None and gluon_supported(triton.__version__)
 
 
 def hopper_kernel_applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -597,13 +600,11 @@ def kernel_variant(warp_specialize: bool | None = None, pingpong: bool | None = 
     """
     from genkv.switches import env_flag
 
-    def env(name: str) -> bool | None:  # the env's value, None where unset or unclear (as env_flag: the default)
-        return env_flag(name, None)
-
     if warp_specialize is False and pingpong is None:  # the argument wins over a ping-pong env or default
         return "plain"
-    ws = warp_specialize if warp_specialize is not None else env("GENKV_HOPPER_WS")
-    env_pingpong = env("GENKV_HOPPER_PINGPONG")
+    # env values: None where unset or unclear (env_flag's rule: the default applies)
+    ws = warp_specialize if warp_specialize is not None else env_flag("GENKV_HOPPER_WS", None)
+    env_pingpong = env_flag("GENKV_HOPPER_PINGPONG", None)
     if ws is False and pingpong is None and env_pingpong is None:  # GENKV_HOPPER_WS=0 wins over the default
         return "plain"
     if pingpong if pingpong is not None else (env_pingpong if env_pingpong is not None else DEFAULT_PINGPONG):

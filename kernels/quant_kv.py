@@ -121,6 +121,17 @@ SCALE_LAYOUT: str = _scale_layout(os.environ.get("GENKV_KV_SCALE_LAYOUT", "heads
 SCALE_ALIGN = 16
 
 
+def aligned_slots(slots: int) -> int:
+    """``slots`` rounded up to a multiple of :data:`SCALE_ALIGN` (a ``heads`` scale row's length, so the next row
+    starts aligned).
+
+    Example:
+        >>> aligned_slots(40), aligned_slots(48)
+        (48, 48)
+    """
+    return -(-slots // SCALE_ALIGN) * SCALE_ALIGN
+
+
 def scale_buffer(batch: int, slots: int, heads: int, *, fill: float = 1.0, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None, layout: str | None = None) -> torch.Tensor:
     """A (B, ``slots``, H) tensor for per-token scales or zero points, filled with ``fill``, in ``layout`` (default
@@ -137,8 +148,7 @@ def scale_buffer(batch: int, slots: int, heads: int, *, fill: float = 1.0, dtype
     dtype = dtype or SCALE_DTYPE
     if layout == "tokens":
         return torch.full((batch, slots, heads), fill, dtype=dtype, device=device)
-    padded = -(-slots // SCALE_ALIGN) * SCALE_ALIGN
-    return torch.full((batch, heads, padded), fill, dtype=dtype, device=device)[:, :, :slots].transpose(1, 2)
+    return torch.full((batch, heads, aligned_slots(slots)), fill, dtype=dtype, device=device)[:, :, :slots].transpose(1, 2)
 
 
 def scale_layout_of(t: torch.Tensor) -> str:
